@@ -1,0 +1,130 @@
+//! Scheduler configuration (figment: defaults, `baton.toml`, `BATON_*`).
+
+use std::time::Duration;
+
+use baton_shared::config::{AmqpConfig, ConfigError, LogConfig};
+use baton_shared::secret::Secret;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Settings;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub database: DatabaseConfig,
+    pub scheduler: SchedulerSettings,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL of the scheduler's database.
+    pub url: Secret<String>,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/baton".to_owned()),
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerSettings {
+    /// Name of this replica in history rows and logs; defaults to host name and pid.
+    pub instance: String,
+    /// Pipeline definition file; the shipped seed pipeline when unset.
+    pub pipeline: Option<String>,
+    /// A running attempt without a heartbeat for this long is presumed lost.
+    pub lease_ms: u64,
+    /// A job nobody started within this long is presumed lost; it also expires.
+    pub accept_timeout_ms: u64,
+    /// Heartbeat interval asked of daemons (well below `lease_ms`).
+    pub heartbeat_ms: u64,
+    /// How long a replica owns an outbox row it is publishing before others take over.
+    pub claim_ms: u64,
+    /// How often durable timers are checked.
+    pub timer_poll_ms: u64,
+    /// Results applied at once.
+    pub result_concurrency: usize,
+    /// Unacknowledged deliveries per consumer.
+    pub prefetch: u16,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            instance: String::new(),
+            pipeline: None,
+            lease_ms: 30_000,
+            accept_timeout_ms: 60_000,
+            heartbeat_ms: 5_000,
+            claim_ms: 5_000,
+            timer_poll_ms: 100,
+            result_concurrency: 16,
+            prefetch: 64,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.amqp.validate()?;
+        let url = self.database.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let s = &self.scheduler;
+        if s.heartbeat_ms == 0 || s.heartbeat_ms * 2 > s.lease_ms {
+            return Err(ConfigError::invalid(
+                "scheduler.heartbeat_ms",
+                format!(
+                    "must be positive and at most half of scheduler.lease_ms ({})",
+                    s.lease_ms
+                ),
+            ));
+        }
+        if s.accept_timeout_ms == 0 {
+            return Err(ConfigError::invalid("scheduler.accept_timeout_ms", "must be positive"));
+        }
+        if s.claim_ms == 0 || s.timer_poll_ms == 0 {
+            return Err(ConfigError::invalid(
+                "scheduler.claim_ms",
+                "and scheduler.timer_poll_ms must be positive",
+            ));
+        }
+        if s.result_concurrency == 0 || s.prefetch == 0 || self.database.max_connections < 2 {
+            return Err(ConfigError::invalid(
+                "scheduler.result_concurrency",
+                "scheduler.prefetch must be positive and database.max_connections at least 2",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn engine_settings(&self) -> Settings {
+        Settings {
+            lease: Duration::from_millis(self.scheduler.lease_ms),
+            accept_timeout: Duration::from_millis(self.scheduler.accept_timeout_ms),
+            heartbeat: Duration::from_millis(self.scheduler.heartbeat_ms),
+        }
+    }
+
+    pub fn instance(&self) -> String {
+        if self.scheduler.instance.is_empty() {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("scheduler@{}-{}", host.trim(), std::process::id())
+        } else {
+            self.scheduler.instance.clone()
+        }
+    }
+}

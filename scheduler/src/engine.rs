@@ -1,0 +1,854 @@
+//! The run state machine, without I/O.
+//!
+//! The store loads a run (locked), calls one of the transitions here, and then
+//! persists the changed rows and the [`Effect`]s in the same transaction. Keeping
+//! the decisions pure makes every rule testable without a database or broker.
+//!
+//! Run:  `queued → running → succeeded | failed`, or on failure or request
+//!       `rolling_back → rolled_back | rollback_failed`.
+//! Step: `pending → dispatched → running → succeeded | failed | skipped | cancelled`,
+//!       `ready` while a retry waits for its backoff, and for compensation
+//!       `succeeded → compensating → compensated | compensation_failed`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use baton_shared::protocol::{
+    CancelJob, Deploy, Fields, JobKind, MergeEvent, PROTOCOL_VERSION, ResultStatus, StepError, StepJob, StepResult,
+};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::pipeline::RetryPolicy;
+use crate::planner::Plan;
+
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!("unknown {} {other:?}", stringify!($name))),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(RunStatus {
+    Queued => "queued",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    RollingBack => "rolling_back",
+    RolledBack => "rolled_back",
+    RollbackFailed => "rollback_failed",
+    Cancelled => "cancelled",
+});
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::RolledBack | Self::RollbackFailed | Self::Cancelled
+        )
+    }
+}
+
+string_enum!(StepStatus {
+    Pending => "pending",
+    Ready => "ready",
+    Dispatched => "dispatched",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Skipped => "skipped",
+    Cancelled => "cancelled",
+    Compensating => "compensating",
+    Compensated => "compensated",
+    CompensationFailed => "compensation_failed",
+});
+
+string_enum!(AttemptStatus {
+    Dispatched => "dispatched",
+    Running => "running",
+    Waiting => "waiting",
+});
+
+string_enum!(TimerKind {
+    Lease => "lease",
+    Timeout => "timeout",
+    Dispatch => "dispatch",
+});
+
+/// Engine timing knobs, from configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A running attempt with no heartbeat for this long is presumed lost.
+    pub lease: Duration,
+    /// A dispatched job nobody started within this long is presumed lost (and expires).
+    pub accept_timeout: Duration,
+    /// Heartbeat interval daemons are asked for.
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepState {
+    pub id: String,
+    pub role: String,
+    pub zone: String,
+    pub action: String,
+    pub compensate: Option<String>,
+    pub needs: Vec<String>,
+    pub included: bool,
+    pub status: StepStatus,
+    pub attempt: i32,
+    pub attempt_status: Option<AttemptStatus>,
+    pub exec_attempts: i32,
+    pub comp_attempts: i32,
+    pub cancel_requested: bool,
+    pub timeout_ms: i64,
+    pub retry: RetryPolicy,
+    pub params: Fields,
+    pub outputs: Fields,
+    pub error: Option<StepError>,
+    pub completion: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub comp_started_at: Option<DateTime<Utc>>,
+    pub comp_finished_at: Option<DateTime<Utc>>,
+    pub dirty: bool,
+}
+
+impl StepState {
+    fn in_flight(&self) -> bool {
+        matches!(
+            self.attempt_status,
+            Some(AttemptStatus::Dispatched | AttemptStatus::Running)
+        )
+    }
+
+    /// The kind of job the step is currently working on, if any.
+    fn phase(&self) -> Option<JobKind> {
+        match self.status {
+            StepStatus::Ready | StepStatus::Dispatched | StepStatus::Running => Some(JobKind::Execute),
+            StepStatus::Compensating => Some(JobKind::Compensate),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunState {
+    pub id: Uuid,
+    pub service: String,
+    pub environment: String,
+    pub event: MergeEvent,
+    pub status: RunStatus,
+    pub completions: i32,
+    pub rollback_reason: Option<String>,
+    pub trace_context: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub steps: Vec<StepState>,
+    pub dirty: bool,
+}
+
+/// What a transition asks the store to do in the same transaction.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Dispatch(Box<StepJob>),
+    Cancel(CancelJob),
+    SetTimer {
+        step: String,
+        kind: TimerKind,
+        attempt: i32,
+        due: DateTime<Utc>,
+    },
+    ClearTimers {
+        step: String,
+    },
+    AttemptStarted {
+        step: String,
+        attempt: i32,
+        daemon: String,
+        at: DateTime<Utc>,
+    },
+    AttemptFinished {
+        step: String,
+        attempt: i32,
+        status: &'static str,
+        error: Option<StepError>,
+        at: DateTime<Utc>,
+    },
+    History {
+        step: Option<String>,
+        attempt: Option<i32>,
+        kind: &'static str,
+        detail: serde_json::Value,
+    },
+    /// The run ended: release its environment lock and admit the next run.
+    ReleaseLock,
+}
+
+/// How a result was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    /// Recorded but ignored: not for the current attempt, or not expected now.
+    Stale(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("run {run} is {status}; {action} is not possible")]
+    WrongState {
+        run: Uuid,
+        status: RunStatus,
+        action: &'static str,
+    },
+}
+
+/// Effects are collected here during one transition.
+pub type Effects = Vec<Effect>;
+
+impl RunState {
+    /// The state of a freshly planned run: included steps pending, the rest skipped.
+    pub fn planned(event: &MergeEvent, plan: &Plan) -> Self {
+        let steps = plan
+            .steps
+            .iter()
+            .map(|p| StepState {
+                id: p.id.clone(),
+                role: p.role.clone(),
+                zone: p.zone.clone(),
+                action: p.action.clone(),
+                compensate: p.compensate.clone(),
+                needs: p.needs.clone(),
+                included: p.included,
+                status: if p.included {
+                    StepStatus::Pending
+                } else {
+                    StepStatus::Skipped
+                },
+                attempt: 0,
+                attempt_status: None,
+                exec_attempts: 0,
+                comp_attempts: 0,
+                cancel_requested: false,
+                timeout_ms: (p.timeout_secs as i64).saturating_mul(1000),
+                retry: p.retry.clone(),
+                params: p.params.clone(),
+                outputs: Fields::new(),
+                error: None,
+                completion: None,
+                started_at: None,
+                finished_at: None,
+                comp_started_at: None,
+                comp_finished_at: None,
+                dirty: true,
+            })
+            .collect();
+        Self {
+            id: plan.run_id,
+            service: event.service.clone(),
+            environment: event.environment.clone(),
+            event: event.clone(),
+            status: RunStatus::Queued,
+            completions: 0,
+            rollback_reason: None,
+            trace_context: None,
+            started_at: None,
+            finished_at: None,
+            steps,
+            dirty: true,
+        }
+    }
+
+    fn idx(&self, step: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == step)
+    }
+
+    fn history(
+        fx: &mut Effects,
+        step: Option<&str>,
+        attempt: Option<i32>,
+        kind: &'static str,
+        detail: serde_json::Value,
+    ) {
+        fx.push(Effect::History {
+            step: step.map(str::to_owned),
+            attempt,
+            kind,
+            detail,
+        });
+    }
+
+    fn set_status(&mut self, status: RunStatus, now: DateTime<Utc>, fx: &mut Effects) {
+        Self::history(fx, None, None, "run_status", json!({"from": self.status, "to": status}));
+        self.status = status;
+        self.dirty = true;
+        if status.is_terminal() {
+            self.finished_at = Some(now);
+            fx.push(Effect::ReleaseLock);
+        }
+    }
+
+    /// Admission: the run holds its environment lock and starts.
+    pub fn start(&mut self, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        if self.status != RunStatus::Queued {
+            return;
+        }
+        self.started_at = Some(now);
+        self.set_status(RunStatus::Running, now, fx);
+        self.advance(now, cfg, fx);
+    }
+
+    /// Applies a daemon's report; only the step's current attempt changes anything.
+    pub fn apply_result(&mut self, r: &StepResult, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) -> Applied {
+        let Some(i) = self.idx(&r.step_id) else {
+            return Applied::Stale(format!("run has no step {:?}", r.step_id));
+        };
+        let s = &self.steps[i];
+        if r.attempt as i32 != s.attempt {
+            return Applied::Stale(format!(
+                "attempt {} is not the current attempt {}",
+                r.attempt, s.attempt
+            ));
+        }
+        if s.phase() != Some(r.kind) || !s.in_flight() {
+            return Applied::Stale(format!("step is {} and not awaiting a {} result", s.status, r.kind));
+        }
+        if r.zone != s.zone || r.role != s.role {
+            return Applied::Stale(format!(
+                "result from {}.{} for a step served by {}.{}",
+                r.zone, r.role, s.zone, s.role
+            ));
+        }
+        match r.status {
+            ResultStatus::Accepted | ResultStatus::Started => {
+                let s = &mut self.steps[i];
+                if s.attempt_status == Some(AttemptStatus::Dispatched) {
+                    s.attempt_status = Some(AttemptStatus::Running);
+                    s.dirty = true;
+                    if s.status == StepStatus::Dispatched {
+                        s.status = StepStatus::Running;
+                        s.started_at.get_or_insert(r.at.min(now));
+                    }
+                    fx.push(Effect::AttemptStarted {
+                        step: s.id.clone(),
+                        attempt: s.attempt,
+                        daemon: r.daemon.clone(),
+                        at: r.at.min(now),
+                    });
+                    Self::history(
+                        fx,
+                        Some(&s.id),
+                        Some(s.attempt),
+                        "attempt_started",
+                        json!({"kind": r.kind, "daemon": r.daemon}),
+                    );
+                }
+                self.extend_lease(i, now, cfg, fx);
+            }
+            ResultStatus::Heartbeat => self.extend_lease(i, now, cfg, fx),
+            ResultStatus::Succeeded => self.attempt_succeeded(i, r.outputs.clone(), now, cfg, fx),
+            ResultStatus::Failed => {
+                let err = r
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| StepError::fatal("unknown", "failed without an error"));
+                self.attempt_failed(i, err, "failed", now, cfg, fx);
+            }
+        }
+        Applied::Applied
+    }
+
+    fn extend_lease(&mut self, i: usize, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        let s = &self.steps[i];
+        fx.push(Effect::SetTimer {
+            step: s.id.clone(),
+            kind: TimerKind::Lease,
+            attempt: s.attempt,
+            due: now + cfg.lease,
+        });
+    }
+
+    fn attempt_succeeded(&mut self, i: usize, outputs: Fields, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        self.completions += 1;
+        self.dirty = true;
+        let completion = self.completions;
+        let s = &mut self.steps[i];
+        let kind = s.phase().unwrap_or(JobKind::Execute);
+        fx.push(Effect::ClearTimers { step: s.id.clone() });
+        fx.push(Effect::AttemptFinished {
+            step: s.id.clone(),
+            attempt: s.attempt,
+            status: "succeeded",
+            error: None,
+            at: now,
+        });
+        s.attempt_status = None;
+        s.dirty = true;
+        match kind {
+            JobKind::Execute => {
+                s.status = StepStatus::Succeeded;
+                s.outputs = outputs;
+                s.finished_at = Some(now);
+                s.completion = Some(completion);
+                s.error = None;
+                Self::history(
+                    fx,
+                    Some(&s.id),
+                    Some(s.attempt),
+                    "step_succeeded",
+                    json!({"completion": completion}),
+                );
+            }
+            JobKind::Compensate => {
+                s.status = StepStatus::Compensated;
+                s.comp_finished_at = Some(now);
+                Self::history(fx, Some(&s.id), Some(s.attempt), "step_compensated", json!({}));
+            }
+        }
+        self.advance(now, cfg, fx);
+    }
+
+    fn attempt_failed(
+        &mut self,
+        i: usize,
+        err: StepError,
+        attempt_status: &'static str,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) {
+        let run_running = self.status == RunStatus::Running;
+        let s = &mut self.steps[i];
+        let kind = s.phase().unwrap_or(JobKind::Execute);
+        fx.push(Effect::ClearTimers { step: s.id.clone() });
+        fx.push(Effect::AttemptFinished {
+            step: s.id.clone(),
+            attempt: s.attempt,
+            status: attempt_status,
+            error: Some(err.clone()),
+            at: now,
+        });
+        s.dirty = true;
+        s.attempt_status = None;
+        let tries = match kind {
+            JobKind::Execute => s.exec_attempts,
+            JobKind::Compensate => s.comp_attempts,
+        };
+        let may_retry = err.retryable
+            && tries < s.retry.max_attempts as i32
+            && !s.cancel_requested
+            && (kind == JobKind::Compensate || run_running);
+        if may_retry {
+            let delay = s.retry.backoff(tries.max(1) as u32);
+            s.attempt_status = Some(AttemptStatus::Waiting);
+            if kind == JobKind::Execute {
+                s.status = StepStatus::Ready;
+            }
+            fx.push(Effect::SetTimer {
+                step: s.id.clone(),
+                kind: TimerKind::Dispatch,
+                attempt: s.attempt,
+                due: now + delay,
+            });
+            Self::history(
+                fx,
+                Some(&s.id),
+                Some(s.attempt),
+                "retry_scheduled",
+                json!({"kind": kind, "error": err, "backoff_ms": delay.as_millis() as u64, "attempts": tries, "max_attempts": s.retry.max_attempts}),
+            );
+            return;
+        }
+        s.error = Some(err.clone());
+        match kind {
+            JobKind::Execute => {
+                s.finished_at = Some(now);
+                s.status = if s.cancel_requested && err.code == "cancelled" {
+                    StepStatus::Cancelled
+                } else {
+                    StepStatus::Failed
+                };
+                let kind = if s.status == StepStatus::Cancelled {
+                    "step_cancelled"
+                } else {
+                    "step_failed"
+                };
+                Self::history(
+                    fx,
+                    Some(&s.id),
+                    Some(s.attempt),
+                    kind,
+                    json!({"error": err, "attempts": tries}),
+                );
+            }
+            JobKind::Compensate => {
+                s.comp_finished_at = Some(now);
+                s.status = StepStatus::CompensationFailed;
+                Self::history(
+                    fx,
+                    Some(&s.id),
+                    Some(s.attempt),
+                    "compensation_failed",
+                    json!({"error": err, "attempts": tries}),
+                );
+            }
+        }
+        self.advance(now, cfg, fx);
+    }
+
+    /// A durable timer came due; stale timers (older attempts) change nothing.
+    pub fn fire_timer(
+        &mut self,
+        step: &str,
+        kind: TimerKind,
+        attempt: i32,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) {
+        let Some(i) = self.idx(step) else { return };
+        let s = &self.steps[i];
+        if s.attempt != attempt {
+            return;
+        }
+        match kind {
+            TimerKind::Dispatch => {
+                if s.attempt_status == Some(AttemptStatus::Waiting)
+                    && let Some(phase) = s.phase()
+                {
+                    self.dispatch(i, phase, now, cfg, fx);
+                }
+            }
+            TimerKind::Lease | TimerKind::Timeout => {
+                if !s.in_flight() {
+                    return;
+                }
+                let err = if kind == TimerKind::Lease {
+                    let waited = if s.attempt_status == Some(AttemptStatus::Dispatched) {
+                        format!("no daemon started the job within {} ms", cfg.accept_timeout.as_millis())
+                    } else {
+                        format!("no heartbeat for {} ms", cfg.lease.as_millis())
+                    };
+                    StepError::retryable("lease_expired", format!("attempt {attempt} presumed lost: {waited}"))
+                } else {
+                    StepError::fatal("timeout", format!("step exceeded its timeout of {} ms", s.timeout_ms))
+                };
+                // Tell a zombie executor to stop, without marking the step as cancelled:
+                // the retry policy still decides what happens next.
+                let s = &self.steps[i];
+                fx.push(Effect::Cancel(self.cancel_job(s, &err.message, now)));
+                let status = if kind == TimerKind::Lease { "lost" } else { "timed_out" };
+                self.attempt_failed(i, err, status, now, cfg, fx);
+            }
+        }
+    }
+
+    /// The relay could not route a job: nobody serves that zone and role.
+    pub fn job_unroutable(
+        &mut self,
+        step: &str,
+        attempt: i32,
+        message: String,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) {
+        let Some(i) = self.idx(step) else { return };
+        if self.steps[i].attempt != attempt || !self.steps[i].in_flight() {
+            return;
+        }
+        self.attempt_failed(i, StepError::fatal("unroutable", message), "failed", now, cfg, fx);
+    }
+
+    /// An operator asks to undo the run.
+    pub fn request_rollback(
+        &mut self,
+        reason: &str,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        match self.status {
+            RunStatus::Running => {
+                self.begin_rollback(format!("operator requested rollback: {reason}"), now, cfg, fx);
+                Ok(())
+            }
+            RunStatus::Succeeded => {
+                self.finished_at = None;
+                self.rollback_reason = Some(format!("operator requested rollback: {reason}"));
+                self.set_status(RunStatus::RollingBack, now, fx);
+                self.continue_rollback(now, cfg, fx);
+                Ok(())
+            }
+            status => Err(EngineError::WrongState {
+                run: self.id,
+                status,
+                action: "rollback",
+            }),
+        }
+    }
+
+    fn cancel_job(&self, s: &StepState, reason: &str, now: DateTime<Utc>) -> CancelJob {
+        CancelJob {
+            v: PROTOCOL_VERSION,
+            message_id: Uuid::new_v4(),
+            run_id: self.id,
+            step_id: s.id.clone(),
+            attempt: s.attempt as u32,
+            zone: s.zone.clone(),
+            role: s.role.clone(),
+            reason: reason.to_owned(),
+            issued_at: now,
+        }
+    }
+
+    /// Cancels the step's in-flight attempt for good: no retry follows.
+    fn send_cancel(&mut self, i: usize, reason: &str, now: DateTime<Utc>, fx: &mut Effects) {
+        let cancel = self.cancel_job(&self.steps[i], reason, now);
+        let s = &mut self.steps[i];
+        s.cancel_requested = true;
+        s.dirty = true;
+        fx.push(Effect::Cancel(cancel));
+    }
+
+    /// Moves the run forward as far as its state allows.
+    pub fn advance(&mut self, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        match self.status {
+            RunStatus::Running => {
+                if let Some(failed) = self.steps.iter().find(|s| s.status == StepStatus::Failed) {
+                    let reason = format!(
+                        "step {} failed: {}",
+                        failed.id,
+                        failed.error.as_ref().map(ToString::to_string).unwrap_or_default()
+                    );
+                    self.begin_rollback(reason, now, cfg, fx);
+                    return;
+                }
+                let done = |id: &String, steps: &[StepState]| {
+                    steps
+                        .iter()
+                        .find(|s| &s.id == id)
+                        .is_some_and(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
+                };
+                let ready: Vec<usize> = (0..self.steps.len())
+                    .filter(|&i| {
+                        let s = &self.steps[i];
+                        s.status == StepStatus::Pending && s.needs.iter().all(|n| done(n, &self.steps))
+                    })
+                    .collect();
+                for i in ready {
+                    self.dispatch(i, JobKind::Execute, now, cfg, fx);
+                }
+                if self
+                    .steps
+                    .iter()
+                    .all(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
+                {
+                    self.set_status(RunStatus::Succeeded, now, fx);
+                }
+            }
+            RunStatus::RollingBack => self.continue_rollback(now, cfg, fx),
+            _ => {}
+        }
+    }
+
+    fn begin_rollback(&mut self, reason: String, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        self.rollback_reason = Some(reason.clone());
+        self.set_status(RunStatus::RollingBack, now, fx);
+        for i in 0..self.steps.len() {
+            let s = &mut self.steps[i];
+            match s.status {
+                StepStatus::Pending => {
+                    s.status = StepStatus::Cancelled;
+                    s.dirty = true;
+                    Self::history(
+                        fx,
+                        Some(&s.id),
+                        None,
+                        "step_cancelled",
+                        json!({"reason": "run is rolling back; never started"}),
+                    );
+                }
+                StepStatus::Ready if s.attempt_status == Some(AttemptStatus::Waiting) => {
+                    s.status = StepStatus::Cancelled;
+                    s.attempt_status = None;
+                    s.finished_at = Some(now);
+                    s.dirty = true;
+                    fx.push(Effect::ClearTimers { step: s.id.clone() });
+                    Self::history(
+                        fx,
+                        Some(&s.id),
+                        Some(s.attempt),
+                        "step_cancelled",
+                        json!({"reason": "run is rolling back; retry dropped"}),
+                    );
+                }
+                StepStatus::Dispatched | StepStatus::Running if !s.cancel_requested => {
+                    Self::history(
+                        fx,
+                        Some(&s.id),
+                        Some(s.attempt),
+                        "cancel_sent",
+                        json!({"reason": reason}),
+                    );
+                    self.send_cancel(i, &reason, now, fx);
+                }
+                _ => {}
+            }
+        }
+        self.continue_rollback(now, cfg, fx);
+    }
+
+    /// Compensates succeeded steps one at a time, latest completion first.
+    ///
+    /// Strict reverse completion order also satisfies the dependency rule: a
+    /// step always completes after everything it needs, so its compensation
+    /// runs before theirs.
+    fn continue_rollback(&mut self, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        if self
+            .steps
+            .iter()
+            .any(|s| s.in_flight() || s.status == StepStatus::Compensating)
+        {
+            return;
+        }
+        if self.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
+            self.set_status(RunStatus::RollbackFailed, now, fx);
+            return;
+        }
+        let next = self
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.status == StepStatus::Succeeded && s.compensate.is_some())
+            .max_by_key(|(_, s)| s.completion)
+            .map(|(i, _)| i);
+        match next {
+            Some(i) => self.dispatch(i, JobKind::Compensate, now, cfg, fx),
+            None => {
+                let undone = self.steps.iter().any(|s| s.status == StepStatus::Compensated);
+                let requested = self
+                    .rollback_reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("operator requested"));
+                let end = if undone || requested {
+                    RunStatus::RolledBack
+                } else {
+                    RunStatus::Failed
+                };
+                self.set_status(end, now, fx);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, i: usize, kind: JobKind, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        let inputs: BTreeMap<String, Fields> = self.steps[i]
+            .needs
+            .iter()
+            .filter_map(|n| self.steps.iter().find(|s| &s.id == n))
+            .filter(|s| s.status == StepStatus::Succeeded || s.status == StepStatus::Compensating)
+            .map(|s| (s.id.clone(), s.outputs.clone()))
+            .collect();
+        let deploy = Deploy {
+            service: self.event.service.clone(),
+            environment: self.event.environment.clone(),
+            repository: self.event.repository.clone(),
+            commit_sha: self.event.commit_sha.clone(),
+            risk: self.event.risk,
+        };
+        let s = &mut self.steps[i];
+        s.attempt += 1;
+        s.attempt_status = Some(AttemptStatus::Dispatched);
+        s.cancel_requested = false;
+        s.dirty = true;
+        let action = match kind {
+            JobKind::Execute => {
+                s.exec_attempts += 1;
+                s.status = StepStatus::Dispatched;
+                s.action.clone()
+            }
+            JobKind::Compensate => {
+                s.comp_attempts += 1;
+                s.status = StepStatus::Compensating;
+                s.comp_started_at.get_or_insert(now);
+                s.compensate.clone().unwrap_or_default()
+            }
+        };
+        let timeout = Duration::from_millis(s.timeout_ms.max(1) as u64);
+        let job = StepJob {
+            v: PROTOCOL_VERSION,
+            message_id: Uuid::new_v4(),
+            run_id: self.id,
+            step_id: s.id.clone(),
+            attempt: s.attempt as u32,
+            kind,
+            zone: s.zone.clone(),
+            role: s.role.clone(),
+            action,
+            params: s.params.clone(),
+            inputs,
+            own_outputs: if kind == JobKind::Compensate {
+                s.outputs.clone()
+            } else {
+                Fields::new()
+            },
+            deploy,
+            issued_at: now,
+            not_after: now + cfg.accept_timeout,
+            deadline: now + timeout,
+            heartbeat_ms: cfg.heartbeat.as_millis().max(1) as u64,
+            traceparent: self.trace_context.clone(),
+            signature: None,
+        };
+        Self::history(
+            fx,
+            Some(&s.id),
+            Some(s.attempt),
+            "dispatched",
+            json!({"kind": kind, "message_id": job.message_id}),
+        );
+        fx.push(Effect::SetTimer {
+            step: s.id.clone(),
+            kind: TimerKind::Lease,
+            attempt: s.attempt,
+            due: now + cfg.accept_timeout,
+        });
+        fx.push(Effect::SetTimer {
+            step: s.id.clone(),
+            kind: TimerKind::Timeout,
+            attempt: s.attempt,
+            due: now + timeout,
+        });
+        fx.push(Effect::Dispatch(Box::new(job)));
+    }
+}
+
+#[cfg(test)]
+mod tests;

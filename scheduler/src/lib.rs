@@ -1,0 +1,10 @@
+//! Baton's scheduler: pipeline definitions, the pure planner, the run state
+//! machine, its PostgreSQL store, the outbox relay and the `baton` CLI.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod pipeline;
+pub mod planner;
+pub mod service;
+pub mod store;

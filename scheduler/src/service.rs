@@ -1,0 +1,427 @@
+//! The scheduler process: consumers, outbox relay, sweeper and timers.
+//!
+//! All of them are loops over PostgreSQL and RabbitMQ with no state of their
+//! own, so any replica can die at any moment and another picks up the work.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_shared::amqp::{AmqpError, Broker, Outgoing};
+use baton_shared::protocol::{MergeEvent, Message, StepResult};
+use baton_shared::topology::{self, MERGE_EVENTS_QUEUE, RESULTS_QUEUE};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::Pipeline;
+use crate::planner;
+use crate::store::{self, Ingested, OutboxMsg, ResultApplied, Store, StoreError};
+
+/// Hands committed outbox rows to the publishing task.
+#[derive(Clone)]
+pub struct Relay {
+    tx: mpsc::UnboundedSender<Vec<OutboxMsg>>,
+}
+
+impl Relay {
+    pub fn send(&self, msgs: Vec<OutboxMsg>) {
+        if !msgs.is_empty() {
+            // The receiver lives as long as the service; if it is gone the rows stay
+            // in the outbox and the next replica's sweeper publishes them.
+            let _ = self.tx.send(msgs);
+        }
+    }
+}
+
+/// Retries a store operation while the database is unreachable.
+async fn patiently<T, F, Fut>(what: &str, stop: &CancellationToken, mut f: F) -> Option<Result<T, StoreError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, what, retry_in_ms = delay.as_millis() as u64, "database unavailable; waiting");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// Runs the scheduler until `shutdown` resolves.
+pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let instance = config.instance();
+    let pool = {
+        let mut delay = Duration::from_millis(200);
+        let start = tokio::time::Instant::now();
+        loop {
+            match store::connect(config.database.url.expose(), config.database.max_connections).await {
+                Ok(p) => break p,
+                Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                    tracing::warn!(error = %e, "database not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    store::migrate(&pool).await?;
+    let store = Store::new(
+        pool,
+        config.engine_settings(),
+        Duration::from_millis(config.scheduler.claim_ms),
+        instance.clone(),
+    );
+    let broker =
+        Broker::connect_retrying(&config.amqp.url, &format!("baton {instance}"), Duration::from_secs(60)).await?;
+    topology::declare_core(broker.publish_channel(), config.amqp.delivery_limit)
+        .await
+        .map_err(AmqpError::op("declare topology"))?;
+    let renewed = store.renew_leases().await?;
+    tracing::info!(%instance, renewed_leases = renewed, pipeline = %pipeline.name, "scheduler starting");
+
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let relay = Relay { tx };
+    let pipeline = Arc::new(pipeline);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(relay_loop(store.clone(), broker.clone(), relay.clone(), rx));
+    tasks.spawn(sweep_loop(
+        store.clone(),
+        relay.clone(),
+        Duration::from_millis(config.scheduler.claim_ms),
+        stop.clone(),
+    ));
+    tasks.spawn(timer_loop(
+        store.clone(),
+        relay.clone(),
+        Duration::from_millis(config.scheduler.timer_poll_ms),
+        stop.clone(),
+    ));
+    tasks.spawn(merge_event_loop(
+        store.clone(),
+        broker.clone(),
+        relay.clone(),
+        pipeline,
+        config.scheduler.prefetch,
+        stop.clone(),
+    ));
+    tasks.spawn(result_loop(
+        store.clone(),
+        broker.clone(),
+        relay.clone(),
+        config.scheduler.prefetch,
+        config.scheduler.result_concurrency,
+        stop.clone(),
+    ));
+    drop(relay);
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested"),
+        Some(res) = tasks.join_next() => {
+            stop.cancel();
+            broker.close().await;
+            return match res {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a scheduler task ended unexpectedly")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    broker.close().await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+async fn relay_loop(
+    store: Store,
+    broker: Broker,
+    relay: Relay,
+    mut rx: mpsc::UnboundedReceiver<Vec<OutboxMsg>>,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    while let Some(mut batch) = rx.recv().await {
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let results = join_all(batch.iter().map(|m| {
+            let out = Outgoing {
+                message_id: Some(m.message_id),
+                headers: Vec::new(),
+                best_effort: m.best_effort,
+            };
+            let broker = &broker;
+            async move { broker.publish(&m.exchange, &m.routing_key, &m.body, &out).await }
+        }))
+        .await;
+        let mut sent = Vec::with_capacity(batch.len());
+        for (m, res) in batch.iter().zip(results) {
+            match res {
+                Ok(()) => sent.push(m.id),
+                Err(AmqpError::Unroutable { .. }) if m.best_effort => sent.push(m.id),
+                Err(e @ AmqpError::Unroutable { .. }) => {
+                    tracing::error!(error = %e, run_id = ?m.run_id, step_id = ?m.step_id, "job unroutable: no daemon queue for its zone and role");
+                    let message = format!("{e}; is a daemon for routing key {} deployed?", m.routing_key);
+                    if let Some(Ok(out)) =
+                        patiently("fail unroutable job", &stop, || store.job_unroutable(m, &message)).await
+                    {
+                        relay.send(out);
+                    }
+                }
+                Err(e) => {
+                    // Left unsent: the sweeper publishes it again when the claim lapses.
+                    tracing::warn!(error = %e, outbox_id = m.id, "publish failed; will retry");
+                }
+            }
+        }
+        if !sent.is_empty()
+            && let Some(Err(e)) = patiently("mark outbox sent", &stop, || store.mark_sent(&sent)).await
+        {
+            tracing::error!(error = %e, "cannot mark outbox rows sent; they may be published twice");
+        }
+    }
+    Ok(())
+}
+
+async fn sweep_loop(store: Store, relay: Relay, claim: Duration, stop: CancellationToken) -> anyhow::Result<()> {
+    let period = (claim / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+        match store.claim_unsent(256).await {
+            Ok(msgs) => {
+                if !msgs.is_empty() {
+                    tracing::info!(
+                        count = msgs.len(),
+                        "republishing outbox rows whose publisher did not finish"
+                    );
+                }
+                relay.send(msgs);
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox sweep failed"),
+        }
+    }
+}
+
+async fn timer_loop(store: Store, relay: Relay, poll: Duration, stop: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(poll) => {}
+        }
+        let due = match store.due_timers(128).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read timers");
+                continue;
+            }
+        };
+        for t in due {
+            match patiently("fire timer", &stop, || store.fire_timer(&t)).await {
+                Some(Ok(out)) => relay.send(out),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, run_id = %t.run_id, step_id = %t.step_id, kind = %t.kind, "timer failed")
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+async fn consume(
+    broker: &Broker,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
+    let ch = broker.channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(AmqpError::op("basic.qos"))?;
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(AmqpError::op("basic.consume"))?;
+    Ok((ch, consumer))
+}
+
+/// The next delivery, riding out recoverable channel errors.
+async fn next_delivery(
+    ch: &lapin::Channel,
+    consumer: &mut lapin::Consumer,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Delivery>> {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            n = consumer.next() => n,
+        };
+        match next {
+            None => anyhow::bail!("consumer stream ended"),
+            Some(Ok(d)) => return Ok(Some(d)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error; waiting for broker recovery");
+                ch.wait_for_recovery(e).await?;
+            }
+        }
+    }
+}
+
+async fn merge_event_loop(
+    store: Store,
+    broker: Broker,
+    relay: Relay,
+    pipeline: Arc<Pipeline>,
+    prefetch: u16,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (ch, mut consumer) = consume(&broker, MERGE_EVENTS_QUEUE, prefetch, "scheduler-merge-events").await?;
+    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+        let refused = |reason: String| {
+            let (store, broker) = (&store, &broker);
+            let delivery = &delivery;
+            async move {
+                tracing::warn!(%reason, "merge event refused");
+                let _ = store
+                    .record(None, "merge_event_refused", json!({"reason": reason}))
+                    .await;
+                if let Err(e) = broker.dead_letter(delivery, MERGE_EVENTS_QUEUE, &reason).await {
+                    tracing::error!(error = %e, "cannot dead-letter refused merge event");
+                }
+            }
+        };
+        let event = match MergeEvent::parse(&delivery.data) {
+            Ok(e) => e,
+            Err(e) => {
+                refused(e.to_string()).await;
+                continue;
+            }
+        };
+        let plan = match planner::plan(&event, &pipeline) {
+            Ok(p) => p,
+            Err(e) => {
+                refused(e.to_string()).await;
+                continue;
+            }
+        };
+        match patiently("ingest merge event", &stop, || store.ingest(&event, &plan)).await {
+            None => return Ok(()),
+            Some(Ok((ingested, out))) => {
+                match ingested {
+                    Ingested::Created(id) => {
+                        tracing::info!(run_id = %id, service = %event.service, environment = %event.environment, commit_sha = %event.commit_sha, plan_hash = %plan.hash, "run created")
+                    }
+                    Ingested::Duplicate(id) => {
+                        tracing::info!(run_id = %id, "merge event for an existing run; nothing new")
+                    }
+                }
+                relay.send(out);
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cannot ingest merge event");
+                refused(format!("scheduler could not record the run: {e}")).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn result_loop(
+    store: Store,
+    broker: Broker,
+    relay: Relay,
+    prefetch: u16,
+    concurrency: usize,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (ch, mut consumer) = consume(&broker, RESULTS_QUEUE, prefetch, "scheduler-results").await?;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut running = tokio::task::JoinSet::new();
+    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+        let permit = slots.clone().acquire_owned().await?;
+        while running.try_join_next().is_some() {}
+        let (store, broker, relay, stop) = (store.clone(), broker.clone(), relay.clone(), stop.clone());
+        running.spawn(async move {
+            handle_result(&store, &broker, &relay, &stop, delivery).await;
+            drop(permit);
+        });
+    }
+    while running.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn handle_result(store: &Store, broker: &Broker, relay: &Relay, stop: &CancellationToken, delivery: Delivery) {
+    let result = match StepResult::parse(&delivery.data) {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = store.record(None, "result_refused", json!({"reason": reason})).await;
+            if let Err(e) = broker.dead_letter(&delivery, RESULTS_QUEUE, &reason).await {
+                tracing::error!(error = %e, "cannot dead-letter refused result");
+            }
+            return;
+        }
+    };
+    match patiently("apply result", stop, || store.apply_result(&result)).await {
+        // Shutting down: leave it unacked; the broker redelivers it to a replica.
+        None => return,
+        Some(Ok((applied, out))) => {
+            relay.send(out);
+            match applied {
+                ResultApplied::Applied => {}
+                ResultApplied::Duplicate => tracing::info!(message_id = %result.message_id, "duplicate result ignored"),
+                ResultApplied::Stale(why) => {
+                    tracing::info!(run_id = %result.run_id, step_id = %result.step_id, attempt = result.attempt, %why, "stale result ignored")
+                }
+                ResultApplied::UnknownRun => {
+                    tracing::warn!(run_id = %result.run_id, "result for an unknown run ignored")
+                }
+            }
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, run_id = %result.run_id, "cannot apply result");
+            let _ = broker
+                .dead_letter(
+                    &delivery,
+                    RESULTS_QUEUE,
+                    &format!("scheduler could not apply result: {e}"),
+                )
+                .await;
+            return;
+        }
+    }
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "ack of applied result failed; a redelivery will be recognised as duplicate");
+    }
+}

@@ -1,0 +1,1089 @@
+//! PostgreSQL persistence: one transaction per transition.
+//!
+//! Each transition locks the run row, loads the run, lets [`crate::engine`]
+//! decide, and writes the changed rows, the history, the timers and the outbox
+//! messages it causes before committing. Results are recorded in the inbox in
+//! the same transaction, so a redelivered result is recognised and changes
+//! nothing. Messages are published only after the commit (see `relay`).
+
+use std::time::Duration;
+
+use baton_shared::protocol::{Fields, JobKind, MergeEvent, Message, StepError, StepResult};
+use baton_shared::topology::{CONTROL_EXCHANGE, JOBS_EXCHANGE, job_routing_key};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::engine::{Applied, Effect, Effects, EngineError, RunState, RunStatus, Settings, StepState, TimerKind};
+use crate::planner::Plan;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored run {run} is unreadable: {problem}")]
+    Corrupt { run: Uuid, problem: String },
+    #[error("run {0} not found")]
+    NotFound(Uuid),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("environment {service}/{environment} is locked by run {holder}; try again when it ends")]
+    Locked {
+        service: String,
+        environment: String,
+        holder: Uuid,
+    },
+}
+
+impl StoreError {
+    /// Deadlocks and serialisation failures: the transaction may simply be run again.
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(sqlx::Error::Database(e)) => matches!(e.code().as_deref(), Some("40001" | "40P01")),
+            _ => false,
+        }
+    }
+
+    /// The database is unreachable: wait and try again rather than give up.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Db(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+        ) || matches!(self, Self::Db(sqlx::Error::Database(e)) if e.code().as_deref().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    }
+}
+
+type Tx<'a> = Transaction<'a, Postgres>;
+
+/// A message the relay must publish, already committed to the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxMsg {
+    pub id: i64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: Uuid,
+    pub body: Vec<u8>,
+    pub best_effort: bool,
+    pub run_id: Option<Uuid>,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+}
+
+/// What ingesting a merge event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    Created(Uuid),
+    /// The same (service, environment, commit) was ingested before: one run.
+    Duplicate(Uuid),
+}
+
+/// What applying a result did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultApplied {
+    Applied,
+    Duplicate,
+    Stale(String),
+    UnknownRun,
+}
+
+/// A timer that came due.
+#[derive(Debug, Clone)]
+pub struct DueTimer {
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub kind: TimerKind,
+    pub attempt: i32,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    settings: Settings,
+    claim: Duration,
+    actor: String,
+}
+
+/// Opens a pool; `url` is a PostgreSQL URL.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let opts: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(run: Uuid, s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|problem| StoreError::Corrupt { run, problem })
+}
+
+impl Store {
+    pub fn new(pool: PgPool, settings: Settings, claim: Duration, actor: impl Into<String>) -> Self {
+        Self {
+            pool,
+            settings,
+            claim,
+            actor: actor.into(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs a transition again when PostgreSQL reports a deadlock or serialisation failure.
+    async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match f().await {
+                Err(e) if e.is_transient() && tries < 10 => {
+                    tracing::debug!(error = %e, "transient database conflict; retrying transition");
+                    tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Records a merge event as a run (once) and admits it if its environment is free.
+    pub async fn ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
+        self.retrying(|| self.try_ingest(event, plan)).await
+    }
+
+    async fn try_ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash)
+             values ($1, $2, $3, $4, 'queued', $5, $6, $7) on conflict (id) do nothing",
+        )
+        .bind(plan.run_id)
+        .bind(&event.service)
+        .bind(&event.environment)
+        .bind(&event.commit_sha)
+        .bind(Json(event))
+        .bind(Json(plan))
+        .bind(&plan.hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            self.history(
+                &mut tx,
+                Some(plan.run_id),
+                None,
+                None,
+                "duplicate_merge_event",
+                json!({"commit_sha": event.commit_sha}),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok((Ingested::Duplicate(plan.run_id), Vec::new()));
+        }
+        let state = RunState::planned(event, plan);
+        for (pos, (s, p)) in state.steps.iter().zip(&plan.steps).enumerate() {
+            sqlx::query(
+                "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
+                                    status, timeout_ms, retry, params)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(plan.run_id)
+            .bind(&s.id)
+            .bind(pos as i32)
+            .bind(&s.role)
+            .bind(&s.zone)
+            .bind(&s.action)
+            .bind(&s.compensate)
+            .bind(&s.needs)
+            .bind(s.included)
+            .bind(&p.reason)
+            .bind(s.status.as_str())
+            .bind(s.timeout_ms)
+            .bind(Json(&s.retry))
+            .bind(Json(&s.params))
+            .execute(&mut *tx)
+            .await?;
+        }
+        self.history(
+            &mut tx,
+            Some(plan.run_id),
+            None,
+            None,
+            "run_created",
+            json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()}),
+        )
+        .await?;
+        let mut out = Vec::new();
+        self.admit(&mut tx, &event.service, &event.environment, &mut out)
+            .await?;
+        tx.commit().await?;
+        Ok((Ingested::Created(plan.run_id), out))
+    }
+
+    /// Admits waiting runs of one environment, oldest first, while the lock is free.
+    async fn admit(
+        &self,
+        tx: &mut Tx<'_>,
+        service: &str,
+        environment: &str,
+        out: &mut Vec<OutboxMsg>,
+    ) -> Result<(), StoreError> {
+        // Serialises admission per environment across scheduler replicas.
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{service}/{environment}"))
+            .execute(&mut **tx)
+            .await?;
+        loop {
+            let held: Option<Uuid> =
+                sqlx::query_scalar("select run_id from env_locks where service = $1 and environment = $2")
+                    .bind(service)
+                    .bind(environment)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if held.is_some() {
+                return Ok(());
+            }
+            let next: Option<Uuid> = sqlx::query_scalar(
+                "select id from runs where service = $1 and environment = $2 and status = 'queued' order by seq limit 1",
+            )
+            .bind(service)
+            .bind(environment)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some(run_id) = next else { return Ok(()) };
+            sqlx::query("insert into env_locks (service, environment, run_id) values ($1, $2, $3)")
+                .bind(service)
+                .bind(environment)
+                .bind(run_id)
+                .execute(&mut **tx)
+                .await?;
+            let mut state = self.load(tx, run_id).await?.ok_or(StoreError::NotFound(run_id))?;
+            let mut fx = Vec::new();
+            state.start(Utc::now(), &self.settings, &mut fx);
+            self.history(
+                tx,
+                Some(run_id),
+                None,
+                None,
+                "lock_acquired",
+                json!({"service": service, "environment": environment}),
+            )
+            .await?;
+            let released = self.persist(tx, &mut state, fx, out).await?;
+            if !released {
+                return Ok(());
+            }
+            // The run ended at once (every step skipped): admit the next one.
+        }
+    }
+
+    /// Loads a run and locks its row for the rest of the transaction.
+    async fn load(&self, tx: &mut Tx<'_>, run_id: Uuid) -> Result<Option<RunState>, StoreError> {
+        let Some(row) = sqlx::query(
+            "select service, environment, event, status, completions, rollback_reason, trace_context, started_at, finished_at
+             from runs where id = $1 for update",
+        )
+        .bind(run_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        let Json(event): Json<MergeEvent> = row.try_get("event")?;
+        let mut state = RunState {
+            id: run_id,
+            service: row.try_get("service")?,
+            environment: row.try_get("environment")?,
+            event,
+            status: parse(run_id, &status)?,
+            completions: row.try_get("completions")?,
+            rollback_reason: row.try_get("rollback_reason")?,
+            trace_context: row.try_get("trace_context")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            steps: Vec::new(),
+            dirty: false,
+        };
+        let rows = sqlx::query(
+            "select step_id, role, zone, action, compensate, needs, included, status, attempt, attempt_status,
+                    exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
+                    completion, started_at, finished_at, comp_started_at, comp_finished_at
+             from steps where run_id = $1 order by position",
+        )
+        .bind(run_id)
+        .fetch_all(&mut **tx)
+        .await?;
+        for r in rows {
+            let status: String = r.try_get("status")?;
+            let attempt_status: Option<String> = r.try_get("attempt_status")?;
+            let Json(retry) = r.try_get("retry")?;
+            let Json(params) = r.try_get("params")?;
+            let Json(outputs) = r.try_get("outputs")?;
+            let error: Option<Json<StepError>> = r.try_get("error")?;
+            state.steps.push(StepState {
+                id: r.try_get("step_id")?,
+                role: r.try_get("role")?,
+                zone: r.try_get("zone")?,
+                action: r.try_get("action")?,
+                compensate: r.try_get("compensate")?,
+                needs: r.try_get("needs")?,
+                included: r.try_get("included")?,
+                status: parse(run_id, &status)?,
+                attempt: r.try_get("attempt")?,
+                attempt_status: attempt_status.map(|s| parse(run_id, &s)).transpose()?,
+                exec_attempts: r.try_get("exec_attempts")?,
+                comp_attempts: r.try_get("comp_attempts")?,
+                cancel_requested: r.try_get("cancel_requested")?,
+                timeout_ms: r.try_get("timeout_ms")?,
+                retry,
+                params,
+                outputs,
+                error: error.map(|Json(e)| e),
+                completion: r.try_get("completion")?,
+                started_at: r.try_get("started_at")?,
+                finished_at: r.try_get("finished_at")?,
+                comp_started_at: r.try_get("comp_started_at")?,
+                comp_finished_at: r.try_get("comp_finished_at")?,
+                dirty: false,
+            });
+        }
+        Ok(Some(state))
+    }
+
+    /// Writes what a transition changed; returns whether the run released its lock.
+    async fn persist(
+        &self,
+        tx: &mut Tx<'_>,
+        state: &mut RunState,
+        fx: Effects,
+        out: &mut Vec<OutboxMsg>,
+    ) -> Result<bool, StoreError> {
+        if state.dirty {
+            sqlx::query(
+                "update runs set status = $2, completions = $3, rollback_reason = $4, started_at = $5, finished_at = $6,
+                        updated_at = now() where id = $1",
+            )
+            .bind(state.id)
+            .bind(state.status.as_str())
+            .bind(state.completions)
+            .bind(&state.rollback_reason)
+            .bind(state.started_at)
+            .bind(state.finished_at)
+            .execute(&mut **tx)
+            .await?;
+            state.dirty = false;
+        }
+        for s in state.steps.iter_mut().filter(|s| s.dirty) {
+            sqlx::query(
+                "update steps set status = $3, attempt = $4, attempt_status = $5, exec_attempts = $6, comp_attempts = $7,
+                        cancel_requested = $8, outputs = $9, error = $10, completion = $11, started_at = $12,
+                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15
+                 where run_id = $1 and step_id = $2",
+            )
+            .bind(state.id)
+            .bind(&s.id)
+            .bind(s.status.as_str())
+            .bind(s.attempt)
+            .bind(s.attempt_status.map(|a| a.as_str()))
+            .bind(s.exec_attempts)
+            .bind(s.comp_attempts)
+            .bind(s.cancel_requested)
+            .bind(Json(&s.outputs))
+            .bind(s.error.as_ref().map(Json))
+            .bind(s.completion)
+            .bind(s.started_at)
+            .bind(s.finished_at)
+            .bind(s.comp_started_at)
+            .bind(s.comp_finished_at)
+            .execute(&mut **tx)
+            .await?;
+            s.dirty = false;
+        }
+        let mut released = false;
+        let now = Utc::now();
+        for effect in fx {
+            match effect {
+                Effect::Dispatch(job) => {
+                    sqlx::query(
+                        "insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at)
+                         values ($1, $2, $3, $4, $5, 'dispatched', $6)",
+                    )
+                    .bind(job.run_id)
+                    .bind(&job.step_id)
+                    .bind(job.attempt as i32)
+                    .bind(job.kind.as_str())
+                    .bind(job.message_id)
+                    .bind(job.issued_at)
+                    .execute(&mut **tx)
+                    .await?;
+                    let msg = OutboxMsg {
+                        id: 0,
+                        exchange: JOBS_EXCHANGE.to_owned(),
+                        routing_key: job_routing_key(&job.zone, &job.role),
+                        message_id: job.message_id,
+                        body: job.to_bytes(),
+                        best_effort: false,
+                        run_id: Some(job.run_id),
+                        step_id: Some(job.step_id.clone()),
+                        attempt: Some(job.attempt as i32),
+                    };
+                    out.push(self.enqueue(tx, msg, now).await?);
+                }
+                Effect::Cancel(cancel) => {
+                    let msg = OutboxMsg {
+                        id: 0,
+                        exchange: CONTROL_EXCHANGE.to_owned(),
+                        routing_key: job_routing_key(&cancel.zone, &cancel.role),
+                        message_id: cancel.message_id,
+                        body: cancel.to_bytes(),
+                        best_effort: true,
+                        run_id: Some(cancel.run_id),
+                        step_id: Some(cancel.step_id.clone()),
+                        attempt: Some(cancel.attempt as i32),
+                    };
+                    out.push(self.enqueue(tx, msg, now).await?);
+                }
+                Effect::SetTimer {
+                    step,
+                    kind,
+                    attempt,
+                    due,
+                } => {
+                    sqlx::query(
+                        "insert into timers (run_id, step_id, kind, attempt, due_at) values ($1, $2, $3, $4, $5)
+                         on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at",
+                    )
+                    .bind(state.id)
+                    .bind(&step)
+                    .bind(kind.as_str())
+                    .bind(attempt)
+                    .bind(due)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Effect::ClearTimers { step } => {
+                    sqlx::query("delete from timers where run_id = $1 and step_id = $2")
+                        .bind(state.id)
+                        .bind(&step)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Effect::AttemptStarted {
+                    step,
+                    attempt,
+                    daemon,
+                    at,
+                } => {
+                    sqlx::query(
+                        "update attempts set status = 'running', daemon = $4, started_at = $5
+                         where run_id = $1 and step_id = $2 and attempt = $3",
+                    )
+                    .bind(state.id)
+                    .bind(&step)
+                    .bind(attempt)
+                    .bind(&daemon)
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Effect::AttemptFinished {
+                    step,
+                    attempt,
+                    status,
+                    error,
+                    at,
+                } => {
+                    sqlx::query(
+                        "update attempts set status = $4, error = $5, finished_at = $6
+                         where run_id = $1 and step_id = $2 and attempt = $3",
+                    )
+                    .bind(state.id)
+                    .bind(&step)
+                    .bind(attempt)
+                    .bind(status)
+                    .bind(error.as_ref().map(Json))
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Effect::History {
+                    step,
+                    attempt,
+                    kind,
+                    detail,
+                } => {
+                    self.history(tx, Some(state.id), step.as_deref(), attempt, kind, detail)
+                        .await?;
+                }
+                Effect::ReleaseLock => {
+                    sqlx::query("delete from env_locks where service = $1 and environment = $2 and run_id = $3")
+                        .bind(&state.service)
+                        .bind(&state.environment)
+                        .bind(state.id)
+                        .execute(&mut **tx)
+                        .await?;
+                    released = true;
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    async fn enqueue(&self, tx: &mut Tx<'_>, mut msg: OutboxMsg, now: DateTime<Utc>) -> Result<OutboxMsg, StoreError> {
+        // Claimed by this process for `claim`: it publishes right after commit; if it
+        // dies first, another replica's sweeper takes the row when the claim lapses.
+        msg.id = sqlx::query_scalar(
+            "insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id",
+        )
+        .bind(&msg.exchange)
+        .bind(&msg.routing_key)
+        .bind(msg.message_id)
+        .bind(&msg.body)
+        .bind(msg.best_effort)
+        .bind(msg.run_id)
+        .bind(&msg.step_id)
+        .bind(msg.attempt)
+        .bind(now + self.claim)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(msg)
+    }
+
+    async fn history(
+        &self,
+        tx: &mut Tx<'_>,
+        run_id: Option<Uuid>,
+        step: Option<&str>,
+        attempt: Option<i32>,
+        kind: &str,
+        detail: Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into history (run_id, step_id, attempt, actor, kind, detail) values ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(run_id)
+        .bind(step)
+        .bind(attempt)
+        .bind(&self.actor)
+        .bind(kind)
+        .bind(Json(detail))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records something that happened outside any transition (a refused message).
+    pub async fn record(&self, run_id: Option<Uuid>, kind: &str, detail: Value) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        self.history(&mut tx, run_id, None, None, kind, detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs `f` on a locked run and persists what it did, admitting the next run if it ended.
+    async fn transition<T>(
+        &self,
+        tx: &mut Tx<'_>,
+        run_id: Uuid,
+        out: &mut Vec<OutboxMsg>,
+        f: impl FnOnce(&mut RunState, &mut Effects) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(mut state) = self.load(tx, run_id).await? else {
+            return Ok(None);
+        };
+        let mut fx = Vec::new();
+        let value = f(&mut state, &mut fx)?;
+        if self.persist(tx, &mut state, fx, out).await? {
+            self.admit(tx, &state.service, &state.environment, out).await?;
+        }
+        Ok(Some(value))
+    }
+
+    /// Applies one result exactly once.
+    pub async fn apply_result(&self, r: &StepResult) -> Result<(ResultApplied, Vec<OutboxMsg>), StoreError> {
+        self.retrying(|| self.try_apply_result(r)).await
+    }
+
+    async fn try_apply_result(&self, r: &StepResult) -> Result<(ResultApplied, Vec<OutboxMsg>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let detail =
+            || json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
+        // Heartbeats are idempotent (they only extend a lease), so they skip the inbox.
+        if r.status != baton_shared::protocol::ResultStatus::Heartbeat {
+            let fresh = sqlx::query("insert into inbox (message_id, run_id) values ($1, $2) on conflict do nothing")
+                .bind(r.message_id)
+                .bind(r.run_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            if !fresh {
+                self.history(
+                    &mut tx,
+                    Some(r.run_id),
+                    Some(&r.step_id),
+                    Some(r.attempt as i32),
+                    "duplicate_result",
+                    detail(),
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok((ResultApplied::Duplicate, out));
+            }
+        }
+        let now = Utc::now();
+        let settings = self.settings.clone();
+        let applied = self
+            .transition(&mut tx, r.run_id, &mut out, |state, fx| {
+                Ok(state.apply_result(r, now, &settings, fx))
+            })
+            .await?;
+        let outcome = match applied {
+            None => {
+                self.history(
+                    &mut tx,
+                    None,
+                    Some(&r.step_id),
+                    Some(r.attempt as i32),
+                    "result_for_unknown_run",
+                    json!({"run_id": r.run_id, "message_id": r.message_id}),
+                )
+                .await?;
+                ResultApplied::UnknownRun
+            }
+            Some(Applied::Applied) => ResultApplied::Applied,
+            Some(Applied::Stale(why)) => {
+                let mut d = detail();
+                d["why"] = json!(why);
+                self.history(
+                    &mut tx,
+                    Some(r.run_id),
+                    Some(&r.step_id),
+                    Some(r.attempt as i32),
+                    "stale_result",
+                    d,
+                )
+                .await?;
+                ResultApplied::Stale(why)
+            }
+        };
+        tx.commit().await?;
+        Ok((outcome, out))
+    }
+
+    /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
+    pub async fn due_timers(&self, limit: i64) -> Result<Vec<DueTimer>, StoreError> {
+        let rows = sqlx::query(
+            "select run_id, step_id, kind, attempt from timers where due_at <= now() order by due_at limit $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let run_id: Uuid = r.try_get("run_id")?;
+                let kind: String = r.try_get("kind")?;
+                Ok(DueTimer {
+                    run_id,
+                    step_id: r.try_get("step_id")?,
+                    kind: parse(run_id, &kind)?,
+                    attempt: r.try_get("attempt")?,
+                })
+            })
+            .collect()
+    }
+
+    /// When the next timer is due, if any.
+    pub async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar("select min(due_at) from timers")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn fire_timer(&self, t: &DueTimer) -> Result<Vec<OutboxMsg>, StoreError> {
+        self.retrying(|| self.try_fire_timer(t)).await
+    }
+
+    async fn try_fire_timer(&self, t: &DueTimer) -> Result<Vec<OutboxMsg>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        // Lock order is always run row first, then timers: every timer write happens
+        // under the run lock, so after taking it the timer row can be trusted.
+        let locked: Option<Uuid> = sqlx::query_scalar("select id from runs where id = $1 for update")
+            .bind(t.run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if locked.is_none() {
+            return Ok(out);
+        }
+        let still_due = sqlx::query(
+            "delete from timers where run_id = $1 and step_id = $2 and kind = $3 and attempt = $4 and due_at <= now()",
+        )
+        .bind(t.run_id)
+        .bind(&t.step_id)
+        .bind(t.kind.as_str())
+        .bind(t.attempt)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if still_due {
+            let now = Utc::now();
+            let settings = self.settings.clone();
+            self.transition(&mut tx, t.run_id, &mut out, |state, fx| {
+                state.fire_timer(&t.step_id, t.kind, t.attempt, now, &settings, fx);
+                Ok(())
+            })
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// After a restart, running attempts get one more lease period: their heartbeats
+    /// may be waiting unread in `baton.results` while no scheduler was consuming.
+    pub async fn renew_leases(&self) -> Result<u64, StoreError> {
+        let lease = self.settings.lease.as_millis() as f64 / 1000.0;
+        Ok(sqlx::query(
+            "update timers set due_at = greatest(due_at, now() + make_interval(secs => $1)) where kind = 'lease'",
+        )
+        .bind(lease)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Marks published outbox rows as sent.
+    pub async fn mark_sent(&self, ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("update outbox set sent_at = now() where id = any($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A job came back unroutable: mark it and fail its attempt.
+    pub async fn job_unroutable(&self, msg: &OutboxMsg, message: &str) -> Result<Vec<OutboxMsg>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        sqlx::query("update outbox set sent_at = now(), error = $2 where id = $1")
+            .bind(msg.id)
+            .bind(message)
+            .execute(&mut *tx)
+            .await?;
+        if let (Some(run), Some(step), Some(attempt)) = (msg.run_id, &msg.step_id, msg.attempt) {
+            let now = Utc::now();
+            let settings = self.settings.clone();
+            self.transition(&mut tx, run, &mut out, |state, fx| {
+                state.job_unroutable(step, attempt, message.to_owned(), now, &settings, fx);
+                Ok(())
+            })
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Takes over unsent outbox rows whose claim lapsed (their publisher died or failed).
+    pub async fn claim_unsent(&self, limit: i64) -> Result<Vec<OutboxMsg>, StoreError> {
+        let claim = self.claim.as_millis() as f64 / 1000.0;
+        let rows = sqlx::query(
+            "update outbox set claimed_until = now() + make_interval(secs => $2)
+             where id in (select id from outbox where sent_at is null and claimed_until < now()
+                          order by id limit $1 for update skip locked)
+             returning id, exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt",
+        )
+        .bind(limit)
+        .bind(claim)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut msgs = rows
+            .into_iter()
+            .map(|r| {
+                Ok(OutboxMsg {
+                    id: r.try_get("id")?,
+                    exchange: r.try_get("exchange")?,
+                    routing_key: r.try_get("routing_key")?,
+                    message_id: r.try_get("message_id")?,
+                    body: r.try_get("body")?,
+                    best_effort: r.try_get("best_effort")?,
+                    run_id: r.try_get("run_id")?,
+                    step_id: r.try_get("step_id")?,
+                    attempt: r.try_get("attempt")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        msgs.sort_by_key(|m| m.id);
+        Ok(msgs)
+    }
+
+    /// An operator asks to roll a run back.
+    pub async fn request_rollback(&self, run_id: Uuid, reason: &str) -> Result<Vec<OutboxMsg>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let Some(mut state) = self.load(&mut tx, run_id).await? else {
+            return Err(StoreError::NotFound(run_id));
+        };
+        if state.status == RunStatus::Succeeded {
+            // A finished run must hold its environment again to be undone.
+            let holder: Option<Uuid> = sqlx::query_scalar(
+                "insert into env_locks (service, environment, run_id) values ($1, $2, $3)
+                 on conflict (service, environment) do update set run_id = env_locks.run_id returning run_id",
+            )
+            .bind(&state.service)
+            .bind(&state.environment)
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(holder) = holder.filter(|h| *h != run_id) {
+                return Err(StoreError::Locked {
+                    service: state.service,
+                    environment: state.environment,
+                    holder,
+                });
+            }
+        }
+        let mut fx = Vec::new();
+        state.request_rollback(reason, Utc::now(), &self.settings, &mut fx)?;
+        if self.persist(&mut tx, &mut state, fx, &mut out).await? {
+            self.admit(&mut tx, &state.service, &state.environment, &mut out)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// A run as `baton runs show` presents it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RunView {
+    pub id: Uuid,
+    pub service: String,
+    pub environment: String,
+    pub commit_sha: String,
+    pub status: String,
+    pub plan_hash: String,
+    pub rollback_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub steps: Vec<StepView>,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StepView {
+    pub id: String,
+    pub role: String,
+    pub zone: String,
+    pub action: String,
+    pub compensate: Option<String>,
+    pub included: bool,
+    pub reason: String,
+    pub needs: Vec<String>,
+    pub status: String,
+    pub completion: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub compensation_started_at: Option<DateTime<Utc>>,
+    pub compensation_finished_at: Option<DateTime<Utc>>,
+    pub outputs: Fields,
+    pub error: Option<StepError>,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub kind: JobKind,
+    pub status: String,
+    pub daemon: Option<String>,
+    pub message_id: Uuid,
+    pub dispatched_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<StepError>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub actor: String,
+    pub kind: String,
+    pub detail: Value,
+}
+
+impl RunView {
+    pub fn step(&self, id: &str) -> Option<&StepView> {
+        self.steps.iter().find(|s| s.id == id)
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal)
+    }
+}
+
+/// Reads a whole run for display.
+pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
+    let Some(r) = sqlx::query(
+        "select service, environment, commit_sha, status, plan_hash, rollback_reason, created_at, started_at, finished_at
+         from runs where id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let attempts = sqlx::query(
+        "select step_id, attempt, kind, status, daemon, message_id, dispatched_at, started_at, finished_at, error
+         from attempts where run_id = $1 order by step_id, attempt",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    let mut by_step: std::collections::HashMap<String, Vec<AttemptView>> = Default::default();
+    for a in attempts {
+        let kind: String = a.try_get("kind")?;
+        let error: Option<Json<StepError>> = a.try_get("error")?;
+        by_step.entry(a.try_get("step_id")?).or_default().push(AttemptView {
+            attempt: a.try_get("attempt")?,
+            kind: if kind == "compensate" {
+                JobKind::Compensate
+            } else {
+                JobKind::Execute
+            },
+            status: a.try_get("status")?,
+            daemon: a.try_get("daemon")?,
+            message_id: a.try_get("message_id")?,
+            dispatched_at: a.try_get("dispatched_at")?,
+            started_at: a.try_get("started_at")?,
+            finished_at: a.try_get("finished_at")?,
+            error: error.map(|Json(e)| e),
+        });
+    }
+    let steps = sqlx::query(
+        "select step_id, role, zone, action, compensate, included, reason, needs, status, completion, started_at,
+                finished_at, comp_started_at, comp_finished_at, outputs, error
+         from steps where run_id = $1 order by position",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|s| {
+        let id: String = s.try_get("step_id")?;
+        let Json(outputs) = s.try_get("outputs")?;
+        let error: Option<Json<StepError>> = s.try_get("error")?;
+        Ok(StepView {
+            attempts: by_step.remove(&id).unwrap_or_default(),
+            id,
+            role: s.try_get("role")?,
+            zone: s.try_get("zone")?,
+            action: s.try_get("action")?,
+            compensate: s.try_get("compensate")?,
+            included: s.try_get("included")?,
+            reason: s.try_get("reason")?,
+            needs: s.try_get("needs")?,
+            status: s.try_get("status")?,
+            completion: s.try_get("completion")?,
+            started_at: s.try_get("started_at")?,
+            finished_at: s.try_get("finished_at")?,
+            compensation_started_at: s.try_get("comp_started_at")?,
+            compensation_finished_at: s.try_get("comp_finished_at")?,
+            outputs,
+            error: error.map(|Json(e)| e),
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let history =
+        sqlx::query("select id, at, step_id, attempt, actor, kind, detail from history where run_id = $1 order by id")
+            .bind(run_id)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|h| {
+                let Json(detail) = h.try_get("detail")?;
+                Ok(HistoryEntry {
+                    id: h.try_get("id")?,
+                    at: h.try_get("at")?,
+                    step_id: h.try_get("step_id")?,
+                    attempt: h.try_get("attempt")?,
+                    actor: h.try_get("actor")?,
+                    kind: h.try_get("kind")?,
+                    detail,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Some(RunView {
+        id: run_id,
+        service: r.try_get("service")?,
+        environment: r.try_get("environment")?,
+        commit_sha: r.try_get("commit_sha")?,
+        status: r.try_get("status")?,
+        plan_hash: r.try_get("plan_hash")?,
+        rollback_reason: r.try_get("rollback_reason")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        steps,
+        history,
+    }))
+}
+
+/// One line per run for `baton runs list`, newest first.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RunLine {
+    pub id: Uuid,
+    pub service: String,
+    pub environment: String,
+    pub commit_sha: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub async fn list_runs(pool: &PgPool, limit: i64) -> Result<Vec<RunLine>, StoreError> {
+    let rows = sqlx::query(
+        "select id, service, environment, commit_sha, status, created_at, finished_at from runs order by seq desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(RunLine {
+                id: r.try_get("id")?,
+                service: r.try_get("service")?,
+                environment: r.try_get("environment")?,
+                commit_sha: r.try_get("commit_sha")?,
+                status: r.try_get("status")?,
+                created_at: r.try_get("created_at")?,
+                finished_at: r.try_get("finished_at")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}

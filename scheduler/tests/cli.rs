@@ -1,0 +1,165 @@
+//! The `baton` binary's offline commands: plans, pipeline validation, and the
+//! exit code 2 with a message naming the problem for every kind of bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+fn baton(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .env_remove("BATON_SCHEDULER__PIPELINE")
+        .output()
+        .expect("run baton")
+}
+
+fn write(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn event(paths: &[&str]) -> Value {
+    json!({
+        "v": 1, "service": "shop-api", "environment": "production",
+        "repository": "git@example.org:shop/api.git",
+        "commit_sha": "0123456789abcdef0123456789abcdef01234567",
+        "pull_request": {"number": 42, "title": "Add orders", "author": "dev",
+            "approvals": [{"by": "marta", "at": "2026-11-26T09:00:00Z"}]},
+        "changed_paths": paths, "risk": "standard", "requested_by": "ci",
+        "ci_run_url": "https://ci.example.org/runs/1"
+    })
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn plan_explains_which_steps_run_and_why() {
+    let ev = write("app.json", &event(&["src/app.ts"]).to_string());
+    let out = baton(&["plan", "--event", ev.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let included: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["included"] == true)
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        included,
+        [
+            "build",
+            "backup.pre",
+            "verify.staging",
+            "apply.production",
+            "backup.post"
+        ]
+    );
+    assert_eq!(plan["hash"].as_str().unwrap().len(), 64);
+
+    let text = baton(&["plan", "--event", ev.to_str().unwrap()]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("drizzle/migrations/**"), "skipped steps say why:\n{text}");
+    assert!(
+        text.lines().all(|l| l.chars().count() <= 80),
+        "fits 80 columns:\n{text}"
+    );
+}
+
+#[test]
+fn invalid_merge_event_exits_2_naming_the_field() {
+    let mut bad = event(&["src/app.ts"]);
+    bad["commit_sha"] = "abc".into();
+    let ev = write("bad-sha.json", &bad.to_string());
+    for cmd in ["plan", "enqueue"] {
+        let out = baton(&[cmd, "--event", ev.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+        assert!(stderr(&out).contains("commit_sha"), "{cmd}: {}", stderr(&out));
+    }
+    let mut unknown = event(&["src/app.ts"]);
+    unknown["colour"] = "blue".into();
+    let ev = write("unknown.json", &unknown.to_string());
+    let out = baton(&["plan", "--event", ev.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown field `colour`"), "{}", stderr(&out));
+    let out = baton(&["plan", "--event", "/nonexistent/event.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/event.json"), "{}", stderr(&out));
+}
+
+#[test]
+fn invalid_pipelines_exit_2_naming_the_step_and_problem() {
+    let ev = write("ok.json", &event(&["src/app.ts"]).to_string());
+    let head = "[pipeline]\nname = \"t\"\npromotion = [\"staging\", \"production\"]\n";
+    let cases = [
+        (
+            "unknown-role.toml",
+            "[[step]]\nid = \"cdn\"\nrole = \"cnd\"\nzone = \"production\"\naction = \"deploy\"\n",
+            vec!["cdn", "unknown role", "cnd"],
+        ),
+        (
+            "cycle.toml",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"b\"]\n\
+             [[step]]\nid = \"b\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"a\"]\n",
+            vec!["cycle"],
+        ),
+        (
+            "unknown-need.toml",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"buid\"]\n",
+            vec!["\"a\"", "buid"],
+        ),
+        (
+            "duplicate.toml",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\n\
+             [[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\n",
+            vec!["\"a\"", "duplicate"],
+        ),
+        (
+            "bad-glob.toml",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nwhen = { paths = [\"assets/[\"] }\n",
+            vec!["\"a\"", "assets/["],
+        ),
+    ];
+    for (name, body, words) in cases {
+        let p = write(name, &format!("{head}{body}"));
+        for args in [
+            vec!["pipeline", "validate", p.to_str().unwrap()],
+            vec![
+                "plan",
+                "--event",
+                ev.to_str().unwrap(),
+                "--pipeline",
+                p.to_str().unwrap(),
+            ],
+        ] {
+            let out = baton(&args);
+            assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {}", stderr(&out));
+            let err = stderr(&out);
+            for w in &words {
+                assert!(err.contains(w), "{name}: {err:?} should mention {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_shipped_seed_pipeline_validates() {
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/seed.toml");
+    let out = baton(&["pipeline", "validate", seed, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"].as_array().unwrap().len(), 11);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(baton(&["no-such-command"]).status.code(), Some(2));
+    assert_eq!(baton(&[]).status.code(), Some(2));
+}

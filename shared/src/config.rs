@@ -1,0 +1,251 @@
+//! Configuration loading: defaults, then a TOML file, then `BATON_` environment
+//! variables with `__` between nesting levels (`BATON_AMQP__URL`).
+//!
+//! `Env::split("_")` would cut snake_case keys apart, hence the double underscore.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: String },
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: &'static str, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Loads `T` from its defaults, `baton.toml` (or the explicit `file`, which must
+/// exist) and the environment.
+pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    // Defaults come from `#[serde(default)]` on the config types, not from a
+    // serialised default value: secrets serialise redacted.
+    let mut fig = Figment::new();
+    fig = match file {
+        Some(path) => {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: path.display().to_string(),
+                });
+            }
+            fig.merge(Toml::file_exact(path))
+        }
+        None => fig.merge(Toml::file("baton.toml")),
+    };
+    fig.merge(Env::prefixed("BATON_").split("__"))
+        .extract()
+        .map_err(|e| ConfigError::Figment(Box::new(e)))
+}
+
+/// The effective configuration as TOML, secrets redacted by their type.
+pub fn render<T: Serialize>(config: &T) -> String {
+    toml_string(config)
+}
+
+fn toml_string<T: Serialize>(config: &T) -> String {
+    // serde_json -> figment's TOML support is not a serializer; go through JSON
+    // values and print them as `key = value` lines grouped by table.
+    let value = serde_json::to_value(config).unwrap_or_default();
+    let mut out = String::new();
+    write_table(&mut out, "", &value);
+    out
+}
+
+fn write_table(out: &mut String, prefix: &str, value: &serde_json::Value) {
+    let serde_json::Value::Object(map) = value else {
+        return;
+    };
+    let mut tables = Vec::new();
+    if !prefix.is_empty() {
+        out.push_str(&format!("[{prefix}]\n"));
+    }
+    for (k, v) in map {
+        if v.is_object() {
+            tables.push((k, v));
+        } else if !v.is_null() {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    for (k, v) in tables {
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        out.push('\n');
+        write_table(out, &name, v);
+    }
+}
+
+/// How to reach RabbitMQ.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL, including credentials and vhost.
+    pub url: Secret<String>,
+    /// Deliveries of one message before it is dead-lettered.
+    pub delivery_limit: i64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            delivery_limit: crate::topology::DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+}
+
+impl AmqpConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(ConfigError::invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if self.delivery_limit < 1 {
+            return Err(ConfigError::invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `baton=debug,lapin=warn`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "auto".to_owned(),
+            level: "info,lapin=warn,sqlx=warn".to_owned(),
+        }
+    }
+}
+
+/// Everything a role daemon needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonConfig {
+    pub amqp: AmqpConfig,
+    pub daemon: DaemonSettings,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonSettings {
+    /// The zone this daemon serves (`staging`, `production`, ...).
+    pub zone: String,
+    /// Name of this instance in results and logs; defaults to host name and pid.
+    pub instance: String,
+    /// Jobs executed at once.
+    pub concurrency: usize,
+    /// Unacknowledged deliveries the broker may push ahead (quorum queues want >= 10).
+    pub prefetch: u16,
+    /// Seconds granted to running jobs after SIGTERM before they are handed back.
+    pub shutdown_grace_secs: u64,
+    /// Declare the zone/role queue on start (off when ops definitions own topology).
+    pub declare_queue: bool,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            zone: String::new(),
+            instance: String::new(),
+            concurrency: 8,
+            prefetch: 16,
+            shutdown_grace_secs: 30,
+            declare_queue: true,
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.amqp.validate()?;
+        if self.daemon.zone.is_empty() {
+            return Err(ConfigError::invalid(
+                "daemon.zone",
+                "is required (e.g. BATON_DAEMON__ZONE=staging)",
+            ));
+        }
+        crate::protocol::check_name("config", "daemon.zone", &self.daemon.zone)
+            .map_err(|e| ConfigError::invalid("daemon.zone", e.to_string()))?;
+        if self.daemon.concurrency == 0 {
+            return Err(ConfigError::invalid("daemon.concurrency", "must be at least 1"));
+        }
+        if self.daemon.prefetch == 0 {
+            return Err(ConfigError::invalid("daemon.prefetch", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The instance name, filled in from host and pid when not configured.
+    pub fn instance(&self) -> String {
+        if self.daemon.instance.is_empty() {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        } else {
+            self.daemon.instance.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = load::<DaemonConfig>(Some(Path::new("/nonexistent/baton.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/baton.toml"));
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_are_typed() {
+        let dir = std::env::temp_dir().join(format!("baton-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.toml");
+        std::fs::write(&path, "[daemon]\nzone = \"staging\"\nconcurrency = \"many\"\n").unwrap();
+        let err = load::<DaemonConfig>(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("concurrency"), "{err}");
+        std::fs::write(&path, "[daemon]\nzone = \"staging\"\nconcurrency = 3\n").unwrap();
+        let cfg = load::<DaemonConfig>(Some(&path)).unwrap();
+        assert_eq!((cfg.daemon.zone.as_str(), cfg.daemon.concurrency), ("staging", 3));
+        cfg.validate().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rendered_config_redacts_the_broker_url() {
+        let text = render(&DaemonConfig::default());
+        assert!(text.contains("[amqp]") && text.contains("[redacted]"), "{text}");
+        assert!(!text.contains("guest:guest"), "{text}");
+    }
+}

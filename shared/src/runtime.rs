@@ -1,0 +1,520 @@
+//! The daemon runtime: everything a role daemon does except its role's work.
+//!
+//! It consumes `baton.<zone>.<role>` with bounded concurrency, refuses jobs that
+//! are malformed, misrouted or expired (dead-lettered with the reason, nothing
+//! executed), reports `started`, acks, and only then works — so no delivery is
+//! held unacked through a long step. While the role works it sends heartbeats
+//! at the rate the job asks for; the final `succeeded`/`failed` is a separate,
+//! confirmed message. Cancels arrive on a private queue bound to `baton.control`.
+//! On shutdown it stops taking work, lets running jobs finish within the grace
+//! period and hands back the rest as retryable `daemon_shutdown` failures.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::amqp::{AmqpError, Broker, Outgoing};
+use crate::config::DaemonConfig;
+use crate::protocol::{CancelJob, Fields, JobKind, Message, ResultStatus, StepError, StepJob, StepResult};
+use crate::topology::{self, RESULTS_EXCHANGE, RESULTS_KEY};
+
+/// What a role's action returns: outputs for later steps, or why it failed.
+pub type Outcome = Result<Fields, StepError>;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the runtime hands a role while it works on a job.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// Fires when the attempt is cancelled, times out, or the daemon stops.
+    pub cancel: CancellationToken,
+    /// This daemon instance's name.
+    pub daemon: String,
+}
+
+/// One role's domain: how to execute and how to undo each action.
+///
+/// Implementations must be idempotent per (run, step): a redelivered job after
+/// a crash runs the same action again.
+pub trait Role: Send + Sync + 'static {
+    /// The role's name as used in queues and plans, e.g. `db-migration`.
+    fn name(&self) -> &str;
+    fn execute<'a>(&'a self, job: &'a StepJob, ctx: &'a ExecContext) -> BoxFuture<'a, Outcome>;
+    fn compensate<'a>(&'a self, job: &'a StepJob, ctx: &'a ExecContext) -> BoxFuture<'a, Outcome>;
+}
+
+/// A role served in one zone.
+#[derive(Clone)]
+pub struct Binding {
+    pub zone: String,
+    pub role: Arc<dyn Role>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("consumer of {queue} stopped: {source}")]
+    Consumer {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+type AttemptKey = (Uuid, String, u32);
+
+struct Running {
+    token: CancellationToken,
+    reason: Arc<OnceLock<StepError>>,
+}
+
+/// Message ids seen lately, so a redelivered duplicate is not run twice here.
+struct RecentIds {
+    set: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 100_000;
+
+    fn insert(&mut self, id: Uuid) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+struct Shared {
+    broker: Broker,
+    instance: String,
+    running: Mutex<HashMap<AttemptKey, Running>>,
+    seen: Mutex<RecentIds>,
+    /// Fired when the grace period is over: running jobs are handed back.
+    hand_back: CancellationToken,
+}
+
+/// Runs the daemon until `shutdown` resolves, then drains within the grace period.
+pub async fn run(
+    config: DaemonConfig,
+    bindings: Vec<Binding>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RuntimeError> {
+    let instance = config.instance();
+    let broker = Broker::connect_retrying(
+        &config.amqp.url,
+        &format!("baton-daemon {instance}"),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let shared = Arc::new(Shared {
+        broker: broker.clone(),
+        instance: instance.clone(),
+        running: Mutex::new(HashMap::new()),
+        seen: Mutex::new(RecentIds {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        }),
+        hand_back: CancellationToken::new(),
+    });
+    let stop_intake = CancellationToken::new();
+    let slots = Arc::new(Semaphore::new(config.daemon.concurrency));
+    let mut consumers = JoinSet::new();
+    let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+
+    for binding in bindings {
+        let channel = broker.channel().await?;
+        channel
+            .basic_qos(config.daemon.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(AmqpError::op("basic.qos"))?;
+        let role_name = binding.role.name().to_owned();
+        if config.daemon.declare_queue {
+            topology::declare_job_queue(&channel, &binding.zone, &role_name, config.amqp.delivery_limit)
+                .await
+                .map_err(AmqpError::op("queue.declare"))?;
+        }
+        let control_channel = broker.channel().await?;
+        let control_queue = topology::declare_control_queue(&control_channel, &binding.zone, &role_name)
+            .await
+            .map_err(AmqpError::op("queue.declare"))?;
+        let queue = topology::job_queue(&binding.zone, &role_name);
+        let tag = format!("{instance}/{}", binding.zone);
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(AmqpError::op("basic.consume"))?;
+        let control = control_channel
+            .basic_consume(
+                control_queue.as_str().into(),
+                format!("{tag}/control").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(AmqpError::op("basic.consume"))?;
+        tracing::info!(zone = %binding.zone, role = %role_name, queue = %queue, instance = %instance, "consuming");
+
+        consumers.spawn(control_loop(shared.clone(), control, stop_intake.clone()));
+        consumers.spawn(job_loop(
+            shared.clone(),
+            binding,
+            queue,
+            channel,
+            tag,
+            consumer,
+            slots.clone(),
+            jobs.clone(),
+            stop_intake.clone(),
+        ));
+    }
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; no new jobs are taken"),
+        Some(res) = consumers.join_next() => {
+            // A consumer ended on its own: the connection could not recover.
+            stop_intake.cancel();
+            shared.hand_back.cancel();
+            drain(&jobs, Duration::from_secs(10)).await;
+            broker.close().await;
+            return match res {
+                Ok(Err(e)) => Err(e),
+                _ => Ok(()),
+            };
+        }
+    }
+    stop_intake.cancel();
+    while consumers.join_next().await.is_some() {}
+
+    let grace = Duration::from_secs(config.daemon.shutdown_grace_secs);
+    if !drain(&jobs, grace).await {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "grace period over; handing back running jobs"
+        );
+        shared.hand_back.cancel();
+        drain(&jobs, Duration::from_secs(10)).await;
+    }
+    broker.close().await;
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// Waits for running jobs; false if some were still running at the end of `patience`.
+async fn drain(jobs: &tokio::sync::Mutex<JoinSet<()>>, patience: Duration) -> bool {
+    let mut jobs = jobs.lock().await;
+    tokio::time::timeout(patience, async { while jobs.join_next().await.is_some() {} })
+        .await
+        .is_ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn job_loop(
+    shared: Arc<Shared>,
+    binding: Binding,
+    queue: String,
+    channel: lapin::Channel,
+    tag: String,
+    mut consumer: lapin::Consumer,
+    slots: Arc<Semaphore>,
+    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    stop: CancellationToken,
+) -> Result<(), RuntimeError> {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = consumer.next() => n,
+        };
+        let delivery = match next {
+            None => {
+                return Err(RuntimeError::Consumer {
+                    queue,
+                    source: lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                        lapin::ChannelState::Closed,
+                        "consumer stream ended",
+                    )),
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, queue = %queue, "consumer error; waiting for recovery");
+                channel
+                    .wait_for_recovery(e)
+                    .await
+                    .map_err(|source| RuntimeError::Consumer {
+                        queue: queue.clone(),
+                        source,
+                    })?;
+                continue;
+            }
+            Some(Ok(d)) => d,
+        };
+        // The slot is taken after the delivery arrives: a loop idling on an empty
+        // queue must not hold one, or a daemon serving more queues than it has
+        // slots would starve the rest.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closes"),
+        };
+        let shared = shared.clone();
+        let binding = binding.clone();
+        let queue = queue.clone();
+        let mut set = jobs.lock().await;
+        // Reap finished jobs so the set does not grow without bound.
+        while set.try_join_next().is_some() {}
+        set.spawn(async move {
+            handle(&shared, &binding, &queue, delivery).await;
+            drop(permit);
+        });
+    }
+    // Unacked prefetched deliveries go back to the queue when the consumer is cancelled.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    Ok(())
+}
+
+async fn control_loop(
+    shared: Arc<Shared>,
+    mut consumer: lapin::Consumer,
+    stop: CancellationToken,
+) -> Result<(), RuntimeError> {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            n = consumer.next() => n,
+        };
+        let Some(Ok(delivery)) = next else {
+            // The control queue is exclusive and dies with the connection; cancels
+            // missed meanwhile are covered by the scheduler's lease and fencing.
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        };
+        match CancelJob::parse(&delivery.data) {
+            Ok(cancel) => {
+                let key = (cancel.run_id, cancel.step_id.clone(), cancel.attempt);
+                if let Some(r) = shared.running.lock().expect("lock").get(&key) {
+                    let _ = r
+                        .reason
+                        .set(StepError::fatal("cancelled", format!("cancelled: {}", cancel.reason)));
+                    r.token.cancel();
+                    tracing::info!(run_id = %cancel.run_id, step_id = %cancel.step_id, attempt = cancel.attempt, reason = %cancel.reason, "attempt cancelled");
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(e) => {
+                let _ = shared.broker.dead_letter(&delivery, "control", &e.to_string()).await;
+            }
+        }
+    }
+}
+
+/// Checks a delivery and, if it is a job for us, runs it to a reported end.
+async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Delivery) {
+    let role = binding.role.name();
+    let job = match StepJob::parse(&delivery.data) {
+        Ok(job) => job,
+        Err(e) => return refuse(shared, &delivery, queue, &e.to_string()).await,
+    };
+    if job.zone != binding.zone || job.role != role {
+        let reason = format!(
+            "misrouted: job for {}.{} delivered to {queue}, which serves {}.{role}",
+            job.zone, job.role, binding.zone
+        );
+        return refuse(shared, &delivery, queue, &reason).await;
+    }
+    let now = Utc::now();
+    if now > job.not_after {
+        let reason = format!(
+            "expired: not_after {} has passed (now {})",
+            job.not_after.to_rfc3339(),
+            now.to_rfc3339()
+        );
+        return refuse(shared, &delivery, queue, &reason).await;
+    }
+    let key: AttemptKey = (job.run_id, job.step_id.clone(), job.attempt);
+    let fresh = shared.seen.lock().expect("lock").insert(job.message_id);
+    let token = shared.hand_back.child_token();
+    let reason = Arc::new(OnceLock::new());
+    let registered = fresh && {
+        let mut running = shared.running.lock().expect("lock");
+        if running.contains_key(&key) {
+            false
+        } else {
+            running.insert(
+                key.clone(),
+                Running {
+                    token: token.clone(),
+                    reason: reason.clone(),
+                },
+            );
+            true
+        }
+    };
+    if !registered {
+        tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, "duplicate delivery of a job already taken here; dropped");
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        return;
+    }
+    let span = tracing::info_span!("job", run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, zone = %job.zone, role = %job.role);
+    let _enter = span.enter();
+    drop(_enter);
+
+    if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new()).await {
+        tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started; handing the job back");
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+        shared.running.lock().expect("lock").remove(&key);
+        return;
+    }
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // The started report is out; if the broker redelivers, the duplicate
+        // check above or the scheduler's fencing absorbs it.
+        tracing::warn!(error = %e, "ack failed after reporting started");
+    }
+    tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, action = %job.action, "job started");
+
+    let heartbeat = tokio::spawn({
+        let broker = shared.broker.clone();
+        let instance = shared.instance.clone();
+        let job = job.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(job.heartbeat_ms));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let hb = StepResult::for_job(&job, &instance, ResultStatus::Heartbeat);
+                let out = Outgoing {
+                    message_id: Some(hb.message_id),
+                    ..Default::default()
+                };
+                if let Err(e) = broker
+                    .publish(RESULTS_EXCHANGE, RESULTS_KEY, &hb.to_bytes(), &out)
+                    .await
+                {
+                    tracing::warn!(error = %e, "heartbeat not sent");
+                }
+            }
+        }
+    });
+
+    let ctx = ExecContext {
+        cancel: token.clone(),
+        daemon: shared.instance.clone(),
+    };
+    let budget = (job.deadline - Utc::now()).to_std().unwrap_or_default();
+    let work = async {
+        match job.kind {
+            JobKind::Execute => binding.role.execute(&job, &ctx).await,
+            JobKind::Compensate => binding.role.compensate(&job, &ctx).await,
+        }
+    };
+    let outcome = tokio::select! {
+        out = work => out,
+        _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
+            StepError::retryable("daemon_shutdown", "daemon stopped before the job finished; handed back")
+        })),
+        _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
+    };
+    heartbeat.abort();
+    shared.running.lock().expect("lock").remove(&key);
+
+    let (status, error, outputs) = match outcome {
+        Ok(outputs) => (ResultStatus::Succeeded, None, outputs),
+        Err(e) => (ResultStatus::Failed, Some(e), Fields::new()),
+    };
+    match &error {
+        None => {
+            tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, "job succeeded")
+        }
+        Some(e) => {
+            tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, code = %e.code, error = %e.message, "job failed")
+        }
+    }
+    // Keep trying: the scheduler is waiting for exactly this message. If it
+    // never arrives, the lease expires and the step's retry policy decides.
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..20 {
+        match report(shared, &job, status, error.clone(), outputs.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "result not sent; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
+}
+
+async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, reason: &str) {
+    tracing::warn!(queue, reason, "job refused; nothing executed");
+    if let Err(e) = shared.broker.dead_letter(delivery, queue, reason).await {
+        tracing::error!(error = %e, "cannot dead-letter refused job; rejecting it to the broker's dead-letter exchange");
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: false,
+                ..Default::default()
+            })
+            .await;
+    }
+}
+
+async fn report(
+    shared: &Shared,
+    job: &StepJob,
+    status: ResultStatus,
+    error: Option<StepError>,
+    outputs: Fields,
+) -> Result<(), AmqpError> {
+    let mut result = StepResult::for_job(job, &shared.instance, status);
+    result.error = error;
+    result.outputs = outputs;
+    let out = Outgoing {
+        message_id: Some(result.message_id),
+        ..Default::default()
+    };
+    shared
+        .broker
+        .publish(RESULTS_EXCHANGE, RESULTS_KEY, &result.to_bytes(), &out)
+        .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C: the signal every Baton process stops on.
+pub async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,139 @@
+//! The broker topology, declared in one place.
+//!
+//! All queues are durable quorum queues. Job and result queues dead-letter to
+//! `baton.dead` at least once (which RabbitMQ only honours together with
+//! `overflow=reject-publish`) after a bounded number of deliveries, so a poison
+//! message ends up in `baton.dead-letters` instead of looping or vanishing.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// CI publishes merge events here.
+pub const EVENTS_EXCHANGE: &str = "baton.events";
+pub const MERGE_EVENTS_QUEUE: &str = "baton.merge-events";
+pub const MERGE_EVENTS_KEY: &str = "merge";
+/// The scheduler publishes step jobs here, routing key `<zone>.<role>`.
+pub const JOBS_EXCHANGE: &str = "baton.jobs";
+/// Daemons publish step results here.
+pub const RESULTS_EXCHANGE: &str = "baton.results";
+pub const RESULTS_QUEUE: &str = "baton.results";
+pub const RESULTS_KEY: &str = "result";
+/// Cancels for running attempts, routing key `<zone>.<role>`.
+pub const CONTROL_EXCHANGE: &str = "baton.control";
+/// Dead letters, from the broker (delivery limit) and from Baton (refused messages).
+pub const DEAD_EXCHANGE: &str = "baton.dead";
+pub const DEAD_QUEUE: &str = "baton.dead-letters";
+/// Header naming why Baton dead-lettered a message.
+pub const REASON_HEADER: &str = "x-baton-reason";
+/// Header naming the queue a refused message came from.
+pub const ORIGIN_HEADER: &str = "x-baton-origin";
+
+/// Deliveries of one message before the broker dead-letters it.
+pub const DEFAULT_DELIVERY_LIMIT: i64 = 5;
+
+pub fn job_routing_key(zone: &str, role: &str) -> String {
+    format!("{zone}.{role}")
+}
+
+pub fn job_queue(zone: &str, role: &str) -> String {
+    format!("baton.{zone}.{role}")
+}
+
+fn quorum_args(dead_letter: bool, delivery_limit: i64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    if dead_letter {
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        args.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(delivery_limit),
+        );
+    }
+    args
+}
+
+async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin::Result<()> {
+    let opts = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(name.into(), kind, opts, FieldTable::default())
+        .await
+}
+
+async fn quorum_queue(ch: &Channel, name: &str, dead_letter: bool, delivery_limit: i64) -> lapin::Result<()> {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions::durable(),
+        quorum_args(dead_letter, delivery_limit),
+    )
+    .await
+    .map(drop)
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Exchanges plus the queues the scheduler owns: merge events, results, dead letters.
+pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()> {
+    exchange(ch, DEAD_EXCHANGE, ExchangeKind::Fanout).await?;
+    exchange(ch, EVENTS_EXCHANGE, ExchangeKind::Direct).await?;
+    exchange(ch, JOBS_EXCHANGE, ExchangeKind::Direct).await?;
+    exchange(ch, RESULTS_EXCHANGE, ExchangeKind::Direct).await?;
+    exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
+    quorum_queue(ch, DEAD_QUEUE, false, delivery_limit).await?;
+    bind(ch, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
+    quorum_queue(ch, MERGE_EVENTS_QUEUE, true, delivery_limit).await?;
+    bind(ch, MERGE_EVENTS_QUEUE, EVENTS_EXCHANGE, MERGE_EVENTS_KEY).await?;
+    quorum_queue(ch, RESULTS_QUEUE, true, delivery_limit).await?;
+    bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await
+}
+
+/// The job queue of one zone and role, bound to the jobs exchange.
+///
+/// Daemons (or the ops definitions) declare their own queue: the scheduler does
+/// not, so a job for a zone and role nobody serves is unroutable and fails loudly.
+pub async fn declare_job_queue(ch: &Channel, zone: &str, role: &str, delivery_limit: i64) -> lapin::Result<()> {
+    exchange(ch, JOBS_EXCHANGE, ExchangeKind::Direct).await?;
+    exchange(ch, DEAD_EXCHANGE, ExchangeKind::Fanout).await?;
+    let queue = job_queue(zone, role);
+    quorum_queue(ch, &queue, true, delivery_limit).await?;
+    bind(ch, &queue, JOBS_EXCHANGE, &job_routing_key(zone, role)).await
+}
+
+/// A private, exclusive queue that receives cancels for one zone and role.
+pub async fn declare_control_queue(ch: &Channel, zone: &str, role: &str) -> lapin::Result<String> {
+    exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
+    let opts = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let q = ch.queue_declare("".into(), opts, FieldTable::default()).await?;
+    let name = q.name().to_string();
+    bind(ch, &name, CONTROL_EXCHANGE, &job_routing_key(zone, role)).await?;
+    Ok(name)
+}

@@ -1,0 +1,508 @@
+//! Test harness: real RabbitMQ, real PostgreSQL, real processes.
+//!
+//! Each [`TestEnv`] gets its own RabbitMQ vhost and its own database, so tests
+//! run in parallel and leave nothing behind; dropping it kills the processes it
+//! started and removes both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use baton_scheduler::store::{self, RunView};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub mod script {
+    //! The test daemon's script: how each step behaves, per kind of job.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use baton_shared::protocol::{Fields, JobKind, StepError};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct StepBehaviour {
+        pub delay_ms: u64,
+        /// The first N executions of this kind in one daemon fail retryably.
+        pub fail_first: u32,
+        /// Always fail with this error.
+        pub fail: Option<StepError>,
+        pub outputs: Option<Fields>,
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct Script {
+        pub default: StepBehaviour,
+        pub execute: BTreeMap<String, StepBehaviour>,
+        pub compensate: BTreeMap<String, StepBehaviour>,
+    }
+
+    impl Script {
+        pub fn load(path: &Path) -> Self {
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read script {}: {e}", path.display()));
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse script {}: {e}", path.display()))
+        }
+
+        pub fn behaviour(&self, step: &str, kind: JobKind) -> StepBehaviour {
+            let table = match kind {
+                JobKind::Execute => &self.execute,
+                JobKind::Compensate => &self.compensate,
+            };
+            table.get(step).cloned().unwrap_or_else(|| self.default.clone())
+        }
+    }
+}
+
+/// Every (zone, role) the seed pipeline dispatches to.
+pub const SEED_BINDINGS: &[&str] = &[
+    "ci.container-build",
+    "production.backup",
+    "staging.db-migration",
+    "production.db-migration",
+    "staging.infrastructure",
+    "production.infrastructure",
+    "staging.staging-verify",
+    "production.production-apply",
+    "production.network",
+    "production.cdn",
+];
+
+/// Where cargo put the workspace's binaries (next to this test's executable).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; `cargo test --workspace` builds it (or run `cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A started process; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `patience` for it to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self, patience: Duration) -> bool {
+        self.signal("-TERM");
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} did not exit within {patience:?} of SIGTERM", self.name);
+    }
+
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn cont(&self) {
+        self.signal("-CONT");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One entry of the test daemon's execution log.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ExecLine {
+    pub event: String,
+    pub run_id: Uuid,
+    pub step_id: String,
+    pub attempt: u32,
+    pub kind: String,
+    pub pid: u32,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub extra: Value,
+}
+
+/// An isolated vhost + database, and the processes of one test.
+pub struct TestEnv {
+    pub name: String,
+    pub vhost: String,
+    pub db_name: String,
+    pub amqp_url: String,
+    pub db_url: String,
+    pub dir: PathBuf,
+    pub pool: PgPool,
+    /// Extra environment for the scheduler (`BATON_...` overrides).
+    pub scheduler_env: Mutex<Vec<(String, String)>>,
+}
+
+const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+impl TestEnv {
+    pub async fn new(name: &str) -> Self {
+        let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let vhost = format!("baton-test-{name}-{id}");
+        let db_name = format!("baton_test_{id}");
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let admin = PgPool::connect(ADMIN_DB)
+            .await
+            .expect("connect to PostgreSQL at 127.0.0.1:5432 as postgres");
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let pool = PgPool::connect(&db_url).await.expect("connect test database");
+        let dir = std::env::temp_dir().join(format!("baton-{name}-{id}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("script.json"), "{}").expect("script");
+        let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost);
+        Self {
+            name: name.to_owned(),
+            vhost,
+            db_name,
+            amqp_url,
+            db_url,
+            dir,
+            pool,
+            scheduler_env: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn common_env(&self, cmd: &mut Command) {
+        cmd.env("BATON_AMQP__URL", &self.amqp_url)
+            .env("BATON_DATABASE__URL", &self.db_url)
+            .env("BATON_LOG__FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn,sqlx=warn")
+            .env_remove("BATON_SCHEDULER__PIPELINE")
+            .stdin(Stdio::null());
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("log file")
+    }
+
+    /// Sets a scheduler override for processes started from now on.
+    pub fn set_scheduler_env(&self, key: &str, value: &str) {
+        self.scheduler_env
+            .lock()
+            .unwrap()
+            .push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Waits until `queue` exists and has at least `n` consumers.
+    pub async fn wait_consumers(&self, queue: &str, n: u32) {
+        let conn = self.amqp().await;
+        self.wait_until(
+            &format!("{n} consumer(s) on {queue}"),
+            Duration::from_secs(30),
+            async || {
+                let Ok(ch) = conn.create_channel().await else {
+                    return false;
+                };
+                let opts = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match ch.queue_declare(queue.into(), opts, Default::default()).await {
+                    Ok(q) => q.consumer_count() >= n,
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
+    /// Starts a scheduler and waits until it consumes merge events.
+    pub async fn scheduler(&self, label: &str) -> Proc {
+        let p = self.spawn_scheduler(label);
+        self.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 1).await;
+        p
+    }
+
+    /// Starts a daemon and waits until it consumes each of its queues.
+    pub async fn daemon(&self, label: &str, bindings: &[&str]) -> Proc {
+        let p = self.spawn_daemon(label, bindings);
+        for b in bindings {
+            let (zone, role) = b.split_once('.').expect("zone.role");
+            self.wait_consumers(&baton_shared::topology::job_queue(zone, role), 1)
+                .await;
+        }
+        p
+    }
+
+    /// Starts `baton scheduler` with short leases and timers suited to tests.
+    pub fn spawn_scheduler(&self, label: &str) -> Proc {
+        let mut cmd = Command::new(bin("baton-e2e"));
+        cmd.arg("scheduler");
+        self.common_env(&mut cmd);
+        cmd.env("BATON_SCHEDULER__INSTANCE", label)
+            .env("BATON_SCHEDULER__LEASE_MS", "2000")
+            .env("BATON_SCHEDULER__HEARTBEAT_MS", "250")
+            .env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "5000")
+            .env("BATON_SCHEDULER__CLAIM_MS", "1000")
+            .env("BATON_SCHEDULER__TIMER_POLL_MS", "50");
+        for (k, v) in self.scheduler_env.lock().unwrap().iter() {
+            cmd.env(k, v);
+        }
+        cmd.stdout(self.log_file(label)).stderr(self.log_file(label));
+        Proc {
+            name: label.to_owned(),
+            child: cmd.spawn().expect("spawn baton scheduler"),
+        }
+    }
+
+    /// Writes the test daemons' script (read again for every job).
+    pub fn script(&self, script: Value) {
+        let parsed: script::Script = serde_json::from_value(script).expect("valid script");
+        std::fs::write(self.dir.join("script.json"), serde_json::to_vec(&parsed).unwrap()).expect("write script");
+    }
+
+    /// Starts a test daemon serving the given `zone.role` bindings.
+    pub fn spawn_daemon(&self, label: &str, bindings: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin("baton-test-daemon"));
+        cmd.arg("--script").arg(self.dir.join("script.json"));
+        cmd.arg("--log").arg(self.dir.join("exec.jsonl"));
+        for b in bindings {
+            cmd.arg("--serve").arg(b);
+        }
+        self.common_env(&mut cmd);
+        cmd.env("BATON_DAEMON__INSTANCE", label)
+            .env("BATON_DAEMON__SHUTDOWN_GRACE_SECS", "5");
+        cmd.stdout(self.log_file(label)).stderr(self.log_file(label));
+        Proc {
+            name: label.to_owned(),
+            child: cmd.spawn().expect("spawn test daemon"),
+        }
+    }
+
+    /// Runs the `baton` CLI against this environment.
+    pub fn baton(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("baton-e2e"));
+        cmd.args(args);
+        self.common_env(&mut cmd);
+        cmd.output().expect("run baton")
+    }
+
+    /// Writes a merge event file and returns its path.
+    pub fn event_file(&self, event: &Value) -> PathBuf {
+        let path = self.dir.join(format!("event-{}.json", Uuid::new_v4()));
+        std::fs::write(&path, serde_json::to_vec_pretty(event).unwrap()).expect("write event");
+        path
+    }
+
+    /// `baton enqueue --event FILE`, returning the printed run id.
+    pub fn enqueue(&self, event: &Value) -> Uuid {
+        let path = self.event_file(event);
+        let out = self.baton(&["enqueue", "--event", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "baton enqueue failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("enqueue prints a run id")
+    }
+
+    pub async fn run(&self, run: Uuid) -> Option<RunView> {
+        store::run_view(&self.pool, run).await.expect("read run")
+    }
+
+    /// Polls the database until `check` holds (bounded, with a message naming what was awaited).
+    pub async fn wait_until<F>(&self, what: &str, timeout: Duration, mut check: F)
+    where
+        F: AsyncFnMut() -> bool,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if check().await {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the run to reach a terminal state and returns it.
+    pub async fn wait_terminal(&self, run: Uuid, timeout: Duration) -> RunView {
+        let mut last = None;
+        self.wait_until(&format!("run {run} to end"), timeout, async || {
+            last = self.run(run).await;
+            last.as_ref().is_some_and(RunView::is_terminal)
+        })
+        .await;
+        last.expect("run")
+    }
+
+    /// Waits until a step of the run has the given status.
+    pub async fn wait_step(&self, run: Uuid, step: &str, status: &str, timeout: Duration) -> RunView {
+        let mut last = None;
+        self.wait_until(
+            &format!("step {step} of run {run} to be {status}"),
+            timeout,
+            async || {
+                last = self.run(run).await;
+                last.as_ref()
+                    .and_then(|v| v.step(step))
+                    .is_some_and(|s| s.status == status)
+            },
+        )
+        .await;
+        last.expect("run")
+    }
+
+    /// Everything the test daemons executed, in log order.
+    pub fn exec_log(&self) -> Vec<ExecLine> {
+        let text = std::fs::read_to_string(self.dir.join("exec.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("exec log line"))
+            .collect()
+    }
+
+    /// Starts of executions (not compensations) of one step.
+    pub fn starts(&self, run: Uuid, step: &str, kind: &str) -> Vec<ExecLine> {
+        self.exec_log()
+            .into_iter()
+            .filter(|l| l.run_id == run && l.step_id == step && l.kind == kind && l.event == "start")
+            .collect()
+    }
+
+    /// What the processes logged, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    s.push_str(&format!("--- {} (last lines)\n", p.display()));
+                    for l in tail.iter().rev() {
+                        s.push_str(l);
+                        s.push('\n');
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Opens an AMQP connection to this test's vhost.
+    pub async fn amqp(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("BATON_KEEP_FAILED").is_some() {
+            eprintln!(
+                "kept for inspection: files {}, database {}, vhost {}",
+                self.dir.display(),
+                self.db_name,
+                self.vhost
+            );
+            return;
+        }
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
+        let _ = Command::new("psql")
+            .args([
+                ADMIN_DB,
+                "-qc",
+                &format!("drop database if exists {} with (force)", self.db_name),
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A valid merge event for the seed pipeline.
+pub fn event(service: &str, commit_seed: u8, paths: &[&str]) -> Value {
+    let sha: String = std::iter::repeat_n(format!("{commit_seed:02x}"), 20).collect();
+    json!({
+        "v": 1,
+        "service": service,
+        "environment": "production",
+        "repository": "git@example.org:shop/api.git",
+        "commit_sha": sha,
+        "pull_request": {"number": 7, "title": "Ship it", "author": "dev",
+            "approvals": [{"by": "marta", "at": "2026-11-26T09:00:00Z"}]},
+        "changed_paths": paths,
+        "risk": "standard",
+        "requested_by": "ci",
+        "ci_run_url": "https://ci.example.org/runs/7"
+    })
+}
+
+/// Changed paths that include every step of the seed pipeline.
+pub const EVERYTHING: &[&str] = &[
+    "src/app.ts",
+    "drizzle/migrations/0001_orders.sql",
+    "infra/main.tf",
+    "network/ingress.yaml",
+    "assets/logo.svg",
+];

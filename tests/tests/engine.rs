@@ -1,0 +1,572 @@
+//! The engine end to end: `baton scheduler` and test daemons as real processes
+//! against the machine's RabbitMQ and PostgreSQL.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use baton_scheduler::store::{RunView, StepView};
+use baton_shared::protocol::{Deploy, JobKind, Message, PROTOCOL_VERSION, Risk, StepJob};
+use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER};
+use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event};
+use chrono::Utc;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use uuid::Uuid;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn step<'a>(view: &'a RunView, id: &str) -> &'a StepView {
+    view.step(id).unwrap_or_else(|| panic!("run has no step {id}"))
+}
+
+fn overlaps(a: &StepView, b: &StepView) -> bool {
+    let (a0, a1) = (a.started_at.unwrap(), a.finished_at.unwrap());
+    let (b0, b1) = (b.started_at.unwrap(), b.finished_at.unwrap());
+    a0 < b1 && b0 < a1
+}
+
+fn assert_needs_respected(view: &RunView) {
+    for s in view.steps.iter().filter(|s| s.started_at.is_some()) {
+        for n in &s.needs {
+            let need = step(view, n);
+            let done = need
+                .finished_at
+                .unwrap_or_else(|| panic!("{} started but its need {n} never finished", s.id));
+            assert!(
+                s.started_at.unwrap() >= done,
+                "{} started at {:?} before its need {n} finished at {done:?}",
+                s.id,
+                s.started_at
+            );
+        }
+    }
+}
+
+fn executed_once(env: &TestEnv, run: Uuid, view: &RunView) {
+    for s in view.steps.iter().filter(|s| s.included && s.status == "succeeded") {
+        let starts = env.starts(run, &s.id, "execute");
+        assert_eq!(
+            starts.len(),
+            1,
+            "step {} executed {} times: {starts:?}",
+            s.id,
+            starts.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_pipeline_runs_in_dependency_order_with_parallel_windows() {
+    let env = TestEnv::new("order").await;
+    env.script(json!({
+        "default": {"delay_ms": 150},
+        "execute": {
+            "build": {"delay_ms": 1500},
+            "apply.production": {"delay_ms": 1200},
+            "network": {"delay_ms": 400},
+            "cdn": {"delay_ms": 400},
+        }
+    }));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 1, EVERYTHING));
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    assert!(
+        view.steps.iter().all(|s| s.status == "succeeded"),
+        "every seed step runs for EVERYTHING"
+    );
+    assert_needs_respected(&view);
+    assert!(
+        overlaps(step(&view, "build"), step(&view, "db.staging")),
+        "container build overlaps db migration"
+    );
+    assert!(overlaps(step(&view, "build"), step(&view, "db.production")));
+    assert!(
+        overlaps(step(&view, "apply.production"), step(&view, "network")),
+        "network overlaps production apply"
+    );
+    assert!(
+        overlaps(step(&view, "apply.production"), step(&view, "cdn")),
+        "cdn overlaps production apply"
+    );
+    executed_once(&env, run, &view);
+    // Outputs flow to the steps that need them.
+    let verify = env.starts(run, "verify.staging", "execute");
+    let inputs = &verify[0].extra["inputs"];
+    assert_eq!(
+        inputs["build"]["done_by"], "build:1",
+        "verify.staging receives build's outputs: {inputs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_whose_when_is_false_are_skipped_and_the_dag_still_flows() {
+    let env = TestEnv::new("skip").await;
+    env.script(json!({"default": {"delay_ms": 50}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 2, &["src/app.ts"]));
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded");
+    for id in [
+        "db.staging",
+        "db.production",
+        "infra.staging",
+        "infra.production",
+        "network",
+        "cdn",
+    ] {
+        let s = step(&view, id);
+        assert_eq!(s.status, "skipped", "{id}");
+        assert!(s.attempts.is_empty(), "{id} was never dispatched");
+        assert!(env.starts(run, id, "execute").is_empty(), "{id} never executed");
+    }
+    for id in [
+        "build",
+        "backup.pre",
+        "verify.staging",
+        "apply.production",
+        "backup.post",
+    ] {
+        assert_eq!(step(&view, id).status, "succeeded", "{id}");
+    }
+    // verify.staging's edges to db.* and infra.* pass through to what they needed.
+    let needs: BTreeSet<&str> = step(&view, "verify.staging").needs.iter().map(String::as_str).collect();
+    assert_eq!(
+        needs,
+        BTreeSet::from(["build", "backup.pre"]),
+        "skipped db.production passes its need on"
+    );
+    assert_needs_respected(&view);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
+    let env = TestEnv::new("cdn-fails").await;
+    env.script(json!({
+        "default": {"delay_ms": 60},
+        "execute": {
+            "apply.production": {"delay_ms": 20000},
+            "network": {"delay_ms": 20000},
+            "cdn": {"delay_ms": 300, "fail": {"code": "edge_headers_wrong", "message": "cache-control missing immutable", "retryable": false}},
+        }
+    }));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 3, EVERYTHING));
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "rolled_back", "{view:#?}");
+    assert!(
+        view.rollback_reason.as_deref().unwrap().contains("cdn"),
+        "{:?}",
+        view.rollback_reason
+    );
+    assert_eq!(step(&view, "cdn").status, "failed");
+    assert_eq!(step(&view, "cdn").error.as_ref().unwrap().code, "edge_headers_wrong");
+    for id in ["apply.production", "network"] {
+        assert_eq!(
+            step(&view, id).status,
+            "cancelled",
+            "{id} was in flight and is cancelled"
+        );
+    }
+    assert_eq!(step(&view, "backup.post").status, "cancelled", "never started");
+
+    // Exactly the succeeded steps that have a compensation, latest completion first.
+    let mut succeeded: Vec<&StepView> = view
+        .steps
+        .iter()
+        .filter(|s| s.completion.is_some() && s.compensate.is_some())
+        .collect();
+    succeeded.sort_by_key(|s| std::cmp::Reverse(s.completion));
+    let expected: Vec<String> = succeeded.iter().map(|s| s.id.clone()).collect();
+    let compensated: Vec<String> = env
+        .exec_log()
+        .into_iter()
+        .filter(|l| l.run_id == run && l.kind == "compensate" && l.event == "start")
+        .map(|l| l.step_id)
+        .collect();
+    assert_eq!(compensated, expected, "compensations in reverse completion order");
+    assert_eq!(
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            "db.staging",
+            "db.production",
+            "infra.staging",
+            "infra.production",
+            "verify.staging"
+        ])
+    );
+    for id in &expected {
+        assert_eq!(step(&view, id).status, "compensated", "{id}");
+    }
+    // Build and backup have nothing to undo and stay as they were.
+    assert_eq!(step(&view, "build").status, "succeeded");
+    assert_eq!(step(&view, "backup.pre").status, "succeeded");
+    // No compensation began before the cancelled steps had stopped.
+    let first_comp = view
+        .steps
+        .iter()
+        .filter_map(|s| s.compensation_started_at)
+        .min()
+        .unwrap();
+    for id in ["apply.production", "network"] {
+        assert!(
+            step(&view, id).finished_at.unwrap() <= first_comp,
+            "{id} stopped before compensation began"
+        );
+    }
+    // Each compensation started after the one before it finished.
+    for pair in expected.windows(2) {
+        let (a, b) = (step(&view, &pair[0]), step(&view, &pair[1]));
+        assert!(
+            a.compensation_finished_at.unwrap() <= b.compensation_started_at.unwrap(),
+            "{} before {}",
+            a.id,
+            b.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_compensation_ends_in_rollback_failed() {
+    let env = TestEnv::new("comp-fails").await;
+    env.script(json!({
+        "default": {"delay_ms": 40},
+        "execute": {"cdn": {"fail": {"code": "boom", "message": "upload rejected", "retryable": false}}},
+        "compensate": {"infra.production": {"fail": {"code": "state_locked", "message": "state lock held", "retryable": true}}}
+    }));
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "2000");
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 4, EVERYTHING));
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "rollback_failed", "{view:#?}");
+    let infra = step(&view, "infra.production");
+    assert_eq!(infra.status, "compensation_failed");
+    let comp_attempts: Vec<_> = infra
+        .attempts
+        .iter()
+        .filter(|a| a.kind == JobKind::Compensate)
+        .collect();
+    assert_eq!(
+        comp_attempts.len(),
+        3,
+        "retryable compensation failures are retried up to max_attempts"
+    );
+    // It stops there: nothing older is compensated, and the run is not called rolled back.
+    assert_eq!(step(&view, "verify.staging").status, "compensated");
+    for id in ["infra.staging", "db.production", "db.staging"] {
+        assert_eq!(
+            step(&view, id).status,
+            "succeeded",
+            "{id} is not compensated after a failed compensation"
+        );
+        assert!(env.starts(run, id, "compensate").is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failure_is_retried_with_backoff_then_succeeds() {
+    let env = TestEnv::new("retry").await;
+    env.script(json!({"default": {"delay_ms": 30}, "execute": {"db.staging": {"fail_first": 2}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 5, &["drizzle/migrations/0002_x.sql"]));
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    let db = step(&view, "db.staging");
+    let statuses: Vec<&str> = db.attempts.iter().map(|a| a.status.as_str()).collect();
+    assert_eq!(statuses, ["failed", "failed", "succeeded"]);
+    assert!(
+        db.attempts[..2]
+            .iter()
+            .all(|a| a.error.as_ref().unwrap().code == "flaky")
+    );
+    // Backoff grows: the second wait is longer than the first (seed: 1 s, then 2 s).
+    let gap = |i: usize| db.attempts[i + 1].dispatched_at - db.attempts[i].finished_at.unwrap();
+    assert!(
+        gap(0) >= chrono::Duration::milliseconds(900),
+        "first backoff {:?}",
+        gap(0)
+    );
+    assert!(
+        gap(1) >= chrono::Duration::milliseconds(1900),
+        "second backoff {:?}",
+        gap(1)
+    );
+    let retries = view.history.iter().filter(|h| h.kind == "retry_scheduled").count();
+    assert_eq!(retries, 2);
+}
+
+/// Closes a daemon's broker connection from the broker side, as a partition would.
+fn close_connections_of(env: &TestEnv, label: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-p", &env.vhost, "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("baton-daemon {label}\"");
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection of {label} found in:\n{text}");
+    for pid in pids {
+        let ok = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test partition"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "close_connection {pid}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
+    let env = TestEnv::new("lease").await;
+    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 5000}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let others: Vec<&str> = SEED_BINDINGS
+        .iter()
+        .copied()
+        .filter(|b| *b != "staging.staging-verify")
+        .collect();
+    let _rest = env.daemon("rest", &others).await;
+    let first = env.daemon("verify-a", &["staging.staging-verify"]).await;
+    let run = env.enqueue(&event("shop", 6, &["src/app.ts"]));
+
+    env.wait_step(run, "verify.staging", "running", RUN_TIMEOUT).await;
+    first.stop();
+    close_connections_of(&env, "verify-a");
+    let _second = env.daemon("verify-b", &["staging.staging-verify"]).await;
+    env.wait_until(
+        "attempt 2 of verify.staging to run on verify-b",
+        RUN_TIMEOUT,
+        async || {
+            env.run(run).await.is_some_and(|v| {
+                step(&v, "verify.staging")
+                    .attempts
+                    .iter()
+                    .any(|a| a.attempt == 2 && a.daemon.as_deref() == Some("verify-b"))
+            })
+        },
+    )
+    .await;
+    first.cont();
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded");
+    let verify = step(&view, "verify.staging");
+    assert_eq!(verify.attempts[0].status, "lost");
+    assert_eq!(verify.attempts[0].error.as_ref().unwrap().code, "lease_expired");
+    assert_eq!(verify.attempts[1].status, "succeeded");
+    assert_eq!(
+        verify.outputs["done_by"], "verify.staging:2",
+        "outputs come from the current attempt"
+    );
+    // The zombie finishes and reports; the report is recorded as stale and ignored.
+    env.wait_until(
+        "the stale attempt's late result to be recorded",
+        RUN_TIMEOUT,
+        async || {
+            env.run(run).await.is_some_and(|v| {
+                v.history.iter().any(|h| {
+                    h.kind == "stale_result" && h.step_id.as_deref() == Some("verify.staging") && h.attempt == Some(1)
+                })
+            })
+        },
+    )
+    .await;
+    let after = env.run(run).await.unwrap();
+    assert_eq!(after.status, "succeeded");
+    assert_eq!(step(&after, "verify.staging").attempts.len(), 2, "no third attempt");
+    assert_eq!(step(&after, "verify.staging").outputs["done_by"], "verify.staging:2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_killed_mid_run_finishes_without_executing_a_step_twice() {
+    let env = TestEnv::new("kill-scheduler").await;
+    env.script(json!({"default": {"delay_ms": 400}}));
+    let mut scheduler = env.scheduler("scheduler-1").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("shop", 7, EVERYTHING));
+
+    env.wait_step(run, "db.production", "running", RUN_TIMEOUT).await;
+    scheduler.kill();
+    // The daemon finishes while no scheduler listens: its result waits in the queue.
+    env.wait_until("db.production to finish on the daemon", RUN_TIMEOUT, async || {
+        env.exec_log()
+            .iter()
+            .any(|l| l.run_id == run && l.step_id == "db.production" && l.event == "end")
+    })
+    .await;
+    let _scheduler = env.scheduler("scheduler-2").await;
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    assert_needs_respected(&view);
+    executed_once(&env, run, &view);
+    assert!(
+        view.steps.iter().all(|s| s.attempts.len() == 1),
+        "no step needed a second attempt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run() {
+    let env = TestEnv::new("fifo").await;
+    env.script(json!({"default": {"delay_ms": 80}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let first = env.enqueue(&event("fifo", 8, &["src/app.ts"]));
+    let second = env.enqueue(&event("fifo", 9, &["src/app.ts"]));
+    let again = env.enqueue(&event("fifo", 8, &["src/app.ts"]));
+    assert_eq!(first, again, "the same merge event names the same run");
+    assert_ne!(first, second);
+
+    let a = env.wait_terminal(first, RUN_TIMEOUT).await;
+    let b = env.wait_terminal(second, RUN_TIMEOUT).await;
+    assert_eq!((a.status.as_str(), b.status.as_str()), ("succeeded", "succeeded"));
+    assert!(
+        b.started_at.unwrap() >= a.finished_at.unwrap(),
+        "second run started {:?} before the first ended {:?}",
+        b.started_at,
+        a.finished_at
+    );
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs where service = 'fifo'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 2, "the duplicate event did not create a run");
+    env.wait_until("the duplicate to be recorded", RUN_TIMEOUT, async || {
+        env.run(first)
+            .await
+            .unwrap()
+            .history
+            .iter()
+            .any(|h| h.kind == "duplicate_merge_event")
+    })
+    .await;
+    executed_once(&env, first, &a);
+}
+
+fn job(zone: &str, role: &str, not_after_secs: i64) -> StepJob {
+    let now = Utc::now();
+    StepJob {
+        v: PROTOCOL_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        step_id: "db.staging".into(),
+        attempt: 1,
+        kind: JobKind::Execute,
+        zone: zone.into(),
+        role: role.into(),
+        action: "migrate".into(),
+        params: Default::default(),
+        inputs: Default::default(),
+        own_outputs: Default::default(),
+        deploy: Deploy {
+            service: "shop".into(),
+            environment: "production".into(),
+            repository: "r".into(),
+            commit_sha: "0".repeat(40),
+            risk: Risk::Standard,
+        },
+        issued_at: now - chrono::Duration::seconds(120),
+        not_after: now + chrono::Duration::seconds(not_after_secs),
+        deadline: now + chrono::Duration::seconds(600),
+        heartbeat_ms: 1000,
+        traceparent: None,
+        signature: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
+    let env = TestEnv::new("dead-letters").await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    let _daemon = env.daemon("daemon", &["staging.db-migration"]).await;
+    env.wait_until(
+        "the daemon to consume baton.staging.db-migration",
+        RUN_TIMEOUT,
+        async || {
+            let opts = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match conn
+                .create_channel()
+                .await
+                .unwrap()
+                .queue_declare("baton.staging.db-migration".into(), opts, FieldTable::default())
+                .await
+            {
+                Ok(q) => q.consumer_count() > 0,
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+
+    let bodies: Vec<Vec<u8>> = vec![
+        br#"{"v": 1, "garbage": true}"#.to_vec(),
+        job("production", "db-migration", 60).to_bytes(),
+        job("staging", "db-migration", -60).to_bytes(),
+    ];
+    for body in &bodies {
+        ch.basic_publish(
+            JOBS_EXCHANGE.into(),
+            "staging.db-migration".into(),
+            BasicPublishOptions::default(),
+            body,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut reasons = Vec::new();
+    env.wait_until("three dead letters", RUN_TIMEOUT, async || {
+        while let Some(msg) = ch
+            .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get(REASON_HEADER) {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                other => panic!("dead letter without a reason header: {other:?}"),
+            };
+            reasons.push(reason);
+        }
+        reasons.len() >= 3
+    })
+    .await;
+    reasons.sort();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("malformed step job") && r.contains("unknown field `garbage`")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("misrouted") && r.contains("production.db-migration")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.starts_with("expired")), "{reasons:?}");
+    assert!(env.exec_log().is_empty(), "nothing executed: {:?}", env.exec_log());
+}
