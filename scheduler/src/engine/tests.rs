@@ -1,1 +1,361 @@
+//! The state machine's rules, without database or broker.
 
+use baton_shared::protocol::{MergeEvent, Message, ResultStatus, StepError, StepJob, StepResult};
+use chrono::{Duration as Chrono, Utc};
+use serde_json::json;
+
+use super::*;
+use crate::pipeline::Pipeline;
+use crate::planner;
+
+fn settings() -> Settings {
+    Settings {
+        lease: Duration::from_secs(30),
+        accept_timeout: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(5),
+    }
+}
+
+fn run_for(paths: &[&str]) -> RunState {
+    let ev = json!({
+        "v": 1, "service": "shop", "environment": "production", "repository": "r",
+        "commit_sha": "0123456789abcdef0123456789abcdef01234567",
+        "pull_request": {"number": 1, "title": "t", "author": "a", "approvals": []},
+        "changed_paths": paths, "risk": "standard", "requested_by": "ci", "ci_run_url": "u"
+    });
+    let event = MergeEvent::parse(&serde_json::to_vec(&ev).unwrap()).unwrap();
+    let plan = planner::plan(&event, &Pipeline::seed()).unwrap();
+    RunState::planned(&event, &plan)
+}
+
+const EVERYTHING: &[&str] = &[
+    "src/a.ts",
+    "drizzle/migrations/0001_x.sql",
+    "infra/main.tf",
+    "network/x.yaml",
+    "assets/a.css",
+];
+
+fn dispatched(fx: &Effects) -> Vec<(String, JobKind, u32)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(j) => Some((j.step_id.clone(), j.kind, j.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn job(fx: &Effects, step: &str) -> StepJob {
+    fx.iter()
+        .find_map(|e| match e {
+            Effect::Dispatch(j) if j.step_id == step => Some((**j).clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no job for {step} in {fx:?}"))
+}
+
+fn result(job: &StepJob, status: ResultStatus) -> StepResult {
+    StepResult::for_job(job, "d1", status)
+}
+
+fn failed(job: &StepJob, retryable: bool) -> StepResult {
+    let mut r = result(job, ResultStatus::Failed);
+    r.error = Some(StepError::new("boom", "it broke", retryable));
+    r
+}
+
+fn status(run: &RunState, step: &str) -> StepStatus {
+    run.steps.iter().find(|s| s.id == step).unwrap().status
+}
+
+/// Starts the run and lets every dispatched step succeed until `stop_at` is dispatched.
+fn run_until(run: &mut RunState, stop_at: &str) -> (Effects, StepJob) {
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let mut pending: Vec<StepJob> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(j) => Some((**j).clone()),
+            _ => None,
+        })
+        .collect();
+    while let Some(j) = pending.pop() {
+        if j.step_id == stop_at {
+            return (fx, j);
+        }
+        let mut more = Vec::new();
+        assert_eq!(
+            run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut more),
+            Applied::Applied
+        );
+        assert_eq!(
+            run.apply_result(&result(&j, ResultStatus::Succeeded), now, &cfg, &mut more),
+            Applied::Applied
+        );
+        pending.extend(more.iter().filter_map(|e| match e {
+            Effect::Dispatch(j) => Some((**j).clone()),
+            _ => None,
+        }));
+        fx.extend(more);
+    }
+    panic!("{stop_at} was never dispatched");
+}
+
+#[test]
+fn start_dispatches_exactly_the_steps_without_needs() {
+    let mut run = run_for(EVERYTHING);
+    let mut fx = Vec::new();
+    run.start(Utc::now(), &settings(), &mut fx);
+    let mut roots: Vec<String> = dispatched(&fx).into_iter().map(|(s, _, _)| s).collect();
+    roots.sort();
+    assert_eq!(roots, ["backup.pre", "build", "db.staging"]);
+    assert_eq!(run.status, RunStatus::Running);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::SetTimer {
+            kind: TimerKind::Lease,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_plan_with_nothing_to_do_succeeds_at_once_and_releases_the_lock() {
+    let mut run = run_for(&["README.md"]);
+    let mut fx = Vec::new();
+    run.start(Utc::now(), &settings(), &mut fx);
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert!(dispatched(&fx).is_empty());
+    assert!(fx.iter().any(|e| matches!(e, Effect::ReleaseLock)));
+}
+
+#[test]
+fn results_for_other_attempts_are_stale_and_change_nothing() {
+    let mut run = run_for(EVERYTHING);
+    let mut fx = Vec::new();
+    let cfg = settings();
+    run.start(Utc::now(), &cfg, &mut fx);
+    let build = job(&fx, "build");
+    let mut old = result(&build, ResultStatus::Succeeded);
+    old.attempt = 7;
+    let before = format!("{:?}", run.steps);
+    let mut fx2 = Vec::new();
+    assert!(matches!(
+        run.apply_result(&old, Utc::now(), &cfg, &mut fx2),
+        Applied::Stale(_)
+    ));
+    assert!(fx2.is_empty());
+    assert_eq!(format!("{:?}", run.steps), before);
+    // A result for a step that is not awaiting one is stale too.
+    let mut wrong_kind = result(&build, ResultStatus::Succeeded);
+    wrong_kind.kind = JobKind::Compensate;
+    assert!(matches!(
+        run.apply_result(&wrong_kind, Utc::now(), &cfg, &mut fx2),
+        Applied::Stale(_)
+    ));
+}
+
+#[test]
+fn steps_start_only_when_every_need_has_succeeded() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let db = job(&fx, "db.staging");
+    let mut fx2 = Vec::new();
+    run.apply_result(&result(&db, ResultStatus::Succeeded), now, &cfg, &mut fx2);
+    assert!(dispatched(&fx2).is_empty(), "db.production also needs backup.pre");
+    let backup = job(&fx, "backup.pre");
+    run.apply_result(&result(&backup, ResultStatus::Succeeded), now, &cfg, &mut fx2);
+    assert_eq!(dispatched(&fx2), [("db.production".to_owned(), JobKind::Execute, 1)]);
+    let next = job(&fx2, "db.production");
+    assert_eq!(next.inputs.keys().collect::<Vec<_>>(), ["backup.pre", "db.staging"]);
+}
+
+#[test]
+fn retryable_failure_waits_for_backoff_then_dispatches_a_new_attempt() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let build = job(&fx, "build");
+    let mut fx2 = Vec::new();
+    run.apply_result(&failed(&build, true), now, &cfg, &mut fx2);
+    assert_eq!(status(&run, "build"), StepStatus::Ready);
+    let due = fx2
+        .iter()
+        .find_map(|e| match e {
+            Effect::SetTimer {
+                kind: TimerKind::Dispatch,
+                due,
+                attempt,
+                ..
+            } => Some((*due, *attempt)),
+            _ => None,
+        })
+        .expect("backoff timer");
+    assert_eq!(due.0, now + Chrono::milliseconds(1000));
+    let mut fx3 = Vec::new();
+    run.fire_timer("build", TimerKind::Dispatch, due.1, now, &cfg, &mut fx3);
+    assert_eq!(dispatched(&fx3), [("build".to_owned(), JobKind::Execute, 2)]);
+    // A fatal failure is not retried and rolls the run back.
+    let second = job(&fx3, "build");
+    let mut fx4 = Vec::new();
+    run.apply_result(&failed(&second, false), now, &cfg, &mut fx4);
+    assert_eq!(status(&run, "build"), StepStatus::Failed);
+    assert_eq!(run.status, RunStatus::RollingBack);
+}
+
+#[test]
+fn retries_stop_at_max_attempts() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let mut j = job(&fx, "build");
+    for attempt in 1..=3 {
+        assert_eq!(j.attempt, attempt);
+        let mut fx2 = Vec::new();
+        run.apply_result(&failed(&j, true), now, &cfg, &mut fx2);
+        if attempt == 3 {
+            assert_eq!(status(&run, "build"), StepStatus::Failed);
+            return;
+        }
+        let mut fx3 = Vec::new();
+        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
+        j = job(&fx3, "build");
+    }
+}
+
+#[test]
+fn lease_expiry_loses_the_attempt_and_the_retry_policy_decides() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let build = job(&fx, "build");
+    let mut fx2 = Vec::new();
+    run.apply_result(&result(&build, ResultStatus::Started), now, &cfg, &mut fx2);
+    run.fire_timer("build", TimerKind::Lease, 1, now, &cfg, &mut fx2);
+    assert!(
+        fx2.iter().any(|e| matches!(e, Effect::Cancel(c) if c.attempt == 1)),
+        "the zombie is told to stop"
+    );
+    assert!(
+        fx2.iter()
+            .any(|e| matches!(e, Effect::AttemptFinished { status: "lost", .. }))
+    );
+    assert_eq!(status(&run, "build"), StepStatus::Ready, "lost attempts are retried");
+    // The zombie's late success is stale.
+    let mut fx3 = Vec::new();
+    assert!(matches!(
+        run.apply_result(&result(&build, ResultStatus::Succeeded), now, &cfg, &mut fx3),
+        Applied::Stale(_)
+    ));
+    // A stale lease timer (older attempt) does nothing.
+    let mut fx4 = Vec::new();
+    run.fire_timer("build", TimerKind::Lease, 1, now, &cfg, &mut fx4);
+    assert!(fx4.is_empty());
+}
+
+#[test]
+fn failure_cancels_in_flight_steps_then_compensates_in_reverse_completion_order() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let (fx, cdn) = run_until(&mut run, "cdn");
+    let in_flight: Vec<StepJob> = ["apply.production", "network"].iter().map(|s| job(&fx, s)).collect();
+    let mut fx2 = Vec::new();
+    run.apply_result(&failed(&cdn, false), now, &cfg, &mut fx2);
+    assert_eq!(run.status, RunStatus::RollingBack);
+    let cancels: Vec<&str> = fx2
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Cancel(c) => Some(c.step_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancels, ["apply.production", "network"]);
+    assert!(dispatched(&fx2).is_empty(), "no compensation while steps are in flight");
+    assert_eq!(status(&run, "backup.post"), StepStatus::Cancelled, "never started");
+
+    let mut order = Vec::new();
+    let mut fx3 = Vec::new();
+    for j in &in_flight {
+        let mut r = failed(j, false);
+        r.error = Some(StepError::fatal("cancelled", "cancelled"));
+        run.apply_result(&r, now, &cfg, &mut fx3);
+    }
+    assert_eq!(status(&run, "network"), StepStatus::Cancelled);
+    let mut next = dispatched(&fx3);
+    while let Some((step, kind, _)) = next.pop() {
+        assert_eq!(kind, JobKind::Compensate);
+        order.push(step.clone());
+        let j = job(&fx3, &step);
+        let mut fx4 = Vec::new();
+        run.apply_result(&result(&j, ResultStatus::Succeeded), now, &cfg, &mut fx4);
+        next = dispatched(&fx4);
+        fx3 = fx4;
+    }
+    let mut expected: Vec<&StepState> = run
+        .steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Compensated)
+        .collect();
+    expected.sort_by_key(|s| std::cmp::Reverse(s.completion));
+    assert_eq!(order, expected.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
+    assert_eq!(order.len(), 5, "{order:?}");
+    assert_eq!(run.status, RunStatus::RolledBack);
+    assert_eq!(
+        status(&run, "build"),
+        StepStatus::Succeeded,
+        "build has nothing to undo"
+    );
+}
+
+#[test]
+fn failed_compensation_stops_the_rollback_and_says_rollback_failed() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let (_, verify) = run_until(&mut run, "verify.staging");
+    let mut fx = Vec::new();
+    run.apply_result(&failed(&verify, false), now, &cfg, &mut fx);
+    let comp = dispatched(&fx);
+    assert_eq!(comp, [("infra.production".to_owned(), JobKind::Compensate, 2)]);
+    let j = job(&fx, "infra.production");
+    let mut fx2 = Vec::new();
+    run.apply_result(&failed(&j, false), now, &cfg, &mut fx2);
+    assert_eq!(status(&run, "infra.production"), StepStatus::CompensationFailed);
+    assert_eq!(run.status, RunStatus::RollbackFailed);
+    assert!(dispatched(&fx2).is_empty(), "nothing older is compensated");
+}
+
+#[test]
+fn operator_rollback_of_a_succeeded_run_compensates_it() {
+    let mut run = run_for(&["src/a.ts"]);
+    let cfg = settings();
+    let now = Utc::now();
+    let (_, last) = run_until(&mut run, "backup.post");
+    let mut fx = Vec::new();
+    run.apply_result(&result(&last, ResultStatus::Succeeded), now, &cfg, &mut fx);
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let mut fx2 = Vec::new();
+    run.request_rollback("bad release", now, &cfg, &mut fx2).unwrap();
+    assert_eq!(run.status, RunStatus::RollingBack);
+    assert_eq!(
+        dispatched(&fx2)[0].0,
+        "apply.production",
+        "latest compensable completion first"
+    );
+    assert!(
+        run.request_rollback("again", now, &cfg, &mut fx2).is_err(),
+        "a run already rolling back"
+    );
+}
