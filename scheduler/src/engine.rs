@@ -16,7 +16,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use baton_shared::protocol::{
-    CancelJob, Deploy, Fields, JobKind, MergeEvent, PROTOCOL_VERSION, ResultStatus, StepError, StepJob, StepResult,
+    CancelJob, Deploy, Fields, HANDED_BACK, JobKind, MergeEvent, PROTOCOL_VERSION, ResultStatus, StepError, StepJob,
+    StepResult,
 };
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -461,8 +462,11 @@ impl RunState {
             JobKind::Execute => s.exec_attempts,
             JobKind::Compensate => s.comp_attempts,
         };
+        // A daemon that hands a job back on shutdown did not fail it: that retry
+        // does not count against the step's attempts.
+        let handed_back = err.code == HANDED_BACK;
         let may_retry = err.retryable
-            && tries < s.retry.max_attempts as i32
+            && (tries < s.retry.max_attempts as i32 || handed_back)
             && !s.cancel_requested
             && (kind == JobKind::Compensate || run_running);
         if may_retry {

@@ -17,6 +17,10 @@ use uuid::Uuid;
 /// The only protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Error code of a job a stopping daemon gives back unfinished; the scheduler
+/// retries it without counting it against the step's attempts.
+pub const HANDED_BACK: &str = "daemon_shutdown";
+
 /// Namespace for deterministic run ids (UUIDv5 of service, environment, commit).
 const RUN_NAMESPACE: Uuid = Uuid::from_u128(0x6261_746f_6e2d_7275_6e2d_6e73_0000_0001);
 

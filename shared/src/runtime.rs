@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::amqp::{AmqpError, Broker, Outgoing};
 use crate::config::DaemonConfig;
-use crate::protocol::{CancelJob, Fields, JobKind, Message, ResultStatus, StepError, StepJob, StepResult};
+use crate::protocol::{CancelJob, Fields, HANDED_BACK, JobKind, Message, ResultStatus, StepError, StepJob, StepResult};
 use crate::topology::{self, RESULTS_EXCHANGE, RESULTS_KEY};
 
 /// What a role's action returns: outputs for later steps, or why it failed.
@@ -433,15 +433,31 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
     };
     let budget = (job.deadline - Utc::now()).to_std().unwrap_or_default();
     let work = async {
-        match job.kind {
-            JobKind::Execute => binding.role.execute(&job, &ctx).await,
-            JobKind::Compensate => binding.role.compensate(&job, &ctx).await,
+        let fut = match job.kind {
+            JobKind::Execute => binding.role.execute(&job, &ctx),
+            JobKind::Compensate => binding.role.compensate(&job, &ctx),
+        };
+        // A panicking role must still produce a result, or the scheduler would
+        // only learn of it when the lease expires.
+        match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                Err(StepError::fatal(
+                    "role_panicked",
+                    format!("the {} role panicked: {what}", job.role),
+                ))
+            }
         }
     };
     let outcome = tokio::select! {
         out = work => out,
         _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
-            StepError::retryable("daemon_shutdown", "daemon stopped before the job finished; handed back")
+            StepError::retryable(HANDED_BACK, "daemon stopped before the job finished; handed back")
         })),
         _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
     };

@@ -288,6 +288,17 @@ impl TestEnv {
         p
     }
 
+    /// Like [`Self::daemon`], with extra `BATON_*` settings.
+    pub async fn daemon_with(&self, label: &str, bindings: &[&str], env: &[(&str, &str)]) -> Proc {
+        let p = self.spawn_daemon_with(label, bindings, env);
+        for b in bindings {
+            let (zone, role) = b.split_once('.').expect("zone.role");
+            self.wait_consumers(&baton_shared::topology::job_queue(zone, role), 1)
+                .await;
+        }
+        p
+    }
+
     /// Starts `baton scheduler` with short leases and timers suited to tests.
     pub fn spawn_scheduler(&self, label: &str) -> Proc {
         let mut cmd = Command::new(bin("baton-e2e"));
@@ -312,11 +323,19 @@ impl TestEnv {
     /// Writes the test daemons' script (read again for every job).
     pub fn script(&self, script: Value) {
         let parsed: script::Script = serde_json::from_value(script).expect("valid script");
-        std::fs::write(self.dir.join("script.json"), serde_json::to_vec(&parsed).unwrap()).expect("write script");
+        // Daemons read the script for every job: replace it atomically.
+        let tmp = self.dir.join("script.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&parsed).unwrap()).expect("write script");
+        std::fs::rename(&tmp, self.dir.join("script.json")).expect("replace script");
     }
 
     /// Starts a test daemon serving the given `zone.role` bindings.
     pub fn spawn_daemon(&self, label: &str, bindings: &[&str]) -> Proc {
+        self.spawn_daemon_with(label, bindings, &[])
+    }
+
+    /// Like [`Self::spawn_daemon`], with extra `BATON_*` settings.
+    pub fn spawn_daemon_with(&self, label: &str, bindings: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(bin("baton-test-daemon"));
         cmd.arg("--script").arg(self.dir.join("script.json"));
         cmd.arg("--log").arg(self.dir.join("exec.jsonl"));
@@ -326,6 +345,9 @@ impl TestEnv {
         self.common_env(&mut cmd);
         cmd.env("BATON_DAEMON__INSTANCE", label)
             .env("BATON_DAEMON__SHUTDOWN_GRACE_SECS", "5");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         cmd.stdout(self.log_file(label)).stderr(self.log_file(label));
         Proc {
             name: label.to_owned(),

@@ -570,3 +570,118 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
     assert!(reasons.iter().any(|r| r.starts_with("expired")), "{reasons:?}");
     assert!(env.exec_log().is_empty(), "nothing executed: {:?}", env.exec_log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_share_one_database_without_double_dispatching() {
+    let env = TestEnv::new("two-schedulers").await;
+    env.script(json!({"default": {"delay_ms": 100}}));
+    let _a = env.scheduler("scheduler-a").await;
+    let _b = env.spawn_scheduler("scheduler-b");
+    env.wait_consumers(topology::MERGE_EVENTS_QUEUE, 2).await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let runs: Vec<Uuid> = (10..14)
+        .map(|i| env.enqueue(&event(&format!("svc{i}"), i, EVERYTHING)))
+        .collect();
+    for run in &runs {
+        let view = env.wait_terminal(*run, RUN_TIMEOUT).await;
+        assert_eq!(view.status, "succeeded");
+        assert_needs_respected(&view);
+        executed_once(&env, *run, &view);
+        assert!(
+            view.steps.iter().all(|s| s.attempts.len() == 1),
+            "one dispatch per step"
+        );
+    }
+    let jobs: i64 = sqlx::query_scalar("select count(*) from outbox where exchange = 'baton.jobs'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 4 * 11, "exactly one job per step and run");
+    let actors: Vec<String> = sqlx::query_scalar("select distinct actor from history where kind = 'dispatched'")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert!(!actors.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
+    let env = TestEnv::new("sigterm").await;
+    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 1500}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let others: Vec<&str> = SEED_BINDINGS
+        .iter()
+        .copied()
+        .filter(|b| *b != "staging.staging-verify")
+        .collect();
+    let _rest = env.daemon("rest", &others).await;
+
+    // Within the grace period: the step finishes and the daemon exits cleanly.
+    let mut a = env.daemon("verify-a", &["staging.staging-verify"]).await;
+    let run = env.enqueue(&event("term", 20, &["src/app.ts"]));
+    env.wait_step(run, "verify.staging", "running", RUN_TIMEOUT).await;
+    assert!(a.terminate(Duration::from_secs(20)), "daemon exits 0 after SIGTERM");
+    let view = env.run(run).await.unwrap();
+    let verify = step(&view, "verify.staging");
+    assert_eq!(verify.attempts.len(), 1);
+    env.wait_step(run, "verify.staging", "succeeded", RUN_TIMEOUT).await;
+
+    // Past the grace period: the job is handed back and retried elsewhere, without
+    // using up one of the step's attempts.
+    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 30000}}}));
+    let mut b = env
+        .daemon_with(
+            "verify-b",
+            &["staging.staging-verify"],
+            &[("BATON_DAEMON__SHUTDOWN_GRACE_SECS", "1")],
+        )
+        .await;
+    let run2 = env.enqueue(&event("term", 21, &["src/app.ts"]));
+    env.wait_step(run2, "verify.staging", "running", RUN_TIMEOUT).await;
+    env.script(json!({"default": {"delay_ms": 30}}));
+    assert!(
+        b.terminate(Duration::from_secs(20)),
+        "daemon exits 0 after handing back"
+    );
+    let _c = env.daemon("verify-c", &["staging.staging-verify"]).await;
+    let view = env.wait_terminal(run2, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    let verify = step(&view, "verify.staging");
+    assert_eq!(verify.attempts[0].error.as_ref().unwrap().code, "daemon_shutdown");
+    assert_eq!(verify.attempts.last().unwrap().daemon.as_deref(), Some("verify-c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_can_roll_back_a_finished_run() {
+    let env = TestEnv::new("rollback").await;
+    env.script(json!({"default": {"delay_ms": 30}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("rb", 30, &["src/app.ts"]));
+    assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
+
+    let out = env.baton(&["rollback", &run.to_string(), "--reason", "error rate up"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "rolled_back", "{view:#?}");
+    let compensated: Vec<String> = env
+        .exec_log()
+        .into_iter()
+        .filter(|l| l.run_id == run && l.kind == "compensate" && l.event == "start")
+        .map(|l| l.step_id)
+        .collect();
+    assert_eq!(compensated, ["apply.production", "verify.staging"]);
+
+    let shown = env.baton(&["runs", "show", &run.to_string(), "--json"]);
+    assert_eq!(shown.status.code(), Some(1), "a rolled-back run exits 1");
+    let json: RunView = serde_json::from_slice(&shown.stdout).expect("runs show --json parses");
+    assert_eq!(json.status, "rolled_back");
+    let again = env.baton(&["rollback", &run.to_string()]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "a rolled-back run cannot be rolled back again"
+    );
+    let missing = env.baton(&["runs", "show", &Uuid::new_v4().to_string()]);
+    assert_eq!(missing.status.code(), Some(2));
+}
