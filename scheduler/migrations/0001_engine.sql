@@ -111,15 +111,29 @@ create table env_locks (
     primary key (service, environment)
 );
 
--- Everything that happened to a run, in order: transitions, refusals, stale messages.
-create table history (
+-- The audit log: every transition, refusal and stale message, append-only and
+-- hash-chained. Each run's rows form one chain (the run lock already orders
+-- them); rows without a run form the global chain. See scheduler/src/audit.rs.
+create table audit (
     id              bigserial primary key,
     run_id          uuid,
     step_id         text,
     attempt         integer,
-    at              timestamptz not null default now(),
+    at              timestamptz not null,
     actor           text not null,
     kind            text not null,
-    detail          jsonb not null default '{}'
+    detail          jsonb not null default '{}',
+    prev_hash       text not null,
+    hash            text not null
 );
-create index history_run on history (run_id, id);
+create index audit_run on audit (run_id, id);
+
+create function audit_is_append_only() returns trigger language plpgsql as $$
+begin
+    raise exception 'the audit log is append-only: % refused', tg_op using errcode = 'insufficient_privilege';
+end
+$$;
+create trigger audit_no_update before update or delete on audit
+    for each row execute function audit_is_append_only();
+create trigger audit_no_truncate before truncate on audit
+    for each statement execute function audit_is_append_only();

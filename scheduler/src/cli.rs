@@ -66,6 +66,11 @@ enum Command {
         #[arg(long, default_value = "requested from the command line")]
         reason: String,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Pipeline definitions.
     Pipeline {
         #[command(subcommand)]
@@ -82,6 +87,12 @@ enum RunsCommand {
     },
     /// One run: steps, attempts, compensations and history.
     Show { run: Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every hash chain; exit 1 naming the first broken row.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +303,27 @@ async fn dispatch(cli: Cli) -> Outcome {
                     Ok(exit_for(&view))
                 }
             }
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            let pool = store::connect(cfg.database.url.expose(), 2)
+                .await
+                .map_err(unavailable)?;
+            let report = crate::audit::verify(&pool).await.map_err(unavailable)?;
+            if cli.json {
+                print_json(&report);
+            } else if let Some(b) = &report.first_broken {
+                println!("audit chain BROKEN at row {}: {}", b.id, b.problem);
+            } else {
+                println!("audit chain intact: {} rows in {} chains", report.rows, report.chains);
+            }
+            Ok(if report.first_broken.is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Rollback { run, reason } => {
             let cfg = load_config(cli.config.as_deref())?;

@@ -18,6 +18,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::engine::{Applied, Effect, Effects, EngineError, RunState, RunStatus, Settings, StepState, TimerKind};
 use crate::planner::Plan;
 
@@ -576,18 +577,16 @@ impl Store {
         kind: &str,
         detail: Value,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "insert into history (run_id, step_id, attempt, actor, kind, detail) values ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(run_id)
-        .bind(step)
-        .bind(attempt)
-        .bind(&self.actor)
-        .bind(kind)
-        .bind(Json(detail))
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        let entry = audit::Entry {
+            run_id,
+            step_id: step,
+            attempt,
+            at: Utc::now(),
+            actor: &self.actor,
+            kind,
+            detail: &detail,
+        };
+        audit::append(tx, entry).await
     }
 
     /// Records something that happened outside any transition (a refused message).
@@ -1019,7 +1018,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
     })
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let history =
-        sqlx::query("select id, at, step_id, attempt, actor, kind, detail from history where run_id = $1 order by id")
+        sqlx::query("select id, at, step_id, attempt, actor, kind, detail from audit where run_id = $1 order by id")
             .bind(run_id)
             .fetch_all(pool)
             .await?

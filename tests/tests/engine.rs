@@ -597,7 +597,7 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
         .await
         .unwrap();
     assert_eq!(jobs, 4 * 11, "exactly one job per step and run");
-    let actors: Vec<String> = sqlx::query_scalar("select distinct actor from history where kind = 'dispatched'")
+    let actors: Vec<String> = sqlx::query_scalar("select distinct actor from audit where kind = 'dispatched'")
         .fetch_all(&env.pool)
         .await
         .unwrap();

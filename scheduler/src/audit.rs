@@ -1,0 +1,237 @@
+//! The audit log: append-only (the database refuses UPDATE, DELETE and
+//! TRUNCATE) and hash-chained, so an edit made around the triggers is found.
+//!
+//! Each run's rows form one chain and rows without a run form the global chain.
+//! Chaining per run keeps the chain head under the lock a transition already
+//! holds, instead of serialising every transition of every run on one global
+//! head. A row's hash covers the previous row's hash and all of its own fields,
+//! so changing, removing or reordering a row breaks the link at that row or the
+//! next. (Removing the newest rows of a chain is only detectable against a copy
+//! of the heads kept elsewhere; `baton audit verify --json` prints them.)
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+/// The `prev_hash` of the first row of every chain.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit entry before it is chained.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    pub run_id: Option<Uuid>,
+    pub step_id: Option<&'a str>,
+    pub attempt: Option<i32>,
+    pub at: DateTime<Utc>,
+    pub actor: &'a str,
+    pub kind: &'a str,
+    pub detail: &'a Value,
+}
+
+/// SHA-256 over the previous hash and every field, in a fixed unambiguous layout.
+pub fn chain_hash(prev: &str, e: &Entry<'_>) -> String {
+    let mut h = Sha256::new();
+    let field = |h: &mut Sha256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&mut h, prev.as_bytes());
+    field(&mut h, e.run_id.map(|r| r.to_string()).unwrap_or_default().as_bytes());
+    field(&mut h, e.step_id.unwrap_or_default().as_bytes());
+    field(&mut h, e.attempt.map(|a| a.to_string()).unwrap_or_default().as_bytes());
+    field(&mut h, e.at.timestamp_micros().to_string().as_bytes());
+    field(&mut h, e.actor.as_bytes());
+    field(&mut h, e.kind.as_bytes());
+    // serde_json maps are sorted, and jsonb gives back the same value, so the
+    // re-serialised detail is stable between writing and verifying.
+    field(&mut h, e.detail.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Appends an entry to its chain inside the caller's transaction.
+pub async fn append(tx: &mut Transaction<'_, Postgres>, mut e: Entry<'_>) -> Result<(), StoreError> {
+    // PostgreSQL keeps microseconds; hash exactly what will be stored.
+    e.at = DateTime::from_timestamp_micros(e.at.timestamp_micros()).unwrap_or(e.at);
+    let chain_key = match e.run_id {
+        Some(r) => format!("audit/{r}"),
+        None => "audit/global".to_owned(),
+    };
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(&chain_key)
+        .execute(&mut **tx)
+        .await?;
+    let prev: Option<String> = match e.run_id {
+        Some(r) => {
+            sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
+                .bind(r)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        None => {
+            sqlx::query_scalar("select hash from audit where run_id is null order by id desc limit 1")
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+    };
+    let prev = prev.unwrap_or_else(|| GENESIS.to_owned());
+    let hash = chain_hash(&prev, &e);
+    sqlx::query(
+        "insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(e.run_id)
+    .bind(e.step_id)
+    .bind(e.attempt)
+    .bind(e.at)
+    .bind(e.actor)
+    .bind(e.kind)
+    .bind(Json(e.detail))
+    .bind(&prev)
+    .bind(&hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The first row where the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Broken {
+    pub id: i64,
+    pub run_id: Option<Uuid>,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub rows: u64,
+    pub chains: usize,
+    pub first_broken: Option<Broken>,
+    /// The newest hash of every chain, to keep elsewhere and compare later.
+    pub heads: HashMap<String, String>,
+}
+
+/// Walks every chain in order and reports the first broken link.
+pub async fn verify(pool: &PgPool) -> Result<Report, StoreError> {
+    let rows = sqlx::query(
+        "select id, run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash from audit order by id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut heads: HashMap<Option<Uuid>, (i64, String)> = HashMap::new();
+    let mut report = Report {
+        rows: 0,
+        chains: 0,
+        first_broken: None,
+        heads: HashMap::new(),
+    };
+    for r in rows {
+        report.rows += 1;
+        let id: i64 = r.try_get("id")?;
+        let run_id: Option<Uuid> = r.try_get("run_id")?;
+        let step_id: Option<String> = r.try_get("step_id")?;
+        let actor: String = r.try_get("actor")?;
+        let kind: String = r.try_get("kind")?;
+        let Json(detail): Json<Value> = r.try_get("detail")?;
+        let prev_hash: String = r.try_get("prev_hash")?;
+        let hash: String = r.try_get("hash")?;
+        let entry = Entry {
+            run_id,
+            step_id: step_id.as_deref(),
+            attempt: r.try_get("attempt")?,
+            at: r.try_get("at")?,
+            actor: &actor,
+            kind: &kind,
+            detail: &detail,
+        };
+        let (expected_prev, prev_id) = match heads.get(&run_id) {
+            Some((pid, h)) => (h.clone(), Some(*pid)),
+            None => (GENESIS.to_owned(), None),
+        };
+        let problem = if prev_hash != expected_prev {
+            Some(match prev_id {
+                Some(p) => format!("prev_hash does not match row {p}, the previous row of its chain (a row was removed or reordered)"),
+                None => "prev_hash is not the genesis hash, yet this is the first row of its chain (earlier rows were removed)".to_owned(),
+            })
+        } else if chain_hash(&prev_hash, &entry) != hash {
+            Some("contents do not match the row's hash (the row was modified)".to_owned())
+        } else {
+            None
+        };
+        if let Some(problem) = problem
+            && report.first_broken.is_none()
+        {
+            report.first_broken = Some(Broken { id, run_id, problem });
+        }
+        heads.insert(run_id, (id, hash));
+    }
+    report.chains = heads.len();
+    report.heads = heads
+        .into_iter()
+        .map(|(k, (_, h))| (k.map(|r| r.to_string()).unwrap_or_else(|| "global".to_owned()), h))
+        .collect();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_changes_the_hash() {
+        let detail = serde_json::json!({"a": 1});
+        let base = Entry {
+            run_id: Some(Uuid::nil()),
+            step_id: Some("build"),
+            attempt: Some(1),
+            at: DateTime::from_timestamp_micros(1_700_000_000_000_000).unwrap(),
+            actor: "scheduler",
+            kind: "dispatched",
+            detail: &detail,
+        };
+        let h = chain_hash(GENESIS, &base);
+        let other = serde_json::json!({"a": 2});
+        let variants = [
+            Entry {
+                step_id: Some("buil"),
+                ..base.clone()
+            },
+            Entry {
+                attempt: Some(2),
+                ..base.clone()
+            },
+            Entry {
+                actor: "cli",
+                ..base.clone()
+            },
+            Entry {
+                kind: "x",
+                ..base.clone()
+            },
+            Entry {
+                detail: &other,
+                ..base.clone()
+            },
+            Entry {
+                run_id: None,
+                ..base.clone()
+            },
+            Entry {
+                at: base.at + chrono::Duration::microseconds(1),
+                ..base.clone()
+            },
+        ];
+        for v in variants {
+            assert_ne!(chain_hash(GENESIS, &v), h, "{v:?}");
+        }
+        assert_ne!(chain_hash(&"1".repeat(64), &base), h);
+        assert_eq!(chain_hash(GENESIS, &base), h);
+    }
+}
