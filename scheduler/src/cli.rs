@@ -66,6 +66,11 @@ enum Command {
         #[arg(long, default_value = "requested from the command line")]
         reason: String,
     },
+    /// Create an Ed25519 signing key: writes the secret to FILE, prints the public key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -189,6 +194,7 @@ async fn dispatch(cli: Cli) -> Outcome {
     match command {
         Command::Scheduler => {
             let cfg = load_config(cli.config.as_deref())?;
+            cfg.validate_for_serving().map_err(bad_input)?;
             telemetry::init_logging(&cfg.log);
             let pipeline = load_pipeline(None, Some(&cfg))?;
             crate::service::run(cfg, pipeline, baton_shared::runtime::shutdown_signal())
@@ -303,6 +309,23 @@ async fn dispatch(cli: Cli) -> Outcome {
                     Ok(exit_for(&view))
                 }
             }
+        }
+        Command::Keygen { out } => {
+            if out.exists() {
+                return Err(bad_input(anyhow::anyhow!(
+                    "{} exists; refusing to overwrite a key",
+                    out.display()
+                )));
+            }
+            let key = baton_shared::signing::Keypair::generate();
+            write_secret_file(&out, &key.secret_file_contents())
+                .map_err(|e| bad_input(anyhow::anyhow!("cannot write {}: {e}", out.display())))?;
+            if cli.json {
+                print_json(&serde_json::json!({"key_id": key.id(), "public": key.public(), "secret_file": out}));
+            } else {
+                println!("{}", key.public());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
             command: AuditCommand::Verify,
@@ -440,4 +463,16 @@ fn truncate(s: &str, max: usize) -> String {
         t.push('…');
         t
     }
+}
+
+/// Writes a file only its owner can read.
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
 }

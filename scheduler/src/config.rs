@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use baton_shared::config::{AmqpConfig, ConfigError, LogConfig};
+use baton_shared::config::{AmqpConfig, ConfigError, LogConfig, SigningConfig};
 use baton_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,7 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub database: DatabaseConfig,
     pub scheduler: SchedulerSettings,
+    pub signing: SigningConfig,
     pub log: LogConfig,
 }
 
@@ -74,6 +75,13 @@ impl Default for SchedulerSettings {
 }
 
 impl Config {
+    /// What `baton scheduler` needs on top of [`Self::validate`]: its signing keys.
+    /// (Operator commands never sign anything.)
+    pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        self.signing.validate()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         let url = self.database.url.expose();

@@ -630,6 +630,7 @@ impl RunState {
             role: s.role.clone(),
             reason: reason.to_owned(),
             issued_at: now,
+            signature: None,
         }
     }
 

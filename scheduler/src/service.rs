@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_shared::amqp::{AmqpError, Broker, Outgoing};
-use baton_shared::protocol::{MergeEvent, Message, StepResult};
-use baton_shared::topology::{self, MERGE_EVENTS_QUEUE, RESULTS_QUEUE};
+use baton_shared::protocol::{CancelJob, MergeEvent, Message, Refusal, StepJob, StepResult};
+use baton_shared::signing::{Keypair, Trusted};
+use baton_shared::topology::{self, CONTROL_EXCHANGE, JOBS_EXCHANGE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE, RESULTS_QUEUE};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
@@ -65,6 +66,8 @@ where
 /// Runs the scheduler until `shutdown` resolves.
 pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let instance = config.instance();
+    let (key, trusted) = config.signing.load()?;
+    let (key, trusted) = (Arc::new(key), Arc::new(trusted));
     let pool = {
         let mut delay = Duration::from_millis(200);
         let start = tokio::time::Instant::now();
@@ -100,7 +103,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     let relay = Relay { tx };
     let pipeline = Arc::new(pipeline);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(relay_loop(store.clone(), broker.clone(), relay.clone(), rx));
+    tasks.spawn(relay_loop(store.clone(), broker.clone(), relay.clone(), key, rx));
     tasks.spawn(sweep_loop(
         store.clone(),
         relay.clone(),
@@ -121,10 +124,17 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         config.scheduler.prefetch,
         stop.clone(),
     ));
+    tasks.spawn(notice_loop(
+        store.clone(),
+        broker.clone(),
+        trusted.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(result_loop(
         store.clone(),
         broker.clone(),
         relay.clone(),
+        trusted,
         config.scheduler.prefetch,
         config.scheduler.result_concurrency,
         stop.clone(),
@@ -153,10 +163,27 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     Ok(())
 }
 
+/// Signs what the scheduler sends to daemons; the outbox keeps unsigned bytes so
+/// that only a running scheduler (not the CLI) needs the signing key.
+fn signed_body(key: &Keypair, m: &OutboxMsg) -> Vec<u8> {
+    fn sign<M: Message + baton_shared::signing::Signed>(key: &Keypair, body: &[u8]) -> Option<Vec<u8>> {
+        let mut msg = M::parse(body).ok()?;
+        key.sign(&mut msg);
+        Some(msg.to_bytes())
+    }
+    let signed = match m.exchange.as_str() {
+        JOBS_EXCHANGE => sign::<StepJob>(key, &m.body),
+        CONTROL_EXCHANGE => sign::<CancelJob>(key, &m.body),
+        _ => None,
+    };
+    signed.unwrap_or_else(|| m.body.clone())
+}
+
 async fn relay_loop(
     store: Store,
     broker: Broker,
     relay: Relay,
+    key: Arc<Keypair>,
     mut rx: mpsc::UnboundedReceiver<Vec<OutboxMsg>>,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
@@ -174,7 +201,8 @@ async fn relay_loop(
                 best_effort: m.best_effort,
             };
             let broker = &broker;
-            async move { broker.publish(&m.exchange, &m.routing_key, &m.body, &out).await }
+            let body = signed_body(&key, m);
+            async move { broker.publish(&m.exchange, &m.routing_key, &body, &out).await }
         }))
         .await;
         let mut sent = Vec::with_capacity(batch.len());
@@ -361,6 +389,7 @@ async fn result_loop(
     store: Store,
     broker: Broker,
     relay: Relay,
+    trusted: Arc<Trusted>,
     prefetch: u16,
     concurrency: usize,
     stop: CancellationToken,
@@ -372,8 +401,9 @@ async fn result_loop(
         let permit = slots.clone().acquire_owned().await?;
         while running.try_join_next().is_some() {}
         let (store, broker, relay, stop) = (store.clone(), broker.clone(), relay.clone(), stop.clone());
+        let trusted = trusted.clone();
         running.spawn(async move {
-            handle_result(&store, &broker, &relay, &stop, delivery).await;
+            handle_result(&store, &broker, &relay, &trusted, &stop, delivery).await;
             drop(permit);
         });
     }
@@ -381,18 +411,45 @@ async fn result_loop(
     Ok(())
 }
 
-async fn handle_result(store: &Store, broker: &Broker, relay: &Relay, stop: &CancellationToken, delivery: Delivery) {
+/// Dead-letters a message the scheduler will not act on, and audits it.
+async fn refuse(store: &Store, broker: &Broker, delivery: &Delivery, queue: &str, kind: &str, reason: &str) {
+    tracing::warn!(queue, reason, "message refused");
+    let detail = json!({"queue": queue, "reason": reason,
+        "message_id": delivery.properties.message_id().as_ref().map(|m| m.to_string())});
+    if let Err(e) = store.record(None, kind, detail).await {
+        tracing::error!(error = %e, "cannot audit a refused message");
+    }
+    if let Err(e) = broker.dead_letter(delivery, queue, reason).await {
+        tracing::error!(error = %e, queue, "cannot dead-letter a refused message");
+    }
+}
+
+async fn handle_result(
+    store: &Store,
+    broker: &Broker,
+    relay: &Relay,
+    trusted: &Trusted,
+    stop: &CancellationToken,
+    delivery: Delivery,
+) {
     let result = match StepResult::parse(&delivery.data) {
         Ok(r) => r,
         Err(e) => {
-            let reason = e.to_string();
-            let _ = store.record(None, "result_refused", json!({"reason": reason})).await;
-            if let Err(e) = broker.dead_letter(&delivery, RESULTS_QUEUE, &reason).await {
-                tracing::error!(error = %e, "cannot dead-letter refused result");
-            }
-            return;
+            return refuse(
+                store,
+                broker,
+                &delivery,
+                RESULTS_QUEUE,
+                "result_refused",
+                &e.to_string(),
+            )
+            .await;
         }
     };
+    if let Err(e) = trusted.verify(&result) {
+        let reason = format!("unauthentic result: {e}");
+        return refuse(store, broker, &delivery, RESULTS_QUEUE, "result_refused", &reason).await;
+    }
     match patiently("apply result", stop, || store.apply_result(&result)).await {
         // Shutting down: leave it unacked; the broker redelivers it to a replica.
         None => return,
@@ -424,4 +481,50 @@ async fn handle_result(store: &Store, broker: &Broker, relay: &Relay, stop: &Can
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(error = %e, "ack of applied result failed; a redelivery will be recognised as duplicate");
     }
+}
+
+/// Daemons' refusal notices become audit rows (the global chain: their claims
+/// about runs are not trusted enough to extend a run's chain).
+async fn notice_loop(
+    store: Store,
+    broker: Broker,
+    trusted: Arc<Trusted>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (ch, mut consumer) = consume(&broker, NOTICES_QUEUE, 16, "scheduler-notices").await?;
+    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+        let notice = match Refusal::parse(&delivery.data) {
+            Ok(n) => n,
+            Err(e) => {
+                refuse(
+                    &store,
+                    &broker,
+                    &delivery,
+                    NOTICES_QUEUE,
+                    "notice_refused",
+                    &e.to_string(),
+                )
+                .await;
+                continue;
+            }
+        };
+        if let Err(e) = trusted.verify(&notice) {
+            let reason = format!("unauthentic notice: {e}");
+            refuse(&store, &broker, &delivery, NOTICES_QUEUE, "notice_refused", &reason).await;
+            continue;
+        }
+        let detail = serde_json::to_value(&notice).unwrap_or_default();
+        match patiently("audit refusal", &stop, || {
+            store.record(None, "message_refused", detail.clone())
+        })
+        .await
+        {
+            None => return Ok(()),
+            Some(Ok(())) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Some(Err(e)) => tracing::error!(error = %e, "cannot audit a refusal notice"),
+        }
+    }
+    Ok(())
 }

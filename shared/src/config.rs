@@ -128,6 +128,49 @@ impl AmqpConfig {
     }
 }
 
+/// Message signing: this process's own key and the keys it trusts.
+///
+/// For the scheduler, `trusted` holds the daemons' public keys (results);
+/// for a daemon, the scheduler's (jobs and cancels). Several keys may be
+/// trusted at once while keys rotate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SigningConfig {
+    /// File with this process's secret key (`baton keygen` makes one).
+    pub key_file: String,
+    /// Trusted public keys, `<key id>:<hex>`.
+    pub trusted: Vec<String>,
+}
+
+impl SigningConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.key_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "signing.key_file",
+                "is required: every job and result is signed (create one with `baton keygen`)",
+            ));
+        }
+        if self.trusted.is_empty() {
+            return Err(ConfigError::invalid(
+                "signing.trusted",
+                "must list at least one public key",
+            ));
+        }
+        crate::signing::Trusted::parse(&self.trusted)
+            .map_err(|e| ConfigError::invalid("signing.trusted", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Loads the key and the trusted set.
+    pub fn load(&self) -> Result<(crate::signing::Keypair, crate::signing::Trusted), ConfigError> {
+        let key = crate::signing::Keypair::load(std::path::Path::new(&self.key_file))
+            .map_err(|e| ConfigError::invalid("signing.key_file", e.to_string()))?;
+        let trusted = crate::signing::Trusted::parse(&self.trusted)
+            .map_err(|e| ConfigError::invalid("signing.trusted", e.to_string()))?;
+        Ok((key, trusted))
+    }
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -153,6 +196,7 @@ impl Default for LogConfig {
 pub struct DaemonConfig {
     pub amqp: AmqpConfig,
     pub daemon: DaemonSettings,
+    pub signing: SigningConfig,
     pub log: LogConfig,
 }
 
@@ -189,6 +233,7 @@ impl Default for DaemonSettings {
 impl DaemonConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
+        self.signing.validate()?;
         if self.daemon.zone.is_empty() {
             return Err(ConfigError::invalid(
                 "daemon.zone",
@@ -235,7 +280,14 @@ mod tests {
         std::fs::write(&path, "[daemon]\nzone = \"staging\"\nconcurrency = \"many\"\n").unwrap();
         let err = load::<DaemonConfig>(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("concurrency"), "{err}");
-        std::fs::write(&path, "[daemon]\nzone = \"staging\"\nconcurrency = 3\n").unwrap();
+        let key = crate::signing::Keypair::generate();
+        std::fs::write(dir.join("key"), key.secret_file_contents()).unwrap();
+        let text = format!(
+            "[daemon]\nzone = \"staging\"\nconcurrency = 3\n[signing]\nkey_file = {:?}\ntrusted = [{:?}]\n",
+            dir.join("key").display().to_string(),
+            key.public()
+        );
+        std::fs::write(&path, text).unwrap();
         let cfg = load::<DaemonConfig>(Some(&path)).unwrap();
         assert_eq!((cfg.daemon.zone.as_str(), cfg.daemon.concurrency), ("staging", 3));
         cfg.validate().unwrap();

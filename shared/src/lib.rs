@@ -8,5 +8,6 @@ pub mod config;
 pub mod protocol;
 pub mod runtime;
 pub mod secret;
+pub mod signing;
 pub mod telemetry;
 pub mod topology;

@@ -348,6 +348,8 @@ pub struct CancelJob {
     pub role: String,
     pub reason: String,
     pub issued_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl Message for CancelJob {
@@ -357,6 +359,36 @@ impl Message for CancelJob {
         check_version(Self::KIND, self.v)?;
         check_name(Self::KIND, "zone", &self.zone)?;
         check_name(Self::KIND, "role", &self.role)
+    }
+}
+
+/// A daemon's report that it refused a message (dead-lettered it, executed
+/// nothing), so the scheduler can put it in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub v: u32,
+    pub message_id: Uuid,
+    pub daemon: String,
+    pub zone: String,
+    pub role: String,
+    /// The queue the refused message came from.
+    pub queue: String,
+    pub reason: String,
+    /// The refused message's own id, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_message_id: Option<String>,
+    pub at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Message for Refusal {
+    const KIND: &'static str = "refusal";
+
+    fn validate(&self) -> Result<(), ProtocolError> {
+        check_version(Self::KIND, self.v)?;
+        check_non_empty(Self::KIND, "reason", &self.reason)
     }
 }
 

@@ -26,9 +26,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::amqp::{AmqpError, Broker, Outgoing};
-use crate::config::DaemonConfig;
-use crate::protocol::{CancelJob, Fields, HANDED_BACK, JobKind, Message, ResultStatus, StepError, StepJob, StepResult};
-use crate::topology::{self, RESULTS_EXCHANGE, RESULTS_KEY};
+use crate::config::{ConfigError, DaemonConfig};
+use crate::protocol::{
+    CancelJob, Fields, HANDED_BACK, JobKind, Message, PROTOCOL_VERSION, Refusal, ResultStatus, StepError, StepJob,
+    StepResult,
+};
+use crate::signing::{Keypair, Trusted};
+use crate::topology::{self, NOTICES_KEY, RESULTS_EXCHANGE, RESULTS_KEY};
 
 /// What a role's action returns: outputs for later steps, or why it failed.
 pub type Outcome = Result<Fields, StepError>;
@@ -66,6 +70,8 @@ pub struct Binding {
 pub enum RuntimeError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("consumer of {queue} stopped: {source}")]
     Consumer {
         queue: String,
@@ -107,6 +113,10 @@ impl RecentIds {
 struct Shared {
     broker: Broker,
     instance: String,
+    /// Signs this daemon's results and notices.
+    key: Keypair,
+    /// The scheduler keys jobs and cancels must be signed with.
+    trusted: Trusted,
     running: Mutex<HashMap<AttemptKey, Running>>,
     seen: Mutex<RecentIds>,
     /// Fired when the grace period is over: running jobs are handed back.
@@ -120,6 +130,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RuntimeError> {
     let instance = config.instance();
+    let (key, trusted) = config.signing.load()?;
     let broker = Broker::connect_retrying(
         &config.amqp.url,
         &format!("baton-daemon {instance}"),
@@ -129,6 +140,8 @@ pub async fn run(
     let shared = Arc::new(Shared {
         broker: broker.clone(),
         instance: instance.clone(),
+        key,
+        trusted,
         running: Mutex::new(HashMap::new()),
         seen: Mutex::new(RecentIds {
             set: HashSet::new(),
@@ -179,7 +192,13 @@ pub async fn run(
             .map_err(AmqpError::op("basic.consume"))?;
         tracing::info!(zone = %binding.zone, role = %role_name, queue = %queue, instance = %instance, "consuming");
 
-        consumers.spawn(control_loop(shared.clone(), control, stop_intake.clone()));
+        consumers.spawn(control_loop(
+            shared.clone(),
+            control,
+            binding.zone.clone(),
+            role_name.clone(),
+            stop_intake.clone(),
+        ));
         consumers.spawn(job_loop(
             shared.clone(),
             binding,
@@ -300,6 +319,8 @@ async fn job_loop(
 async fn control_loop(
     shared: Arc<Shared>,
     mut consumer: lapin::Consumer,
+    zone: String,
+    role: String,
     stop: CancellationToken,
 ) -> Result<(), RuntimeError> {
     loop {
@@ -315,7 +336,16 @@ async fn control_loop(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         };
-        match CancelJob::parse(&delivery.data) {
+        let parsed = CancelJob::parse(&delivery.data)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                shared
+                    .trusted
+                    .verify(&c)
+                    .map(|()| c)
+                    .map_err(|e| format!("unauthentic cancel: {e}"))
+            });
+        match parsed {
             Ok(cancel) => {
                 let key = (cancel.run_id, cancel.step_id.clone(), cancel.attempt);
                 if let Some(r) = shared.running.lock().expect("lock").get(&key) {
@@ -327,9 +357,7 @@ async fn control_loop(
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
-            Err(e) => {
-                let _ = shared.broker.dead_letter(&delivery, "control", &e.to_string()).await;
-            }
+            Err(reason) => refuse(&shared, &delivery, "control", &zone, &role, &reason).await,
         }
     }
 }
@@ -337,16 +365,21 @@ async fn control_loop(
 /// Checks a delivery and, if it is a job for us, runs it to a reported end.
 async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Delivery) {
     let role = binding.role.name();
+    let zone = binding.zone.as_str();
     let job = match StepJob::parse(&delivery.data) {
         Ok(job) => job,
-        Err(e) => return refuse(shared, &delivery, queue, &e.to_string()).await,
+        Err(e) => return refuse(shared, &delivery, queue, zone, role, &e.to_string()).await,
     };
+    // Authenticity first: nothing about an unsigned or forged job is believed.
+    if let Err(e) = shared.trusted.verify(&job) {
+        return refuse(shared, &delivery, queue, zone, role, &format!("unauthentic: {e}")).await;
+    }
     if job.zone != binding.zone || job.role != role {
         let reason = format!(
             "misrouted: job for {}.{} delivered to {queue}, which serves {}.{role}",
             job.zone, job.role, binding.zone
         );
-        return refuse(shared, &delivery, queue, &reason).await;
+        return refuse(shared, &delivery, queue, zone, role, &reason).await;
     }
     let now = Utc::now();
     if now > job.not_after {
@@ -355,13 +388,16 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
             job.not_after.to_rfc3339(),
             now.to_rfc3339()
         );
-        return refuse(shared, &delivery, queue, &reason).await;
+        return refuse(shared, &delivery, queue, zone, role, &reason).await;
     }
     let key: AttemptKey = (job.run_id, job.step_id.clone(), job.attempt);
-    let fresh = shared.seen.lock().expect("lock").insert(job.message_id);
+    if !shared.seen.lock().expect("lock").insert(job.message_id) {
+        let reason = format!("replayed: message id {} was already received", job.message_id);
+        return refuse(shared, &delivery, queue, zone, role, &reason).await;
+    }
     let token = shared.hand_back.child_token();
     let reason = Arc::new(OnceLock::new());
-    let registered = fresh && {
+    let registered = {
         let mut running = shared.running.lock().expect("lock");
         if running.contains_key(&key) {
             false
@@ -406,13 +442,15 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
     let heartbeat = tokio::spawn({
         let broker = shared.broker.clone();
         let instance = shared.instance.clone();
+        let key = shared.key.clone();
         let job = job.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(job.heartbeat_ms));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let hb = StepResult::for_job(&job, &instance, ResultStatus::Heartbeat);
+                let mut hb = StepResult::for_job(&job, &instance, ResultStatus::Heartbeat);
+                key.sign(&mut hb);
                 let out = Outgoing {
                     message_id: Some(hb.message_id),
                     ..Default::default()
@@ -492,16 +530,41 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
     tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
 }
 
-async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, reason: &str) {
-    tracing::warn!(queue, reason, "job refused; nothing executed");
+/// Dead-letters a message with the reason and tells the scheduler, for its audit log.
+async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, role: &str, reason: &str) {
+    tracing::warn!(queue, reason, "message refused; nothing executed");
     if let Err(e) = shared.broker.dead_letter(delivery, queue, reason).await {
-        tracing::error!(error = %e, "cannot dead-letter refused job; rejecting it to the broker's dead-letter exchange");
+        tracing::error!(error = %e, "cannot dead-letter refused message; rejecting it to the broker's dead-letter exchange");
         let _ = delivery
             .nack(BasicNackOptions {
                 requeue: false,
                 ..Default::default()
             })
             .await;
+    }
+    let mut notice = Refusal {
+        v: PROTOCOL_VERSION,
+        message_id: Uuid::new_v4(),
+        daemon: shared.instance.clone(),
+        zone: zone.to_owned(),
+        role: role.to_owned(),
+        queue: queue.to_owned(),
+        reason: reason.to_owned(),
+        refused_message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
+        at: Utc::now(),
+        signature: None,
+    };
+    shared.key.sign(&mut notice);
+    let out = Outgoing {
+        message_id: Some(notice.message_id),
+        ..Default::default()
+    };
+    if let Err(e) = shared
+        .broker
+        .publish(RESULTS_EXCHANGE, NOTICES_KEY, &notice.to_bytes(), &out)
+        .await
+    {
+        tracing::warn!(error = %e, "refusal notice not sent; the dead letter still carries the reason");
     }
 }
 
@@ -515,6 +578,7 @@ async fn report(
     let mut result = StepResult::for_job(job, &shared.instance, status);
     result.error = error;
     result.outputs = outputs;
+    shared.key.sign(&mut result);
     let out = Outgoing {
         message_id: Some(result.message_id),
         ..Default::default()

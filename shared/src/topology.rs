@@ -19,6 +19,9 @@ pub const JOBS_EXCHANGE: &str = "baton.jobs";
 pub const RESULTS_EXCHANGE: &str = "baton.results";
 pub const RESULTS_QUEUE: &str = "baton.results";
 pub const RESULTS_KEY: &str = "result";
+/// Daemons' refusal notices, on the results exchange, for the audit log.
+pub const NOTICES_QUEUE: &str = "baton.notices";
+pub const NOTICES_KEY: &str = "notice";
 /// Cancels for running attempts, routing key `<zone>.<role>`.
 pub const CONTROL_EXCHANGE: &str = "baton.control";
 /// Dead letters, from the broker (delivery limit) and from Baton (refused messages).
@@ -109,7 +112,9 @@ pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()
     quorum_queue(ch, MERGE_EVENTS_QUEUE, true, delivery_limit).await?;
     bind(ch, MERGE_EVENTS_QUEUE, EVENTS_EXCHANGE, MERGE_EVENTS_KEY).await?;
     quorum_queue(ch, RESULTS_QUEUE, true, delivery_limit).await?;
-    bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await
+    bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await?;
+    quorum_queue(ch, NOTICES_QUEUE, true, delivery_limit).await?;
+    bind(ch, NOTICES_QUEUE, RESULTS_EXCHANGE, NOTICES_KEY).await
 }
 
 /// The job queue of one zone and role, bound to the jobs exchange.

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use baton_scheduler::store::{self, RunView};
+use baton_shared::signing::Keypair;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -184,6 +185,10 @@ pub struct TestEnv {
     pub pool: PgPool,
     /// Extra environment for the scheduler (`BATON_...` overrides).
     pub scheduler_env: Mutex<Vec<(String, String)>>,
+    /// The scheduler's signing key (daemons trust its public half).
+    pub scheduler_key: Keypair,
+    /// The daemons' signing key (the scheduler trusts its public half).
+    pub daemon_key: Keypair,
 }
 
 const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -209,6 +214,9 @@ impl TestEnv {
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(dir.join("script.json"), "{}").expect("script");
         let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost);
+        let (scheduler_key, daemon_key) = (Keypair::generate(), Keypair::generate());
+        std::fs::write(dir.join("scheduler.key"), scheduler_key.secret_file_contents()).expect("key");
+        std::fs::write(dir.join("daemon.key"), daemon_key.secret_file_contents()).expect("key");
         Self {
             name: name.to_owned(),
             vhost,
@@ -218,6 +226,8 @@ impl TestEnv {
             dir,
             pool,
             scheduler_env: Mutex::new(Vec::new()),
+            scheduler_key,
+            daemon_key,
         }
     }
 
@@ -304,7 +314,9 @@ impl TestEnv {
         let mut cmd = Command::new(bin("baton-e2e"));
         cmd.arg("scheduler");
         self.common_env(&mut cmd);
-        cmd.env("BATON_SCHEDULER__INSTANCE", label)
+        cmd.env("BATON_SIGNING__KEY_FILE", self.dir.join("scheduler.key"))
+            .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", self.daemon_key.public()))
+            .env("BATON_SCHEDULER__INSTANCE", label)
             .env("BATON_SCHEDULER__LEASE_MS", "2000")
             .env("BATON_SCHEDULER__HEARTBEAT_MS", "250")
             .env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "5000")
@@ -343,7 +355,9 @@ impl TestEnv {
             cmd.arg("--serve").arg(b);
         }
         self.common_env(&mut cmd);
-        cmd.env("BATON_DAEMON__INSTANCE", label)
+        cmd.env("BATON_SIGNING__KEY_FILE", self.dir.join("daemon.key"))
+            .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", self.scheduler_key.public()))
+            .env("BATON_DAEMON__INSTANCE", label)
             .env("BATON_DAEMON__SHUTDOWN_GRACE_SECS", "5");
         for (k, v) in env {
             cmd.env(k, v);

@@ -459,7 +459,7 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
     executed_once(&env, first, &a);
 }
 
-fn job(zone: &str, role: &str, not_after_secs: i64) -> StepJob {
+pub fn job(zone: &str, role: &str, not_after_secs: i64) -> StepJob {
     let now = Utc::now();
     StepJob {
         v: PROTOCOL_VERSION,
@@ -521,10 +521,14 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
     )
     .await;
 
+    let signed = |mut j: StepJob| {
+        env.scheduler_key.sign(&mut j);
+        j.to_bytes()
+    };
     let bodies: Vec<Vec<u8>> = vec![
         br#"{"v": 1, "garbage": true}"#.to_vec(),
-        job("production", "db-migration", 60).to_bytes(),
-        job("staging", "db-migration", -60).to_bytes(),
+        signed(job("production", "db-migration", 60)),
+        signed(job("staging", "db-migration", -60)),
     ];
     for body in &bodies {
         ch.basic_publish(
