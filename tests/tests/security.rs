@@ -1,9 +1,17 @@
-//! Security properties over real processes: the audit chain.
+//! Security properties over real processes: signed messages, refusals and the audit chain.
 
 use std::time::Duration;
 
+use baton_shared::protocol::{Deploy, JobKind, Message, PROTOCOL_VERSION, ResultStatus, Risk, StepJob, StepResult};
+use baton_shared::signing::Keypair;
+use baton_shared::topology::{DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER, RESULTS_EXCHANGE, RESULTS_KEY};
 use baton_tests::{SEED_BINDINGS, TestEnv, event};
+use chrono::Utc;
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::AMQPValue;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -133,5 +141,197 @@ async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     assert!(
         report["first_broken"]["problem"].as_str().unwrap().contains("removed"),
         "{report}"
+    );
+}
+
+fn job(env: &TestEnv, not_after_secs: i64) -> StepJob {
+    let now = Utc::now();
+    StepJob {
+        v: PROTOCOL_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        step_id: "db.staging".into(),
+        attempt: 1,
+        kind: JobKind::Execute,
+        zone: "staging".into(),
+        role: "db-migration".into(),
+        action: "migrate".into(),
+        params: Default::default(),
+        inputs: Default::default(),
+        own_outputs: Default::default(),
+        deploy: Deploy {
+            service: env.name.clone(),
+            environment: "production".into(),
+            repository: "r".into(),
+            commit_sha: "0".repeat(40),
+            risk: Risk::Standard,
+        },
+        issued_at: now - chrono::Duration::seconds(120),
+        not_after: now + chrono::Duration::seconds(not_after_secs),
+        deadline: now + chrono::Duration::seconds(600),
+        heartbeat_ms: 1000,
+        traceparent: None,
+        signature: None,
+    }
+}
+
+async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8], message_id: Uuid) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default().with_message_id(message_id.to_string().into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_lettered_and_audited() {
+    let env = TestEnv::new("refusals").await;
+    env.script(json!({"default": {"delay_ms": 10}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", &["staging.db-migration"]).await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let key = &env.scheduler_key;
+
+    let unsigned = job(&env, 60);
+    let mut forged = job(&env, 60);
+    key.sign(&mut forged);
+    forged.action = "drop-everything".into();
+    let mut expired = job(&env, -30);
+    key.sign(&mut expired);
+    let mut stranger = job(&env, 60);
+    Keypair::generate().sign(&mut stranger);
+    let mut genuine = job(&env, 60);
+    key.sign(&mut genuine);
+
+    for j in [&unsigned, &forged, &expired, &stranger, &genuine] {
+        publish(&ch, JOBS_EXCHANGE, "staging.db-migration", &j.to_bytes(), j.message_id).await;
+    }
+    env.wait_until("the genuine job to run", RUN_TIMEOUT, async || {
+        env.exec_log()
+            .iter()
+            .any(|l| l.run_id == genuine.run_id && l.event == "end")
+    })
+    .await;
+    // The same signed job again: a replay.
+    publish(
+        &ch,
+        JOBS_EXCHANGE,
+        "staging.db-migration",
+        &genuine.to_bytes(),
+        genuine.message_id,
+    )
+    .await;
+
+    let mut reasons = Vec::new();
+    env.wait_until("five dead letters", RUN_TIMEOUT, async || {
+        while let Some(msg) = ch
+            .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+            if let Some(AMQPValue::LongString(s)) = headers.inner().get(REASON_HEADER) {
+                reasons.push(s.to_string());
+            }
+        }
+        reasons.len() >= 5
+    })
+    .await;
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(has("unauthentic: unsigned"), "{reasons:?}");
+    assert!(has("unauthentic: signature does not match"), "{reasons:?}");
+    assert!(has("unauthentic: signed with unknown key id"), "{reasons:?}");
+    assert!(has("expired"), "{reasons:?}");
+    assert!(has("replayed"), "{reasons:?}");
+
+    // Nothing but the genuine job ran, once.
+    let runs: Vec<Uuid> = env
+        .exec_log()
+        .iter()
+        .filter(|l| l.event == "start")
+        .map(|l| l.run_id)
+        .collect();
+    assert_eq!(runs, [genuine.run_id]);
+
+    // Every refusal reached the audit log, and the chain holds.
+    env.wait_until("five refusals in the audit log", RUN_TIMEOUT, async || {
+        let n: i64 = sqlx::query_scalar("select count(*) from audit where kind = 'message_refused'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        n >= 5
+    })
+    .await;
+    let audited: Vec<String> =
+        sqlx::query_scalar("select detail->>'reason' from audit where kind = 'message_refused' order by id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    for r in &reasons {
+        assert!(audited.contains(r), "{r} not audited: {audited:?}");
+    }
+    assert_eq!(verify(&env).0, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_or_forged_results_change_nothing_and_are_audited() {
+    let env = TestEnv::new("forged-results").await;
+    env.script(json!({"default": {"delay_ms": 10}, "execute": {"build": {"delay_ms": 60000}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("forged", 41, &["src/app.ts"]));
+    let view = env.wait_step(run, "build", "running", RUN_TIMEOUT).await;
+    let attempt = &view.step("build").unwrap().attempts[0];
+
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let forge = |signer: Option<&Keypair>| {
+        let mut r = StepResult {
+            v: PROTOCOL_VERSION,
+            message_id: Uuid::new_v4(),
+            run_id: run,
+            step_id: "build".into(),
+            attempt: attempt.attempt as u32,
+            kind: JobKind::Execute,
+            zone: "ci".into(),
+            role: "container-build".into(),
+            daemon: "mallory".into(),
+            status: ResultStatus::Succeeded,
+            at: Utc::now(),
+            outputs: Default::default(),
+            error: None,
+            signature: None,
+        };
+        if let Some(k) = signer {
+            k.sign(&mut r);
+        }
+        r
+    };
+    let stranger = Keypair::generate();
+    for r in [forge(None), forge(Some(&stranger)), forge(Some(&env.scheduler_key))] {
+        publish(&ch, RESULTS_EXCHANGE, RESULTS_KEY, &r.to_bytes(), r.message_id).await;
+    }
+    env.wait_until("three refused results in the audit log", RUN_TIMEOUT, async || {
+        let n: i64 = sqlx::query_scalar("select count(*) from audit where kind = 'result_refused'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        n >= 3
+    })
+    .await;
+    let view = env.run(run).await.unwrap();
+    assert_eq!(
+        view.step("build").unwrap().status,
+        "running",
+        "a forged success changes nothing"
     );
 }
