@@ -124,14 +124,18 @@ pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()
 pub async fn declare_job_queue(ch: &Channel, zone: &str, role: &str, delivery_limit: i64) -> lapin::Result<()> {
     exchange(ch, JOBS_EXCHANGE, ExchangeKind::Direct).await?;
     exchange(ch, DEAD_EXCHANGE, ExchangeKind::Fanout).await?;
+    exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
     let queue = job_queue(zone, role);
     quorum_queue(ch, &queue, true, delivery_limit).await?;
     bind(ch, &queue, JOBS_EXCHANGE, &job_routing_key(zone, role)).await
 }
 
 /// A private, exclusive queue that receives cancels for one zone and role.
+///
+/// It declares no exchange: a daemon under least privilege may not, and the
+/// control exchange exists already (ops definitions, the scheduler, or
+/// [`declare_job_queue`]).
 pub async fn declare_control_queue(ch: &Channel, zone: &str, role: &str) -> lapin::Result<String> {
-    exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
     let opts = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
