@@ -37,9 +37,25 @@ impl<T> Serialize for Secret<T> {
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+/// A secret in configuration is given by value or, better, by reference:
+/// `file:/run/secrets/amqp-url` reads (and trims) a file, `env:NAME` reads an
+/// environment variable, so the value itself never sits in a config file.
+impl<'de> Deserialize<'de> for Secret<String> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        T::deserialize(d).map(Secret)
+        let raw = String::deserialize(d)?;
+        resolve(&raw).map(Secret).map_err(serde::de::Error::custom)
+    }
+}
+
+fn resolve(raw: &str) -> Result<String, String> {
+    if let Some(path) = raw.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| format!("cannot read secret file {path}: {e}"))
+    } else if let Some(name) = raw.strip_prefix("env:") {
+        std::env::var(name).map_err(|_| format!("secret environment variable {name} is not set"))
+    } else {
+        Ok(raw.to_owned())
     }
 }
 
@@ -67,6 +83,23 @@ mod tests {
         assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"[redacted]\"");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn secrets_are_read_by_reference() {
+        let path = std::env::temp_dir().join(format!("baton-secret-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let from_file: Secret<String> =
+            serde_json::from_value(serde_json::json!(format!("file:{}", path.display()))).unwrap();
+        assert_eq!(from_file.expose(), "s3cret");
+        std::fs::remove_file(&path).unwrap();
+        let missing = serde_json::from_value::<Secret<String>>(serde_json::json!("file:/nonexistent/x")).unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/x"), "{missing}");
+        let unset =
+            serde_json::from_value::<Secret<String>>(serde_json::json!("env:BATON_TEST_UNSET_VAR")).unwrap_err();
+        assert!(unset.to_string().contains("BATON_TEST_UNSET_VAR"));
+        let plain: Secret<String> = serde_json::from_value(serde_json::json!("plain")).unwrap();
+        assert_eq!(plain.expose(), "plain");
     }
 
     #[test]

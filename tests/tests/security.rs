@@ -335,3 +335,121 @@ async fn unsigned_or_forged_results_change_nothing_and_are_audited() {
         "a forged success changes nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_secret_never_appears_in_logs_messages_or_dead_letters() {
+    let env = TestEnv::new("sentinel").await;
+    let sentinel = format!("S3NT1NEL{}", Uuid::new_v4().simple());
+    let user = format!("sentinel-{}", &sentinel[8..16]);
+    let ctl = |args: &[&str]| {
+        assert!(
+            std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{args:?}"
+        );
+    };
+    ctl(&["add_user", &user, &sentinel]);
+    ctl(&["set_permissions", "-p", &env.vhost, &user, ".*", ".*", ".*"]);
+    let url = format!("amqp://{user}:{sentinel}@127.0.0.1:5672/{}", env.vhost);
+    // By reference: the scheduler reads it from a file, the daemon from another variable.
+    std::fs::write(env.dir.join("amqp-url"), &url).unwrap();
+    env.set_scheduler_env(
+        "BATON_AMQP__URL",
+        &format!("file:{}", env.dir.join("amqp-url").display()),
+    );
+    env.set_scheduler_env(
+        "BATON_DATABASE__URL",
+        &env.db_url.replace("postgres@", &format!("postgres:{sentinel}@")),
+    );
+    env.script(json!({"default": {"delay_ms": 20}, "execute": {"cdn": {"fail": {"code": "x", "message": "boom", "retryable": false}}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env
+        .daemon_with(
+            "daemon",
+            SEED_BINDINGS,
+            &[
+                ("BATON_AMQP__URL", "env:SENTINEL_AMQP_URL"),
+                ("SENTINEL_AMQP_URL", &url),
+            ],
+        )
+        .await;
+    let run = env.enqueue(&event("sentinel", 42, &["src/app.ts", "assets/a.css"]));
+    assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "rolled_back");
+    // A refused message and a printed config, too.
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    publish(
+        &ch,
+        JOBS_EXCHANGE,
+        "staging.staging-verify",
+        b"{\"bad\": 1}",
+        Uuid::new_v4(),
+    )
+    .await;
+    env.wait_until("the refusal to be audited", RUN_TIMEOUT, async || {
+        let n: i64 = sqlx::query_scalar("select count(*) from audit where kind = 'message_refused'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        n >= 1
+    })
+    .await;
+    let printed = std::process::Command::new(baton_tests::bin("baton-e2e"))
+        .args(["--print-config"])
+        .env("BATON_AMQP__URL", &url)
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+
+    let mut haystacks = vec![(
+        "print-config".to_owned(),
+        String::from_utf8_lossy(&printed.stdout).into_owned(),
+    )];
+    for entry in std::fs::read_dir(&env.dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "log" || e == "jsonl") {
+            haystacks.push((p.display().to_string(), std::fs::read_to_string(&p).unwrap()));
+        }
+    }
+    let bodies: Vec<Vec<u8>> = sqlx::query_scalar("select body from outbox")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    haystacks.extend(
+        bodies
+            .into_iter()
+            .map(|b| ("outbox".to_owned(), String::from_utf8_lossy(&b).into_owned())),
+    );
+    let audit: Vec<String> = sqlx::query_scalar("select detail::text from audit")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    haystacks.extend(audit.into_iter().map(|a| ("audit".to_owned(), a)));
+    while let Some(msg) = ch
+        .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let headers = format!("{:?}", msg.delivery.properties);
+        haystacks.push((
+            "dead letter".to_owned(),
+            headers + &String::from_utf8_lossy(&msg.delivery.data),
+        ));
+    }
+    assert!(haystacks.len() > 5);
+    assert!(
+        haystacks
+            .iter()
+            .any(|(_, h)| h.contains("[redacted]") || h.contains("***")),
+        "redaction shows somewhere"
+    );
+    for (place, text) in &haystacks {
+        assert!(!text.contains(&sentinel), "the secret leaked into {place}");
+    }
+    ctl(&["delete_user", &user]);
+}
