@@ -205,7 +205,7 @@ async fn dispatch(cli: Cli) -> Outcome {
         Command::Enqueue { event } => {
             let ev = read_event(&event)?;
             let cfg = load_config(cli.config.as_deref())?;
-            let broker = Broker::connect(&cfg.amqp.url, "baton enqueue")
+            let broker = Broker::connect_config(&cfg.amqp, "baton enqueue")
                 .await
                 .map_err(unavailable)?;
             let out = Outgoing {

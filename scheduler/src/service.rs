@@ -90,8 +90,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         Duration::from_millis(config.scheduler.claim_ms),
         instance.clone(),
     );
-    let broker =
-        Broker::connect_retrying(&config.amqp.url, &format!("baton {instance}"), Duration::from_secs(60)).await?;
+    let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
     topology::declare_core(broker.publish_channel(), config.amqp.delivery_limit)
         .await
         .map_err(AmqpError::op("declare topology"))?;

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, DefaultConnectionBuilder};
 use uuid::Uuid;
 
+use crate::config::AmqpConfig;
 use crate::secret::{Secret, redact_url};
 use crate::topology::{DEAD_EXCHANGE, ORIGIN_HEADER, REASON_HEADER};
 
@@ -30,6 +32,8 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    #[error("cannot use CA file {path} for amqps: {problem}")]
+    Tls { path: String, problem: String },
     #[error(
         "message to exchange {exchange:?} with routing key {routing_key:?} is unroutable: no queue is bound for it"
     )]
@@ -63,10 +67,39 @@ pub struct Broker {
 impl Broker {
     /// Connects with lapin's auto-recovery on and opens a confirming channel.
     pub async fn connect(url: &Secret<String>, name: &str) -> Result<Self, AmqpError> {
+        Self::open(url, None, name).await
+    }
+
+    /// Connects as configured: for `amqps://`, `amqp.ca_file` adds the CA that
+    /// signed the broker's certificate (the system roots are used otherwise).
+    pub async fn connect_config(cfg: &AmqpConfig, name: &str) -> Result<Self, AmqpError> {
+        let ca = match &cfg.ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| AmqpError::Tls {
+                path: path.clone(),
+                problem: e.to_string(),
+            })?),
+            None => None,
+        };
+        Self::open(&cfg.url, ca, name).await
+    }
+
+    async fn open(url: &Secret<String>, ca_pem: Option<String>, name: &str) -> Result<Self, AmqpError> {
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(name.to_owned()))
             .enable_auto_recover();
-        let conn = Connection::connect(url.expose(), props)
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca_pem,
+        };
+        let conn = DefaultConnectionBuilder::new()
+            .map_err(|source| AmqpError::Connect {
+                url: redact_url(url.expose()),
+                source,
+            })?
+            .with_uri_str(url.expose().clone())
+            .with_properties(props)
+            .with_tls_config(tls)
+            .connect()
             .await
             .map_err(|source| AmqpError::Connect {
                 url: redact_url(url.expose()),
@@ -83,13 +116,14 @@ impl Broker {
         })
     }
 
-    /// Connects, retrying with backoff until `deadline` passes.
-    pub async fn connect_retrying(url: &Secret<String>, name: &str, patience: Duration) -> Result<Self, AmqpError> {
+    /// Connects, retrying with backoff for up to `patience`.
+    pub async fn connect_retrying(cfg: &AmqpConfig, name: &str, patience: Duration) -> Result<Self, AmqpError> {
         let start = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
-            match Self::connect(url, name).await {
+            match Self::connect_config(cfg, name).await {
                 Ok(b) => return Ok(b),
+                Err(e @ AmqpError::Tls { .. }) => return Err(e),
                 Err(e) if start.elapsed() < patience => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "rabbitmq not reachable yet");
                     tokio::time::sleep(delay).await;

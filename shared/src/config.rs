@@ -104,6 +104,8 @@ pub struct AmqpConfig {
     pub url: Secret<String>,
     /// Deliveries of one message before it is dead-lettered.
     pub delivery_limit: i64,
+    /// PEM file with the CA that signed the broker's certificate (`amqps://`).
+    pub ca_file: Option<String>,
 }
 
 impl Default for AmqpConfig {
@@ -111,6 +113,7 @@ impl Default for AmqpConfig {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             delivery_limit: crate::topology::DEFAULT_DELIVERY_LIMIT,
+            ca_file: None,
         }
     }
 }
@@ -120,6 +123,14 @@ impl AmqpConfig {
         let url = self.url.expose();
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return Err(ConfigError::invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if let Some(ca) = &self.ca_file
+            && !std::path::Path::new(ca).is_file()
+        {
+            return Err(ConfigError::invalid(
+                "amqp.ca_file",
+                format!("{ca} is not a readable file"),
+            ));
         }
         if self.delivery_limit < 1 {
             return Err(ConfigError::invalid("amqp.delivery_limit", "must be at least 1"));

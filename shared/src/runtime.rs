@@ -132,7 +132,7 @@ pub async fn run(
     let instance = config.instance();
     let (key, trusted) = config.signing.load()?;
     let broker = Broker::connect_retrying(
-        &config.amqp.url,
+        &config.amqp,
         &format!("baton-daemon {instance}"),
         Duration::from_secs(60),
     )
