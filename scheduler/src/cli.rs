@@ -71,6 +71,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -92,6 +97,18 @@ enum RunsCommand {
     },
     /// One run: steps, attempts, compensations and history.
     Show { run: Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new bearer token: prints it once, and the `api.tokens` entry that admits it.
+    New {
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or approver.
+        #[arg(long)]
+        role: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +327,26 @@ async fn dispatch(cli: Cli) -> Outcome {
                 }
             }
         }
+        Command::Token {
+            command: TokenCommand::New { name, role },
+        } => {
+            let role: crate::api::Role = serde_json::from_value(serde_json::json!(role))
+                .map_err(|_| bad_input(anyhow::anyhow!("--role must be viewer, operator or approver")))?;
+            let (token, entry) = crate::api::new_token(&name, role);
+            if cli.json {
+                print_json(&serde_json::json!({"token": token, "entry": entry}));
+            } else {
+                println!("token (shown once): {token}");
+                println!("config entry:");
+                println!(
+                    "[[api.tokens]]\nname = {:?}\nrole = {:?}\nsha256 = {:?}",
+                    entry.name,
+                    role_name(role),
+                    entry.sha256
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { out } => {
             if out.exists() {
                 return Err(bad_input(anyhow::anyhow!(
@@ -475,4 +512,11 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(contents.as_bytes())
+}
+
+fn role_name(role: crate::api::Role) -> String {
+    serde_json::to_value(role)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

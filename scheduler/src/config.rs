@@ -15,6 +15,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub scheduler: SchedulerSettings,
     pub signing: SigningConfig,
+    pub api: crate::api::ApiConfig,
     pub log: LogConfig,
 }
 
@@ -84,6 +85,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
+        self.api.validate()?;
         let url = self.database.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(

@@ -119,7 +119,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         store.clone(),
         broker.clone(),
         relay.clone(),
-        pipeline,
+        pipeline.clone(),
         config.scheduler.prefetch,
         stop.clone(),
     ));
@@ -138,6 +138,27 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         config.scheduler.result_concurrency,
         stop.clone(),
     ));
+    if !config.api.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.api.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on api.listen {}: {e}", config.api.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "http api listening");
+        let api_stop = stop.clone();
+        let (api_cfg, store, broker, relay, pipeline) = (
+            config.api.clone(),
+            store.clone(),
+            broker.clone(),
+            relay.clone(),
+            pipeline.clone(),
+        );
+        tasks.spawn(async move {
+            crate::api::serve(listener, &api_cfg, store, broker, relay, pipeline, async move {
+                api_stop.cancelled().await
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        });
+    }
     drop(relay);
 
     tokio::select! {

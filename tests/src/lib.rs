@@ -102,6 +102,17 @@ fn rabbitmqctl(args: &[&str]) {
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// For a scheduler: the base URL of its HTTP API.
+    pub api: Option<String>,
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Proc {
@@ -248,6 +259,11 @@ impl TestEnv {
             .expect("log file")
     }
 
+    /// Writes a configuration file for schedulers started from now on.
+    pub fn scheduler_config(&self, toml: &str) {
+        std::fs::write(self.dir.join("scheduler.toml"), toml).expect("write scheduler.toml");
+    }
+
     /// Sets a scheduler override for processes started from now on.
     pub fn set_scheduler_env(&self, key: &str, value: &str) {
         self.scheduler_env
@@ -313,6 +329,10 @@ impl TestEnv {
     pub fn spawn_scheduler(&self, label: &str) -> Proc {
         let mut cmd = Command::new(bin("baton-e2e"));
         cmd.arg("scheduler");
+        let file = self.dir.join("scheduler.toml");
+        if file.exists() {
+            cmd.arg("--config").arg(file);
+        }
         self.common_env(&mut cmd);
         cmd.env("BATON_SIGNING__KEY_FILE", self.dir.join("scheduler.key"))
             .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", self.daemon_key.public()))
@@ -322,6 +342,8 @@ impl TestEnv {
             .env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "5000")
             .env("BATON_SCHEDULER__CLAIM_MS", "1000")
             .env("BATON_SCHEDULER__TIMER_POLL_MS", "50");
+        let port = free_port();
+        cmd.env("BATON_API__LISTEN", format!("127.0.0.1:{port}"));
         for (k, v) in self.scheduler_env.lock().unwrap().iter() {
             cmd.env(k, v);
         }
@@ -329,6 +351,7 @@ impl TestEnv {
         Proc {
             name: label.to_owned(),
             child: cmd.spawn().expect("spawn baton scheduler"),
+            api: Some(format!("http://127.0.0.1:{port}")),
         }
     }
 
@@ -366,6 +389,7 @@ impl TestEnv {
         Proc {
             name: label.to_owned(),
             child: cmd.spawn().expect("spawn test daemon"),
+            api: None,
         }
     }
 
