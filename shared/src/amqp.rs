@@ -67,7 +67,7 @@ pub struct Broker {
 impl Broker {
     /// Connects with lapin's auto-recovery on and opens a confirming channel.
     pub async fn connect(url: &Secret<String>, name: &str) -> Result<Self, AmqpError> {
-        Self::open(url, None, name).await
+        Self::open(url, None, AmqpConfig::default().reconnect_attempts, name).await
     }
 
     /// Connects as configured: for `amqps://`, `amqp.ca_file` adds the CA that
@@ -80,12 +80,24 @@ impl Broker {
             })?),
             None => None,
         };
-        Self::open(&cfg.url, ca, name).await
+        Self::open(&cfg.url, ca, cfg.reconnect_attempts, name).await
     }
 
-    async fn open(url: &Secret<String>, ca_pem: Option<String>, name: &str) -> Result<Self, AmqpError> {
+    async fn open(
+        url: &Secret<String>,
+        ca_pem: Option<String>,
+        attempts: usize,
+        name: &str,
+    ) -> Result<Self, AmqpError> {
+        // lapin retries TCP (re)connects itself; bound it so a broker that stays
+        // away (or refuses our TLS) surfaces as an error instead of a hang.
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(name.to_owned()))
+            .configure_backoff(move |b| {
+                b.with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(3))
+                    .with_max_times(attempts)
+            })
             .enable_auto_recover();
         let tls = OwnedTLSConfig {
             identity: None,

@@ -106,6 +106,8 @@ pub struct AmqpConfig {
     pub delivery_limit: i64,
     /// PEM file with the CA that signed the broker's certificate (`amqps://`).
     pub ca_file: Option<String>,
+    /// TCP (re)connect attempts lapin makes before a connection counts as lost.
+    pub reconnect_attempts: usize,
 }
 
 impl Default for AmqpConfig {
@@ -114,6 +116,7 @@ impl Default for AmqpConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             delivery_limit: crate::topology::DEFAULT_DELIVERY_LIMIT,
             ca_file: None,
+            reconnect_attempts: 8,
         }
     }
 }

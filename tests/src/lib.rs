@@ -566,3 +566,101 @@ pub const EVERYTHING: &[&str] = &[
     "network/ingress.yaml",
     "assets/logo.svg",
 ];
+
+/// A private RabbitMQ node (own name, ports, data and logs) for tests that
+/// restart the broker, alarm it or need TLS, so the shared node is untouched.
+/// Stopped and removed when dropped.
+pub struct PrivateBroker {
+    pub node: String,
+    pub port: u16,
+    /// The TLS listener's port, when started with TLS.
+    pub tls_port: Option<u16>,
+    pub dir: PathBuf,
+}
+
+impl PrivateBroker {
+    /// Starts a node; with `tls`, also a TLS listener whose certificate is
+    /// signed by `dir/ca.pem` (made here with openssl, for `localhost`).
+    pub fn start(tls: bool) -> Self {
+        let id = &Uuid::new_v4().simple().to_string()[..8];
+        let node = format!("baton-{id}@localhost");
+        let dir = std::env::temp_dir().join(format!("baton-broker-{id}"));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("broker dir");
+        }
+        let (port, dist) = (free_port(), free_port());
+        let mut conf = format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n");
+        let tls_port = tls.then(|| {
+            let sh = |args: &str| {
+                let ok = Command::new("sh").arg("-c").arg(args).current_dir(&dir).output().expect("openssl");
+                assert!(ok.status.success(), "{args}: {}", String::from_utf8_lossy(&ok.stderr));
+            };
+            sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=baton-test-ca");
+            sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+            std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+            sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext");
+            let tls_port = free_port();
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {d}/ca.pem\n\
+                 ssl_options.certfile = {d}/server.pem\nssl_options.keyfile = {d}/server.key\n\
+                 ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                d = dir.display()
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        // The broker runs as the rabbitmq user.
+        let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(&dir).status();
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .status()
+            .expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let broker = Self {
+            node,
+            port,
+            tls_port,
+            dir,
+        };
+        // `wait` blocks until the pid file appears and the node has booted.
+        let pid = broker.dir.join("pid").display().to_string();
+        broker.ctl(&["wait", &pid, "--timeout", "90"]);
+        broker
+    }
+
+    /// Runs `rabbitmqctl` against this node.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {args:?}: {}",
+            self.node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["-n", &self.node, "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -453,3 +453,36 @@ async fn a_sentinel_secret_never_appears_in_logs_messages_or_dead_letters() {
     }
     ctl(&["delete_user", &user]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_verifies_the_broker_certificate_against_the_configured_ca() {
+    let broker = baton_tests::PrivateBroker::start(true);
+    let port = broker.tls_port.unwrap();
+    let cfg = |ca: Option<String>| baton_shared::config::AmqpConfig {
+        url: baton_shared::secret::Secret::new(format!("amqps://guest:guest@localhost:{port}/%2f")),
+        ca_file: ca,
+        reconnect_attempts: 0,
+        ..Default::default()
+    };
+    let ca = broker.dir.join("ca.pem").display().to_string();
+    let conn = baton_shared::amqp::Broker::connect_config(&cfg(Some(ca)), "tls test")
+        .await
+        .expect("connects over TLS when the CA is configured");
+    baton_shared::topology::declare_core(conn.publish_channel(), 5)
+        .await
+        .unwrap();
+    conn.close().await;
+    let err = baton_shared::amqp::Broker::connect_config(&cfg(None), "tls test")
+        .await
+        .err()
+        .expect("unknown CA refused");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    // Another CA's certificate does not verify the broker either.
+    let other = baton_tests::PrivateBroker::start(true);
+    let wrong = other.dir.join("ca.pem").display().to_string();
+    assert!(
+        baton_shared::amqp::Broker::connect_config(&cfg(Some(wrong)), "tls test")
+            .await
+            .is_err()
+    );
+}
