@@ -1,1 +1,87 @@
-fn main() {}
+//! `baton-backup`: the backup role daemon for one zone.
+//!
+//! `baton-backup [--config FILE] [--print-config]`. Exit codes: 0 after a clean
+//! shutdown, 2 for bad configuration (the message names the key), 3 when the
+//! broker cannot be reached or the runtime stops.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use baton_backup::{BackupRole, Config};
+use baton_shared::runtime::{self, Binding};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "baton-backup", version, about = "Baton's backup daemon")]
+struct Cli {
+    /// Configuration file (default: ./baton.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let cfg: Config = match baton_shared::config::load(cli.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        // Printed before validation: seeing what was loaded is how one finds
+        // out why it does not validate. Secrets print as [redacted].
+        print!("{}", baton_shared::config::render(&cfg));
+        return ExitCode::SUCCESS;
+    }
+    let role = match build(&cfg) {
+        Ok(role) => role,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    baton_shared::telemetry::init_logging(&cfg.common.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let zone = cfg.common.daemon.zone.clone();
+    tracing::info!(zone = %zone, primary_region = %cfg.backup.primary.region, copy_region = %cfg.backup.copy.region, "backup daemon starting");
+    let bindings = vec![Binding {
+        zone,
+        role: Arc::new(role),
+    }];
+    match runtime.block_on(runtime::run(cfg.common, bindings, runtime::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "daemon stopped");
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// Validates the configuration and builds the role (which reads the age
+/// identity file); every failure here is bad configuration.
+fn build(cfg: &Config) -> anyhow::Result<BackupRole> {
+    cfg.validate()?;
+    Ok(BackupRole::from_settings(&cfg.backup)?)
+}

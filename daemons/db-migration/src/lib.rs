@@ -1,1 +1,66 @@
-//! Baton's db-migration role.
+//! Baton's db-migration role: Drizzle migrations, applied exactly as drizzle-orm's
+//! own migrator would, with the seed's migration rules enforced around them.
+//!
+//! # The migrations folder
+//!
+//! The folder is read from the deployed repository at the merge commit
+//! (`deploy.repository`, `deploy.commit_sha`), at the job parameter `migrations_dir`
+//! (default `drizzle/migrations`). It is drizzle-kit's output:
+//!
+//! ```text
+//! drizzle/migrations/
+//!   meta/_journal.json            {"version": "7", "dialect": "postgresql", "entries": [{idx, version, when, tag, breakpoints}]}
+//!   0000_create_users.sql         statements separated by `--> statement-breakpoint`
+//!   0000_create_users.down.sql    Baton: the down migration, same format
+//!   0001_backfill.sql
+//!   0001_backfill.recovery.md     Baton: how to recover, for a migration without a down
+//! ```
+//!
+//! Applied migrations are recorded as drizzle-orm does (see [`drizzle`]): a database
+//! migrated by Baton is up to date for drizzle's `migrate()` and the other way round.
+//!
+//! # Rules (seed, step 2)
+//!
+//! - **Reversible or documented.** A migration without `<tag>.down.sql` is
+//!   irreversible; `migrate` applies it only if `<tag>.recovery.md` exists and is not
+//!   empty, and otherwise refuses with `irreversible_without_procedure`, naming it,
+//!   before writing anything.
+//! - **No destructive migration without a backup.** If a pending migration has a
+//!   destructive statement (see [`analysis`]) and the job's zone is one of
+//!   `migration.backup_required_zones` (default `production`), the job's input
+//!   `backup.pre` (parameter `backup_step`) must be a verified backup of this very
+//!   run (`verified == true`, `run_id == job.run_id`); otherwise `migrate` refuses
+//!   with `backup_not_verified` before writing anything.
+//! - **Additive first.** Renames and drops of columns, tables, views or schemas in a
+//!   deploy produce warnings in the step outputs.
+//! - **Integrity.** After applying, in the same transaction, `verify` runs (see
+//!   [`verify`]); if it fails, the transaction rolls back and nothing is applied.
+//!
+//! # Actions
+//!
+//! - `migrate` (execute): under the migration lock, applies every pending migration
+//!   in one transaction, records them in `drizzle.__drizzle_migrations` and in
+//!   `baton_migrations.log`, verifies, commits. Outputs: [`role::MigrateOutputs`].
+//! - `verify` (execute): the checks alone; pending migrations also fail it.
+//! - `rollback` (compensate): the down migrations of what this step applied
+//!   (`own_outputs.applied`), latest first, each in its own transaction that also
+//!   deletes its history row and logs a `down` row. A migration without a down fails
+//!   with `irreversible`, before anything is rolled back, naming the migration, its
+//!   recovery procedure and the backup to restore from.
+//!
+//! The lock is a PostgreSQL advisory lock; a second job on the same database waits
+//! up to `migration.lock_timeout_secs` and then fails with the retryable
+//! `migration_locked`.
+
+pub mod analysis;
+pub mod config;
+pub mod db;
+pub mod drizzle;
+pub mod error;
+pub mod role;
+pub mod source;
+pub mod verify;
+
+pub use config::{Config, MigrationConfig};
+pub use error::Error;
+pub use role::{DbMigration, MigrateOutputs, ROLE};

@@ -1,0 +1,701 @@
+//! The `db-migration` role: `migrate`, `verify` and the `rollback` compensation.
+//!
+//! Every action reads the migrations folder at the job's commit, connects to the
+//! service's database for the daemon's zone, and takes the migration lock before it
+//! reads the history, so two jobs on one database run one after the other and each
+//! sees what the other did.
+//!
+//! Idempotency per (run, step): `migrate` logs what it applies under the run and step
+//! in `baton_migrations.log`, in the same transaction. A re-run finds nothing pending
+//! and reports the migrations the first run applied (still applied ones), so a
+//! rollback after a crash-and-retry still undoes them. `rollback` only undoes
+//! migrations still in drizzle's history, so running it again does nothing.
+
+use baton_shared::protocol::{Fields, JobKind, StepJob};
+use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
+use baton_shared::secret::Secret;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+use crate::analysis::{self, Finding};
+use crate::config::MigrationConfig;
+use crate::db::{self, Direction};
+use crate::drizzle::{Migration, MigrationSet};
+use crate::error::{Error, Problem};
+use crate::source::{self, GitCache};
+use crate::verify;
+
+/// The role's name in queues and plans.
+pub const ROLE: &str = "db-migration";
+
+/// Default `migrations_dir` job parameter.
+pub const DEFAULT_MIGRATIONS_DIR: &str = "drizzle/migrations";
+
+/// Default `backup_step` job parameter: the input carrying the pre-deploy backup.
+pub const DEFAULT_BACKUP_STEP: &str = "backup.pre";
+
+/// Outputs of `migrate`, the input of `rollback` (as the step's `own_outputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOutputs {
+    /// Tags this run applied to the database, in the order applied.
+    pub applied: Vec<String>,
+    /// SHA-256 of each applied migration, as in `drizzle.__drizzle_migrations`.
+    pub hashes: Vec<String>,
+    /// Whether an applied migration has a destructive statement.
+    pub destructive: bool,
+    /// Additive-first rule warnings: renames and removals in this deploy.
+    pub warnings: Vec<String>,
+    /// The service whose database this is.
+    pub database: String,
+    /// Newest `created_at` in the database's history afterwards.
+    pub last_created_at: Option<i64>,
+    /// What the integrity checks did.
+    #[serde(default)]
+    pub verify: Value,
+}
+
+/// What `rollback` needs from the `migrate` outputs.
+#[derive(Debug, Deserialize)]
+struct RollbackInput {
+    applied: Vec<String>,
+    hashes: Vec<String>,
+    #[serde(default)]
+    database: Option<String>,
+}
+
+/// The `backup.pre` contract (other fields are allowed and ignored here).
+#[derive(Debug, Deserialize)]
+struct BackupInput {
+    backup_id: String,
+    run_id: String,
+    verified: bool,
+}
+
+/// The destructive statements of some migrations and what they mean for the deploy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assessment {
+    /// `(tag, finding)` in migration order.
+    pub findings: Vec<(String, Finding)>,
+    pub warnings: Vec<String>,
+}
+
+impl Assessment {
+    pub fn destructive(&self) -> bool {
+        !self.findings.is_empty()
+    }
+
+    pub fn describe(&self) -> Vec<String> {
+        self.findings.iter().map(|(tag, f)| format!("{tag}: {f}")).collect()
+    }
+}
+
+/// Scans migrations for destructive statements, chunk by chunk as they execute.
+pub fn assess<'a>(migrations: impl IntoIterator<Item = &'a Migration>) -> Assessment {
+    let mut out = Assessment::default();
+    for m in migrations {
+        for chunk in m.statements() {
+            for f in analysis::analyze(chunk) {
+                if f.kind.breaks_additive_first() {
+                    out.warnings.push(format!(
+                        "{}: {} in the same deploy as the code that goes with it; migrations are additive \
+                         first: add the new structure, deploy the code, then rename or remove in a separate \
+                         deployment ({})",
+                        m.tag, f.kind, f.statement
+                    ));
+                }
+                out.findings.push((m.tag.clone(), f));
+            }
+        }
+    }
+    out
+}
+
+/// Tags of migrations with neither a down migration nor a recovery procedure.
+pub fn without_procedure<'a>(migrations: impl IntoIterator<Item = &'a Migration>) -> Vec<String> {
+    migrations
+        .into_iter()
+        .filter(|m| !m.is_reversible() && m.recovery.is_none())
+        .map(|m| m.tag.clone())
+        .collect()
+}
+
+/// The verified pre-deploy backup of this run in `inputs[input]`, or why there is none.
+pub fn verified_backup(job: &StepJob, input: &str) -> Result<String, String> {
+    let fields = job
+        .inputs
+        .get(input)
+        .ok_or_else(|| format!("the job has no input `{input}`"))?;
+    let b: BackupInput = serde_json::from_value(Value::Object(fields.clone()))
+        .map_err(|e| format!("input `{input}` is not a backup report: {e}"))?;
+    if !b.verified {
+        return Err(format!("backup {} is not verified", b.backup_id));
+    }
+    if b.run_id != job.run_id.to_string() {
+        return Err(format!(
+            "backup {} belongs to run {}, not to this run {}",
+            b.backup_id, b.run_id, job.run_id
+        ));
+    }
+    if b.backup_id.trim().is_empty() {
+        return Err(format!("input `{input}` has an empty backup_id"));
+    }
+    Ok(b.backup_id)
+}
+
+/// Job parameters.
+#[derive(Debug, Clone)]
+struct Params {
+    migrations_dir: String,
+    backup_step: String,
+}
+
+fn string_param(job: &StepJob, name: &'static str, default: &str) -> Result<String, Error> {
+    match job.params.get(name) {
+        None | Some(Value::Null) => Ok(default.to_owned()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(Error::InvalidParam {
+            name,
+            problem: format!("must be a string, got {other}"),
+        }),
+    }
+}
+
+impl Params {
+    fn from_job(job: &StepJob) -> Result<Self, Error> {
+        let dir = string_param(job, "migrations_dir", DEFAULT_MIGRATIONS_DIR)?;
+        Ok(Self {
+            migrations_dir: source::check_folder(&dir)?,
+            backup_step: string_param(job, "backup_step", DEFAULT_BACKUP_STEP)?,
+        })
+    }
+}
+
+/// The db-migration role, built from the daemon's `[migration]` configuration.
+#[derive(Debug, Clone)]
+pub struct DbMigration {
+    config: MigrationConfig,
+    git: GitCache,
+}
+
+impl DbMigration {
+    pub fn new(config: MigrationConfig) -> Self {
+        let git = GitCache::new(config.repos_dir.clone());
+        Self { config, git }
+    }
+
+    /// Runs a job to its outputs; the `Role` methods wrap this.
+    pub async fn run(&self, job: &StepJob) -> Result<Fields, Error> {
+        match (job.kind, job.action.as_str()) {
+            (JobKind::Execute, "migrate") => self.migrate(job).await,
+            (JobKind::Execute, "verify") => self.verify(job).await,
+            (JobKind::Compensate, "rollback") => self.rollback(job).await,
+            (kind, action) => Err(Error::UnknownAction {
+                kind,
+                action: action.to_owned(),
+            }),
+        }
+    }
+
+    fn database(&self, job: &StepJob) -> Result<&Secret<String>, Error> {
+        self.config
+            .database(&job.deploy.service)
+            .ok_or_else(|| Error::NoDatabase {
+                service: job.deploy.service.clone(),
+                zone: job.zone.clone(),
+            })
+    }
+
+    async fn migrations(&self, job: &StepJob, params: &Params) -> Result<MigrationSet, Error> {
+        let files = self
+            .git
+            .read_folder(&job.deploy.repository, &job.deploy.commit_sha, &params.migrations_dir)
+            .await?;
+        let set = MigrationSet::from_files(
+            format!("{} at {}", params.migrations_dir, job.deploy.commit_sha),
+            &files,
+        )?;
+        tracing::info!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            commit = %job.deploy.commit_sha,
+            dir = %params.migrations_dir,
+            migrations = set.migrations.len(),
+            "migrations read"
+        );
+        Ok(set)
+    }
+
+    async fn locked_connection(&self, url: &Secret<String>, service: &str) -> Result<PgConnection, Error> {
+        let mut conn = db::connect(url, service).await?;
+        db::lock(
+            &mut conn,
+            service,
+            std::time::Duration::from_secs(self.config.lock_timeout_secs),
+        )
+        .await?;
+        Ok(conn)
+    }
+
+    async fn migrate(&self, job: &StepJob) -> Result<Fields, Error> {
+        let service = job.deploy.service.as_str();
+        let url = self.database(job)?;
+        let params = Params::from_job(job)?;
+        let set = self.migrations(job, &params).await?;
+        let mut conn = self.locked_connection(url, service).await?;
+
+        let history = db::history(&mut conn, service).await?;
+        let earlier = db::applied_by(&mut conn, service, job.run_id, &job.step_id, &history).await?;
+        let pending = set.pending(history.last);
+
+        // Refusals come before anything is written.
+        let missing = without_procedure(pending.iter().copied());
+        if !missing.is_empty() {
+            return Err(Error::IrreversibleWithoutProcedure {
+                migrations: missing,
+                dir: params.migrations_dir.clone(),
+            });
+        }
+        let risk = assess(pending.iter().copied());
+        if risk.destructive() && self.config.backup_required_zones.contains(&job.zone) {
+            match verified_backup(job, &params.backup_step) {
+                Ok(backup) => {
+                    tracing::info!(run_id = %job.run_id, backup_id = %backup, "destructive migration covered by a verified backup")
+                }
+                Err(problem) => {
+                    return Err(Error::BackupNotVerified {
+                        zone: job.zone.clone(),
+                        input: params.backup_step.clone(),
+                        problem,
+                        findings: risk.describe(),
+                    });
+                }
+            }
+        }
+
+        // The expected schema is built before the target's transaction opens, so the
+        // target's tables are locked only while its own migrations run.
+        let expected = verify::expected_snapshot(&self.config.admin_url, &set)
+            .await
+            .map_err(|e| match e {
+                // A pending migration that fails on an empty database is a failed
+                // migration, found before the target was touched.
+                Error::ScratchMigration { tag, statement, source } if pending.iter().any(|m| m.tag == tag) => {
+                    let total = set.get(&tag).map_or(statement, |m| m.statements().len());
+                    Error::MigrationFailed {
+                        tag,
+                        statement,
+                        total,
+                        on_scratch: true,
+                        source,
+                    }
+                }
+                other => other,
+            })?;
+        let db_err = |doing| {
+            let service = service.to_owned();
+            move |source| Error::Database { service, doing, source }
+        };
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(db_err("starting the migration transaction"))?;
+        if !pending.is_empty() {
+            db::ensure_tables(&mut tx, service).await?;
+            for m in &pending {
+                tracing::info!(run_id = %job.run_id, step_id = %job.step_id, service, tag = %m.tag, "applying migration");
+                db::apply(&mut tx, m).await?;
+                db::log(&mut tx, service, m, Direction::Up, job.run_id, &job.step_id).await?;
+            }
+        }
+        let report = verify::check(&mut tx, service, &expected).await?;
+        if !report.ok() {
+            tx.rollback().await.map_err(db_err("rolling back"))?;
+            return Err(Error::VerifyFailed {
+                service: service.to_owned(),
+                problems: report.problems,
+                applied_nothing: true,
+            });
+        }
+        tx.commit().await.map_err(db_err("committing the migrations"))?;
+        let after = db::history(&mut conn, service).await?;
+        let _ = conn.close().await;
+
+        let mut applied: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
+        for m in &pending {
+            if !applied.iter().any(|a| a.tag == m.tag) {
+                applied.push(m);
+            }
+        }
+        let risk = assess(applied.iter().copied());
+        for w in &risk.warnings {
+            tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, service, warning = %w, "additive-first rule");
+        }
+        tracing::info!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            service,
+            applied_now = pending.len(),
+            applied_by_run = applied.len(),
+            "migrate done"
+        );
+        let out = MigrateOutputs {
+            applied: applied.iter().map(|m| m.tag.clone()).collect(),
+            hashes: applied.iter().map(|m| m.hash.clone()).collect(),
+            destructive: risk.destructive(),
+            warnings: risk.warnings,
+            database: service.to_owned(),
+            last_created_at: after.last,
+            verify: report.to_json(),
+        };
+        Ok(to_fields(&out))
+    }
+
+    async fn verify(&self, job: &StepJob) -> Result<Fields, Error> {
+        let service = job.deploy.service.as_str();
+        let url = self.database(job)?;
+        let params = Params::from_job(job)?;
+        let set = self.migrations(job, &params).await?;
+        let mut conn = self.locked_connection(url, service).await?;
+        let history = db::history(&mut conn, service).await?;
+        let pending: Vec<String> = set.pending(history.last).iter().map(|m| m.tag.clone()).collect();
+        let expected = verify::expected_snapshot(&self.config.admin_url, &set).await?;
+        let db_err = |doing| {
+            let service = service.to_owned();
+            move |source| Error::Database { service, doing, source }
+        };
+        let mut tx = conn.begin().await.map_err(db_err("starting the verification"))?;
+        let mut report = verify::check(&mut tx, service, &expected).await?;
+        // Constraints that validated stay validated even if something else failed.
+        tx.commit().await.map_err(db_err("committing validated constraints"))?;
+        let _ = conn.close().await;
+        if !pending.is_empty() {
+            report.problems.push(Problem::Pending(pending));
+        }
+        if !report.ok() {
+            return Err(Error::VerifyFailed {
+                service: service.to_owned(),
+                problems: report.problems,
+                applied_nothing: false,
+            });
+        }
+        let mut out = match report.to_json() {
+            Value::Object(m) => m,
+            _ => Fields::new(),
+        };
+        out.insert("database".into(), service.into());
+        out.insert("last_created_at".into(), history.last.into());
+        Ok(out)
+    }
+
+    async fn rollback(&self, job: &StepJob) -> Result<Fields, Error> {
+        let service = job.deploy.service.as_str();
+        let own: RollbackInput = serde_json::from_value(Value::Object(job.own_outputs.clone()))
+            .map_err(|e| Error::InvalidOwnOutputs { problem: e.to_string() })?;
+        if own.applied.len() != own.hashes.len() {
+            return Err(Error::InvalidOwnOutputs {
+                problem: format!("{} applied tags but {} hashes", own.applied.len(), own.hashes.len()),
+            });
+        }
+        if let Some(db) = own.database.as_deref()
+            && db != service
+        {
+            return Err(Error::InvalidOwnOutputs {
+                problem: format!("they are for the database of {db}, this job is for {service}"),
+            });
+        }
+        let mut out = Fields::new();
+        out.insert("database".into(), service.into());
+        if own.applied.is_empty() {
+            out.insert("rolled_back".into(), Value::Array(Vec::new()));
+            out.insert("not_applied".into(), Value::Array(Vec::new()));
+            return Ok(out);
+        }
+        let url = self.database(job)?;
+        let params = Params::from_job(job)?;
+        let set = self.migrations(job, &params).await?;
+        let mut ours: Vec<&Migration> = Vec::new();
+        for (tag, hash) in own.applied.iter().zip(&own.hashes) {
+            let m = set.get(tag).ok_or_else(|| Error::InvalidOwnOutputs {
+                problem: format!("migration {tag} is not in {}", set.origin),
+            })?;
+            if &m.hash != hash {
+                return Err(Error::InvalidOwnOutputs {
+                    problem: format!("{tag} has hash {} at this commit, the step recorded {hash}", m.hash),
+                });
+            }
+            ours.push(m);
+        }
+
+        let mut conn = self.locked_connection(url, service).await?;
+        let history = db::history(&mut conn, service).await?;
+        let (still, gone): (Vec<&Migration>, Vec<&Migration>) =
+            ours.iter().partition(|m| history.contains(&m.hash, m.when));
+        let backup = match job.inputs.get(&params.backup_step).and_then(|f| f.get("backup_id")) {
+            Some(Value::String(id)) => format!("pre-deploy backup {id}"),
+            _ => format!(
+                "the latest verified backup (this job has no `{}` input naming one)",
+                params.backup_step
+            ),
+        };
+        if let Some(oldest) = still.iter().map(|m| m.when).min() {
+            let newer: Vec<String> = history
+                .rows
+                .iter()
+                .filter(|r| r.created_at.is_some_and(|c| c > oldest))
+                .filter(|r| !ours.iter().any(|m| m.hash == r.hash && Some(m.when) == r.created_at))
+                .map(|r| {
+                    set.migrations.iter().find(|m| m.hash == r.hash).map_or_else(
+                        || {
+                            format!(
+                                "a migration not in this commit (hash {}, created_at {:?})",
+                                r.hash, r.created_at
+                            )
+                        },
+                        |m| m.tag.clone(),
+                    )
+                })
+                .collect();
+            if !newer.is_empty() {
+                return Err(Error::NewerMigrations { tags: newer });
+            }
+        }
+        // All or nothing: an irreversible migration means restoring the backup, which
+        // undoes every migration of the run anyway, so nothing is rolled back first.
+        if let Some(m) = still.iter().rev().find(|m| !m.is_reversible()) {
+            return Err(Error::Irreversible {
+                tag: m.tag.clone(),
+                down_file: format!("{}/{}", params.migrations_dir, m.down_file()),
+                service: service.to_owned(),
+                backup,
+                procedure: procedure(m, &params),
+            });
+        }
+        let mut rolled_back = Vec::new();
+        for m in still.iter().rev() {
+            let restore = format!(
+                "restore {service} from {backup}; recovery procedure: {}",
+                procedure(m, &params)
+            );
+            let mut tx = conn.begin().await.map_err(|source| Error::Database {
+                service: service.to_owned(),
+                doing: "starting a rollback transaction",
+                source,
+            })?;
+            tracing::info!(run_id = %job.run_id, step_id = %job.step_id, service, tag = %m.tag, "rolling back migration");
+            db::unapply(&mut tx, m, &restore).await?;
+            db::ensure_tables(&mut tx, service).await?;
+            db::log(&mut tx, service, m, Direction::Down, job.run_id, &job.step_id).await?;
+            tx.commit().await.map_err(|source| Error::RollbackFailed {
+                tag: m.tag.clone(),
+                at: "commit".to_owned(),
+                restore: restore.clone(),
+                source,
+            })?;
+            rolled_back.push(m.tag.clone());
+        }
+        let _ = conn.close().await;
+        tracing::info!(run_id = %job.run_id, step_id = %job.step_id, service, rolled_back = ?rolled_back, "rollback done");
+        out.insert("rolled_back".into(), rolled_back.into());
+        out.insert(
+            "not_applied".into(),
+            gone.iter().map(|m| m.tag.clone()).collect::<Vec<_>>().into(),
+        );
+        Ok(out)
+    }
+}
+
+fn procedure(m: &Migration, params: &Params) -> String {
+    if m.recovery.is_some() {
+        format!("{}/{}", params.migrations_dir, m.recovery_file())
+    } else {
+        "none documented".to_owned()
+    }
+}
+
+fn to_fields<T: Serialize>(value: &T) -> Fields {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(m)) => m,
+        _ => Fields::new(),
+    }
+}
+
+impl Role for DbMigration {
+    fn name(&self) -> &str {
+        ROLE
+    }
+
+    fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(outcome(self, job))
+    }
+
+    fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        // Cancellation drops this future: the connection closes, PostgreSQL rolls the
+        // open transaction back and releases the lock, and git children are killed.
+        Box::pin(outcome(self, job))
+    }
+}
+
+async fn outcome(role: &DbMigration, job: &StepJob) -> Outcome {
+    role.run(job).await.map_err(|e| {
+        tracing::warn!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            action = %job.action,
+            code = e.code(),
+            retryable = e.retryable(),
+            error = %e,
+            "db-migration job failed"
+        );
+        e.to_step_error()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_shared::protocol::{Deploy, PROTOCOL_VERSION, Risk};
+
+    fn job() -> StepJob {
+        let now = chrono::Utc::now();
+        StepJob {
+            v: PROTOCOL_VERSION,
+            message_id: uuid::Uuid::new_v4(),
+            run_id: uuid::Uuid::new_v4(),
+            step_id: "db.production".into(),
+            attempt: 1,
+            kind: JobKind::Execute,
+            zone: "production".into(),
+            role: ROLE.into(),
+            action: "migrate".into(),
+            params: Fields::new(),
+            inputs: Default::default(),
+            own_outputs: Fields::new(),
+            deploy: Deploy {
+                service: "shop-api".into(),
+                environment: "production".into(),
+                repository: "/srv/shop".into(),
+                commit_sha: "0123456789abcdef0123456789abcdef01234567".into(),
+                risk: Risk::Standard,
+            },
+            issued_at: now,
+            not_after: now,
+            deadline: now,
+            heartbeat_ms: 1000,
+            traceparent: None,
+            signature: None,
+        }
+    }
+
+    fn backup(job: &mut StepJob, v: serde_json::Value) {
+        job.inputs
+            .insert("backup.pre".into(), v.as_object().cloned().unwrap_or_default());
+    }
+
+    #[test]
+    fn only_a_verified_backup_of_this_run_counts() {
+        let mut j = job();
+        assert!(
+            verified_backup(&j, "backup.pre")
+                .unwrap_err()
+                .contains("no input `backup.pre`")
+        );
+        let run = j.run_id.to_string();
+        backup(
+            &mut j,
+            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": false}),
+        );
+        assert!(
+            verified_backup(&j, "backup.pre")
+                .unwrap_err()
+                .contains("b1 is not verified")
+        );
+        backup(
+            &mut j,
+            serde_json::json!({"backup_id": "b1", "run_id": "other", "verified": true}),
+        );
+        assert!(
+            verified_backup(&j, "backup.pre")
+                .unwrap_err()
+                .contains("belongs to run other")
+        );
+        backup(
+            &mut j,
+            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": "yes"}),
+        );
+        assert!(
+            verified_backup(&j, "backup.pre")
+                .unwrap_err()
+                .contains("not a backup report")
+        );
+        backup(&mut j, serde_json::json!({"run_id": run, "verified": true}));
+        assert!(verified_backup(&j, "backup.pre").unwrap_err().contains("backup_id"));
+        backup(
+            &mut j,
+            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": true, "sha256": "x",
+                "location": "s3://a", "copy_location": "s3://b", "region": "eu-west-1"}),
+        );
+        assert_eq!(verified_backup(&j, "backup.pre").unwrap(), "b1");
+    }
+
+    fn migration(tag: &str, sql: &str, down: bool, recovery: bool) -> Migration {
+        Migration {
+            idx: 0,
+            tag: tag.into(),
+            when: 1,
+            sql: sql.into(),
+            hash: crate::drizzle::hash(sql),
+            down: down.then(|| "select 1".to_owned()),
+            recovery: recovery.then(|| "restore it".to_owned()),
+        }
+    }
+
+    #[test]
+    fn irreversible_migrations_need_a_procedure() {
+        let ms = [
+            migration("0000_a", "select 1", true, false),
+            migration("0001_b", "select 1", false, true),
+            migration("0002_c", "select 1", false, false),
+        ];
+        assert_eq!(without_procedure(&ms), ["0002_c"]);
+    }
+
+    #[test]
+    fn assessment_reports_destructive_statements_per_migration_and_warns_on_removals() {
+        let ms = [
+            migration("0000_add", "ALTER TABLE \"users\" ADD COLUMN \"x\" text;", true, false),
+            migration(
+                "0001_rename",
+                "ALTER TABLE \"users\" RENAME COLUMN \"name\" TO \"full_name\";--> statement-breakpoint\nDROP INDEX \"i\";",
+                true,
+                false,
+            ),
+        ];
+        let a = assess(&ms);
+        assert!(a.destructive());
+        assert_eq!(a.findings.len(), 2);
+        assert!(a.findings.iter().all(|(tag, _)| tag == "0001_rename"));
+        assert_eq!(a.warnings.len(), 1, "{:?}", a.warnings);
+        assert!(a.warnings[0].starts_with("0001_rename: renames column name of users"));
+        assert!(!assess(&ms[..1]).destructive());
+    }
+
+    #[test]
+    fn params_default_and_are_checked() {
+        let mut j = job();
+        let p = Params::from_job(&j).unwrap();
+        assert_eq!(
+            (p.migrations_dir.as_str(), p.backup_step.as_str()),
+            (DEFAULT_MIGRATIONS_DIR, DEFAULT_BACKUP_STEP)
+        );
+        j.params.insert("migrations_dir".into(), 5.into());
+        assert!(matches!(
+            Params::from_job(&j),
+            Err(Error::InvalidParam {
+                name: "migrations_dir",
+                ..
+            })
+        ));
+    }
+}

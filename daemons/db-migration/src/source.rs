@@ -1,0 +1,367 @@
+//! Reads the migrations folder of a repository at exactly one commit, with the real
+//! `git` CLI.
+//!
+//! Each repository gets a bare cache repository under `repos_dir`, named after a hash
+//! of its URL or path. A commit that is already there is never fetched again (commits
+//! are immutable); otherwise the commit is fetched by its SHA, and if the server does
+//! not allow that, all branches and tags are fetched. Fetched commits are kept under
+//! `refs/baton/commits/<sha>` so `git gc` does not prune them. Files are read from the
+//! commit's tree (`git ls-tree` + `git cat-file --batch`), never from a work tree, so
+//! a later commit can never leak into an earlier one's read.
+//!
+//! Git runs with `GIT_ALLOW_PROTOCOL=file:git:http:https:ssh` (no `ext::` command
+//! transports from a job) and `GIT_TERMINAL_PROMPT=0` (no hanging on a password
+//! prompt); repository strings are passed after `--end-of-options`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use baton_shared::secret::redact_url;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::error::Error;
+
+/// A cache of bare clones.
+#[derive(Debug, Clone)]
+pub struct GitCache {
+    dir: PathBuf,
+}
+
+/// A repository for messages: URLs lose their password, paths and scp-style
+/// `user@host:path` addresses (which carry none) stay readable.
+pub fn display_repository(repository: &str) -> String {
+    if repository.contains("://") {
+        redact_url(repository)
+    } else {
+        repository.to_owned()
+    }
+}
+
+/// A commit SHA as git writes it: 40 lowercase hex digits.
+pub fn check_commit(sha: &str) -> Result<(), Error> {
+    if sha.len() == 40 && sha.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        Ok(())
+    } else {
+        Err(Error::InvalidJob {
+            problem: format!("deploy.commit_sha is {sha:?}; expected 40 lowercase hexadecimal characters"),
+        })
+    }
+}
+
+/// A folder path inside the repository: relative, no `..`, no empty segments.
+pub fn check_folder(dir: &str) -> Result<String, Error> {
+    let trimmed = dir.trim_end_matches('/');
+    let ok = !trimmed.is_empty()
+        && !trimmed.starts_with('/')
+        && !trimmed.starts_with('-')
+        && trimmed.split('/').all(|s| !s.is_empty() && s != ".." && s != ".");
+    if ok {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(Error::InvalidParam {
+            name: "migrations_dir",
+            problem: format!("is {dir:?}; expected a relative path inside the repository without '..'"),
+        })
+    }
+}
+
+impl GitCache {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Every file under `folder` at `commit`, keyed by path relative to `folder`.
+    pub async fn read_folder(
+        &self,
+        repository: &str,
+        commit: &str,
+        folder: &str,
+    ) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+        check_commit(commit)?;
+        let folder = check_folder(folder)?;
+        let repo = self.ensure_commit(repository, commit).await?;
+        let shown = display_repository(repository);
+
+        let listing = git(
+            &repo,
+            &[
+                "ls-tree",
+                "-r",
+                "-z",
+                "--full-tree",
+                commit,
+                "--",
+                &format!("{folder}/"),
+            ],
+        )
+        .await
+        .map_err(|detail| Error::Git {
+            operation: "ls-tree",
+            repository: shown.clone(),
+            detail,
+        })?;
+        let mut entries = Vec::new();
+        for record in listing.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            let record = String::from_utf8_lossy(record);
+            // "<mode> SP <type> SP <oid> TAB <path>"
+            let Some((meta, path)) = record.split_once('\t') else {
+                continue;
+            };
+            let mut parts = meta.split(' ');
+            let (Some(_mode), Some(kind), Some(oid)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if kind != "blob" {
+                continue;
+            }
+            if let Some(rel) = path.strip_prefix(&format!("{folder}/")) {
+                entries.push((rel.to_owned(), oid.to_owned()));
+            }
+        }
+        if entries.is_empty() {
+            return Err(Error::MigrationsNotFound {
+                dir: folder,
+                commit: commit.to_owned(),
+            });
+        }
+        let blobs = cat_blobs(&repo, entries.iter().map(|(_, oid)| oid.as_str()))
+            .await
+            .map_err(|detail| Error::Git {
+                operation: "cat-file",
+                repository: shown.clone(),
+                detail,
+            })?;
+        Ok(entries.into_iter().map(|(p, _)| p).zip(blobs).collect())
+    }
+
+    /// The cache repository of `repository`, holding `commit`.
+    async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, Error> {
+        let shown = display_repository(repository);
+        let git_err = |operation: &'static str| {
+            let shown = shown.clone();
+            move |detail: String| Error::Git {
+                operation,
+                repository: shown,
+                detail,
+            }
+        };
+        let name = hex::encode(&Sha256::digest(repository.as_bytes())[..12]);
+        let repo = self.dir.join(format!("{name}.git"));
+        // One fetch per cache repository at a time, across jobs and daemon processes:
+        // git's own ref locks make a concurrent fetch fail instead of wait.
+        let lock_path = self.dir.join(format!("{name}.lock"));
+        let _guard = lock_file(lock_path).await.map_err(git_err("lock"))?;
+
+        if !repo.join("HEAD").exists() {
+            git(&self.dir, &["init", "--quiet", "--bare", &repo.to_string_lossy()])
+                .await
+                .map_err(git_err("init"))?;
+        }
+        if has_commit(&repo, commit).await {
+            return Ok(repo);
+        }
+        let by_sha = format!("+{commit}:refs/baton/commits/{commit}");
+        let fetched_by_sha = git(
+            &repo,
+            &["fetch", "--quiet", "--no-tags", "--end-of-options", repository, &by_sha],
+        )
+        .await
+        .is_ok();
+        if !fetched_by_sha {
+            // Servers that refuse unadvertised SHAs still serve their branches and tags;
+            // a failure here is the repository being unreachable, not the commit unknown.
+            git(
+                &repo,
+                &[
+                    "fetch",
+                    "--quiet",
+                    "--force",
+                    "--end-of-options",
+                    repository,
+                    "+refs/heads/*:refs/baton/heads/*",
+                    "+refs/tags/*:refs/baton/tags/*",
+                ],
+            )
+            .await
+            .map_err(git_err("fetch"))?;
+            if has_commit(&repo, commit).await {
+                git(&repo, &["update-ref", &format!("refs/baton/commits/{commit}"), commit])
+                    .await
+                    .map_err(git_err("update-ref"))?;
+            }
+        }
+        if !has_commit(&repo, commit).await {
+            return Err(Error::UnknownCommit {
+                commit: commit.to_owned(),
+                repository: shown,
+            });
+        }
+        Ok(repo)
+    }
+}
+
+/// Holds an exclusive `flock` on a file until dropped.
+struct FileLock(#[allow(dead_code)] std::fs::File);
+
+async fn lock_file(path: PathBuf) -> Result<FileLock, String> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        file.lock()
+            .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        Ok(FileLock(file))
+    })
+    .await
+    .map_err(|e| format!("lock task failed: {e}"))?
+}
+
+async fn has_commit(repo: &Path, commit: &str) -> bool {
+    git(repo, &["cat-file", "-e", &format!("{commit}^{{commit}}")])
+        .await
+        .is_ok()
+}
+
+fn command(cwd: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(cwd)
+        .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A cancelled job must not leave a fetch running.
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs git and returns its stdout, or its stderr (trimmed) as the error.
+async fn git(cwd: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = command(cwd)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{} ({})", redact_stderr(stderr.trim()), out.status))
+    }
+}
+
+/// Git echoes remote URLs in its messages; keep credentials out of errors and logs.
+fn redact_stderr(stderr: &str) -> String {
+    stderr
+        .split_whitespace()
+        .map(|w| if w.contains("://") { redact_url(w) } else { w.to_owned() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Contents of blobs, in the order asked, through one `git cat-file --batch`.
+async fn cat_blobs<'a>(repo: &Path, oids: impl Iterator<Item = &'a str>) -> Result<Vec<Vec<u8>>, String> {
+    let mut child = command(repo)
+        .args(["cat-file", "--batch"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    let mut input = String::new();
+    for oid in oids {
+        input.push_str(oid);
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // Written from a task so a large answer cannot deadlock against the request.
+    let writer = tokio::spawn(async move {
+        let res = stdin.write_all(input.as_bytes()).await;
+        drop(stdin);
+        res
+    });
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("git cat-file: {e}"))?;
+    writer
+        .await
+        .map_err(|e| format!("git cat-file: {e}"))?
+        .map_err(|e| format!("git cat-file: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git cat-file: {} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ));
+    }
+    parse_batch(&out.stdout)
+}
+
+/// Parses `<oid> SP <type> SP <size> LF <contents> LF` records.
+fn parse_batch(mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut blobs = Vec::new();
+    while !data.is_empty() {
+        let nl = data
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or("git cat-file: truncated header")?;
+        let header = String::from_utf8_lossy(&data[..nl]).into_owned();
+        let mut parts = header.split(' ');
+        let (Some(oid), Some(kind), Some(size)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("git cat-file: unexpected answer {header:?}"));
+        };
+        if kind != "blob" {
+            return Err(format!("git cat-file: {oid} is a {kind}, not a blob"));
+        }
+        let size: usize = size
+            .parse()
+            .map_err(|_| format!("git cat-file: bad size in {header:?}"))?;
+        let body = data
+            .get(nl + 1..nl + 1 + size)
+            .ok_or("git cat-file: truncated contents")?;
+        blobs.push(body.to_vec());
+        data = data.get(nl + 2 + size..).unwrap_or_default();
+    }
+    Ok(blobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_and_folders_are_checked() {
+        assert!(check_commit("0123456789abcdef0123456789abcdef01234567").is_ok());
+        assert!(check_commit("--upload-pack=evil").is_err());
+        assert!(check_commit("0123456789ABCDEF0123456789abcdef01234567").is_err());
+        assert_eq!(check_folder("drizzle/migrations/").unwrap(), "drizzle/migrations");
+        for bad in ["", "/etc", "../x", "a/../b", "-x", "a//b"] {
+            assert!(check_folder(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_output_is_parsed() {
+        let data = b"aaa blob 3\nabc\nbbb blob 0\n\n";
+        assert_eq!(parse_batch(data).unwrap(), vec![b"abc".to_vec(), Vec::new()]);
+        assert!(parse_batch(b"aaa missing\n").is_err());
+    }
+
+    #[test]
+    fn credentials_in_git_messages_are_redacted() {
+        assert_eq!(
+            redact_stderr("fatal: unable to access 'https://user:tok@host/r.git/': 403"),
+            "fatal: unable to access 'https://user:***@host/r.git/': 403"
+        );
+    }
+}

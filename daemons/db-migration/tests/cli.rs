@@ -1,0 +1,98 @@
+//! The `baton-db-migration` binary's configuration handling.
+
+mod common;
+
+use std::process::Command;
+
+use common::TempDir;
+
+/// A config file with a valid `[signing]` section plus `extra`.
+fn config_file(dir: &TempDir, extra: &str) -> std::path::PathBuf {
+    let key = baton_shared::signing::Keypair::generate();
+    let key_file = dir.0.join("key");
+    std::fs::write(&key_file, key.secret_file_contents()).unwrap();
+    let path = dir.0.join("baton.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[signing]\nkey_file = {:?}\ntrusted = [{:?}]\n{extra}",
+            key_file.display().to_string(),
+            key.public()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn daemon() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton-db-migration"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BATON_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn print_config_takes_databases_from_the_environment_and_redacts_them() {
+    let dir = TempDir::new("cli");
+    let path = config_file(
+        &dir,
+        "[migration.databases]\nbilling = \"postgres://m:filepw@db/billing\"\n",
+    );
+    let out = daemon()
+        .arg("--config")
+        .arg(&path)
+        .arg("--print-config")
+        .env("BATON_DAEMON__ZONE", "production")
+        .env("BATON_MIGRATION__DATABASES__SHOP_API", "postgres://m:envpw@db/shop")
+        .env("BATON_MIGRATION__LOCK_TIMEOUT_SECS", "42")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[migration.databases]"), "{stdout}");
+    assert!(stdout.contains("shop_api = \"[redacted]\""), "{stdout}");
+    assert!(stdout.contains("billing = \"[redacted]\""), "{stdout}");
+    assert!(stdout.contains("lock_timeout_secs = 42"), "{stdout}");
+    assert!(stdout.contains("zone = \"production\""), "{stdout}");
+    assert!(!stdout.contains("envpw") && !stdout.contains("filepw"), "{stdout}");
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = TempDir::new("cli");
+    let path = config_file(
+        &dir,
+        "[daemon]\nzone = \"staging\"\n[migration.databases]\nshop-api = \"mysql://u:pw@db/shop\"\n",
+    );
+    let out = daemon().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("migration.databases") && stderr.contains("shop-api"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pw@"), "{stderr}");
+
+    let path = config_file(
+        &dir,
+        "[daemon]\nzone = \"staging\"\n[migration]\nlock_timeout_secs = 0\n",
+    );
+    let out = daemon().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("migration.lock_timeout_secs"));
+
+    let out = daemon()
+        .arg("--config")
+        .arg(dir.0.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}

@@ -1,0 +1,582 @@
+//! `migrate` and `verify` against a real PostgreSQL: applying, idempotency, the
+//! seed's refusals, the lock, and the integrity checks.
+
+mod common;
+
+use std::time::Duration;
+
+use baton_db_migration::drizzle;
+use common::*;
+use sqlx::Connection;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn pending_migrations_are_applied_in_one_go_and_recorded_as_drizzle_records_them() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 4);
+    let sha = repo.commit("migrations");
+    let run_id = Uuid::new_v4();
+
+    let out = run(&role(&db, &cache), &migrate_job("staging", &repo, &sha, run_id))
+        .await
+        .unwrap();
+
+    let tags = fixture_tags();
+    assert_eq!(strings(&out["applied"]), tags);
+    let set = drizzle::MigrationSet::from_dir(&fixture_dir()).unwrap();
+    let expected: Vec<(String, i64)> = set.migrations.iter().map(|m| (m.hash.clone(), m.when)).collect();
+    assert_eq!(db.history().await, expected);
+    assert_eq!(
+        strings(&out["hashes"]),
+        expected.iter().map(|e| e.0.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(out["last_created_at"], expected.last().unwrap().1);
+    assert_eq!(out["database"], SERVICE);
+    // 0002 drops a column: destructive, and against the additive-first rule.
+    assert_eq!(out["destructive"], true);
+    let warnings = strings(&out["warnings"]);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("0002_drop_orders_legacy_note") && warnings[0].contains("legacy_note"),
+        "{warnings:?}"
+    );
+    assert_eq!(out["verify"]["schema_matches"], true);
+    assert_eq!(db.tables().await, ["orders", "users"]);
+    assert_eq!(db.columns("orders").await, ["id", "user_id", "total_cents"]);
+    let log = db.log().await;
+    assert_eq!(log.len(), 4);
+    assert!(log.iter().all(|(_, dir, r)| dir == "up" && *r == run_id), "{log:?}");
+}
+
+#[tokio::test]
+async fn reapplying_is_a_no_op_that_reports_what_the_run_applied() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 3);
+    let sha = repo.commit("migrations");
+    let role = role(&db, &cache);
+    let run_id = Uuid::new_v4();
+
+    let first = run(&role, &migrate_job("staging", &repo, &sha, run_id)).await.unwrap();
+    let history = db.history().await;
+    // The same (run, step) again, as after a crash before the result was sent.
+    let mut again = migrate_job("staging", &repo, &sha, run_id);
+    again.attempt = 2;
+    let second = run(&role, &again).await.unwrap();
+    assert_eq!(
+        second, first,
+        "a retry reports the same outputs, so the rollback still undoes them"
+    );
+    assert_eq!(db.history().await, history);
+    assert_eq!(db.log().await.len(), 3, "nothing was applied or logged again");
+
+    // Another run finds nothing to do.
+    let other = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert!(strings(&other["applied"]).is_empty());
+    assert_eq!(other["destructive"], false);
+    assert_eq!(db.history().await, history);
+}
+
+#[tokio::test]
+async fn irreversible_migration_without_recovery_procedure_is_refused_naming_it() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_migrations(
+        &repo,
+        &[
+            Mig {
+                tag: "0000_create_accounts",
+                sql: "CREATE TABLE \"accounts\" (\"id\" serial PRIMARY KEY NOT NULL, \"email\" text);",
+                down: Some("DROP TABLE \"accounts\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0001_normalise_emails",
+                sql: "UPDATE \"accounts\" SET \"email\" = lower(\"email\");",
+                down: None,
+                // An empty procedure documents nothing.
+                recovery: Some("\n  \n"),
+            },
+        ],
+    );
+    let sha = repo.commit("irreversible");
+
+    let err = run(&role(&db, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "irreversible_without_procedure");
+    assert!(!err.retryable);
+    assert!(err.message.contains("0001_normalise_emails"), "{}", err.message);
+    assert!(!err.message.contains("0000_create_accounts"), "{}", err.message);
+    assert!(db.tables().await.is_empty(), "nothing may be applied");
+    assert!(db.history().await.is_empty());
+}
+
+#[tokio::test]
+async fn destructive_migration_in_production_without_verified_backup_is_refused() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 3);
+    let sha = repo.commit("drop legacy note");
+    let role = role(&db, &cache);
+    let run_id = Uuid::new_v4();
+
+    // No backup at all.
+    let job = migrate_job("production", &repo, &sha, run_id);
+    let err = run(&role, &job).await.unwrap_err();
+    assert_eq!(err.code, "backup_not_verified");
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains("backup.pre") && err.message.contains("0002_drop_orders_legacy_note"),
+        "{}",
+        err.message
+    );
+    assert!(db.tables().await.is_empty(), "nothing may be applied");
+
+    // A backup that is not verified, and a verified one of another run.
+    let mut job = migrate_job("production", &repo, &sha, run_id);
+    job.inputs.insert("backup.pre".into(), backup_input(run_id, false));
+    let err = run(&role, &job).await.unwrap_err();
+    assert_eq!(err.code, "backup_not_verified");
+    assert!(err.message.contains("not verified"), "{}", err.message);
+    let other_run = Uuid::new_v4();
+    job.inputs.insert("backup.pre".into(), backup_input(other_run, true));
+    let err = run(&role, &job).await.unwrap_err();
+    assert_eq!(err.code, "backup_not_verified");
+    assert!(err.message.contains(&other_run.to_string()), "{}", err.message);
+    assert!(db.history().await.is_empty());
+
+    // This run's verified backup lets it through.
+    job.inputs.insert("backup.pre".into(), backup_input(run_id, true));
+    let out = run(&role, &job).await.unwrap();
+    assert_eq!(strings(&out["applied"]).len(), 3);
+    assert_eq!(out["destructive"], true);
+}
+
+#[tokio::test]
+async fn additive_migrations_in_production_need_no_backup() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    let sha = repo.commit("additive");
+    let out = run(
+        &role(&db, &cache),
+        &migrate_job("production", &repo, &sha, Uuid::new_v4()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(strings(&out["applied"]).len(), 2);
+    assert_eq!(out["destructive"], false);
+    assert!(strings(&out["warnings"]).is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_migrations_of_one_database_apply_exactly_once() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 4);
+    let sha = repo.commit("migrations");
+    let role = std::sync::Arc::new(role(&db, &cache));
+    // Warm the repository cache so both jobs reach the database at the same time.
+    baton_db_migration::source::GitCache::new(cache.0.clone())
+        .read_folder(&repo.url(), &sha, DIR)
+        .await
+        .unwrap();
+
+    let (a, b) = (
+        migrate_job("staging", &repo, &sha, Uuid::new_v4()),
+        migrate_job("staging", &repo, &sha, Uuid::new_v4()),
+    );
+    let (ra, rb) = (role.clone(), role.clone());
+    let (ta, tb) = (
+        tokio::spawn(async move { run(&ra, &a).await }),
+        tokio::spawn(async move { run(&rb, &b).await }),
+    );
+    let (oa, ob) = (ta.await.unwrap().unwrap(), tb.await.unwrap().unwrap());
+    let mut counts = [strings(&oa["applied"]).len(), strings(&ob["applied"]).len()];
+    counts.sort();
+    assert_eq!(counts, [0, 4], "exactly one job applies: {oa:?} {ob:?}");
+    assert_eq!(db.history().await.len(), 4);
+    assert_eq!(db.log().await.len(), 4);
+    assert_eq!(
+        db.columns("users").await,
+        ["id", "email", "name", "created_at", "nickname"]
+    );
+}
+
+#[tokio::test]
+async fn migrate_waits_for_the_migration_lock_and_gives_up_after_the_bound() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    let sha = repo.commit("migrations");
+
+    // Someone else is migrating this database.
+    let mut holder = db.connect().await;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(baton_db_migration::db::LOCK_KEY)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let mut cfg = config(&db, &cache);
+    cfg.lock_timeout_secs = 1;
+    let impatient = baton_db_migration::DbMigration::new(cfg);
+    let err = run(&impatient, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "migration_locked");
+    assert!(err.retryable);
+    assert!(db.history().await.is_empty());
+
+    // A patient job waits, and proceeds once the lock is released.
+    let patient = role(&db, &cache);
+    let job = migrate_job("staging", &repo, &sha, Uuid::new_v4());
+    let task = tokio::spawn(async move { run(&patient, &job).await });
+    let mut watcher = db.connect().await;
+    // Poll the server's lock table (each round trip paces the loop) until the job queues.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut waiting = false;
+    while std::time::Instant::now() < deadline {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if n > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(waiting, "the second job never queued for the lock");
+    assert!(db.history().await.is_empty(), "nothing happens while the lock is held");
+    holder.close().await.unwrap();
+    let out = task.await.unwrap().unwrap();
+    assert_eq!(strings(&out["applied"]).len(), 2);
+}
+
+#[tokio::test]
+async fn a_broken_migration_fails_naming_it_before_touching_the_database() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_migrations(
+        &repo,
+        &[
+            Mig {
+                tag: "0000_create_a",
+                sql: "CREATE TABLE \"a\" (\"id\" integer);",
+                down: Some("DROP TABLE \"a\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0001_broken",
+                sql: "ALTER TABLE \"a\" ADD COLUMN \"b\" text;--> statement-breakpoint\nALTER TABLE \"nope\" ADD COLUMN \"c\" text;",
+                down: Some("ALTER TABLE \"a\" DROP COLUMN \"b\";"),
+                recovery: None,
+            },
+        ],
+    );
+    let sha = repo.commit("broken");
+    let err = run(&role(&db, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "migration_failed");
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains("0001_broken") && err.message.contains("statement 2 of 2"),
+        "{}",
+        err.message
+    );
+    assert!(db.tables().await.is_empty(), "one transaction: 0000 is rolled back too");
+    assert!(db.history().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_migration_failing_on_the_target_rolls_back_every_pending_migration() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    let role = role(&db, &cache);
+    let create = Mig {
+        tag: "0000_create_a",
+        sql: "CREATE TABLE \"a\" (\"id\" integer);",
+        down: Some("DROP TABLE \"a\";"),
+        recovery: None,
+    };
+    write_migrations(&repo, &[create]);
+    let sha1 = repo.commit("a");
+    run(&role, &migrate_job("staging", &repo, &sha1, Uuid::new_v4()))
+        .await
+        .unwrap();
+    // Data the next migration does not expect: fine on an empty database, fatal here.
+    db.exec("INSERT INTO a (id) VALUES (NULL)").await;
+    write_migrations(
+        &repo,
+        &[
+            Mig {
+                tag: "0000_create_a",
+                sql: "CREATE TABLE \"a\" (\"id\" integer);",
+                down: Some("DROP TABLE \"a\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0001_create_b",
+                sql: "CREATE TABLE \"b\" (\"id\" integer);",
+                down: Some("DROP TABLE \"b\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0002_a_id_not_null",
+                sql: "ALTER TABLE \"a\" ADD COLUMN \"c\" text;--> statement-breakpoint\nALTER TABLE \"a\" ALTER COLUMN \"id\" SET NOT NULL;",
+                down: Some(
+                    "ALTER TABLE \"a\" ALTER COLUMN \"id\" DROP NOT NULL;--> statement-breakpoint\nALTER TABLE \"a\" DROP COLUMN \"c\";",
+                ),
+                recovery: None,
+            },
+        ],
+    );
+    let sha2 = repo.commit("b, a.id not null");
+    let err = run(&role, &migrate_job("staging", &repo, &sha2, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "migration_failed");
+    assert!(
+        err.message.contains("0002_a_id_not_null") && err.message.contains("statement 2 of 2"),
+        "{}",
+        err.message
+    );
+    assert!(!err.message.contains("scratch"), "{}", err.message);
+    assert_eq!(db.tables().await, ["a"], "0001 is rolled back with 0002");
+    assert_eq!(db.columns("a").await, ["id"]);
+    assert_eq!(db.history().await.len(), 1);
+}
+
+fn accounts_migrations(with_constraint: bool) -> Vec<Mig<'static>> {
+    let mut m = vec![Mig {
+        tag: "0000_create_accounts",
+        sql: "CREATE TABLE \"accounts\" (\n\t\"id\" serial PRIMARY KEY NOT NULL,\n\t\"balance\" integer NOT NULL\n);\n",
+        down: Some("DROP TABLE \"accounts\";"),
+        recovery: None,
+    }];
+    if with_constraint {
+        m.push(Mig {
+            tag: "0001_accounts_balance_check",
+            sql: "ALTER TABLE \"accounts\" ADD CONSTRAINT \"accounts_balance_non_negative\" CHECK (\"balance\" >= 0) NOT VALID;",
+            down: Some("ALTER TABLE \"accounts\" DROP CONSTRAINT \"accounts_balance_non_negative\";"),
+            recovery: None,
+        });
+    }
+    m
+}
+
+#[tokio::test]
+async fn verify_catches_a_not_valid_constraint_that_rows_violate_naming_it() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    let role = role(&db, &cache);
+    write_migrations(&repo, &accounts_migrations(false));
+    let sha1 = repo.commit("accounts");
+    run(&role, &migrate_job("staging", &repo, &sha1, Uuid::new_v4()))
+        .await
+        .unwrap();
+    db.exec("INSERT INTO accounts (balance) VALUES (10), (-5)").await;
+
+    write_migrations(&repo, &accounts_migrations(true));
+    let sha2 = repo.commit("balance check");
+    let err = run(&role, &migrate_job("staging", &repo, &sha2, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "constraint_invalid");
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains("accounts_balance_non_negative") && err.message.contains("nothing was applied"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        db.history().await.len(),
+        1,
+        "the failed check rolled the migration back"
+    );
+
+    // The verify action alone says what is missing.
+    let err = run(
+        &role,
+        &job(
+            baton_shared::protocol::JobKind::Execute,
+            "verify",
+            "staging",
+            &repo,
+            &sha2,
+            Uuid::new_v4(),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message.contains("0001_accounts_balance_check"), "{}", err.message);
+
+    // Fix the data: the constraint is added and validated.
+    db.exec("UPDATE accounts SET balance = 0 WHERE balance < 0").await;
+    let out = run(&role, &migrate_job("staging", &repo, &sha2, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(strings(&out["applied"]), ["0001_accounts_balance_check"]);
+    let validated = strings(&out["verify"]["validated_constraints"]);
+    assert_eq!(validated, ["accounts.accounts_balance_non_negative"]);
+    let out = run(
+        &role,
+        &job(
+            baton_shared::protocol::JobKind::Execute,
+            "verify",
+            "staging",
+            &repo,
+            &sha2,
+            Uuid::new_v4(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["schema_matches"], true);
+}
+
+#[tokio::test]
+async fn verify_catches_rows_that_break_a_foreign_key() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    let sha = repo.commit("migrations");
+    let role = role(&db, &cache);
+    run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    // Rows that bypassed the constraint's triggers, as a restore or replication can leave.
+    db.exec(
+        "INSERT INTO users (email) VALUES ('a@example.org'); \
+         ALTER TABLE orders DISABLE TRIGGER ALL; \
+         INSERT INTO orders (user_id, total_cents) VALUES (999, 100); \
+         ALTER TABLE orders ENABLE TRIGGER ALL;",
+    )
+    .await;
+    let err = run(
+        &role,
+        &job(
+            baton_shared::protocol::JobKind::Execute,
+            "verify",
+            "staging",
+            &repo,
+            &sha,
+            Uuid::new_v4(),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, "foreign_key_violation");
+    assert!(err.message.contains("orders_user_id_users_id_fk"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn verify_reports_schema_drift_from_what_the_migrations_produce() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    let sha = repo.commit("migrations");
+    let role = role(&db, &cache);
+    run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    db.exec("ALTER TABLE users ADD COLUMN hand_made integer; DROP INDEX orders_user_id_idx; ALTER TABLE users ALTER COLUMN name SET NOT NULL")
+        .await;
+    let err = run(
+        &role,
+        &job(
+            baton_shared::protocol::JobKind::Execute,
+            "verify",
+            "staging",
+            &repo,
+            &sha,
+            Uuid::new_v4(),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, "schema_mismatch");
+    for needle in [
+        "users.hand_made",
+        "orders_user_id_idx",
+        "users.name is text not null, expected text null",
+    ] {
+        assert!(err.message.contains(needle), "{needle}: {}", err.message);
+    }
+}
+
+#[tokio::test]
+async fn unknown_commit_is_refused_naming_it() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 1);
+    repo.commit("migrations");
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let err = run(
+        &role(&db, &cache),
+        &migrate_job("staging", &repo, missing, Uuid::new_v4()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, "unknown_commit");
+    assert!(!err.retryable);
+    assert!(err.message.contains(missing), "{}", err.message);
+}
+
+#[tokio::test]
+async fn service_without_a_configured_database_is_refused_naming_service_and_zone() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 1);
+    let sha = repo.commit("migrations");
+    let mut job = migrate_job("staging", &repo, &sha, Uuid::new_v4());
+    job.deploy.service = "billing".into();
+    let err = run(&role(&db, &cache), &job).await.unwrap_err();
+    assert_eq!(err.code, "no_database");
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains("\"billing\"") && err.message.contains("zone staging"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn unknown_actions_are_refused() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    let mut job = migrate_job(
+        "staging",
+        &repo,
+        "0123456789abcdef0123456789abcdef01234567",
+        Uuid::new_v4(),
+    );
+    job.action = "drop-everything".into();
+    let err = run(&role(&db, &cache), &job).await.unwrap_err();
+    assert_eq!(err.code, "unknown_action");
+    assert!(err.message.contains("drop-everything"));
+}
