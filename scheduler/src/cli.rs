@@ -43,6 +43,15 @@ pub struct Cli {
 enum Command {
     /// Serve: consume merge events and results, dispatch jobs, fire timers.
     Scheduler,
+    /// Run the db-migration and backup roles end to end on this machine.
+    Demo {
+        /// Folder with the demo repository's commits and pipeline.
+        #[arg(long)]
+        examples: Option<PathBuf>,
+        /// Prefix for the demo's database names (tests use one to stay isolated).
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
     /// Publish a merge event (what CI calls); prints the run id.
     Enqueue {
         #[arg(long)]
@@ -218,6 +227,14 @@ async fn dispatch(cli: Cli) -> Outcome {
                 .await
                 .map_err(unavailable)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { examples, prefix } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            match crate::demo::run(&cfg, examples, &prefix).await {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => Ok(ExitCode::from(1)),
+                Err(e) => Err(unavailable(e)),
+            }
         }
         Command::Enqueue { event } => {
             let ev = read_event(&event)?;
@@ -449,7 +466,7 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
     );
     let _ = writeln!(s, "  plan {}", &view.plan_hash[..16.min(view.plan_hash.len())]);
     if let Some(r) = &view.rollback_reason {
-        let _ = writeln!(s, "  rollback: {r}");
+        let _ = writeln!(s, "{}", truncate(&format!("  rollback: {r}"), 80));
     }
     let t0 = view.started_at.unwrap_or(view.created_at);
     let _ = writeln!(

@@ -21,6 +21,9 @@ struct Cli {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Write a new age identity to FILE (mode 0600), print its recipient, and exit.
+    #[arg(long, value_name = "FILE")]
+    keygen: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,18 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(path) = &cli.keygen {
+        return match keygen(path) {
+            Ok(recipient) => {
+                println!("{recipient}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cfg: Config = match baton_shared::config::load(cli.config.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -84,4 +99,23 @@ fn main() -> ExitCode {
 fn build(cfg: &Config) -> anyhow::Result<BackupRole> {
     cfg.validate()?;
     Ok(BackupRole::from_settings(&cfg.backup)?)
+}
+
+/// A fresh age identity in the format `age-keygen` writes; returns its recipient.
+fn keygen(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use age::secrecy::ExposeSecret;
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    writeln!(f, "# public key: {recipient}")?;
+    writeln!(f, "{}", identity.to_string().expose_secret())?;
+    Ok(recipient)
 }

@@ -1,0 +1,505 @@
+//! `baton demo`: the db-migration and backup roles end to end on this machine.
+//!
+//! Against the configured RabbitMQ and PostgreSQL it creates a demo scheduler
+//! database and `shop_staging` / `shop_production` databases, a git repository
+//! from `examples/demo/commit-*`, keys, and starts the scheduler and the
+//! db-migration and backup daemons for both zones as separate processes. Then it
+//! enqueues two merge events and shows each run step by step:
+//!
+//! 1. commit 1 creates the schema: backed up, migrated on staging, then on
+//!    production, backed up again;
+//! 2. commit 2 adds a NOT NULL column: fine on staging (no rows), impossible on
+//!    production (customers exist), so the run is rolled back: the staging
+//!    migration is undone with its down migration.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton_shared::protocol::{MergeEvent, Message, PROTOCOL_VERSION, PrApproval, PullRequest, Risk};
+use baton_shared::signing::Keypair;
+use chrono::Utc;
+use sqlx::{Connection, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::store::{self, RunView};
+
+/// Where the demo's processes and files live for one invocation.
+struct Demo {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    examples: PathBuf,
+    amqp_url: String,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for (_, child) in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn db_url(server: &str, db: &str) -> String {
+    format!("{server}/{db}")
+}
+
+/// `postgres://user@host:port/db` → `postgres://user@host:port`.
+fn server_of(url: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((server, _)) if server.contains("://") && !server.ends_with('/') => server.to_owned(),
+        _ => url.trim_end_matches('/').to_owned(),
+    }
+}
+
+fn git(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Sanne Demo")
+        .env("GIT_AUTHOR_EMAIL", "sanne@example.org")
+        .env("GIT_COMMITTER_NAME", "Sanne Demo")
+        .env("GIT_COMMITTER_EMAIL", "sanne@example.org")
+        .output()
+        .with_context(|| format!("running git {args:?}"))?;
+    if !out.status.success() {
+        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn changed_paths(repo: &Path, from: Option<&str>, to: &str) -> anyhow::Result<Vec<String>> {
+    let listing = match from {
+        Some(f) => git(repo, &["diff", "--name-only", f, to])?,
+        None => git(repo, &["ls-tree", "-r", "--name-only", to])?,
+    };
+    Ok(listing.lines().map(str::to_owned).collect())
+}
+
+async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let mut admin = PgConnection::connect(&db_url(server, "postgres"))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                baton_shared::secret::redact_url(server)
+            )
+        })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {name} with (force)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
+impl Demo {
+    fn spawn(&mut self, label: &str, bin: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
+        let path = self.bin_dir.join(bin);
+        if !path.exists() {
+            bail!(
+                "{} is not built; build every binary first: cargo build --workspace --bins",
+                path.display()
+            );
+        }
+        let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
+        let mut cmd = Command::new(&path);
+        cmd.args(args)
+            .env("BATON_LOG__FORMAT", "json")
+            .env("BATON_AMQP__URL", &self.amqp_url)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {label}"))?;
+        self.children.push((label.to_owned(), child));
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (label, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "{label} exited ({status}); see {}",
+                    self.dir.join(format!("{label}.log")).display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn event(repo: &Path, sha: &str, paths: Vec<String>, title: &str, number: u64) -> MergeEvent {
+    MergeEvent {
+        v: PROTOCOL_VERSION,
+        service: "shop-api".into(),
+        environment: "production".into(),
+        repository: repo.display().to_string(),
+        commit_sha: sha.to_owned(),
+        pull_request: PullRequest {
+            number,
+            title: title.to_owned(),
+            author: "sanne".into(),
+            approvals: vec![PrApproval {
+                by: "marta".into(),
+                at: Utc::now(),
+            }],
+        },
+        changed_paths: paths,
+        flags: vec![],
+        risk: Risk::Standard,
+        requested_by: "baton demo".into(),
+        ci_run_url: format!("https://ci.example.org/shop-api/runs/{number}"),
+    }
+}
+
+/// Prints audit rows of the run as they appear, until the run ends.
+async fn follow(pool: &sqlx::PgPool, demo: &mut Demo, run: Uuid, patience: Duration) -> anyhow::Result<RunView> {
+    let start = Instant::now();
+    let mut seen = 0i64;
+    loop {
+        demo.check_alive()?;
+        let rows = sqlx::query(
+            "select id, at, step_id, attempt, kind, detail from audit where run_id = $1 and id > $2 order by id",
+        )
+        .bind(run)
+        .bind(seen)
+        .fetch_all(pool)
+        .await?;
+        for r in rows {
+            seen = r.try_get("id")?;
+            let step: Option<String> = r.try_get("step_id")?;
+            let attempt: Option<i32> = r.try_get("attempt")?;
+            let kind: String = r.try_get("kind")?;
+            let detail: serde_json::Value = r.try_get::<sqlx::types::Json<serde_json::Value>, _>("detail")?.0;
+            let t = start.elapsed().as_secs_f64();
+            let what = match kind.as_str() {
+                "run_status" => format!("run is {}", detail["to"].as_str().unwrap_or("?")),
+                "dispatched" => format!(
+                    "{} sent (attempt {})",
+                    detail["kind"].as_str().unwrap_or("job"),
+                    attempt.unwrap_or(0)
+                ),
+                "attempt_started" => format!("started on {}", detail["daemon"].as_str().unwrap_or("?")),
+                "step_succeeded" => "succeeded".to_owned(),
+                "step_compensated" => "compensated (undone)".to_owned(),
+                "step_failed" | "compensation_failed" | "retry_scheduled" => format!(
+                    "{}: {}",
+                    kind.replace('_', " "),
+                    detail["error"]["message"].as_str().unwrap_or("")
+                ),
+                "step_cancelled" => "cancelled".to_owned(),
+                "lock_acquired" => "holds the shop-api/production lock".to_owned(),
+                "run_created" => "planned".to_owned(),
+                _ => continue,
+            };
+            let step = step
+                .map(|s| format!("{s:<14}"))
+                .unwrap_or_else(|| format!("{:<14}", "run"));
+            println!("  {t:>6.1}s  {step} {}", truncate(&what, 54));
+        }
+        if let Some(view) = store::run_view(pool, run).await?
+            && view.is_terminal()
+        {
+            return Ok(view);
+        }
+        if start.elapsed() > patience {
+            bail!(
+                "run {run} did not end within {patience:?}; logs are in {}",
+                demo.dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        s.chars().take(max - 1).collect::<String>() + "…"
+    }
+}
+
+async fn describe_schema(server: &str, db: &str) -> anyhow::Result<String> {
+    let mut conn = PgConnection::connect(&db_url(server, db)).await?;
+    let cols: Vec<String> = sqlx::query_scalar(
+        "select column_name::text from information_schema.columns
+         where table_schema = 'public' and table_name = 'customers' order by ordinal_position",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    let applied: i64 = sqlx::query_scalar("select count(*) from drizzle.__drizzle_migrations")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0);
+    Ok(format!(
+        "{db}:\n    customers({}); {applied} migration(s) applied",
+        cols.join(", ")
+    ))
+}
+
+/// Runs the demo; returns whether both runs ended as they should.
+pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyhow::Result<bool> {
+    for c in prefix.chars() {
+        if !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            bail!("--prefix may only contain a-z, 0-9 and _");
+        }
+    }
+    let (sched_db, staging_db, production_db) = (
+        format!("{prefix}baton_demo"),
+        format!("{prefix}shop_staging"),
+        format!("{prefix}shop_production"),
+    );
+    let exe = std::env::current_exe()?;
+    let bin_dir = exe.parent().context("binary directory")?.to_path_buf();
+    let examples = match examples {
+        Some(e) => e,
+        None => [
+            "examples/demo",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"),
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("pipeline.toml").exists())
+        .context("examples/demo not found; run from the repository root or pass --examples DIR")?,
+    };
+    let dir = std::env::temp_dir().join(format!("baton-demo-{}", &Uuid::new_v4().simple().to_string()[..8]));
+    std::fs::create_dir_all(&dir)?;
+    let server_url = server_of(cfg.database.url.expose());
+    let mut demo = Demo {
+        dir: dir.clone(),
+        bin_dir,
+        examples: examples.clone(),
+        amqp_url: cfg.amqp.url.expose().clone(),
+        children: Vec::new(),
+    };
+    println!("Baton demo — files and logs in {}", dir.display());
+
+    // Databases: the scheduler's, and the shop's staging and production.
+    for db in [&sched_db, &staging_db, &production_db] {
+        recreate_database(&server_url, db).await?;
+    }
+    let pool = store::connect(&db_url(&server_url, &sched_db), 4).await?;
+    println!("  created databases:");
+    for db in [&sched_db, &staging_db, &production_db] {
+        println!("    {db}");
+    }
+
+    // The shop's repository: two commits from examples/demo.
+    let repo = dir.join("shop-api");
+    std::fs::create_dir_all(&repo)?;
+    git(&repo, &["init", "-q", "-b", "main"])?;
+    copy_tree(&demo.examples.join("commit-1"), &repo)?;
+    git(&repo, &["add", "-A"])?;
+    git(&repo, &["commit", "-q", "-m", "Create customers and orders"])?;
+    let sha1 = git(&repo, &["rev-parse", "HEAD"])?;
+    copy_tree(&demo.examples.join("commit-2"), &repo)?;
+    git(&repo, &["add", "-A"])?;
+    git(&repo, &["commit", "-q", "-m", "Add loyalty tier"])?;
+    let sha2 = git(&repo, &["rev-parse", "HEAD"])?;
+    println!("  repository {}", repo.display());
+    println!("    with commits {} and {}", &sha1[..10], &sha2[..10]);
+
+    // Keys: the scheduler signs jobs, daemons sign results.
+    let (sched_key, daemon_key) = (Keypair::generate(), Keypair::generate());
+    std::fs::write(dir.join("scheduler.key"), sched_key.secret_file_contents())?;
+    std::fs::write(dir.join("daemon.key"), daemon_key.secret_file_contents())?;
+
+    let scheduler_env = vec![
+        ("BATON_DATABASE__URL", db_url(&server_url, &sched_db)),
+        ("BATON_API__LISTEN", String::new()),
+        (
+            "BATON_SCHEDULER__PIPELINE",
+            examples.join("pipeline.toml").display().to_string(),
+        ),
+        ("BATON_SCHEDULER__HEARTBEAT_MS", "1000".to_owned()),
+        ("BATON_SCHEDULER__LEASE_MS", "10000".to_owned()),
+        (
+            "BATON_SIGNING__KEY_FILE",
+            dir.join("scheduler.key").display().to_string(),
+        ),
+        ("BATON_SIGNING__TRUSTED", format!("[{:?}]", daemon_key.public())),
+    ];
+    demo.spawn(
+        "scheduler",
+        exe.file_name().and_then(|n| n.to_str()).unwrap_or("baton"),
+        &["scheduler"],
+        &scheduler_env,
+    )?;
+    let age_recipient = {
+        let out = Command::new(demo.bin_dir.join("baton-backup"))
+            .arg("--keygen")
+            .arg(dir.join("backup-identity.txt"))
+            .output()
+            .context("running baton-backup --keygen (build every binary first: cargo build --workspace --bins)")?;
+        if !out.status.success() {
+            bail!("baton-backup --keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for zone in ["staging", "production"] {
+        let common = vec![
+            ("BATON_DAEMON__INSTANCE", format!("{zone}-daemon")),
+            ("BATON_SIGNING__KEY_FILE", dir.join("daemon.key").display().to_string()),
+            ("BATON_SIGNING__TRUSTED", format!("[{:?}]", sched_key.public())),
+        ];
+        let shop_db = db_url(&server_url, &format!("{prefix}shop_{zone}"));
+        let migration = dir.join(format!("db-migration-{zone}.toml"));
+        std::fs::write(
+            &migration,
+            format!(
+                "[daemon]\nzone = {zone:?}\n\n[migration]\nrepos_dir = {repos:?}\nadmin_url = {admin:?}\n\n\
+                 [migration.databases]\nshop-api = {shop_db:?}\n",
+                repos = dir.join(format!("repos-{zone}")).display().to_string(),
+                admin = db_url(&server_url, "postgres"),
+            ),
+        )?;
+        let migration = migration.display().to_string();
+        demo.spawn(
+            &format!("db-migration-{zone}"),
+            "baton-db-migration",
+            &["--config", &migration],
+            &common,
+        )?;
+        if zone == "production" {
+            let backup = dir.join("backup-production.toml");
+            std::fs::write(
+                &backup,
+                format!(
+                    "[daemon]\nzone = \"production\"\n\n[backup]\nadmin_url = {admin:?}\nrecipients = [{age_recipient:?}]\n\
+                     identity_file = {identity:?}\n\n[backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
+                     [backup.copy]\npath = {copy:?}\nregion = \"nl-ams2\"\n\n[backup.databases]\nshop-api = {shop_db:?}\n",
+                    admin = db_url(&server_url, "postgres"),
+                    identity = dir.join("backup-identity.txt").display().to_string(),
+                    primary = dir.join("backups/primary").display().to_string(),
+                    copy = dir.join("backups/copy").display().to_string(),
+                ),
+            )?;
+            std::fs::create_dir_all(dir.join("backups/primary"))?;
+            std::fs::create_dir_all(dir.join("backups/copy"))?;
+            let backup = backup.display().to_string();
+            demo.spawn("backup-production", "baton-backup", &["--config", &backup], &common)?;
+        }
+    }
+    println!("  started the scheduler and daemons:");
+    println!("    db-migration@staging, db-migration@production, backup@production");
+
+    let patience = Duration::from_secs(180);
+    let ev1 = event(
+        &repo,
+        &sha1,
+        changed_paths(&repo, None, &sha1)?,
+        "Create customers and orders",
+        101,
+    );
+    let run1 = enqueue(&demo, &ev1).await?;
+    println!(
+        "\n1) merge of {} — {}\n   run {run1}",
+        &sha1[..10],
+        ev1.pull_request.title
+    );
+    let view1 = follow(&pool, &mut demo, run1, patience).await?;
+    print!("\n{}", crate::cli::render_run(&view1, false));
+
+    // Production has customers; staging (anonymised, here empty) has none.
+    let mut prod = PgConnection::connect(&db_url(&server_url, &production_db)).await?;
+    sqlx::query("insert into customers (email) values ('ada@example.org'), ('grace@example.org')")
+        .execute(&mut prod)
+        .await
+        .context("the first run should have created customers on production")?;
+    println!("\n   production now has 2 customers");
+
+    let ev2 = event(
+        &repo,
+        &sha2,
+        changed_paths(&repo, Some(&sha1), &sha2)?,
+        "Add loyalty tier",
+        102,
+    );
+    let run2 = enqueue(&demo, &ev2).await?;
+    println!(
+        "\n2) merge of {} — {}\n   run {run2}",
+        &sha2[..10],
+        ev2.pull_request.title
+    );
+    let view2 = follow(&pool, &mut demo, run2, patience).await?;
+    print!("\n{}", crate::cli::render_run(&view2, false));
+
+    println!("\nFinal state:");
+    for db in [&staging_db, &production_db] {
+        println!("  {}", describe_schema(&server_url, db).await?);
+    }
+    let ok = view1.status == "succeeded" && view2.status == "rolled_back";
+    println!(
+        "\n{}",
+        if ok {
+            "Demo finished as expected: run 1 succeeded, run 2 was rolled back on staging."
+        } else {
+            "Demo did NOT end as expected; see the logs above."
+        }
+    );
+    Ok(ok)
+}
+
+async fn enqueue(demo: &Demo, ev: &MergeEvent) -> anyhow::Result<Uuid> {
+    let url = baton_shared::secret::Secret::new(demo.amqp_url.clone());
+    let out = baton_shared::amqp::Outgoing {
+        message_id: Some(ev.run_id()),
+        ..Default::default()
+    };
+    // The scheduler declares the merge-event queue when it starts: until then a
+    // publish fails (and closes its channel), so each try uses a new connection.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let broker = baton_shared::amqp::Broker::connect(&url, "baton demo").await?;
+        let res = broker
+            .publish(
+                baton_shared::topology::EVENTS_EXCHANGE,
+                baton_shared::topology::MERGE_EVENTS_KEY,
+                &ev.to_bytes(),
+                &out,
+            )
+            .await;
+        broker.close().await;
+        match res {
+            Ok(()) => return Ok(ev.run_id()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "scheduler not ready yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
