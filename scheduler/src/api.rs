@@ -243,6 +243,7 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/runs/{id}/rollback", post(rollback))
@@ -261,6 +262,13 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(json!({"database": db, "broker": broker}))).into_response()
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    match crate::metrics::render(s.store.pool(), &s.broker, &s.pipeline).await {
+        Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]

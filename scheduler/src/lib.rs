@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod metrics;
 pub mod pipeline;
 pub mod planner;
 pub mod service;

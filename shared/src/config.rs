@@ -229,6 +229,8 @@ pub struct DaemonSettings {
     pub shutdown_grace_secs: u64,
     /// Declare the zone/role queue on start (off when ops definitions own topology).
     pub declare_queue: bool,
+    /// Address for `/healthz`, `/readyz` and `/metrics`; empty disables them.
+    pub http_listen: String,
 }
 
 impl Default for DaemonSettings {
@@ -240,6 +242,7 @@ impl Default for DaemonSettings {
             prefetch: 16,
             shutdown_grace_secs: 30,
             declare_queue: true,
+            http_listen: String::new(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod runtime;
 pub mod secret;

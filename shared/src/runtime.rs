@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::amqp::{AmqpError, Broker, Outgoing};
 use crate::config::{ConfigError, DaemonConfig};
+use crate::metrics;
 use crate::protocol::{
     CancelJob, Fields, HANDED_BACK, JobKind, Message, PROTOCOL_VERSION, Refusal, ResultStatus, StepError, StepJob,
     StepResult,
@@ -150,6 +151,12 @@ pub async fn run(
         hand_back: CancellationToken::new(),
     });
     let stop_intake = CancellationToken::new();
+    if !config.daemon.http_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.daemon.http_listen)
+            .await
+            .map_err(|e| ConfigError::invalid("daemon.http_listen", format!("cannot listen: {e}")))?;
+        tokio::spawn(http::serve(listener, broker.clone(), stop_intake.clone()));
+    }
     let slots = Arc::new(Semaphore::new(config.daemon.concurrency));
     let mut consumers = JoinSet::new();
     let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
@@ -492,6 +499,14 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
             }
         }
     };
+    let labels = [
+        ("zone", job.zone.as_str()),
+        ("role", job.role.as_str()),
+        ("kind", job.kind.as_str()),
+    ];
+    let m = metrics::global();
+    m.add("baton_daemon_jobs_in_flight", "Jobs executing now", &labels, 1.0);
+    let started = std::time::Instant::now();
     let outcome = tokio::select! {
         out = work => out,
         _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
@@ -500,6 +515,25 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
         _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
     };
     heartbeat.abort();
+    m.add("baton_daemon_jobs_in_flight", "Jobs executing now", &labels, -1.0);
+    let result_label = match &outcome {
+        Ok(_) => "succeeded",
+        Err(e) if e.code == "cancelled" => "cancelled",
+        Err(e) if e.code == HANDED_BACK => "handed_back",
+        Err(_) => "failed",
+    };
+    m.inc(
+        "baton_daemon_jobs_total",
+        "Jobs finished, by zone, role, kind and outcome",
+        &[labels[0], labels[1], labels[2], ("outcome", result_label)],
+        1.0,
+    );
+    m.observe(
+        "baton_daemon_job_duration_seconds",
+        "Time from start to outcome of a job",
+        &labels,
+        started.elapsed().as_secs_f64(),
+    );
     shared.running.lock().expect("lock").remove(&key);
 
     let (status, error, outputs) = match outcome {
@@ -533,6 +567,13 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
 /// Dead-letters a message with the reason and tells the scheduler, for its audit log.
 async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, role: &str, reason: &str) {
     tracing::warn!(queue, reason, "message refused; nothing executed");
+    let why = reason.split(':').next().unwrap_or("refused");
+    metrics::global().inc(
+        "baton_daemon_refused_messages_total",
+        "Messages refused and dead-lettered, by queue and reason",
+        &[("queue", queue), ("reason", why)],
+        1.0,
+    );
     if let Err(e) = shared.broker.dead_letter(delivery, queue, reason).await {
         tracing::error!(error = %e, "cannot dead-letter refused message; rejecting it to the broker's dead-letter exchange");
         let _ = delivery
@@ -596,5 +637,40 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+mod http {
+    //! `/healthz`, `/readyz` and `/metrics` for a daemon.
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::amqp::Broker;
+
+    pub async fn serve(listener: tokio::net::TcpListener, broker: Broker, stopping: CancellationToken) {
+        let ready_stop = stopping.clone();
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let (broker, stop) = (broker.clone(), ready_stop.clone());
+                    async move {
+                        // Not ready while disconnected or draining: take no new work here.
+                        if broker.is_connected() && !stop.is_cancelled() {
+                            (StatusCode::OK, "ready")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                        }
+                    }
+                }),
+            )
+            .route("/metrics", get(|| async { crate::metrics::global().render() }));
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "daemon http server stopped");
+        }
     }
 }

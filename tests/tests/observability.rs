@@ -1,0 +1,93 @@
+//! Metrics of the scheduler and a daemon, scraped over HTTP while a run progresses.
+
+use std::time::Duration;
+
+use baton_tests::{SEED_BINDINGS, TestEnv, event, free_port};
+use serde_json::json;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The value of one sample line, e.g. `baton_runs{status="succeeded"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(url: &str) -> String {
+    let r = reqwest::get(url).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_a_run_progresses() {
+    let env = TestEnv::new("metrics").await;
+    env.script(json!({"default": {"delay_ms": 20}, "execute": {"build": {"fail_first": 1}}}));
+    let scheduler = env.scheduler("scheduler").await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _daemon = env
+        .daemon_with("daemon", SEED_BINDINGS, &[("BATON_DAEMON__HTTP_LISTEN", &listen)])
+        .await;
+    let sched = format!("{}/metrics", scheduler.api.clone().unwrap());
+    let daemon = format!("http://{listen}/metrics");
+
+    let before = scrape(&sched).await;
+    assert_eq!(sample(&before, "baton_runs{status=\"succeeded\"}"), None);
+    assert_eq!(
+        sample(&before, "baton_queue_depth{queue=\"baton.results\"}"),
+        Some(0.0),
+        "{before}"
+    );
+
+    let run = env.enqueue(&event("metered", 70, &["src/app.ts"]));
+    assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
+    let after = scrape(&sched).await;
+    assert_eq!(sample(&after, "baton_runs{status=\"succeeded\"}"), Some(1.0), "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "baton_steps{role=\"container-build\",zone=\"ci\",status=\"succeeded\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "baton_steps{role=\"cdn\",zone=\"production\",status=\"skipped\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&after, "baton_retries_total"),
+        Some(1.0),
+        "build failed once and was retried"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "baton_step_duration_seconds_count{role=\"backup\",zone=\"production\"}"
+        ),
+        Some(2.0),
+        "backup.pre and backup.post"
+    );
+    assert_eq!(sample(&after, "baton_outbox_unsent"), Some(0.0));
+    assert!(sample(&after, "baton_queue_depth{queue=\"baton.ci.container-build\"}").is_some());
+
+    let d = scrape(&daemon).await;
+    let jobs = |outcome: &str| {
+        sample(
+            &d,
+            &format!(
+                "baton_daemon_jobs_total{{zone=\"ci\",role=\"container-build\",kind=\"execute\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(jobs("succeeded"), Some(1.0), "{d}");
+    assert_eq!(jobs("failed"), Some(1.0), "{d}");
+    assert!(d.contains("baton_daemon_job_duration_seconds_bucket"), "{d}");
+    let ready = reqwest::get(format!("http://{listen}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
