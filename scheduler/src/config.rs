@@ -16,6 +16,7 @@ pub struct Config {
     pub scheduler: SchedulerSettings,
     pub signing: SigningConfig,
     pub api: crate::api::ApiConfig,
+    pub telemetry: baton_shared::telemetry::TelemetryConfig,
     pub log: LogConfig,
 }
 
@@ -86,6 +87,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.api.validate()?;
+        self.telemetry.validate()?;
         let url = self.database.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(

@@ -829,7 +829,18 @@ impl RunState {
             not_after: now + cfg.accept_timeout,
             deadline: now + timeout,
             heartbeat_ms: cfg.heartbeat.as_millis().max(1) as u64,
-            traceparent: self.trace_context.clone(),
+            // A child of the run span: the attempt's own span, which the daemon's span joins.
+            traceparent: self
+                .trace_context
+                .as_deref()
+                .and_then(baton_shared::telemetry::parse_traceparent)
+                .map(|run| {
+                    baton_shared::telemetry::traceparent(
+                        run.trace_id(),
+                        baton_shared::telemetry::new_span_id(),
+                        run.is_sampled(),
+                    )
+                }),
             signature: None,
         };
         Self::history(

@@ -12,3 +12,4 @@ pub mod pipeline;
 pub mod planner;
 pub mod service;
 pub mod store;
+pub mod traces;

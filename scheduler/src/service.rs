@@ -89,7 +89,8 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         config.engine_settings(),
         Duration::from_millis(config.scheduler.claim_ms),
         instance.clone(),
-    );
+    )
+    .with_sample_ratio(config.telemetry.sample_ratio);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
     topology::declare_core(broker.publish_channel(), config.amqp.delivery_limit)
         .await
@@ -159,6 +160,14 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
             .map_err(anyhow::Error::from)
         });
     }
+    if let Some(exporter) = baton_shared::telemetry::span_exporter(&config.telemetry) {
+        tracing::info!(endpoint = %config.telemetry.otlp_endpoint, "exporting run traces over otlp");
+        let (pool, stop) = (store.pool().clone(), stop.clone());
+        tasks.spawn(async move {
+            crate::traces::export_loop(pool, exporter, stop).await;
+            Ok(())
+        });
+    }
     drop(relay);
 
     tokio::select! {
@@ -185,18 +194,31 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
 
 /// Signs what the scheduler sends to daemons; the outbox keeps unsigned bytes so
 /// that only a running scheduler (not the CLI) needs the signing key.
-fn signed_body(key: &Keypair, m: &OutboxMsg) -> Vec<u8> {
-    fn sign<M: Message + baton_shared::signing::Signed>(key: &Keypair, body: &[u8]) -> Option<Vec<u8>> {
-        let mut msg = M::parse(body).ok()?;
-        key.sign(&mut msg);
-        Some(msg.to_bytes())
+/// Also returns the AMQP headers: a job's `traceparent` travels as a header too,
+/// as the OpenTelemetry messaging conventions expect.
+fn signed_body(key: &Keypair, m: &OutboxMsg) -> (Vec<u8>, Vec<(String, String)>) {
+    match m.exchange.as_str() {
+        JOBS_EXCHANGE => match StepJob::parse(&m.body) {
+            Ok(mut job) => {
+                key.sign(&mut job);
+                let headers = job
+                    .traceparent
+                    .iter()
+                    .map(|t| ("traceparent".to_owned(), t.clone()))
+                    .collect();
+                (job.to_bytes(), headers)
+            }
+            Err(_) => (m.body.clone(), Vec::new()),
+        },
+        CONTROL_EXCHANGE => match CancelJob::parse(&m.body) {
+            Ok(mut cancel) => {
+                key.sign(&mut cancel);
+                (cancel.to_bytes(), Vec::new())
+            }
+            Err(_) => (m.body.clone(), Vec::new()),
+        },
+        _ => (m.body.clone(), Vec::new()),
     }
-    let signed = match m.exchange.as_str() {
-        JOBS_EXCHANGE => sign::<StepJob>(key, &m.body),
-        CONTROL_EXCHANGE => sign::<CancelJob>(key, &m.body),
-        _ => None,
-    };
-    signed.unwrap_or_else(|| m.body.clone())
 }
 
 async fn relay_loop(
@@ -215,13 +237,13 @@ async fn relay_loop(
             }
         }
         let results = join_all(batch.iter().map(|m| {
+            let (body, headers) = signed_body(&key, m);
             let out = Outgoing {
                 message_id: Some(m.message_id),
-                headers: Vec::new(),
+                headers,
                 best_effort: m.best_effort,
             };
             let broker = &broker;
-            let body = signed_body(&key, m);
             async move { broker.publish(&m.exchange, &m.routing_key, &body, &out).await }
         }))
         .await;

@@ -108,6 +108,8 @@ pub struct Store {
     settings: Settings,
     claim: Duration,
     actor: String,
+    /// Share of new runs whose trace is sampled.
+    sample_ratio: f64,
 }
 
 /// Opens a pool; `url` is a PostgreSQL URL.
@@ -137,7 +139,14 @@ impl Store {
             settings,
             claim,
             actor: actor.into(),
+            sample_ratio: 1.0,
         }
+    }
+
+    /// Sets the share of runs whose traces are sampled.
+    pub fn with_sample_ratio(mut self, ratio: f64) -> Self {
+        self.sample_ratio = ratio;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -171,8 +180,8 @@ impl Store {
     async fn try_ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash)
-             values ($1, $2, $3, $4, 'queued', $5, $6, $7) on conflict (id) do nothing",
+            "insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context)
+             values ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) on conflict (id) do nothing",
         )
         .bind(plan.run_id)
         .bind(&event.service)
@@ -181,6 +190,11 @@ impl Store {
         .bind(Json(event))
         .bind(Json(plan))
         .bind(&plan.hash)
+        .bind(baton_shared::telemetry::traceparent(
+            baton_shared::telemetry::new_trace_id(),
+            baton_shared::telemetry::new_span_id(),
+            rand::random::<f64>() < self.sample_ratio,
+        ))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -423,8 +437,8 @@ impl Store {
             match effect {
                 Effect::Dispatch(job) => {
                     sqlx::query(
-                        "insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at)
-                         values ($1, $2, $3, $4, $5, 'dispatched', $6)",
+                        "insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
+                         values ($1, $2, $3, $4, $5, 'dispatched', $6, $7)",
                     )
                     .bind(job.run_id)
                     .bind(&job.step_id)
@@ -432,6 +446,12 @@ impl Store {
                     .bind(job.kind.as_str())
                     .bind(job.message_id)
                     .bind(job.issued_at)
+                    .bind(
+                        job.traceparent
+                            .as_deref()
+                            .and_then(baton_shared::telemetry::parse_traceparent)
+                            .map(|sc| sc.span_id().to_string()),
+                    )
                     .execute(&mut **tx)
                     .await?;
                     let msg = OutboxMsg {

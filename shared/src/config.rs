@@ -211,6 +211,7 @@ pub struct DaemonConfig {
     pub amqp: AmqpConfig,
     pub daemon: DaemonSettings,
     pub signing: SigningConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
     pub log: LogConfig,
 }
 
@@ -251,6 +252,7 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.signing.validate()?;
+        self.telemetry.validate()?;
         if self.daemon.zone.is_empty() {
             return Err(ConfigError::invalid(
                 "daemon.zone",

@@ -23,6 +23,8 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::amqp::{AmqpError, Broker, Outgoing};
@@ -424,10 +426,46 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
         let _ = delivery.ack(BasicAckOptions::default()).await;
         return;
     }
-    let span = tracing::info_span!("job", run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, zone = %job.zone, role = %job.role);
-    let _enter = span.enter();
-    drop(_enter);
+    // The daemon's span joins the run's trace as a child of the step attempt's
+    // span (messaging conventions: a RabbitMQ consumer span).
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %format!("{} {} {}", job.kind, job.step_id, job.action),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.message.id = %job.message_id,
+        baton.run_id = %job.run_id,
+        baton.step_id = %job.step_id,
+        baton.attempt = job.attempt,
+        baton.kind = %job.kind,
+        baton.zone = %job.zone,
+        baton.role = %job.role,
+        baton.daemon = %shared.instance,
+        baton.outcome = tracing::field::Empty,
+    );
+    let parent = crate::amqp::header(&delivery, "traceparent").or_else(|| job.traceparent.clone());
+    if let Some(cx) = parent.as_deref().and_then(crate::telemetry::remote_parent) {
+        let _ = span.set_parent(cx);
+    }
+    run_job(shared, binding, delivery, job, key, token, reason)
+        .instrument(span)
+        .await;
+}
 
+/// Reports, executes and reports again, inside the job's span.
+async fn run_job(
+    shared: &Shared,
+    binding: &Binding,
+    delivery: Delivery,
+    job: StepJob,
+    key: AttemptKey,
+    token: CancellationToken,
+    reason: Arc<OnceLock<StepError>>,
+) {
     if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new()).await {
         tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started; handing the job back");
         let _ = delivery
@@ -515,6 +553,13 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
         _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
     };
     heartbeat.abort();
+    let current = tracing::Span::current();
+    match &outcome {
+        Ok(_) => current.record("baton.outcome", "succeeded"),
+        Err(e) => current
+            .record("baton.outcome", e.code.as_str())
+            .record("otel.status_code", "ERROR"),
+    };
     m.add("baton_daemon_jobs_in_flight", "Jobs executing now", &labels, -1.0);
     let result_label = match &outcome {
         Ok(_) => "succeeded",

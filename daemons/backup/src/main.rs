@@ -70,7 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    baton_shared::telemetry::init_logging(&cfg.common.log);
+    let telemetry = baton_shared::telemetry::init(&cfg.common.log, &cfg.common.telemetry, "baton-backup");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -84,7 +84,10 @@ fn main() -> ExitCode {
         zone,
         role: Arc::new(role),
     }];
-    match runtime.block_on(runtime::run(cfg.common, bindings, runtime::shutdown_signal())) {
+    let result = runtime.block_on(runtime::run(cfg.common, bindings, runtime::shutdown_signal()));
+    // Spans still buffered are flushed before the process exits.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "daemon stopped");

@@ -61,7 +61,11 @@ fn main() -> ExitCode {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
-    baton_shared::telemetry::init_logging(&cfg.daemon_config.log);
+    let telemetry = baton_shared::telemetry::init(
+        &cfg.daemon_config.log,
+        &cfg.daemon_config.telemetry,
+        "baton-db-migration",
+    );
     let role = Arc::new(DbMigration::new(cfg.migration.clone()));
     let zone = cfg.daemon_config.daemon.zone.clone();
     tracing::info!(
@@ -74,11 +78,13 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(runtime::run(
+    let result = rt.block_on(runtime::run(
         cfg.daemon_config,
         vec![Binding { zone, role }],
         runtime::shutdown_signal(),
-    ))
-    .context("daemon runtime")?;
+    ));
+    // Spans still buffered are flushed before the process exits.
+    telemetry.shutdown();
+    result.context("daemon runtime")?;
     Ok(())
 }

@@ -123,11 +123,13 @@ fn main() -> anyhow::Result<()> {
         cfg.daemon.zone = bindings.first().map(|b| b.zone.clone()).unwrap_or_default();
     }
     cfg.validate()?;
-    baton_shared::telemetry::init_logging(&cfg.log);
+    let telemetry = baton_shared::telemetry::init(&cfg.log, &cfg.telemetry, "baton-test-daemon");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(runtime::run(cfg, bindings, runtime::shutdown_signal()))?;
+    let result = rt.block_on(runtime::run(cfg, bindings, runtime::shutdown_signal()));
+    telemetry.shutdown();
+    result?;
     Ok(())
 }
