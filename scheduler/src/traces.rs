@@ -30,6 +30,7 @@ fn scope() -> InstrumentationScope {
     InstrumentationScope::builder("baton-scheduler").build()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn span(
     parent: &SpanContext,
     span_id: SpanId,
