@@ -347,32 +347,36 @@ impl RunState {
                 r.zone, r.role, s.zone, s.role
             ));
         }
-        match r.status {
-            ResultStatus::Accepted | ResultStatus::Started => {
-                let s = &mut self.steps[i];
-                if s.attempt_status == Some(AttemptStatus::Dispatched) {
-                    s.attempt_status = Some(AttemptStatus::Running);
-                    s.dirty = true;
-                    if s.status == StepStatus::Dispatched {
-                        s.status = StepStatus::Running;
-                        s.started_at.get_or_insert(r.at.min(now));
-                    }
-                    fx.push(Effect::AttemptStarted {
-                        step: s.id.clone(),
-                        attempt: s.attempt,
-                        daemon: r.daemon.clone(),
-                        at: r.at.min(now),
-                    });
-                    Self::history(
-                        fx,
-                        Some(&s.id),
-                        Some(s.attempt),
-                        "attempt_started",
-                        json!({"kind": r.kind, "daemon": r.daemon}),
-                    );
-                }
-                self.extend_lease(i, now, cfg, fx);
+        // Results are applied concurrently, so an outcome can overtake its
+        // attempt's `started`: the outcome then carries the start time itself.
+        let final_result = matches!(r.status, ResultStatus::Succeeded | ResultStatus::Failed);
+        if self.steps[i].attempt_status == Some(AttemptStatus::Dispatched)
+            && (final_result || matches!(r.status, ResultStatus::Accepted | ResultStatus::Started))
+        {
+            let at = r.started_at.unwrap_or(r.at).min(now);
+            let s = &mut self.steps[i];
+            s.attempt_status = Some(AttemptStatus::Running);
+            s.dirty = true;
+            if s.status == StepStatus::Dispatched {
+                s.status = StepStatus::Running;
+                s.started_at.get_or_insert(at);
             }
+            fx.push(Effect::AttemptStarted {
+                step: s.id.clone(),
+                attempt: s.attempt,
+                daemon: r.daemon.clone(),
+                at,
+            });
+            Self::history(
+                fx,
+                Some(&s.id),
+                Some(s.attempt),
+                "attempt_started",
+                json!({"kind": r.kind, "daemon": r.daemon}),
+            );
+        }
+        match r.status {
+            ResultStatus::Accepted | ResultStatus::Started => self.extend_lease(i, now, cfg, fx),
             ResultStatus::Heartbeat => self.extend_lease(i, now, cfg, fx),
             ResultStatus::Succeeded => self.attempt_succeeded(i, r.outputs.clone(), now, cfg, fx),
             ResultStatus::Failed => {

@@ -648,12 +648,19 @@ impl Store {
             || json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
         // Heartbeats are idempotent (they only extend a lease), so they skip the inbox.
         if r.status != baton_shared::protocol::ResultStatus::Heartbeat {
-            let fresh = sqlx::query("insert into inbox (message_id, run_id) values ($1, $2) on conflict do nothing")
-                .bind(r.message_id)
-                .bind(r.run_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
+            let fresh = sqlx::query(
+                "insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
+                 values ($1, $2, $3, $4, $5, $6) on conflict do nothing",
+            )
+            .bind(r.message_id)
+            .bind(r.run_id)
+            .bind(&r.step_id)
+            .bind(r.attempt as i32)
+            .bind(r.status.as_str())
+            .bind(r.at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
                 == 1;
             if !fresh {
                 self.history(

@@ -475,6 +475,9 @@ pub struct StepResult {
     pub outputs: Fields,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StepError>,
+    /// On an outcome: when the attempt started, in case `started` arrives late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }
@@ -520,6 +523,7 @@ impl StepResult {
             at: Utc::now(),
             outputs: Fields::new(),
             error: None,
+            started_at: None,
             signature: None,
         }
     }

@@ -466,7 +466,8 @@ async fn run_job(
     token: CancellationToken,
     reason: Arc<OnceLock<StepError>>,
 ) {
-    if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new()).await {
+    let started_at = Utc::now();
+    if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new(), None).await {
         tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started; handing the job back");
         let _ = delivery
             .nack(BasicNackOptions {
@@ -597,7 +598,7 @@ async fn run_job(
     // never arrives, the lease expires and the step's retry policy decides.
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
-        match report(shared, &job, status, error.clone(), outputs.clone()).await {
+        match report(shared, &job, status, error.clone(), outputs.clone(), Some(started_at)).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "result not sent; retrying");
@@ -660,10 +661,12 @@ async fn report(
     status: ResultStatus,
     error: Option<StepError>,
     outputs: Fields,
+    started_at: Option<chrono::DateTime<Utc>>,
 ) -> Result<(), AmqpError> {
     let mut result = StepResult::for_job(job, &shared.instance, status);
     result.error = error;
     result.outputs = outputs;
+    result.started_at = started_at;
     shared.key.sign(&mut result);
     let out = Outgoing {
         message_id: Some(result.message_id),

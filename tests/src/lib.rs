@@ -4,7 +4,7 @@
 //! run in parallel and leave nothing behind; dropping it kills the processes it
 //! started and removes both.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -75,8 +75,10 @@ pub const SEED_BINDINGS: &[&str] = &[
 
 /// Where cargo put the workspace's binaries (next to this test's executable).
 pub fn bin(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps, binaries such as baton-bench from target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let here = exe.parent().expect("exe dir");
+    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -371,7 +373,19 @@ impl TestEnv {
 
     /// Like [`Self::spawn_daemon`], with extra `BATON_*` settings.
     pub fn spawn_daemon_with(&self, label: &str, bindings: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.spawn_daemon_full(label, bindings, env, false)
+    }
+
+    /// A daemon whose every job succeeds at once, for benchmarks.
+    pub fn spawn_noop_daemon(&self, label: &str, bindings: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.spawn_daemon_full(label, bindings, env, true)
+    }
+
+    fn spawn_daemon_full(&self, label: &str, bindings: &[&str], env: &[(&str, &str)], noop: bool) -> Proc {
         let mut cmd = Command::new(bin("baton-test-daemon"));
+        if noop {
+            cmd.arg("--noop");
+        }
         cmd.arg("--script").arg(self.dir.join("script.json"));
         cmd.arg("--log").arg(self.dir.join("exec.jsonl"));
         for b in bindings {

@@ -309,6 +309,7 @@ async fn unsigned_or_forged_results_change_nothing_and_are_audited() {
             at: Utc::now(),
             outputs: Default::default(),
             error: None,
+            started_at: None,
             signature: None,
         };
         if let Some(k) = signer {

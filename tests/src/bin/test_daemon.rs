@@ -21,6 +21,8 @@ struct ScriptedRole {
     script: PathBuf,
     log: PathBuf,
     counts: Mutex<HashMap<(uuid::Uuid, String, JobKind), u32>>,
+    /// Succeed at once without reading the script or logging (benchmarks).
+    noop: bool,
 }
 
 impl ScriptedRole {
@@ -45,6 +47,9 @@ impl ScriptedRole {
     }
 
     async fn work(&self, job: &StepJob) -> Outcome {
+        if self.noop {
+            return Ok(Default::default());
+        }
         let n = {
             let mut counts = self.counts.lock().expect("lock");
             let c = counts.entry((job.run_id, job.step_id.clone(), job.kind)).or_default();
@@ -90,11 +95,13 @@ fn main() -> anyhow::Result<()> {
     let mut script = None;
     let mut log = None;
     let mut serve = Vec::new();
+    let mut noop = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--script" => script = args.next().map(PathBuf::from),
             "--log" => log = args.next().map(PathBuf::from),
+            "--noop" => noop = true,
             "--serve" => serve.push(args.next().ok_or_else(|| anyhow::anyhow!("--serve needs ZONE.ROLE"))?),
             other => anyhow::bail!("unknown argument {other:?}"),
         }
@@ -115,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                     script: script.clone(),
                     log: log.clone(),
                     counts: Mutex::new(HashMap::new()),
+                    noop,
                 }),
             })
         })

@@ -1,0 +1,487 @@
+//! `baton-bench`: Baton against this machine's own floor, in one run.
+//!
+//! Build and run (release):
+//! `cargo build --release -p baton-tests --bins && target/release/baton-bench [--json] [--quick]`
+//!
+//! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
+//! and database. Daemons are the scripted test daemon in `--noop` mode (every job
+//! succeeds at once), so what is measured is Baton's own overhead.
+
+use std::time::{Duration, Instant};
+
+use baton_shared::protocol::{MergeEvent, Message};
+use baton_shared::topology::{EVENTS_EXCHANGE, MERGE_EVENTS_KEY};
+use baton_tests::{EVERYTHING, Proc, SEED_BINDINGS, TestEnv, event};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+struct Stats {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    if v.is_empty() {
+        return Stats::default();
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        n: v.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: *v.last().unwrap(),
+    }
+}
+
+fn ms(d: chrono::Duration) -> f64 {
+    d.num_microseconds().unwrap_or(0) as f64 / 1000.0
+}
+
+async fn confirm_channel(conn: &lapin::Connection) -> Channel {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch
+}
+
+async fn quorum(ch: &Channel, name: &str) {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+}
+
+async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+struct Floor {
+    publish_confirm: Stats,
+    pg_commit: Stats,
+    /// Job publish → daemon-side delivery → result publish → delivery → one commit.
+    round_trip: Stats,
+}
+
+/// The machine's raw costs: what any engine on these parts pays per step.
+async fn floor(iterations: usize) -> Floor {
+    let env = TestEnv::new("bench-floor").await;
+    let conn = env.amqp().await;
+    let ch = confirm_channel(&conn).await;
+    quorum(&ch, "floor.jobs").await;
+    quorum(&ch, "floor.results").await;
+    sqlx::query("create table floor (id bigserial primary key, at timestamptz not null default now())")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let body = vec![b'x'; 200];
+
+    let mut pc = Vec::new();
+    for _ in 0..iterations {
+        let t = Instant::now();
+        publish(&ch, "", "floor.jobs", &body).await;
+        pc.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ch.queue_purge("floor.jobs".into(), Default::default()).await.unwrap();
+
+    let mut commits = Vec::new();
+    for _ in 0..iterations {
+        let t = Instant::now();
+        sqlx::query("insert into floor default values")
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        commits.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    // A "daemon" echoing jobs as results, with prefetch like Baton's.
+    let daemon_ch = confirm_channel(&conn).await;
+    daemon_ch.basic_qos(16, Default::default()).await.unwrap();
+    let mut jobs = daemon_ch
+        .basic_consume(
+            "floor.jobs".into(),
+            "d".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let echo = daemon_ch.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = jobs.next().await {
+            publish(&echo, "", "floor.results", &d.data).await;
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    let results_ch = conn.create_channel().await.unwrap();
+    results_ch.basic_qos(16, Default::default()).await.unwrap();
+    let mut results = results_ch
+        .basic_consume(
+            "floor.results".into(),
+            "s".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut rt = Vec::new();
+    for _ in 0..iterations {
+        let t = Instant::now();
+        publish(&ch, "", "floor.jobs", &body).await;
+        let d = results.next().await.unwrap().unwrap();
+        sqlx::query("insert into floor default values")
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        rt.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Floor {
+        publish_confirm: stats(pc),
+        pg_commit: stats(commits),
+        round_trip: stats(rt),
+    }
+}
+
+/// A running Baton: schedulers and one no-op daemon for every seed binding.
+struct Baton {
+    env: TestEnv,
+    schedulers: Vec<Proc>,
+    daemon: Proc,
+    events: Channel,
+    _conn: lapin::Connection,
+}
+
+async fn baton(name: &str, schedulers: usize) -> Baton {
+    let env = TestEnv::new(name).await;
+    env.set_scheduler_env("BATON_LOG__LEVEL", "warn");
+    env.set_scheduler_env("RUST_LOG", "warn");
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
+    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
+    env.set_scheduler_env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "120000");
+    let mut procs = vec![env.scheduler("scheduler-0").await];
+    for i in 1..schedulers {
+        procs.push(env.spawn_scheduler(&format!("scheduler-{i}")));
+    }
+    env.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, schedulers as u32)
+        .await;
+    let daemon = env.spawn_noop_daemon(
+        "daemon",
+        SEED_BINDINGS,
+        &[
+            ("BATON_DAEMON__CONCURRENCY", "64"),
+            ("BATON_DAEMON__PREFETCH", "64"),
+            ("RUST_LOG", "warn"),
+        ],
+    );
+    for b in SEED_BINDINGS {
+        let (z, r) = b.split_once('.').unwrap();
+        env.wait_consumers(&baton_shared::topology::job_queue(z, r), 1).await;
+    }
+    let conn = env.amqp().await;
+    let events = confirm_channel(&conn).await;
+    Baton {
+        env,
+        schedulers: procs,
+        daemon,
+        events,
+        _conn: conn,
+    }
+}
+
+impl Baton {
+    async fn enqueue(&self, ev: &serde_json::Value) -> Uuid {
+        let ev = MergeEvent::parse(&serde_json::to_vec(ev).unwrap()).unwrap();
+        publish(&self.events, EVENTS_EXCHANGE, MERGE_EVENTS_KEY, &ev.to_bytes()).await;
+        ev.run_id()
+    }
+
+    async fn finished(&self, runs: &[Uuid], patience: Duration) -> Vec<DateTime<Utc>> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let done: Vec<Option<DateTime<Utc>>> =
+                sqlx::query_scalar("select finished_at from runs where id = any($1) and finished_at is not null")
+                    .bind(runs)
+                    .fetch_all(&self.env.pool)
+                    .await
+                    .unwrap();
+            if done.len() == runs.len() {
+                return done.into_iter().flatten().collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {} runs ended within {patience:?}",
+                done.len(),
+                runs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+fn rss_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    pipeline: Stats,
+    step_overhead: Stats,
+}
+
+/// Seed pipeline runs one after another: end-to-end latency and the gap between
+/// a step's result leaving its daemon and the next step's job reaching one.
+async fn latency(runs: usize) -> Latency {
+    let b = baton("bench-latency", 1).await;
+    let mut total = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..runs {
+        let t0 = Utc::now();
+        let id = b.enqueue(&event("latency", (i % 250) as u8, EVERYTHING)).await;
+        let end = b.finished(&[id], Duration::from_secs(60)).await[0];
+        total.push(ms(end - t0));
+        ids.push(id);
+    }
+    // started_at of a step (stamped by the daemon on delivery) minus the latest
+    // result time of the steps it needs (stamped by their daemon on sending).
+    let gaps: Vec<f64> = sqlx::query_scalar(
+        "select extract(epoch from (a.started_at - prev.reported_at))::float8 * 1000
+           from steps s
+           join attempts a on a.run_id = s.run_id and a.step_id = s.step_id and a.attempt = 1
+           join lateral (select max(i.reported_at) as reported_at from inbox i
+                          where i.run_id = s.run_id and i.step_id = any(s.needs) and i.status = 'succeeded') prev on true
+          where s.run_id = any($1) and cardinality(s.needs) > 0 and prev.reported_at is not null",
+    )
+    .bind(&ids)
+    .fetch_all(&b.env.pool)
+    .await
+    .unwrap();
+    Latency {
+        pipeline: stats(total),
+        step_overhead: stats(gaps),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    schedulers: usize,
+    runs: usize,
+    seconds: f64,
+    runs_per_s: f64,
+    steps_per_s: f64,
+    scheduler_peak_rss_mib: f64,
+    daemon_peak_rss_mib: f64,
+}
+
+async fn throughput(runs: usize, schedulers: usize) -> Throughput {
+    let b = baton(&format!("bench-tp-{runs}-{schedulers}"), schedulers).await;
+    let t0 = Utc::now();
+    let mut ids = Vec::with_capacity(runs);
+    for i in 0..runs {
+        ids.push(
+            b.enqueue(&event(&format!("svc-{i}"), (i % 250) as u8, EVERYTHING))
+                .await,
+        );
+    }
+    let ends = b.finished(&ids, Duration::from_secs(1200)).await;
+    let end = ends.into_iter().max().unwrap();
+    let seconds = ms(end - t0) / 1000.0;
+    let steps: i64 = sqlx::query_scalar("select count(*) from attempts")
+        .fetch_one(&b.env.pool)
+        .await
+        .unwrap();
+    let peak = b
+        .schedulers
+        .iter()
+        .map(|p| rss_kib(p.pid(), "VmHWM:"))
+        .max()
+        .unwrap_or(0);
+    Throughput {
+        schedulers,
+        runs,
+        seconds,
+        runs_per_s: runs as f64 / seconds,
+        steps_per_s: steps as f64 / seconds,
+        scheduler_peak_rss_mib: peak as f64 / 1024.0,
+        daemon_peak_rss_mib: rss_kib(b.daemon.pid(), "VmHWM:") as f64 / 1024.0,
+    }
+}
+
+/// A scheduler is killed with runs in flight; how long from its replacement's
+/// start to the next dispatch.
+async fn recovery() -> f64 {
+    let mut b = baton("bench-recovery", 1).await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            b.enqueue(&event(&format!("rec-{i}"), (i % 250) as u8, EVERYTHING))
+                .await,
+        );
+    }
+    b.env
+        .wait_until("some dispatches", Duration::from_secs(60), async || {
+            let n: i64 = sqlx::query_scalar("select count(*) from attempts")
+                .fetch_one(&b.env.pool)
+                .await
+                .unwrap();
+            n > 100
+        })
+        .await;
+    b.schedulers[0].kill();
+    // Let in-flight results pile up with nobody scheduling.
+    let quiet = Utc::now();
+    b.env
+        .wait_until("the daemon to go idle", Duration::from_secs(30), async || {
+            let last: Option<DateTime<Utc>> = sqlx::query_scalar("select max(dispatched_at) from attempts")
+                .fetch_one(&b.env.pool)
+                .await
+                .unwrap();
+            last.is_none_or(|l| l < quiet)
+        })
+        .await;
+    let start = Utc::now();
+    b.schedulers.push(b.env.spawn_scheduler("replacement"));
+    let mut first: Option<DateTime<Utc>> = None;
+    b.env
+        .wait_until("the replacement to dispatch", Duration::from_secs(60), async || {
+            first = sqlx::query_scalar("select min(dispatched_at) from attempts where dispatched_at > $1")
+                .bind(start)
+                .fetch_one(&b.env.pool)
+                .await
+                .unwrap();
+            first.is_some()
+        })
+        .await;
+    b.finished(&ids, Duration::from_secs(300)).await;
+    ms(first.unwrap() - start)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let as_json = args.iter().any(|a| a == "--json");
+    let quick = args.iter().any(|a| a == "--quick");
+    let (iters, seq, sizes) = if quick {
+        (100, 10, vec![100])
+    } else {
+        (500, 50, vec![100, 1000])
+    };
+
+    eprintln!("measuring the floor…");
+    let floor = floor(iters).await;
+    eprintln!("measuring latency…");
+    let lat = latency(seq).await;
+    let mut tp = Vec::new();
+    for &runs in &sizes {
+        for schedulers in [1, 2, 4] {
+            eprintln!("throughput: {runs} runs, {schedulers} scheduler(s)…");
+            tp.push(throughput(runs, schedulers).await);
+        }
+    }
+    eprintln!("measuring recovery…");
+    let recovery_ms = recovery().await;
+    let idle_daemon = {
+        let env = TestEnv::new("bench-idle").await;
+        let d = env.spawn_noop_daemon("idle", SEED_BINDINGS, &[("RUST_LOG", "warn")]);
+        for b in SEED_BINDINGS {
+            let (z, r) = b.split_once('.').unwrap();
+            env.wait_consumers(&baton_shared::topology::job_queue(z, r), 1).await;
+        }
+        rss_kib(d.pid(), "VmRSS:") as f64 / 1024.0
+    };
+
+    let report = json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "floor": floor,
+        "pipeline_latency": lat.pipeline,
+        "step_overhead": lat.step_overhead,
+        "step_overhead_ratio_to_floor": {
+            "p50": lat.step_overhead.p50_ms / floor.round_trip.p50_ms,
+            "p99": lat.step_overhead.p99_ms / floor.round_trip.p50_ms,
+        },
+        "throughput": tp,
+        "recovery_ms": recovery_ms,
+        "idle_daemon_rss_mib": idle_daemon,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+        return;
+    }
+    let f = |s: &Stats| format!("{:>8.2} {:>8.2} {:>8.2}", s.p50_ms, s.p99_ms, s.max_ms);
+    println!("{:<44} {:>8} {:>8} {:>8}", "measurement (ms)", "p50", "p99", "max");
+    println!(
+        "{:<44} {}",
+        "floor: publish with confirm (quorum)",
+        f(&floor.publish_confirm)
+    );
+    println!("{:<44} {}", "floor: single-row PostgreSQL commit", f(&floor.pg_commit));
+    println!(
+        "{:<44} {}",
+        "floor: job+result round trip + commit",
+        f(&floor.round_trip)
+    );
+    println!(
+        "{:<44} {}",
+        "step overhead (result sent → next job in)",
+        f(&lat.step_overhead)
+    );
+    println!(
+        "{:<44} {:>8.2} {:>8.2}",
+        "step overhead / floor round trip (p50)",
+        lat.step_overhead.p50_ms / floor.round_trip.p50_ms,
+        lat.step_overhead.p99_ms / floor.round_trip.p50_ms
+    );
+    println!("{:<44} {}", "seed pipeline, 11 steps, enqueue → end", f(&lat.pipeline));
+    println!();
+    println!(
+        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>10}",
+        "runs", "schedulers", "seconds", "runs/s", "steps/s", "sched RSS MiB", "daemon MiB"
+    );
+    for t in &tp {
+        println!(
+            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.1} {:>10.1}",
+            t.runs,
+            t.schedulers,
+            t.seconds,
+            t.runs_per_s,
+            t.steps_per_s,
+            t.scheduler_peak_rss_mib,
+            t.daemon_peak_rss_mib
+        );
+    }
+    println!();
+    println!("recovery: replacement scheduler start → next dispatch: {recovery_ms:.0} ms");
+    println!("idle daemon RSS: {idle_daemon:.1} MiB");
+}
