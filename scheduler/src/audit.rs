@@ -57,45 +57,75 @@ pub fn chain_hash(prev: &str, e: &Entry<'_>) -> String {
 }
 
 /// Appends an entry to its chain inside the caller's transaction.
-pub async fn append(tx: &mut Transaction<'_, Postgres>, mut e: Entry<'_>) -> Result<(), StoreError> {
-    // PostgreSQL keeps microseconds; hash exactly what will be stored.
-    e.at = DateTime::from_timestamp_micros(e.at.timestamp_micros()).unwrap_or(e.at);
-    let chain_key = match e.run_id {
-        Some(r) => format!("audit/{r}"),
-        None => "audit/global".to_owned(),
-    };
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(&chain_key)
-        .execute(&mut **tx)
-        .await?;
-    let prev: Option<String> = match e.run_id {
-        Some(r) => {
-            sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
-                .bind(r)
-                .fetch_optional(&mut **tx)
-                .await?
+pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<(), StoreError> {
+    append_many(tx, vec![e]).await
+}
+
+/// Appends entries in order: one lock and one head lookup per chain, and one
+/// insert for all of them (a transition writes several rows; this keeps it to
+/// a few round trips).
+pub async fn append_many(tx: &mut Transaction<'_, Postgres>, mut entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut heads: HashMap<Option<Uuid>, String> = HashMap::new();
+    let (mut runs, mut steps, mut attempts, mut ats, mut actors, mut kinds, mut details, mut prevs, mut hashes) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for e in &mut entries {
+        // PostgreSQL keeps microseconds; hash exactly what will be stored.
+        e.at = DateTime::from_timestamp_micros(e.at.timestamp_micros()).unwrap_or(e.at);
+        if !heads.contains_key(&e.run_id) {
+            let chain_key = match e.run_id {
+                Some(r) => format!("audit/{r}"),
+                None => "audit/global".to_owned(),
+            };
+            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(&chain_key)
+                .execute(&mut **tx)
+                .await?;
+            let head: Option<String> = match e.run_id {
+                Some(r) => {
+                    sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
+                        .bind(r)
+                        .fetch_optional(&mut **tx)
+                        .await?
+                }
+                None => {
+                    sqlx::query_scalar("select hash from audit where run_id is null order by id desc limit 1")
+                        .fetch_optional(&mut **tx)
+                        .await?
+                }
+            };
+            heads.insert(e.run_id, head.unwrap_or_else(|| GENESIS.to_owned()));
         }
-        None => {
-            sqlx::query_scalar("select hash from audit where run_id is null order by id desc limit 1")
-                .fetch_optional(&mut **tx)
-                .await?
-        }
-    };
-    let prev = prev.unwrap_or_else(|| GENESIS.to_owned());
-    let hash = chain_hash(&prev, &e);
+        let prev = heads[&e.run_id].clone();
+        let hash = chain_hash(&prev, e);
+        heads.insert(e.run_id, hash.clone());
+        runs.push(e.run_id);
+        steps.push(e.step_id.map(str::to_owned));
+        attempts.push(e.attempt);
+        ats.push(e.at);
+        actors.push(e.actor.to_owned());
+        kinds.push(e.kind.to_owned());
+        details.push(Json(e.detail.clone()));
+        prevs.push(prev);
+        hashes.push(hash);
+    }
     sqlx::query(
         "insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         select a, b, c, d, e, f, g, h, i from unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[], $5::text[], $6::text[],
+                              $7::jsonb[], $8::text[], $9::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
+         order by n",
     )
-    .bind(e.run_id)
-    .bind(e.step_id)
-    .bind(e.attempt)
-    .bind(e.at)
-    .bind(e.actor)
-    .bind(e.kind)
-    .bind(Json(e.detail))
-    .bind(&prev)
-    .bind(&hash)
+    .bind(&runs)
+    .bind(&steps)
+    .bind(&attempts)
+    .bind(&ats)
+    .bind(&actors)
+    .bind(&kinds)
+    .bind(&details)
+    .bind(&prevs)
+    .bind(&hashes)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -433,6 +433,7 @@ impl Store {
         }
         let mut released = false;
         let now = Utc::now();
+        let mut history = Vec::new();
         for effect in fx {
             match effect {
                 Effect::Dispatch(job) => {
@@ -549,10 +550,7 @@ impl Store {
                     attempt,
                     kind,
                     detail,
-                } => {
-                    self.history(tx, Some(state.id), step.as_deref(), attempt, kind, detail)
-                        .await?;
-                }
+                } => history.push((step, attempt, kind, detail)),
                 Effect::ReleaseLock => {
                     sqlx::query("delete from env_locks where service = $1 and environment = $2 and run_id = $3")
                         .bind(&state.service)
@@ -564,6 +562,19 @@ impl Store {
                 }
             }
         }
+        let entries = history
+            .iter()
+            .map(|(step, attempt, kind, detail)| audit::Entry {
+                run_id: Some(state.id),
+                step_id: step.as_deref(),
+                attempt: *attempt,
+                at: now,
+                actor: &self.actor,
+                kind,
+                detail,
+            })
+            .collect();
+        audit::append_many(tx, entries).await?;
         Ok(released)
     }
 

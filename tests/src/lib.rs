@@ -78,7 +78,11 @@ pub fn bin(name: &str) -> PathBuf {
     // Tests run from target/<profile>/deps, binaries such as baton-bench from target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
     let here = exe.parent().expect("exe dir");
-    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target dir")
+    } else {
+        here
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
