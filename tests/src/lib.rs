@@ -682,3 +682,37 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A valid (unsigned) job for `db.staging`'s zone and role as given, issued two
+/// minutes ago and acceptable for `not_after_secs` more seconds (negative: expired).
+pub fn step_job(zone: &str, role: &str, not_after_secs: i64) -> baton_shared::protocol::StepJob {
+    use baton_shared::protocol::{Deploy, JobKind, PROTOCOL_VERSION, Risk, StepJob};
+    let now = chrono::Utc::now();
+    StepJob {
+        v: PROTOCOL_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        step_id: "db.staging".into(),
+        attempt: 1,
+        kind: JobKind::Execute,
+        zone: zone.into(),
+        role: role.into(),
+        action: "migrate".into(),
+        params: Default::default(),
+        inputs: Default::default(),
+        own_outputs: Default::default(),
+        deploy: Deploy {
+            service: "shop".into(),
+            environment: "production".into(),
+            repository: "r".into(),
+            commit_sha: "0".repeat(40),
+            risk: Risk::Standard,
+        },
+        issued_at: now - chrono::Duration::seconds(120),
+        not_after: now + chrono::Duration::seconds(not_after_secs),
+        deadline: now + chrono::Duration::seconds(600),
+        heartbeat_ms: 1000,
+        traceparent: None,
+        signature: None,
+    }
+}

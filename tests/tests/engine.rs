@@ -5,10 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use baton_scheduler::store::{RunView, StepView};
-use baton_shared::protocol::{Deploy, JobKind, Message, PROTOCOL_VERSION, Risk, StepJob};
+use baton_shared::protocol::{JobKind, Message, StepJob};
 use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER};
-use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event};
-use chrono::Utc;
+use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event, step_job};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
@@ -459,37 +458,6 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
     executed_once(&env, first, &a);
 }
 
-pub fn job(zone: &str, role: &str, not_after_secs: i64) -> StepJob {
-    let now = Utc::now();
-    StepJob {
-        v: PROTOCOL_VERSION,
-        message_id: Uuid::new_v4(),
-        run_id: Uuid::new_v4(),
-        step_id: "db.staging".into(),
-        attempt: 1,
-        kind: JobKind::Execute,
-        zone: zone.into(),
-        role: role.into(),
-        action: "migrate".into(),
-        params: Default::default(),
-        inputs: Default::default(),
-        own_outputs: Default::default(),
-        deploy: Deploy {
-            service: "shop".into(),
-            environment: "production".into(),
-            repository: "r".into(),
-            commit_sha: "0".repeat(40),
-            risk: Risk::Standard,
-        },
-        issued_at: now - chrono::Duration::seconds(120),
-        not_after: now + chrono::Duration::seconds(not_after_secs),
-        deadline: now + chrono::Duration::seconds(600),
-        heartbeat_ms: 1000,
-        traceparent: None,
-        signature: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
     let env = TestEnv::new("dead-letters").await;
@@ -527,8 +495,8 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
     };
     let bodies: Vec<Vec<u8>> = vec![
         br#"{"v": 1, "garbage": true}"#.to_vec(),
-        signed(job("production", "db-migration", 60)),
-        signed(job("staging", "db-migration", -60)),
+        signed(step_job("production", "db-migration", 60)),
+        signed(step_job("staging", "db-migration", -60)),
     ];
     for body in &bodies {
         ch.basic_publish(

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use baton_shared::protocol::{Deploy, JobKind, Message, PROTOCOL_VERSION, ResultStatus, Risk, StepJob, StepResult};
+use baton_shared::protocol::{JobKind, Message, PROTOCOL_VERSION, ResultStatus, StepResult};
 use baton_shared::signing::Keypair;
 use baton_shared::topology::{DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER, RESULTS_EXCHANGE, RESULTS_KEY};
-use baton_tests::{SEED_BINDINGS, TestEnv, event};
+use baton_tests::{SEED_BINDINGS, TestEnv, event, step_job};
 use chrono::Utc;
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
@@ -144,37 +144,6 @@ async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     );
 }
 
-fn job(env: &TestEnv, not_after_secs: i64) -> StepJob {
-    let now = Utc::now();
-    StepJob {
-        v: PROTOCOL_VERSION,
-        message_id: Uuid::new_v4(),
-        run_id: Uuid::new_v4(),
-        step_id: "db.staging".into(),
-        attempt: 1,
-        kind: JobKind::Execute,
-        zone: "staging".into(),
-        role: "db-migration".into(),
-        action: "migrate".into(),
-        params: Default::default(),
-        inputs: Default::default(),
-        own_outputs: Default::default(),
-        deploy: Deploy {
-            service: env.name.clone(),
-            environment: "production".into(),
-            repository: "r".into(),
-            commit_sha: "0".repeat(40),
-            risk: Risk::Standard,
-        },
-        issued_at: now - chrono::Duration::seconds(120),
-        not_after: now + chrono::Duration::seconds(not_after_secs),
-        deadline: now + chrono::Duration::seconds(600),
-        heartbeat_ms: 1000,
-        traceparent: None,
-        signature: None,
-    }
-}
-
 async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8], message_id: Uuid) {
     ch.basic_publish(
         exchange.into(),
@@ -200,15 +169,15 @@ async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_
     ch.confirm_select(Default::default()).await.unwrap();
     let key = &env.scheduler_key;
 
-    let unsigned = job(&env, 60);
-    let mut forged = job(&env, 60);
+    let unsigned = step_job("staging", "db-migration", 60);
+    let mut forged = step_job("staging", "db-migration", 60);
     key.sign(&mut forged);
     forged.action = "drop-everything".into();
-    let mut expired = job(&env, -30);
+    let mut expired = step_job("staging", "db-migration", -30);
     key.sign(&mut expired);
-    let mut stranger = job(&env, 60);
+    let mut stranger = step_job("staging", "db-migration", 60);
     Keypair::generate().sign(&mut stranger);
-    let mut genuine = job(&env, 60);
+    let mut genuine = step_job("staging", "db-migration", 60);
     key.sign(&mut genuine);
 
     for j in [&unsigned, &forged, &expired, &stranger, &genuine] {
