@@ -22,6 +22,28 @@ fn verify(env: &TestEnv) -> (Option<i32>, Value) {
     (out.status.code(), report)
 }
 
+/// Edits the audit log as a superuser who turns the append-only trigger off.
+async fn tamper(env: &TestEnv, edits: Vec<(&'static str, i64, Option<Value>)>) {
+    let mut tx = env.pool.begin().await.unwrap();
+    let toggle = |on: bool| {
+        if on {
+            "alter table audit enable trigger audit_no_update"
+        } else {
+            "alter table audit disable trigger audit_no_update"
+        }
+    };
+    sqlx::query(toggle(false)).execute(&mut *tx).await.unwrap();
+    for (sql, id, value) in edits {
+        let mut q = sqlx::query(sql).bind(id);
+        if let Some(v) = value {
+            q = q.bind(v);
+        }
+        q.execute(&mut *tx).await.unwrap();
+    }
+    sqlx::query(toggle(true)).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     let env = TestEnv::new("audit").await;
@@ -80,21 +102,15 @@ async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query("alter table audit disable trigger audit_no_update")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("update audit set detail = '{\"kind\": \"forged\"}' where id = $1")
-        .bind(target)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("alter table audit enable trigger audit_no_update")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    tamper(
+        &env,
+        vec![(
+            "update audit set detail = '{\"kind\": \"forged\"}' where id = $1",
+            target,
+            None,
+        )],
+    )
+    .await;
     let (code, report) = verify(&env);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["first_broken"]["id"].as_i64(), Some(target), "{report}");
@@ -110,27 +126,14 @@ async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query("alter table audit disable trigger audit_no_update")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("update audit set detail = $2 where id = $1")
-        .bind(target)
-        .bind(&original)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("delete from audit where id = $1")
-        .bind(a)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("alter table audit enable trigger audit_no_update")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    tamper(
+        &env,
+        vec![
+            ("update audit set detail = $2 where id = $1", target, Some(original)),
+            ("delete from audit where id = $1", a, None),
+        ],
+    )
+    .await;
     let (code, report) = verify(&env);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(
