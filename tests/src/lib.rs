@@ -279,27 +279,53 @@ impl TestEnv {
     }
 
     /// Waits until `queue` exists and has at least `n` consumers.
+    ///
+    /// A passive declare of a missing queue closes its channel; every probe is
+    /// bounded and a connection that misbehaves is replaced, so the wait itself
+    /// cannot hang.
     pub async fn wait_consumers(&self, queue: &str, n: u32) {
-        let conn = self.amqp().await;
+        let mut conn: Option<lapin::Connection> = None;
         self.wait_until(
             &format!("{n} consumer(s) on {queue}"),
             Duration::from_secs(30),
             async || {
-                let Ok(ch) = conn.create_channel().await else {
-                    return false;
+                if conn.is_none() {
+                    conn = tokio::time::timeout(Duration::from_secs(5), self.amqp_connect())
+                        .await
+                        .ok()
+                        .flatten();
+                }
+                let Some(c) = conn.as_ref() else { return false };
+                let probe = async {
+                    let ch = c.create_channel().await.ok()?;
+                    let opts = lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    let q = ch.queue_declare(queue.into(), opts, Default::default()).await.ok()?;
+                    let _ = ch.close(200, "probed".into()).await;
+                    Some(q.consumer_count())
                 };
-                let opts = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                match ch.queue_declare(queue.into(), opts, Default::default()).await {
-                    Ok(q) => q.consumer_count() >= n,
-                    Err(_) => false,
+                match tokio::time::timeout(Duration::from_secs(5), probe).await {
+                    Ok(Some(count)) => count >= n,
+                    Ok(None) => false,
+                    Err(_) => {
+                        conn = None;
+                        false
+                    }
                 }
             },
         )
         .await;
-        let _ = conn.close(200, "bye".into()).await;
+        if let Some(c) = conn {
+            let _ = c.close(200, "bye".into()).await;
+        }
+    }
+
+    async fn amqp_connect(&self) -> Option<lapin::Connection> {
+        lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .ok()
     }
 
     /// Starts a scheduler and waits until it consumes merge events.
