@@ -106,3 +106,37 @@ async fn duplicate_out_of_order_and_unknown_run_results_change_nothing_and_are_a
     assert_eq!(strip(&after), strip(&before), "no step changed");
     assert_eq!(env.baton(&["audit", "verify"]).status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_the_step() {
+    let env = TestEnv::new("kill-daemon").await;
+    env.script(json!({"default": {"delay_ms": 20}, "execute": {"verify.staging": {"delay_ms": 3000}}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let others: Vec<&str> = SEED_BINDINGS
+        .iter()
+        .copied()
+        .filter(|b| *b != "staging.staging-verify")
+        .collect();
+    let _rest = env.daemon("rest", &others).await;
+    let mut victim = env.daemon("victim", &["staging.staging-verify"]).await;
+    let run = env.enqueue(&event("killed", 91, &["src/app.ts"]));
+    env.wait_step(run, "verify.staging", "running", RUN_TIMEOUT).await;
+    victim.kill();
+    let _heir = env.daemon("heir", &["staging.staging-verify"]).await;
+
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    let verify = view.step("verify.staging").unwrap();
+    assert_eq!(verify.attempts.len(), 2, "{verify:#?}");
+    assert_eq!(verify.attempts[0].status, "lost");
+    assert_eq!(verify.attempts[0].daemon.as_deref(), Some("victim"));
+    assert_eq!(verify.attempts[1].daemon.as_deref(), Some("heir"));
+    // The killed attempt never finished; only the new attempt completed its work.
+    let ends: Vec<u32> = env
+        .exec_log()
+        .iter()
+        .filter(|l| l.run_id == run && l.step_id == "verify.staging" && l.event == "end")
+        .map(|l| l.attempt)
+        .collect();
+    assert_eq!(ends, [2]);
+}
