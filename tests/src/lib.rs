@@ -500,6 +500,20 @@ impl TestEnv {
         last.expect("run")
     }
 
+    /// Waits until the run's audit trail has an entry of `kind`.
+    pub async fn wait_audited(&self, run: Uuid, kind: &str) {
+        self.wait_until(
+            &format!("a {kind} entry in run {run}'s audit trail"),
+            Duration::from_secs(90),
+            async || {
+                self.run(run)
+                    .await
+                    .is_some_and(|v| v.history.iter().any(|h| h.kind == kind))
+            },
+        )
+        .await;
+    }
+
     /// Waits until a step of the run has the given status.
     pub async fn wait_step(&self, run: Uuid, step: &str, status: &str, timeout: Duration) -> RunView {
         let mut last = None;
@@ -741,4 +755,9 @@ pub fn step_job(zone: &str, role: &str, not_after_secs: i64) -> baton_shared::pr
         traceparent: None,
         signature: None,
     }
+}
+
+/// The seed bindings without one, for tests that give one zone/role its own daemon.
+pub fn seed_bindings_except(binding: &str) -> Vec<&'static str> {
+    SEED_BINDINGS.iter().copied().filter(|b| *b != binding).collect()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use baton_scheduler::store::{RunView, StepView};
 use baton_shared::protocol::{JobKind, Message, StepJob};
 use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER};
-use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event, step_job};
+use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event, seed_bindings_except, step_job};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
 use serde_json::json;
@@ -334,11 +334,7 @@ async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
     let env = TestEnv::new("lease").await;
     env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 5000}}}));
     let _scheduler = env.scheduler("scheduler").await;
-    let others: Vec<&str> = SEED_BINDINGS
-        .iter()
-        .copied()
-        .filter(|b| *b != "staging.staging-verify")
-        .collect();
+    let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
     let first = env.daemon("verify-a", &["staging.staging-verify"]).await;
     let run = env.enqueue(&event("shop", 6, &["src/app.ts"]));
@@ -446,15 +442,7 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
         .await
         .unwrap();
     assert_eq!(runs, 2, "the duplicate event did not create a run");
-    env.wait_until("the duplicate to be recorded", RUN_TIMEOUT, async || {
-        env.run(first)
-            .await
-            .unwrap()
-            .history
-            .iter()
-            .any(|h| h.kind == "duplicate_merge_event")
-    })
-    .await;
+    env.wait_audited(first, "duplicate_merge_event").await;
     executed_once(&env, first, &a);
 }
 
@@ -560,11 +548,7 @@ async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
     let env = TestEnv::new("sigterm").await;
     env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 1500}}}));
     let _scheduler = env.scheduler("scheduler").await;
-    let others: Vec<&str> = SEED_BINDINGS
-        .iter()
-        .copied()
-        .filter(|b| *b != "staging.staging-verify")
-        .collect();
+    let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
 
     // Within the grace period: the step finishes and the daemon exits cleanly.

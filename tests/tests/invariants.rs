@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use baton_shared::protocol::{JobKind, Message, PROTOCOL_VERSION, ResultStatus, StepResult};
 use baton_shared::topology::{RESULTS_EXCHANGE, RESULTS_KEY};
-use baton_tests::{SEED_BINDINGS, TestEnv, event};
+use baton_tests::{SEED_BINDINGS, TestEnv, event, seed_bindings_except};
 use chrono::Utc;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -112,11 +112,7 @@ async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_th
     let env = TestEnv::new("kill-daemon").await;
     env.script(json!({"default": {"delay_ms": 20}, "execute": {"verify.staging": {"delay_ms": 3000}}}));
     let _scheduler = env.scheduler("scheduler").await;
-    let others: Vec<&str> = SEED_BINDINGS
-        .iter()
-        .copied()
-        .filter(|b| *b != "staging.staging-verify")
-        .collect();
+    let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
     let mut victim = env.daemon("victim", &["staging.staging-verify"]).await;
     let run = env.enqueue(&event("killed", 91, &["src/app.ts"]));

@@ -53,15 +53,7 @@ async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     let run = env.enqueue(&event("audited", 40, &["src/app.ts"]));
     assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
     env.enqueue(&event("audited", 40, &["src/app.ts"]));
-    env.wait_until("the duplicate merge event to be audited", RUN_TIMEOUT, async || {
-        env.run(run)
-            .await
-            .unwrap()
-            .history
-            .iter()
-            .any(|h| h.kind == "duplicate_merge_event")
-    })
-    .await;
+    env.wait_audited(run, "duplicate_merge_event").await;
 
     let (code, report) = verify(&env);
     assert_eq!(code, Some(0), "{report}");
