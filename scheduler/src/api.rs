@@ -158,6 +158,18 @@ impl From<StoreError> for ApiError {
             e @ (StoreError::Engine(_) | StoreError::Locked { .. }) => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::MergeGate(reason) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "merge_gate", reason),
+            StoreError::Decision(e) => {
+                use crate::gates::DecisionError as D;
+                let (status, code) = match &e {
+                    D::NoSuchStep { .. } => (StatusCode::NOT_FOUND, "not_found"),
+                    D::SelfApproval { .. } => (StatusCode::FORBIDDEN, "four_eyes"),
+                    D::PlanHash { .. } => (StatusCode::CONFLICT, "plan_hash_mismatch"),
+                    D::NotAwaiting { .. } | D::AlreadyApproved { .. } => (StatusCode::CONFLICT, "conflict"),
+                };
+                Self::new(status, code, e.to_string())
+            }
+            e @ StoreError::NoOpenIncident(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "database unavailable")

@@ -408,7 +408,12 @@ async fn dispatch(cli: Cli) -> Outcome {
                 .await
                 .map_err(unavailable)?;
             // Claim of zero: the scheduler's sweeper publishes what this causes.
-            let st = store::Store::new(pool, cfg.engine_settings(), Duration::ZERO, format!("cli:{}", whoami()));
+            let st = store::Store::new(
+                pool,
+                cfg.engine_settings().map_err(bad_input)?,
+                Duration::ZERO,
+                format!("cli:{}", whoami()),
+            );
             match st.request_rollback(run, &reason).await {
                 Ok(_) => {
                     if cli.json {

@@ -16,6 +16,7 @@ pub struct Config {
     pub scheduler: SchedulerSettings,
     pub signing: SigningConfig,
     pub api: crate::api::ApiConfig,
+    pub gates: crate::gates::GatesConfig,
     pub telemetry: baton_shared::telemetry::TelemetryConfig,
     pub log: LogConfig,
 }
@@ -88,6 +89,7 @@ impl Config {
         self.amqp.validate()?;
         self.api.validate()?;
         self.telemetry.validate()?;
+        self.gates.validate()?;
         let url = self.database.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(
@@ -123,12 +125,13 @@ impl Config {
         Ok(())
     }
 
-    pub fn engine_settings(&self) -> Settings {
-        Settings {
+    pub fn engine_settings(&self) -> Result<Settings, ConfigError> {
+        Ok(Settings {
             lease: Duration::from_millis(self.scheduler.lease_ms),
             accept_timeout: Duration::from_millis(self.scheduler.accept_timeout_ms),
             heartbeat: Duration::from_millis(self.scheduler.heartbeat_ms),
-        }
+            gates: std::sync::Arc::new(self.gates.validate()?),
+        })
     }
 
     pub fn instance(&self) -> String {

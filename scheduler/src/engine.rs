@@ -24,8 +24,10 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::gates::{self, Facts, GateVerdict, Policy, Verdict};
 use crate::pipeline::RetryPolicy;
 use crate::planner::Plan;
+use crate::window::Overrun;
 
 macro_rules! string_enum {
     ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -66,6 +68,8 @@ string_enum!(RunStatus {
     RolledBack => "rolled_back",
     RollbackFailed => "rollback_failed",
     Cancelled => "cancelled",
+    Blocked => "blocked",
+    AwaitingApproval => "awaiting_approval",
 });
 
 impl RunStatus {
@@ -74,6 +78,11 @@ impl RunStatus {
             self,
             Self::Succeeded | Self::Failed | Self::RolledBack | Self::RollbackFailed | Self::Cancelled
         )
+    }
+
+    /// Moving forward: running, or waiting on a gate or an approval.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Running | Self::Blocked | Self::AwaitingApproval)
     }
 }
 
@@ -101,7 +110,21 @@ string_enum!(TimerKind {
     Lease => "lease",
     Timeout => "timeout",
     Dispatch => "dispatch",
+    Gate => "gate",
+    Window => "window",
 });
+
+/// Why a step or run waits: the gate that holds it, stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Hold {
+    pub gate: String,
+    pub reason: String,
+    /// Ends with a human approval.
+    pub approval: bool,
+    pub since: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
 
 /// Engine timing knobs, from configuration.
 #[derive(Debug, Clone)]
@@ -112,6 +135,8 @@ pub struct Settings {
     pub accept_timeout: Duration,
     /// Heartbeat interval daemons are asked for.
     pub heartbeat: Duration,
+    /// Gate policy: merge approvers, soak, approvals, maintenance windows.
+    pub gates: std::sync::Arc<Policy>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +147,8 @@ pub struct StepState {
     pub action: String,
     pub compensate: Option<String>,
     pub needs: Vec<String>,
+    pub gates: Vec<String>,
+    pub hold: Option<Hold>,
     pub included: bool,
     pub status: StepStatus,
     pub attempt: i32,
@@ -166,7 +193,12 @@ pub struct RunState {
     pub service: String,
     pub environment: String,
     pub event: MergeEvent,
+    pub plan_hash: String,
     pub status: RunStatus,
+    /// An admission gate holds the whole run (an open incident).
+    pub hold: Option<Hold>,
+    /// Open incidents and approvals, loaded with the run for its gates.
+    pub facts: Facts,
     pub completions: i32,
     pub rollback_reason: Option<String>,
     pub trace_context: Option<String>,
@@ -231,6 +263,9 @@ pub enum EngineError {
     },
 }
 
+/// How a cancel's reason starts, so the run ends `cancelled` when nothing was undone.
+const CANCELLED_PREFIX: &str = "cancelled by operator: ";
+
 /// Effects are collected here during one transition.
 pub type Effects = Vec<Effect>;
 
@@ -247,6 +282,8 @@ impl RunState {
                 action: p.action.clone(),
                 compensate: p.compensate.clone(),
                 needs: p.needs.clone(),
+                gates: p.gates.clone(),
+                hold: None,
                 included: p.included,
                 status: if p.included {
                     StepStatus::Pending
@@ -276,7 +313,10 @@ impl RunState {
             service: event.service.clone(),
             environment: event.environment.clone(),
             event: event.clone(),
+            plan_hash: plan.hash.clone(),
             status: RunStatus::Queued,
+            hold: None,
+            facts: Facts::default(),
             completions: 0,
             rollback_reason: None,
             trace_context: None,
@@ -322,8 +362,24 @@ impl RunState {
             return;
         }
         self.started_at = Some(now);
-        self.set_status(RunStatus::Running, now, fx);
-        self.advance(now, cfg, fx);
+        let verdict = gates::admission(self, &self.facts);
+        Self::history(fx, None, None, "gate", json!(verdict));
+        match verdict.verdict {
+            Verdict::Hold { reason, .. } => {
+                self.hold = Some(Hold {
+                    gate: verdict.gate,
+                    reason,
+                    approval: false,
+                    since: now,
+                    until: None,
+                });
+                self.set_status(RunStatus::Blocked, now, fx);
+            }
+            _ => {
+                self.set_status(RunStatus::Running, now, fx);
+                self.advance(now, cfg, fx);
+            }
+        }
     }
 
     /// Applies a daemon's report; only the step's current attempt changes anything.
@@ -449,7 +505,7 @@ impl RunState {
         cfg: &Settings,
         fx: &mut Effects,
     ) {
-        let run_running = self.status == RunStatus::Running;
+        let run_running = self.status.is_active();
         let s = &mut self.steps[i];
         let kind = s.phase().unwrap_or(JobKind::Execute);
         fx.push(Effect::ClearTimers { step: s.id.clone() });
@@ -547,6 +603,28 @@ impl RunState {
             return;
         }
         match kind {
+            TimerKind::Gate => {
+                if s.status == StepStatus::Pending {
+                    self.advance(now, cfg, fx);
+                }
+            }
+            TimerKind::Window => {
+                if !s.in_flight() || s.phase() != Some(JobKind::Execute) {
+                    return;
+                }
+                let policy = cfg.gates.windows.get(&s.zone).map(|w| w.overrun).unwrap_or_default();
+                let detail = json!({"gate": "maintenance-window", "policy": policy,
+                    "reason": "the maintenance window closed while the step was running"});
+                Self::history(fx, Some(&s.id), Some(s.attempt), "window_overrun", detail);
+                if policy == Overrun::Cancel {
+                    let err = StepError::fatal(
+                        "window_closed",
+                        "the maintenance window closed while the step was running",
+                    );
+                    self.send_cancel(i, &err.message, now, fx);
+                    self.attempt_failed(i, err, "cancelled", now, cfg, fx);
+                }
+            }
             TimerKind::Dispatch => {
                 if s.attempt_status == Some(AttemptStatus::Waiting)
                     && let Some(phase) = s.phase()
@@ -604,7 +682,7 @@ impl RunState {
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
         match self.status {
-            RunStatus::Running => {
+            RunStatus::Running | RunStatus::Blocked | RunStatus::AwaitingApproval => {
                 self.begin_rollback(format!("operator requested rollback: {reason}"), now, cfg, fx);
                 Ok(())
             }
@@ -647,44 +725,228 @@ impl RunState {
         fx.push(Effect::Cancel(cancel));
     }
 
-    /// Moves the run forward as far as its state allows.
+    /// Moves the run forward as far as its state allows: re-evaluates the gates of
+    /// steps whose needs are met, dispatches those that pass, and settles the run's
+    /// status (running, blocked, awaiting approval, or finished).
     pub fn advance(&mut self, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
-        match self.status {
-            RunStatus::Running => {
-                if let Some(failed) = self.steps.iter().find(|s| s.status == StepStatus::Failed) {
-                    let reason = format!(
-                        "step {} failed: {}",
-                        failed.id,
-                        failed.error.as_ref().map(ToString::to_string).unwrap_or_default()
+        if self.status == RunStatus::RollingBack {
+            self.continue_rollback(now, cfg, fx);
+            return;
+        }
+        if !self.status.is_active() {
+            return;
+        }
+        if let Some(failed) = self.steps.iter().find(|s| s.status == StepStatus::Failed) {
+            let reason = format!(
+                "step {} failed: {}",
+                failed.id,
+                failed.error.as_ref().map(ToString::to_string).unwrap_or_default()
+            );
+            self.begin_rollback(reason, now, cfg, fx);
+            return;
+        }
+        if self.hold.is_some() {
+            let verdict = gates::admission(self, &self.facts);
+            if let Verdict::Hold { .. } = verdict.verdict {
+                self.hold_run(verdict, now, fx);
+                return;
+            }
+            Self::history(fx, None, None, "gate", json!(verdict));
+            self.hold = None;
+            self.dirty = true;
+        }
+        let done = |id: &String, steps: &[StepState]| {
+            steps
+                .iter()
+                .find(|s| &s.id == id)
+                .is_some_and(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
+        };
+        let ready: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| {
+                let s = &self.steps[i];
+                s.status == StepStatus::Pending && s.needs.iter().all(|n| done(n, &self.steps))
+            })
+            .collect();
+        let mut gate_failed = false;
+        for i in ready {
+            let verdicts = gates::evaluate_step(self, i, &self.facts, &cfg.gates, now);
+            match verdicts.blocking() {
+                Some(
+                    v @ GateVerdict {
+                        verdict: Verdict::Fail { reason },
+                        ..
+                    },
+                ) => {
+                    let code = if gates::is_rejection(v) {
+                        "rejected"
+                    } else {
+                        "gate_failed"
+                    };
+                    let err = StepError::fatal(code, format!("gate {}: {reason}", v.gate));
+                    Self::history(fx, Some(&self.steps[i].id), None, "gate", json!(v));
+                    let s = &mut self.steps[i];
+                    s.hold = None;
+                    s.status = StepStatus::Failed;
+                    s.error = Some(err.clone());
+                    s.finished_at = Some(now);
+                    s.dirty = true;
+                    fx.push(Effect::ClearTimers { step: s.id.clone() });
+                    Self::history(
+                        fx,
+                        Some(&s.id),
+                        None,
+                        "step_failed",
+                        json!({"error": err, "attempts": 0}),
                     );
-                    self.begin_rollback(reason, now, cfg, fx);
-                    return;
+                    gate_failed = true;
                 }
-                let done = |id: &String, steps: &[StepState]| {
-                    steps
-                        .iter()
-                        .find(|s| &s.id == id)
-                        .is_some_and(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
-                };
-                let ready: Vec<usize> = (0..self.steps.len())
-                    .filter(|&i| {
-                        let s = &self.steps[i];
-                        s.status == StepStatus::Pending && s.needs.iter().all(|n| done(n, &self.steps))
-                    })
-                    .collect();
-                for i in ready {
+                Some(v) => {
+                    let v = v.clone();
+                    self.hold_step(i, v, now, fx);
+                }
+                None => {
+                    let s = &mut self.steps[i];
+                    if s.hold.take().is_some() {
+                        s.dirty = true;
+                    }
+                    Self::history(fx, Some(&s.id), None, "gates_passed", json!({"gates": verdicts.all}));
                     self.dispatch(i, JobKind::Execute, now, cfg, fx);
-                }
-                if self
-                    .steps
-                    .iter()
-                    .all(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
-                {
-                    self.set_status(RunStatus::Succeeded, now, fx);
+                    if let Some((closes, _)) = verdicts.window {
+                        let s = &self.steps[i];
+                        fx.push(Effect::SetTimer {
+                            step: s.id.clone(),
+                            kind: TimerKind::Window,
+                            attempt: s.attempt,
+                            due: closes,
+                        });
+                    }
                 }
             }
-            RunStatus::RollingBack => self.continue_rollback(now, cfg, fx),
-            _ => {}
+        }
+        if gate_failed {
+            self.advance(now, cfg, fx);
+            return;
+        }
+        if self
+            .steps
+            .iter()
+            .all(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
+        {
+            self.set_status(RunStatus::Succeeded, now, fx);
+            return;
+        }
+        self.settle(now, fx);
+    }
+
+    /// Holds the whole run on an admission gate, recording the verdict when it changed.
+    fn hold_run(&mut self, v: GateVerdict, now: DateTime<Utc>, fx: &mut Effects) {
+        if self.hold.as_ref().is_some_and(|h| h.reason == v.verdict.reason()) {
+            return;
+        }
+        Self::history(fx, None, None, "gate", json!(v));
+        self.hold = Some(Hold {
+            gate: v.gate.clone(),
+            reason: v.verdict.reason().to_owned(),
+            approval: false,
+            since: self.hold.as_ref().map_or(now, |h| h.since),
+            until: None,
+        });
+        self.dirty = true;
+    }
+
+    /// Holds a step on a gate; the verdict is recorded (and a wake-up timer set) only
+    /// when it changed, so re-evaluations do not flood the history.
+    fn hold_step(&mut self, i: usize, v: GateVerdict, now: DateTime<Utc>, fx: &mut Effects) {
+        let Verdict::Hold {
+            reason,
+            until,
+            approval,
+        } = &v.verdict
+        else {
+            return;
+        };
+        let s = &mut self.steps[i];
+        if s.hold.as_ref().is_some_and(|h| h.gate == v.gate && &h.reason == reason) {
+            return;
+        }
+        Self::history(fx, Some(&s.id), None, "gate", json!(v));
+        let since = match &s.hold {
+            Some(h) if h.gate == v.gate => h.since,
+            _ => now,
+        };
+        s.hold = Some(Hold {
+            gate: v.gate.clone(),
+            reason: reason.clone(),
+            approval: *approval,
+            since,
+            until: *until,
+        });
+        s.dirty = true;
+        if let Some(due) = until {
+            fx.push(Effect::SetTimer {
+                step: s.id.clone(),
+                kind: TimerKind::Gate,
+                attempt: s.attempt,
+                due: *due,
+            });
+        }
+    }
+
+    /// An active run is `running` while work is in flight; with nothing in flight
+    /// and a step held, it is `awaiting_approval` or `blocked`.
+    fn settle(&mut self, now: DateTime<Utc>, fx: &mut Effects) {
+        if !self.status.is_active() {
+            return;
+        }
+        let busy = self
+            .steps
+            .iter()
+            .any(|s| s.in_flight() || s.attempt_status == Some(AttemptStatus::Waiting));
+        let holds: Vec<&Hold> = self.steps.iter().filter_map(|s| s.hold.as_ref()).collect();
+        let status = if self.hold.is_some() {
+            RunStatus::Blocked
+        } else if busy || holds.is_empty() {
+            RunStatus::Running
+        } else if holds.iter().any(|h| h.approval) {
+            RunStatus::AwaitingApproval
+        } else {
+            RunStatus::Blocked
+        };
+        if status != self.status {
+            self.set_status(status, now, fx);
+        }
+    }
+
+    /// An operator cancels the run: a run not yet admitted ends at once; an active
+    /// one stops its steps and compensates what already succeeded (a half-applied
+    /// deploy is not a state to leave an environment in). It ends `cancelled` when
+    /// there was nothing to undo, otherwise `rolled_back`.
+    pub fn cancel(
+        &mut self,
+        reason: &str,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        match self.status {
+            RunStatus::Queued => {
+                for s in self.steps.iter_mut().filter(|s| s.status == StepStatus::Pending) {
+                    s.status = StepStatus::Cancelled;
+                    s.dirty = true;
+                }
+                self.rollback_reason = Some(format!("{CANCELLED_PREFIX}{reason}"));
+                self.set_status(RunStatus::Cancelled, now, fx);
+                Ok(())
+            }
+            s if s.is_active() => {
+                self.begin_rollback(format!("{CANCELLED_PREFIX}{reason}"), now, cfg, fx);
+                Ok(())
+            }
+            status => Err(EngineError::WrongState {
+                run: self.id,
+                status,
+                action: "cancel",
+            }),
         }
     }
 
@@ -697,6 +959,9 @@ impl RunState {
                 StepStatus::Pending => {
                     s.status = StepStatus::Cancelled;
                     s.dirty = true;
+                    if s.hold.take().is_some() {
+                        fx.push(Effect::ClearTimers { step: s.id.clone() });
+                    }
                     Self::history(
                         fx,
                         Some(&s.id),
@@ -763,11 +1028,12 @@ impl RunState {
             Some(i) => self.dispatch(i, JobKind::Compensate, now, cfg, fx),
             None => {
                 let undone = self.steps.iter().any(|s| s.status == StepStatus::Compensated);
-                let requested = self
-                    .rollback_reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("operator requested"));
-                let end = if undone || requested {
+                let reason = self.rollback_reason.as_deref().unwrap_or_default();
+                let end = if undone {
+                    RunStatus::RolledBack
+                } else if reason.starts_with(CANCELLED_PREFIX) {
+                    RunStatus::Cancelled
+                } else if reason.starts_with("operator requested") {
                     RunStatus::RolledBack
                 } else {
                     RunStatus::Failed

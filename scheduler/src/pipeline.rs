@@ -73,6 +73,7 @@ pub const KNOWN_GATES: &[&str] = &[
     "image-match",
     "maintenance-window",
     "human-approval",
+    "additive-first",
 ];
 
 /// The shipped default pipeline, the seed's.

@@ -86,7 +86,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     store::migrate(&pool).await?;
     let store = Store::new(
         pool,
-        config.engine_settings(),
+        config.engine_settings()?,
         Duration::from_millis(config.scheduler.claim_ms),
         instance.clone(),
     )
@@ -418,6 +418,7 @@ async fn merge_event_loop(
                 relay.send(out);
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
+            Some(Err(StoreError::MergeGate(reason))) => refused(reason).await,
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cannot ingest merge event");
                 refused(format!("scheduler could not record the run: {e}")).await;

@@ -19,7 +19,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::audit;
-use crate::engine::{Applied, Effect, Effects, EngineError, RunState, RunStatus, Settings, StepState, TimerKind};
+use crate::engine::{Applied, Effect, Effects, EngineError, Hold, RunState, RunStatus, Settings, StepState, TimerKind};
+use crate::gates::{self, Approval, Decision, Facts, Incident};
 use crate::planner::Plan;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,12 @@ pub enum StoreError {
     NotFound(Uuid),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Decision(#[from] crate::gates::DecisionError),
+    #[error("{0}")]
+    MergeGate(String),
+    #[error("incident {0} not found or already resolved")]
+    NoOpenIncident(String),
     #[error("environment {service}/{environment} is locked by run {holder}; try again when it ends")]
     Locked {
         service: String,
@@ -178,6 +185,7 @@ impl Store {
     }
 
     async fn try_ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
+        let merge_gate = gates::merge_gate(event, &self.settings.gates.merge).map_err(StoreError::MergeGate)?;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context)
@@ -215,8 +223,8 @@ impl Store {
         for (pos, (s, p)) in state.steps.iter().zip(&plan.steps).enumerate() {
             sqlx::query(
                 "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                                    status, timeout_ms, retry, params)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                    status, timeout_ms, retry, params, gates)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
             )
             .bind(plan.run_id)
             .bind(&s.id)
@@ -232,6 +240,7 @@ impl Store {
             .bind(s.timeout_ms)
             .bind(Json(&s.retry))
             .bind(Json(&s.params))
+            .bind(&s.gates)
             .execute(&mut *tx)
             .await?;
         }
@@ -242,6 +251,15 @@ impl Store {
             None,
             "run_created",
             json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()}),
+        )
+        .await?;
+        self.history(
+            &mut tx,
+            Some(plan.run_id),
+            None,
+            None,
+            "gate",
+            json!({"gate": "merge", "verdict": "pass", "reason": merge_gate}),
         )
         .await?;
         let mut out = Vec::new();
@@ -311,7 +329,8 @@ impl Store {
     /// Loads a run and locks its row for the rest of the transaction.
     async fn load(&self, tx: &mut Tx<'_>, run_id: Uuid) -> Result<Option<RunState>, StoreError> {
         let Some(row) = sqlx::query(
-            "select service, environment, event, status, completions, rollback_reason, trace_context, started_at, finished_at
+            "select service, environment, event, plan_hash, status, hold, completions, rollback_reason, trace_context,
+                    started_at, finished_at
              from runs where id = $1 for update",
         )
         .bind(run_id)
@@ -322,12 +341,16 @@ impl Store {
         };
         let status: String = row.try_get("status")?;
         let Json(event): Json<MergeEvent> = row.try_get("event")?;
+        let hold: Option<Json<Hold>> = row.try_get("hold")?;
         let mut state = RunState {
             id: run_id,
             service: row.try_get("service")?,
             environment: row.try_get("environment")?,
             event,
+            plan_hash: row.try_get("plan_hash")?,
             status: parse(run_id, &status)?,
+            hold: hold.map(|Json(h)| h),
+            facts: Facts::default(),
             completions: row.try_get("completions")?,
             rollback_reason: row.try_get("rollback_reason")?,
             trace_context: row.try_get("trace_context")?,
@@ -337,7 +360,7 @@ impl Store {
             dirty: false,
         };
         let rows = sqlx::query(
-            "select step_id, role, zone, action, compensate, needs, included, status, attempt, attempt_status,
+            "select step_id, role, zone, action, compensate, needs, gates, hold, included, status, attempt, attempt_status,
                     exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
                     completion, started_at, finished_at, comp_started_at, comp_finished_at
              from steps where run_id = $1 order by position",
@@ -352,6 +375,7 @@ impl Store {
             let Json(params) = r.try_get("params")?;
             let Json(outputs) = r.try_get("outputs")?;
             let error: Option<Json<StepError>> = r.try_get("error")?;
+            let hold: Option<Json<Hold>> = r.try_get("hold")?;
             state.steps.push(StepState {
                 id: r.try_get("step_id")?,
                 role: r.try_get("role")?,
@@ -359,6 +383,8 @@ impl Store {
                 action: r.try_get("action")?,
                 compensate: r.try_get("compensate")?,
                 needs: r.try_get("needs")?,
+                gates: r.try_get("gates")?,
+                hold: hold.map(|Json(h)| h),
                 included: r.try_get("included")?,
                 status: parse(run_id, &status)?,
                 attempt: r.try_get("attempt")?,
@@ -379,6 +405,9 @@ impl Store {
                 dirty: false,
             });
         }
+        if state.status.is_active() || state.status == RunStatus::Queued {
+            state.facts = load_facts(tx, run_id).await?;
+        }
         Ok(Some(state))
     }
 
@@ -393,7 +422,7 @@ impl Store {
         if state.dirty {
             sqlx::query(
                 "update runs set status = $2, completions = $3, rollback_reason = $4, started_at = $5, finished_at = $6,
-                        updated_at = now() where id = $1",
+                        hold = $7, updated_at = now() where id = $1",
             )
             .bind(state.id)
             .bind(state.status.as_str())
@@ -401,6 +430,7 @@ impl Store {
             .bind(&state.rollback_reason)
             .bind(state.started_at)
             .bind(state.finished_at)
+            .bind(state.hold.as_ref().map(Json))
             .execute(&mut **tx)
             .await?;
             state.dirty = false;
@@ -409,7 +439,7 @@ impl Store {
             sqlx::query(
                 "update steps set status = $3, attempt = $4, attempt_status = $5, exec_attempts = $6, comp_attempts = $7,
                         cancel_requested = $8, outputs = $9, error = $10, completion = $11, started_at = $12,
-                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15
+                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15, hold = $16
                  where run_id = $1 and step_id = $2",
             )
             .bind(state.id)
@@ -427,6 +457,7 @@ impl Store {
             .bind(s.finished_at)
             .bind(s.comp_started_at)
             .bind(s.comp_finished_at)
+            .bind(s.hold.as_ref().map(Json))
             .execute(&mut **tx)
             .await?;
             s.dirty = false;
@@ -908,6 +939,266 @@ impl Store {
         tx.commit().await?;
         Ok(out)
     }
+
+    /// Re-evaluates a run's gates now; a no-op for runs that are not active.
+    pub async fn reevaluate(&self, run_id: Uuid) -> Result<Vec<OutboxMsg>, StoreError> {
+        self.retrying(|| async {
+            let mut tx = self.pool.begin().await?;
+            let mut out = Vec::new();
+            let now = Utc::now();
+            let settings = self.settings.clone();
+            self.transition(&mut tx, run_id, &mut out, |state, fx| {
+                state.advance(now, &settings, fx);
+                Ok(())
+            })
+            .await?;
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Records an approval or rejection of a held step by `who`, after the
+    /// four-eyes and plan-hash checks, and re-evaluates the run.
+    pub async fn decide(
+        &self,
+        run_id: Uuid,
+        step: &str,
+        plan_hash: &str,
+        who: &str,
+        decision: Decision,
+        comment: &str,
+    ) -> Result<Vec<OutboxMsg>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let Some(mut state) = self.load(&mut tx, run_id).await? else {
+            return Err(StoreError::NotFound(run_id));
+        };
+        if !state.status.is_active() {
+            return Err(EngineError::WrongState {
+                run: run_id,
+                status: state.status,
+                action: if decision == Decision::Approve {
+                    "approve"
+                } else {
+                    "reject"
+                },
+            }
+            .into());
+        }
+        let now = Utc::now();
+        let policy = &self.settings.gates;
+        gates::check_decision(&state, step, plan_hash, who, decision, &state.facts, policy, now)?;
+        let expires_at = now + chrono::Duration::seconds(policy.approval.ttl_secs as i64);
+        sqlx::query(
+            "insert into approvals (run_id, step_id, plan_hash, approver, decision, comment, at, expires_at)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(run_id)
+        .bind(step)
+        .bind(plan_hash)
+        .bind(who)
+        .bind(if decision == Decision::Approve {
+            "approve"
+        } else {
+            "reject"
+        })
+        .bind(comment)
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        let kind = if decision == Decision::Approve {
+            "approved"
+        } else {
+            "rejected"
+        };
+        self.history_as(
+            &mut tx,
+            who,
+            Some(run_id),
+            Some(step),
+            kind,
+            json!({"plan_hash": plan_hash, "comment": comment, "expires_at": expires_at}),
+        )
+        .await?;
+        state.facts.approvals.push(Approval {
+            step_id: step.to_owned(),
+            plan_hash: plan_hash.to_owned(),
+            approver: who.to_owned(),
+            decision,
+            comment: comment.to_owned(),
+            at: now,
+            expires_at,
+        });
+        let mut fx = Vec::new();
+        state.advance(now, &self.settings, &mut fx);
+        if self.persist(&mut tx, &mut state, fx, &mut out).await? {
+            self.admit(&mut tx, &state.service, &state.environment, &mut out)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// An operator cancels a run (see [`RunState::cancel`]).
+    pub async fn cancel(&self, run_id: Uuid, who: &str, reason: &str) -> Result<Vec<OutboxMsg>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let Some(mut state) = self.load(&mut tx, run_id).await? else {
+            return Err(StoreError::NotFound(run_id));
+        };
+        self.history_as(
+            &mut tx,
+            who,
+            Some(run_id),
+            None,
+            "cancel_requested",
+            json!({"reason": reason}),
+        )
+        .await?;
+        let mut fx = Vec::new();
+        state.cancel(&format!("{who}: {reason}"), Utc::now(), &self.settings, &mut fx)?;
+        if self.persist(&mut tx, &mut state, fx, &mut out).await? {
+            self.admit(&mut tx, &state.service, &state.environment, &mut out)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Opens an incident; with a fingerprint (Alertmanager), an open incident with
+    /// the same fingerprint is returned instead of a second one.
+    pub async fn open_incident(
+        &self,
+        environment: &str,
+        title: &str,
+        source: &str,
+        fingerprint: Option<&str>,
+        who: &str,
+    ) -> Result<(IncidentView, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id = Uuid::new_v4();
+        let inserted = sqlx::query(
+            "insert into incidents (id, environment, title, source, fingerprint, opened_by)
+             values ($1, $2, $3, $4, $5, $6) on conflict (fingerprint) where resolved_at is null do nothing",
+        )
+        .bind(id)
+        .bind(environment)
+        .bind(title)
+        .bind(source)
+        .bind(fingerprint)
+        .bind(who)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let view = if inserted {
+            self.history_as(
+                &mut tx,
+                who,
+                None,
+                None,
+                "incident_opened",
+                json!({"incident": id, "environment": environment, "title": title, "source": source}),
+            )
+            .await?;
+            incident_by(&mut tx, IncidentKey::Id(id)).await?
+        } else {
+            incident_by(&mut tx, IncidentKey::Fingerprint(fingerprint.unwrap_or_default())).await?
+        };
+        tx.commit().await?;
+        let view = view.ok_or_else(|| StoreError::NoOpenIncident(id.to_string()))?;
+        Ok((view, inserted))
+    }
+
+    /// Resolves an open incident by id or Alertmanager fingerprint and re-evaluates
+    /// the runs it may have held.
+    pub async fn resolve_incident(
+        &self,
+        key: IncidentKey<'_>,
+        who: &str,
+    ) -> Result<(IncidentView, Vec<OutboxMsg>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<Uuid> = match key {
+            IncidentKey::Id(id) => {
+                sqlx::query_scalar(
+                    "update incidents set resolved_at = now(), resolved_by = $2
+                     where resolved_at is null and id = $1 returning id",
+                )
+                .bind(id)
+                .bind(who)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            IncidentKey::Fingerprint(f) => {
+                sqlx::query_scalar(
+                    "update incidents set resolved_at = now(), resolved_by = $2
+                     where resolved_at is null and fingerprint = $1 returning id",
+                )
+                .bind(f)
+                .bind(who)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+        };
+        let Some(id) = id else {
+            return Err(StoreError::NoOpenIncident(match key {
+                IncidentKey::Id(id) => id.to_string(),
+                IncidentKey::Fingerprint(f) => format!("with fingerprint {f}"),
+            }));
+        };
+        let view = incident_by(&mut tx, IncidentKey::Id(id))
+            .await?
+            .ok_or_else(|| StoreError::NoOpenIncident(id.to_string()))?;
+        self.history_as(
+            &mut tx,
+            who,
+            None,
+            None,
+            "incident_resolved",
+            json!({"incident": id, "environment": view.environment}),
+        )
+        .await?;
+        tx.commit().await?;
+        let mut out = Vec::new();
+        for run in self.held_runs().await? {
+            out.extend(self.reevaluate(run).await?);
+        }
+        Ok((view, out))
+    }
+
+    /// Runs waiting on a gate: what an incident's end or a lapsed timer may release.
+    pub async fn held_runs(&self) -> Result<Vec<Uuid>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "select id from runs where status in ('blocked', 'awaiting_approval', 'running')
+               and (hold is not null or exists (select 1 from steps where run_id = runs.id and hold is not null))
+             order by seq",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn history_as(
+        &self,
+        tx: &mut Tx<'_>,
+        actor: &str,
+        run_id: Option<Uuid>,
+        step: Option<&str>,
+        kind: &str,
+        detail: Value,
+    ) -> Result<(), StoreError> {
+        let entry = audit::Entry {
+            run_id,
+            step_id: step,
+            attempt: None,
+            at: Utc::now(),
+            actor,
+            kind,
+            detail: &detail,
+        };
+        audit::append(tx, entry).await
+    }
 }
 
 /// A run as `baton runs show` presents it.
@@ -1123,4 +1414,137 @@ pub async fn list_runs(pool: &PgPool, limit: i64) -> Result<Vec<RunLine>, StoreE
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(StoreError::from)
+}
+
+/// Open incidents and this run's approvals, in one round trip.
+async fn load_facts(tx: &mut Tx<'_>, run_id: Uuid) -> Result<Facts, StoreError> {
+    let row = sqlx::query(
+        "select
+           (select coalesce(json_agg(json_build_object('id', id, 'environment', environment, 'title', title,
+                                                      'opened_at', opened_at) order by opened_at), '[]')
+              from incidents where resolved_at is null) as incidents,
+           (select coalesce(json_agg(json_build_object('step_id', step_id, 'plan_hash', plan_hash,
+                                                      'approver', approver, 'decision', decision, 'comment', comment,
+                                                      'at', at, 'expires_at', expires_at) order by id), '[]')
+              from approvals where run_id = $1) as approvals",
+    )
+    .bind(run_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let Json(incidents): Json<Vec<Incident>> = row.try_get("incidents")?;
+    let Json(approvals): Json<Vec<Approval>> = row.try_get("approvals")?;
+    Ok(Facts { incidents, approvals })
+}
+
+/// Which incident to resolve.
+#[derive(Debug, Clone, Copy)]
+pub enum IncidentKey<'a> {
+    Id(Uuid),
+    Fingerprint(&'a str),
+}
+
+/// An incident as the CLI and API show it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct IncidentView {
+    pub id: Uuid,
+    pub environment: String,
+    pub title: String,
+    pub source: String,
+    pub fingerprint: Option<String>,
+    pub opened_by: String,
+    pub opened_at: DateTime<Utc>,
+    pub resolved_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+macro_rules! select_incidents {
+    ($rest:literal) => {
+        concat!(
+            "select id, environment, title, source, fingerprint, opened_by, opened_at, resolved_by, resolved_at
+             from incidents where ",
+            $rest
+        )
+    };
+}
+
+fn incident_row(r: &sqlx::postgres::PgRow) -> Result<IncidentView, sqlx::Error> {
+    Ok(IncidentView {
+        id: r.try_get("id")?,
+        environment: r.try_get("environment")?,
+        title: r.try_get("title")?,
+        source: r.try_get("source")?,
+        fingerprint: r.try_get("fingerprint")?,
+        opened_by: r.try_get("opened_by")?,
+        opened_at: r.try_get("opened_at")?,
+        resolved_by: r.try_get("resolved_by")?,
+        resolved_at: r.try_get("resolved_at")?,
+    })
+}
+
+async fn incident_by(tx: &mut Tx<'_>, key: IncidentKey<'_>) -> Result<Option<IncidentView>, StoreError> {
+    let row = match key {
+        IncidentKey::Id(id) => {
+            sqlx::query(select_incidents!("id = $1"))
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        IncidentKey::Fingerprint(f) => {
+            sqlx::query(select_incidents!("fingerprint = $1 and resolved_at is null"))
+                .bind(f)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+    };
+    Ok(row.as_ref().map(incident_row).transpose()?)
+}
+
+/// Incidents, newest first: open ones only unless `all`.
+pub async fn list_incidents(pool: &PgPool, all: bool) -> Result<Vec<IncidentView>, StoreError> {
+    let rows = sqlx::query(select_incidents!(
+        "($1 or resolved_at is null) order by opened_at desc limit 500"
+    ))
+    .bind(all)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(incident_row).collect::<Result<_, _>>()?)
+}
+
+/// An environment lock and who waits for it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LockView {
+    pub service: String,
+    pub environment: String,
+    pub run_id: Uuid,
+    pub run_status: String,
+    pub acquired_at: DateTime<Utc>,
+    /// Runs queued behind the holder, oldest first.
+    pub waiting: Vec<Uuid>,
+}
+
+/// Every held environment lock, with the runs queued behind it.
+pub async fn list_locks(pool: &PgPool) -> Result<Vec<LockView>, StoreError> {
+    let rows = sqlx::query(
+        "select l.service, l.environment, l.run_id, r.status, l.acquired_at,
+                coalesce((select array_agg(q.id order by q.seq) from runs q
+                          where q.service = l.service and q.environment = l.environment and q.status = 'queued'),
+                         '{}') as waiting
+         from env_locks l join runs r on r.id = l.run_id
+         order by l.service, l.environment",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(LockView {
+                service: r.try_get("service")?,
+                environment: r.try_get("environment")?,
+                run_id: r.try_get("run_id")?,
+                run_status: r.try_get("status")?,
+                acquired_at: r.try_get("acquired_at")?,
+                waiting: r.try_get("waiting")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
 }

@@ -19,13 +19,16 @@ pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Figment(#[from] Box<figment::Error>),
     #[error("invalid configuration: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid {
+        key: std::borrow::Cow<'static, str>,
+        problem: String,
+    },
 }
 
 impl ConfigError {
-    pub fn invalid(key: &'static str, problem: impl Into<String>) -> Self {
+    pub fn invalid(key: impl Into<std::borrow::Cow<'static, str>>, problem: impl Into<String>) -> Self {
         Self::Invalid {
-            key,
+            key: key.into(),
             problem: problem.into(),
         }
     }

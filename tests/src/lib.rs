@@ -373,7 +373,9 @@ impl TestEnv {
             .env("BATON_SCHEDULER__HEARTBEAT_MS", "250")
             .env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "5000")
             .env("BATON_SCHEDULER__CLAIM_MS", "1000")
-            .env("BATON_SCHEDULER__TIMER_POLL_MS", "50");
+            .env("BATON_SCHEDULER__TIMER_POLL_MS", "50")
+            // Tests that exercise the soak minimum set their own.
+            .env("BATON_GATES__STAGING_SOAK_SECS", "0");
         let port = free_port();
         cmd.env("BATON_API__LISTEN", format!("127.0.0.1:{port}"));
         for (k, v) in self.scheduler_env.lock().unwrap().iter() {

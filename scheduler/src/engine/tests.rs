@@ -13,6 +13,14 @@ fn settings() -> Settings {
         lease: Duration::from_secs(30),
         accept_timeout: Duration::from_secs(60),
         heartbeat: Duration::from_secs(5),
+        gates: std::sync::Arc::new(
+            crate::gates::GatesConfig {
+                staging_soak_secs: 0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap(),
+        ),
     }
 }
 
@@ -55,7 +63,25 @@ fn job(fx: &Effects, step: &str) -> StepJob {
 }
 
 fn result(job: &StepJob, status: ResultStatus) -> StepResult {
-    StepResult::for_job(job, "d1", status)
+    let mut r = StepResult::for_job(job, "d1", status);
+    if status == ResultStatus::Succeeded {
+        r.outputs = facts(job);
+    }
+    r
+}
+
+/// What the real daemons report and the gates read.
+fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
+    let digest = format!("sha256:{}", job.deploy.commit_sha);
+    let v = match (job.role.as_str(), job.action.as_str()) {
+        ("backup", "pre-deploy") => {
+            json!({"backup_id": format!("b-{}", job.run_id), "run_id": job.run_id, "verified": true})
+        }
+        ("container-build", _) => json!({"image_digest": digest}),
+        ("staging-verify", _) => json!({"image_digest": digest, "regression_percent": 3.5}),
+        _ => json!({}),
+    };
+    v.as_object().cloned().unwrap_or_default()
 }
 
 fn failed(job: &StepJob, retryable: bool) -> StepResult {

@@ -48,7 +48,7 @@ impl ScriptedRole {
 
     async fn work(&self, job: &StepJob) -> Outcome {
         if self.noop {
-            return Ok(Default::default());
+            return Ok(facts(job));
         }
         let n = {
             let mut counts = self.counts.lock().expect("lock");
@@ -71,10 +71,31 @@ impl ScriptedRole {
             return Err(e);
         }
         self.log("end", job, serde_json::json!({"outcome": "succeeded"}));
-        let mut out = b.outputs.unwrap_or_default();
+        let mut out = facts(job);
+        out.extend(b.outputs.unwrap_or_default());
         out.insert("done_by".into(), format!("{}:{}", job.step_id, job.attempt).into());
         Ok(out)
     }
+}
+
+/// The facts the real daemons of each role report and the scheduler's gates read
+/// (a verified pre-deploy backup, the image digest built and verified on
+/// staging, the performance regression); a script's `outputs` override them.
+fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
+    if job.kind != JobKind::Execute {
+        return Default::default();
+    }
+    let digest = format!("sha256:{}{}", job.deploy.commit_sha, &job.deploy.commit_sha[..24]);
+    let v = match (job.role.as_str(), job.action.as_str()) {
+        ("backup", "pre-deploy") => serde_json::json!({
+            "backup_id": format!("{}.{}.{}", job.deploy.service, job.step_id, job.run_id),
+            "run_id": job.run_id, "verified": true,
+        }),
+        ("container-build", _) => serde_json::json!({"image_digest": digest}),
+        ("staging-verify", _) => serde_json::json!({"image_digest": digest, "regression_percent": 0.0}),
+        _ => serde_json::json!({}),
+    };
+    v.as_object().cloned().unwrap_or_default()
 }
 
 impl Role for ScriptedRole {

@@ -1,0 +1,708 @@
+//! Gates: the checks that decide whether a run may start and whether a step may
+//! be dispatched (DESIGN §6). Pure: the engine passes the run, the facts the
+//! store loaded (open incidents, approvals) and `now`.
+//!
+//! Every gate answers with a verdict: pass, warn (recorded, does not block),
+//! hold (wait: for a time, an approval or an incident to end) or fail (the step
+//! fails and the run rolls back). Verdicts name the rule and the facts.
+//!
+//! Facts reported by other steps are read from their outputs, found by role:
+//! the pre-deploy backup (`backup`, action `pre-deploy`: `backup_id`, `run_id`,
+//! `verified`), the image build (`container-build`: `image_digest`), staging
+//! verification (`staging-verify`: `image_digest`, `regression_percent`), the
+//! migrations (`db-migration`: `destructive`, `warnings`) and Terraform plans
+//! (`resources_changed`). A missing fact fails the gate that needs it, except the
+//! blast radius, which is known only once Terraform has planned (see [`blast_radius`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use baton_shared::protocol::{MergeEvent, Risk};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::engine::{RunState, StepState, StepStatus};
+use crate::window::{Overrun, Schedule, ScheduleConfig, WindowState};
+
+/// Gate configuration (`[gates]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatesConfig {
+    pub merge: MergeConfig,
+    /// Minimum time staging runs a change before production apply, in seconds.
+    pub staging_soak_secs: u64,
+    pub approval: ApprovalConfig,
+    /// Maintenance windows by environment (zone name).
+    pub maintenance_windows: BTreeMap<String, ScheduleConfig>,
+}
+
+impl Default for GatesConfig {
+    fn default() -> Self {
+        Self {
+            merge: MergeConfig::default(),
+            staging_soak_secs: 15 * 60,
+            approval: ApprovalConfig::default(),
+            maintenance_windows: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MergeConfig {
+    /// People whose approval of the pull request lets it deploy (the seed's: Marta, Iwona).
+    pub required_approvers: Vec<String>,
+    /// How many of them must have approved. The pull request's author never counts.
+    pub min_approvals: usize,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        Self {
+            required_approvers: vec!["marta".into(), "iwona".into()],
+            min_approvals: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalConfig {
+    /// Distinct approvers a human-approval hold needs.
+    pub required: usize,
+    /// The run's requester may not approve it.
+    pub four_eyes: bool,
+    /// An approval counts for this long after it was given.
+    pub ttl_secs: u64,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> Self {
+        Self {
+            required: 1,
+            four_eyes: true,
+            ttl_secs: 4 * 3600,
+        }
+    }
+}
+
+/// Validated gate policy, shared by every transition.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub merge: MergeConfig,
+    pub staging_soak: Duration,
+    pub approval: ApprovalConfig,
+    pub windows: BTreeMap<String, Schedule>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        GatesConfig::default().validate().expect("default gates are valid")
+    }
+}
+
+impl GatesConfig {
+    pub fn validate(&self) -> Result<Policy, baton_shared::config::ConfigError> {
+        use baton_shared::config::ConfigError;
+        if self.merge.min_approvals > self.merge.required_approvers.len() {
+            return Err(ConfigError::invalid(
+                "gates.merge.min_approvals",
+                format!(
+                    "is {} but only {} required approvers are listed",
+                    self.merge.min_approvals,
+                    self.merge.required_approvers.len()
+                ),
+            ));
+        }
+        if self.approval.required == 0 {
+            return Err(ConfigError::invalid("gates.approval.required", "must be at least 1"));
+        }
+        if self.approval.ttl_secs == 0 {
+            return Err(ConfigError::invalid("gates.approval.ttl_secs", "must be positive"));
+        }
+        let mut windows = BTreeMap::new();
+        for (env, w) in &self.maintenance_windows {
+            let s = w
+                .validate(&format!("gates.maintenance_windows.{env}"))
+                .map_err(|e| ConfigError::invalid(e.at, e.message))?;
+            windows.insert(env.clone(), s);
+        }
+        Ok(Policy {
+            merge: self.merge.clone(),
+            staging_soak: Duration::from_secs(self.staging_soak_secs),
+            approval: self.approval.clone(),
+            windows,
+        })
+    }
+}
+
+/// An open incident, as the gates see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: Uuid,
+    pub environment: String,
+    pub title: String,
+    pub opened_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Approve,
+    Reject,
+}
+
+/// An approval or rejection of a held step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub step_id: String,
+    pub plan_hash: String,
+    pub approver: String,
+    pub decision: Decision,
+    pub comment: String,
+    pub at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What the store loads with a run for its gates.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub incidents: Vec<Incident>,
+    pub approvals: Vec<Approval>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Pass {
+        reason: String,
+    },
+    Warn {
+        reason: String,
+    },
+    Hold {
+        reason: String,
+        /// Re-evaluate then (a window opens, a soak ends); `None` waits for an event.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        until: Option<DateTime<Utc>>,
+        /// The hold ends with a human approval.
+        approval: bool,
+    },
+    Fail {
+        reason: String,
+    },
+}
+
+impl Verdict {
+    fn pass(reason: impl Into<String>) -> Self {
+        Self::Pass { reason: reason.into() }
+    }
+    fn fail(reason: impl Into<String>) -> Self {
+        Self::Fail { reason: reason.into() }
+    }
+    fn hold(reason: impl Into<String>, until: Option<DateTime<Utc>>) -> Self {
+        Self::Hold {
+            reason: reason.into(),
+            until,
+            approval: false,
+        }
+    }
+    fn approval(reason: impl Into<String>) -> Self {
+        Self::Hold {
+            reason: reason.into(),
+            until: None,
+            approval: true,
+        }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Pass { reason } | Self::Warn { reason } | Self::Hold { reason, .. } | Self::Fail { reason } => reason,
+        }
+    }
+}
+
+/// One gate's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GateVerdict {
+    pub gate: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+/// A step's gates together: the first fail wins, then the first hold.
+#[derive(Debug, Clone)]
+pub struct StepVerdicts {
+    pub all: Vec<GateVerdict>,
+    /// When the step dispatches inside a maintenance window: its end and policy.
+    pub window: Option<(DateTime<Utc>, Overrun)>,
+}
+
+impl StepVerdicts {
+    pub fn blocking(&self) -> Option<&GateVerdict> {
+        self.all
+            .iter()
+            .find(|v| matches!(v.verdict, Verdict::Fail { .. }))
+            .or_else(|| self.all.iter().find(|v| matches!(v.verdict, Verdict::Hold { .. })))
+    }
+}
+
+/// The merge gate, at ingest: enough of the required approvers approved the pull
+/// request, not counting its author. The error names who is missing.
+pub fn merge_gate(event: &MergeEvent, policy: &MergeConfig) -> Result<String, String> {
+    if policy.min_approvals == 0 {
+        return Ok("no merge approvals required".into());
+    }
+    let author = event.pull_request.author.to_lowercase();
+    let approved: Vec<&String> = policy
+        .required_approvers
+        .iter()
+        .filter(|r| {
+            let r = r.to_lowercase();
+            r != author && event.pull_request.approvals.iter().any(|a| a.by.to_lowercase() == r)
+        })
+        .collect();
+    if approved.len() >= policy.min_approvals {
+        return Ok(format!(
+            "pull request #{} approved by {}",
+            event.pull_request.number,
+            join(approved.iter().map(|s| s.as_str()))
+        ));
+    }
+    let missing: Vec<&str> = policy
+        .required_approvers
+        .iter()
+        .filter(|r| !approved.contains(r))
+        .map(String::as_str)
+        .collect();
+    let author_note = if policy.required_approvers.iter().any(|r| r.to_lowercase() == author) {
+        format!(" ({} is the author and does not count)", event.pull_request.author)
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "merge gate: pull request #{} needs approval by {} of {}; missing: {}{author_note}",
+        event.pull_request.number,
+        policy.min_approvals,
+        join(policy.required_approvers.iter().map(String::as_str)),
+        join(missing.into_iter()),
+    ))
+}
+
+fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}
+
+/// Admission: an open incident in the run's environment holds the run.
+pub fn admission(run: &RunState, facts: &Facts) -> GateVerdict {
+    GateVerdict {
+        gate: "incident".into(),
+        verdict: incident_verdict(&run.environment, facts),
+    }
+}
+
+fn incident_verdict(environment: &str, facts: &Facts) -> Verdict {
+    match facts.incidents.iter().find(|i| i.environment == environment) {
+        Some(i) => Verdict::hold(
+            format!(
+                "incident {} open in {environment} since {}: {}",
+                i.id,
+                i.opened_at.format("%Y-%m-%d %H:%M UTC"),
+                i.title
+            ),
+            None,
+        ),
+        None => Verdict::pass(format!("no open incident in {environment}")),
+    }
+}
+
+/// Every gate of step `i`: the implicit incident gate for its zone, then its own.
+pub fn evaluate_step(run: &RunState, i: usize, facts: &Facts, policy: &Policy, now: DateTime<Utc>) -> StepVerdicts {
+    let step = &run.steps[i];
+    let mut all = vec![GateVerdict {
+        gate: "incident".into(),
+        verdict: incident_verdict(&step.zone, facts),
+    }];
+    let mut window = None;
+    for gate in &step.gates {
+        let verdict = match gate.as_str() {
+            "migration-reversible" => migration_reversible(run),
+            "backup-verified" => backup_verified(run, step),
+            "blast-radius" => blast_radius(run, step, facts, policy, now),
+            "staging-soak" => staging_soak(run, policy, now),
+            "performance-regression" => performance_regression(run),
+            "image-match" => image_match(run),
+            "maintenance-window" => {
+                let (v, w) = maintenance_window(run, step, policy, now);
+                window = w;
+                v
+            }
+            "human-approval" => approval(run, step, facts, policy, now, "human approval required by the pipeline"),
+            "additive-first" => additive_first(run),
+            other => Verdict::fail(format!("unknown gate {other:?}")),
+        };
+        all.push(GateVerdict {
+            gate: gate.clone(),
+            verdict,
+        });
+    }
+    StepVerdicts { all, window }
+}
+
+fn succeeded<'a>(run: &'a RunState, pred: impl Fn(&StepState) -> bool) -> impl Iterator<Item = &'a StepState> {
+    run.steps
+        .iter()
+        .filter(move |s| matches!(s.status, StepStatus::Succeeded) && pred(s))
+}
+
+/// Whether this run applies a destructive migration: the event says so, or a
+/// migration step that already ran reported one.
+fn destructive(run: &RunState) -> bool {
+    run.event.flags.iter().any(|f| f == "destructive_migration")
+        || succeeded(run, |s| s.role == "db-migration")
+            .any(|s| s.outputs.get("destructive") == Some(&Value::Bool(true)))
+}
+
+fn migration_reversible(run: &RunState) -> Verdict {
+    let earlier: Vec<&str> = succeeded(run, |s| s.role == "db-migration")
+        .map(|s| s.id.as_str())
+        .collect();
+    if earlier.is_empty() {
+        Verdict::pass(
+            "checked by the db-migration daemon before it applies anything: a migration without a down file \
+             needs a documented recovery procedure or the step fails",
+        )
+    } else {
+        Verdict::pass(format!(
+            "the same migrations passed the reversibility check in {}",
+            earlier.join(", ")
+        ))
+    }
+}
+
+fn backup_verified(run: &RunState, step: &StepState) -> Verdict {
+    if step.role == "db-migration" && !destructive(run) {
+        return Verdict::pass("no destructive migration in this run");
+    }
+    let Some(b) = run
+        .steps
+        .iter()
+        .find(|s| s.role == "backup" && s.action == "pre-deploy" && s.included)
+    else {
+        return Verdict::fail("the plan has no pre-deploy backup step");
+    };
+    if b.status != StepStatus::Succeeded {
+        return Verdict::fail(format!("pre-deploy backup {} is {}, not succeeded", b.id, b.status));
+    }
+    let id = b.outputs.get("backup_id").and_then(Value::as_str);
+    let verified = b.outputs.get("verified") == Some(&Value::Bool(true));
+    let of_run = b.outputs.get("run_id").and_then(Value::as_str) == Some(run.id.to_string().as_str());
+    match (id, verified, of_run) {
+        (Some(id), true, true) => Verdict::pass(format!("backup {id} from {} is verified", b.id)),
+        (None, ..) => Verdict::fail(format!("{} reported no backup_id", b.id)),
+        (Some(id), false, _) => Verdict::fail(format!("backup {id} from {} is not verified", b.id)),
+        (Some(id), true, false) => Verdict::fail(format!("backup {id} from {} is not of this run", b.id)),
+    }
+}
+
+fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy, now: DateTime<Utc>) -> Verdict {
+    let limit = step
+        .params
+        .get("blast_radius_limit")
+        .and_then(Value::as_u64)
+        .unwrap_or(5);
+    let reported = succeeded(run, |s| step.needs.contains(&s.id))
+        .chain(std::iter::once(step))
+        .find_map(|s| s.outputs.get("resources_changed").and_then(Value::as_u64));
+    match reported {
+        Some(n) if n <= limit => Verdict::pass(format!("{n} resources change (limit {limit})")),
+        Some(n) => approval(
+            run,
+            step,
+            facts,
+            policy,
+            now,
+            &format!("{n} resources change, above the blast radius limit of {limit}"),
+        ),
+        // The seed pipeline has no separate plan step yet: the infrastructure daemon
+        // plans, checks the limit and refuses a larger change itself. Recorded so the
+        // gap is visible in every run's history.
+        None => Verdict::Warn {
+            reason: format!(
+                "no Terraform plan facts before this step; the infrastructure daemon must refuse a plan \
+                 changing more than {limit} resources without approval"
+            ),
+        },
+    }
+}
+
+fn staging_soak(run: &RunState, policy: &Policy, now: DateTime<Utc>) -> Verdict {
+    let Some(v) = succeeded(run, |s| s.role == "staging-verify").next() else {
+        return Verdict::fail("no staging verification succeeded in this run");
+    };
+    let Some(since) = v.started_at else {
+        return Verdict::fail(format!("{} has no start time", v.id));
+    };
+    let soak = chrono::Duration::from_std(policy.staging_soak).unwrap_or(chrono::Duration::MAX);
+    let ends = since + soak;
+    let minutes = policy.staging_soak.as_secs_f64() / 60.0;
+    if now >= ends {
+        Verdict::pass(format!(
+            "staging has run this change since {} (minimum {minutes} min)",
+            since.format("%H:%M:%S UTC")
+        ))
+    } else {
+        Verdict::hold(
+            format!(
+                "staging soak minimum {minutes} min: staging has run this change since {}, ends at {}",
+                since.format("%H:%M:%S UTC"),
+                ends.format("%H:%M:%S UTC")
+            ),
+            Some(ends),
+        )
+    }
+}
+
+fn performance_regression(run: &RunState) -> Verdict {
+    let Some(v) = succeeded(run, |s| s.role == "staging-verify").next() else {
+        return Verdict::fail("no staging verification succeeded in this run");
+    };
+    let limit = v
+        .params
+        .get("max_regression_percent")
+        .and_then(Value::as_f64)
+        .unwrap_or(20.0);
+    match v.outputs.get("regression_percent").and_then(Value::as_f64) {
+        Some(p) if p <= limit => Verdict::pass(format!("{p} % slower than the baseline (limit {limit} %)")),
+        Some(p) => Verdict::fail(format!("{p} % slower than the baseline, above the limit of {limit} %")),
+        None => Verdict::fail(format!("{} reported no regression_percent", v.id)),
+    }
+}
+
+fn image_match(run: &RunState) -> Verdict {
+    let digest = |s: &StepState| s.outputs.get("image_digest").and_then(Value::as_str).map(str::to_owned);
+    let Some(build) = succeeded(run, |s| s.role == "container-build").next() else {
+        return Verdict::fail("no image was built in this run");
+    };
+    let Some(verify) = succeeded(run, |s| s.role == "staging-verify").next() else {
+        return Verdict::fail("no staging verification succeeded in this run");
+    };
+    match (digest(build), digest(verify)) {
+        (Some(b), Some(v)) if b == v => Verdict::pass(format!("production gets {b}, the image verified on staging")),
+        (Some(b), Some(v)) => Verdict::fail(format!("{} built {b} but staging verified {v}", build.id)),
+        (None, _) => Verdict::fail(format!("{} reported no image_digest", build.id)),
+        (_, None) => Verdict::fail(format!("{} reported no image_digest", verify.id)),
+    }
+}
+
+fn maintenance_window(
+    run: &RunState,
+    step: &StepState,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> (Verdict, Option<(DateTime<Utc>, Overrun)>) {
+    let high_risk = matches!(run.event.risk, Risk::High | Risk::Critical);
+    let destructive = step.role == "db-migration" && destructive(run);
+    if !high_risk && !destructive {
+        return (
+            Verdict::pass("standard risk and no destructive migration: no window needed"),
+            None,
+        );
+    }
+    let why = if high_risk {
+        format!("{:?} risk", run.event.risk).to_lowercase()
+    } else {
+        "destructive migration".to_owned()
+    };
+    let Some(s) = policy.windows.get(&step.zone) else {
+        return (
+            Verdict::fail(format!(
+                "{why} needs a maintenance window but none is configured for {} (gates.maintenance_windows.{})",
+                step.zone, step.zone
+            )),
+            None,
+        );
+    };
+    match s.state(now) {
+        WindowState::Open { closes, .. } => (
+            Verdict::pass(format!("{why}: maintenance window open until {}", s.local(closes))),
+            Some((closes, s.overrun)),
+        ),
+        WindowState::Closed { opens: Some(opens) } => (
+            Verdict::hold(
+                format!("{why}: outside the maintenance window; next opens {}", s.local(opens)),
+                Some(opens),
+            ),
+            None,
+        ),
+        WindowState::Closed { opens: None } => (
+            Verdict::fail(format!(
+                "{why}: outside the maintenance window and no window is scheduled in the next two weeks"
+            )),
+            None,
+        ),
+    }
+}
+
+/// Human approval: enough distinct, unexpired approvals for this step and plan
+/// hash; a rejection fails the gate.
+fn approval(
+    run: &RunState,
+    step: &StepState,
+    facts: &Facts,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    why: &str,
+) -> Verdict {
+    let mine: Vec<&Approval> = facts
+        .approvals
+        .iter()
+        .filter(|a| a.step_id == step.id && a.plan_hash == run.plan_hash)
+        .collect();
+    if let Some(r) = mine.iter().find(|a| a.decision == Decision::Reject) {
+        let comment = if r.comment.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.comment)
+        };
+        return Verdict::fail(format!("{REJECTED_BY}{}{comment}", r.approver));
+    }
+    let mut valid: Vec<&str> = Vec::new();
+    let mut expired: Vec<&str> = Vec::new();
+    for a in mine.iter().filter(|a| a.decision == Decision::Approve) {
+        if policy.approval.four_eyes && a.approver == run.event.requested_by {
+            continue;
+        }
+        if a.expires_at <= now {
+            expired.push(&a.approver);
+        } else if !valid.contains(&a.approver.as_str()) {
+            valid.push(&a.approver);
+        }
+    }
+    let need = policy.approval.required;
+    if valid.len() >= need {
+        return Verdict::pass(format!("{why}; approved by {}", valid.join(", ")));
+    }
+    let mut reason = format!(
+        "{why}: needs {need} approval{} of plan {}{}, has {}",
+        if need == 1 { "" } else { "s" },
+        short(&run.plan_hash),
+        if policy.approval.four_eyes {
+            format!(" (four-eyes: not {})", run.event.requested_by)
+        } else {
+            String::new()
+        },
+        if valid.is_empty() {
+            "none".to_owned()
+        } else {
+            valid.join(", ")
+        }
+    );
+    if !expired.is_empty() {
+        reason.push_str(&format!("; expired: {}", expired.join(", ")));
+    }
+    Verdict::approval(reason)
+}
+
+fn additive_first(run: &RunState) -> Verdict {
+    let warnings: Vec<String> = succeeded(run, |s| s.role == "db-migration")
+        .filter_map(|s| s.outputs.get("warnings").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|w| w.as_str().map(str::to_owned))
+        .collect();
+    let code_ships = run
+        .steps
+        .iter()
+        .any(|s| s.included && matches!(s.role.as_str(), "container-build" | "production-apply"));
+    match (warnings.is_empty(), code_ships) {
+        (true, _) => Verdict::pass("no renames or removals in this run's migrations"),
+        (false, false) => Verdict::pass(format!(
+            "renames or removals ({}) but no application code ships in this run",
+            warnings.join("; ")
+        )),
+        (false, true) => Verdict::Warn {
+            reason: format!(
+                "additive-first rule: this run renames or removes ({}) in the same deploy as application code; \
+                 code that still needs the old shape breaks. Ship the additive change first, the removal later",
+                warnings.join("; ")
+            ),
+        },
+    }
+}
+
+/// Whether a failed verdict is a human rejection (the step fails with `rejected`).
+pub fn is_rejection(v: &GateVerdict) -> bool {
+    matches!(&v.verdict, Verdict::Fail { reason } if reason.starts_with(REJECTED_BY))
+}
+
+const REJECTED_BY: &str = "rejected by ";
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// Why an approval or rejection is refused before it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    #[error("run {run} has no step {step:?}")]
+    NoSuchStep { run: Uuid, step: String },
+    #[error("step {step:?} is {status} and not awaiting approval")]
+    NotAwaiting { step: String, status: String },
+    #[error("the approval names plan {given} but the run's plan is {actual}")]
+    PlanHash { given: String, actual: String },
+    #[error("four-eyes: {who} requested this run and cannot approve it")]
+    SelfApproval { who: String },
+    #[error("{who} already approved step {step:?}; a second approver is needed")]
+    AlreadyApproved { who: String, step: String },
+}
+
+/// Checks an approval or rejection against the run before it is recorded.
+pub fn check_decision(
+    run: &RunState,
+    step: &str,
+    plan_hash: &str,
+    who: &str,
+    decision: Decision,
+    facts: &Facts,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Result<(), DecisionError> {
+    let Some(s) = run.steps.iter().find(|s| s.id == step) else {
+        return Err(DecisionError::NoSuchStep {
+            run: run.id,
+            step: step.to_owned(),
+        });
+    };
+    if !s.hold.as_ref().is_some_and(|h| h.approval) {
+        return Err(DecisionError::NotAwaiting {
+            step: step.to_owned(),
+            status: s.status.to_string(),
+        });
+    }
+    if plan_hash != run.plan_hash {
+        return Err(DecisionError::PlanHash {
+            given: plan_hash.to_owned(),
+            actual: run.plan_hash.clone(),
+        });
+    }
+    if decision == Decision::Approve {
+        if policy.approval.four_eyes && who == run.event.requested_by {
+            return Err(DecisionError::SelfApproval { who: who.to_owned() });
+        }
+        if facts
+            .approvals
+            .iter()
+            .any(|a| a.step_id == step && a.approver == who && a.decision == Decision::Approve && a.expires_at > now)
+        {
+            return Err(DecisionError::AlreadyApproved {
+                who: who.to_owned(),
+                step: step.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

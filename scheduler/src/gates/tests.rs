@@ -1,0 +1,478 @@
+//! Gate rules, with the clock injected.
+
+use baton_shared::protocol::{Message, StepJob, StepResult};
+use chrono::Duration as Chrono;
+use serde_json::json;
+
+use super::*;
+use crate::engine::{Effect, Effects, RunStatus, Settings};
+use crate::pipeline::Pipeline;
+use crate::planner;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn event(paths: &[&str], risk: &str, approvals: &[&str], author: &str) -> MergeEvent {
+    let approvals: Vec<_> = approvals
+        .iter()
+        .map(|a| json!({"by": a, "at": "2026-11-26T09:00:00Z"}))
+        .collect();
+    let ev = json!({
+        "v": 1, "service": "shop", "environment": "production", "repository": "r", "commit_sha": COMMIT,
+        "pull_request": {"number": 12, "title": "t", "author": author, "approvals": approvals},
+        "changed_paths": paths, "risk": risk, "requested_by": "ci-bot", "ci_run_url": "u"
+    });
+    MergeEvent::parse(&serde_json::to_vec(&ev).unwrap()).unwrap()
+}
+
+fn run(paths: &[&str], risk: &str) -> RunState {
+    let e = event(paths, risk, &["marta"], "dev");
+    let plan = planner::plan(&e, &Pipeline::seed()).unwrap();
+    RunState::planned(&e, &plan)
+}
+
+fn policy(edit: impl FnOnce(&mut GatesConfig)) -> Policy {
+    let mut c = GatesConfig::default();
+    edit(&mut c);
+    c.validate().unwrap()
+}
+
+fn settings(p: Policy) -> Settings {
+    Settings {
+        lease: std::time::Duration::from_secs(30),
+        accept_timeout: std::time::Duration::from_secs(60),
+        heartbeat: std::time::Duration::from_secs(5),
+        gates: std::sync::Arc::new(p),
+    }
+}
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn idx(run: &RunState, step: &str) -> usize {
+    run.steps.iter().position(|s| s.id == step).unwrap()
+}
+
+fn verdict(run: &RunState, step: &str, gate: &str, facts: &Facts, p: &Policy, now: DateTime<Utc>) -> Verdict {
+    evaluate_step(run, idx(run, step), facts, p, now)
+        .all
+        .into_iter()
+        .find(|v| v.gate == gate)
+        .unwrap_or_else(|| panic!("{step} has no gate {gate}"))
+        .verdict
+}
+
+fn succeed(run: &mut RunState, step: &str, outputs: serde_json::Value, started: DateTime<Utc>) {
+    let i = idx(run, step);
+    let s = &mut run.steps[i];
+    s.status = StepStatus::Succeeded;
+    s.started_at = Some(started);
+    s.outputs = outputs.as_object().cloned().unwrap_or_default();
+}
+
+fn approval(step: &str, plan: &str, who: &str, decision: Decision, expires: DateTime<Utc>) -> Approval {
+    Approval {
+        step_id: step.into(),
+        plan_hash: plan.into(),
+        approver: who.into(),
+        decision,
+        comment: String::new(),
+        at: expires - Chrono::hours(1),
+        expires_at: expires,
+    }
+}
+
+#[test]
+fn merge_gate_names_the_missing_approvers_and_never_counts_the_author() {
+    let p = MergeConfig::default();
+    assert!(merge_gate(&event(&[], "standard", &["iwona"], "dev"), &p).is_ok());
+    let e = merge_gate(&event(&[], "standard", &["bob"], "dev"), &p).unwrap_err();
+    assert!(e.contains("missing: marta, iwona"), "{e}");
+    // Marta wrote it: her own approval does not count.
+    let e = merge_gate(&event(&[], "standard", &["marta"], "marta"), &p).unwrap_err();
+    assert!(
+        e.contains("missing: marta, iwona") && e.contains("marta is the author"),
+        "{e}"
+    );
+    let both = MergeConfig {
+        min_approvals: 2,
+        ..MergeConfig::default()
+    };
+    let e = merge_gate(&event(&[], "standard", &["Marta"], "dev"), &both).unwrap_err();
+    assert!(e.contains("missing: iwona"), "{e}");
+}
+
+#[test]
+fn an_open_incident_holds_admission_and_steps_in_its_environment_only() {
+    let r = run(&["src/a.ts"], "standard");
+    let p = Policy::default();
+    let mut facts = Facts::default();
+    assert!(matches!(admission(&r, &facts).verdict, Verdict::Pass { .. }));
+    facts.incidents.push(Incident {
+        id: Uuid::nil(),
+        environment: "production".into(),
+        title: "checkout 500s".into(),
+        opened_at: t("2026-11-26T10:00:00Z"),
+    });
+    let v = admission(&r, &facts).verdict;
+    assert!(
+        matches!(
+            &v,
+            Verdict::Hold {
+                approval: false,
+                until: None,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert!(v.reason().contains("checkout 500s"));
+    let now = t("2026-11-26T11:00:00Z");
+    // Production steps hold; the CI build does not.
+    assert!(matches!(
+        verdict(&r, "backup.pre", "incident", &facts, &p, now),
+        Verdict::Hold { .. }
+    ));
+    assert!(matches!(
+        verdict(&r, "build", "incident", &facts, &p, now),
+        Verdict::Pass { .. }
+    ));
+}
+
+#[test]
+fn staging_soak_holds_until_the_minimum_has_passed() {
+    let mut r = run(&["src/a.ts"], "standard");
+    let p = policy(|c| c.staging_soak_secs = 900);
+    let since = t("2026-11-26T10:00:00Z");
+    let f = Facts::default();
+    let v = verdict(&r, "apply.production", "staging-soak", &f, &p, since);
+    assert!(matches!(v, Verdict::Fail { .. }), "no verification yet: {v:?}");
+    succeed(&mut r, "verify.staging", json!({}), since);
+    let v = verdict(
+        &r,
+        "apply.production",
+        "staging-soak",
+        &f,
+        &p,
+        since + Chrono::minutes(10),
+    );
+    assert_eq!(
+        v,
+        Verdict::Hold {
+            reason: "staging soak minimum 15 min: staging has run this change since 10:00:00 UTC, ends at 10:15:00 UTC"
+                .into(),
+            until: Some(since + Chrono::minutes(15)),
+            approval: false
+        }
+    );
+    let v = verdict(
+        &r,
+        "apply.production",
+        "staging-soak",
+        &f,
+        &p,
+        since + Chrono::minutes(15),
+    );
+    assert!(matches!(v, Verdict::Pass { .. }), "{v:?}");
+}
+
+#[test]
+fn production_facts_must_be_reported_and_agree() {
+    let mut r = run(&["src/a.ts"], "standard");
+    let p = Policy::default();
+    let f = Facts::default();
+    let now = Utc::now();
+    let run_id = r.id.to_string();
+    succeed(
+        &mut r,
+        "backup.pre",
+        json!({"backup_id": "b1", "run_id": run_id, "verified": false}),
+        now,
+    );
+    let v = verdict(&r, "apply.production", "backup-verified", &f, &p, now);
+    assert_eq!(v, Verdict::fail("backup b1 from backup.pre is not verified"));
+    succeed(
+        &mut r,
+        "backup.pre",
+        json!({"backup_id": "b1", "run_id": Uuid::nil(), "verified": true}),
+        now,
+    );
+    let v = verdict(&r, "apply.production", "backup-verified", &f, &p, now);
+    assert_eq!(v, Verdict::fail("backup b1 from backup.pre is not of this run"));
+    succeed(
+        &mut r,
+        "backup.pre",
+        json!({"backup_id": "b1", "run_id": run_id, "verified": true}),
+        now,
+    );
+    assert!(matches!(
+        verdict(&r, "apply.production", "backup-verified", &f, &p, now),
+        Verdict::Pass { .. }
+    ));
+
+    succeed(&mut r, "build", json!({"image_digest": "sha256:aaa"}), now);
+    succeed(
+        &mut r,
+        "verify.staging",
+        json!({"image_digest": "sha256:bbb", "regression_percent": 25.0}),
+        now,
+    );
+    let v = verdict(&r, "apply.production", "image-match", &f, &p, now);
+    assert_eq!(
+        v,
+        Verdict::fail("build built sha256:aaa but staging verified sha256:bbb")
+    );
+    let v = verdict(&r, "apply.production", "performance-regression", &f, &p, now);
+    assert_eq!(
+        v,
+        Verdict::fail("25 % slower than the baseline, above the limit of 20 %")
+    );
+}
+
+#[test]
+fn destructive_migrations_need_a_backup_and_a_window_additive_ones_do_not() {
+    let mut r = run(&["drizzle/migrations/0002_drop.sql", "src/a.ts"], "standard");
+    let now = t("2026-12-01T12:00:00Z"); // Tuesday 13:00 in Amsterdam
+    let f = Facts::default();
+    let p = policy(|c| {
+        c.maintenance_windows.insert(
+            "production".into(),
+            crate::window::ScheduleConfig {
+                time_zone: "Europe/Amsterdam".into(),
+                weekly: vec![crate::window::Weekly {
+                    days: vec!["tue".into()],
+                    start: "22:00".into(),
+                    duration_minutes: 120,
+                }],
+                once: vec![],
+                overrun: Overrun::Cancel,
+            },
+        );
+    });
+    succeed(&mut r, "db.staging", json!({"destructive": false, "warnings": []}), now);
+    assert!(matches!(
+        verdict(&r, "db.production", "maintenance-window", &f, &p, now),
+        Verdict::Pass { .. }
+    ));
+    assert!(matches!(
+        verdict(&r, "db.production", "backup-verified", &f, &p, now),
+        Verdict::Pass { .. }
+    ));
+    succeed(
+        &mut r,
+        "db.staging",
+        json!({"destructive": true, "warnings": ["0002_drop: drops column name of users"]}),
+        now,
+    );
+    let v = verdict(&r, "db.production", "maintenance-window", &f, &p, now);
+    assert_eq!(
+        v,
+        Verdict::hold(
+            "destructive migration: outside the maintenance window; next opens Tue 2026-12-01 22:00 CET",
+            Some(t("2026-12-01T21:00:00Z"))
+        )
+    );
+    let s = evaluate_step(&r, idx(&r, "db.production"), &f, &p, t("2026-12-01T21:30:00Z"));
+    assert_eq!(s.window, Some((t("2026-12-01T23:00:00Z"), Overrun::Cancel)));
+    assert!(matches!(
+        verdict(&r, "db.production", "backup-verified", &f, &p, now),
+        Verdict::Fail { .. }
+    ));
+    // The same deploy ships code: the additive-first rule warns.
+    let v = verdict(&r, "db.production", "additive-first", &f, &p, now);
+    assert!(
+        matches!(&v, Verdict::Warn { reason } if reason.contains("drops column name of users")),
+        "{v:?}"
+    );
+    // High risk without any window configured fails with the key to set.
+    let r = run(&["src/a.ts"], "high");
+    let v = verdict(
+        &r,
+        "apply.production",
+        "maintenance-window",
+        &f,
+        &Policy::default(),
+        now,
+    );
+    assert!(v.reason().contains("gates.maintenance_windows.production"), "{v:?}");
+}
+
+#[test]
+fn approvals_count_distinct_unexpired_approvers_of_this_plan_never_the_requester() {
+    let mut r = run(&["src/a.ts"], "standard");
+    let i = idx(&r, "apply.production");
+    r.steps[i].gates = vec!["human-approval".into()];
+    let p = policy(|c| c.approval.required = 2);
+    let now = t("2026-11-26T12:00:00Z");
+    let later = now + Chrono::hours(1);
+    let plan = r.plan_hash.clone();
+    let mut f = Facts::default();
+    let check = |f: &Facts| verdict(&r, "apply.production", "human-approval", f, &p, now);
+    assert!(matches!(check(&f), Verdict::Hold { approval: true, .. }));
+    f.approvals = vec![
+        approval("apply.production", &plan, "ci-bot", Decision::Approve, later),
+        approval("apply.production", &plan, "alice", Decision::Approve, later),
+        approval("apply.production", &plan, "alice", Decision::Approve, later),
+        approval("apply.production", "other-plan", "bob", Decision::Approve, later),
+        approval("apply.production", &plan, "carol", Decision::Approve, now),
+    ];
+    let v = check(&f);
+    assert!(
+        matches!(&v, Verdict::Hold { approval: true, reason, .. } if reason.ends_with("has alice; expired: carol")),
+        "{v:?}"
+    );
+    f.approvals
+        .push(approval("apply.production", &plan, "bob", Decision::Approve, later));
+    assert!(matches!(check(&f), Verdict::Pass { .. }));
+    f.approvals
+        .push(approval("apply.production", &plan, "dave", Decision::Reject, later));
+    let v = check(&f);
+    assert!(
+        is_rejection(&GateVerdict {
+            gate: "human-approval".into(),
+            verdict: v.clone()
+        }),
+        "{v:?}"
+    );
+}
+
+fn drive(run: &mut RunState, cfg: &Settings, now: DateTime<Utc>, stop: &[&str]) -> Effects {
+    let mut all = Vec::new();
+    let mut fx = Vec::new();
+    if run.status == RunStatus::Queued {
+        run.start(now, cfg, &mut fx);
+    } else {
+        run.advance(now, cfg, &mut fx);
+    }
+    loop {
+        let jobs: Vec<StepJob> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch(j) if !stop.contains(&j.step_id.as_str()) => Some((**j).clone()),
+                _ => None,
+            })
+            .collect();
+        all.append(&mut fx);
+        if jobs.is_empty() {
+            return all;
+        }
+        for j in jobs {
+            let mut r = StepResult::for_job(&j, "d", baton_shared::protocol::ResultStatus::Succeeded);
+            let digest = format!("sha256:{COMMIT}");
+            let v = match j.role.as_str() {
+                "backup" => json!({"backup_id": "b", "run_id": j.run_id, "verified": true}),
+                "container-build" => json!({"image_digest": digest}),
+                "staging-verify" => json!({"image_digest": digest, "regression_percent": 0}),
+                _ => json!({}),
+            };
+            r.outputs = v.as_object().cloned().unwrap_or_default();
+            run.apply_result(&r, now, cfg, &mut fx);
+        }
+    }
+}
+
+#[test]
+fn the_engine_holds_for_approval_then_dispatches_or_rolls_back_on_rejection() {
+    for decision in [Decision::Approve, Decision::Reject] {
+        let mut r = run(&["src/a.ts"], "standard");
+        let i = idx(&r, "apply.production");
+        r.steps[i].gates.push("human-approval".into());
+        let cfg = settings(policy(|c| c.staging_soak_secs = 0));
+        let now = Utc::now();
+        let fx = drive(&mut r, &cfg, now, &[]);
+        assert_eq!(r.status, RunStatus::AwaitingApproval);
+        let hold = r.steps[i].hold.clone().expect("held");
+        assert!(hold.approval && hold.gate == "human-approval", "{hold:?}");
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::History { kind: "gate", step: Some(s), .. } if s == "apply.production"))
+        );
+        // Re-evaluating without news records nothing new.
+        let mut again = Vec::new();
+        r.advance(now, &cfg, &mut again);
+        assert!(again.is_empty(), "{again:?}");
+        let plan = r.plan_hash.clone();
+        r.facts.approvals.push(approval(
+            "apply.production",
+            &plan,
+            "alice",
+            decision,
+            now + Chrono::hours(1),
+        ));
+        let fx = drive(&mut r, &cfg, now, &[]);
+        match decision {
+            Decision::Approve => {
+                assert_eq!(r.status, RunStatus::Succeeded);
+                assert!(r.steps[i].hold.is_none());
+            }
+            Decision::Reject => {
+                assert_eq!(r.steps[i].status, StepStatus::Failed);
+                assert_eq!(r.steps[i].error.as_ref().unwrap().code, "rejected");
+                assert!(
+                    fx.iter().any(
+                        |e| matches!(e, Effect::Dispatch(j) if j.kind == baton_shared::protocol::JobKind::Compensate)
+                    ),
+                    "rejection compensates"
+                );
+                assert_eq!(r.status, RunStatus::RolledBack);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_incident_blocks_admission_until_resolved() {
+    let mut r = run(&["src/a.ts"], "standard");
+    r.facts.incidents.push(Incident {
+        id: Uuid::nil(),
+        environment: "production".into(),
+        title: "db down".into(),
+        opened_at: Utc::now(),
+    });
+    let cfg = settings(policy(|c| c.staging_soak_secs = 0));
+    let fx = drive(&mut r, &cfg, Utc::now(), &[]);
+    assert_eq!(r.status, RunStatus::Blocked);
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Dispatch(_))));
+    r.facts.incidents.clear();
+    drive(&mut r, &cfg, Utc::now(), &[]);
+    assert_eq!(r.status, RunStatus::Succeeded);
+}
+
+#[test]
+fn decisions_are_checked_before_they_are_recorded() {
+    let mut r = run(&["src/a.ts"], "standard");
+    let i = idx(&r, "apply.production");
+    r.steps[i].gates.push("human-approval".into());
+    let p = policy(|c| c.staging_soak_secs = 0);
+    let now = Utc::now();
+    let f = Facts::default();
+    let plan = r.plan_hash.clone();
+    let e = check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    assert!(matches!(e, DecisionError::NotAwaiting { .. }), "{e}");
+    drive(&mut r, &settings(p.clone()), now, &[]);
+    let e = check_decision(&r, "nope", &plan, "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    assert!(matches!(e, DecisionError::NoSuchStep { .. }), "{e}");
+    let e = check_decision(&r, "apply.production", "f00", "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("the approval names plan f00 but the run's plan is {plan}")
+    );
+    let e = check_decision(&r, "apply.production", &plan, "ci-bot", Decision::Approve, &f, &p, now).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "four-eyes: ci-bot requested this run and cannot approve it"
+    );
+    let mut f2 = f.clone();
+    f2.approvals.push(approval(
+        "apply.production",
+        &plan,
+        "alice",
+        Decision::Approve,
+        now + Chrono::hours(1),
+    ));
+    let e = check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f2, &p, now).unwrap_err();
+    assert!(matches!(e, DecisionError::AlreadyApproved { .. }), "{e}");
+    // Once her approval expired she may approve again.
+    f2.approvals[0].expires_at = now;
+    check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f2, &p, now).unwrap();
+}
