@@ -9,6 +9,8 @@
 # for an HTTP 200. The runtime images carry no curl or wget, so this speaks
 # HTTP/1.0 over bash's /dev/tcp.
 set -u
+# A server that answers and closes early must not kill us with SIGPIPE.
+trap '' PIPE
 
 url=${BATON_HEALTHCHECK_URL:-}
 if [ -z "$url" ]; then
