@@ -1,11 +1,15 @@
-//! The scheduler's HTTP API: runs, rollback, the CI webhook, health and readiness.
+//! The scheduler's HTTP API: runs, approvals, cancel and rollback, incidents,
+//! locks, a run's live events, the CI and Alertmanager webhooks, health and
+//! readiness. The OpenAPI document (`scheduler/openapi.json`) is served at
+//! `/openapi.json`; a test checks every route is in it.
 //!
 //! Every `/v1` route needs a bearer token. Tokens are configured by their
 //! SHA-256 only (so config files and memory dumps hold no usable token) and
-//! compared in constant time. Roles: `viewer` reads; `operator` also rolls back;
-//! `approver` also approves (gates come later). The CI webhook authenticates by
-//! an HMAC-SHA256 of the raw body instead. Errors are JSON `{code, message}`,
-//! never a stack trace, and bodies are limited in size.
+//! compared in constant time. Roles: `viewer` reads; `operator` also cancels,
+//! rolls back and opens or resolves incidents (Alertmanager holds an operator
+//! token); `approver` also approves and rejects held steps. The CI webhook
+//! authenticates by an HMAC-SHA256 of the raw body instead. Errors are JSON
+//! `{code, message}`, never a stack trace, and bodies are limited in size.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +17,9 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use baton_shared::amqp::Broker;
 use baton_shared::protocol::{MergeEvent, Message};
@@ -42,6 +47,8 @@ pub struct ApiConfig {
     pub webhook_secret: Option<Secret<String>>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Environment of an Alertmanager alert without an `environment` label.
+    pub alertmanager_environment: String,
 }
 
 impl Default for ApiConfig {
@@ -51,6 +58,7 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             webhook_secret: None,
             max_body_bytes: 256 * 1024,
+            alertmanager_environment: "production".to_owned(),
         }
     }
 }
@@ -126,6 +134,7 @@ struct AppState {
     pipeline: Arc<Pipeline>,
     tokens: Vec<(TokenEntry, Vec<u8>)>,
     webhook_secret: Option<Secret<String>>,
+    alertmanager_environment: String,
 }
 
 /// An API error: a status, a stable code and a message.
@@ -245,24 +254,342 @@ pub async fn serve(
         pipeline,
         tokens,
         webhook_secret: cfg.webhook_secret.clone(),
+        alertmanager_environment: cfg.alertmanager_environment.clone(),
     });
     axum::serve(listener, router(state, cfg.max_body_bytes))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
+/// The OpenAPI document, checked into the repository.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route: (method, path, handler). The OpenAPI test walks this list.
+fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("get", "/healthz", get(|| async { Json(json!({"status": "ok"})) })),
+        ("get", "/readyz", get(readyz)),
+        ("get", "/metrics", get(metrics)),
+        (
+            "get",
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        ),
+        ("get", "/v1/runs", get(list_runs)),
+        ("get", "/v1/runs/{id}", get(show_run)),
+        ("get", "/v1/runs/{id}/events", get(run_events)),
+        ("post", "/v1/runs/{id}/rollback", post(rollback)),
+        ("post", "/v1/runs/{id}/cancel", post(cancel)),
+        ("post", "/v1/runs/{id}/approve", post(approve)),
+        ("post", "/v1/runs/{id}/reject", post(reject)),
+        ("get", "/v1/incidents", get(list_incidents)),
+        ("post", "/v1/incidents", post(open_incident)),
+        ("post", "/v1/incidents/{id}/resolve", post(resolve_incident)),
+        ("get", "/v1/locks", get(list_locks)),
+        ("post", "/v1/webhooks/ci", post(ci_webhook)),
+        ("post", "/v1/webhooks/alertmanager", post(alertmanager_webhook)),
+    ]
+}
+
 fn router(state: Arc<AppState>, max_body: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/runs", get(list_runs))
-        .route("/v1/runs/{id}", get(show_run))
-        .route("/v1/runs/{id}/rollback", post(rollback))
-        .route("/v1/webhooks/ci", post(ci_webhook))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+    let mut r = Router::new();
+    for (_, path, handler) in routes() {
+        r = r.route(path, handler);
+    }
+    r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// Parses a JSON body strictly, naming what is wrong.
+fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid body: {e}")))
+}
+
+fn non_empty(field: &str, value: &str) -> ApiResult<()> {
+    if value.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{field} must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    reason: String,
+}
+
+async fn cancel(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let id = parse_run_id(&id)?;
+    let req: CancelRequest = body(&bytes)?;
+    non_empty("reason", &req.reason)?;
+    let out = s.store.cancel(id, &who, &req.reason).await?;
+    s.relay.send(out);
+    Ok(Json(json!({"run_id": id, "cancel": "requested"})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionRequest {
+    step: String,
+    /// The plan the approver looked at: approvals bind to it.
+    plan_hash: String,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn decide(
+    s: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    bytes: &Bytes,
+    decision: crate::gates::Decision,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = s.authorize(headers, Role::Approver)?.name.clone();
+    let id = parse_run_id(id)?;
+    let req: DecisionRequest = body(bytes)?;
+    non_empty("step", &req.step)?;
+    non_empty("plan_hash", &req.plan_hash)?;
+    if decision == crate::gates::Decision::Reject {
+        non_empty("comment (why it is rejected)", &req.comment)?;
+    }
+    let out = s
+        .store
+        .decide(id, &req.step, &req.plan_hash, &who, decision, &req.comment)
+        .await?;
+    s.relay.send(out);
+    let status = store::run_status(s.store.pool(), id).await?;
+    Ok(Json(
+        json!({"run_id": id, "step": req.step, "decision": decision, "by": who, "run_status": status}),
+    ))
+}
+
+async fn approve(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    decide(&s, &headers, &id, &bytes, crate::gates::Decision::Approve).await
+}
+
+async fn reject(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    decide(&s, &headers, &id, &bytes, crate::gates::Decision::Reject).await
+}
+
+/// Server-sent events: every history entry of the run as it is recorded (event
+/// `history`), then one `end` event with the final status when the run is over.
+async fn run_events(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    s.authorize(&headers, Role::Viewer)?;
+    let id = parse_run_id(&id)?;
+    if store::run_status(s.store.pool(), id).await?.is_none() {
+        return Err(StoreError::NotFound(id).into());
+    }
+    use futures_util::StreamExt;
+    let pool = s.store.pool().clone();
+    let stream = futures_util::stream::unfold((0i64, false), move |(after, ended)| {
+        let pool = pool.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            loop {
+                // Read the status first: entries written before a terminal status are then all seen.
+                let status = store::run_status(&pool, id).await.ok().flatten();
+                let entries = store::history_since(&pool, id, after).await.unwrap_or_default();
+                if let Some(last) = entries.last() {
+                    let events: Vec<Result<Event, std::convert::Infallible>> = entries
+                        .iter()
+                        .map(|e| {
+                            Ok(Event::default()
+                                .event("history")
+                                .id(e.id.to_string())
+                                .data(serde_json::to_string(e).unwrap_or_default()))
+                        })
+                        .collect();
+                    return Some((futures_util::stream::iter(events), (last.id, false)));
+                }
+                let terminal = status
+                    .as_deref()
+                    .and_then(|s| s.parse::<crate::engine::RunStatus>().ok())
+                    .is_none_or(|s| s.is_terminal());
+                if terminal {
+                    let end = Event::default()
+                        .event("end")
+                        .data(json!({"run_id": id, "status": status}).to_string());
+                    return Some((futures_util::stream::iter(vec![Ok(end)]), (after, true)));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    })
+    .flatten();
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct IncidentFilter {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_incidents(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(f): Query<IncidentFilter>,
+) -> ApiResult<Json<Vec<store::IncidentView>>> {
+    s.authorize(&headers, Role::Viewer)?;
+    Ok(Json(store::list_incidents(s.store.pool(), f.all).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenIncident {
+    environment: String,
+    title: String,
+}
+
+async fn open_incident(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let req: OpenIncident = body(&bytes)?;
+    non_empty("environment", &req.environment)?;
+    non_empty("title", &req.title)?;
+    let (view, _) = s
+        .store
+        .open_incident(&req.environment, &req.title, "operator", None, &who)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn resolve_incident(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<store::IncidentView>> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let id: Uuid = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{id:?} is not an incident id"),
+        )
+    })?;
+    let (view, out) = s.store.resolve_incident(store::IncidentKey::Id(id), &who).await?;
+    s.relay.send(out);
+    Ok(Json(view))
+}
+
+async fn list_locks(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Json<Vec<store::LockView>>> {
+    s.authorize(&headers, Role::Viewer)?;
+    Ok(Json(store::list_locks(s.store.pool()).await?))
+}
+
+/// Alertmanager's webhook payload (version 4); only what Baton uses is read,
+/// the rest of Alertmanager's fields are accepted and ignored.
+#[derive(Debug, Deserialize)]
+struct AlertmanagerPayload {
+    version: String,
+    alerts: Vec<Alert>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Alert {
+    status: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+    fingerprint: String,
+}
+
+/// Firing alerts open incidents (one per fingerprint); resolved alerts close them.
+async fn alertmanager_webhook(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let payload: AlertmanagerPayload = body(&bytes)?;
+    if payload.version != "4" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("Alertmanager webhook version {:?} is not supported (expected \"4\")", payload.version),
+        ));
+    }
+    let (mut opened, mut resolved, mut unchanged) = (Vec::new(), Vec::new(), 0);
+    for a in &payload.alerts {
+        non_empty("alerts[].fingerprint", &a.fingerprint)?;
+        let fingerprint = format!("alertmanager:{}", a.fingerprint);
+        match a.status.as_str() {
+            "firing" => {
+                let environment = a
+                    .labels
+                    .get("environment")
+                    .or_else(|| a.labels.get("env"))
+                    .cloned()
+                    .unwrap_or_else(|| s.alertmanager_environment.clone());
+                let name = a.labels.get("alertname").map(String::as_str).unwrap_or("alert");
+                let title = match a.annotations.get("summary") {
+                    Some(summary) => format!("{name}: {summary}"),
+                    None => name.to_owned(),
+                };
+                let (view, created) = s
+                    .store
+                    .open_incident(&environment, &title, "alertmanager", Some(&fingerprint), &who)
+                    .await?;
+                if created {
+                    opened.push(view.id);
+                } else {
+                    unchanged += 1;
+                }
+            }
+            "resolved" => match s
+                .store
+                .resolve_incident(store::IncidentKey::Fingerprint(&fingerprint), &who)
+                .await
+            {
+                Ok((view, out)) => {
+                    s.relay.send(out);
+                    resolved.push(view.id);
+                }
+                Err(StoreError::NoOpenIncident(_)) => unchanged += 1,
+                Err(e) => return Err(e.into()),
+            },
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("alert status {other:?} is neither firing nor resolved"),
+                ));
+            }
+        }
+    }
+    Ok(Json(json!({"opened": opened, "resolved": resolved, "unchanged": unchanged})))
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
@@ -346,15 +673,8 @@ async fn rollback(
 ) -> ApiResult<Json<serde_json::Value>> {
     let who = s.authorize(&headers, Role::Operator)?.name.clone();
     let id = parse_run_id(&id)?;
-    let req: RollbackRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid body: {e}")))?;
-    if req.reason.trim().is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "reason must not be empty",
-        ));
-    }
+    let req: RollbackRequest = self::body(&body)?;
+    non_empty("reason", &req.reason)?;
     let out = s
         .store
         .request_rollback(id, &format!("{} (by {who})", req.reason))
@@ -417,6 +737,27 @@ async fn ci_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: By
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_is_in_the_openapi_document_and_nothing_else_is() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = doc["paths"].as_object().expect("paths");
+        let routes = routes();
+        for (method, path, _) in &routes {
+            assert!(
+                paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+                "{method} {path} is missing from scheduler/openapi.json"
+            );
+        }
+        for (path, ops) in paths {
+            for method in ops.as_object().expect("operations").keys() {
+                assert!(
+                    routes.iter().any(|(m, p, _)| m == method && p == path),
+                    "openapi.json documents {method} {path}, which is not a route"
+                );
+            }
+        }
+    }
 
     #[test]
     fn roles_are_ordered_for_reading_only() {

@@ -1211,6 +1211,10 @@ pub struct RunView {
     pub status: String,
     pub plan_hash: String,
     pub rollback_reason: Option<String>,
+    /// The admission gate holding the run, if any.
+    pub hold: Option<Hold>,
+    /// The run's trace (W3C trace id), when tracing is on for it.
+    pub trace_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -1228,6 +1232,9 @@ pub struct StepView {
     pub included: bool,
     pub reason: String,
     pub needs: Vec<String>,
+    pub gates: Vec<String>,
+    /// The gate holding the step, while it waits.
+    pub hold: Option<Hold>,
     pub status: String,
     pub completion: Option<i32>,
     pub started_at: Option<DateTime<Utc>>,
@@ -1276,7 +1283,8 @@ impl RunView {
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
     let Some(r) = sqlx::query(
-        "select service, environment, commit_sha, status, plan_hash, rollback_reason, created_at, started_at, finished_at
+        "select service, environment, commit_sha, status, plan_hash, rollback_reason, hold, trace_context, created_at,
+                started_at, finished_at
          from runs where id = $1",
     )
     .bind(run_id)
@@ -1313,8 +1321,8 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         });
     }
     let steps = sqlx::query(
-        "select step_id, role, zone, action, compensate, included, reason, needs, status, completion, started_at,
-                finished_at, comp_started_at, comp_finished_at, outputs, error
+        "select step_id, role, zone, action, compensate, included, reason, needs, gates, hold, status, completion,
+                started_at, finished_at, comp_started_at, comp_finished_at, outputs, error
          from steps where run_id = $1 order by position",
     )
     .bind(run_id)
@@ -1325,6 +1333,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         let id: String = s.try_get("step_id")?;
         let Json(outputs) = s.try_get("outputs")?;
         let error: Option<Json<StepError>> = s.try_get("error")?;
+        let hold: Option<Json<Hold>> = s.try_get("hold")?;
         Ok(StepView {
             attempts: by_step.remove(&id).unwrap_or_default(),
             id,
@@ -1335,6 +1344,8 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
             included: s.try_get("included")?,
             reason: s.try_get("reason")?,
             needs: s.try_get("needs")?,
+            gates: s.try_get("gates")?,
+            hold: hold.map(|Json(h)| h),
             status: s.try_get("status")?,
             completion: s.try_get("completion")?,
             started_at: s.try_get("started_at")?,
@@ -1346,25 +1357,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         })
     })
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let history =
-        sqlx::query("select id, at, step_id, attempt, actor, kind, detail from audit where run_id = $1 order by id")
-            .bind(run_id)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(|h| {
-                let Json(detail) = h.try_get("detail")?;
-                Ok(HistoryEntry {
-                    id: h.try_get("id")?,
-                    at: h.try_get("at")?,
-                    step_id: h.try_get("step_id")?,
-                    attempt: h.try_get("attempt")?,
-                    actor: h.try_get("actor")?,
-                    kind: h.try_get("kind")?,
-                    detail,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let history = history_since(pool, run_id, 0).await?;
     Ok(Some(RunView {
         id: run_id,
         service: r.try_get("service")?,
@@ -1373,6 +1366,11 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         status: r.try_get("status")?,
         plan_hash: r.try_get("plan_hash")?,
         rollback_reason: r.try_get("rollback_reason")?,
+        hold: r.try_get::<Option<Json<Hold>>, _>("hold")?.map(|Json(h)| h),
+        trace_id: r
+            .try_get::<Option<String>, _>("trace_context")?
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1).map(str::to_owned)),
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
@@ -1547,4 +1545,38 @@ pub async fn list_locks(pool: &PgPool) -> Result<Vec<LockView>, StoreError> {
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(Into::into)
+}
+
+/// A run's history entries after audit row `after`, oldest first.
+pub async fn history_since(pool: &PgPool, run_id: Uuid, after: i64) -> Result<Vec<HistoryEntry>, StoreError> {
+    sqlx::query(
+        "select id, at, step_id, attempt, actor, kind, detail from audit where run_id = $1 and id > $2 order by id",
+    )
+    .bind(run_id)
+    .bind(after)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|h| {
+        let Json(detail) = h.try_get("detail")?;
+        Ok(HistoryEntry {
+            id: h.try_get("id")?,
+            at: h.try_get("at")?,
+            step_id: h.try_get("step_id")?,
+            attempt: h.try_get("attempt")?,
+            actor: h.try_get("actor")?,
+            kind: h.try_get("kind")?,
+            detail,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()
+    .map_err(Into::into)
+}
+
+/// A run's status, if it exists.
+pub async fn run_status(pool: &PgPool, run_id: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("select status from runs where id = $1")
+        .bind(run_id)
+        .fetch_optional(pool)
+        .await?)
 }
