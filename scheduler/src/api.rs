@@ -64,6 +64,7 @@ impl Default for ApiConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     /// Who holds the token, for the audit log.
     pub name: String,
@@ -395,11 +396,7 @@ async fn reject(
 
 /// Server-sent events: every history entry of the run as it is recorded (event
 /// `history`), then one `end` event with the final status when the run is over.
-async fn run_events(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn run_events(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
     s.authorize(&headers, Role::Viewer)?;
     let id = parse_run_id(&id)?;
     if store::run_status(s.store.pool(), id).await?.is_none() {
@@ -469,11 +466,7 @@ struct OpenIncident {
     title: String,
 }
 
-async fn open_incident(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> ApiResult<Response> {
+async fn open_incident(State(s): State<Arc<AppState>>, headers: HeaderMap, bytes: Bytes) -> ApiResult<Response> {
     let who = s.authorize(&headers, Role::Operator)?.name.clone();
     let req: OpenIncident = body(&bytes)?;
     non_empty("environment", &req.environment)?;
@@ -538,7 +531,10 @@ async fn alertmanager_webhook(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            format!("Alertmanager webhook version {:?} is not supported (expected \"4\")", payload.version),
+            format!(
+                "Alertmanager webhook version {:?} is not supported (expected \"4\")",
+                payload.version
+            ),
         ));
     }
     let (mut opened, mut resolved, mut unchanged) = (Vec::new(), Vec::new(), 0);
@@ -589,7 +585,9 @@ async fn alertmanager_webhook(
             }
         }
     }
-    Ok(Json(json!({"opened": opened, "resolved": resolved, "unchanged": unchanged})))
+    Ok(Json(
+        json!({"opened": opened, "resolved": resolved, "unchanged": unchanged}),
+    ))
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {

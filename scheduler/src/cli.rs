@@ -1,8 +1,13 @@
 //! The `baton` command line.
 //!
-//! Exit codes: 0 success; 1 the run failed, was rolled back or its rollback
-//! failed; 2 bad input or usage (invalid file, unknown run); 3 the broker or
-//! database could not be reached.
+//! Exit codes: 0 success; 1 the run failed, was rolled back, rejected or
+//! cancelled, or its rollback failed; 2 bad input or usage (invalid file,
+//! unknown run, refused by the API); 3 the broker, database or API could not be
+//! reached.
+//!
+//! `approve`, `reject`, `cancel`, `watch`, `incident` and `locks` are clients
+//! of the scheduler's HTTP API (`[client]`: url and token). `runs`, `rollback`
+//! and `audit verify` still read the database directly.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -75,6 +80,41 @@ enum Command {
         #[arg(long, default_value = "requested from the command line")]
         reason: String,
     },
+    /// Follow a run until it ends: one line per transition (a live status line on a terminal).
+    Watch { run: Uuid },
+    /// Approve a step held for human approval; names the plan hash you reviewed.
+    Approve {
+        run: Uuid,
+        #[arg(long)]
+        step: String,
+        #[arg(long)]
+        plan_hash: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Reject a held step: it fails and the run rolls back.
+    Reject {
+        run: Uuid,
+        #[arg(long)]
+        step: String,
+        #[arg(long)]
+        plan_hash: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Cancel a run: stop its steps and compensate what already succeeded.
+    Cancel {
+        run: Uuid,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Incidents hold new runs and steps in their environment while open.
+    Incident {
+        #[command(subcommand)]
+        command: IncidentCommand,
+    },
+    /// Environment locks and the runs waiting for them.
+    Locks,
     /// Create an Ed25519 signing key: writes the secret to FILE, prints the public key.
     Keygen {
         #[arg(long)]
@@ -106,6 +146,24 @@ enum RunsCommand {
     },
     /// One run: steps, attempts, compensations and history.
     Show { run: Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+enum IncidentCommand {
+    Open {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        title: String,
+    },
+    Resolve {
+        id: Uuid,
+    },
+    /// Open incidents, newest first (`--all` includes resolved ones).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +402,113 @@ async fn dispatch(cli: Cli) -> Outcome {
                 }
             }
         }
+        Command::Watch { run } => {
+            let c = api_client(cli.config.as_deref())?;
+            watch(&c, run, cli.json).await
+        }
+        Command::Approve {
+            run,
+            step,
+            plan_hash,
+            comment,
+        } => {
+            let c = api_client(cli.config.as_deref())?;
+            let body = serde_json::json!({"step": step, "plan_hash": plan_hash, "comment": comment});
+            let v: serde_json::Value = c
+                .post(&format!("/v1/runs/{run}/approve"), &body)
+                .await
+                .map_err(api_failure)?;
+            print_decision(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reject {
+            run,
+            step,
+            plan_hash,
+            reason,
+        } => {
+            let c = api_client(cli.config.as_deref())?;
+            let body = serde_json::json!({"step": step, "plan_hash": plan_hash, "comment": reason});
+            let v: serde_json::Value = c
+                .post(&format!("/v1/runs/{run}/reject"), &body)
+                .await
+                .map_err(api_failure)?;
+            print_decision(&v, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { run, reason } => {
+            let c = api_client(cli.config.as_deref())?;
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/v1/runs/{run}/cancel"),
+                    &serde_json::json!({"reason": reason}),
+                )
+                .await
+                .map_err(api_failure)?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("cancel requested for run {run}; `baton watch {run}` follows it");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Incident { command } => {
+            let c = api_client(cli.config.as_deref())?;
+            let incidents: Vec<store::IncidentView> = match command {
+                IncidentCommand::Open { environment, title } => {
+                    let body = serde_json::json!({"environment": environment, "title": title});
+                    vec![c.post("/v1/incidents", &body).await.map_err(api_failure)?]
+                }
+                IncidentCommand::Resolve { id } => vec![
+                    c.post(&format!("/v1/incidents/{id}/resolve"), &serde_json::json!({}))
+                        .await
+                        .map_err(api_failure)?,
+                ],
+                IncidentCommand::List { all } => {
+                    c.get(&format!("/v1/incidents?all={all}")).await.map_err(api_failure)?
+                }
+            };
+            if cli.json {
+                print_json(&incidents);
+            } else {
+                for i in &incidents {
+                    let state = match (&i.resolved_at, &i.resolved_by) {
+                        (Some(at), Some(by)) => format!("resolved {} by {by}", at.format("%Y-%m-%d %H:%M")),
+                        _ => format!("open since {}", i.opened_at.format("%Y-%m-%d %H:%M")),
+                    };
+                    println!("{}  {:<11} {}", i.id, i.environment, state);
+                    println!(
+                        "{}",
+                        truncate(&format!("    {} ({}, by {})", i.title, i.source, i.opened_by), 80)
+                    );
+                }
+                if incidents.is_empty() {
+                    println!("no open incidents");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Locks => {
+            let c = api_client(cli.config.as_deref())?;
+            let locks: Vec<store::LockView> = c.get("/v1/locks").await.map_err(api_failure)?;
+            if cli.json {
+                print_json(&locks);
+            } else if locks.is_empty() {
+                println!("no environment is locked");
+            } else {
+                for l in &locks {
+                    println!(
+                        "{:<20} {:<11} run {} ({}), {} waiting",
+                        truncate(&l.service, 20),
+                        l.environment,
+                        l.run_id,
+                        l.run_status,
+                        l.waiting.len()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token {
             command: TokenCommand::New { name, role },
         } => {
@@ -439,9 +604,129 @@ fn whoami() -> String {
 }
 
 fn exit_for(view: &RunView) -> ExitCode {
-    match view.status.parse::<RunStatus>() {
-        Ok(RunStatus::Failed | RunStatus::RolledBack | RunStatus::RollbackFailed) => ExitCode::from(1),
+    exit_for_status(&view.status)
+}
+
+fn exit_for_status(status: &str) -> ExitCode {
+    match status.parse::<RunStatus>() {
+        Ok(RunStatus::Failed | RunStatus::RolledBack | RunStatus::RollbackFailed | RunStatus::Cancelled) => {
+            ExitCode::from(1)
+        }
         _ => ExitCode::SUCCESS,
+    }
+}
+
+fn api_client(config: Option<&Path>) -> Result<crate::client::Client, Failure> {
+    let cfg = load_config(config)?;
+    crate::client::Client::new(&cfg.client).map_err(api_failure)
+}
+
+fn api_failure(e: crate::client::ClientError) -> Failure {
+    if e.is_bad_input() { bad_input(e) } else { unavailable(e) }
+}
+
+fn print_decision(v: &serde_json::Value, json: bool) {
+    if json {
+        print_json(v);
+    } else {
+        println!(
+            "{} {} step {} of run {}; run is {}",
+            v["by"].as_str().unwrap_or("?"),
+            if v["decision"] == "approve" {
+                "approved"
+            } else {
+                "rejected"
+            },
+            v["step"].as_str().unwrap_or("?"),
+            v["run_id"].as_str().unwrap_or("?"),
+            v["run_status"].as_str().unwrap_or("?"),
+        );
+    }
+}
+
+/// One line per history entry, as `watch` prints them.
+fn history_line(e: &store::HistoryEntry) -> String {
+    let step = e.step_id.as_deref().map(|s| format!(" {s}")).unwrap_or_default();
+    let d = &e.detail;
+    let what = match e.kind.as_str() {
+        "run_status" => format!(
+            "run {} -> {}",
+            d["from"].as_str().unwrap_or("?"),
+            d["to"].as_str().unwrap_or("?")
+        ),
+        "gate" => format!(
+            "gate {} {}: {}",
+            d["gate"].as_str().unwrap_or("?"),
+            d["verdict"].as_str().unwrap_or("?"),
+            d["reason"].as_str().unwrap_or("")
+        ),
+        "step_failed" | "compensation_failed" => {
+            format!("{}: {}", e.kind, d["error"]["message"].as_str().unwrap_or(""))
+        }
+        other => other.replace('_', " "),
+    };
+    truncate(
+        &format!(
+            "{} {}{step} {what}",
+            e.at.format("%H:%M:%S"),
+            e.actor.split('@').next().unwrap_or("")
+        ),
+        80,
+    )
+}
+
+/// Follows a run through the API until it ends. On a terminal the last line is a
+/// live status line; otherwise (or with `--json`) one line per history entry.
+async fn watch(c: &crate::client::Client, run: Uuid, json: bool) -> Outcome {
+    use std::io::Write;
+    let tty = std::io::stdout().is_terminal() && !json;
+    let spinner = ['|', '/', '-', '\\'];
+    let mut seen = 0i64;
+    let mut tick = 0usize;
+    loop {
+        let view: RunView = c.get(&format!("/v1/runs/{run}")).await.map_err(api_failure)?;
+        let mut out = std::io::stdout().lock();
+        if tty {
+            let _ = write!(out, "\r\x1b[2K");
+        }
+        let after = seen;
+        for e in view.history.iter().filter(|e| e.id > after) {
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string(e).unwrap_or_default());
+            } else {
+                let _ = writeln!(out, "{}", history_line(e));
+            }
+            seen = e.id;
+        }
+        if view.is_terminal() {
+            if !json {
+                let _ = writeln!(out, "run {run} {}", view.status);
+            }
+            return Ok(exit_for(&view));
+        }
+        if tty {
+            let done = view
+                .steps
+                .iter()
+                .filter(|s| matches!(s.status.as_str(), "succeeded" | "skipped" | "compensated"))
+                .count();
+            let waiting = view
+                .steps
+                .iter()
+                .find_map(|s| s.hold.as_ref().map(|h| format!(" · {} waits on {}", s.id, h.gate)))
+                .unwrap_or_default();
+            let line = format!(
+                "{} {} · {done}/{} steps{waiting}",
+                spinner[tick % spinner.len()],
+                view.status,
+                view.steps.len()
+            );
+            let _ = write!(out, "{}", truncate(&line, 79));
+            let _ = out.flush();
+            tick += 1;
+        }
+        drop(out);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -469,7 +754,13 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
         view.environment,
         &view.commit_sha[..12.min(view.commit_sha.len())]
     );
-    let _ = writeln!(s, "  plan {}", &view.plan_hash[..16.min(view.plan_hash.len())]);
+    let _ = writeln!(s, "  plan {}", view.plan_hash);
+    if let Some(t) = &view.trace_id {
+        let _ = writeln!(s, "  trace {t}");
+    }
+    if let Some(h) = &view.hold {
+        let _ = writeln!(s, "{}", truncate(&format!("  held by {}: {}", h.gate, h.reason), 80));
+    }
     if let Some(r) = &view.rollback_reason {
         let _ = writeln!(s, "{}", truncate(&format!("  rollback: {r}"), 80));
     }
@@ -500,6 +791,48 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
         );
         if !st.included {
             let _ = writeln!(s, "      skipped: {}", st.reason);
+        }
+        if let Some(h) = &st.hold {
+            let _ = writeln!(
+                s,
+                "{}",
+                truncate(&format!("      waits on {}: {}", h.gate, h.reason), 80)
+            );
+        }
+        for e in view
+            .history
+            .iter()
+            .filter(|e| e.step_id.as_deref() == Some(st.id.as_str()))
+        {
+            let verdicts: Vec<&serde_json::Value> = match e.kind.as_str() {
+                "gate" => vec![&e.detail],
+                "gates_passed" => e.detail["gates"]
+                    .as_array()
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default(),
+                _ => continue,
+            };
+            for v in verdicts
+                .into_iter()
+                .filter(|v| v["gate"] != "incident" || v["verdict"] != "pass")
+            {
+                let line = format!(
+                    "      gate {} {}: {}",
+                    v["gate"].as_str().unwrap_or("?"),
+                    v["verdict"].as_str().unwrap_or("?"),
+                    v["reason"].as_str().unwrap_or("")
+                );
+                let _ = writeln!(s, "{}", truncate(&line, 80));
+            }
+        }
+        if let (Some(a), Some(b)) = (st.compensation_started_at, st.compensation_finished_at) {
+            let line = format!(
+                "      {} {} in {:.1}s",
+                st.compensate.as_deref().unwrap_or("compensation"),
+                st.status,
+                (b - a).num_milliseconds() as f64 / 1000.0
+            );
+            let _ = writeln!(s, "{}", truncate(&line, 80));
         }
         for a in st.attempts.iter().filter(|a| a.status != "succeeded" || a.attempt > 1) {
             let err = a

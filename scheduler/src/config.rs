@@ -17,6 +17,8 @@ pub struct Config {
     pub signing: SigningConfig,
     pub api: crate::api::ApiConfig,
     pub gates: crate::gates::GatesConfig,
+    /// Where operator commands reach the API.
+    pub client: crate::client::ClientConfig,
     pub telemetry: baton_shared::telemetry::TelemetryConfig,
     pub log: LogConfig,
 }

@@ -350,7 +350,7 @@ pub fn evaluate_step(run: &RunState, i: usize, facts: &Facts, policy: &Policy, n
     StepVerdicts { all, window }
 }
 
-fn succeeded<'a>(run: &'a RunState, pred: impl Fn(&StepState) -> bool) -> impl Iterator<Item = &'a StepState> {
+fn succeeded(run: &RunState, pred: impl Fn(&StepState) -> bool) -> impl Iterator<Item = &StepState> {
     run.steps
         .iter()
         .filter(move |s| matches!(s.status, StepStatus::Succeeded) && pred(s))
@@ -658,16 +658,28 @@ pub enum DecisionError {
 }
 
 /// Checks an approval or rejection against the run before it is recorded.
+/// An approval or rejection as asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub step: &'a str,
+    pub plan_hash: &'a str,
+    pub who: &'a str,
+    pub decision: Decision,
+}
+
 pub fn check_decision(
     run: &RunState,
-    step: &str,
-    plan_hash: &str,
-    who: &str,
-    decision: Decision,
+    ask: Ask<'_>,
     facts: &Facts,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Result<(), DecisionError> {
+    let Ask {
+        step,
+        plan_hash,
+        who,
+        decision,
+    } = ask;
     let Some(s) = run.steps.iter().find(|s| s.id == step) else {
         return Err(DecisionError::NoSuchStep {
             run: run.id,

@@ -988,7 +988,13 @@ impl Store {
         }
         let now = Utc::now();
         let policy = &self.settings.gates;
-        gates::check_decision(&state, step, plan_hash, who, decision, &state.facts, policy, now)?;
+        let ask = gates::Ask {
+            step,
+            plan_hash,
+            who,
+            decision,
+        };
+        gates::check_decision(&state, ask, &state.facts, policy, now)?;
         let expires_at = now + chrono::Duration::seconds(policy.approval.ttl_secs as i64);
         sqlx::query(
             "insert into approvals (run_id, step_id, plan_hash, approver, decision, comment, at, expires_at)

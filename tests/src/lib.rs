@@ -447,6 +447,15 @@ impl TestEnv {
         cmd.output().expect("run baton")
     }
 
+    /// Runs the `baton` CLI with extra environment (e.g. the API client's url and token).
+    pub fn baton_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(bin("baton-e2e"));
+        cmd.args(args);
+        self.common_env(&mut cmd);
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("run baton")
+    }
+
     /// Writes a merge event file and returns its path.
     pub fn event_file(&self, event: &Value) -> PathBuf {
         let path = self.dir.join(format!("event-{}.json", Uuid::new_v4()));

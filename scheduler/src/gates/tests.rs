@@ -438,6 +438,15 @@ fn an_incident_blocks_admission_until_resolved() {
     assert_eq!(r.status, RunStatus::Succeeded);
 }
 
+fn ask<'a>(step: &'a str, plan_hash: &'a str, who: &'a str) -> Ask<'a> {
+    Ask {
+        step,
+        plan_hash,
+        who,
+        decision: Decision::Approve,
+    }
+}
+
 #[test]
 fn decisions_are_checked_before_they_are_recorded() {
     let mut r = run(&["src/a.ts"], "standard");
@@ -447,17 +456,17 @@ fn decisions_are_checked_before_they_are_recorded() {
     let now = Utc::now();
     let f = Facts::default();
     let plan = r.plan_hash.clone();
-    let e = check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    let e = check_decision(&r, ask("apply.production", &plan, "alice"), &f, &p, now).unwrap_err();
     assert!(matches!(e, DecisionError::NotAwaiting { .. }), "{e}");
     drive(&mut r, &settings(p.clone()), now, &[]);
-    let e = check_decision(&r, "nope", &plan, "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    let e = check_decision(&r, ask("nope", &plan, "alice"), &f, &p, now).unwrap_err();
     assert!(matches!(e, DecisionError::NoSuchStep { .. }), "{e}");
-    let e = check_decision(&r, "apply.production", "f00", "alice", Decision::Approve, &f, &p, now).unwrap_err();
+    let e = check_decision(&r, ask("apply.production", "f00", "alice"), &f, &p, now).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!("the approval names plan f00 but the run's plan is {plan}")
     );
-    let e = check_decision(&r, "apply.production", &plan, "ci-bot", Decision::Approve, &f, &p, now).unwrap_err();
+    let e = check_decision(&r, ask("apply.production", &plan, "ci-bot"), &f, &p, now).unwrap_err();
     assert_eq!(
         e.to_string(),
         "four-eyes: ci-bot requested this run and cannot approve it"
@@ -470,9 +479,9 @@ fn decisions_are_checked_before_they_are_recorded() {
         Decision::Approve,
         now + Chrono::hours(1),
     ));
-    let e = check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f2, &p, now).unwrap_err();
+    let e = check_decision(&r, ask("apply.production", &plan, "alice"), &f2, &p, now).unwrap_err();
     assert!(matches!(e, DecisionError::AlreadyApproved { .. }), "{e}");
     // Once her approval expired she may approve again.
     f2.approvals[0].expires_at = now;
-    check_decision(&r, "apply.production", &plan, "alice", Decision::Approve, &f2, &p, now).unwrap();
+    check_decision(&r, ask("apply.production", &plan, "alice"), &f2, &p, now).unwrap();
 }

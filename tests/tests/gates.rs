@@ -1,0 +1,496 @@
+//! Gates, approvals and the operator's interfaces over a real scheduler, daemons,
+//! RabbitMQ and PostgreSQL: each gate holds and then releases, four-eyes rules,
+//! rejection compensates, the merge gate refuses at ingest, Alertmanager opens
+//! and closes incidents, the CLI's `--json` output parses, and roles are enforced.
+
+use std::time::Duration;
+
+use baton_scheduler::api::{Role, new_token};
+use baton_scheduler::store::RunView;
+use baton_tests::{SEED_BINDINGS, TestEnv, event};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    viewer: String,
+    operator: String,
+    /// Approvers: alice, bob, and `ci`, who requests every test run.
+    alice: String,
+    bob: String,
+    ci: String,
+}
+
+impl Api {
+    async fn post(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("api reachable");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, token: &str, path: &str) -> (StatusCode, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("api reachable");
+        (r.status(), r.text().await.unwrap_or_default())
+    }
+}
+
+/// Tokens for every role, and the rest of the scheduler's config.
+fn configure(env: &TestEnv, extra: &str) -> Vec<(String, Role)> {
+    let mut toml = String::from("[api]\n");
+    let mut tokens = Vec::new();
+    for (name, role) in [
+        ("vera", Role::Viewer),
+        ("otto", Role::Operator),
+        ("alice", Role::Approver),
+        ("bob", Role::Approver),
+        ("ci", Role::Approver),
+    ] {
+        let (token, e) = new_token(name, role);
+        toml.push_str(&format!(
+            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
+            e.name,
+            serde_json::to_value(e.role).unwrap(),
+            e.sha256
+        ));
+        tokens.push((token, role));
+    }
+    toml.push_str(extra);
+    env.scheduler_config(&toml);
+    tokens
+}
+
+async fn start(env: &TestEnv, extra: &str) -> (Api, Vec<baton_tests::Proc>) {
+    let t = configure(env, extra);
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let scheduler = env.scheduler("scheduler").await;
+    let daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let api = Api {
+        base: scheduler.api.clone().expect("api"),
+        http: reqwest::Client::new(),
+        viewer: t[0].0.clone(),
+        operator: t[1].0.clone(),
+        alice: t[2].0.clone(),
+        bob: t[3].0.clone(),
+        ci: t[4].0.clone(),
+    };
+    (api, vec![scheduler, daemon])
+}
+
+fn cli(env: &TestEnv, api: &Api, token: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = env.baton_with(
+        args,
+        &[("BATON_CLIENT__URL", api.base.as_str()), ("BATON_CLIENT__TOKEN", token)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.code() != Some(3),
+        "baton {args:?} could not reach the API: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), stdout)
+}
+
+fn json_of(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+async fn wait_status(env: &TestEnv, run: Uuid, status: &str) -> RunView {
+    let mut last = None;
+    env.wait_until(&format!("run {run} to be {status}"), RUN_TIMEOUT, async || {
+        last = env.run(run).await;
+        last.as_ref().is_some_and(|v| v.status == status)
+    })
+    .await;
+    last.unwrap()
+}
+
+fn gate_entries<'a>(v: &'a RunView, gate: &str, verdict: &str) -> Vec<&'a Value> {
+    v.history
+        .iter()
+        .flat_map(|h| match h.kind.as_str() {
+            "gate" => vec![&h.detail],
+            "gates_passed" => h.detail["gates"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default(),
+            _ => vec![],
+        })
+        .filter(|d| d["gate"] == gate && d["verdict"] == verdict)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
+    let env = TestEnv::new("gates-incident").await;
+    let (api, _procs) = start(&env, "").await;
+
+    // An operator opens an incident through the CLI; a new run is held at admission.
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.operator,
+        &[
+            "--json",
+            "incident",
+            "open",
+            "--environment",
+            "production",
+            "--title",
+            "checkout 500s",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let opened = json_of(&out);
+    let incident = opened[0]["id"].as_str().unwrap().to_owned();
+    // Alertmanager reports a firing alert for production too (its real payload shape).
+    let alert = |status: &str| {
+        json!({
+            "version": "4", "groupKey": "{}:{alertname=\"HighErrorRate\"}", "truncatedAlerts": 0,
+            "status": status, "receiver": "baton", "groupLabels": {"alertname": "HighErrorRate"},
+            "commonLabels": {"alertname": "HighErrorRate"}, "commonAnnotations": {},
+            "externalURL": "http://alertmanager:9093",
+            "alerts": [{
+                "status": status,
+                "labels": {"alertname": "HighErrorRate", "environment": "production", "severity": "page"},
+                "annotations": {"summary": "5xx above 2 %"},
+                "startsAt": "2026-11-26T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus/graph", "fingerprint": "c0ffee1234"
+            }]
+        })
+    };
+    let (status, body) = api
+        .post(&api.operator, "/v1/webhooks/alertmanager", alert("firing"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["opened"].as_array().unwrap().len(), 1);
+    // Re-sent notifications for the same alert do not open a second incident.
+    let (_, body) = api
+        .post(&api.operator, "/v1/webhooks/alertmanager", alert("firing"))
+        .await;
+    assert_eq!(body["unchanged"], 1);
+
+    let run = env.enqueue(&event("held", 1, &["src/app.ts"]));
+    let v = wait_status(&env, run, "blocked").await;
+    assert_eq!(v.hold.as_ref().unwrap().gate, "incident");
+    assert!(v.steps.iter().all(|s| s.attempts.is_empty()), "nothing ran");
+    let (code, out) = cli(&env, &api, &api.viewer, &["--json", "incident", "list"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(json_of(&out).as_array().unwrap().len(), 2);
+    let (code, out) = cli(&env, &api, &api.viewer, &["--json", "locks"]);
+    assert_eq!(code, Some(0));
+    let locks = json_of(&out);
+    assert_eq!(locks[0]["run_id"], run.to_string());
+    assert_eq!(locks[0]["run_status"], "blocked");
+
+    // Resolving one incident is not enough: the Alertmanager one still holds.
+    let (code, out) = cli(&env, &api, &api.operator, &["--json", "incident", "resolve", &incident]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(json_of(&out)[0]["resolved_at"].is_string());
+    let v = env.run(run).await.unwrap();
+    assert_eq!(v.status, "blocked");
+    assert!(
+        v.hold.as_ref().unwrap().reason.contains("HighErrorRate"),
+        "{:?}",
+        v.hold
+    );
+
+    let (status, body) = api
+        .post(&api.operator, "/v1/webhooks/alertmanager", alert("resolved"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["resolved"].as_array().unwrap().len(), 1);
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    assert!(!gate_entries(&v, "incident", "hold").is_empty());
+
+    // The run's events as server-sent events: every transition, then `end`.
+    let (status, sse) = api.get(&api.viewer, &format!("/v1/runs/{run}/events")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        sse.contains("event: history") && sse.contains("\"kind\":\"gate\""),
+        "{sse}"
+    );
+    assert!(
+        sse.trim_end()
+            .ends_with(&format!("data: {}", json!({"run_id": run, "status": "succeeded"}))),
+        "{sse}"
+    );
+
+    // Cancelling a run held by an incident ends it without running anything.
+    let (status, _) = api
+        .post(
+            &api.operator,
+            "/v1/incidents",
+            json!({"environment": "production", "title": "again"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let run2 = env.enqueue(&event("held", 2, &["src/app.ts"]));
+    wait_status(&env, run2, "blocked").await;
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.operator,
+        &["--json", "cancel", &run2.to_string(), "--reason", "not today"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(json_of(&out)["cancel"], "requested");
+    let v = env.wait_terminal(run2, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "cancelled");
+    let (code, _) = cli(&env, &api, &api.viewer, &["watch", &run2.to_string()]);
+    assert_eq!(code, Some(1), "watch exits 1 for a cancelled run");
+}
+
+const APPROVAL_PIPELINE: &str = r#"
+[pipeline]
+name = "approval"
+promotion = ["staging", "production"]
+
+[[step]]
+id = "migrate"
+role = "db-migration"
+zone = "production"
+action = "migrate"
+compensate = "rollback"
+
+[[step]]
+id = "apply"
+role = "production-apply"
+zone = "production"
+action = "apply"
+needs = ["migrate"]
+gates = ["human-approval"]
+compensate = "rollback-replicaset"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compensates() {
+    let env = TestEnv::new("gates-approval").await;
+    let pipeline = env.dir.join("approval.toml");
+    std::fs::write(&pipeline, APPROVAL_PIPELINE).unwrap();
+    env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
+    let (api, _procs) = start(&env, "[gates.approval]\nrequired = 2\nttl_secs = 3\n").await;
+
+    let run = env.enqueue(&event("approve", 1, &["src/app.ts"]));
+    let v = wait_status(&env, run, "awaiting_approval").await;
+    let hold = v.step("apply").unwrap().hold.clone().expect("apply waits");
+    assert!(hold.approval && hold.gate == "human-approval", "{hold:?}");
+    let plan = v.plan_hash.clone();
+    let path = format!("/v1/runs/{run}/approve");
+    let body = |plan: &str| json!({"step": "apply", "plan_hash": plan, "comment": "looks fine"});
+
+    // The requester may not approve; an approval for another plan is refused;
+    // viewers and operators may not approve at all.
+    let (status, e) = api.post(&api.ci, &path, body(&plan)).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("four_eyes")),
+        "{e}"
+    );
+    let (status, e) = api.post(&api.alice, &path, body("0000")).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::CONFLICT, Some("plan_hash_mismatch")),
+        "{e}"
+    );
+    assert_eq!(api.post(&api.viewer, &path, body(&plan)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.post(&api.operator, &path, body(&plan)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, e) = api.post("not-a-token", &path, body(&plan)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{e}");
+
+    // Alice approves through the CLI; one of two approvals is not enough.
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.alice,
+        &[
+            "--json",
+            "approve",
+            &run.to_string(),
+            "--step",
+            "apply",
+            "--plan-hash",
+            &plan,
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(json_of(&out)["run_status"], "awaiting_approval");
+    let (status, e) = api.post(&api.alice, &path, body(&plan)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a second approval by alice: {e}");
+    // Her approval expires (ttl 3 s): waiting for that moment is the point of the test.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let (status, e) = api.post(&api.bob, &path, body(&plan)).await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    let v = env.run(run).await.unwrap();
+    assert_eq!(v.status, "awaiting_approval", "alice's approval expired");
+    let reason = &v.step("apply").unwrap().hold.as_ref().unwrap().reason;
+    assert!(reason.contains("has bob; expired: alice"), "{reason}");
+    // A fresh approval by alice completes four-eyes.
+    let (status, e) = api.post(&api.alice, &path, body(&plan)).await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    let (code, out) = cli(&env, &api, &api.viewer, &["--json", "watch", &run.to_string()]);
+    assert_eq!(code, Some(0), "{out}");
+    let lines: Vec<Value> = out.lines().map(json_of).collect();
+    assert!(lines.iter().any(|l| l["kind"] == "approved" && l["actor"] == "bob"));
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded");
+    assert!(
+        gate_entries(&v, "human-approval", "pass")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("approved by bob, alice")
+    );
+
+    // A rejection fails the step and compensates what ran before it.
+    let run = env.enqueue(&event("approve", 2, &["src/app.ts"]));
+    let v = wait_status(&env, run, "awaiting_approval").await;
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.bob,
+        &[
+            "--json",
+            "reject",
+            &run.to_string(),
+            "--step",
+            "apply",
+            "--plan-hash",
+            &v.plan_hash,
+            "--reason",
+            "wrong ticket",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rolled_back");
+    let apply = v.step("apply").unwrap();
+    assert_eq!(apply.status, "failed");
+    assert_eq!(apply.error.as_ref().unwrap().code, "rejected");
+    assert!(
+        apply
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("rejected by bob: wrong ticket")
+    );
+    assert_eq!(v.step("migrate").unwrap().status, "compensated");
+    assert!(
+        env.starts(run, "apply", "execute").is_empty(),
+        "a rejected step never runs"
+    );
+    let (code, out) = cli(&env, &api, &api.viewer, &["runs", "show", &run.to_string()]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("gate human-approval fail: rejected by bob"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it() {
+    let env = TestEnv::new("gates-window").await;
+    // A one-off window opening 8 s from now (the clock is real here; the unit tests
+    // inject it), and a 3 s staging soak.
+    let opens = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (_api, _procs) = start(
+        &env,
+        &format!(
+            "[gates]\nstaging_soak_secs = 3\n[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
+             once = [{{ start = \"{opens_text}\", duration_minutes = 30 }}]\n"
+        ),
+    )
+    .await;
+    let mut high = event("window", 1, &["src/app.ts"]);
+    high["risk"] = json!("high");
+    let run = env.enqueue(&high);
+    let v = wait_status(&env, run, "blocked").await;
+    let hold = v.step("apply.production").unwrap().hold.clone().expect("apply waits");
+    assert!(
+        hold.gate == "staging-soak" || hold.gate == "maintenance-window",
+        "{hold:?}"
+    );
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    let verify = v.step("verify.staging").unwrap().started_at.unwrap();
+    let apply = v.step("apply.production").unwrap().started_at.unwrap();
+    let opens_secs = opens.timestamp();
+    assert!(
+        apply.timestamp() >= opens_secs,
+        "apply started at {apply}, before the window opened at {opens}"
+    );
+    assert!(
+        apply - verify >= chrono::Duration::seconds(3),
+        "soak: verify {verify}, apply {apply}"
+    );
+    let held = gate_entries(&v, "maintenance-window", "hold");
+    assert!(
+        held[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("high risk: outside the maintenance window"),
+        "{held:?}"
+    );
+    assert!(!gate_entries(&v, "maintenance-window", "pass").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_events_without_required_approvers_are_refused_with_their_names() {
+    let env = TestEnv::new("gates-merge").await;
+    std::fs::write(env.dir.join("webhook-secret"), "s3cret").unwrap();
+    let secret = format!("file:{}", env.dir.join("webhook-secret").display());
+    env.set_scheduler_env("BATON_API__WEBHOOK_SECRET", &secret);
+    let (api, _procs) = start(&env, "").await;
+    let mut ev = event("merge", 1, &["src/app.ts"]);
+    ev["pull_request"]["approvals"] = json!([{"by": "dev", "at": "2026-11-26T09:00:00Z"}]);
+    let body = serde_json::to_vec(&ev).unwrap();
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+    mac.update(&body);
+    let r = api
+        .http
+        .post(format!("{}/v1/webhooks/ci", api.base))
+        .header(
+            "x-baton-signature",
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["code"], "merge_gate");
+    assert!(e["message"].as_str().unwrap().contains("missing: marta, iwona"), "{e}");
+    // Through the broker: refused, dead-lettered and audited, and no run exists.
+    let run = env.enqueue(&ev);
+    env.wait_until("the refusal to be audited", RUN_TIMEOUT, async || {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from audit where kind = 'merge_event_refused' and detail->>'reason' like '%missing: marta, iwona%'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    assert!(env.run(run).await.is_none());
+}
