@@ -221,7 +221,8 @@ pub async fn export_once(
         let environment: String = r.try_get("environment")?;
         let events = sqlx::query(
             "select at, kind, step_id, detail::text as detail from audit
-              where run_id = $1 and kind in ('retry_scheduled', 'stale_result', 'duplicate_result', 'cancel_sent', 'run_status')
+              where run_id = $1 and kind in ('retry_scheduled', 'stale_result', 'duplicate_result', 'cancel_sent',
+                                             'run_status', 'gate', 'gates_passed', 'approved', 'rejected')
               order by id",
         )
         .bind(id)
@@ -253,6 +254,8 @@ pub async fn export_once(
         } else {
             Status::error(format!("run {status}"))
         };
+        let finished: DateTime<Utc> = r.try_get("finished_at")?;
+        spans.extend(wait_spans(&mut tx, &cx, id, finished).await?);
         spans.push(span(
             &cx,
             cx.span_id(),
@@ -293,6 +296,120 @@ pub async fn export_once(
     }
     tx.commit().await?;
     Ok(n.max(done_attempts.len() + done_runs.len()))
+}
+
+/// One span per gate wait (a step or the whole run held by a gate, from the first
+/// hold verdict until the gates pass, the gate fails or the step is cancelled),
+/// named `approval wait` when a human approval ends it. Children of the run span;
+/// their ids derive from the audit row that opened the wait, so exporting twice
+/// sends the same span.
+async fn wait_spans(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    run: &SpanContext,
+    run_id: Uuid,
+    run_finished: DateTime<Utc>,
+) -> Result<Vec<SpanData>, sqlx::Error> {
+    struct Open {
+        audit_id: i64,
+        since: DateTime<Utc>,
+        gate: String,
+        approval: bool,
+        events: Vec<Event>,
+    }
+    let rows = sqlx::query(
+        "select id, at, kind, step_id, detail from audit
+          where run_id = $1 and kind in ('gate', 'gates_passed', 'step_failed', 'step_cancelled', 'approved', 'rejected')
+          order by id",
+    )
+    .bind(run_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut open: std::collections::BTreeMap<Option<String>, Open> = Default::default();
+    let mut out = Vec::new();
+    let close = |key: Option<String>, o: Open, end: DateTime<Utc>, outcome: &str, out: &mut Vec<SpanData>| {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{run_id}/wait/{}", o.audit_id));
+        let span_id = SpanId::from_bytes(digest[..8].try_into().expect("8 bytes"));
+        let what = if o.approval { "approval wait" } else { "gate wait" };
+        let name = match &key {
+            Some(step) => format!("{what} {step}"),
+            None => format!("{what} run"),
+        };
+        let mut attributes = vec![
+            KeyValue::new("baton.run_id", run_id.to_string()),
+            KeyValue::new("baton.gate", o.gate.clone()),
+            KeyValue::new("baton.wait.outcome", outcome.to_owned()),
+        ];
+        if let Some(step) = key {
+            attributes.push(KeyValue::new("baton.step_id", step));
+        }
+        let status = if outcome == "passed" {
+            Status::Ok
+        } else {
+            Status::error(format!("wait ended: {outcome}"))
+        };
+        out.push(span(
+            run,
+            span_id,
+            run.span_id(),
+            name,
+            SpanKind::Internal,
+            (o.since, end),
+            attributes,
+            o.events,
+            status,
+        ));
+    };
+    for r in rows {
+        let id: i64 = r.try_get("id")?;
+        let at: DateTime<Utc> = r.try_get("at")?;
+        let kind: String = r.try_get("kind")?;
+        let step: Option<String> = r.try_get("step_id")?;
+        let sqlx::types::Json(detail): sqlx::types::Json<serde_json::Value> = r.try_get("detail")?;
+        let verdict = detail["verdict"].as_str().unwrap_or_default();
+        let event = |name: &str| {
+            let mut attrs = vec![KeyValue::new("baton.detail", detail.to_string())];
+            if let Some(g) = detail["gate"].as_str() {
+                attrs.push(KeyValue::new("baton.gate", g.to_owned()));
+            }
+            Event::new(name.to_owned(), time(at), attrs, 0)
+        };
+        match (kind.as_str(), verdict) {
+            ("gate", "hold") => {
+                let e = event("hold");
+                let o = open.entry(step).or_insert_with(|| Open {
+                    audit_id: id,
+                    since: at,
+                    gate: detail["gate"].as_str().unwrap_or_default().to_owned(),
+                    approval: false,
+                    events: Vec::new(),
+                });
+                o.approval |= detail["approval"] == true;
+                o.events.push(e);
+            }
+            ("approved" | "rejected", _) => {
+                let e = event(&kind);
+                if let Some(o) = open.get_mut(&step) {
+                    o.events.push(e);
+                }
+            }
+            ("gate", "fail") | ("step_failed" | "step_cancelled", _) => {
+                if let Some(o) = open.remove(&step) {
+                    close(step, o, at, "failed", &mut out);
+                }
+            }
+            ("gate", _) | ("gates_passed", _) => {
+                if let Some(o) = open.remove(&step) {
+                    close(step, o, at, "passed", &mut out);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (step, o) in std::mem::take(&mut open) {
+        close(step, o, run_finished, "run ended", &mut out);
+    }
+    Ok(out)
 }
 
 /// Drives a future to completion on this (blocking) thread.

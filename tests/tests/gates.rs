@@ -411,10 +411,11 @@ async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it
     // inject it), and a 3 s staging soak.
     let opens = chrono::Utc::now() + chrono::Duration::seconds(8);
     let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "3");
     let (_api, _procs) = start(
         &env,
         &format!(
-            "[gates]\nstaging_soak_secs = 3\n[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
+            "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
              once = [{{ start = \"{opens_text}\", duration_minutes = 30 }}]\n"
         ),
     )
@@ -440,6 +441,14 @@ async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it
     assert!(
         apply - verify >= chrono::Duration::seconds(3),
         "soak: verify {verify}, apply {apply}"
+    );
+    let soak = gate_entries(&v, "staging-soak", "hold");
+    assert!(
+        soak[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("staging soak minimum 0.05 min"),
+        "{soak:?}"
     );
     let held = gate_entries(&v, "maintenance-window", "hold");
     assert!(

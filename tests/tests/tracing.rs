@@ -185,3 +185,40 @@ async fn a_run_is_one_trace_across_a_scheduler_restart_and_a_compensation() {
     let text = format!("{all:?}");
     assert!(!text.contains(&sentinel), "no secret in spans");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_wait_is_a_span_under_the_run() {
+    let env = TestEnv::new("traces-gate").await;
+    let (endpoint, spans) = receiver().await;
+    env.set_scheduler_env("BATON_TELEMETRY__OTLP_ENDPOINT", &endpoint);
+    env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "2");
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("soaked", 81, &["src/app.ts"]));
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    let mut all = Vec::new();
+    env.wait_until("the run span to arrive", RUN_TIMEOUT, async || {
+        all = spans.lock().unwrap().clone();
+        all.iter().any(|s| s.name.starts_with("run "))
+    })
+    .await;
+    let root = all.iter().find(|s| s.name.starts_with("run ")).unwrap();
+    let wait = all
+        .iter()
+        .find(|s| s.name == "gate wait apply.production")
+        .unwrap_or_else(|| panic!("no gate wait span: {all:#?}"));
+    assert_eq!(wait.parent, root.span_id);
+    assert_eq!(wait.trace_id, root.trace_id);
+    assert_eq!(wait.attributes["baton.gate"], "staging-soak");
+    assert_eq!(wait.attributes["baton.wait.outcome"], "passed");
+    let waited = Duration::from_nanos(wait.end - wait.start);
+    assert!(waited >= Duration::from_secs(1), "waited {waited:?} for a 2 s soak");
+    let apply = all.iter().find(|s| s.name == "execute apply.production").unwrap();
+    // Both are written by one transition; its audit rows are stamped when they are
+    // persisted, a moment after the dispatch time the attempt records.
+    let slack = Duration::from_millis(100).as_nanos() as u64;
+    assert!(apply.start + slack >= wait.end, "the step starts as its wait ends");
+    assert!(apply.start >= wait.start + 1_000_000_000, "the step waited");
+}
