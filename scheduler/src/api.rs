@@ -179,7 +179,9 @@ impl From<StoreError> for ApiError {
                 };
                 Self::new(status, code, e.to_string())
             }
-            e @ StoreError::NoOpenIncident(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            e @ (StoreError::NoOpenIncident(_) | StoreError::NoDeadLetter(_)) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
             e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "database unavailable")
@@ -287,6 +289,8 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
         ("post", "/v1/incidents", post(open_incident)),
         ("post", "/v1/incidents/{id}/resolve", post(resolve_incident)),
         ("get", "/v1/locks", get(list_locks)),
+        ("get", "/v1/dlq", get(list_dead_letters)),
+        ("post", "/v1/dlq/{id}/replay", post(replay_dead_letter)),
         ("post", "/v1/webhooks/ci", post(ci_webhook)),
         ("post", "/v1/webhooks/alertmanager", post(alertmanager_webhook)),
     ]
@@ -501,6 +505,60 @@ async fn list_locks(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiRe
     Ok(Json(store::list_locks(s.store.pool()).await?))
 }
 
+#[derive(Debug, Deserialize)]
+struct DlqFilter {
+    #[serde(default)]
+    all: bool,
+    limit: Option<i64>,
+}
+
+async fn list_dead_letters(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(f): Query<DlqFilter>,
+) -> ApiResult<Json<Vec<store::DeadLetterView>>> {
+    s.authorize(&headers, Role::Viewer)?;
+    let limit = f.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(store::list_dead_letters(s.store.pool(), f.all, limit).await?))
+}
+
+/// Publishes a dead letter again, as it was first published (same message id, so
+/// consumers' idempotency still applies), then marks it replayed.
+async fn replay_dead_letter(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{id:?} is not a dead letter id"),
+        )
+    })?;
+    let (exchange, routing_key, message_id, body) = store::dead_letter_for_replay(s.store.pool(), id).await?;
+    if exchange.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("dead letter {id} does not say where it was published; it cannot be replayed"),
+        ));
+    }
+    let out = baton_shared::amqp::Outgoing {
+        message_id: message_id.as_deref().and_then(|m| m.parse().ok()),
+        ..Default::default()
+    };
+    s.broker
+        .publish(&exchange, &routing_key, &body, &out)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "broker", format!("replay failed: {e}")))?;
+    s.store.mark_replayed(id, &who).await?;
+    Ok(Json(
+        json!({"id": id, "replayed": true, "exchange": exchange, "routing_key": routing_key}),
+    ))
+}
+
 /// Alertmanager's webhook payload (version 4); only what Baton uses is read,
 /// the rest of Alertmanager's fields are accepted and ignored.
 #[derive(Debug, Deserialize)]
@@ -608,30 +666,13 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct RunFilter {
-    status: Option<String>,
-    environment: Option<String>,
-    service: Option<String>,
-    limit: Option<i64>,
-}
-
 async fn list_runs(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(f): Query<RunFilter>,
+    Query(f): Query<store::RunFilter>,
 ) -> ApiResult<Json<Vec<store::RunLine>>> {
     s.authorize(&headers, Role::Viewer)?;
-    let limit = f.limit.unwrap_or(50).clamp(1, 1000);
-    let runs = store::list_runs(s.store.pool(), 1000).await?;
-    let runs = runs
-        .into_iter()
-        .filter(|r| f.status.as_ref().is_none_or(|v| &r.status == v))
-        .filter(|r| f.environment.as_ref().is_none_or(|v| &r.environment == v))
-        .filter(|r| f.service.as_ref().is_none_or(|v| &r.service == v))
-        .take(limit as usize)
-        .collect();
-    Ok(Json(runs))
+    Ok(Json(store::list_runs(s.store.pool(), &f).await?))
 }
 
 async fn show_run(

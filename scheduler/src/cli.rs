@@ -5,7 +5,7 @@
 //! unknown run, refused by the API); 3 the broker, database or API could not be
 //! reached.
 //!
-//! `approve`, `reject`, `cancel`, `watch`, `incident` and `locks` are clients
+//! `approve`, `reject`, `cancel`, `watch`, `incident`, `locks` and `dlq` are clients
 //! of the scheduler's HTTP API (`[client]`: url and token). `runs`, `rollback`
 //! and `audit verify` still read the database directly.
 
@@ -115,6 +115,11 @@ enum Command {
     },
     /// Environment locks and the runs waiting for them.
     Locks,
+    /// Dead letters: what was refused or undeliverable, and why.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Create an Ed25519 signing key: writes the secret to FILE, prints the public key.
     Keygen {
         #[arg(long)]
@@ -143,9 +148,29 @@ enum RunsCommand {
     List {
         #[arg(long, default_value_t = 20)]
         limit: i64,
+        /// Only runs in this status (e.g. running, awaiting_approval, failed).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        environment: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
     },
     /// One run: steps, attempts, compensations and history.
     Show { run: Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Newest first; `--all` includes replayed ones.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Publish a dead letter again where it was first published.
+    Replay { id: i64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,13 +389,28 @@ async fn dispatch(cli: Cli) -> Outcome {
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { command } => {
+            if let RunsCommand::List { status: Some(st), .. } = &command {
+                st.parse::<RunStatus>()
+                    .map_err(|e| bad_input(anyhow::anyhow!("--status: {e}")))?;
+            }
             let cfg = load_config(cli.config.as_deref())?;
             let pool = store::connect(cfg.database.url.expose(), 2)
                 .await
                 .map_err(unavailable)?;
             match command {
-                RunsCommand::List { limit } => {
-                    let runs = store::list_runs(&pool, limit).await.map_err(unavailable)?;
+                RunsCommand::List {
+                    limit,
+                    status,
+                    environment,
+                    service,
+                } => {
+                    let filter = store::RunFilter {
+                        status,
+                        environment,
+                        service,
+                        limit,
+                    };
+                    let runs = store::list_runs(&pool, &filter).await.map_err(unavailable)?;
                     if cli.json {
                         print_json(&runs);
                     } else {
@@ -484,6 +524,49 @@ async fn dispatch(cli: Cli) -> Outcome {
                 }
                 if incidents.is_empty() {
                     println!("no open incidents");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command } => {
+            let c = api_client(cli.config.as_deref())?;
+            match command {
+                DlqCommand::List { all, limit } => {
+                    let list: Vec<store::DeadLetterView> = c
+                        .get(&format!("/v1/dlq?all={all}&limit={limit}"))
+                        .await
+                        .map_err(api_failure)?;
+                    if cli.json {
+                        print_json(&list);
+                    } else if list.is_empty() {
+                        println!("no dead letters");
+                    } else {
+                        for d in &list {
+                            let replayed = d.replayed_at.map(|_| " (replayed)").unwrap_or_default();
+                            println!(
+                                "{:>6}  {}  {}{replayed}",
+                                d.id,
+                                d.received_at.format("%Y-%m-%d %H:%M:%S"),
+                                d.origin
+                            );
+                            println!("{}", truncate(&format!("        {}", d.reason), 80));
+                        }
+                    }
+                }
+                DlqCommand::Replay { id } => {
+                    let v: serde_json::Value = c
+                        .post(&format!("/v1/dlq/{id}/replay"), &serde_json::json!({}))
+                        .await
+                        .map_err(api_failure)?;
+                    if cli.json {
+                        print_json(&v);
+                    } else {
+                        println!(
+                            "dead letter {id} published again to {} ({})",
+                            v["exchange"].as_str().unwrap_or("?"),
+                            v["routing_key"].as_str().unwrap_or("?")
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

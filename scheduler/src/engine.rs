@@ -673,6 +673,28 @@ impl RunState {
         self.attempt_failed(i, StepError::fatal("unroutable", message), "failed", now, cfg, fx);
     }
 
+    /// A job of the current attempt ended in the dead-letter queue before any daemon
+    /// started it (refused as expired or invalid, or past the delivery limit): the
+    /// attempt fails with that reason and no retry (the same job would end there again).
+    pub fn job_dead_lettered(
+        &mut self,
+        step: &str,
+        attempt: i32,
+        reason: &str,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) -> bool {
+        let Some(i) = self.idx(step) else { return false };
+        let s = &self.steps[i];
+        if s.attempt != attempt || s.attempt_status != Some(AttemptStatus::Dispatched) {
+            return false;
+        }
+        let err = StepError::fatal("dead_lettered", format!("the job was dead-lettered: {reason}"));
+        self.attempt_failed(i, err, "failed", now, cfg, fx);
+        true
+    }
+
     /// An operator asks to undo the run.
     pub fn request_rollback(
         &mut self,

@@ -124,6 +124,13 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         config.scheduler.prefetch,
         stop.clone(),
     ));
+    tasks.spawn(dead_letter_loop(
+        store.clone(),
+        broker.clone(),
+        relay.clone(),
+        config.scheduler.prefetch,
+        stop.clone(),
+    ));
     tasks.spawn(notice_loop(
         store.clone(),
         broker.clone(),
@@ -523,6 +530,97 @@ async fn handle_result(
     }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(error = %e, "ack of applied result failed; a redelivery will be recognised as duplicate");
+    }
+}
+
+/// Moves dead letters from the broker into the database (`baton dlq`): a job of a
+/// current attempt that nobody started fails that attempt with the reason.
+async fn dead_letter_loop(
+    store: Store,
+    broker: Broker,
+    relay: Relay,
+    prefetch: u16,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let (ch, mut consumer) = consume(&broker, topology::DEAD_QUEUE, prefetch, "scheduler-dead-letters").await?;
+    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+        let dl = dead_letter_of(&delivery);
+        match patiently("record dead letter", &stop, || store.record_dead_letter(&dl)).await {
+            None => return Ok(()),
+            Some(Ok((id, out))) => {
+                tracing::warn!(dead_letter = ?id, origin = %dl.origin, reason = %dl.reason, "dead letter recorded");
+                relay.send(out);
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Some(Err(e)) => {
+                // Left unacknowledged: the broker keeps it for the next attempt.
+                tracing::error!(error = %e, "cannot record a dead letter");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a dead letter came from and why: Baton's own headers when a daemon or the
+/// scheduler refused it, the broker's `x-death` when it expired or hit the delivery limit.
+fn dead_letter_of(d: &Delivery) -> store::NewDeadLetter {
+    use lapin::types::AMQPValue;
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let text = |v: &AMQPValue| match v {
+        AMQPValue::LongString(s) => s.to_string(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    let key = d.routing_key.to_string();
+    let (origin, reason, exchange, routing_key) = match (
+        headers.inner().get(topology::ORIGIN_HEADER),
+        headers.inner().get(topology::REASON_HEADER),
+    ) {
+        (Some(origin), Some(reason)) => {
+            let origin = text(origin);
+            let (exchange, rk) = topology::published_to(&origin, &key).unwrap_or(("", key.clone()));
+            (origin, text(reason), exchange.to_owned(), rk)
+        }
+        _ => {
+            let death = match headers.inner().get("x-death") {
+                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|v| match v {
+                    AMQPValue::FieldTable(t) => Some(t.inner().clone()),
+                    _ => None,
+                }),
+                _ => None,
+            }
+            .unwrap_or_default();
+            let get = |k: &str| death.get(k).map(text).unwrap_or_default();
+            let rk = match death.get("routing-keys") {
+                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().map(text).unwrap_or(key.clone()),
+                _ => key.clone(),
+            };
+            let origin = get("queue");
+            let reason = format!(
+                "broker: {}",
+                if get("reason").is_empty() {
+                    "unknown".into()
+                } else {
+                    get("reason")
+                }
+            );
+            (origin, reason, get("exchange"), rk)
+        }
+    };
+    let mut summary = serde_json::Map::new();
+    for (k, v) in headers.inner() {
+        if k.as_str() != "x-death" {
+            summary.insert(k.to_string(), json!(text(v)));
+        }
+    }
+    store::NewDeadLetter {
+        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        origin,
+        exchange,
+        routing_key,
+        reason,
+        headers: serde_json::Value::Object(summary),
+        body: d.data.clone(),
     }
 }
 

@@ -39,6 +39,8 @@ pub enum StoreError {
     Decision(#[from] crate::gates::DecisionError),
     #[error("{0}")]
     MergeGate(String),
+    #[error("dead letter {0} not found")]
+    NoDeadLetter(i64),
     #[error("incident {0} not found or already resolved")]
     NoOpenIncident(String),
     #[error("environment {service}/{environment} is locked by run {holder}; try again when it ends")]
@@ -1174,6 +1176,94 @@ impl Store {
         Ok((view, out))
     }
 
+    /// Records a dead letter once. A job of a current, not yet started attempt
+    /// fails that attempt in the same transaction; a replay refusal never does (the
+    /// original delivery is being worked on).
+    pub async fn record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let job = (dl.exchange == JOBS_EXCHANGE)
+            .then(|| baton_shared::protocol::StepJob::parse(&dl.body).ok())
+            .flatten();
+        let id: Option<i64> = sqlx::query_scalar(
+            "insert into dead_letters (message_id, origin, exchange, routing_key, reason, headers, body, run_id)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)
+             on conflict (message_id, origin, reason) where message_id is not null do nothing returning id",
+        )
+        .bind(&dl.message_id)
+        .bind(&dl.origin)
+        .bind(&dl.exchange)
+        .bind(&dl.routing_key)
+        .bind(&dl.reason)
+        .bind(Json(&dl.headers))
+        .bind(&dl.body)
+        .bind(job.as_ref().map(|j| j.run_id))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else {
+            return Ok((None, out));
+        };
+        let run_id = job.as_ref().map(|j| j.run_id);
+        self.history(
+            &mut tx,
+            run_id,
+            job.as_ref().map(|j| j.step_id.as_str()),
+            job.as_ref().map(|j| j.attempt as i32),
+            "dead_lettered",
+            json!({"dead_letter": id, "origin": dl.origin, "reason": dl.reason, "message_id": dl.message_id}),
+        )
+        .await?;
+        if let Some(j) = job.filter(|_| !dl.reason.starts_with("replayed")) {
+            let current: bool = sqlx::query_scalar(
+                "select exists (select 1 from attempts where run_id = $1 and step_id = $2 and attempt = $3
+                                   and message_id = $4 and status = 'dispatched')",
+            )
+            .bind(j.run_id)
+            .bind(&j.step_id)
+            .bind(j.attempt as i32)
+            .bind(j.message_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if current {
+                let now = Utc::now();
+                let settings = self.settings.clone();
+                self.transition(&mut tx, j.run_id, &mut out, |state, fx| {
+                    state.job_dead_lettered(&j.step_id, j.attempt as i32, &dl.reason, now, &settings, fx);
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok((Some(id), out))
+    }
+
+    /// Marks a dead letter replayed (after it was republished).
+    pub async fn mark_replayed(&self, id: i64, who: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let run_id: Option<Option<Uuid>> = sqlx::query_scalar(
+            "update dead_letters set replayed_at = now(), replayed_by = $2 where id = $1 returning run_id",
+        )
+        .bind(id)
+        .bind(who)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(run_id) = run_id else {
+            return Err(StoreError::NoDeadLetter(id));
+        };
+        self.history_as(
+            &mut tx,
+            who,
+            run_id,
+            None,
+            "dead_letter_replayed",
+            json!({"dead_letter": id}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Runs waiting on a gate: what an incident's end or a lapsed timer may release.
     pub async fn held_runs(&self) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
@@ -1385,6 +1475,20 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
     }))
 }
 
+/// Which runs `baton runs list` shows.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct RunFilter {
+    pub status: Option<String>,
+    pub environment: Option<String>,
+    pub service: Option<String>,
+    #[serde(default = "default_limit")]
+    pub limit: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
 /// One line per run for `baton runs list`, newest first.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunLine {
@@ -1397,11 +1501,17 @@ pub struct RunLine {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-pub async fn list_runs(pool: &PgPool, limit: i64) -> Result<Vec<RunLine>, StoreError> {
+pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunLine>, StoreError> {
     let rows = sqlx::query(
-        "select id, service, environment, commit_sha, status, created_at, finished_at from runs order by seq desc limit $1",
+        "select id, service, environment, commit_sha, status, created_at, finished_at from runs
+          where ($2::text is null or status = $2) and ($3::text is null or environment = $3)
+            and ($4::text is null or service = $4)
+          order by seq desc limit $1",
     )
-    .bind(limit)
+    .bind(filter.limit.clamp(1, 1000))
+    .bind(&filter.status)
+    .bind(&filter.environment)
+    .bind(&filter.service)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -1585,4 +1695,84 @@ pub async fn run_status(pool: &PgPool, run_id: Uuid) -> Result<Option<String>, S
         .bind(run_id)
         .fetch_optional(pool)
         .await?)
+}
+
+/// A dead letter as the scheduler takes it off the queue.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub message_id: Option<String>,
+    pub origin: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub reason: String,
+    pub headers: Value,
+    pub body: Vec<u8>,
+}
+
+/// A dead letter as `baton dlq list` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DeadLetterView {
+    pub id: i64,
+    pub message_id: Option<String>,
+    pub origin: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub reason: String,
+    pub run_id: Option<Uuid>,
+    pub received_at: DateTime<Utc>,
+    pub replayed_at: Option<DateTime<Utc>>,
+    pub replayed_by: Option<String>,
+    /// The body as text (lossy), cut at 2 KiB.
+    pub body: String,
+    pub bytes: usize,
+}
+
+/// Dead letters, newest first: not yet replayed unless `all`.
+pub async fn list_dead_letters(pool: &PgPool, all: bool, limit: i64) -> Result<Vec<DeadLetterView>, StoreError> {
+    let rows = sqlx::query(
+        "select id, message_id, origin, exchange, routing_key, reason, run_id, received_at, replayed_at, replayed_by, body
+           from dead_letters where $1 or replayed_at is null order by id desc limit $2",
+    )
+    .bind(all)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let body: Vec<u8> = r.try_get("body")?;
+            Ok(DeadLetterView {
+                id: r.try_get("id")?,
+                message_id: r.try_get("message_id")?,
+                origin: r.try_get("origin")?,
+                exchange: r.try_get("exchange")?,
+                routing_key: r.try_get("routing_key")?,
+                reason: r.try_get("reason")?,
+                run_id: r.try_get("run_id")?,
+                received_at: r.try_get("received_at")?,
+                replayed_at: r.try_get("replayed_at")?,
+                replayed_by: r.try_get("replayed_by")?,
+                body: String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
+                bytes: body.len(),
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
+
+/// What replaying dead letter `id` publishes: exchange, routing key, message id and body.
+pub async fn dead_letter_for_replay(
+    pool: &PgPool,
+    id: i64,
+) -> Result<(String, String, Option<String>, Vec<u8>), StoreError> {
+    let r = sqlx::query("select exchange, routing_key, message_id, body from dead_letters where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NoDeadLetter(id))?;
+    Ok((
+        r.try_get("exchange")?,
+        r.try_get("routing_key")?,
+        r.try_get("message_id")?,
+        r.try_get("body")?,
+    ))
 }

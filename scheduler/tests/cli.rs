@@ -163,3 +163,45 @@ fn usage_errors_exit_2() {
     assert_eq!(baton(&["no-such-command"]).status.code(), Some(2));
     assert_eq!(baton(&[]).status.code(), Some(2));
 }
+
+#[test]
+fn token_and_keygen_json_output_parses() {
+    let out = baton(&["--json", "token", "new", "--name", "alice", "--role", "approver"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["token"].as_str().unwrap().starts_with("baton_"));
+    assert_eq!(v["entry"]["role"], "approver");
+    assert_eq!(v["entry"]["sha256"].as_str().unwrap().len(), 64);
+    let out = baton(&["token", "new", "--name", "x", "--role", "admin"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("viewer, operator or approver"),
+        "{}",
+        stderr(&out)
+    );
+
+    let key = std::env::temp_dir().join(format!("baton-cli-key-{}", std::process::id()));
+    let _ = std::fs::remove_file(&key);
+    let out = baton(&["--json", "keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["public"].as_str().unwrap().contains(v["key_id"].as_str().unwrap()));
+    // Never overwrites a key.
+    let again = baton(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    std::fs::remove_file(&key).unwrap();
+}
+
+#[test]
+fn operator_commands_without_an_api_token_say_how_to_set_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["locks"])
+        .env_remove("BATON_CLIENT__TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("BATON_CLIENT__TOKEN"), "{}", stderr(&out));
+    let out = baton(&["runs", "list", "--status", "sideways"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--status"), "{}", stderr(&out));
+}

@@ -35,6 +35,18 @@ pub const ORIGIN_HEADER: &str = "x-baton-origin";
 /// Deliveries of one message before the broker dead-letters it.
 pub const DEFAULT_DELIVERY_LIMIT: i64 = 5;
 
+/// Where a message consumed from `queue` was published: its exchange and routing
+/// key (a job's is `<zone>.<role>`, taken from the delivery). For replaying dead letters.
+pub fn published_to(queue: &str, delivery_key: &str) -> Option<(&'static str, String)> {
+    match queue {
+        MERGE_EVENTS_QUEUE => Some((EVENTS_EXCHANGE, MERGE_EVENTS_KEY.to_owned())),
+        RESULTS_QUEUE => Some((RESULTS_EXCHANGE, RESULTS_KEY.to_owned())),
+        NOTICES_QUEUE => Some((RESULTS_EXCHANGE, NOTICES_KEY.to_owned())),
+        q if q.starts_with("baton.") && q.matches('.').count() == 2 => Some((JOBS_EXCHANGE, delivery_key.to_owned())),
+        _ => None,
+    }
+}
+
 pub fn job_routing_key(zone: &str, role: &str) -> String {
     format!("{zone}.{role}")
 }

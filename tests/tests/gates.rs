@@ -219,6 +219,12 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
     let v = env.wait_terminal(run, RUN_TIMEOUT).await;
     assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
     assert!(!gate_entries(&v, "incident", "hold").is_empty());
+    let out = env.baton(&["--json", "runs", "list", "--service", "held", "--status", "succeeded"]);
+    let listed = json_of(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["id"], run.to_string());
+    let out = env.baton(&["--json", "runs", "list", "--service", "held", "--status", "failed"]);
+    assert_eq!(json_of(&String::from_utf8_lossy(&out.stdout)), json!([]));
 
     // The run's events as server-sent events: every transition, then `end`.
     let (status, sse) = api.get(&api.viewer, &format!("/v1/runs/{run}/events")).await;
@@ -242,7 +248,11 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    let run2 = env.enqueue(&event("held", 2, &["src/app.ts"]));
+    let file = env.event_file(&event("held", 2, &["src/app.ts"]));
+    let out = env.baton(&["--json", "enqueue", "--event", file.to_str().unwrap()]);
+    let enqueued = json_of(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(enqueued["service"], "held");
+    let run2: Uuid = enqueued["run_id"].as_str().unwrap().parse().unwrap();
     wait_status(&env, run2, "blocked").await;
     let (code, out) = cli(
         &env,
@@ -502,4 +512,110 @@ async fn merge_events_without_required_approvers_are_refused_with_their_names() 
     })
     .await;
     assert!(env.run(run).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the_cli() {
+    let env = TestEnv::new("gates-dlq").await;
+    let t = configure(&env, "");
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let scheduler = env.scheduler("scheduler").await;
+    // The staging db-migration daemon trusts another key: it refuses every job it is sent.
+    let stranger = baton_shared::signing::Keypair::generate();
+    let others: Vec<&str> = SEED_BINDINGS
+        .iter()
+        .copied()
+        .filter(|b| *b != "staging.db-migration")
+        .collect();
+    let _daemon = env.daemon("daemon", &others).await;
+    let trusted = format!("[{:?}]", stranger.public());
+    let _suspicious = env
+        .daemon_with(
+            "suspicious",
+            &["staging.db-migration"],
+            &[("BATON_SIGNING__TRUSTED", trusted.as_str())],
+        )
+        .await;
+    let api = Api {
+        base: scheduler.api.clone().expect("api"),
+        http: reqwest::Client::new(),
+        viewer: t[0].0.clone(),
+        operator: t[1].0.clone(),
+        alice: t[2].0.clone(),
+        bob: t[3].0.clone(),
+        ci: t[4].0.clone(),
+    };
+
+    // The refused job fails its step at once (not after the accept timeout), with the reason.
+    let run = env.enqueue(&event("dlq", 1, &["drizzle/migrations/0001_x.sql"]));
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    let db = v.step("db.staging").unwrap();
+    assert_eq!(db.status, "failed", "{v:#?}");
+    let err = db.error.as_ref().unwrap();
+    assert_eq!(err.code, "dead_lettered");
+    assert!(
+        err.message.contains("unauthentic: signed with unknown key id"),
+        "{err:?}"
+    );
+    assert!(env.starts(run, "db.staging", "execute").is_empty());
+    // Other jobs kept flowing: the other daemon took the backup job.
+    assert!(!env.starts(run, "backup.pre", "execute").is_empty());
+
+    // A refused merge event is a dead letter too; both are listed.
+    let mut unapproved = event("dlq", 2, &["src/app.ts"]);
+    unapproved["pull_request"]["approvals"] = json!([]);
+    env.enqueue(&unapproved);
+    let mut list = Value::Null;
+    env.wait_until("two dead letters listed", RUN_TIMEOUT, async || {
+        let (code, out) = cli(&env, &api, &api.viewer, &["--json", "dlq", "list"]);
+        assert_eq!(code, Some(0), "{out}");
+        list = json_of(&out);
+        list.as_array().unwrap().len() >= 2
+    })
+    .await;
+    let merge = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["origin"] == "baton.merge-events")
+        .unwrap_or_else(|| panic!("{list:#}"))
+        .clone();
+    assert!(
+        merge["reason"].as_str().unwrap().contains("missing: marta, iwona"),
+        "{merge}"
+    );
+    let job = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["origin"] == "baton.staging.db-migration")
+        .unwrap();
+    assert_eq!(job["run_id"], run.to_string());
+
+    // Viewers may not replay; operators may. The replayed event is refused again (and audited again).
+    let id = merge["id"].as_i64().unwrap().to_string();
+    let (code, _) = cli(&env, &api, &api.viewer, &["dlq", "replay", &id]);
+    assert_eq!(code, Some(2), "a viewer may not replay");
+    let (code, out) = cli(&env, &api, &api.operator, &["--json", "dlq", "replay", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(json_of(&out)["exchange"], "baton.events");
+    env.wait_until("the replayed event to be refused again", RUN_TIMEOUT, async || {
+        sqlx::query_scalar::<_, i64>("select count(*) from audit where kind = 'merge_event_refused'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+            == 2
+    })
+    .await;
+    let (_, out) = cli(&env, &api, &api.viewer, &["--json", "dlq", "list", "--all"]);
+    let replayed = json_of(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"].to_string() == id)
+        .cloned()
+        .unwrap();
+    assert_eq!(replayed["replayed_by"], "otto");
+    let (code, err) = cli(&env, &api, &api.operator, &["dlq", "replay", "999999"]);
+    assert_eq!(code, Some(2), "{err}");
 }

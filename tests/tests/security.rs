@@ -4,12 +4,11 @@ use std::time::Duration;
 
 use baton_shared::protocol::{JobKind, Message, PROTOCOL_VERSION, ResultStatus, StepResult};
 use baton_shared::signing::Keypair;
-use baton_shared::topology::{DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER, RESULTS_EXCHANGE, RESULTS_KEY};
+use baton_shared::topology::{DEAD_QUEUE, JOBS_EXCHANGE, RESULTS_EXCHANGE, RESULTS_KEY};
 use baton_tests::{SEED_BINDINGS, TestEnv, event, step_job};
 use chrono::Utc;
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -194,18 +193,13 @@ async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_
     )
     .await;
 
-    let mut reasons = Vec::new();
+    // The scheduler moves dead letters off the queue into its database (`baton dlq`).
+    let mut reasons: Vec<String> = Vec::new();
     env.wait_until("five dead letters", RUN_TIMEOUT, async || {
-        while let Some(msg) = ch
-            .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
+        reasons = sqlx::query_scalar("select reason from dead_letters where origin = 'baton.staging.db-migration'")
+            .fetch_all(&env.pool)
             .await
-            .unwrap()
-        {
-            let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
-            if let Some(AMQPValue::LongString(s)) = headers.inner().get(REASON_HEADER) {
-                reasons.push(s.to_string());
-            }
-        }
+            .unwrap();
         reasons.len() >= 5
     })
     .await;
@@ -406,6 +400,12 @@ async fn a_sentinel_secret_never_appears_in_logs_messages_or_dead_letters() {
             headers + &String::from_utf8_lossy(&msg.delivery.data),
         ));
     }
+    let recorded: Vec<String> =
+        sqlx::query_scalar("select reason || headers::text || convert_from(body, 'UTF8') from dead_letters")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    haystacks.extend(recorded.into_iter().map(|d| ("recorded dead letter".to_owned(), d)));
     assert!(haystacks.len() > 5);
     assert!(
         haystacks
