@@ -612,7 +612,7 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
         .as_array()
         .unwrap()
         .iter()
-        .find(|d| d["id"].to_string() == id)
+        .find(|d| d["id"] == merge["id"])
         .cloned()
         .unwrap();
     assert_eq!(replayed["replayed_by"], "otto");
