@@ -19,3 +19,9 @@ create table dead_letters (
 -- A dead letter redelivered before its ack is recorded once.
 create unique index dead_letters_once on dead_letters (message_id, origin, reason) where message_id is not null;
 create index dead_letters_pending on dead_letters (received_at) where replayed_at is null;
+
+-- A step whose compensation reports `irreversible` may fall back to restoring the
+-- run's pre-deploy backup (pipeline key restore_from_backup); `restoring` marks
+-- that the compensation in flight is that restore.
+alter table steps add column restore_from_backup boolean not null default false;
+alter table steps add column restoring boolean not null default false;

@@ -908,10 +908,18 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
                 let _ = writeln!(s, "{}", truncate(&line, 80));
             }
         }
+        let restored = view
+            .history
+            .iter()
+            .any(|e| e.kind == "restore_from_backup" && e.step_id.as_deref() == Some(st.id.as_str()));
         if let (Some(a), Some(b)) = (st.compensation_started_at, st.compensation_finished_at) {
             let line = format!(
                 "      {} {} in {:.1}s",
-                st.compensate.as_deref().unwrap_or("compensation"),
+                if restored {
+                    "restore of the pre-deploy backup"
+                } else {
+                    st.compensate.as_deref().unwrap_or("compensation")
+                },
                 st.status,
                 (b - a).num_milliseconds() as f64 / 1000.0
             );

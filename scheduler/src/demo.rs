@@ -220,6 +220,10 @@ async fn follow(pool: &sqlx::PgPool, demo: &mut Demo, run: Uuid, patience: Durat
                     detail["error"]["message"].as_str().unwrap_or("")
                 ),
                 "step_cancelled" => "cancelled".to_owned(),
+                "restore_from_backup" => format!(
+                    "no down migration: restoring backup {}",
+                    detail["backup_id"].as_str().unwrap_or("?")
+                ),
                 "lock_acquired" => "holds the shop-api/production lock".to_owned(),
                 "run_created" => "planned".to_owned(),
                 _ => continue,
@@ -329,8 +333,23 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
     git(&repo, &["add", "-A"])?;
     git(&repo, &["commit", "-q", "-m", "Add loyalty tier"])?;
     let sha2 = git(&repo, &["rev-parse", "HEAD"])?;
+    // Commit 3 drops commit 2's migration (it never reached production) and adds a
+    // data migration that has no down, only a recovery procedure.
+    git(
+        &repo,
+        &[
+            "rm",
+            "-q",
+            "drizzle/migrations/0001_loyalty_tier.sql",
+            "drizzle/migrations/0001_loyalty_tier.down.sql",
+        ],
+    )?;
+    copy_tree(&demo.examples.join("commit-3"), &repo)?;
+    git(&repo, &["add", "-A"])?;
+    git(&repo, &["commit", "-q", "-m", "Lower-case e-mail addresses"])?;
+    let sha3 = git(&repo, &["rev-parse", "HEAD"])?;
     println!("  repository {}", repo.display());
-    println!("    with commits {} and {}", &sha1[..10], &sha2[..10]);
+    println!("    with commits {}, {} and {}", &sha1[..10], &sha2[..10], &sha3[..10]);
 
     // Keys: the scheduler signs jobs, daemons sign results.
     let (sched_key, daemon_key) = (Keypair::generate(), Keypair::generate());
@@ -393,12 +412,12 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
             &["--config", &migration],
             &common,
         )?;
-        if zone == "production" {
-            let backup = dir.join("backup-production.toml");
+        {
+            let backup = dir.join(format!("backup-{zone}.toml"));
             std::fs::write(
                 &backup,
                 format!(
-                    "[daemon]\nzone = \"production\"\n\n[backup]\nadmin_url = {admin:?}\nrecipients = [{age_recipient:?}]\n\
+                    "[daemon]\nzone = {zone:?}\n\n[backup]\nadmin_url = {admin:?}\nrecipients = [{age_recipient:?}]\n\
                      identity_file = {identity:?}\n\n[backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
                      [backup.copy]\npath = {copy:?}\nregion = \"nl-ams2\"\n\n[backup.databases]\nshop-api = {shop_db:?}\n",
                     admin = db_url(&server_url, "postgres"),
@@ -410,11 +429,16 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
             std::fs::create_dir_all(dir.join("backups/primary"))?;
             std::fs::create_dir_all(dir.join("backups/copy"))?;
             let backup = backup.display().to_string();
-            demo.spawn("backup-production", "baton-backup", &["--config", &backup], &common)?;
+            demo.spawn(
+                &format!("backup-{zone}"),
+                "baton-backup",
+                &["--config", &backup],
+                &common,
+            )?;
         }
     }
     println!("  started the scheduler and daemons:");
-    println!("    db-migration@staging, db-migration@production, backup@production");
+    println!("    db-migration and backup, each for staging and production");
 
     let patience = Duration::from_secs(180);
     let ev1 = event(
@@ -435,7 +459,7 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
 
     // Production has customers; staging (anonymised, here empty) has none.
     let mut prod = PgConnection::connect(&db_url(&server_url, &production_db)).await?;
-    sqlx::query("insert into customers (email) values ('ada@example.org'), ('grace@example.org')")
+    sqlx::query("insert into customers (email) values ('Ada@Example.org'), ('grace@example.org')")
         .execute(&mut prod)
         .await
         .context("the first run should have created customers on production")?;
@@ -457,20 +481,61 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
     let view2 = follow(&pool, &mut demo, run2, patience).await?;
     print!("\n{}", crate::cli::render_run(&view2, false));
 
+    let ev3 = event(
+        &repo,
+        &sha3,
+        changed_paths(&repo, Some(&sha2), &sha3)?,
+        "Lower-case e-mail addresses",
+        103,
+    );
+    let run3 = enqueue(&demo, &ev3).await?;
+    println!(
+        "\n3) merge of {} — {}\n   run {run3}",
+        &sha3[..10],
+        ev3.pull_request.title
+    );
+    let view3 = follow(&pool, &mut demo, run3, patience).await?;
+    print!("\n{}", crate::cli::render_run(&view3, false));
+    let lowered = emails(&mut prod).await?;
+    println!("\n   production e-mails now: {}", lowered.join(", "));
+    println!("   an operator rolls run 3 back: its migration has no down migration");
+    let settings = cfg.engine_settings()?;
+    let operator = store::Store::new(pool.clone(), settings, Duration::ZERO, "demo-operator");
+    let out = operator
+        .request_rollback(run3, "the support team needs the original spelling")
+        .await?;
+    // Zero claim: the scheduler's sweeper publishes what the rollback caused.
+    drop(out);
+    let view3 = follow(&pool, &mut demo, run3, patience).await?;
+    print!("\n{}", crate::cli::render_run(&view3, false));
+    let restored = emails(&mut prod).await?;
+    println!("\n   production e-mails after the rollback: {}", restored.join(", "));
+
     println!("\nFinal state:");
     for db in [&staging_db, &production_db] {
         println!("  {}", describe_schema(&server_url, db).await?);
     }
-    let ok = view1.status == "succeeded" && view2.status == "rolled_back";
+    let ok = view1.status == "succeeded"
+        && view2.status == "rolled_back"
+        && view3.status == "rolled_back"
+        && lowered.iter().all(|e| *e == e.to_lowercase())
+        && restored.iter().any(|e| e == "Ada@Example.org");
     println!(
         "\n{}",
         if ok {
-            "Demo finished as expected: run 1 succeeded, run 2 was rolled back on staging."
+            "Demo finished as expected: run 1 succeeded, run 2 was rolled back on\n\
+             staging, run 3 was undone by restoring both zones' pre-deploy backups."
         } else {
             "Demo did NOT end as expected; see the logs above."
         }
     );
     Ok(ok)
+}
+
+async fn emails(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("select email from customers order by id")
+        .fetch_all(conn)
+        .await
 }
 
 async fn enqueue(demo: &Demo, ev: &MergeEvent) -> anyhow::Result<Uuid> {

@@ -146,6 +146,10 @@ pub struct StepState {
     pub zone: String,
     pub action: String,
     pub compensate: Option<String>,
+    /// An `irreversible` compensation falls back to restoring the pre-deploy backup.
+    pub restore_from_backup: bool,
+    /// The compensation in flight is that restore, served by the backup role.
+    pub restoring: bool,
     pub needs: Vec<String>,
     pub gates: Vec<String>,
     pub hold: Option<Hold>,
@@ -170,6 +174,15 @@ pub struct StepState {
 }
 
 impl StepState {
+    /// The role serving the step's current job: the backup role while restoring.
+    pub fn job_role(&self) -> &str {
+        if self.restoring && self.status == StepStatus::Compensating {
+            "backup"
+        } else {
+            &self.role
+        }
+    }
+
     fn in_flight(&self) -> bool {
         matches!(
             self.attempt_status,
@@ -281,6 +294,8 @@ impl RunState {
                 zone: p.zone.clone(),
                 action: p.action.clone(),
                 compensate: p.compensate.clone(),
+                restore_from_backup: p.restore_from_backup,
+                restoring: false,
                 needs: p.needs.clone(),
                 gates: p.gates.clone(),
                 hold: None,
@@ -397,10 +412,13 @@ impl RunState {
         if s.phase() != Some(r.kind) || !s.in_flight() {
             return Applied::Stale(format!("step is {} and not awaiting a {} result", s.status, r.kind));
         }
-        if r.zone != s.zone || r.role != s.role {
+        if r.zone != s.zone || r.role != s.job_role() {
             return Applied::Stale(format!(
                 "result from {}.{} for a step served by {}.{}",
-                r.zone, r.role, s.zone, s.role
+                r.zone,
+                r.role,
+                s.zone,
+                s.job_role()
             ));
         }
         // Results are applied concurrently, so an outcome can overtake its
@@ -572,6 +590,40 @@ impl RunState {
                     json!({"error": err, "attempts": tries}),
                 );
             }
+            JobKind::Compensate if s.restore_from_backup && !s.restoring && err.code == "irreversible" => {
+                match self.pre_deploy_backup(i) {
+                    Ok(backup_id) => {
+                        let s = &mut self.steps[i];
+                        s.restoring = true;
+                        Self::history(
+                            fx,
+                            Some(&s.id),
+                            Some(s.attempt),
+                            "restore_from_backup",
+                            json!({"backup_id": backup_id, "because": err}),
+                        );
+                        self.dispatch(i, JobKind::Compensate, now, cfg, fx);
+                        return;
+                    }
+                    Err(why) => {
+                        let s = &mut self.steps[i];
+                        let err = StepError::fatal(
+                            "irreversible",
+                            format!("{}; and the pre-deploy backup cannot be restored: {why}", err.message),
+                        );
+                        s.error = Some(err.clone());
+                        s.comp_finished_at = Some(now);
+                        s.status = StepStatus::CompensationFailed;
+                        Self::history(
+                            fx,
+                            Some(&s.id),
+                            Some(s.attempt),
+                            "compensation_failed",
+                            json!({"error": err, "attempts": tries}),
+                        );
+                    }
+                }
+            }
             JobKind::Compensate => {
                 s.comp_finished_at = Some(now);
                 s.status = StepStatus::CompensationFailed;
@@ -731,7 +783,7 @@ impl RunState {
             step_id: s.id.clone(),
             attempt: s.attempt as u32,
             zone: s.zone.clone(),
-            role: s.role.clone(),
+            role: s.job_role().to_owned(),
             reason: reason.to_owned(),
             issued_at: now,
             signature: None,
@@ -1065,7 +1117,35 @@ impl RunState {
         }
     }
 
+    /// The verified pre-deploy backup of this run in step `i`'s zone, among its needs.
+    fn pre_deploy_backup(&self, i: usize) -> Result<String, String> {
+        let step = &self.steps[i];
+        let b = self
+            .steps
+            .iter()
+            .find(|b| {
+                b.role == "backup" && b.action == "pre-deploy" && b.zone == step.zone && step.needs.contains(&b.id)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no pre-deploy backup of zone {} among the needs of {}",
+                    step.zone, step.id
+                )
+            })?;
+        let verified = b.outputs.get("verified") == Some(&serde_json::Value::Bool(true));
+        let of_run = b.outputs.get("run_id").and_then(|v| v.as_str()) == Some(self.id.to_string().as_str());
+        match b.outputs.get("backup_id").and_then(|v| v.as_str()) {
+            Some(id) if b.status == StepStatus::Succeeded && verified && of_run => Ok(id.to_owned()),
+            _ => Err(format!("{} has no verified backup of this run ({})", b.id, b.status)),
+        }
+    }
+
     fn dispatch(&mut self, i: usize, kind: JobKind, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
+        let restore_id = if kind == JobKind::Compensate && self.steps[i].restoring {
+            self.pre_deploy_backup(i).ok()
+        } else {
+            None
+        };
         let inputs: BTreeMap<String, Fields> = self.steps[i]
             .needs
             .iter()
@@ -1095,9 +1175,21 @@ impl RunState {
                 s.comp_attempts += 1;
                 s.status = StepStatus::Compensating;
                 s.comp_started_at.get_or_insert(now);
-                s.compensate.clone().unwrap_or_default()
+                if s.restoring {
+                    "restore".to_owned()
+                } else {
+                    s.compensate.clone().unwrap_or_default()
+                }
             }
         };
+        let mut params = s.params.clone();
+        if kind == JobKind::Compensate && s.restoring {
+            // The backup role's restore asks for the id twice: the second is the confirmation.
+            let id = restore_id.unwrap_or_default();
+            params = Fields::new();
+            params.insert("backup_id".into(), id.clone().into());
+            params.insert("confirm_backup_id".into(), id.into());
+        }
         let timeout = Duration::from_millis(s.timeout_ms.max(1) as u64);
         let job = StepJob {
             v: PROTOCOL_VERSION,
@@ -1107,9 +1199,9 @@ impl RunState {
             attempt: s.attempt as u32,
             kind,
             zone: s.zone.clone(),
-            role: s.role.clone(),
+            role: s.job_role().to_owned(),
             action,
-            params: s.params.clone(),
+            params,
             inputs,
             own_outputs: if kind == JobKind::Compensate {
                 s.outputs.clone()

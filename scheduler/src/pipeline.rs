@@ -26,6 +26,9 @@
 //! timeout_secs = 600          # optional, else [defaults]
 //! retry = { max_attempts = 5 } # optional; fields left out come from [defaults]
 //! compensate = "rollback"     # optional: the action that undoes the step
+//! restore_from_backup = true  # optional: if the compensation reports `irreversible`, restore
+//!                             # the zone's database from this run's pre-deploy backup (a
+//!                             # backup@<same zone> step with action pre-deploy, in `needs`)
 //! params = { soak_minutes = 15 }  # optional free-form parameters sent with the job
 //! ```
 //!
@@ -223,6 +226,8 @@ pub struct StepDef {
     pub timeout_secs: u64,
     pub retry: RetryPolicy,
     pub compensate: Option<String>,
+    #[serde(default)]
+    pub restore_from_backup: bool,
     pub params: Fields,
 }
 
@@ -322,6 +327,19 @@ impl Pipeline {
                     });
                 }
             }
+            if step.restore_from_backup
+                && !self.steps.iter().any(|b| {
+                    b.role == "backup" && b.action == "pre-deploy" && b.zone == step.zone && step.needs.contains(&b.id)
+                })
+            {
+                return Err(PipelineError::Invalid {
+                    at: step_at(&step.id),
+                    message: format!(
+                        "restore_from_backup needs a pre-deploy backup of zone {} (role backup, action pre-deploy) among its needs",
+                        step.zone
+                    ),
+                });
+            }
         }
         self.check_acyclic()
     }
@@ -390,6 +408,12 @@ impl StepDef {
         check_name(&at, "action", &self.action, NameKind::Plain)?;
         if let Some(compensate) = &self.compensate {
             check_name(&at, "compensate action", compensate, NameKind::Plain)?;
+        }
+        if self.restore_from_backup && self.compensate.is_none() {
+            return Err(PipelineError::Invalid {
+                at,
+                message: "restore_from_backup needs a `compensate` action to fall back from".into(),
+            });
         }
         for gate in &self.gates {
             if !KNOWN_GATES.contains(&gate.as_str()) {
@@ -572,6 +596,7 @@ const STEP_KEYS: &[&str] = &[
     "timeout_secs",
     "retry",
     "compensate",
+    "restore_from_backup",
     "params",
 ];
 const WHEN_KEYS: &[&str] = &["paths", "except", "flags"];
@@ -685,6 +710,8 @@ struct RawStep {
     retry: RawRetry,
     compensate: Option<String>,
     #[serde(default)]
+    restore_from_backup: bool,
+    #[serde(default)]
     params: toml::Table,
 }
 
@@ -753,6 +780,7 @@ impl RawPipeline {
                     action: raw.action,
                     gates: raw.gates,
                     compensate: raw.compensate,
+                    restore_from_backup: raw.restore_from_backup,
                 })
             })
             .collect::<Result<Vec<_>, PipelineError>>()?;
@@ -1154,6 +1182,14 @@ mod tests {
         );
         let e = Pipeline::from_toml(&text).unwrap_err().to_string();
         assert_eq!(e, r#"[pipeline]: environment "staging" appears twice in promotion"#);
+    }
+
+    #[test]
+    fn restore_from_backup_needs_a_compensation_and_a_backup_of_its_zone() {
+        let e = error(&step("a", "restore_from_backup = true"));
+        assert!(e.contains("needs a `compensate` action"), "{e}");
+        let e = error(&step("a", "compensate = \"rollback\"\nrestore_from_backup = true"));
+        assert!(e.contains("needs a pre-deploy backup of zone"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct PlannedStep {
     pub zone: String,
     pub action: String,
     pub compensate: Option<String>,
+    /// An irreversible compensation falls back to restoring the pre-deploy backup.
+    #[serde(default)]
+    pub restore_from_backup: bool,
     pub included: bool,
     /// Why the step is in or out, for people.
     pub reason: String,
@@ -120,6 +123,7 @@ pub fn plan(event: &MergeEvent, pipeline: &Pipeline) -> Result<Plan, PlanError> 
                 zone: step.zone.clone(),
                 action: step.action.clone(),
                 compensate: step.compensate.clone(),
+                restore_from_backup: step.restore_from_backup,
                 included: included_here,
                 reason,
                 needs: in_pipeline_order(pipeline, &needs),

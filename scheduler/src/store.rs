@@ -225,8 +225,8 @@ impl Store {
         for (pos, (s, p)) in state.steps.iter().zip(&plan.steps).enumerate() {
             sqlx::query(
                 "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                                    status, timeout_ms, retry, params, gates)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                                    status, timeout_ms, retry, params, gates, restore_from_backup)
+                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             )
             .bind(plan.run_id)
             .bind(&s.id)
@@ -243,6 +243,7 @@ impl Store {
             .bind(Json(&s.retry))
             .bind(Json(&s.params))
             .bind(&s.gates)
+            .bind(s.restore_from_backup)
             .execute(&mut *tx)
             .await?;
         }
@@ -362,7 +363,8 @@ impl Store {
             dirty: false,
         };
         let rows = sqlx::query(
-            "select step_id, role, zone, action, compensate, needs, gates, hold, included, status, attempt, attempt_status,
+            "select step_id, role, zone, action, compensate, restore_from_backup, restoring, needs, gates, hold, included,
+                    status, attempt, attempt_status,
                     exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
                     completion, started_at, finished_at, comp_started_at, comp_finished_at
              from steps where run_id = $1 order by position",
@@ -384,6 +386,8 @@ impl Store {
                 zone: r.try_get("zone")?,
                 action: r.try_get("action")?,
                 compensate: r.try_get("compensate")?,
+                restore_from_backup: r.try_get("restore_from_backup")?,
+                restoring: r.try_get("restoring")?,
                 needs: r.try_get("needs")?,
                 gates: r.try_get("gates")?,
                 hold: hold.map(|Json(h)| h),
@@ -441,7 +445,8 @@ impl Store {
             sqlx::query(
                 "update steps set status = $3, attempt = $4, attempt_status = $5, exec_attempts = $6, comp_attempts = $7,
                         cancel_requested = $8, outputs = $9, error = $10, completion = $11, started_at = $12,
-                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15, hold = $16
+                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15, hold = $16,
+                        restoring = $17
                  where run_id = $1 and step_id = $2",
             )
             .bind(state.id)
@@ -460,6 +465,7 @@ impl Store {
             .bind(s.comp_started_at)
             .bind(s.comp_finished_at)
             .bind(s.hold.as_ref().map(Json))
+            .bind(s.restoring)
             .execute(&mut **tx)
             .await?;
             s.dirty = false;

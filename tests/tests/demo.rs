@@ -41,7 +41,7 @@ impl Drop for DropDatabases {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_migrates_both_zones_then_rolls_back_staging_when_production_fails() {
+async fn demo_migrates_both_zones_rolls_back_staging_when_production_fails_and_restores_backups() {
     let env = TestEnv::new("demo").await;
     let prefix = format!("{}_", env.db_name);
     let dbs = ["baton_demo", "shop_staging", "shop_production"].map(|d| format!("{prefix}{d}"));
@@ -98,14 +98,49 @@ async fn demo_migrates_both_zones_then_rolls_back_staging_when_production_fails(
             .await
             .unwrap()
     };
-    assert_eq!(statuses, ["succeeded", "rolled_back"]);
+    assert_eq!(statuses, ["succeeded", "rolled_back", "rolled_back"]);
+    // Run 3's data migration had no down: both zones were restored from the
+    // pre-deploy backups run 3 took, by the backup daemons.
+    let restores: Vec<(String, String)> = {
+        let mut conn = PgConnection::connect(&format!("postgres://postgres@127.0.0.1:5432/{sched}"))
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "select a.step_id, s.status from audit a join steps s on s.run_id = a.run_id and s.step_id = a.step_id
+              where a.kind = 'restore_from_backup' order by a.id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        restores,
+        [
+            ("db.production".to_owned(), "compensated".to_owned()),
+            ("db.staging".to_owned(), "compensated".to_owned())
+        ]
+    );
+    let emails: Vec<String> = {
+        let mut conn = PgConnection::connect(&format!("postgres://postgres@127.0.0.1:5432/{production}"))
+            .await
+            .unwrap();
+        sqlx::query_scalar("select email from customers order by id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        emails,
+        ["Ada@Example.org", "grace@example.org"],
+        "the original spelling is back"
+    );
     let dir = stdout_dir(&stdout);
     let backups = std::fs::read_dir(dir.join("backups/primary/production"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert!(
-        backups >= 3,
-        "pre and post backups of run 1 and the pre backup of run 2 exist"
+        backups >= 5,
+        "pre and post backups of runs 1 and 3 and the pre backup of run 2 exist"
     );
     let copies = std::fs::read_dir(dir.join("backups/copy/production"))
         .map(|d| d.count())

@@ -820,6 +820,11 @@ impl Role for BackupRole {
 
     fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
+            // The scheduler undoes an irreversible migration by restoring the run's
+            // pre-deploy backup: a compensation of the migration step, served here.
+            if job.action == "restore" {
+                return self.run(job).await.map_err(StepError::from);
+            }
             Err(StepError::fatal(
                 "no_compensation",
                 format!(

@@ -385,3 +385,78 @@ fn operator_rollback_of_a_succeeded_run_compensates_it() {
         "a run already rolling back"
     );
 }
+
+/// Compensates the run step by step, answering each compensation with `answer`.
+fn compensate_all(run: &mut RunState, mut fx: Effects, answer: impl Fn(&StepJob) -> StepResult) -> Vec<StepJob> {
+    let cfg = settings();
+    let now = Utc::now();
+    let mut seen = Vec::new();
+    loop {
+        let Some(j) = fx.iter().rev().find_map(|e| match e {
+            Effect::Dispatch(j) if j.kind == JobKind::Compensate => Some((**j).clone()),
+            _ => None,
+        }) else {
+            return seen;
+        };
+        seen.push(j.clone());
+        let mut more = Vec::new();
+        run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut more);
+        run.apply_result(&answer(&j), now, &cfg, &mut more);
+        fx = more;
+    }
+}
+
+#[test]
+fn an_irreversible_migration_is_undone_by_restoring_the_pre_deploy_backup() {
+    for verified in [true, false] {
+        let mut run = run_for(&["drizzle/migrations/0001_x.sql"]);
+        let i = run.steps.iter().position(|s| s.id == "db.production").unwrap();
+        run.steps[i].restore_from_backup = true;
+        let cfg = settings();
+        let now = Utc::now();
+        let (_, last) = run_until(&mut run, "backup.post");
+        if !verified {
+            let b = run.steps.iter().position(|s| s.id == "backup.pre").unwrap();
+            run.steps[b].outputs.insert("verified".into(), false.into());
+        }
+        let mut fx = Vec::new();
+        run.apply_result(&result(&last, ResultStatus::Succeeded), now, &cfg, &mut fx);
+        let mut fx = Vec::new();
+        run.request_rollback("bad release", now, &cfg, &mut fx).unwrap();
+        let jobs = compensate_all(&mut run, fx, |j| {
+            if j.step_id == "db.production" && j.role == "db-migration" {
+                let mut r = result(j, ResultStatus::Failed);
+                r.error = Some(StepError::fatal("irreversible", "0002_drop has no down migration"));
+                r
+            } else {
+                let mut r = StepResult::for_job(j, "d1", ResultStatus::Succeeded);
+                r.outputs = Default::default();
+                r
+            }
+        });
+        let restore: Vec<&StepJob> = jobs.iter().filter(|j| j.role == "backup").collect();
+        if verified {
+            assert_eq!(restore.len(), 1, "{jobs:?}");
+            let r = restore[0];
+            assert_eq!(
+                (r.step_id.as_str(), r.action.as_str(), r.zone.as_str()),
+                ("db.production", "restore", "production")
+            );
+            let id = format!("b-{}", run.id);
+            assert_eq!(r.params.get("backup_id"), Some(&json!(id)));
+            assert_eq!(r.params.get("confirm_backup_id"), Some(&json!(id)));
+            assert_eq!(status(&run, "db.production"), StepStatus::Compensated);
+            assert_eq!(run.status, RunStatus::RolledBack);
+        } else {
+            assert!(restore.is_empty());
+            assert_eq!(status(&run, "db.production"), StepStatus::CompensationFailed);
+            let e = run.steps[i].error.as_ref().unwrap();
+            assert!(
+                e.message
+                    .contains("cannot be restored: backup.pre has no verified backup"),
+                "{e:?}"
+            );
+            assert_eq!(run.status, RunStatus::RollbackFailed);
+        }
+    }
+}

@@ -1,0 +1,3 @@
+DROP TABLE "orders";
+--> statement-breakpoint
+DROP TABLE "customers";
