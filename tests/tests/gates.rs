@@ -619,3 +619,66 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
     let (code, err) = cli(&env, &api, &api.operator, &["dlq", "replay", "999999"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and_warns_additive_first() {
+    let env = TestEnv::new("gates-destructive").await;
+    let opens = chrono::Utc::now() + chrono::Duration::seconds(6);
+    let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let t = configure(
+        &env,
+        &format!(
+            "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
+             once = [{{ start = \"{opens_text}\", duration_minutes = 30 }}]\n"
+        ),
+    );
+    drop(t);
+    // Staging reports what the db-migration daemon reports for a destructive migration.
+    env.script(json!({
+        "default": {"delay_ms": 20},
+        "execute": {"db.staging": {"outputs": {
+            "destructive": true,
+            "warnings": ["0002_drop_name: drops column name of customers"]
+        }}}
+    }));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    // Standard risk: only the destructive migration needs the window.
+    let run = env.enqueue(&event(
+        "destructive",
+        1,
+        &["drizzle/migrations/0002_drop_name.sql", "src/app.ts"],
+    ));
+    let v = wait_status(&env, run, "blocked").await;
+    let hold = v
+        .step("db.production")
+        .unwrap()
+        .hold
+        .clone()
+        .expect("db.production waits");
+    assert_eq!(hold.gate, "maintenance-window");
+    assert!(
+        hold.reason
+            .starts_with("destructive migration: outside the maintenance window"),
+        "{hold:?}"
+    );
+    assert!(env.starts(run, "db.production", "execute").is_empty());
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    let started = v.step("db.production").unwrap().started_at.unwrap();
+    assert!(started.timestamp() >= opens.timestamp(), "{started} before {opens}");
+    let backup = gate_entries(&v, "backup-verified", "pass");
+    let backup = backup
+        .iter()
+        .find(|d| d["reason"].as_str().unwrap().contains("is verified"))
+        .unwrap_or_else(|| panic!("{backup:?}"));
+    assert!(backup["reason"].as_str().unwrap().contains("from backup.pre"));
+    let warned = gate_entries(&v, "additive-first", "warn");
+    assert!(
+        warned[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("drops column name of customers"),
+        "{warned:?}"
+    );
+}
