@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::TimerKind;
 use crate::pipeline::Pipeline;
 use crate::planner;
 use crate::store::{self, Ingested, OutboxMsg, ResultApplied, Store, StoreError};
@@ -112,6 +113,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     ));
     tasks.spawn(timer_loop(
         store.clone(),
+        broker.clone(),
         relay.clone(),
         Duration::from_millis(config.scheduler.timer_poll_ms),
         stop.clone(),
@@ -305,12 +307,37 @@ async fn sweep_loop(store: Store, relay: Relay, claim: Duration, stop: Cancellat
     }
 }
 
-async fn timer_loop(store: Store, relay: Relay, poll: Duration, stop: CancellationToken) -> anyhow::Result<()> {
+/// Fires due timers. Leases only count time in which this scheduler could hear
+/// heartbeats: while its broker connection is down, lease timers wait, and once
+/// it is back every running attempt gets one more lease period (the daemons'
+/// heartbeats resume after their own reconnect), as after a scheduler restart.
+async fn timer_loop(
+    store: Store,
+    broker: Broker,
+    relay: Relay,
+    poll: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut deaf = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(poll) => {}
         }
+        let connected = broker.is_connected();
+        if !connected && !deaf {
+            tracing::warn!("broker connection lost: lease expiry paused until it is back");
+        }
+        if connected && deaf {
+            match store.renew_leases().await {
+                Ok(n) => tracing::info!(renewed_leases = n, "broker connection back: leases renewed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew leases; lease expiry stays paused");
+                    continue;
+                }
+            }
+        }
+        deaf = !connected;
         let due = match store.due_timers(128).await {
             Ok(d) => d,
             Err(e) => {
@@ -318,7 +345,7 @@ async fn timer_loop(store: Store, relay: Relay, poll: Duration, stop: Cancellati
                 continue;
             }
         };
-        for t in due {
+        for t in due.into_iter().filter(|t| !(deaf && t.kind == TimerKind::Lease)) {
             match patiently("fire timer", &stop, || store.fire_timer(&t)).await {
                 Some(Ok(out)) => relay.send(out),
                 Some(Err(e)) => {

@@ -1183,8 +1183,12 @@ impl Store {
     }
 
     /// Records a dead letter once. A job of a current, not yet started attempt
-    /// fails that attempt in the same transaction; a replay refusal never does (the
-    /// original delivery is being worked on).
+    /// that a daemon refused for what the job *is* (unauthentic, malformed,
+    /// misrouted) fails that attempt in the same transaction: every copy of those
+    /// bytes would be refused alike. Refusals that depend on the copy or the
+    /// moment (a replayed duplicate, an expired late copy, the broker's delivery
+    /// limit or a reject) are only recorded: the original may be running, and the
+    /// lease decides.
     pub async fn record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
@@ -1219,7 +1223,10 @@ impl Store {
             json!({"dead_letter": id, "origin": dl.origin, "reason": dl.reason, "message_id": dl.message_id}),
         )
         .await?;
-        if let Some(j) = job.filter(|_| !dl.reason.starts_with("replayed")) {
+        let intrinsic = ["unauthentic", "malformed", "misrouted"]
+            .iter()
+            .any(|p| dl.reason.starts_with(p));
+        if let Some(j) = job.filter(|_| intrinsic) {
             let current: bool = sqlx::query_scalar(
                 "select exists (select 1 from attempts where run_id = $1 and step_id = $2 and attempt = $3
                                    and message_id = $4 and status = 'dispatched')",

@@ -146,15 +146,24 @@ pub async fn declare_job_queue(ch: &Channel, zone: &str, role: &str, delivery_li
 ///
 /// It declares no exchange: a daemon under least privilege may not, and the
 /// control exchange exists already (ops definitions, the scheduler, or
-/// [`declare_job_queue`]).
+/// [`declare_job_queue`]). The queue is named by the daemon
+/// ([`control_queue_name`]), not by the broker: lapin's connection recovery
+/// declares queues again by name, and the broker refuses a client declaring an
+/// `amq.gen-*` name, which broke every channel after a broker restart.
 pub async fn declare_control_queue(ch: &Channel, zone: &str, role: &str) -> lapin::Result<String> {
     let opts = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
         ..Default::default()
     };
-    let q = ch.queue_declare("".into(), opts, FieldTable::default()).await?;
-    let name = q.name().to_string();
+    let name = control_queue_name(zone, role);
+    ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
+        .await?;
     bind(ch, &name, CONTROL_EXCHANGE, &job_routing_key(zone, role)).await?;
     Ok(name)
+}
+
+/// A fresh name for one daemon's cancel queue: `baton.cancel.<zone>.<role>.<random>`.
+pub fn control_queue_name(zone: &str, role: &str) -> String {
+    format!("baton.cancel.{zone}.{role}.{}", uuid::Uuid::new_v4().simple())
 }
