@@ -307,10 +307,14 @@ async fn sweep_loop(store: Store, relay: Relay, claim: Duration, stop: Cancellat
     }
 }
 
-/// Fires due timers. Leases only count time in which this scheduler could hear
-/// heartbeats: while its broker connection is down, lease timers wait, and once
-/// it is back every running attempt gets one more lease period (the daemons'
-/// heartbeats resume after their own reconnect), as after a scheduler restart.
+/// Routing key of the scheduler's publish probe on `baton.control`: no queue binds it.
+const PROBE_KEY: &str = "probe";
+
+/// Fires due timers. Leases only count time in which heartbeats could reach this
+/// scheduler: while its broker connection is down or blocked by a broker alarm
+/// (which blocks the daemons' publishers too), or its database is unreachable
+/// (heartbeats wait unapplied), lease timers wait; once it is back every running
+/// attempt gets one more lease period, as after a scheduler restart.
 async fn timer_loop(
     store: Store,
     broker: Broker,
@@ -319,14 +323,34 @@ async fn timer_loop(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut deaf = false;
+    // A broker alarm blocks publishers, but RabbitMQ tells a connection so only
+    // when it publishes: a small unroutable probe, published every second, finds
+    // out. A probe unconfirmed for a second means heartbeats cannot get through.
+    let mut probe: Option<(tokio::time::Instant, tokio::task::JoinHandle<()>)> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(poll) => {}
         }
-        let connected = broker.is_connected();
+        let stalled = match &probe {
+            Some((since, task)) if !task.is_finished() => since.elapsed() > Duration::from_secs(1),
+            Some((since, _)) if since.elapsed() < Duration::from_secs(1) => false,
+            _ => {
+                let b = broker.clone();
+                let task = tokio::spawn(async move {
+                    let out = baton_shared::amqp::Outgoing {
+                        best_effort: true,
+                        ..Default::default()
+                    };
+                    let _ = b.publish(CONTROL_EXCHANGE, PROBE_KEY, b"probe", &out).await;
+                });
+                probe = Some((tokio::time::Instant::now(), task));
+                false
+            }
+        };
+        let connected = broker.is_connected() && !broker.is_blocked() && !stalled;
         if !connected && !deaf {
-            tracing::warn!("broker connection lost: lease expiry paused until it is back");
+            tracing::warn!("broker connection lost or blocked: lease expiry paused until it is back");
         }
         if connected && deaf {
             match store.renew_leases().await {
@@ -341,7 +365,10 @@ async fn timer_loop(
         let due = match store.due_timers(128).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read timers");
+                if !deaf {
+                    tracing::warn!(error = %e, "cannot read timers: lease expiry paused until the database is back");
+                }
+                deaf = true;
                 continue;
             }
         };

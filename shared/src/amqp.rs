@@ -154,6 +154,11 @@ impl Broker {
         self.conn.status().connected()
     }
 
+    /// The broker has blocked this connection's publishers (a memory or disk alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.conn.status().blocked()
+    }
+
     /// A fresh channel on this connection.
     pub async fn channel(&self) -> Result<Channel, AmqpError> {
         self.conn.create_channel().await.map_err(AmqpError::op("channel.open"))

@@ -772,3 +772,97 @@ pub fn step_job(zone: &str, role: &str, not_after_secs: i64) -> baton_shared::pr
 pub fn seed_bindings_except(binding: &str) -> Vec<&'static str> {
     SEED_BINDINGS.iter().copied().filter(|b| *b != binding).collect()
 }
+
+/// A private PostgreSQL cluster (initdb in a temporary directory, its own port),
+/// for tests that stop the database, so the shared server is untouched. Runs as
+/// the `postgres` user when started by root (initdb refuses root). Stopped and
+/// removed when dropped.
+pub struct PrivateDatabase {
+    pub port: u16,
+    pub dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivateDatabase {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries in /usr/lib/postgresql")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let id = &Uuid::new_v4().simple().to_string()[..8];
+        let dir = std::env::temp_dir().join(format!("baton-pg-{id}"));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let db = Self {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        db.pg(&["initdb", "-D", &db.data(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        db.start_again();
+        db
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// Runs a PostgreSQL binary as the postgres user.
+    fn pg(&self, args: &[&str]) {
+        let program = self.bin.join(args[0]);
+        let as_root = std::env::var("USER").map(|u| u == "root").unwrap_or(true);
+        let out = if as_root {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(&args[1..])
+                .output()
+        } else {
+            Command::new(&program).args(&args[1..]).output()
+        }
+        .expect("run a PostgreSQL binary");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts (again) and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log").display().to_string();
+        self.pg(&["pg_ctl", "-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"]);
+    }
+
+    /// Stops at once, as a crash would (no checkpoint): `pg_ctl stop -m immediate`.
+    pub fn crash(&self) {
+        self.pg(&["pg_ctl", "-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

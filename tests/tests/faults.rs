@@ -73,6 +73,19 @@ async fn check_invariants(env: &TestEnv, runs: &[Uuid]) -> Vec<RunView> {
     views
 }
 
+/// Waits until the run is under way: some steps done, others not. A step's
+/// "running" window can be shorter than a poll, so progress is what is awaited.
+async fn wait_mid_run(env: &TestEnv, run: Uuid) {
+    env.wait_until(&format!("run {run} to be under way"), RUN_TIMEOUT, async || {
+        let Some(v) = env.run(run).await else {
+            return false;
+        };
+        assert!(!v.is_terminal(), "run {run} ended before the fault was injected");
+        v.steps.iter().filter(|s| s.status == "succeeded").count() >= 2
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     let broker = PrivateBroker::start(false);
@@ -87,11 +100,125 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
         env.enqueue(&event("restart-a", 1, EVERYTHING)),
         env.enqueue(&event("restart-b", 2, &["src/app.ts"])),
     ];
-    env.wait_step(runs[0], "db.staging", "running", RUN_TIMEOUT).await;
+    wait_mid_run(&env, runs[0]).await;
     broker.ctl(&["stop_app"]);
     broker.ctl(&["start_app"]);
     let views = check_invariants(&env, &runs).await;
     for v in &views {
         assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_broker_memory_alarm_blocks_publishers_without_open_transactions_then_work_resumes() {
+    let broker = PrivateBroker::start(false);
+    let mut env = TestEnv::new("fault-broker-alarm").await;
+    env.amqp_url = broker.url();
+    env.script(json!({"default": {"delay_ms": 300}}));
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("alarm", 1, EVERYTHING));
+    wait_mid_run(&env, run).await;
+    // A memory alarm: the broker blocks every publishing connection.
+    broker.ctl(&["set_vm_memory_high_watermark", "0.000001"]);
+    let before = env.run(run).await.unwrap();
+    let done = |v: &RunView| v.steps.iter().filter(|s| s.status == "succeeded").count();
+    // While blocked, nobody may hold a database transaction open waiting on the broker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let stuck: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database()
+               and state like 'idle in transaction%' and now() - xact_start > interval '500 milliseconds'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            stuck, 0,
+            "a transaction stayed open while the broker blocked publishers"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during = env.run(run).await.unwrap();
+    assert!(
+        done(&during) <= done(&before) + 1,
+        "work went on while every publisher was blocked: {} then {}",
+        done(&before),
+        done(&during)
+    );
+    assert!(!during.is_terminal());
+    broker.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+    let lost = views[0]
+        .steps
+        .iter()
+        .flat_map(|s| &s.attempts)
+        .filter(|a| a.status == "lost")
+        .count();
+    assert_eq!(lost, 0, "no lease expired because of the alarm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
+    let pg = baton_tests::PrivateDatabase::start();
+    let mut env = TestEnv::new("fault-pg-stop").await;
+    let admin = sqlx::PgPool::connect(&pg.url("postgres")).await.unwrap();
+    sqlx::query("create database baton").execute(&admin).await.unwrap();
+    admin.close().await;
+    env.db_url = pg.url("baton");
+    env.pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    env.script(json!({"default": {"delay_ms": 300}}));
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("pg-crash", 1, EVERYTHING));
+    wait_mid_run(&env, run).await;
+    env.pool.close().await;
+    pg.crash();
+    // Results and heartbeats queue up in RabbitMQ meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.start_again();
+    env.pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+    // No half-written transition: every attempt row has its step's matching state.
+    for s in &views[0].steps {
+        for a in &s.attempts {
+            assert!(
+                a.finished_at.is_some(),
+                "{}: attempt {} never finished",
+                s.id,
+                a.attempt
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_one_of_two_schedulers_killed_mid_run_exactly_one_dispatch_per_attempt() {
+    let env = TestEnv::new("fault-replica").await;
+    env.script(json!({"default": {"delay_ms": 300}}));
+    let mut a = env.scheduler("scheduler-a").await;
+    let _b = env.spawn_scheduler("scheduler-b");
+    env.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 2).await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let runs: Vec<Uuid> = (0..6)
+        .map(|i| env.enqueue(&event(&format!("replica-{}", i % 3), i, EVERYTHING)))
+        .collect();
+    wait_mid_run(&env, runs[0]).await;
+    a.kill();
+    let views = check_invariants(&env, &runs).await;
+    for v in &views {
+        assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    }
+    let doubled: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
+        "select run_id, step_id, attempt, count(*) from outbox where step_id is not null and exchange = 'baton.jobs'
+          group by run_id, step_id, attempt having count(*) > 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(doubled.is_empty(), "an attempt was dispatched twice: {doubled:?}");
 }
