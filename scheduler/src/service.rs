@@ -276,6 +276,16 @@ async fn relay_loop(
                 }
             }
         }
+        if baton_shared::failpoint::is_armed() && !sent.is_empty() {
+            baton_shared::failpoint::hit("scheduler-after-publish-before-mark-sent");
+            let compensate: &[u8] = b"\"kind\":\"compensate\"";
+            if batch
+                .iter()
+                .any(|m| m.exchange == JOBS_EXCHANGE && m.body.windows(compensate.len()).any(|w| w == compensate))
+            {
+                baton_shared::failpoint::hit("scheduler-compensation-published");
+            }
+        }
         if !sent.is_empty()
             && let Some(Err(e)) = patiently("mark outbox sent", &stop, || store.mark_sent(&sent)).await
         {
@@ -558,6 +568,7 @@ async fn handle_result(
         // Shutting down: leave it unacked; the broker redelivers it to a replica.
         None => return,
         Some(Ok((applied, out))) => {
+            baton_shared::failpoint::hit("scheduler-after-result-commit");
             relay.send(out);
             match applied {
                 ResultApplied::Applied => {}

@@ -1184,11 +1184,11 @@ impl Store {
 
     /// Records a dead letter once. A job of a current, not yet started attempt
     /// that a daemon refused for what the job *is* (unauthentic, malformed,
-    /// misrouted) fails that attempt in the same transaction: every copy of those
-    /// bytes would be refused alike. Refusals that depend on the copy or the
-    /// moment (a replayed duplicate, an expired late copy, the broker's delivery
-    /// limit or a reject) are only recorded: the original may be running, and the
-    /// lease decides.
+    /// misrouted), or that hit the broker's delivery limit without ever being
+    /// started, fails that attempt in the same transaction: every copy of those
+    /// bytes would end alike. Refusals that depend on the copy or the moment (a
+    /// replayed duplicate, an expired late copy, a reject) are only recorded: the
+    /// original may be running, and the lease decides.
     pub async fn record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
@@ -1223,7 +1223,9 @@ impl Store {
             json!({"dead_letter": id, "origin": dl.origin, "reason": dl.reason, "message_id": dl.message_id}),
         )
         .await?;
-        let intrinsic = ["unauthentic", "malformed", "misrouted"]
+        // A job the broker gave up on after its delivery limit, whose attempt no
+        // daemon ever started, crashed every daemon that received it (a poison message).
+        let intrinsic = ["unauthentic", "malformed", "misrouted", "broker: delivery_limit"]
             .iter()
             .any(|p| dl.reason.starts_with(p));
         if let Some(j) = job.filter(|_| intrinsic) {

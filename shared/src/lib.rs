@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod failpoint;
 pub mod metrics;
 pub mod protocol;
 pub mod runtime;

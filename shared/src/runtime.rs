@@ -379,6 +379,9 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
         Ok(job) => job,
         Err(e) => return refuse(shared, &delivery, queue, zone, role, &e.to_string()).await,
     };
+    if crate::failpoint::is_armed() {
+        crate::failpoint::hit(&format!("daemon-before-ack-{}", job.step_id));
+    }
     // Authenticity first: nothing about an unsigned or forged job is believed.
     if let Err(e) = shared.trusted.verify(&job) {
         return refuse(shared, &delivery, queue, zone, role, &format!("unauthentic: {e}")).await;
@@ -599,7 +602,10 @@ async fn run_job(
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
         match report(shared, &job, status, error.clone(), outputs.clone(), Some(started_at)).await {
-            Ok(()) => return,
+            Ok(()) => {
+                crate::failpoint::hit("daemon-after-outcome");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "result not sent; retrying");
                 tokio::time::sleep(delay).await;

@@ -21,6 +21,13 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// The invariants every scenario ends with.
 async fn check_invariants(env: &TestEnv, runs: &[Uuid]) -> Vec<RunView> {
+    check_invariants_with(env, runs, false).await
+}
+
+/// With `killed_daemons`, a daemon was SIGKILLed mid-step: the attempt it was
+/// running started but never ended, so "at most once" counts completed executions.
+async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed_daemons: bool) -> Vec<RunView> {
+    let event = if killed_daemons { "end" } else { "start" };
     let mut views = Vec::new();
     for run in runs {
         let v = env.wait_terminal(*run, RUN_TIMEOUT).await;
@@ -28,7 +35,7 @@ async fn check_invariants(env: &TestEnv, runs: &[Uuid]) -> Vec<RunView> {
         // started by a daemon exactly once; no step of any run started twice.
         let mut starts: HashMap<(String, String), usize> = HashMap::new();
         let log = env.exec_log();
-        for l in log.iter().filter(|l| l.event == "start" && l.run_id == *run) {
+        for l in log.iter().filter(|l| l.event == event && l.run_id == *run) {
             *starts.entry((l.step_id.clone(), l.kind.clone())).or_default() += 1;
         }
         for ((step, kind), n) in &starts {
@@ -221,4 +228,173 @@ async fn slow_one_of_two_schedulers_killed_mid_run_exactly_one_dispatch_per_atte
     .await
     .unwrap();
     assert!(doubled.is_empty(), "an attempt was dispatched twice: {doubled:?}");
+}
+
+/// Starts the scheduler with a crash point armed, waits for it to hit it, and
+/// starts a successor (the point fires once).
+async fn scheduler_crashing_at(env: &TestEnv, point: &str) -> baton_tests::Proc {
+    env.set_scheduler_env("BATON_FAILPOINTS", point);
+    env.set_scheduler_env("BATON_FAILPOINT_DIR", env.dir.to_str().unwrap());
+    env.scheduler("scheduler-1").await
+}
+
+async fn wait_exit(env: &TestEnv, p: &mut baton_tests::Proc, what: &str) {
+    env.wait_until(what, RUN_TIMEOUT, async || !p.is_running()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_scheduler_killed_between_a_result_commit_and_the_next_dispatch() {
+    let env = TestEnv::new("fault-after-commit").await;
+    env.script(json!({"default": {"delay_ms": 100}}));
+    let mut first = scheduler_crashing_at(&env, "scheduler-after-result-commit").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("crash-commit", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the scheduler to crash after a result's commit").await;
+    let _second = env.scheduler("scheduler-2").await;
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+    assert!(
+        env.dir.join("scheduler-after-result-commit").exists(),
+        "the crash point was hit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_scheduler_killed_after_publishing_before_marking_the_outbox_sent() {
+    let env = TestEnv::new("fault-before-mark").await;
+    env.script(json!({"default": {"delay_ms": 100}}));
+    let mut first = scheduler_crashing_at(&env, "scheduler-after-publish-before-mark-sent").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("crash-publish", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the scheduler to crash after publishing").await;
+    let _second = env.scheduler("scheduler-2").await;
+    // The successor publishes the unmarked rows again: the daemon refuses the copy as
+    // a replay, so the step still runs once.
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_scheduler_killed_during_compensation() {
+    let env = TestEnv::new("fault-compensation").await;
+    env.script(json!({
+        "default": {"delay_ms": 100},
+        "execute": {"apply.production": {"fail": {"code": "rollout_failed", "message": "pods crash", "retryable": false}}}
+    }));
+    let mut first = scheduler_crashing_at(&env, "scheduler-compensation-published").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("crash-compensate", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the scheduler to crash while compensating").await;
+    let _second = env.scheduler("scheduler-2").await;
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "rolled_back", "{}", env.diagnostics());
+    assert_eq!(views[0].step("verify.staging").unwrap().status, "compensated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_daemon_killed_after_publishing_its_outcome() {
+    let env = TestEnv::new("fault-daemon-outcome").await;
+    env.script(json!({"default": {"delay_ms": 100}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let dir = env.dir.to_str().unwrap().to_owned();
+    let crash = [
+        ("BATON_FAILPOINTS", "daemon-after-outcome"),
+        ("BATON_FAILPOINT_DIR", dir.as_str()),
+    ];
+    let mut first = env.daemon_with("daemon-1", SEED_BINDINGS, &crash).await;
+    let run = env.enqueue(&event("crash-outcome", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the daemon to crash after its first outcome").await;
+    let _second = env.daemon("daemon-2", SEED_BINDINGS).await;
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_poison_job_reaches_the_delivery_limit_and_fails_its_step_while_others_flow() {
+    let env = TestEnv::new("fault-poison").await;
+    env.script(json!({"default": {"delay_ms": 50}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let others = baton_tests::seed_bindings_except("production.cdn");
+    let _daemon = env.daemon("daemon", &others).await;
+    let dir = env.dir.to_str().unwrap().to_owned();
+    // This daemon dies on every delivery of the cdn job, before it acks it.
+    let crash = [
+        ("BATON_FAILPOINTS", "daemon-before-ack-cdn!"),
+        ("BATON_FAILPOINT_DIR", dir.as_str()),
+    ];
+    let mut cdn = env.daemon_with("cdn-1", &["production.cdn"], &crash).await;
+    let run = env.enqueue(&event("poison", 1, &["src/app.ts", "assets/logo.svg"]));
+    // A supervisor restarts it, as Kubernetes would, until the run is over.
+    let mut restarts = 0;
+    env.wait_until("the run with a poison job to end", RUN_TIMEOUT, async || {
+        if !cdn.is_running() {
+            restarts += 1;
+            cdn = env.spawn_daemon_with(&format!("cdn-{}", restarts + 1), &["production.cdn"], &crash);
+        }
+        env.run(run).await.is_some_and(|v| v.is_terminal())
+    })
+    .await;
+    let views = check_invariants(&env, &[run]).await;
+    let v = &views[0];
+    assert_eq!(v.status, "rolled_back", "{}", env.diagnostics());
+    let cdn_step = v.step("cdn").unwrap();
+    let err = cdn_step.error.as_ref().expect("cdn failed");
+    assert_eq!(err.code, "dead_lettered", "{err:?}");
+    assert!(err.message.contains("delivery_limit"), "{err:?}");
+    assert!(restarts >= 4, "the daemon died on each delivery: {restarts} restarts");
+    // Other jobs kept flowing: apply.production ran in parallel (and was compensated).
+    assert!(!env.starts(run, "apply.production", "execute").is_empty());
+    assert!(
+        env.starts(run, "cdn", "execute").is_empty(),
+        "the poison job never executed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_burst_of_200_merge_events_for_20_services_while_a_daemon_is_killed_and_restarted() {
+    let env = TestEnv::new("fault-burst").await;
+    env.script(json!({"default": {"delay_ms": 5}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let mut daemon = env.daemon("daemon-1", SEED_BINDINGS).await;
+    let mut runs = Vec::new();
+    let mut by_service: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for i in 0..200u32 {
+        let service = format!("svc-{:02}", i % 20);
+        let ev = event(&service, (i / 20) as u8 + 1, &["src/app.ts"]);
+        let run = env.enqueue(&ev);
+        by_service.entry(service).or_default().push(run);
+        runs.push(run);
+        if i == 100 {
+            // SIGKILL mid-burst, and restart at once as a supervisor would. (A daemon
+            // away for longer than accept_timeout × max_attempts fails the steps it
+            // owes: the retry policy decides, as it should.)
+            daemon.kill();
+            daemon = env.spawn_daemon("daemon-2", SEED_BINDINGS);
+        }
+    }
+    let views = check_invariants_with(&env, &runs, true).await;
+    drop(daemon);
+    let by_id: HashMap<Uuid, &RunView> = views.iter().map(|v| (v.id, v)).collect();
+    for v in &views {
+        assert_eq!(
+            v.status,
+            "succeeded",
+            "run {} of {}: {:?}",
+            v.id,
+            v.service,
+            v.steps.iter().filter_map(|s| s.error.as_ref()).collect::<Vec<_>>()
+        );
+    }
+    // Per environment: one run at a time, in the order the events arrived.
+    for (service, ids) in &by_service {
+        for pair in ids.windows(2) {
+            let (a, b) = (by_id[&pair[0]], by_id[&pair[1]]);
+            assert!(
+                b.started_at.unwrap() >= a.finished_at.unwrap(),
+                "{service}: run {} started before run {} (enqueued earlier) finished",
+                b.id,
+                a.id
+            );
+        }
+    }
 }
