@@ -1213,6 +1213,7 @@ impl RunState {
             not_after: now + cfg.accept_timeout,
             deadline: now + timeout,
             heartbeat_ms: cfg.heartbeat.as_millis().max(1) as u64,
+            lease_ms: cfg.lease.as_millis() as u64,
             // A child of the run span: the attempt's own span, which the daemon's span joins.
             traceparent: self
                 .trace_context

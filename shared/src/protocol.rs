@@ -300,6 +300,12 @@ pub struct StepJob {
     pub deadline: DateTime<Utc>,
     /// How often the daemon must report a heartbeat while the job runs.
     pub heartbeat_ms: u64,
+    /// After this long without a heartbeat the scheduler presumes the attempt lost
+    /// and may start another. A daemon that finds itself stalled that long (stopped,
+    /// frozen) abandons the job instead of finishing it behind a newer attempt.
+    /// 0: not told.
+    #[serde(default)]
+    pub lease_ms: u64,
     /// W3C trace context of the step span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,

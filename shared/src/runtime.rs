@@ -488,16 +488,32 @@ async fn run_job(
     }
     tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, action = %job.action, "job started");
 
+    // Self-fencing: a process stalled for longer than the lease (SIGSTOP, a frozen
+    // VM) has been presumed lost and a newer attempt may be running. It must not
+    // finish its work when it wakes. The heartbeat task notes each tick; the work
+    // is polled only while the last tick is recent, and a tick that finds a gap
+    // longer than the lease fences the job for good.
+    let lease = Duration::from_millis(job.lease_ms);
+    let origin = std::time::Instant::now();
+    let last_tick = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heartbeat = tokio::spawn({
         let broker = shared.broker.clone();
         let instance = shared.instance.clone();
         let key = shared.key.clone();
         let job = job.clone();
+        let (last_tick, fenced) = (last_tick.clone(), fenced.clone());
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(job.heartbeat_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                let now = origin.elapsed().as_millis() as u64;
+                let previous = last_tick.swap(now, std::sync::atomic::Ordering::SeqCst);
+                if job.lease_ms > 0 && now.saturating_sub(previous) > job.lease_ms {
+                    fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 let mut hb = StepResult::for_job(&job, &instance, ResultStatus::Heartbeat);
                 key.sign(&mut hb);
                 let out = Outgoing {
@@ -519,15 +535,36 @@ async fn run_job(
         daemon: shared.instance.clone(),
     };
     let budget = (job.deadline - Utc::now()).to_std().unwrap_or_default();
+    let stalled = {
+        let (last_tick, fenced) = (last_tick.clone(), fenced.clone());
+        move || {
+            if lease.is_zero() {
+                return false;
+            }
+            let since = origin.elapsed().as_millis() as u64 - last_tick.load(std::sync::atomic::Ordering::SeqCst);
+            fenced.load(std::sync::atomic::Ordering::SeqCst) || since > job.lease_ms
+        }
+    };
     let work = async {
         let fut = match job.kind {
             JobKind::Execute => binding.role.execute(&job, &ctx),
             JobKind::Compensate => binding.role.compensate(&job, &ctx),
         };
+        let fut = Fenced {
+            inner: fut,
+            stalled: stalled.clone(),
+        };
         // A panicking role must still produce a result, or the scheduler would
         // only learn of it when the lease expires.
         match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(outcome) => outcome,
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => Err(StepError::fatal(
+                "lease_lost",
+                format!(
+                    "the daemon was stalled for longer than the {} ms lease; the scheduler has presumed this attempt lost, so its work was abandoned",
+                    job.lease_ms
+                ),
+            )),
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<String>()
@@ -682,6 +719,23 @@ async fn report(
         .broker
         .publish(RESULTS_EXCHANGE, RESULTS_KEY, &result.to_bytes(), &out)
         .await
+}
+
+/// A role's work, polled only while its daemon has not stalled past the lease.
+struct Fenced<F, S> {
+    inner: F,
+    stalled: S,
+}
+
+impl<F: Future + Unpin, S: Fn() -> bool + Unpin> Future for Fenced<F, S> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        if (self.stalled)() {
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.inner).poll(cx).map(Some)
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the signal every Baton process stops on.

@@ -763,6 +763,7 @@ pub fn step_job(zone: &str, role: &str, not_after_secs: i64) -> baton_shared::pr
         not_after: now + chrono::Duration::seconds(not_after_secs),
         deadline: now + chrono::Duration::seconds(600),
         heartbeat_ms: 1000,
+        lease_ms: 0,
         traceparent: None,
         signature: None,
     }

@@ -368,14 +368,17 @@ async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
         verify.outputs["done_by"], "verify.staging:2",
         "outputs come from the current attempt"
     );
-    // The zombie finishes and reports; the report is recorded as stale and ignored.
+    // The zombie wakes, abandons its work and reports; the report is recorded as stale.
     env.wait_until(
         "the stale attempt's late result to be recorded",
         RUN_TIMEOUT,
         async || {
             env.run(run).await.is_some_and(|v| {
                 v.history.iter().any(|h| {
-                    h.kind == "stale_result" && h.step_id.as_deref() == Some("verify.staging") && h.attempt == Some(1)
+                    h.kind == "stale_result"
+                        && h.step_id.as_deref() == Some("verify.staging")
+                        && h.attempt == Some(1)
+                        && h.detail["status"] == "failed"
                 })
             })
         },
@@ -384,6 +387,23 @@ async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
     let after = env.run(run).await.unwrap();
     assert_eq!(after.status, "succeeded");
     assert_eq!(step(&after, "verify.staging").attempts.len(), 2, "no third attempt");
+    // Its side effect is refused too: woken past its lease, the daemon abandons the
+    // work instead of finishing it behind attempt 2 (the role never ran to its end).
+    let zombie_ended: Vec<_> = env
+        .exec_log()
+        .into_iter()
+        .filter(|l| l.event == "end" && l.step_id == "verify.staging" && l.attempt == 1)
+        .collect();
+    assert!(
+        zombie_ended.is_empty(),
+        "the stale attempt finished its work: {zombie_ended:?}"
+    );
+    let stale = after
+        .history
+        .iter()
+        .find(|h| h.kind == "stale_result" && h.attempt == Some(1) && h.detail["status"] == "failed")
+        .unwrap();
+    assert!(stale.detail["message_id"].is_string(), "{stale:?}");
     assert_eq!(step(&after, "verify.staging").outputs["done_by"], "verify.staging:2");
 }
 

@@ -583,6 +583,7 @@ mod tests {
             not_after: now,
             deadline: now,
             heartbeat_ms: 1000,
+            lease_ms: 0,
             traceparent: None,
             signature: None,
         }

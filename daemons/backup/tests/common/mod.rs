@@ -214,6 +214,7 @@ pub fn job(action: &str, step_id: &str, run_id: Uuid, params: serde_json::Value)
         not_after: now + Duration::minutes(5),
         deadline: now + Duration::minutes(30),
         heartbeat_ms: 1000,
+        lease_ms: 0,
         traceparent: None,
         signature: None,
     }

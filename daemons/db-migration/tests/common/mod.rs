@@ -340,6 +340,7 @@ pub fn job(kind: JobKind, action: &str, zone: &str, repo: &GitRepo, sha: &str, r
         not_after: now + chrono::Duration::minutes(5),
         deadline: now + chrono::Duration::minutes(30),
         heartbeat_ms: 5000,
+        lease_ms: 0,
         traceparent: None,
         signature: None,
     }
