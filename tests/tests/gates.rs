@@ -239,6 +239,14 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
         "{sse}"
     );
 
+    // An operator rolls the finished run back from the command line.
+    let out = env.baton(&["--json", "rollback", &run.to_string(), "--reason", "customer reports"]);
+    assert_eq!(
+        json_of(&String::from_utf8_lossy(&out.stdout)),
+        json!({"run_id": run, "rollback": "requested"})
+    );
+    assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "rolled_back");
+
     // Cancelling a run held by an incident ends it without running anything.
     let (status, _) = api
         .post(

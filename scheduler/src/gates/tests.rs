@@ -485,3 +485,67 @@ fn decisions_are_checked_before_they_are_recorded() {
     f2.approvals[0].expires_at = now;
     check_decision(&r, ask("apply.production", &plan, "alice"), &f2, &p, now).unwrap();
 }
+
+#[test]
+fn a_step_running_when_its_window_closes_continues_or_is_cancelled_by_policy() {
+    for overrun in [Overrun::Continue, Overrun::Cancel] {
+        let mut r = run(&["src/a.ts"], "high");
+        let now = Utc::now();
+        let p = policy(|c| {
+            c.staging_soak_secs = 0;
+            c.maintenance_windows.insert(
+                "production".into(),
+                crate::window::ScheduleConfig {
+                    time_zone: "UTC".into(),
+                    weekly: vec![],
+                    once: vec![crate::window::Once {
+                        start: (now - Chrono::minutes(5)).to_rfc3339(),
+                        duration_minutes: 10,
+                    }],
+                    overrun,
+                },
+            );
+        });
+        let cfg = settings(p);
+        let fx = drive(&mut r, &cfg, now, &["apply.production"]);
+        let window = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::SetTimer {
+                    step,
+                    kind: crate::engine::TimerKind::Window,
+                    attempt,
+                    due,
+                } if step == "apply.production" => Some((*attempt, *due)),
+                _ => None,
+            })
+            .expect("a window timer for the dispatched step");
+        assert_eq!(window.1.timestamp(), (now + Chrono::minutes(5)).timestamp());
+        let mut fx = Vec::new();
+        r.fire_timer(
+            "apply.production",
+            crate::engine::TimerKind::Window,
+            window.0,
+            window.1,
+            &cfg,
+            &mut fx,
+        );
+        let i = idx(&r, "apply.production");
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::History {
+                kind: "window_overrun",
+                ..
+            }
+        )));
+        match overrun {
+            Overrun::Continue => assert_eq!(r.steps[i].status, StepStatus::Dispatched),
+            Overrun::Cancel => {
+                assert_eq!(r.steps[i].status, StepStatus::Failed);
+                assert_eq!(r.steps[i].error.as_ref().unwrap().code, "window_closed");
+                assert!(fx.iter().any(|e| matches!(e, Effect::Cancel(_))));
+                assert_eq!(r.status, RunStatus::RollingBack);
+            }
+        }
+    }
+}
