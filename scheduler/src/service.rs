@@ -319,12 +319,17 @@ async fn sweep_loop(store: Store, relay: Relay, claim: Duration, stop: Cancellat
 
 /// Routing key of the scheduler's publish probe on `baton.control`: no queue binds it.
 const PROBE_KEY: &str = "probe";
+/// How often the publish probe goes out.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Fires due timers. Leases only count time in which heartbeats could reach this
-/// scheduler: while its broker connection is down or blocked by a broker alarm
-/// (which blocks the daemons' publishers too), or its database is unreachable
-/// (heartbeats wait unapplied), lease timers wait; once it is back every running
-/// attempt gets one more lease period, as after a scheduler restart.
+/// scheduler. A lease timer fires only once a publish probe *sent after its due
+/// time* has been confirmed by the broker: proof that daemons could publish
+/// heartbeats then (a broker alarm blocks every publisher, and RabbitMQ tells a
+/// connection it is blocked only when it publishes). While the connection is
+/// down or blocked, or the database unreachable (heartbeats wait unapplied),
+/// lease timers wait; once it is back every running attempt gets one more lease
+/// period, as after a scheduler restart.
 async fn timer_loop(
     store: Store,
     broker: Broker,
@@ -333,9 +338,8 @@ async fn timer_loop(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut deaf = false;
-    // A broker alarm blocks publishers, but RabbitMQ tells a connection so only
-    // when it publishes: a small unroutable probe, published every second, finds
-    // out. A probe unconfirmed for a second means heartbeats cannot get through.
+    // Send time of the latest probe the broker confirmed.
+    let confirmed: Arc<std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>> = Arc::default();
     let mut probe: Option<(tokio::time::Instant, tokio::task::JoinHandle<()>)> = None;
     loop {
         tokio::select! {
@@ -344,15 +348,19 @@ async fn timer_loop(
         }
         let stalled = match &probe {
             Some((since, task)) if !task.is_finished() => since.elapsed() > Duration::from_secs(1),
-            Some((since, _)) if since.elapsed() < Duration::from_secs(1) => false,
+            Some((since, _)) if since.elapsed() < PROBE_EVERY => false,
             _ => {
-                let b = broker.clone();
+                let (b, confirmed) = (broker.clone(), confirmed.clone());
                 let task = tokio::spawn(async move {
                     let out = baton_shared::amqp::Outgoing {
                         best_effort: true,
                         ..Default::default()
                     };
-                    let _ = b.publish(CONTROL_EXCHANGE, PROBE_KEY, b"probe", &out).await;
+                    let sent = chrono::Utc::now();
+                    if b.publish(CONTROL_EXCHANGE, PROBE_KEY, b"probe", &out).await.is_ok() {
+                        let mut c = confirmed.lock().expect("lock");
+                        *c = Some(c.map_or(sent, |t| t.max(sent)));
+                    }
                 });
                 probe = Some((tokio::time::Instant::now(), task));
                 false
@@ -364,7 +372,10 @@ async fn timer_loop(
         }
         if connected && deaf {
             match store.renew_leases().await {
-                Ok(n) => tracing::info!(renewed_leases = n, "broker connection back: leases renewed"),
+                Ok(n) => tracing::info!(
+                    renewed_leases = n,
+                    "broker and database reachable again: leases renewed"
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew leases; lease expiry stays paused");
                     continue;
@@ -382,7 +393,10 @@ async fn timer_loop(
                 continue;
             }
         };
-        for t in due.into_iter().filter(|t| !(deaf && t.kind == TimerKind::Lease)) {
+        let heard_until = *confirmed.lock().expect("lock");
+        let may_fire =
+            |t: &store::DueTimer| t.kind != TimerKind::Lease || (!deaf && heard_until.is_some_and(|h| h >= t.due_at));
+        for t in due.into_iter().filter(may_fire) {
             match patiently("fire timer", &stop, || store.fire_timer(&t)).await {
                 Some(Ok(out)) => relay.send(out),
                 Some(Err(e)) => {

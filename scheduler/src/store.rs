@@ -109,6 +109,7 @@ pub struct DueTimer {
     pub step_id: String,
     pub kind: TimerKind,
     pub attempt: i32,
+    pub due_at: DateTime<Utc>,
 }
 
 #[derive(Clone)]
@@ -331,6 +332,12 @@ impl Store {
 
     /// Loads a run and locks its row for the rest of the transaction.
     async fn load(&self, tx: &mut Tx<'_>, run_id: Uuid) -> Result<Option<RunState>, StoreError> {
+        self.load_with(tx, run_id, true).await
+    }
+
+    /// Like [`Self::load`]; without `facts` the gates' facts (open incidents,
+    /// approvals) are not read, for transitions that cannot evaluate a gate.
+    async fn load_with(&self, tx: &mut Tx<'_>, run_id: Uuid, facts: bool) -> Result<Option<RunState>, StoreError> {
         let Some(row) = sqlx::query(
             "select service, environment, event, plan_hash, status, hold, completions, rollback_reason, trace_context,
                     started_at, finished_at
@@ -411,7 +418,7 @@ impl Store {
                 dirty: false,
             });
         }
-        if state.status.is_active() || state.status == RunStatus::Queued {
+        if facts && (state.status.is_active() || state.status == RunStatus::Queued) {
             state.facts = load_facts(tx, run_id).await?;
         }
         Ok(Some(state))
@@ -675,7 +682,19 @@ impl Store {
         out: &mut Vec<OutboxMsg>,
         f: impl FnOnce(&mut RunState, &mut Effects) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let Some(mut state) = self.load(tx, run_id).await? else {
+        self.transition_with(tx, run_id, true, out, f).await
+    }
+
+    /// [`Self::transition`], reading the gates' facts only if `facts`.
+    async fn transition_with<T>(
+        &self,
+        tx: &mut Tx<'_>,
+        run_id: Uuid,
+        facts: bool,
+        out: &mut Vec<OutboxMsg>,
+        f: impl FnOnce(&mut RunState, &mut Effects) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(mut state) = self.load_with(tx, run_id, facts).await? else {
             return Ok(None);
         };
         let mut fx = Vec::new();
@@ -728,8 +747,14 @@ impl Store {
         }
         let now = Utc::now();
         let settings = self.settings.clone();
+        // Only an outcome can move the run on (and so evaluate a gate); `started`
+        // and heartbeats skip reading the gates' facts.
+        let moves = matches!(
+            r.status,
+            baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
+        );
         let applied = self
-            .transition(&mut tx, r.run_id, &mut out, |state, fx| {
+            .transition_with(&mut tx, r.run_id, moves, &mut out, |state, fx| {
                 Ok(state.apply_result(r, now, &settings, fx))
             })
             .await?;
@@ -769,7 +794,7 @@ impl Store {
     /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
     pub async fn due_timers(&self, limit: i64) -> Result<Vec<DueTimer>, StoreError> {
         let rows = sqlx::query(
-            "select run_id, step_id, kind, attempt from timers where due_at <= now() order by due_at limit $1",
+            "select run_id, step_id, kind, attempt, due_at from timers where due_at <= now() order by due_at limit $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -783,6 +808,7 @@ impl Store {
                     step_id: r.try_get("step_id")?,
                     kind: parse(run_id, &kind)?,
                     attempt: r.try_get("attempt")?,
+                    due_at: r.try_get("due_at")?,
                 })
             })
             .collect()
