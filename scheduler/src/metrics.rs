@@ -117,6 +117,32 @@ pub async fn render(pool: &PgPool, broker: &Broker, pipeline: &Pipeline) -> Resu
         );
     }
 
+    let dead: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select origin, count(*), count(*) filter (where replayed_at is null) from dead_letters group by origin",
+    )
+    .fetch_all(pool)
+    .await?;
+    t.header(
+        "baton_dead_letters_total",
+        "Dead letters recorded from baton.dead-letters, by the queue they came from",
+        "counter",
+    );
+    for (origin, n, _) in &dead {
+        t.sample("baton_dead_letters_total", &l(&[("origin", origin.clone())]), *n as f64);
+    }
+    t.header(
+        "baton_dead_letters_pending",
+        "Dead letters not replayed yet (baton dlq list)",
+        "gauge",
+    );
+    for (origin, _, pending) in &dead {
+        t.sample(
+            "baton_dead_letters_pending",
+            &l(&[("origin", origin.clone())]),
+            *pending as f64,
+        );
+    }
+
     let (unsent, lag): (i64, f64) = sqlx::query_as(
         "select count(*), coalesce(extract(epoch from now() - min(created_at)), 0)::float8
            from outbox where sent_at is null",

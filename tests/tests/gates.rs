@@ -600,6 +600,19 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
         .unwrap();
     assert_eq!(job["run_id"], run.to_string());
 
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("baton_dead_letters_pending{origin=\"baton.merge-events\"} 1"),
+        "{metrics}"
+    );
     // Viewers may not replay; operators may. The replayed event is refused again (and audited again).
     let id = merge["id"].as_i64().unwrap().to_string();
     let (code, _) = cli(&env, &api, &api.viewer, &["dlq", "replay", &id]);
