@@ -26,6 +26,19 @@ struct Api {
 }
 
 impl Api {
+    /// The scheduler's API with the tokens [`configure`] made, in its order.
+    fn of(scheduler: &baton_tests::Proc, t: &[(String, Role)]) -> Self {
+        Self {
+            base: scheduler.api.clone().expect("api"),
+            http: reqwest::Client::new(),
+            viewer: t[0].0.clone(),
+            operator: t[1].0.clone(),
+            alice: t[2].0.clone(),
+            bob: t[3].0.clone(),
+            ci: t[4].0.clone(),
+        }
+    }
+
     async fn post(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
         let r = self
             .http
@@ -81,15 +94,7 @@ async fn start(env: &TestEnv, extra: &str) -> (Api, Vec<baton_tests::Proc>) {
     env.script(json!({"default": {"delay_ms": 20}}));
     let scheduler = env.scheduler("scheduler").await;
     let daemon = env.daemon("daemon", SEED_BINDINGS).await;
-    let api = Api {
-        base: scheduler.api.clone().expect("api"),
-        http: reqwest::Client::new(),
-        viewer: t[0].0.clone(),
-        operator: t[1].0.clone(),
-        alice: t[2].0.clone(),
-        bob: t[3].0.clone(),
-        ci: t[4].0.clone(),
-    };
+    let api = Api::of(&scheduler, &t);
     (api, vec![scheduler, daemon])
 }
 
@@ -544,15 +549,7 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
             &[("BATON_SIGNING__TRUSTED", trusted.as_str())],
         )
         .await;
-    let api = Api {
-        base: scheduler.api.clone().expect("api"),
-        http: reqwest::Client::new(),
-        viewer: t[0].0.clone(),
-        operator: t[1].0.clone(),
-        alice: t[2].0.clone(),
-        bob: t[3].0.clone(),
-        ci: t[4].0.clone(),
-    };
+    let api = Api::of(&scheduler, &t);
 
     // The refused job fails its step at once (not after the accept timeout), with the reason.
     let run = env.enqueue(&event("dlq", 1, &["drizzle/migrations/0001_x.sql"]));
