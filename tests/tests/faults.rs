@@ -153,6 +153,7 @@ async fn slow_broker_memory_alarm_blocks_publishers_without_open_transactions_th
             stuck, 0,
             "a transaction stayed open while the broker blocked publishers"
         );
+        // Sampling for something that must not happen: there is no event to await.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let during = env.run(run).await.unwrap();
@@ -192,8 +193,13 @@ async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
     wait_mid_run(&env, run).await;
     env.pool.close().await;
     pg.crash();
-    // Results and heartbeats queue up in RabbitMQ meanwhile.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let crashed = chrono::Utc::now();
+    // The database stays down until a daemon has finished a step meanwhile: its
+    // result waits in RabbitMQ for the scheduler, which cannot apply it yet.
+    env.wait_until("a step to finish while the database is down", RUN_TIMEOUT, async || {
+        env.exec_log().iter().any(|l| l.event == "end" && l.at > crashed)
+    })
+    .await;
     pg.start_again();
     env.pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
     let views = check_invariants(&env, &[run]).await;

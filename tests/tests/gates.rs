@@ -360,8 +360,14 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
     assert_eq!(json_of(&out)["run_status"], "awaiting_approval");
     let (status, e) = api.post(&api.alice, &path, body(&plan)).await;
     assert_eq!(status, StatusCode::CONFLICT, "a second approval by alice: {e}");
-    // Her approval expires (ttl 3 s): waiting for that moment is the point of the test.
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // Her approval expires (ttl 3 s): await the moment the database says it has.
+    env.wait_until("alice's approval to expire", RUN_TIMEOUT, async || {
+        sqlx::query_scalar::<_, bool>("select bool_and(expires_at < now()) from approvals where approver = 'alice'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
     let (status, e) = api.post(&api.bob, &path, body(&plan)).await;
     assert_eq!(status, StatusCode::OK, "{e}");
     let v = env.run(run).await.unwrap();
