@@ -612,31 +612,26 @@ impl RunState {
                             format!("{}; and the pre-deploy backup cannot be restored: {why}", err.message),
                         );
                         s.error = Some(err.clone());
-                        s.comp_finished_at = Some(now);
-                        s.status = StepStatus::CompensationFailed;
-                        Self::history(
-                            fx,
-                            Some(&s.id),
-                            Some(s.attempt),
-                            "compensation_failed",
-                            json!({"error": err, "attempts": tries}),
-                        );
+                        Self::compensation_failed(s, &err, tries, now, fx);
                     }
                 }
             }
-            JobKind::Compensate => {
-                s.comp_finished_at = Some(now);
-                s.status = StepStatus::CompensationFailed;
-                Self::history(
-                    fx,
-                    Some(&s.id),
-                    Some(s.attempt),
-                    "compensation_failed",
-                    json!({"error": err, "attempts": tries}),
-                );
-            }
+            JobKind::Compensate => Self::compensation_failed(s, &err, tries, now, fx),
         }
         self.advance(now, cfg, fx);
+    }
+
+    /// A compensation failed for good: the run will end `rollback_failed`.
+    fn compensation_failed(s: &mut StepState, err: &StepError, tries: i32, now: DateTime<Utc>, fx: &mut Effects) {
+        s.comp_finished_at = Some(now);
+        s.status = StepStatus::CompensationFailed;
+        Self::history(
+            fx,
+            Some(&s.id),
+            Some(s.attempt),
+            "compensation_failed",
+            json!({"error": err, "attempts": tries}),
+        );
     }
 
     /// A durable timer came due; stale timers (older attempts) change nothing.
