@@ -130,7 +130,10 @@ async fn slow_broker_memory_alarm_blocks_publishers_without_open_transactions_th
     let mut env = TestEnv::new("fault-broker-alarm").await;
     env.amqp_url = broker.url();
     env.script(json!({"default": {"delay_ms": 300}}));
+    // Production-like lease and accept timeout (the tests' 2 s / 5 s are shorter than
+    // a loaded CI machine takes to drain the backlog the alarm leaves).
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
+    env.set_scheduler_env("BATON_SCHEDULER__ACCEPT_TIMEOUT_MS", "30000");
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("alarm", 1, EVERYTHING));
