@@ -11,11 +11,9 @@ use baton_shared::amqp::{AmqpError, Broker, Outgoing};
 use baton_shared::protocol::{CancelJob, MergeEvent, Message, Refusal, StepJob, StepResult};
 use baton_shared::signing::{Keypair, Trusted};
 use baton_shared::topology::{self, CONTROL_EXCHANGE, JOBS_EXCHANGE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE, RESULTS_QUEUE};
-use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +91,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     )
     .with_sample_ratio(config.telemetry.sample_ratio);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
-    topology::declare_core(broker.publish_channel(), config.amqp.delivery_limit)
+    topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit)
         .await
         .map_err(AmqpError::op("declare topology"))?;
     let renewed = store.renew_leases().await?;
@@ -181,6 +179,10 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested"),
+        why = broker.lost() => {
+            stop.cancel();
+            return Err(anyhow::anyhow!("{why}"));
+        }
         Some(res) = tasks.join_next() => {
             stop.cancel();
             broker.close().await;
@@ -408,50 +410,6 @@ async fn timer_loop(
     }
 }
 
-async fn consume(
-    broker: &Broker,
-    queue: &str,
-    prefetch: u16,
-    tag: &str,
-) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
-    let ch = broker.channel().await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(AmqpError::op("basic.qos"))?;
-    let consumer = ch
-        .basic_consume(
-            queue.into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(AmqpError::op("basic.consume"))?;
-    Ok((ch, consumer))
-}
-
-/// The next delivery, riding out recoverable channel errors.
-async fn next_delivery(
-    ch: &lapin::Channel,
-    consumer: &mut lapin::Consumer,
-    stop: &CancellationToken,
-) -> anyhow::Result<Option<Delivery>> {
-    loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return Ok(None),
-            n = consumer.next() => n,
-        };
-        match next {
-            None => anyhow::bail!("consumer stream ended"),
-            Some(Ok(d)) => return Ok(Some(d)),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error; waiting for broker recovery");
-                ch.wait_for_recovery(e).await?;
-            }
-        }
-    }
-}
-
 async fn merge_event_loop(
     store: Store,
     broker: Broker,
@@ -460,8 +418,8 @@ async fn merge_event_loop(
     prefetch: u16,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (ch, mut consumer) = consume(&broker, MERGE_EVENTS_QUEUE, prefetch, "scheduler-merge-events").await?;
-    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+    let mut sub = broker.subscribe(MERGE_EVENTS_QUEUE, prefetch, "scheduler-merge-events");
+    while let Some(delivery) = sub.next(&stop).await {
         let refused = |reason: String| {
             let (store, broker) = (&store, &broker);
             let delivery = &delivery;
@@ -522,10 +480,10 @@ async fn result_loop(
     concurrency: usize,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (ch, mut consumer) = consume(&broker, RESULTS_QUEUE, prefetch, "scheduler-results").await?;
+    let mut sub = broker.subscribe(RESULTS_QUEUE, prefetch, "scheduler-results");
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut running = tokio::task::JoinSet::new();
-    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+    while let Some(delivery) = sub.next(&stop).await {
         let permit = slots.clone().acquire_owned().await?;
         while running.try_join_next().is_some() {}
         let (store, broker, relay, stop) = (store.clone(), broker.clone(), relay.clone(), stop.clone());
@@ -621,8 +579,8 @@ async fn dead_letter_loop(
     prefetch: u16,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (ch, mut consumer) = consume(&broker, topology::DEAD_QUEUE, prefetch, "scheduler-dead-letters").await?;
-    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+    let mut sub = broker.subscribe(topology::DEAD_QUEUE, prefetch, "scheduler-dead-letters");
+    while let Some(delivery) = sub.next(&stop).await {
         let dl = dead_letter_of(&delivery);
         match patiently("record dead letter", &stop, || store.record_dead_letter(&dl)).await {
             None => return Ok(()),
@@ -711,8 +669,8 @@ async fn notice_loop(
     trusted: Arc<Trusted>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (ch, mut consumer) = consume(&broker, NOTICES_QUEUE, 16, "scheduler-notices").await?;
-    while let Some(delivery) = next_delivery(&ch, &mut consumer, &stop).await? {
+    let mut sub = broker.subscribe(NOTICES_QUEUE, 16, "scheduler-notices");
+    while let Some(delivery) = sub.next(&stop).await {
         let notice = match Refusal::parse(&delivery.data) {
             Ok(n) => n,
             Err(e) => {

@@ -1,17 +1,32 @@
 //! Connecting to RabbitMQ and publishing with confirms.
 //!
 //! Every publish Baton makes is persistent, `mandatory` and confirmed: a message
-//! the broker cannot route comes back as [`PublishError::Unroutable`] instead of
+//! the broker cannot route comes back as [`AmqpError::Unroutable`] instead of
 //! being dropped and still confirmed.
+//!
+//! A [`Broker`] keeps its connection itself instead of relying on lapin's
+//! auto-recovery (which, after a broker restart under load, sometimes never
+//! completed): a keeper task watches the connection, and when it is gone opens a
+//! new one with backoff. Publishers wait (boundedly) for the new connection and
+//! publish again; a [`Subscription`] opens its channel and consumer again on it,
+//! re-running its queue declaration. Deliveries of the old connection go back to
+//! their queue with the broker, so consumers must (and do) tolerate redelivery.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, DefaultConnectionBuilder};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::AmqpConfig;
@@ -40,6 +55,8 @@ pub enum AmqpError {
     Unroutable { exchange: String, routing_key: String },
     #[error("broker refused (nacked) message to exchange {exchange:?} with routing key {routing_key:?}")]
     Nacked { exchange: String, routing_key: String },
+    #[error("not connected to rabbitmq ({0})")]
+    Disconnected(&'static str),
 }
 
 impl AmqpError {
@@ -57,75 +74,162 @@ pub struct Outgoing {
     pub best_effort: bool,
 }
 
-/// One connection with a confirming publish channel.
+/// How long a publisher waits for a connection before giving up on one message.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(15);
+/// How often the keeper looks at the connection.
+const KEEPER_TICK: Duration = Duration::from_millis(100);
+/// Bound on opening one connection (TCP, TLS and the AMQP handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where and how to connect; kept for reconnects.
+struct Spec {
+    url: Secret<String>,
+    ca_pem: Option<String>,
+    name: String,
+    /// Consecutive failed reconnects before giving up (0: never).
+    give_up_after: usize,
+}
+
+/// One open connection and its confirming publish channel.
+struct Live {
+    conn: Connection,
+    publish: RwLock<Channel>,
+    /// Serialises reopening a publish channel the broker closed.
+    repair: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    fn connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    fn publish_channel(&self) -> Channel {
+        self.publish.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reopens the publish channel if the broker closed it (a channel-level
+    /// error such as publishing to an exchange that does not exist).
+    async fn repair(&self) {
+        let _guard = self.repair.lock().await;
+        if !self.connected() || self.publish_channel().status().connected() {
+            return;
+        }
+        match confirming_channel(&self.conn).await {
+            Ok(ch) => *self.publish.write().unwrap_or_else(|e| e.into_inner()) = ch,
+            Err(e) => tracing::warn!(error = %e, "cannot reopen the publish channel"),
+        }
+    }
+}
+
+/// What the keeper publishes to everyone holding the broker.
+#[derive(Clone, Default)]
+struct Link {
+    /// Bumped on every new connection.
+    generation: u64,
+    live: Option<Arc<Live>>,
+    /// `close()` was called, or reconnecting gave up (with why).
+    ended: Option<Arc<str>>,
+}
+
+struct Inner {
+    spec: Spec,
+    link: watch::Sender<Link>,
+    closed: CancellationToken,
+}
+
+/// A RabbitMQ connection that reconnects itself, with a confirming publish channel.
 #[derive(Clone)]
 pub struct Broker {
-    conn: Arc<Connection>,
-    publish: Channel,
+    inner: Arc<Inner>,
+}
+
+async fn confirming_channel(conn: &Connection) -> Result<Channel, AmqpError> {
+    let ch = conn.create_channel().await.map_err(AmqpError::op("channel.open"))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(AmqpError::op("confirm.select"))?;
+    Ok(ch)
+}
+
+async fn open(spec: &Spec) -> Result<Live, AmqpError> {
+    let connect_error = |source| AmqpError::Connect {
+        url: redact_url(spec.url.expose()),
+        source,
+    };
+    // lapin's own recovery stays off: the keeper replaces a lost connection.
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(spec.name.clone()));
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: spec.ca_pem.clone(),
+    };
+    let builder = DefaultConnectionBuilder::new()
+        .map_err(connect_error)?
+        .with_uri_str(spec.url.expose().clone())
+        .with_properties(props)
+        .with_tls_config(tls);
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
+        .await
+        .map_err(|_| {
+            connect_error(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            ))))
+        })?
+        .map_err(connect_error)?;
+    let publish = confirming_channel(&conn).await?;
+    Ok(Live {
+        conn,
+        publish: RwLock::new(publish),
+        repair: tokio::sync::Mutex::new(()),
+    })
 }
 
 impl Broker {
-    /// Connects with lapin's auto-recovery on and opens a confirming channel.
+    /// Connects once (failing if the broker is not there) and keeps the connection from then on.
     pub async fn connect(url: &Secret<String>, name: &str) -> Result<Self, AmqpError> {
-        Self::open(url, None, AmqpConfig::default().reconnect_attempts, name).await
+        Self::start(Spec {
+            url: url.clone(),
+            ca_pem: None,
+            name: name.to_owned(),
+            give_up_after: AmqpConfig::default().reconnect_attempts,
+        })
+        .await
     }
 
     /// Connects as configured: for `amqps://`, `amqp.ca_file` adds the CA that
     /// signed the broker's certificate (the system roots are used otherwise).
     pub async fn connect_config(cfg: &AmqpConfig, name: &str) -> Result<Self, AmqpError> {
-        let ca = match &cfg.ca_file {
+        let ca_pem = match &cfg.ca_file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| AmqpError::Tls {
                 path: path.clone(),
                 problem: e.to_string(),
             })?),
             None => None,
         };
-        Self::open(&cfg.url, ca, cfg.reconnect_attempts, name).await
+        Self::start(Spec {
+            url: cfg.url.clone(),
+            ca_pem,
+            name: name.to_owned(),
+            give_up_after: cfg.reconnect_attempts,
+        })
+        .await
     }
 
-    async fn open(
-        url: &Secret<String>,
-        ca_pem: Option<String>,
-        attempts: usize,
-        name: &str,
-    ) -> Result<Self, AmqpError> {
-        // lapin retries TCP (re)connects itself; bound it so a broker that stays
-        // away (or refuses our TLS) surfaces as an error instead of a hang.
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(name.to_owned()))
-            .configure_backoff(move |b| {
-                b.with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(3))
-                    .with_max_times(attempts)
-            })
-            .enable_auto_recover();
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: ca_pem,
-        };
-        let conn = DefaultConnectionBuilder::new()
-            .map_err(|source| AmqpError::Connect {
-                url: redact_url(url.expose()),
-                source,
-            })?
-            .with_uri_str(url.expose().clone())
-            .with_properties(props)
-            .with_tls_config(tls)
-            .connect()
-            .await
-            .map_err(|source| AmqpError::Connect {
-                url: redact_url(url.expose()),
-                source,
-            })?;
-        let publish = conn.create_channel().await.map_err(AmqpError::op("channel.open"))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(AmqpError::op("confirm.select"))?;
-        Ok(Self {
-            conn: Arc::new(conn),
-            publish,
-        })
+    async fn start(spec: Spec) -> Result<Self, AmqpError> {
+        let live = open(&spec).await?;
+        let (link, _) = watch::channel(Link {
+            generation: 1,
+            live: Some(Arc::new(live)),
+            ended: None,
+        });
+        let inner = Arc::new(Inner {
+            spec,
+            link,
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(keep(Arc::downgrade(&inner), inner.closed.clone()));
+        Ok(Self { inner })
     }
 
     /// Connects, retrying with backoff for up to `patience`.
@@ -139,63 +243,99 @@ impl Broker {
                 Err(e) if start.elapsed() < patience => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "rabbitmq not reachable yet");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    pub fn connection(&self) -> &Connection {
-        &self.conn
+    fn current(&self) -> Option<Arc<Live>> {
+        self.inner.link.borrow().live.clone()
     }
 
     pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
+        self.current().is_some_and(|l| l.connected())
     }
 
     /// The broker has blocked this connection's publishers (a memory or disk alarm).
     pub fn is_blocked(&self) -> bool {
-        self.conn.status().blocked()
+        self.current().is_some_and(|l| l.conn.status().blocked())
     }
 
-    /// A fresh channel on this connection.
-    pub async fn channel(&self) -> Result<Channel, AmqpError> {
-        self.conn.create_channel().await.map_err(AmqpError::op("channel.open"))
-    }
-
-    /// The confirming publish channel (for topology declarations).
-    pub fn publish_channel(&self) -> &Channel {
-        &self.publish
-    }
-
-    /// Publishes a persistent JSON message and waits for the broker's confirm.
-    ///
-    /// A connection error waits for lapin's recovery and publishes again, so a
-    /// caller may see the message delivered twice but never lost silently.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        out: &Outgoing,
-    ) -> Result<(), AmqpError> {
-        let mut tries = 0;
+    /// Resolves when the broker is gone for good: reconnecting gave up (`amqp.reconnect_attempts`).
+    pub async fn lost(&self) -> String {
+        let mut rx = self.inner.link.subscribe();
         loop {
-            tries += 1;
-            match self.publish_once(exchange, routing_key, body, out).await {
-                Err(AmqpError::Op { source, op }) if tries < 5 => {
-                    tracing::warn!(error = %source, op, exchange, routing_key, "publish failed; waiting for broker recovery");
-                    if let Err(e) = self.publish.wait_for_recovery(source).await {
-                        return Err(AmqpError::Op { op, source: e });
-                    }
-                }
-                other => return other,
+            if let Some(why) = rx.borrow_and_update().ended.clone()
+                && !self.inner.closed.is_cancelled()
+            {
+                return why.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
             }
         }
     }
 
-    async fn publish_once(
+    /// The current connection once it is up, with its generation; `None` if
+    /// `stop` fired first or the broker is closed or lost.
+    async fn live(&self, stop: &CancellationToken) -> Option<(u64, Arc<Live>)> {
+        let mut rx = self.inner.link.subscribe();
+        loop {
+            {
+                let link = rx.borrow_and_update();
+                if link.ended.is_some() {
+                    return None;
+                }
+                if let Some(live) = link.live.as_ref().filter(|l| l.connected()) {
+                    return Some((link.generation, live.clone()));
+                }
+            }
+            // The keeper notices a dead connection within a tick; wake on its news or the tick.
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(KEEPER_TICK) => {}
+            }
+        }
+    }
+
+    /// A fresh channel on the current connection.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let live = self
+            .current()
+            .filter(|l| l.connected())
+            .ok_or(AmqpError::Disconnected("no open connection"))?;
+        live.conn.create_channel().await.map_err(AmqpError::op("channel.open"))
+    }
+
+    /// Consumes `queue` for as long as the caller asks for deliveries, across reconnects.
+    pub fn subscribe(&self, queue: &str, prefetch: u16, tag: &str) -> Subscription {
+        Subscription {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            prefetch,
+            tag: tag.to_owned(),
+            setup: None,
+            current: None,
+        }
+    }
+
+    /// Like [`Broker::subscribe`], running `setup` on each new channel first; it
+    /// declares the queue (and may name it: exclusive queues die with their connection).
+    pub fn subscribe_with(&self, prefetch: u16, tag: &str, setup: Setup) -> Subscription {
+        Subscription {
+            setup: Some(setup),
+            ..self.subscribe("", prefetch, tag)
+        }
+    }
+
+    /// Publishes a persistent JSON message and waits for the broker's confirm.
+    ///
+    /// A lost connection makes it wait for the next one (up to 15 s) and publish
+    /// again, so a receiver may see the message twice but it is never lost silently.
+    pub async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -218,27 +358,62 @@ impl Broker {
             }
             props = props.with_headers(table);
         }
-        let opts = BasicPublishOptions {
-            mandatory: !out.best_effort,
-            ..Default::default()
-        };
-        let confirm = self
-            .publish
-            .basic_publish(exchange.into(), routing_key.into(), opts, body, props)
+        self.publish_props(exchange, routing_key, body, props, !out.best_effort)
             .await
-            .map_err(AmqpError::op("basic.publish"))?
-            .await
-            .map_err(AmqpError::op("publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-            }),
-            Confirmation::Nack(_) => Err(AmqpError::Nacked {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-            }),
+    }
+
+    async fn publish_props(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), AmqpError> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+        let never = CancellationToken::new();
+        let mut last = AmqpError::Disconnected("no connection came up in time");
+        loop {
+            let Ok(Some((_, live))) = tokio::time::timeout_at(deadline, self.live(&never)).await else {
+                return Err(last);
+            };
+            let opts = BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            };
+            let confirm = async {
+                live.publish_channel()
+                    .basic_publish(exchange.into(), routing_key.into(), opts, body, props.clone())
+                    .await
+                    .map_err(AmqpError::op("basic.publish"))?
+                    .await
+                    .map_err(AmqpError::op("publisher confirm"))
+            };
+            match confirm.await {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => return Ok(()),
+                Ok(Confirmation::Ack(Some(_))) => {
+                    return Err(AmqpError::Unroutable {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                    });
+                }
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(AmqpError::Nacked {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, exchange, routing_key, "publish failed; publishing again once connected");
+                    live.repair().await;
+                    last = e;
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(last);
+                    }
+                    // Let the keeper see a dead connection before the next try.
+                    tokio::time::sleep(KEEPER_TICK).await;
+                }
+            }
         }
     }
 
@@ -258,29 +433,14 @@ impl Broker {
             AMQPValue::LongString(LongString::from(origin.to_owned())),
         );
         props = props.with_headers(headers).with_delivery_mode(2);
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let confirm = self
-            .publish
-            .basic_publish(
-                DEAD_EXCHANGE.into(),
-                delivery.routing_key.clone(),
-                opts,
-                &delivery.data,
-                props,
-            )
-            .await
-            .map_err(AmqpError::op("basic.publish"))?
-            .await
-            .map_err(AmqpError::op("publisher confirm"))?;
-        if !matches!(confirm, Confirmation::Ack(None)) {
-            return Err(AmqpError::Unroutable {
-                exchange: DEAD_EXCHANGE.to_owned(),
-                routing_key: delivery.routing_key.to_string(),
-            });
-        }
+        self.publish_props(
+            DEAD_EXCHANGE,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            props,
+            true,
+        )
+        .await?;
         tracing::warn!(origin, reason, "message dead-lettered");
         delivery
             .ack(BasicAckOptions::default())
@@ -289,8 +449,189 @@ impl Broker {
             .map(drop)
     }
 
+    /// Closes the connection and stops reconnecting.
     pub async fn close(&self) {
-        let _ = self.conn.close(200, "bye".into()).await;
+        self.inner.closed.cancel();
+        let live = self.current();
+        self.inner.link.send_modify(|l| {
+            l.live = None;
+            l.ended = Some(Arc::from("closed"));
+        });
+        if let Some(live) = live {
+            let _ = tokio::time::timeout(Duration::from_secs(5), live.conn.close(200, "bye".into())).await;
+        }
+    }
+}
+
+/// Watches the connection and replaces it when it is lost.
+async fn keep(inner: Weak<Inner>, closed: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = tokio::time::sleep(KEEPER_TICK) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let current = inner.link.borrow().live.clone();
+        if current.as_ref().is_some_and(|l| l.connected()) {
+            continue;
+        }
+        let name = inner.spec.name.as_str();
+        tracing::warn!(connection = name, "rabbitmq connection lost; reconnecting");
+        inner.link.send_modify(|l| l.live = None);
+        drop(current);
+        let mut delay = MIN_BACKOFF;
+        let mut failures = 0usize;
+        loop {
+            let opened = tokio::select! {
+                _ = closed.cancelled() => return,
+                o = open(&inner.spec) => o,
+            };
+            match opened {
+                Ok(live) => {
+                    inner.link.send_modify(|l| {
+                        l.generation += 1;
+                        l.live = Some(Arc::new(live));
+                    });
+                    crate::metrics::global().inc(
+                        "baton_amqp_reconnects_total",
+                        "Connections to RabbitMQ re-established after one was lost",
+                        &[],
+                        1.0,
+                    );
+                    tracing::info!(
+                        connection = name,
+                        failed_attempts = failures,
+                        "rabbitmq connection re-established"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    let limit = inner.spec.give_up_after;
+                    if limit > 0 && failures >= limit {
+                        let why = format!("rabbitmq connection lost and {failures} reconnects failed; last: {e}");
+                        tracing::error!(connection = name, error = %e, failures, "giving up on rabbitmq");
+                        inner.link.send_modify(|l| l.ended = Some(Arc::from(why.as_str())));
+                        return;
+                    }
+                    tracing::warn!(connection = name, error = %e, failures, retry_in_ms = delay.as_millis() as u64, "rabbitmq reconnect failed");
+                    tokio::select! {
+                        _ = closed.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+/// Declares a subscription's queue on a new channel and returns its name.
+pub type Setup = Arc<dyn Fn(Channel) -> BoxFuture<'static, lapin::Result<String>> + Send + Sync>;
+
+/// A consumer that survives reconnects: each new connection gets a new channel,
+/// `basic.qos`, the queue declaration (if any) and `basic.consume`.
+pub struct Subscription {
+    broker: Broker,
+    queue: String,
+    prefetch: u16,
+    tag: String,
+    setup: Option<Setup>,
+    current: Option<(u64, Channel, lapin::Consumer)>,
+}
+
+impl Subscription {
+    /// The queue consumed (as last declared).
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery; `None` once `stop` fires or the broker is closed or lost.
+    pub async fn next(&mut self, stop: &CancellationToken) -> Option<Delivery> {
+        let mut delay = MIN_BACKOFF;
+        loop {
+            if self.current.is_none() {
+                match self.open(stop).await {
+                    Ok(Some(c)) => self.current = Some(c),
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::warn!(queue = %self.queue, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot subscribe; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => return None,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            let Some((generation, _, consumer)) = self.current.as_mut() else {
+                continue;
+            };
+            let generation = *generation;
+            let mut links = self.broker.inner.link.subscribe();
+            let replaced = async {
+                loop {
+                    if links.borrow_and_update().generation != generation {
+                        return;
+                    }
+                    if links.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            };
+            let next = tokio::select! {
+                _ = stop.cancelled() => return None,
+                n = consumer.next() => Some(n),
+                () = replaced => None,
+            };
+            match next {
+                Some(Some(Ok(d))) => return Some(d),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "consumer interrupted; subscribing again");
+                }
+                Some(None) => tracing::warn!(queue = %self.queue, "consumer ended; subscribing again"),
+                None => tracing::info!(queue = %self.queue, "new rabbitmq connection; subscribing again"),
+            }
+            self.current = None;
+        }
+    }
+
+    async fn open(&mut self, stop: &CancellationToken) -> Result<Option<(u64, Channel, lapin::Consumer)>, AmqpError> {
+        let Some((generation, live)) = self.broker.live(stop).await else {
+            return Ok(None);
+        };
+        let ch = live
+            .conn
+            .create_channel()
+            .await
+            .map_err(AmqpError::op("channel.open"))?;
+        ch.basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(AmqpError::op("basic.qos"))?;
+        if let Some(setup) = &self.setup {
+            self.queue = setup(ch.clone()).await.map_err(AmqpError::op("queue.declare"))?;
+        }
+        let consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(AmqpError::op("basic.consume"))?;
+        Ok(Some((generation, ch, consumer)))
+    }
+
+    /// Stops consuming; deliveries prefetched but not yet handed out go back to the queue,
+    /// while those handed out can still be acknowledged.
+    pub async fn cancel(&mut self) {
+        if let Some((_, ch, _)) = &self.current {
+            let _ = ch
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
     }
 }
 

@@ -109,7 +109,8 @@ pub struct AmqpConfig {
     pub delivery_limit: i64,
     /// PEM file with the CA that signed the broker's certificate (`amqps://`).
     pub ca_file: Option<String>,
-    /// TCP (re)connect attempts lapin makes before a connection counts as lost.
+    /// Consecutive failed reconnects (backoff 0.2 s doubling to 5 s) after which the
+    /// process gives up and exits for its supervisor to restart; 0 never gives up.
     pub reconnect_attempts: usize,
 }
 
@@ -119,7 +120,7 @@ impl Default for AmqpConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             delivery_limit: crate::topology::DEFAULT_DELIVERY_LIMIT,
             ca_file: None,
-            reconnect_attempts: 8,
+            reconnect_attempts: 0,
         }
     }
 }

@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use crate::amqp::{AmqpError, Broker, Outgoing};
+use crate::amqp::{AmqpError, Broker, Outgoing, Subscription};
 use crate::config::{ConfigError, DaemonConfig};
 use crate::metrics;
 use crate::protocol::{
@@ -75,12 +74,8 @@ pub enum RuntimeError {
     Amqp(#[from] AmqpError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("consumer of {queue} stopped: {source}")]
-    Consumer {
-        queue: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("{0}")]
+    BrokerLost(String),
 }
 
 type AttemptKey = (Uuid, String, u32);
@@ -110,6 +105,10 @@ impl RecentIds {
             self.set.remove(&old);
         }
         true
+    }
+
+    fn forget(&mut self, id: Uuid) {
+        self.set.remove(&id);
     }
 }
 
@@ -164,42 +163,33 @@ pub async fn run(
     let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
 
     for binding in bindings {
-        let channel = broker.channel().await?;
-        channel
-            .basic_qos(config.daemon.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(AmqpError::op("basic.qos"))?;
         let role_name = binding.role.name().to_owned();
-        if config.daemon.declare_queue {
-            topology::declare_job_queue(&channel, &binding.zone, &role_name, config.amqp.delivery_limit)
-                .await
-                .map_err(AmqpError::op("queue.declare"))?;
-        }
-        let control_channel = broker.channel().await?;
-        let control_queue = topology::declare_control_queue(&control_channel, &binding.zone, &role_name)
-            .await
-            .map_err(AmqpError::op("queue.declare"))?;
         let queue = topology::job_queue(&binding.zone, &role_name);
         let tag = format!("{instance}/{}", binding.zone);
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(AmqpError::op("basic.consume"))?;
-        let control = control_channel
-            .basic_consume(
-                control_queue.as_str().into(),
-                format!("{tag}/control").as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(AmqpError::op("basic.consume"))?;
-        tracing::info!(zone = %binding.zone, role = %role_name, queue = %queue, instance = %instance, "consuming");
+        let jobs_sub = if config.daemon.declare_queue {
+            let (zone, role, limit) = (binding.zone.clone(), role_name.clone(), config.amqp.delivery_limit);
+            let setup: crate::amqp::Setup = Arc::new(move |ch| {
+                let (zone, role) = (zone.clone(), role.clone());
+                Box::pin(async move {
+                    topology::declare_job_queue(&ch, &zone, &role, limit).await?;
+                    Ok(topology::job_queue(&zone, &role))
+                })
+            });
+            broker.subscribe_with(config.daemon.prefetch, &tag, setup)
+        } else {
+            broker.subscribe(&queue, config.daemon.prefetch, &tag)
+        };
+        // The control queue is exclusive: it dies with its connection, so every
+        // new connection declares a new one.
+        let control_setup: crate::amqp::Setup = {
+            let (zone, role) = (binding.zone.clone(), role_name.clone());
+            Arc::new(move |ch| {
+                let (zone, role) = (zone.clone(), role.clone());
+                Box::pin(async move { topology::declare_control_queue(&ch, &zone, &role).await })
+            })
+        };
+        let control = broker.subscribe_with(16, &format!("{tag}/control"), control_setup);
+        tracing::info!(zone = %binding.zone, role = %role_name, queue = %queue, instance = %instance, "subscribing");
 
         consumers.spawn(control_loop(
             shared.clone(),
@@ -212,9 +202,7 @@ pub async fn run(
             shared.clone(),
             binding,
             queue,
-            channel,
-            tag,
-            consumer,
+            jobs_sub,
             slots.clone(),
             jobs.clone(),
             stop_intake.clone(),
@@ -223,8 +211,16 @@ pub async fn run(
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested; no new jobs are taken"),
+        why = broker.lost() => {
+            // Reconnecting gave up (`amqp.reconnect_attempts`): hand running jobs
+            // back and exit for the supervisor to restart the daemon.
+            stop_intake.cancel();
+            shared.hand_back.cancel();
+            drain(&jobs, Duration::from_secs(10)).await;
+            return Err(RuntimeError::BrokerLost(why));
+        }
         Some(res) = consumers.join_next() => {
-            // A consumer ended on its own: the connection could not recover.
+            // A consumer ended on its own (it only does once the broker is closed).
             stop_intake.cancel();
             shared.hand_back.cancel();
             drain(&jobs, Duration::from_secs(10)).await;
@@ -260,46 +256,16 @@ async fn drain(jobs: &tokio::sync::Mutex<JoinSet<()>>, patience: Duration) -> bo
         .is_ok()
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn job_loop(
     shared: Arc<Shared>,
     binding: Binding,
     queue: String,
-    channel: lapin::Channel,
-    tag: String,
-    mut consumer: lapin::Consumer,
+    mut sub: Subscription,
     slots: Arc<Semaphore>,
     jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
     stop: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => break,
-            n = consumer.next() => n,
-        };
-        let delivery = match next {
-            None => {
-                return Err(RuntimeError::Consumer {
-                    queue,
-                    source: lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                        lapin::ChannelState::Closed,
-                        "consumer stream ended",
-                    )),
-                });
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, queue = %queue, "consumer error; waiting for recovery");
-                channel
-                    .wait_for_recovery(e)
-                    .await
-                    .map_err(|source| RuntimeError::Consumer {
-                        queue: queue.clone(),
-                        source,
-                    })?;
-                continue;
-            }
-            Some(Ok(d)) => d,
-        };
+    while let Some(delivery) = sub.next(&stop).await {
         // The slot is taken after the delivery arrives: a loop idling on an empty
         // queue must not hold one, or a daemon serving more queues than it has
         // slots would starve the rest.
@@ -319,32 +285,20 @@ async fn job_loop(
         });
     }
     // Unacked prefetched deliveries go back to the queue when the consumer is cancelled.
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    sub.cancel().await;
     Ok(())
 }
 
 async fn control_loop(
     shared: Arc<Shared>,
-    mut consumer: lapin::Consumer,
+    mut sub: Subscription,
     zone: String,
     role: String,
     stop: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            n = consumer.next() => n,
-        };
-        let Some(Ok(delivery)) = next else {
-            // The control queue is exclusive and dies with the connection; cancels
-            // missed meanwhile are covered by the scheduler's lease and fencing.
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-            }
-        };
+    // Cancels sent while no control queue existed (between connections) are
+    // covered by the scheduler's lease and the daemon's self-fencing.
+    while let Some(delivery) = sub.next(&stop).await {
         let parsed = CancelJob::parse(&delivery.data)
             .map_err(|e| e.to_string())
             .and_then(|c| {
@@ -369,6 +323,7 @@ async fn control_loop(
             Err(reason) => refuse(&shared, &delivery, "control", &zone, &role, &reason).await,
         }
     }
+    Ok(())
 }
 
 /// Checks a delivery and, if it is a job for us, runs it to a reported end.
@@ -404,6 +359,13 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
     }
     let key: AttemptKey = (job.run_id, job.step_id.clone(), job.attempt);
     if !shared.seen.lock().expect("lock").insert(job.message_id) {
+        if delivery.redelivered {
+            // The broker gave back a delivery of a lost connection or channel
+            // whose job this daemon already took: a duplicate, not a replay.
+            tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, "redelivery of a job already taken here; dropped");
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        }
         let reason = format!("replayed: message id {} was already received", job.message_id);
         return refuse(shared, &delivery, queue, zone, role, &reason).await;
     }
@@ -479,6 +441,8 @@ async fn run_job(
             })
             .await;
         shared.running.lock().expect("lock").remove(&key);
+        // Handed back untouched: its redelivery is welcome here too.
+        shared.seen.lock().expect("lock").forget(job.message_id);
         return;
     }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
@@ -507,6 +471,9 @@ async fn run_job(
             let mut tick = tokio::time::interval(Duration::from_millis(job.heartbeat_ms));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
+            // The publish runs beside the ticks: a broker that is away or blocked
+            // delays heartbeats, and must not look like a stalled process.
+            let mut sending = AbortOnDrop(None);
             loop {
                 tick.tick().await;
                 let now = origin.elapsed().as_millis() as u64;
@@ -514,18 +481,24 @@ async fn run_job(
                 if job.lease_ms > 0 && now.saturating_sub(previous) > job.lease_ms {
                     fenced.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
+                if sending.0.as_ref().is_some_and(|h| !h.is_finished()) {
+                    continue;
+                }
                 let mut hb = StepResult::for_job(&job, &instance, ResultStatus::Heartbeat);
                 key.sign(&mut hb);
-                let out = Outgoing {
-                    message_id: Some(hb.message_id),
-                    ..Default::default()
-                };
-                if let Err(e) = broker
-                    .publish(RESULTS_EXCHANGE, RESULTS_KEY, &hb.to_bytes(), &out)
-                    .await
-                {
-                    tracing::warn!(error = %e, "heartbeat not sent");
-                }
+                let broker = broker.clone();
+                sending.0 = Some(tokio::spawn(async move {
+                    let out = Outgoing {
+                        message_id: Some(hb.message_id),
+                        ..Default::default()
+                    };
+                    if let Err(e) = broker
+                        .publish(RESULTS_EXCHANGE, RESULTS_KEY, &hb.to_bytes(), &out)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "heartbeat not sent");
+                    }
+                }));
             }
         }
     });
@@ -719,6 +692,17 @@ async fn report(
         .broker
         .publish(RESULTS_EXCHANGE, RESULTS_KEY, &result.to_bytes(), &out)
         .await
+}
+
+/// A spawned task that is aborted when its owner goes away.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
 }
 
 /// A role's work, polled only while its daemon has not stalled past the lease.

@@ -558,6 +558,11 @@ impl TestEnv {
             .collect()
     }
 
+    /// Everything the process started under `label` has logged so far.
+    pub fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
     /// What the processes logged, for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut s = String::new();

@@ -93,14 +93,8 @@ async fn wait_mid_run(env: &TestEnv, run: Uuid) {
     .await;
 }
 
-// Ignored in CI: under load, lapin's automatic connection recovery sometimes
-// never completes after the broker restarts (both processes stay in
-// `Reconnecting` and nothing moves), and once a run ended `rollback_failed`.
-// It passes when the machine is quiet (`cargo test -p baton-tests --test faults
-// -- --ignored`). The fix is to replace lapin's recovery with a supervised
-// reconnect (exit and restart, or rebuild the connection and consumers
-// ourselves); see the README's reliability section.
-#[ignore = "lapin recovery after a broker restart is unreliable under load; see the comment above"]
+// The scheduler and the daemon keep their connections themselves (no lapin
+// auto-recovery): both must reconnect, subscribe again and carry on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     let broker = PrivateBroker::start(false);
@@ -109,8 +103,8 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     env.script(json!({"default": {"delay_ms": 400}}));
     // The lease must outlast a reconnect (production: 30 s); the tests' 2 s does not.
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
-    let _scheduler = env.scheduler("scheduler").await;
-    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let mut scheduler = env.scheduler("scheduler").await;
+    let mut daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs = vec![
         env.enqueue(&event("restart-a", 1, EVERYTHING)),
         env.enqueue(&event("restart-b", 2, &["src/app.ts"])),
@@ -121,6 +115,15 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     let views = check_invariants(&env, &runs).await;
     for v in &views {
         assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    }
+    // The same processes carried on: they reconnected, nobody restarted them.
+    assert!(scheduler.is_running() && daemon.is_running(), "{}", env.diagnostics());
+    for label in ["scheduler", "daemon"] {
+        assert!(
+            env.log(label).contains("rabbitmq connection re-established"),
+            "{label} never reconnected: {}",
+            env.diagnostics()
+        );
     }
 }
 

@@ -426,14 +426,13 @@ async fn amqps_verifies_the_broker_certificate_against_the_configured_ca() {
     let cfg = |ca: Option<String>| baton_shared::config::AmqpConfig {
         url: baton_shared::secret::Secret::new(format!("amqps://guest:guest@localhost:{port}/%2f")),
         ca_file: ca,
-        reconnect_attempts: 0,
         ..Default::default()
     };
     let ca = broker.dir.join("ca.pem").display().to_string();
     let conn = baton_shared::amqp::Broker::connect_config(&cfg(Some(ca)), "tls test")
         .await
         .expect("connects over TLS when the CA is configured");
-    baton_shared::topology::declare_core(conn.publish_channel(), 5)
+    baton_shared::topology::declare_core(&conn.channel().await.unwrap(), 5)
         .await
         .unwrap();
     conn.close().await;
