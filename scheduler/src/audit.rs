@@ -66,13 +66,35 @@ pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<
 /// a few round trips).
 // The head lookup is async, so the map entry API cannot do it.
 #[allow(clippy::map_entry)]
-pub async fn append_many(tx: &mut Transaction<'_, Postgres>, mut entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
     }
+    let rows = chain(tx, entries).await?;
+    rows.insert(tx).await
+}
+
+/// Audit rows with their hashes computed, ready to insert (alone, or as part of
+/// a larger statement) in the transaction that holds their chains' locks.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub runs: Vec<Option<Uuid>>,
+    pub steps: Vec<Option<String>>,
+    pub attempts: Vec<Option<i32>>,
+    pub ats: Vec<DateTime<Utc>>,
+    pub actors: Vec<String>,
+    pub kinds: Vec<String>,
+    pub details: Vec<Json<Value>>,
+    pub prevs: Vec<String>,
+    pub hashes: Vec<String>,
+}
+
+/// Locks the chains `entries` extend (until the transaction ends), reads their
+/// heads and links the entries onto them.
+#[allow(clippy::map_entry)]
+pub async fn chain(tx: &mut Transaction<'_, Postgres>, mut entries: Vec<Entry<'_>>) -> Result<Rows, StoreError> {
     let mut heads: HashMap<Option<Uuid>, String> = HashMap::new();
-    let (mut runs, mut steps, mut attempts, mut ats, mut actors, mut kinds, mut details, mut prevs, mut hashes) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut rows = Rows::default();
     for e in &mut entries {
         // PostgreSQL keeps microseconds; hash exactly what will be stored.
         e.at = DateTime::from_timestamp_micros(e.at.timestamp_micros()).unwrap_or(e.at);
@@ -103,34 +125,44 @@ pub async fn append_many(tx: &mut Transaction<'_, Postgres>, mut entries: Vec<En
         let prev = heads[&e.run_id].clone();
         let hash = chain_hash(&prev, e);
         heads.insert(e.run_id, hash.clone());
-        runs.push(e.run_id);
-        steps.push(e.step_id.map(str::to_owned));
-        attempts.push(e.attempt);
-        ats.push(e.at);
-        actors.push(e.actor.to_owned());
-        kinds.push(e.kind.to_owned());
-        details.push(Json(e.detail.clone()));
-        prevs.push(prev);
-        hashes.push(hash);
+        rows.runs.push(e.run_id);
+        rows.steps.push(e.step_id.map(str::to_owned));
+        rows.attempts.push(e.attempt);
+        rows.ats.push(e.at);
+        rows.actors.push(e.actor.to_owned());
+        rows.kinds.push(e.kind.to_owned());
+        rows.details.push(Json(e.detail.clone()));
+        rows.prevs.push(prev);
+        rows.hashes.push(hash);
     }
-    sqlx::query(
+    Ok(rows)
+}
+
+impl Rows {
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    async fn insert(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        sqlx::query(
         "insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
          select a, b, c, d, e, f, g, h, i from unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[], $5::text[], $6::text[],
                               $7::jsonb[], $8::text[], $9::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
          order by n",
     )
-    .bind(&runs)
-    .bind(&steps)
-    .bind(&attempts)
-    .bind(&ats)
-    .bind(&actors)
-    .bind(&kinds)
-    .bind(&details)
-    .bind(&prevs)
-    .bind(&hashes)
+    .bind(&self.runs)
+    .bind(&self.steps)
+    .bind(&self.attempts)
+    .bind(&self.ats)
+    .bind(&self.actors)
+    .bind(&self.kinds)
+    .bind(&self.details)
+    .bind(&self.prevs)
+    .bind(&self.hashes)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+        Ok(())
+    }
 }
 
 /// The first row where the chain does not hold.

@@ -471,6 +471,12 @@ async fn merge_event_loop(
     Ok(())
 }
 
+/// Results of one run, received while a task applies that run's earlier ones.
+type Pending = Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Vec<(StepResult, Delivery)>>>>;
+
+/// Applies results with bounded concurrency, one task per run at a time: what
+/// arrives for a run while its task is in a transaction is applied next, all in
+/// one transaction (a fast step's `started` and outcome often arrive together).
 async fn result_loop(
     store: Store,
     broker: Broker,
@@ -482,19 +488,62 @@ async fn result_loop(
 ) -> anyhow::Result<()> {
     let mut sub = broker.subscribe(RESULTS_QUEUE, prefetch, "scheduler-results");
     let slots = Arc::new(Semaphore::new(concurrency));
+    let pending: Pending = Arc::default();
     let mut running = tokio::task::JoinSet::new();
     while let Some(delivery) = sub.next(&stop).await {
+        let Some(result) = checked_result(&store, &broker, &trusted, &delivery).await else {
+            continue;
+        };
+        let run = result.run_id;
+        {
+            let mut p = pending.lock().expect("lock");
+            if let Some(queued) = p.get_mut(&run) {
+                queued.push((result, delivery));
+                continue;
+            }
+            p.insert(run, vec![(result, delivery)]);
+        }
         let permit = slots.clone().acquire_owned().await?;
         while running.try_join_next().is_some() {}
-        let (store, broker, relay, stop) = (store.clone(), broker.clone(), relay.clone(), stop.clone());
-        let trusted = trusted.clone();
+        let (store, broker, relay, stop, pending) = (
+            store.clone(),
+            broker.clone(),
+            relay.clone(),
+            stop.clone(),
+            pending.clone(),
+        );
         running.spawn(async move {
-            handle_result(&store, &broker, &relay, &trusted, &stop, delivery).await;
+            loop {
+                let batch = {
+                    let mut p = pending.lock().expect("lock");
+                    match p.get_mut(&run) {
+                        Some(queued) if !queued.is_empty() => std::mem::take(queued),
+                        _ => {
+                            p.remove(&run);
+                            break;
+                        }
+                    }
+                };
+                apply_batch(&store, &broker, &relay, &stop, batch).await;
+            }
             drop(permit);
         });
     }
     while running.join_next().await.is_some() {}
     Ok(())
+}
+
+/// A result delivery that parses and is signed by a trusted daemon; anything else is refused.
+async fn checked_result(store: &Store, broker: &Broker, trusted: &Trusted, delivery: &Delivery) -> Option<StepResult> {
+    let reason = match StepResult::parse(&delivery.data) {
+        Ok(r) => match trusted.verify(&r) {
+            Ok(()) => return Some(r),
+            Err(e) => format!("unauthentic result: {e}"),
+        },
+        Err(e) => e.to_string(),
+    };
+    refuse(store, broker, delivery, RESULTS_QUEUE, "result_refused", &reason).await;
+    None
 }
 
 /// Dead-letters a message the scheduler will not act on, and audits it.
@@ -510,61 +559,61 @@ async fn refuse(store: &Store, broker: &Broker, delivery: &Delivery, queue: &str
     }
 }
 
-async fn handle_result(
+/// Applies a run's results in one transaction and acks them; if that fails, one by
+/// one, so a result the scheduler cannot apply is dead-lettered alone.
+async fn apply_batch(
     store: &Store,
     broker: &Broker,
     relay: &Relay,
-    trusted: &Trusted,
     stop: &CancellationToken,
-    delivery: Delivery,
+    batch: Vec<(StepResult, Delivery)>,
 ) {
-    let result = match StepResult::parse(&delivery.data) {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                store,
-                broker,
-                &delivery,
-                RESULTS_QUEUE,
-                "result_refused",
-                &e.to_string(),
-            )
-            .await;
-        }
-    };
-    if let Err(e) = trusted.verify(&result) {
-        let reason = format!("unauthentic result: {e}");
-        return refuse(store, broker, &delivery, RESULTS_QUEUE, "result_refused", &reason).await;
-    }
-    match patiently("apply result", stop, || store.apply_result(&result)).await {
-        // Shutting down: leave it unacked; the broker redelivers it to a replica.
-        None => return,
+    let results: Vec<StepResult> = batch.iter().map(|(r, _)| r.clone()).collect();
+    match patiently("apply results", stop, || store.apply_results(&results)).await {
+        // Shutting down: leave them unacked; the broker redelivers them to a replica.
+        None => {}
         Some(Ok((applied, out))) => {
             baton_shared::failpoint::hit("scheduler-after-result-commit");
             relay.send(out);
-            match applied {
-                ResultApplied::Applied => {}
-                ResultApplied::Duplicate => tracing::info!(message_id = %result.message_id, "duplicate result ignored"),
-                ResultApplied::Stale(why) => {
-                    tracing::info!(run_id = %result.run_id, step_id = %result.step_id, attempt = result.attempt, %why, "stale result ignored")
-                }
-                ResultApplied::UnknownRun => {
-                    tracing::warn!(run_id = %result.run_id, "result for an unknown run ignored")
-                }
+            for ((result, delivery), applied) in batch.into_iter().zip(applied) {
+                log_applied(&result, &applied);
+                ack_result(&delivery).await;
+            }
+        }
+        Some(Err(e)) if batch.len() > 1 => {
+            tracing::warn!(error = %e, results = batch.len(), "cannot apply results together; applying them one by one");
+            for one in batch {
+                Box::pin(apply_batch(store, broker, relay, stop, vec![one])).await;
             }
         }
         Some(Err(e)) => {
+            let (result, delivery) = &batch[0];
             tracing::error!(error = %e, run_id = %result.run_id, "cannot apply result");
             let _ = broker
                 .dead_letter(
-                    &delivery,
+                    delivery,
                     RESULTS_QUEUE,
                     &format!("scheduler could not apply result: {e}"),
                 )
                 .await;
-            return;
         }
     }
+}
+
+fn log_applied(result: &StepResult, applied: &ResultApplied) {
+    match applied {
+        ResultApplied::Applied => {}
+        ResultApplied::Duplicate => tracing::info!(message_id = %result.message_id, "duplicate result ignored"),
+        ResultApplied::Stale(why) => {
+            tracing::info!(run_id = %result.run_id, step_id = %result.step_id, attempt = result.attempt, %why, "stale result ignored")
+        }
+        ResultApplied::UnknownRun => {
+            tracing::warn!(run_id = %result.run_id, "result for an unknown run ignored")
+        }
+    }
+}
+
+async fn ack_result(delivery: &Delivery) {
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(error = %e, "ack of applied result failed; a redelivery will be recognised as duplicate");
     }

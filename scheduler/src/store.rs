@@ -425,6 +425,11 @@ impl Store {
     }
 
     /// Writes what a transition changed; returns whether the run released its lock.
+    ///
+    /// Everything goes to PostgreSQL in one statement (data-modifying CTEs over
+    /// arrays), after the audit chain's lock and head: a transition costs a
+    /// handful of round trips whatever it touched. The CTEs share one snapshot,
+    /// so the effects are first folded into writes that touch disjoint rows.
     async fn persist(
         &self,
         tx: &mut Tx<'_>,
@@ -432,76 +437,30 @@ impl Store {
         fx: Effects,
         out: &mut Vec<OutboxMsg>,
     ) -> Result<bool, StoreError> {
-        if state.dirty {
-            sqlx::query(
-                "update runs set status = $2, completions = $3, rollback_reason = $4, started_at = $5, finished_at = $6,
-                        hold = $7, updated_at = now() where id = $1",
-            )
-            .bind(state.id)
-            .bind(state.status.as_str())
-            .bind(state.completions)
-            .bind(&state.rollback_reason)
-            .bind(state.started_at)
-            .bind(state.finished_at)
-            .bind(state.hold.as_ref().map(Json))
-            .execute(&mut **tx)
-            .await?;
-            state.dirty = false;
-        }
-        for s in state.steps.iter_mut().filter(|s| s.dirty) {
-            sqlx::query(
-                "update steps set status = $3, attempt = $4, attempt_status = $5, exec_attempts = $6, comp_attempts = $7,
-                        cancel_requested = $8, outputs = $9, error = $10, completion = $11, started_at = $12,
-                        finished_at = $13, comp_started_at = $14, comp_finished_at = $15, hold = $16,
-                        restoring = $17
-                 where run_id = $1 and step_id = $2",
-            )
-            .bind(state.id)
-            .bind(&s.id)
-            .bind(s.status.as_str())
-            .bind(s.attempt)
-            .bind(s.attempt_status.map(|a| a.as_str()))
-            .bind(s.exec_attempts)
-            .bind(s.comp_attempts)
-            .bind(s.cancel_requested)
-            .bind(Json(&s.outputs))
-            .bind(s.error.as_ref().map(Json))
-            .bind(s.completion)
-            .bind(s.started_at)
-            .bind(s.finished_at)
-            .bind(s.comp_started_at)
-            .bind(s.comp_finished_at)
-            .bind(s.hold.as_ref().map(Json))
-            .bind(s.restoring)
-            .execute(&mut **tx)
-            .await?;
-            s.dirty = false;
-        }
-        let mut released = false;
         let now = Utc::now();
+        let mut w = Writes::default();
+        let mut late = Writes::default();
+        w.run = state.dirty;
+        w.steps = (0..state.steps.len()).filter(|&i| state.steps[i].dirty).collect();
+        let mut released = false;
         let mut history = Vec::new();
+        let mut msgs = Vec::new();
         for effect in fx {
             match effect {
                 Effect::Dispatch(job) => {
-                    sqlx::query(
-                        "insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
-                         values ($1, $2, $3, $4, $5, 'dispatched', $6, $7)",
-                    )
-                    .bind(job.run_id)
-                    .bind(&job.step_id)
-                    .bind(job.attempt as i32)
-                    .bind(job.kind.as_str())
-                    .bind(job.message_id)
-                    .bind(job.issued_at)
-                    .bind(
-                        job.traceparent
+                    w.dispatched.push(NewAttempt {
+                        step: job.step_id.clone(),
+                        attempt: job.attempt as i32,
+                        kind: job.kind.as_str(),
+                        message_id: job.message_id,
+                        at: job.issued_at,
+                        span_id: job
+                            .traceparent
                             .as_deref()
                             .and_then(baton_shared::telemetry::parse_traceparent)
                             .map(|sc| sc.span_id().to_string()),
-                    )
-                    .execute(&mut **tx)
-                    .await?;
-                    let msg = OutboxMsg {
+                    });
+                    msgs.push(OutboxMsg {
                         id: 0,
                         exchange: JOBS_EXCHANGE.to_owned(),
                         routing_key: job_routing_key(&job.zone, &job.role),
@@ -511,47 +470,33 @@ impl Store {
                         run_id: Some(job.run_id),
                         step_id: Some(job.step_id.clone()),
                         attempt: Some(job.attempt as i32),
-                    };
-                    out.push(self.enqueue(tx, msg, now).await?);
+                    });
                 }
-                Effect::Cancel(cancel) => {
-                    let msg = OutboxMsg {
-                        id: 0,
-                        exchange: CONTROL_EXCHANGE.to_owned(),
-                        routing_key: job_routing_key(&cancel.zone, &cancel.role),
-                        message_id: cancel.message_id,
-                        body: cancel.to_bytes(),
-                        best_effort: true,
-                        run_id: Some(cancel.run_id),
-                        step_id: Some(cancel.step_id.clone()),
-                        attempt: Some(cancel.attempt as i32),
-                    };
-                    out.push(self.enqueue(tx, msg, now).await?);
-                }
+                Effect::Cancel(cancel) => msgs.push(OutboxMsg {
+                    id: 0,
+                    exchange: CONTROL_EXCHANGE.to_owned(),
+                    routing_key: job_routing_key(&cancel.zone, &cancel.role),
+                    message_id: cancel.message_id,
+                    body: cancel.to_bytes(),
+                    best_effort: true,
+                    run_id: Some(cancel.run_id),
+                    step_id: Some(cancel.step_id.clone()),
+                    attempt: Some(cancel.attempt as i32),
+                }),
                 Effect::SetTimer {
                     step,
                     kind,
                     attempt,
                     due,
                 } => {
-                    sqlx::query(
-                        "insert into timers (run_id, step_id, kind, attempt, due_at) values ($1, $2, $3, $4, $5)
-                         on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at",
-                    )
-                    .bind(state.id)
-                    .bind(&step)
-                    .bind(kind.as_str())
-                    .bind(attempt)
-                    .bind(due)
-                    .execute(&mut **tx)
-                    .await?;
+                    w.timers.retain(|t| !(t.0 == step && t.1 == kind.as_str()));
+                    w.timers.push((step, kind.as_str(), attempt, due));
                 }
                 Effect::ClearTimers { step } => {
-                    sqlx::query("delete from timers where run_id = $1 and step_id = $2")
-                        .bind(state.id)
-                        .bind(&step)
-                        .execute(&mut **tx)
-                        .await?;
+                    w.timers.retain(|t| t.0 != step);
+                    if !w.cleared.contains(&step) {
+                        w.cleared.push(step);
+                    }
                 }
                 Effect::AttemptStarted {
                     step,
@@ -559,17 +504,10 @@ impl Store {
                     daemon,
                     at,
                 } => {
-                    sqlx::query(
-                        "update attempts set status = 'running', daemon = $4, started_at = $5
-                         where run_id = $1 and step_id = $2 and attempt = $3",
-                    )
-                    .bind(state.id)
-                    .bind(&step)
-                    .bind(attempt)
-                    .bind(&daemon)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
+                    let u = w.attempt_update(&mut late, step, attempt);
+                    u.status = "running";
+                    u.daemon = Some(daemon);
+                    u.started_at = Some(at);
                 }
                 Effect::AttemptFinished {
                     step,
@@ -578,18 +516,10 @@ impl Store {
                     error,
                     at,
                 } => {
-                    sqlx::query(
-                        "update attempts set status = $4, error = $5, finished_at = $6
-                         where run_id = $1 and step_id = $2 and attempt = $3",
-                    )
-                    .bind(state.id)
-                    .bind(&step)
-                    .bind(attempt)
-                    .bind(status)
-                    .bind(error.as_ref().map(Json))
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
+                    let u = w.attempt_update(&mut late, step, attempt);
+                    u.status = status;
+                    u.error = Some(error.as_ref().map(|e| json!(e)));
+                    u.finished_at = Some(at);
                 }
                 Effect::History {
                     step,
@@ -597,18 +527,10 @@ impl Store {
                     kind,
                     detail,
                 } => history.push((step, attempt, kind, detail)),
-                Effect::ReleaseLock => {
-                    sqlx::query("delete from env_locks where service = $1 and environment = $2 and run_id = $3")
-                        .bind(&state.service)
-                        .bind(&state.environment)
-                        .bind(state.id)
-                        .execute(&mut **tx)
-                        .await?;
-                    released = true;
-                }
+                Effect::ReleaseLock => released = true,
             }
         }
-        let entries = history
+        let entries: Vec<audit::Entry<'_>> = history
             .iter()
             .map(|(step, attempt, kind, detail)| audit::Entry {
                 run_id: Some(state.id),
@@ -620,29 +542,41 @@ impl Store {
                 detail,
             })
             .collect();
-        audit::append_many(tx, entries).await?;
+        let audit_rows = if entries.is_empty() {
+            audit::Rows::default()
+        } else {
+            audit::chain(tx, entries).await?
+        };
+        if w.run
+            || !w.steps.is_empty()
+            || !w.timers.is_empty()
+            || !w.cleared.is_empty()
+            || !w.dispatched.is_empty()
+            || !w.updates.is_empty()
+            || !msgs.is_empty()
+            || released
+            || !audit_rows.is_empty()
+        {
+            let ids = w
+                .execute(tx, state, released, &msgs, now + self.claim, &audit_rows)
+                .await?;
+            for mut m in msgs {
+                m.id = *ids.get(&m.message_id).ok_or_else(|| StoreError::Corrupt {
+                    run: state.id,
+                    problem: format!("the outbox row for message {} was not written", m.message_id),
+                })?;
+                out.push(m);
+            }
+        }
+        if !late.updates.is_empty() {
+            late.execute(tx, state, false, &[], now, &audit::Rows::default())
+                .await?;
+        }
+        state.dirty = false;
+        for s in &mut state.steps {
+            s.dirty = false;
+        }
         Ok(released)
-    }
-
-    async fn enqueue(&self, tx: &mut Tx<'_>, mut msg: OutboxMsg, now: DateTime<Utc>) -> Result<OutboxMsg, StoreError> {
-        // Claimed by this process for `claim`: it publishes right after commit; if it
-        // dies first, another replica's sweeper takes the row when the claim lapses.
-        msg.id = sqlx::query_scalar(
-            "insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id",
-        )
-        .bind(&msg.exchange)
-        .bind(&msg.routing_key)
-        .bind(msg.message_id)
-        .bind(&msg.body)
-        .bind(msg.best_effort)
-        .bind(msg.run_id)
-        .bind(&msg.step_id)
-        .bind(msg.attempt)
-        .bind(now + self.claim)
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(msg)
     }
 
     async fn history(
@@ -707,88 +641,134 @@ impl Store {
 
     /// Applies one result exactly once.
     pub async fn apply_result(&self, r: &StepResult) -> Result<(ResultApplied, Vec<OutboxMsg>), StoreError> {
-        self.retrying(|| self.try_apply_result(r)).await
+        let (mut applied, out) = self.apply_results(std::slice::from_ref(r)).await?;
+        Ok((applied.pop().unwrap_or(ResultApplied::Duplicate), out))
     }
 
-    async fn try_apply_result(&self, r: &StepResult) -> Result<(ResultApplied, Vec<OutboxMsg>), StoreError> {
+    /// Applies results of one run, in order, each exactly once, in one transaction:
+    /// a run's `started` and outcome that arrive together cost one transition.
+    pub async fn apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
+        self.retrying(|| self.try_apply_results(rs)).await
+    }
+
+    async fn try_apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
+        let Some(run_id) = rs.first().map(|r| r.run_id) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        debug_assert!(rs.iter().all(|r| r.run_id == run_id), "one run per batch");
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
-        let detail =
-            || json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
+        let detail = |r: &StepResult| json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
         // Heartbeats are idempotent (they only extend a lease), so they skip the inbox.
-        if r.status != baton_shared::protocol::ResultStatus::Heartbeat {
-            let fresh = sqlx::query(
+        let inboxed: Vec<&StepResult> = rs
+            .iter()
+            .filter(|r| r.status != baton_shared::protocol::ResultStatus::Heartbeat)
+            .collect();
+        let mut new_ids: std::collections::HashSet<Uuid> = if inboxed.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_scalar(
                 "insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
-                 values ($1, $2, $3, $4, $5, $6) on conflict do nothing",
+                 select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::timestamptz[])
+                 on conflict do nothing returning message_id",
             )
-            .bind(r.message_id)
-            .bind(r.run_id)
-            .bind(&r.step_id)
-            .bind(r.attempt as i32)
-            .bind(r.status.as_str())
-            .bind(r.at)
-            .execute(&mut *tx)
+            .bind(inboxed.iter().map(|r| r.message_id).collect::<Vec<_>>())
+            .bind(inboxed.iter().map(|r| r.run_id).collect::<Vec<_>>())
+            .bind(inboxed.iter().map(|r| r.step_id.clone()).collect::<Vec<_>>())
+            .bind(inboxed.iter().map(|r| r.attempt as i32).collect::<Vec<_>>())
+            .bind(inboxed.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+            .bind(inboxed.iter().map(|r| r.at).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
             .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
-                self.history(
-                    &mut tx,
-                    Some(r.run_id),
-                    Some(&r.step_id),
-                    Some(r.attempt as i32),
-                    "duplicate_result",
-                    detail(),
+            .into_iter()
+            .collect()
+        };
+        let mut outcomes: Vec<Option<ResultApplied>> = vec![None; rs.len()];
+        let mut fresh = Vec::new();
+        for (k, r) in rs.iter().enumerate() {
+            // A message id counts once even if it came twice in this batch.
+            if r.status == baton_shared::protocol::ResultStatus::Heartbeat || new_ids.remove(&r.message_id) {
+                fresh.push(k);
+                continue;
+            }
+            self.history(
+                &mut tx,
+                Some(r.run_id),
+                Some(&r.step_id),
+                Some(r.attempt as i32),
+                "duplicate_result",
+                detail(r),
+            )
+            .await?;
+            outcomes[k] = Some(ResultApplied::Duplicate);
+        }
+        if !fresh.is_empty() {
+            let now = Utc::now();
+            let settings = self.settings.clone();
+            // Only an outcome can move the run on (and so evaluate a gate); `started`
+            // and heartbeats skip reading the gates' facts.
+            let moves = fresh.iter().any(|&k| {
+                matches!(
+                    rs[k].status,
+                    baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
                 )
+            });
+            let applied = self
+                .transition_with(&mut tx, run_id, moves, &mut out, |state, fx| {
+                    Ok(fresh
+                        .iter()
+                        .map(|&k| (k, state.apply_result(&rs[k], now, &settings, fx)))
+                        .collect::<Vec<_>>())
+                })
                 .await?;
-                tx.commit().await?;
-                return Ok((ResultApplied::Duplicate, out));
+            match applied {
+                None => {
+                    for &k in &fresh {
+                        let r = &rs[k];
+                        self.history(
+                            &mut tx,
+                            None,
+                            Some(&r.step_id),
+                            Some(r.attempt as i32),
+                            "result_for_unknown_run",
+                            json!({"run_id": r.run_id, "message_id": r.message_id}),
+                        )
+                        .await?;
+                        outcomes[k] = Some(ResultApplied::UnknownRun);
+                    }
+                }
+                Some(list) => {
+                    for (k, a) in list {
+                        let r = &rs[k];
+                        outcomes[k] = Some(match a {
+                            Applied::Applied => ResultApplied::Applied,
+                            Applied::Stale(why) => {
+                                let mut d = detail(r);
+                                d["why"] = json!(why);
+                                self.history(
+                                    &mut tx,
+                                    Some(r.run_id),
+                                    Some(&r.step_id),
+                                    Some(r.attempt as i32),
+                                    "stale_result",
+                                    d,
+                                )
+                                .await?;
+                                ResultApplied::Stale(why)
+                            }
+                        });
+                    }
+                }
             }
         }
-        let now = Utc::now();
-        let settings = self.settings.clone();
-        // Only an outcome can move the run on (and so evaluate a gate); `started`
-        // and heartbeats skip reading the gates' facts.
-        let moves = matches!(
-            r.status,
-            baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
-        );
-        let applied = self
-            .transition_with(&mut tx, r.run_id, moves, &mut out, |state, fx| {
-                Ok(state.apply_result(r, now, &settings, fx))
-            })
-            .await?;
-        let outcome = match applied {
-            None => {
-                self.history(
-                    &mut tx,
-                    None,
-                    Some(&r.step_id),
-                    Some(r.attempt as i32),
-                    "result_for_unknown_run",
-                    json!({"run_id": r.run_id, "message_id": r.message_id}),
-                )
-                .await?;
-                ResultApplied::UnknownRun
-            }
-            Some(Applied::Applied) => ResultApplied::Applied,
-            Some(Applied::Stale(why)) => {
-                let mut d = detail();
-                d["why"] = json!(why);
-                self.history(
-                    &mut tx,
-                    Some(r.run_id),
-                    Some(&r.step_id),
-                    Some(r.attempt as i32),
-                    "stale_result",
-                    d,
-                )
-                .await?;
-                ResultApplied::Stale(why)
-            }
-        };
         tx.commit().await?;
-        Ok((outcome, out))
+        Ok((
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(ResultApplied::Duplicate))
+                .collect(),
+            out,
+        ))
     }
 
     /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
@@ -1416,6 +1396,233 @@ impl RunView {
         self.status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal)
     }
 }
+
+/// An attempt row a transition creates.
+struct NewAttempt {
+    step: String,
+    attempt: i32,
+    kind: &'static str,
+    message_id: Uuid,
+    at: DateTime<Utc>,
+    span_id: Option<String>,
+}
+
+/// Changes to an existing attempt row (`None`: unchanged).
+#[derive(Default)]
+struct AttemptUpdate {
+    step: String,
+    attempt: i32,
+    status: &'static str,
+    daemon: Option<String>,
+    started_at: Option<DateTime<Utc>>,
+    error: Option<Option<Value>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// What one transition writes, folded so that no two parts touch the same row.
+#[derive(Default)]
+struct Writes {
+    run: bool,
+    /// Indexes of the run's changed steps.
+    steps: Vec<usize>,
+    /// Steps whose timers are deleted (except those in `timers`).
+    cleared: Vec<String>,
+    /// Timers set, at most one per (step, kind).
+    timers: Vec<(String, &'static str, i32, DateTime<Utc>)>,
+    dispatched: Vec<NewAttempt>,
+    updates: Vec<AttemptUpdate>,
+}
+
+impl Writes {
+    /// The pending update of an attempt; one created in this transition is
+    /// updated by a second statement (`late`), as the CTEs share a snapshot.
+    fn attempt_update<'w>(&'w mut self, late: &'w mut Writes, step: String, attempt: i32) -> &'w mut AttemptUpdate {
+        let target = if self.dispatched.iter().any(|a| a.step == step && a.attempt == attempt) {
+            &mut late.updates
+        } else {
+            &mut self.updates
+        };
+        match target.iter().position(|u| u.step == step && u.attempt == attempt) {
+            Some(i) => &mut target[i],
+            None => {
+                target.push(AttemptUpdate {
+                    step,
+                    attempt,
+                    ..Default::default()
+                });
+                target.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// Writes it all in one statement; returns the outbox ids by message id.
+    async fn execute(
+        &self,
+        tx: &mut Tx<'_>,
+        state: &RunState,
+        release: bool,
+        msgs: &[OutboxMsg],
+        claimed_until: DateTime<Utc>,
+        audit: &audit::Rows,
+    ) -> Result<std::collections::HashMap<Uuid, i64>, StoreError> {
+        let steps: Vec<&StepState> = self.steps.iter().map(|&i| &state.steps[i]).collect();
+        let rows = sqlx::query(PERSIST_SQL)
+            .bind(state.id)
+            .bind(self.run)
+            .bind(state.status.as_str())
+            .bind(state.completions)
+            .bind(&state.rollback_reason)
+            .bind(state.started_at)
+            .bind(state.finished_at)
+            .bind(state.hold.as_ref().map(Json))
+            .bind(steps.iter().map(|s| s.id.clone()).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.attempt).collect::<Vec<_>>())
+            .bind(
+                steps
+                    .iter()
+                    .map(|s| s.attempt_status.map(|a| a.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(steps.iter().map(|s| s.exec_attempts).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.comp_attempts).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.cancel_requested).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| Json(json!(s.outputs))).collect::<Vec<_>>())
+            .bind(
+                steps
+                    .iter()
+                    .map(|s| s.error.as_ref().map(|e| Json(json!(e))))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(steps.iter().map(|s| s.completion).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.comp_started_at).collect::<Vec<_>>())
+            .bind(steps.iter().map(|s| s.comp_finished_at).collect::<Vec<_>>())
+            .bind(
+                steps
+                    .iter()
+                    .map(|s| s.hold.as_ref().map(|h| Json(json!(h))))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(steps.iter().map(|s| s.restoring).collect::<Vec<_>>())
+            .bind(&self.cleared)
+            .bind(self.timers.iter().map(|t| t.0.clone()).collect::<Vec<_>>())
+            .bind(self.timers.iter().map(|t| t.1).collect::<Vec<_>>())
+            .bind(self.timers.iter().map(|t| t.2).collect::<Vec<_>>())
+            .bind(self.timers.iter().map(|t| t.3).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.step.clone()).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.attempt).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.kind).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.message_id).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.at).collect::<Vec<_>>())
+            .bind(self.dispatched.iter().map(|a| a.span_id.clone()).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.step.clone()).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.attempt).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.status).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.daemon.clone()).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.started_at).collect::<Vec<_>>())
+            .bind(self.updates.iter().map(|u| u.error.is_some()).collect::<Vec<_>>())
+            .bind(
+                self.updates
+                    .iter()
+                    .map(|u| u.error.clone().flatten().map(Json))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(self.updates.iter().map(|u| u.finished_at).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.exchange.clone()).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.routing_key.clone()).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.message_id).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.best_effort).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.run_id).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.step_id.clone()).collect::<Vec<_>>())
+            .bind(msgs.iter().map(|m| m.attempt).collect::<Vec<_>>())
+            .bind(claimed_until)
+            .bind(release)
+            .bind(&state.service)
+            .bind(&state.environment)
+            .bind(&audit.runs)
+            .bind(&audit.steps)
+            .bind(&audit.attempts)
+            .bind(&audit.ats)
+            .bind(&audit.actors)
+            .bind(&audit.kinds)
+            .bind(&audit.details)
+            .bind(&audit.prevs)
+            .bind(&audit.hashes)
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("message_id")?, r.try_get("id")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+}
+
+/// One transition's writes (see [`Store::persist`]). Parameters: the run ($1–$8),
+/// dirty steps ($9–$24), timers cleared and set ($25–$29), attempts dispatched
+/// ($30–$35) and updated ($36–$43), outbox rows ($44–$52), the environment lock
+/// ($53–$55) and audit rows ($56–$64).
+const PERSIST_SQL: &str = "
+with run_update as (
+    update runs set status = $3, completions = $4, rollback_reason = $5, started_at = $6, finished_at = $7,
+                    hold = $8, updated_at = now()
+     where id = $1 and $2
+), step_update as (
+    update steps t set status = u.status, attempt = u.attempt, attempt_status = u.attempt_status,
+           exec_attempts = u.exec_attempts, comp_attempts = u.comp_attempts, cancel_requested = u.cancel_requested,
+           outputs = u.outputs, error = u.error, completion = u.completion, started_at = u.started_at,
+           finished_at = u.finished_at, comp_started_at = u.comp_started_at, comp_finished_at = u.comp_finished_at,
+           hold = u.hold, restoring = u.restoring
+      from unnest($9::text[], $10::text[], $11::int[], $12::text[], $13::int[], $14::int[], $15::bool[],
+                  $16::jsonb[], $17::jsonb[], $18::int[], $19::timestamptz[], $20::timestamptz[],
+                  $21::timestamptz[], $22::timestamptz[], $23::jsonb[], $24::bool[])
+           as u(step_id, status, attempt, attempt_status, exec_attempts, comp_attempts, cancel_requested, outputs,
+                error, completion, started_at, finished_at, comp_started_at, comp_finished_at, hold, restoring)
+     where t.run_id = $1 and t.step_id = u.step_id
+), timer_clear as (
+    delete from timers t
+     where t.run_id = $1 and t.step_id = any($25::text[])
+       and not exists (select 1 from unnest($26::text[], $27::text[]) as k(step_id, kind)
+                        where k.step_id = t.step_id and k.kind = t.kind)
+), timer_set as (
+    insert into timers (run_id, step_id, kind, attempt, due_at)
+    select $1, k.step_id, k.kind, k.attempt, k.due_at
+      from unnest($26::text[], $27::text[], $28::int[], $29::timestamptz[]) as k(step_id, kind, attempt, due_at)
+    on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at
+), attempt_insert as (
+    insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
+    select $1, a.step_id, a.attempt, a.kind, a.message_id, 'dispatched', a.dispatched_at, a.span_id
+      from unnest($30::text[], $31::int[], $32::text[], $33::uuid[], $34::timestamptz[], $35::text[])
+           as a(step_id, attempt, kind, message_id, dispatched_at, span_id)
+), attempt_update as (
+    update attempts t set status = u.status, daemon = coalesce(u.daemon, t.daemon),
+           started_at = coalesce(u.started_at, t.started_at),
+           error = case when u.set_error then u.error else t.error end,
+           finished_at = coalesce(u.finished_at, t.finished_at)
+      from unnest($36::text[], $37::int[], $38::text[], $39::text[], $40::timestamptz[], $41::bool[],
+                  $42::jsonb[], $43::timestamptz[])
+           as u(step_id, attempt, status, daemon, started_at, set_error, error, finished_at)
+     where t.run_id = $1 and t.step_id = u.step_id and t.attempt = u.attempt
+), lock_release as (
+    delete from env_locks where $53 and service = $54 and environment = $55 and run_id = $1
+), audit_insert as (
+    insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
+    select a, b, c, d, e, f, g, h, i
+      from unnest($56::uuid[], $57::text[], $58::int[], $59::timestamptz[], $60::text[], $61::text[],
+                  $62::jsonb[], $63::text[], $64::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
+     order by n
+), outbox_insert as (
+    insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
+    select o.exchange, o.routing_key, o.message_id, o.body, o.best_effort, o.run_id, o.step_id, o.attempt, $52
+      from unnest($44::text[], $45::text[], $46::uuid[], $47::bytea[], $48::bool[], $49::uuid[], $50::text[],
+                  $51::int[]) with ordinality as o(exchange, routing_key, message_id, body, best_effort, run_id,
+                                                   step_id, attempt, n)
+     order by o.n
+    returning id, message_id
+)
+select id, message_id from outbox_insert";
 
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {

@@ -3,6 +3,10 @@
 //! Build and run (release):
 //! `cargo build --release -p baton-tests --bins && target/release/baton-bench [--json] [--quick]`
 //!
+//! For profiling: `--latency-only` (floor and latency, as JSON), `--throughput-only=<runs>`
+//! (floor, latency, then one scheduler with that many runs), and `BENCH_KEEP_LOGS=<dir>` to
+//! keep the scheduler's and daemon's logs of those measurements.
+//!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
 //! and database. Daemons are the scripted test daemon in `--noop` mode (every job
 //! succeeds at once), so what is measured is Baton's own overhead.
@@ -240,7 +244,10 @@ impl Baton {
                 done.len(),
                 runs.len()
             );
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // The measurement is the runs' own `finished_at`; polling only decides when
+            // to look, so it stays light to leave the machine to Baton.
+            let every = if runs.len() == 1 { 5 } else { 200 };
+            tokio::time::sleep(Duration::from_millis(every)).await;
         }
     }
 }
@@ -288,6 +295,11 @@ async fn latency(runs: usize) -> Latency {
     .fetch_all(&b.env.pool)
     .await
     .unwrap();
+    if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::write(dir.join("scheduler.log"), b.env.log("scheduler-0")).unwrap();
+        std::fs::write(dir.join("daemon.log"), b.env.log("daemon")).unwrap();
+    }
     Latency {
         pipeline: stats(total),
         step_overhead: stats(gaps),
@@ -316,6 +328,10 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         );
     }
     let ends = b.finished(&ids, Duration::from_secs(1200)).await;
+    if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::write(dir.join(format!("tp-{runs}-scheduler.log")), b.env.log("scheduler-0")).unwrap();
+    }
     let end = ends.into_iter().max().unwrap();
     let seconds = ms(end - t0) / 1000.0;
     let steps: i64 = sqlx::query_scalar("select count(*) from attempts")
@@ -403,6 +419,19 @@ async fn main() {
     let floor = floor(iters).await;
     eprintln!("measuring latency…");
     let lat = latency(seq).await;
+    if let Some(runs) = args.iter().find_map(|a| a.strip_prefix("--throughput-only=")) {
+        let runs = runs.parse().expect("--throughput-only=<runs>");
+        let t = throughput(runs, 1).await;
+        println!("{}", serde_json::to_string_pretty(&t).unwrap());
+        return;
+    }
+    if args.iter().any(|a| a == "--latency-only") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"floor": floor, "latency": lat})).unwrap()
+        );
+        return;
+    }
     let mut tp = Vec::new();
     for &runs in &sizes {
         for schedulers in [1, 2, 4] {
