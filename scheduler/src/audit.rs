@@ -91,9 +91,19 @@ pub struct Rows {
 
 /// Locks the chains `entries` extend (until the transaction ends), reads their
 /// heads and links the entries onto them.
+pub async fn chain(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<Rows, StoreError> {
+    chain_from(tx, entries, None).await
+}
+
+/// [`chain`], given the head of one run's chain that the caller read while
+/// holding that chain's lock in this transaction.
 #[allow(clippy::map_entry)]
-pub async fn chain(tx: &mut Transaction<'_, Postgres>, mut entries: Vec<Entry<'_>>) -> Result<Rows, StoreError> {
-    let mut heads: HashMap<Option<Uuid>, String> = HashMap::new();
+pub async fn chain_from(
+    tx: &mut Transaction<'_, Postgres>,
+    mut entries: Vec<Entry<'_>>,
+    known: Option<(Uuid, String)>,
+) -> Result<Rows, StoreError> {
+    let mut heads: HashMap<Option<Uuid>, String> = known.into_iter().map(|(r, h)| (Some(r), h)).collect();
     let mut rows = Rows::default();
     for e in &mut entries {
         // PostgreSQL keeps microseconds; hash exactly what will be stored.

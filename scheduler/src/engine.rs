@@ -219,6 +219,11 @@ pub struct RunState {
     pub finished_at: Option<DateTime<Utc>>,
     pub steps: Vec<StepState>,
     pub dirty: bool,
+    /// Storage detail: the head of the run's audit chain, read with the chain
+    /// locked when the run was loaded (`None`: not known, read it when appending).
+    /// Whoever appends to the chain other than through the store's `persist`
+    /// must reset it, or the next append would fork the chain.
+    pub audit_head: Option<String>,
 }
 
 /// What a transition asks the store to do in the same transaction.
@@ -339,6 +344,7 @@ impl RunState {
             finished_at: None,
             steps,
             dirty: true,
+            audit_head: None,
         }
     }
 

@@ -322,6 +322,8 @@ impl Store {
                 json!({"service": service, "environment": environment}),
             )
             .await?;
+            // The chain moved on since the run was loaded.
+            state.audit_head = None;
             let released = self.persist(tx, &mut state, fx, out).await?;
             if !released {
                 return Ok(());
@@ -338,9 +340,11 @@ impl Store {
     /// Like [`Self::load`]; without `facts` the gates' facts (open incidents,
     /// approvals) are not read, for transitions that cannot evaluate a gate.
     async fn load_with(&self, tx: &mut Tx<'_>, run_id: Uuid, facts: bool) -> Result<Option<RunState>, StoreError> {
+        // The run's audit chain is locked here too (the lock `audit::chain` takes),
+        // so its head can be read with the steps, after both locks are held.
         let Some(row) = sqlx::query(
             "select service, environment, event, plan_hash, status, hold, completions, rollback_reason, trace_context,
-                    started_at, finished_at
+                    started_at, finished_at, pg_advisory_xact_lock(hashtextextended('audit/' || $1::text, 0))::text
              from runs where id = $1 for update",
         )
         .bind(run_id)
@@ -368,17 +372,23 @@ impl Store {
             finished_at: row.try_get("finished_at")?,
             steps: Vec::new(),
             dirty: false,
+            audit_head: None,
         };
         let rows = sqlx::query(
             "select step_id, role, zone, action, compensate, restore_from_backup, restoring, needs, gates, hold, included,
                     status, attempt, attempt_status,
                     exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
-                    completion, started_at, finished_at, comp_started_at, comp_finished_at
+                    completion, started_at, finished_at, comp_started_at, comp_finished_at,
+                    (select hash from audit where run_id = $1 order by id desc limit 1) as audit_head
              from steps where run_id = $1 order by position",
         )
         .bind(run_id)
         .fetch_all(&mut **tx)
         .await?;
+        if let Some(r) = rows.first() {
+            let head: Option<String> = r.try_get("audit_head")?;
+            state.audit_head = Some(head.unwrap_or_else(|| audit::GENESIS.to_owned()));
+        }
         for r in rows {
             let status: String = r.try_get("status")?;
             let attempt_status: Option<String> = r.try_get("attempt_status")?;
@@ -530,23 +540,30 @@ impl Store {
                 Effect::ReleaseLock => released = true,
             }
         }
-        let entries: Vec<audit::Entry<'_>> = history
-            .iter()
-            .map(|(step, attempt, kind, detail)| audit::Entry {
-                run_id: Some(state.id),
-                step_id: step.as_deref(),
-                attempt: *attempt,
-                at: now,
-                actor: &self.actor,
-                kind,
-                detail,
-            })
-            .collect();
-        let audit_rows = if entries.is_empty() {
+        let run_id = state.id;
+        let entries = || -> Vec<audit::Entry<'_>> {
+            history
+                .iter()
+                .map(|(step, attempt, kind, detail)| audit::Entry {
+                    run_id: Some(run_id),
+                    step_id: step.as_deref(),
+                    attempt: *attempt,
+                    at: now,
+                    actor: &self.actor,
+                    kind,
+                    detail,
+                })
+                .collect()
+        };
+        let audit_rows = if history.is_empty() {
             audit::Rows::default()
         } else {
-            audit::chain(tx, entries).await?
+            let known = state.audit_head.take().map(|h| (state.id, h));
+            audit::chain_from(tx, entries(), known).await?
         };
+        if let Some(last) = audit_rows.hashes.last() {
+            state.audit_head = Some(last.clone());
+        }
         if w.run
             || !w.steps.is_empty()
             || !w.timers.is_empty()
@@ -557,9 +574,16 @@ impl Store {
             || released
             || !audit_rows.is_empty()
         {
-            let ids = w
+            let (ids, audit_ok) = w
                 .execute(tx, state, released, &msgs, now + self.claim, &audit_rows)
                 .await?;
+            if !audit_ok {
+                // Something appended to the run's chain since it was loaded without
+                // resetting the head: link the entries onto the real head instead.
+                tracing::warn!(run_id = %state.id, "audit chain head moved during a transition; relinking its entries");
+                audit::append_many(tx, entries()).await?;
+                state.audit_head = None;
+            }
             for mut m in msgs {
                 m.id = *ids.get(&m.message_id).ok_or_else(|| StoreError::Corrupt {
                     run: state.id,
@@ -1042,6 +1066,7 @@ impl Store {
             json!({"plan_hash": plan_hash, "comment": comment, "expires_at": expires_at}),
         )
         .await?;
+        state.audit_head = None;
         state.facts.approvals.push(Approval {
             step_id: step.to_owned(),
             plan_hash: plan_hash.to_owned(),
@@ -1077,6 +1102,7 @@ impl Store {
             json!({"reason": reason}),
         )
         .await?;
+        state.audit_head = None;
         let mut fx = Vec::new();
         state.cancel(&format!("{who}: {reason}"), Utc::now(), &self.settings, &mut fx)?;
         if self.persist(&mut tx, &mut state, fx, &mut out).await? {
@@ -1464,7 +1490,7 @@ impl Writes {
         msgs: &[OutboxMsg],
         claimed_until: DateTime<Utc>,
         audit: &audit::Rows,
-    ) -> Result<std::collections::HashMap<Uuid, i64>, StoreError> {
+    ) -> Result<(std::collections::HashMap<Uuid, i64>, bool), StoreError> {
         let steps: Vec<&StepState> = self.steps.iter().map(|&i| &state.steps[i]).collect();
         let rows = sqlx::query(PERSIST_SQL)
             .bind(state.id)
@@ -1551,12 +1577,18 @@ impl Writes {
             .bind(&audit.details)
             .bind(&audit.prevs)
             .bind(&audit.hashes)
+            .bind(audit::GENESIS)
             .fetch_all(&mut **tx)
             .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("message_id")?, r.try_get("id")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        let mut ids = std::collections::HashMap::new();
+        let mut audit_ok = true;
+        for r in &rows {
+            audit_ok &= r.try_get::<bool, _>("audit_ok")?;
+            if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
+                ids.insert(r.try_get("message_id")?, id);
+            }
+        }
+        Ok((ids, audit_ok))
     }
 }
 
@@ -1607,11 +1639,16 @@ with run_update as (
      where t.run_id = $1 and t.step_id = u.step_id and t.attempt = u.attempt
 ), lock_release as (
     delete from env_locks where $53 and service = $54 and environment = $55 and run_id = $1
+), audit_head as (
+    -- The rows link onto the head the store assumed; if the chain moved on, none is written here.
+    select coalesce(($63::text[])[1] = coalesce((select hash from audit where run_id = $1 order by id desc limit 1),
+                                               $65), true) as ok
 ), audit_insert as (
     insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
     select a, b, c, d, e, f, g, h, i
       from unnest($56::uuid[], $57::text[], $58::int[], $59::timestamptz[], $60::text[], $61::text[],
                   $62::jsonb[], $63::text[], $64::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
+     where (select ok from audit_head)
      order by n
 ), outbox_insert as (
     insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
@@ -1622,7 +1659,7 @@ with run_update as (
      order by o.n
     returning id, message_id
 )
-select id, message_id from outbox_insert";
+select o.id, o.message_id, h.ok as audit_ok from audit_head h left join outbox_insert o on true";
 
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
