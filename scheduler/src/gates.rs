@@ -167,7 +167,7 @@ pub struct Approval {
 }
 
 /// What the store loads with a run for its gates.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct Facts {
     pub incidents: Vec<Incident>,
     pub approvals: Vec<Approval>,

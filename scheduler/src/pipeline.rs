@@ -449,12 +449,29 @@ impl StepDef {
 }
 
 /// Compiles a `when` glob: `*` stays within one path segment, `**` crosses segments.
+///
+/// Compiling builds a regex automaton, which cost the scheduler about a tenth of
+/// its CPU when done for every merge event; a pipeline has few patterns, so
+/// compiled ones are kept (up to [`GLOB_CACHE_LIMIT`]).
 pub fn path_glob(glob: &str) -> Result<GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(glob)
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<String, GlobMatcher>>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(m) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(glob) {
+        return Ok(m.clone());
+    }
+    let matcher = GlobBuilder::new(glob)
         .literal_separator(true)
         .build()?
-        .compile_matcher())
+        .compile_matcher();
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() < GLOB_CACHE_LIMIT {
+        cache.insert(glob.to_owned(), matcher.clone());
+    }
+    Ok(matcher)
 }
+
+/// Compiled `when` globs kept at most (pipelines are reloaded, patterns change).
+pub const GLOB_CACHE_LIMIT: usize = 4096;
 
 /// SHA-256 (hex) of a value's canonical JSON: object keys sorted, no whitespace. Plans
 /// and pipelines are hashed this way so the hash never depends on map ordering.

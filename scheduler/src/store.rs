@@ -20,8 +20,22 @@ use uuid::Uuid;
 
 use crate::audit;
 use crate::engine::{Applied, Effect, Effects, EngineError, Hold, RunState, RunStatus, Settings, StepState, TimerKind};
-use crate::gates::{self, Approval, Decision, Facts, Incident};
+use crate::gates::{self, Approval, Decision, Facts};
 use crate::planner::Plan;
+
+/// A JSON object with the gates' facts of run `$1`: open incidents and the run's approvals.
+macro_rules! facts_sql {
+    () => {
+        "json_build_object(
+           'incidents', (select coalesce(json_agg(json_build_object('id', id, 'environment', environment,
+                                                   'title', title, 'opened_at', opened_at) order by opened_at), '[]')
+                           from incidents where resolved_at is null),
+           'approvals', (select coalesce(json_agg(json_build_object('step_id', step_id, 'plan_hash', plan_hash,
+                                                   'approver', approver, 'decision', decision, 'comment', comment,
+                                                   'at', at, 'expires_at', expires_at) order by id), '[]')
+                           from approvals where run_id = $1))"
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -340,19 +354,46 @@ impl Store {
     /// Like [`Self::load`]; without `facts` the gates' facts (open incidents,
     /// approvals) are not read, for transitions that cannot evaluate a gate.
     async fn load_with(&self, tx: &mut Tx<'_>, run_id: Uuid, facts: bool) -> Result<Option<RunState>, StoreError> {
+        Ok(self.load_inboxing(tx, run_id, facts, &[]).await?.0)
+    }
+
+    /// [`Self::load_with`], recording `results` in the inbox in the same statement;
+    /// also returns the message ids that were new there (all of them count as
+    /// recorded when the run is unknown).
+    async fn load_inboxing(
+        &self,
+        tx: &mut Tx<'_>,
+        run_id: Uuid,
+        facts: bool,
+        results: &[&StepResult],
+    ) -> Result<(Option<RunState>, std::collections::HashSet<Uuid>), StoreError> {
         // The run's audit chain is locked here too (the lock `audit::chain` takes),
         // so its head can be read with the steps, after both locks are held.
         let Some(row) = sqlx::query(
-            "select service, environment, event, plan_hash, status, hold, completions, rollback_reason, trace_context,
-                    started_at, finished_at, pg_advisory_xact_lock(hashtextextended('audit/' || $1::text, 0))::text
-             from runs where id = $1 for update",
+            "with inboxed as (
+                 insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
+                 select * from unnest($2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::timestamptz[])
+                 on conflict do nothing returning message_id
+             )
+             select r.service, r.environment, r.event, r.plan_hash, r.status, r.hold, r.completions,
+                    r.rollback_reason, r.trace_context, r.started_at, r.finished_at,
+                    pg_advisory_xact_lock(hashtextextended('audit/' || $1::text, 0))::text,
+                    array(select message_id from inboxed) as new_ids
+             from runs r where r.id = $1 for update of r",
         )
         .bind(run_id)
+        .bind(results.iter().map(|r| r.message_id).collect::<Vec<_>>())
+        .bind(results.iter().map(|r| r.run_id).collect::<Vec<_>>())
+        .bind(results.iter().map(|r| r.step_id.clone()).collect::<Vec<_>>())
+        .bind(results.iter().map(|r| r.attempt as i32).collect::<Vec<_>>())
+        .bind(results.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(results.iter().map(|r| r.at).collect::<Vec<_>>())
         .fetch_optional(&mut **tx)
         .await?
         else {
-            return Ok(None);
+            return Ok((None, results.iter().map(|r| r.message_id).collect()));
         };
+        let new_ids: Vec<Uuid> = row.try_get("new_ids")?;
         let status: String = row.try_get("status")?;
         let Json(event): Json<MergeEvent> = row.try_get("event")?;
         let hold: Option<Json<Hold>> = row.try_get("hold")?;
@@ -374,20 +415,28 @@ impl Store {
             dirty: false,
             audit_head: None,
         };
-        let rows = sqlx::query(
+        // The gates' facts come with the steps when wanted (read after the run's lock).
+        let rows = sqlx::query(concat!(
             "select step_id, role, zone, action, compensate, restore_from_backup, restoring, needs, gates, hold, included,
                     status, attempt, attempt_status,
                     exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
                     completion, started_at, finished_at, comp_started_at, comp_finished_at,
-                    (select hash from audit where run_id = $1 order by id desc limit 1) as audit_head
-             from steps where run_id = $1 order by position",
-        )
+                    (select hash from audit where run_id = $1 order by id desc limit 1) as audit_head,
+                    case when $2 then ",
+            facts_sql!(),
+            " end as facts
+             from steps where run_id = $1 order by position"
+        ))
         .bind(run_id)
+        .bind(facts && (state.status.is_active() || state.status == RunStatus::Queued))
         .fetch_all(&mut **tx)
         .await?;
         if let Some(r) = rows.first() {
             let head: Option<String> = r.try_get("audit_head")?;
             state.audit_head = Some(head.unwrap_or_else(|| audit::GENESIS.to_owned()));
+            if let Some(Json(facts)) = r.try_get::<Option<Json<Facts>>, _>("facts")? {
+                state.facts = facts;
+            }
         }
         for r in rows {
             let status: String = r.try_get("status")?;
@@ -428,10 +477,7 @@ impl Store {
                 dirty: false,
             });
         }
-        if facts && (state.status.is_active() || state.status == RunStatus::Queued) {
-            state.facts = load_facts(tx, run_id).await?;
-        }
-        Ok(Some(state))
+        Ok((Some(state), new_ids.into_iter().collect()))
     }
 
     /// Writes what a transition changed; returns whether the run released its lock.
@@ -688,111 +734,71 @@ impl Store {
             .iter()
             .filter(|r| r.status != baton_shared::protocol::ResultStatus::Heartbeat)
             .collect();
-        let mut new_ids: std::collections::HashSet<Uuid> = if inboxed.is_empty() {
-            Default::default()
-        } else {
-            sqlx::query_scalar(
-                "insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
-                 select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::timestamptz[])
-                 on conflict do nothing returning message_id",
+        // Only an outcome can move the run on (and so evaluate a gate); `started`
+        // and heartbeats skip reading the gates' facts.
+        let moves = rs.iter().any(|r| {
+            matches!(
+                r.status,
+                baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
             )
-            .bind(inboxed.iter().map(|r| r.message_id).collect::<Vec<_>>())
-            .bind(inboxed.iter().map(|r| r.run_id).collect::<Vec<_>>())
-            .bind(inboxed.iter().map(|r| r.step_id.clone()).collect::<Vec<_>>())
-            .bind(inboxed.iter().map(|r| r.attempt as i32).collect::<Vec<_>>())
-            .bind(inboxed.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-            .bind(inboxed.iter().map(|r| r.at).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect()
-        };
-        let mut outcomes: Vec<Option<ResultApplied>> = vec![None; rs.len()];
-        let mut fresh = Vec::new();
-        for (k, r) in rs.iter().enumerate() {
-            // A message id counts once even if it came twice in this batch.
-            if r.status == baton_shared::protocol::ResultStatus::Heartbeat || new_ids.remove(&r.message_id) {
-                fresh.push(k);
-                continue;
-            }
-            self.history(
-                &mut tx,
-                Some(r.run_id),
-                Some(&r.step_id),
-                Some(r.attempt as i32),
-                "duplicate_result",
-                detail(r),
-            )
-            .await?;
-            outcomes[k] = Some(ResultApplied::Duplicate);
-        }
-        if !fresh.is_empty() {
-            let now = Utc::now();
-            let settings = self.settings.clone();
-            // Only an outcome can move the run on (and so evaluate a gate); `started`
-            // and heartbeats skip reading the gates' facts.
-            let moves = fresh.iter().any(|&k| {
-                matches!(
-                    rs[k].status,
-                    baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
-                )
-            });
-            let applied = self
-                .transition_with(&mut tx, run_id, moves, &mut out, |state, fx| {
-                    Ok(fresh
-                        .iter()
-                        .map(|&k| (k, state.apply_result(&rs[k], now, &settings, fx)))
-                        .collect::<Vec<_>>())
-                })
-                .await?;
-            match applied {
-                None => {
-                    for &k in &fresh {
-                        let r = &rs[k];
-                        self.history(
-                            &mut tx,
-                            None,
-                            Some(&r.step_id),
-                            Some(r.attempt as i32),
-                            "result_for_unknown_run",
-                            json!({"run_id": r.run_id, "message_id": r.message_id}),
-                        )
-                        .await?;
-                        outcomes[k] = Some(ResultApplied::UnknownRun);
-                    }
+        });
+        let (state, mut new_ids) = self.load_inboxing(&mut tx, run_id, moves, &inboxed).await?;
+        let mut outcomes = Vec::with_capacity(rs.len());
+        match state {
+            None => {
+                for r in rs {
+                    self.history(
+                        &mut tx,
+                        None,
+                        Some(&r.step_id),
+                        Some(r.attempt as i32),
+                        "result_for_unknown_run",
+                        json!({"run_id": r.run_id, "message_id": r.message_id}),
+                    )
+                    .await?;
+                    outcomes.push(ResultApplied::UnknownRun);
                 }
-                Some(list) => {
-                    for (k, a) in list {
-                        let r = &rs[k];
-                        outcomes[k] = Some(match a {
-                            Applied::Applied => ResultApplied::Applied,
-                            Applied::Stale(why) => {
-                                let mut d = detail(r);
-                                d["why"] = json!(why);
-                                self.history(
-                                    &mut tx,
-                                    Some(r.run_id),
-                                    Some(&r.step_id),
-                                    Some(r.attempt as i32),
-                                    "stale_result",
-                                    d,
-                                )
-                                .await?;
-                                ResultApplied::Stale(why)
-                            }
+            }
+            Some(mut state) => {
+                let now = Utc::now();
+                let mut fx = Vec::new();
+                for r in rs {
+                    let step = Some(r.step_id.clone());
+                    let attempt = Some(r.attempt as i32);
+                    // A message id counts once even if it came twice in this batch.
+                    if r.status != baton_shared::protocol::ResultStatus::Heartbeat && !new_ids.remove(&r.message_id) {
+                        fx.push(Effect::History {
+                            step,
+                            attempt,
+                            kind: "duplicate_result",
+                            detail: detail(r),
                         });
+                        outcomes.push(ResultApplied::Duplicate);
+                        continue;
                     }
+                    outcomes.push(match state.apply_result(r, now, &self.settings, &mut fx) {
+                        Applied::Applied => ResultApplied::Applied,
+                        Applied::Stale(why) => {
+                            let mut d = detail(r);
+                            d["why"] = json!(why);
+                            fx.push(Effect::History {
+                                step,
+                                attempt,
+                                kind: "stale_result",
+                                detail: d,
+                            });
+                            ResultApplied::Stale(why)
+                        }
+                    });
+                }
+                if self.persist(&mut tx, &mut state, fx, &mut out).await? {
+                    self.admit(&mut tx, &state.service, &state.environment, &mut out)
+                        .await?;
                 }
             }
         }
         tx.commit().await?;
-        Ok((
-            outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or(ResultApplied::Duplicate))
-                .collect(),
-            out,
-        ))
+        Ok((outcomes, out))
     }
 
     /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
@@ -1816,25 +1822,6 @@ pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunLine>
 }
 
 /// Open incidents and this run's approvals, in one round trip.
-async fn load_facts(tx: &mut Tx<'_>, run_id: Uuid) -> Result<Facts, StoreError> {
-    let row = sqlx::query(
-        "select
-           (select coalesce(json_agg(json_build_object('id', id, 'environment', environment, 'title', title,
-                                                      'opened_at', opened_at) order by opened_at), '[]')
-              from incidents where resolved_at is null) as incidents,
-           (select coalesce(json_agg(json_build_object('step_id', step_id, 'plan_hash', plan_hash,
-                                                      'approver', approver, 'decision', decision, 'comment', comment,
-                                                      'at', at, 'expires_at', expires_at) order by id), '[]')
-              from approvals where run_id = $1) as approvals",
-    )
-    .bind(run_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    let Json(incidents): Json<Vec<Incident>> = row.try_get("incidents")?;
-    let Json(approvals): Json<Vec<Approval>> = row.try_get("approvals")?;
-    Ok(Facts { incidents, approvals })
-}
-
 /// Which incident to resolve.
 #[derive(Debug, Clone, Copy)]
 pub enum IncidentKey<'a> {
