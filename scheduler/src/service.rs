@@ -472,7 +472,19 @@ async fn merge_event_loop(
 }
 
 /// Results of one run, received while a task applies that run's earlier ones.
-type Pending = Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Vec<(StepResult, Delivery)>>>>;
+#[derive(Default)]
+struct RunQueue {
+    items: Vec<(StepResult, Delivery)>,
+    /// Signalled when a result joins the queue.
+    more: Arc<tokio::sync::Notify>,
+}
+
+type Pending = Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, RunQueue>>>;
+
+/// How long a lone `started` waits for its attempt's outcome before it is applied
+/// alone: a fast step's outcome follows within a millisecond or two, and both then
+/// cost one transaction. A slow step's lease and accept timers do not notice.
+const STARTED_LINGER: Duration = Duration::from_millis(3);
 
 /// Applies results with bounded concurrency, one task per run at a time: what
 /// arrives for a run while its task is in a transaction is applied next, all in
@@ -495,29 +507,44 @@ async fn result_loop(
             continue;
         };
         let run = result.run_id;
-        {
+        let lone_started = result.status == baton_shared::protocol::ResultStatus::Started;
+        let more = {
             let mut p = pending.lock().expect("lock");
             if let Some(queued) = p.get_mut(&run) {
-                queued.push((result, delivery));
+                queued.items.push((result, delivery));
+                queued.more.notify_one();
                 continue;
             }
-            p.insert(run, vec![(result, delivery)]);
-        }
-        let permit = slots.clone().acquire_owned().await?;
+            let queue = p.entry(run).or_default();
+            queue.items.push((result, delivery));
+            queue.more.clone()
+        };
+        // At most `prefetch` deliveries are unacknowledged, so at most that many
+        // tasks exist; `slots` bounds how many are in a transaction.
         while running.try_join_next().is_some() {}
-        let (store, broker, relay, stop, pending) = (
+        let (store, broker, relay, stop, pending, slots) = (
             store.clone(),
             broker.clone(),
             relay.clone(),
             stop.clone(),
             pending.clone(),
+            slots.clone(),
         );
         running.spawn(async move {
+            if lone_started {
+                tokio::select! {
+                    _ = more.notified() => {}
+                    _ = tokio::time::sleep(STARTED_LINGER) => {}
+                }
+            }
+            let Ok(_permit) = slots.acquire_owned().await else {
+                return;
+            };
             loop {
                 let batch = {
                     let mut p = pending.lock().expect("lock");
                     match p.get_mut(&run) {
-                        Some(queued) if !queued.is_empty() => std::mem::take(queued),
+                        Some(queued) if !queued.items.is_empty() => std::mem::take(&mut queued.items),
                         _ => {
                             p.remove(&run);
                             break;
@@ -526,7 +553,6 @@ async fn result_loop(
                 };
                 apply_batch(&store, &broker, &relay, &stop, batch).await;
             }
-            drop(permit);
         });
     }
     while running.join_next().await.is_some() {}
