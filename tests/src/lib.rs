@@ -711,8 +711,8 @@ impl PrivateBroker {
         broker
     }
 
-    /// Runs `rabbitmqctl` against this node.
-    pub fn ctl(&self, args: &[&str]) {
+    /// Runs `rabbitmqctl` against this node and returns what it printed.
+    pub fn ctl(&self, args: &[&str]) -> String {
         let out = Command::new("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
@@ -725,6 +725,7 @@ impl PrivateBroker {
             self.node,
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn url(&self) -> String {

@@ -142,26 +142,43 @@ async fn slow_broker_memory_alarm_blocks_publishers_without_open_transactions_th
     let run = env.enqueue(&event("alarm", 1, EVERYTHING));
     wait_mid_run(&env, run).await;
     // A memory alarm: the broker blocks every publishing connection.
+    let started_before = env.exec_log().iter().filter(|l| l.event == "start").count();
     broker.ctl(&["set_vm_memory_high_watermark", "0.000001"]);
     let before = env.run(run).await.unwrap();
     let done = |v: &RunView| v.steps.iter().filter(|s| s.status == "succeeded").count();
-    // While blocked, nobody may hold a database transaction open waiting on the broker.
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < deadline {
-        let stuck: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where datname = current_database()
-               and state like 'idle in transaction%' and now() - xact_start > interval '500 milliseconds'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        assert_eq!(
-            stuck, 0,
-            "a transaction stayed open while the broker blocked publishers"
-        );
-        // Sampling for something that must not happen: there is no event to await.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The window ends with events: every execution begun before the alarm has
+    // ended (its outcome now waits behind the alarm), and the broker reports the
+    // scheduler's and the daemon's connections blocked, for a second. Throughout
+    // it, nobody may hold a database transaction open waiting on the broker.
+    let mut blocked_since: Option<std::time::Instant> = None;
+    env.wait_until(
+        "executions begun before the alarm to end and both connections to be blocked for a second",
+        RUN_TIMEOUT,
+        async || {
+            let stuck: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where datname = current_database()
+                   and state like 'idle in transaction%' and now() - xact_start > interval '500 milliseconds'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                stuck, 0,
+                "a transaction stayed open while the broker blocked publishers"
+            );
+            let ended = env.exec_log().iter().filter(|l| l.event == "end").count();
+            let blocked = broker
+                .ctl(&["list_connections", "-q", "--no-table-headers", "state"])
+                .lines()
+                .filter(|l| l.trim() == "blocked")
+                .count();
+            if ended < started_before || blocked < 2 {
+                return false;
+            }
+            blocked_since.get_or_insert_with(std::time::Instant::now).elapsed() > Duration::from_secs(1)
+        },
+    )
+    .await;
     let during = env.run(run).await.unwrap();
     assert!(
         done(&during) <= done(&before) + 1,
