@@ -76,8 +76,12 @@ pub struct Outgoing {
 
 /// How long a publisher waits for a connection before giving up on one message.
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(15);
-/// How often the keeper looks at the connection.
+/// How often the keeper looks at the connection. It polls because lapin 4 raises
+/// an event when a connection fails but not when the broker closes it cleanly
+/// (as `rabbitmqctl stop_app` does).
 const KEEPER_TICK: Duration = Duration::from_millis(100);
+/// Pause before publishing again on a connection that is still up.
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Bound on opening one connection (TCP, TLS and the AMQP handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -292,11 +296,14 @@ impl Broker {
                     return Some((link.generation, live.clone()));
                 }
             }
-            // The keeper notices a dead connection within a tick; wake on its news or the tick.
+            // The keeper publishes every change: a lost connection, a new one, the end.
             tokio::select! {
                 _ = stop.cancelled() => return None,
-                _ = rx.changed() => {}
-                _ = tokio::time::sleep(KEEPER_TICK) => {}
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -405,13 +412,17 @@ impl Broker {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, exchange, routing_key, "publish failed; publishing again once connected");
-                    live.repair().await;
                     last = e;
                     if tokio::time::Instant::now() >= deadline {
                         return Err(last);
                     }
-                    // Let the keeper see a dead connection before the next try.
-                    tokio::time::sleep(KEEPER_TICK).await;
+                    // A lost connection: `live` waits for the keeper's next one. A
+                    // channel the broker closed is reopened, and the same connection
+                    // is tried again after a short backoff, not in a tight loop.
+                    if live.connected() {
+                        live.repair().await;
+                        tokio::time::sleep(RETRY_BACKOFF).await;
+                    }
                 }
             }
         }
