@@ -64,13 +64,11 @@ pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<
 /// Appends entries in order: one lock and one head lookup per chain, and one
 /// insert for all of them (a transition writes several rows; this keeps it to
 /// a few round trips).
-// The head lookup is async, so the map entry API cannot do it.
-#[allow(clippy::map_entry)]
 pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let rows = chain(tx, entries).await?;
+    let rows = chain(tx, entries, None).await?;
     rows.insert(tx).await
 }
 
@@ -91,14 +89,12 @@ pub struct Rows {
 
 /// Locks the chains `entries` extend (until the transaction ends), reads their
 /// heads and links the entries onto them.
-pub async fn chain(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<Rows, StoreError> {
-    chain_from(tx, entries, None).await
-}
-
-/// [`chain`], given the head of one run's chain that the caller read while
-/// holding that chain's lock in this transaction.
+///
+/// `known`: the head of one run's chain that the caller read while holding that
+/// chain's lock in this transaction (its lock and head are not read again).
+// The head lookup is async, so the map entry API cannot do it.
 #[allow(clippy::map_entry)]
-pub async fn chain_from(
+pub async fn chain(
     tx: &mut Transaction<'_, Postgres>,
     mut entries: Vec<Entry<'_>>,
     known: Option<(Uuid, String)>,

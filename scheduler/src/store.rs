@@ -605,7 +605,7 @@ impl Store {
             audit::Rows::default()
         } else {
             let known = state.audit_head.take().map(|h| (state.id, h));
-            audit::chain_from(tx, entries(), known).await?
+            audit::chain(tx, entries(), known).await?
         };
         if let Some(last) = audit_rows.hashes.last() {
             state.audit_head = Some(last.clone());
@@ -707,12 +707,6 @@ impl Store {
             self.admit(tx, &state.service, &state.environment, out).await?;
         }
         Ok(Some(value))
-    }
-
-    /// Applies one result exactly once.
-    pub async fn apply_result(&self, r: &StepResult) -> Result<(ResultApplied, Vec<OutboxMsg>), StoreError> {
-        let (mut applied, out) = self.apply_results(std::slice::from_ref(r)).await?;
-        Ok((applied.pop().unwrap_or(ResultApplied::Duplicate), out))
     }
 
     /// Applies results of one run, in order, each exactly once, in one transaction:
