@@ -351,6 +351,35 @@ async fn slow_daemon_killed_after_publishing_its_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_daemon_killed_before_acking_a_job_the_job_is_redelivered_and_runs_once() {
+    let env = TestEnv::new("fault-daemon-before-ack").await;
+    env.script(json!({"default": {"delay_ms": 50}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let dir = env.dir.to_str().unwrap().to_owned();
+    // The daemon dies once, on the build job's delivery, before reporting or acking it.
+    let crash = [
+        ("BATON_FAILPOINTS", "daemon-before-ack-build"),
+        ("BATON_FAILPOINT_DIR", dir.as_str()),
+    ];
+    let mut first = env.daemon_with("daemon-1", SEED_BINDINGS, &crash).await;
+    let run = env.enqueue(&event("crash-before-ack", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the daemon to crash on the build job's delivery").await;
+    assert!(
+        env.starts(run, "build", "execute").is_empty(),
+        "nothing ran before the crash"
+    );
+    // Its successor gets the unacknowledged job from the broker.
+    let _second = env.daemon("daemon-2", SEED_BINDINGS).await;
+    let views = check_invariants(&env, &[run]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+    assert_eq!(
+        env.starts(run, "build", "execute").len(),
+        1,
+        "the job ran once (redelivered, or retried once its acceptance timed out)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_poison_job_reaches_the_delivery_limit_and_fails_its_step_while_others_flow() {
     let env = TestEnv::new("fault-poison").await;
     env.script(json!({"default": {"delay_ms": 50}}));
