@@ -266,6 +266,18 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 struct Latency {
     pipeline: Stats,
     step_overhead: Stats,
+    overhead_parts: OverheadParts,
+}
+
+/// Step overhead in parts (see [`latency`]); all stamps come from one machine's clock.
+#[derive(Debug, Serialize)]
+struct OverheadParts {
+    /// Result sent by its daemon → the transaction applying it began.
+    result_to_transaction: Stats,
+    /// That transaction began → the next step's job was created in it.
+    transaction_to_job: Stats,
+    /// Job created → delivered to its daemon (the write, commit, relay and broker).
+    job_to_daemon: Stats,
 }
 
 /// Seed pipeline runs one after another: end-to-end latency and the gap between
@@ -283,13 +295,21 @@ async fn latency(runs: usize) -> Latency {
     }
     // started_at of a step (stamped by the daemon on delivery) minus the latest
     // result time of the steps it needs (stamped by their daemon on sending).
-    let gaps: Vec<f64> = sqlx::query_scalar(
-        "select extract(epoch from (a.started_at - prev.reported_at))::float8 * 1000
+    // The same gap in three parts: the result's way to the scheduler (up to the
+    // start of the transaction that applied it, `inbox.received_at`), the
+    // transition up to the next job's creation (`dispatched_at`), and the rest of
+    // the transition with the job's way to its daemon.
+    let rows: Vec<(f64, f64, f64, f64)> = sqlx::query_as(
+        "select extract(epoch from (a.started_at - prev.reported_at))::float8 * 1000,
+                extract(epoch from (prev.received_at - prev.reported_at))::float8 * 1000,
+                extract(epoch from (a.dispatched_at - prev.received_at))::float8 * 1000,
+                extract(epoch from (a.started_at - a.dispatched_at))::float8 * 1000
            from steps s
            join attempts a on a.run_id = s.run_id and a.step_id = s.step_id and a.attempt = 1
-           join lateral (select max(i.reported_at) as reported_at from inbox i
-                          where i.run_id = s.run_id and i.step_id = any(s.needs) and i.status = 'succeeded') prev on true
-          where s.run_id = any($1) and cardinality(s.needs) > 0 and prev.reported_at is not null",
+           join lateral (select i.reported_at, i.received_at from inbox i
+                          where i.run_id = s.run_id and i.step_id = any(s.needs) and i.status = 'succeeded'
+                          order by i.reported_at desc limit 1) prev on true
+          where s.run_id = any($1) and cardinality(s.needs) > 0",
     )
     .bind(&ids)
     .fetch_all(&b.env.pool)
@@ -302,7 +322,12 @@ async fn latency(runs: usize) -> Latency {
     }
     Latency {
         pipeline: stats(total),
-        step_overhead: stats(gaps),
+        step_overhead: stats(rows.iter().map(|r| r.0).collect()),
+        overhead_parts: OverheadParts {
+            result_to_transaction: stats(rows.iter().map(|r| r.1).collect()),
+            transaction_to_job: stats(rows.iter().map(|r| r.2).collect()),
+            job_to_daemon: stats(rows.iter().map(|r| r.3).collect()),
+        },
     }
 }
 
@@ -456,6 +481,7 @@ async fn main() {
         "floor": floor,
         "pipeline_latency": lat.pipeline,
         "step_overhead": lat.step_overhead,
+        "step_overhead_parts": lat.overhead_parts,
         "step_overhead_ratio_to_floor": {
             "p50": lat.step_overhead.p50_ms / floor.round_trip.p50_ms,
             "p99": lat.step_overhead.p99_ms / floor.round_trip.p50_ms,
@@ -485,6 +511,22 @@ async fn main() {
         "{:<44} {}",
         "step overhead (result sent → next job in)",
         f(&lat.step_overhead)
+    );
+    let parts = &lat.overhead_parts;
+    println!(
+        "{:<44} {}",
+        "  result sent → its transaction begins",
+        f(&parts.result_to_transaction)
+    );
+    println!(
+        "{:<44} {}",
+        "  transaction begins → next job created",
+        f(&parts.transaction_to_job)
+    );
+    println!(
+        "{:<44} {}",
+        "  job created → delivered to its daemon",
+        f(&parts.job_to_daemon)
     );
     println!(
         "{:<44} {:>8.2} {:>8.2}",
