@@ -115,6 +115,14 @@ pub async fn chain(
                 .await?;
             let head: Option<String> = match e.run_id {
                 Some(r) => {
+                    // Appending to a run's chain is a change of the run: a transition
+                    // computed from an unlocked read must notice it (store.rs,
+                    // optimistic apply). The bump waits for such a transition to
+                    // commit, and the head is read after it, in a new snapshot.
+                    sqlx::query("update runs set version = version + 1 where id = $1")
+                        .bind(r)
+                        .execute(&mut **tx)
+                        .await?;
                     sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
                         .bind(r)
                         .fetch_optional(&mut **tx)
@@ -128,25 +136,42 @@ pub async fn chain(
             };
             heads.insert(e.run_id, head.unwrap_or_else(|| GENESIS.to_owned()));
         }
-        let prev = heads[&e.run_id].clone();
-        let hash = chain_hash(&prev, e);
-        heads.insert(e.run_id, hash.clone());
-        rows.runs.push(e.run_id);
-        rows.steps.push(e.step_id.map(str::to_owned));
-        rows.attempts.push(e.attempt);
-        rows.ats.push(e.at);
-        rows.actors.push(e.actor.to_owned());
-        rows.kinds.push(e.kind.to_owned());
-        rows.details.push(Json(e.detail.clone()));
-        rows.prevs.push(prev);
-        rows.hashes.push(hash);
+        let head = heads.get_mut(&e.run_id).expect("head read above");
+        *head = rows.push(std::mem::take(head), e);
     }
     Ok(rows)
+}
+
+/// Links entries of one run's chain onto `head`, a head read in the same snapshot
+/// as the run's version; the statement that inserts them must check both.
+pub fn link(head: String, mut entries: Vec<Entry<'_>>) -> Rows {
+    let mut rows = Rows::default();
+    let mut head = head;
+    for e in &mut entries {
+        e.at = DateTime::from_timestamp_micros(e.at.timestamp_micros()).unwrap_or(e.at);
+        head = rows.push(head, e);
+    }
+    rows
 }
 
 impl Rows {
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
+    }
+
+    /// Adds `e` linked onto `prev`; returns its hash, the chain's new head.
+    fn push(&mut self, prev: String, e: &Entry<'_>) -> String {
+        let hash = chain_hash(&prev, e);
+        self.runs.push(e.run_id);
+        self.steps.push(e.step_id.map(str::to_owned));
+        self.attempts.push(e.attempt);
+        self.ats.push(e.at);
+        self.actors.push(e.actor.to_owned());
+        self.kinds.push(e.kind.to_owned());
+        self.details.push(Json(e.detail.clone()));
+        self.prevs.push(prev);
+        self.hashes.push(hash.clone());
+        hash
     }
 
     async fn insert(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {

@@ -13,7 +13,7 @@ use baton_shared::topology::{CONTROL_EXCHANGE, JOBS_EXCHANGE, job_routing_key};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -35,6 +35,129 @@ macro_rules! facts_sql {
                                                    'at', at, 'expires_at', expires_at) order by id), '[]')
                            from approvals where run_id = $1))"
     };
+}
+
+/// A run's columns as [`run_from_row`] reads them (`r` is the run's alias).
+macro_rules! run_columns {
+    () => {
+        "r.service, r.environment, r.event, r.plan_hash, r.status as run_status, r.hold as run_hold,
+         r.completions, r.rollback_reason, r.trace_context, r.started_at as run_started_at,
+         r.finished_at as run_finished_at, r.version"
+    };
+}
+
+/// A step's columns as [`add_steps`] reads them, with the run's audit head and,
+/// when `$2`, the gates' facts (`$1` is the run id).
+macro_rules! step_columns {
+    () => {
+        concat!(
+            "s.step_id, s.role, s.zone, s.action, s.compensate, s.restore_from_backup, s.restoring, s.needs, s.gates,
+             s.hold, s.included, s.status, s.attempt, s.attempt_status, s.exec_attempts, s.comp_attempts,
+             s.cancel_requested, s.timeout_ms, s.retry, s.params, s.outputs, s.error, s.completion, s.started_at,
+             s.finished_at, s.comp_started_at, s.comp_finished_at,
+             (select hash from audit where run_id = $1 order by id desc limit 1) as audit_head,
+             case when $2 then ",
+            facts_sql!(),
+            " end as facts"
+        )
+    };
+}
+
+/// The results that go into the inbox: heartbeats are idempotent (they only
+/// extend a lease), so they skip it.
+fn inboxed(rs: &[StepResult]) -> Vec<&StepResult> {
+    rs.iter()
+        .filter(|r| r.status != baton_shared::protocol::ResultStatus::Heartbeat)
+        .collect()
+}
+
+/// Only an outcome can move a run on (and so evaluate a gate); `started` and
+/// heartbeats skip reading the gates' facts.
+fn moves(rs: &[StepResult]) -> bool {
+    rs.iter().any(|r| {
+        matches!(
+            r.status,
+            baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
+        )
+    })
+}
+
+/// A run without its steps, from [`run_columns`]; also returns its version.
+fn run_from_row(run_id: Uuid, row: &PgRow) -> Result<(RunState, i64), StoreError> {
+    let status: String = row.try_get("run_status")?;
+    let Json(event): Json<MergeEvent> = row.try_get("event")?;
+    let hold: Option<Json<Hold>> = row.try_get("run_hold")?;
+    let state = RunState {
+        id: run_id,
+        service: row.try_get("service")?,
+        environment: row.try_get("environment")?,
+        event,
+        plan_hash: row.try_get("plan_hash")?,
+        status: parse(run_id, &status)?,
+        hold: hold.map(|Json(h)| h),
+        facts: Facts::default(),
+        completions: row.try_get("completions")?,
+        rollback_reason: row.try_get("rollback_reason")?,
+        trace_context: row.try_get("trace_context")?,
+        started_at: row.try_get("run_started_at")?,
+        finished_at: row.try_get("run_finished_at")?,
+        steps: Vec::new(),
+        dirty: false,
+        audit_head: None,
+    };
+    Ok((state, row.try_get("version")?))
+}
+
+/// Adds the steps of rows from [`step_columns`], with the audit head and facts.
+fn add_steps(state: &mut RunState, rows: &[PgRow]) -> Result<(), StoreError> {
+    let run_id = state.id;
+    if let Some(r) = rows.first() {
+        let head: Option<String> = r.try_get("audit_head")?;
+        state.audit_head = Some(head.unwrap_or_else(|| audit::GENESIS.to_owned()));
+        if let Some(Json(facts)) = r.try_get::<Option<Json<Facts>>, _>("facts")? {
+            state.facts = facts;
+        }
+    }
+    for r in rows {
+        let status: String = r.try_get("status")?;
+        let attempt_status: Option<String> = r.try_get("attempt_status")?;
+        let Json(retry) = r.try_get("retry")?;
+        let Json(params) = r.try_get("params")?;
+        let Json(outputs) = r.try_get("outputs")?;
+        let error: Option<Json<StepError>> = r.try_get("error")?;
+        let hold: Option<Json<Hold>> = r.try_get("hold")?;
+        state.steps.push(StepState {
+            id: r.try_get("step_id")?,
+            role: r.try_get("role")?,
+            zone: r.try_get("zone")?,
+            action: r.try_get("action")?,
+            compensate: r.try_get("compensate")?,
+            restore_from_backup: r.try_get("restore_from_backup")?,
+            restoring: r.try_get("restoring")?,
+            needs: r.try_get("needs")?,
+            gates: r.try_get("gates")?,
+            hold: hold.map(|Json(h)| h),
+            included: r.try_get("included")?,
+            status: parse(run_id, &status)?,
+            attempt: r.try_get("attempt")?,
+            attempt_status: attempt_status.map(|s| parse(run_id, &s)).transpose()?,
+            exec_attempts: r.try_get("exec_attempts")?,
+            comp_attempts: r.try_get("comp_attempts")?,
+            cancel_requested: r.try_get("cancel_requested")?,
+            timeout_ms: r.try_get("timeout_ms")?,
+            retry,
+            params,
+            outputs,
+            error: error.map(|Json(e)| e),
+            completion: r.try_get("completion")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            comp_started_at: r.try_get("comp_started_at")?,
+            comp_finished_at: r.try_get("comp_finished_at")?,
+            dirty: false,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -369,18 +492,19 @@ impl Store {
     ) -> Result<(Option<RunState>, std::collections::HashSet<Uuid>), StoreError> {
         // The run's audit chain is locked here too (the lock `audit::chain` takes),
         // so its head can be read with the steps, after both locks are held.
-        let Some(row) = sqlx::query(
-            "with inboxed as (
+        let Some(row) = sqlx::query(concat!(
+            r#"with inboxed as (
                  insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
                  select * from unnest($2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::timestamptz[])
                  on conflict do nothing returning message_id
              )
-             select r.service, r.environment, r.event, r.plan_hash, r.status, r.hold, r.completions,
-                    r.rollback_reason, r.trace_context, r.started_at, r.finished_at,
+             select "#,
+            run_columns!(),
+            r#",
                     pg_advisory_xact_lock(hashtextextended('audit/' || $1::text, 0))::text,
                     array(select message_id from inboxed) as new_ids
-             from runs r where r.id = $1 for update of r",
-        )
+             from runs r where r.id = $1 for update of r"#
+        ))
         .bind(run_id)
         .bind(results.iter().map(|r| r.message_id).collect::<Vec<_>>())
         .bind(results.iter().map(|r| r.run_id).collect::<Vec<_>>())
@@ -394,105 +518,24 @@ impl Store {
             return Ok((None, results.iter().map(|r| r.message_id).collect()));
         };
         let new_ids: Vec<Uuid> = row.try_get("new_ids")?;
-        let status: String = row.try_get("status")?;
-        let Json(event): Json<MergeEvent> = row.try_get("event")?;
-        let hold: Option<Json<Hold>> = row.try_get("hold")?;
-        let mut state = RunState {
-            id: run_id,
-            service: row.try_get("service")?,
-            environment: row.try_get("environment")?,
-            event,
-            plan_hash: row.try_get("plan_hash")?,
-            status: parse(run_id, &status)?,
-            hold: hold.map(|Json(h)| h),
-            facts: Facts::default(),
-            completions: row.try_get("completions")?,
-            rollback_reason: row.try_get("rollback_reason")?,
-            trace_context: row.try_get("trace_context")?,
-            started_at: row.try_get("started_at")?,
-            finished_at: row.try_get("finished_at")?,
-            steps: Vec::new(),
-            dirty: false,
-            audit_head: None,
-        };
+        let (mut state, _) = run_from_row(run_id, &row)?;
         // The gates' facts come with the steps when wanted (read after the run's lock).
         let rows = sqlx::query(concat!(
-            "select step_id, role, zone, action, compensate, restore_from_backup, restoring, needs, gates, hold, included,
-                    status, attempt, attempt_status,
-                    exec_attempts, comp_attempts, cancel_requested, timeout_ms, retry, params, outputs, error,
-                    completion, started_at, finished_at, comp_started_at, comp_finished_at,
-                    (select hash from audit where run_id = $1 order by id desc limit 1) as audit_head,
-                    case when $2 then ",
-            facts_sql!(),
-            " end as facts
-             from steps where run_id = $1 order by position"
+            "select ",
+            step_columns!(),
+            " from steps s where s.run_id = $1 order by s.position"
         ))
         .bind(run_id)
         .bind(facts && (state.status.is_active() || state.status == RunStatus::Queued))
         .fetch_all(&mut **tx)
         .await?;
-        if let Some(r) = rows.first() {
-            let head: Option<String> = r.try_get("audit_head")?;
-            state.audit_head = Some(head.unwrap_or_else(|| audit::GENESIS.to_owned()));
-            if let Some(Json(facts)) = r.try_get::<Option<Json<Facts>>, _>("facts")? {
-                state.facts = facts;
-            }
-        }
-        for r in rows {
-            let status: String = r.try_get("status")?;
-            let attempt_status: Option<String> = r.try_get("attempt_status")?;
-            let Json(retry) = r.try_get("retry")?;
-            let Json(params) = r.try_get("params")?;
-            let Json(outputs) = r.try_get("outputs")?;
-            let error: Option<Json<StepError>> = r.try_get("error")?;
-            let hold: Option<Json<Hold>> = r.try_get("hold")?;
-            state.steps.push(StepState {
-                id: r.try_get("step_id")?,
-                role: r.try_get("role")?,
-                zone: r.try_get("zone")?,
-                action: r.try_get("action")?,
-                compensate: r.try_get("compensate")?,
-                restore_from_backup: r.try_get("restore_from_backup")?,
-                restoring: r.try_get("restoring")?,
-                needs: r.try_get("needs")?,
-                gates: r.try_get("gates")?,
-                hold: hold.map(|Json(h)| h),
-                included: r.try_get("included")?,
-                status: parse(run_id, &status)?,
-                attempt: r.try_get("attempt")?,
-                attempt_status: attempt_status.map(|s| parse(run_id, &s)).transpose()?,
-                exec_attempts: r.try_get("exec_attempts")?,
-                comp_attempts: r.try_get("comp_attempts")?,
-                cancel_requested: r.try_get("cancel_requested")?,
-                timeout_ms: r.try_get("timeout_ms")?,
-                retry,
-                params,
-                outputs,
-                error: error.map(|Json(e)| e),
-                completion: r.try_get("completion")?,
-                started_at: r.try_get("started_at")?,
-                finished_at: r.try_get("finished_at")?,
-                comp_started_at: r.try_get("comp_started_at")?,
-                comp_finished_at: r.try_get("comp_finished_at")?,
-                dirty: false,
-            });
-        }
+        add_steps(&mut state, &rows)?;
         Ok((Some(state), new_ids.into_iter().collect()))
     }
 
-    /// Writes what a transition changed; returns whether the run released its lock.
-    ///
-    /// Everything goes to PostgreSQL in one statement (data-modifying CTEs over
-    /// arrays), after the audit chain's lock and head: a transition costs a
-    /// handful of round trips whatever it touched. The CTEs share one snapshot,
-    /// so the effects are first folded into writes that touch disjoint rows.
-    async fn persist(
-        &self,
-        tx: &mut Tx<'_>,
-        state: &mut RunState,
-        fx: Effects,
-        out: &mut Vec<OutboxMsg>,
-    ) -> Result<bool, StoreError> {
+    /// Folds a transition's effects into writes on disjoint rows (the CTEs of
+    /// one statement share a snapshot), audit entries and outbox messages.
+    fn fold(&self, state: &RunState, fx: Effects) -> Folded {
         let now = Utc::now();
         let mut w = Writes::default();
         let mut late = Writes::default();
@@ -586,21 +629,37 @@ impl Store {
                 Effect::ReleaseLock => released = true,
             }
         }
-        let run_id = state.id;
-        let entries = || -> Vec<audit::Entry<'_>> {
-            history
-                .iter()
-                .map(|(step, attempt, kind, detail)| audit::Entry {
-                    run_id: Some(run_id),
-                    step_id: step.as_deref(),
-                    attempt: *attempt,
-                    at: now,
-                    actor: &self.actor,
-                    kind,
-                    detail,
-                })
-                .collect()
-        };
+        Folded {
+            now,
+            w,
+            late,
+            released,
+            history,
+            msgs,
+        }
+    }
+
+    /// Writes what a transition changed; returns whether the run released its lock.
+    ///
+    /// Everything goes to PostgreSQL in one statement (data-modifying CTEs over
+    /// arrays), after the audit chain's lock and head: a transition costs a
+    /// handful of round trips whatever it touched.
+    async fn persist(
+        &self,
+        tx: &mut Tx<'_>,
+        state: &mut RunState,
+        fx: Effects,
+        out: &mut Vec<OutboxMsg>,
+    ) -> Result<bool, StoreError> {
+        let Folded {
+            now,
+            w,
+            late,
+            released,
+            history,
+            msgs,
+        } = self.fold(state, fx);
+        let entries = || self.entries(state.id, now, &history);
         let audit_rows = if history.is_empty() {
             audit::Rows::default()
         } else {
@@ -610,43 +669,91 @@ impl Store {
         if let Some(last) = audit_rows.hashes.last() {
             state.audit_head = Some(last.clone());
         }
-        if w.run
-            || !w.steps.is_empty()
-            || !w.timers.is_empty()
-            || !w.cleared.is_empty()
-            || !w.dispatched.is_empty()
-            || !w.updates.is_empty()
-            || !msgs.is_empty()
-            || released
-            || !audit_rows.is_empty()
-        {
-            let (ids, audit_ok) = w
-                .execute(tx, state, released, &msgs, now + self.claim, &audit_rows)
+        if w.has_writes(&msgs, released, &audit_rows) {
+            let done = w
+                .execute(tx, state, released, &msgs, now + self.claim, &audit_rows, None)
                 .await?;
-            if !audit_ok {
+            if !done.audit_ok {
                 // Something appended to the run's chain since it was loaded without
                 // resetting the head: link the entries onto the real head instead.
                 tracing::warn!(run_id = %state.id, "audit chain head moved during a transition; relinking its entries");
                 audit::append_many(tx, entries()).await?;
                 state.audit_head = None;
             }
-            for mut m in msgs {
-                m.id = *ids.get(&m.message_id).ok_or_else(|| StoreError::Corrupt {
-                    run: state.id,
-                    problem: format!("the outbox row for message {} was not written", m.message_id),
-                })?;
-                out.push(m);
-            }
+            out.extend(done.outbox(state.id, msgs)?);
         }
         if !late.updates.is_empty() {
-            late.execute(tx, state, false, &[], now, &audit::Rows::default())
+            late.execute(tx, state, false, &[], now, &audit::Rows::default(), None)
                 .await?;
         }
-        state.dirty = false;
-        for s in &mut state.steps {
-            s.dirty = false;
-        }
+        mark_clean(state);
         Ok(released)
+    }
+
+    /// [`Self::persist`] for a run read without its lock at `version`, in one
+    /// statement that commits on its own: it writes only if the run is still at
+    /// that version (and its audit head where it was), and records `inboxed` in
+    /// the inbox. `None`: the run moved on, or the transition needs more than
+    /// one statement (it ends the run, or updates an attempt it creates); nothing
+    /// was written and the caller applies it under the run's lock instead.
+    async fn persist_guarded(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        state: &mut RunState,
+        fx: Effects,
+        version: i64,
+        inboxed: &[&StepResult],
+    ) -> Result<Option<Vec<OutboxMsg>>, StoreError> {
+        let Folded {
+            now,
+            w,
+            late,
+            released,
+            history,
+            msgs,
+        } = self.fold(state, fx);
+        if released || !late.updates.is_empty() {
+            return Ok(None);
+        }
+        let head = state.audit_head.clone().unwrap_or_else(|| audit::GENESIS.to_owned());
+        let audit_rows = audit::link(head, self.entries(state.id, now, &history));
+        let done = w
+            .execute(
+                conn,
+                state,
+                false,
+                &msgs,
+                now + self.claim,
+                &audit_rows,
+                Some((version, inboxed)),
+            )
+            .await?;
+        if !done.guard_ok {
+            return Ok(None);
+        }
+        let out = done.outbox(state.id, msgs)?;
+        mark_clean(state);
+        Ok(Some(out))
+    }
+
+    fn entries<'a>(
+        &'a self,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+        history: &'a [(Option<String>, Option<i32>, &'static str, Value)],
+    ) -> Vec<audit::Entry<'a>> {
+        history
+            .iter()
+            .map(|(step, attempt, kind, detail)| audit::Entry {
+                run_id: Some(run_id),
+                step_id: step.as_deref(),
+                attempt: *attempt,
+                at,
+                actor: &self.actor,
+                kind,
+                detail,
+            })
+            .collect()
     }
 
     async fn history(
@@ -711,8 +818,67 @@ impl Store {
 
     /// Applies results of one run, in order, each exactly once, in one transaction:
     /// a run's `started` and outcome that arrive together cost one transition.
+    ///
+    /// First optimistically: the run is read without a lock and the transition
+    /// written by one statement that commits only if the run is still at the
+    /// version read (two round trips instead of five). If the run moved on, or
+    /// the transition cannot be written that way, it is applied under the
+    /// run's row lock.
     pub async fn apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
+        match self.apply_results_optimistically(rs).await {
+            Ok(Some(done)) => return Ok(done),
+            Ok(None) => {}
+            // A result recorded concurrently (unique inbox key) or a conflict: the
+            // locked path sorts it out.
+            Err(StoreError::Db(sqlx::Error::Database(e)))
+                if e.code()
+                    .as_deref()
+                    .is_some_and(|c| c == "23505" || c == "40001" || c == "40P01") => {}
+            Err(e) => return Err(e),
+        }
         self.retrying(|| self.try_apply_results(rs)).await
+    }
+
+    async fn apply_results_optimistically(
+        &self,
+        rs: &[StepResult],
+    ) -> Result<Option<(Vec<ResultApplied>, Vec<OutboxMsg>)>, StoreError> {
+        let Some(run_id) = rs.first().map(|r| r.run_id) else {
+            return Ok(Some((Vec::new(), Vec::new())));
+        };
+        let inboxed = inboxed(rs);
+        let mut conn = self.pool.acquire().await?;
+        // One statement, one snapshot: the run, its steps, audit head and facts.
+        let rows = sqlx::query(concat!(
+            "select ",
+            run_columns!(),
+            ", ",
+            step_columns!(),
+            " from runs r join steps s on s.run_id = r.id where r.id = $1 order by s.position"
+        ))
+        .bind(run_id)
+        .bind(moves(rs))
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let (mut state, version) = run_from_row(run_id, first)?;
+        add_steps(&mut state, &rows)?;
+        // Taken as new: a result the inbox already has makes the write fail on
+        // the inbox's key, and the locked path records it as a duplicate. Each
+        // message id is recorded once, even if it came twice in this batch.
+        let mut new_ids = std::collections::HashSet::new();
+        let record: Vec<&StepResult> = inboxed
+            .iter()
+            .copied()
+            .filter(|r| new_ids.insert(r.message_id))
+            .collect();
+        let (outcomes, fx) = self.apply_to(&mut state, rs, &mut new_ids);
+        Ok(self
+            .persist_guarded(&mut conn, &mut state, fx, version, &record)
+            .await?
+            .map(|out| (outcomes, out)))
     }
 
     async fn try_apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
@@ -722,23 +888,8 @@ impl Store {
         debug_assert!(rs.iter().all(|r| r.run_id == run_id), "one run per batch");
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
-        let detail = |r: &StepResult| json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
-        // Heartbeats are idempotent (they only extend a lease), so they skip the inbox.
-        let inboxed: Vec<&StepResult> = rs
-            .iter()
-            .filter(|r| r.status != baton_shared::protocol::ResultStatus::Heartbeat)
-            .collect();
-        // Only an outcome can move the run on (and so evaluate a gate); `started`
-        // and heartbeats skip reading the gates' facts.
-        let moves = rs.iter().any(|r| {
-            matches!(
-                r.status,
-                baton_shared::protocol::ResultStatus::Succeeded | baton_shared::protocol::ResultStatus::Failed
-            )
-        });
-        let (state, mut new_ids) = self.load_inboxing(&mut tx, run_id, moves, &inboxed).await?;
-        let mut outcomes = Vec::with_capacity(rs.len());
-        match state {
+        let (state, mut new_ids) = self.load_inboxing(&mut tx, run_id, moves(rs), &inboxed(rs)).await?;
+        let outcomes = match state {
             None => {
                 for r in rs {
                     self.history(
@@ -750,49 +901,63 @@ impl Store {
                         json!({"run_id": r.run_id, "message_id": r.message_id}),
                     )
                     .await?;
-                    outcomes.push(ResultApplied::UnknownRun);
                 }
+                vec![ResultApplied::UnknownRun; rs.len()]
             }
             Some(mut state) => {
-                let now = Utc::now();
-                let mut fx = Vec::new();
-                for r in rs {
-                    let step = Some(r.step_id.clone());
-                    let attempt = Some(r.attempt as i32);
-                    // A message id counts once even if it came twice in this batch.
-                    if r.status != baton_shared::protocol::ResultStatus::Heartbeat && !new_ids.remove(&r.message_id) {
-                        fx.push(Effect::History {
-                            step,
-                            attempt,
-                            kind: "duplicate_result",
-                            detail: detail(r),
-                        });
-                        outcomes.push(ResultApplied::Duplicate);
-                        continue;
-                    }
-                    outcomes.push(match state.apply_result(r, now, &self.settings, &mut fx) {
-                        Applied::Applied => ResultApplied::Applied,
-                        Applied::Stale(why) => {
-                            let mut d = detail(r);
-                            d["why"] = json!(why);
-                            fx.push(Effect::History {
-                                step,
-                                attempt,
-                                kind: "stale_result",
-                                detail: d,
-                            });
-                            ResultApplied::Stale(why)
-                        }
-                    });
-                }
+                let (outcomes, fx) = self.apply_to(&mut state, rs, &mut new_ids);
                 if self.persist(&mut tx, &mut state, fx, &mut out).await? {
                     self.admit(&mut tx, &state.service, &state.environment, &mut out)
                         .await?;
                 }
+                outcomes
             }
-        }
+        };
         tx.commit().await?;
         Ok((outcomes, out))
+    }
+
+    /// Applies results to a run in order; `new_ids` are the message ids not seen
+    /// before (each counts once: it is removed when applied).
+    fn apply_to(
+        &self,
+        state: &mut RunState,
+        rs: &[StepResult],
+        new_ids: &mut std::collections::HashSet<Uuid>,
+    ) -> (Vec<ResultApplied>, Effects) {
+        let detail = |r: &StepResult| json!({"message_id": r.message_id, "status": r.status.as_str(), "kind": r.kind, "daemon": r.daemon});
+        let now = Utc::now();
+        let mut fx = Vec::new();
+        let mut outcomes = Vec::with_capacity(rs.len());
+        for r in rs {
+            let step = Some(r.step_id.clone());
+            let attempt = Some(r.attempt as i32);
+            if r.status != baton_shared::protocol::ResultStatus::Heartbeat && !new_ids.remove(&r.message_id) {
+                fx.push(Effect::History {
+                    step,
+                    attempt,
+                    kind: "duplicate_result",
+                    detail: detail(r),
+                });
+                outcomes.push(ResultApplied::Duplicate);
+                continue;
+            }
+            outcomes.push(match state.apply_result(r, now, &self.settings, &mut fx) {
+                Applied::Applied => ResultApplied::Applied,
+                Applied::Stale(why) => {
+                    let mut d = detail(r);
+                    d["why"] = json!(why);
+                    fx.push(Effect::History {
+                        step,
+                        attempt,
+                        kind: "stale_result",
+                        detail: d,
+                    });
+                    ResultApplied::Stale(why)
+                }
+            });
+        }
+        (outcomes, fx)
     }
 
     /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
@@ -1456,6 +1621,49 @@ struct AttemptUpdate {
     finished_at: Option<DateTime<Utc>>,
 }
 
+/// A transition's effects, folded (see [`Store::fold`]).
+struct Folded {
+    now: DateTime<Utc>,
+    w: Writes,
+    /// Updates of attempts created by `w` (a second statement).
+    late: Writes,
+    released: bool,
+    history: Vec<(Option<String>, Option<i32>, &'static str, Value)>,
+    msgs: Vec<OutboxMsg>,
+}
+
+fn mark_clean(state: &mut RunState) {
+    state.dirty = false;
+    for s in &mut state.steps {
+        s.dirty = false;
+    }
+}
+
+/// What the write statement reported.
+struct Executed {
+    /// Outbox ids by message id.
+    ids: std::collections::HashMap<Uuid, i64>,
+    /// The audit rows linked onto the chain's real head (and were written).
+    audit_ok: bool,
+    /// The run was at the expected version (always, without one): the writes happened.
+    guard_ok: bool,
+}
+
+impl Executed {
+    /// The outbox messages with the ids they were written under.
+    fn outbox(&self, run: Uuid, msgs: Vec<OutboxMsg>) -> Result<Vec<OutboxMsg>, StoreError> {
+        msgs.into_iter()
+            .map(|mut m| {
+                m.id = *self.ids.get(&m.message_id).ok_or_else(|| StoreError::Corrupt {
+                    run,
+                    problem: format!("the outbox row for message {} was not written", m.message_id),
+                })?;
+                Ok(m)
+            })
+            .collect()
+    }
+}
+
 /// What one transition writes, folded so that no two parts touch the same row.
 #[derive(Default)]
 struct Writes {
@@ -1493,16 +1701,21 @@ impl Writes {
     }
 
     /// Writes it all in one statement; returns the outbox ids by message id.
+    /// `guard`: the run's version the transition was computed from and the
+    /// results to record in the inbox; without it, the caller holds the run's lock.
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         &self,
-        tx: &mut Tx<'_>,
+        conn: &mut sqlx::PgConnection,
         state: &RunState,
         release: bool,
         msgs: &[OutboxMsg],
         claimed_until: DateTime<Utc>,
         audit: &audit::Rows,
-    ) -> Result<(std::collections::HashMap<Uuid, i64>, bool), StoreError> {
+        guard: Option<(i64, &[&StepResult])>,
+    ) -> Result<Executed, StoreError> {
         let steps: Vec<&StepState> = self.steps.iter().map(|&i| &state.steps[i]).collect();
+        let inbox = guard.map(|g| g.1).unwrap_or_default();
         let rows = sqlx::query(PERSIST_SQL)
             .bind(state.id)
             .bind(self.run)
@@ -1589,29 +1802,74 @@ impl Writes {
             .bind(&audit.prevs)
             .bind(&audit.hashes)
             .bind(audit::GENESIS)
-            .fetch_all(&mut **tx)
+            .bind(guard.map(|g| g.0))
+            .bind(inbox.iter().map(|r| r.message_id).collect::<Vec<_>>())
+            .bind(inbox.iter().map(|r| r.run_id).collect::<Vec<_>>())
+            .bind(inbox.iter().map(|r| r.step_id.clone()).collect::<Vec<_>>())
+            .bind(inbox.iter().map(|r| r.attempt as i32).collect::<Vec<_>>())
+            .bind(inbox.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+            .bind(inbox.iter().map(|r| r.at).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
             .await?;
-        let mut ids = std::collections::HashMap::new();
-        let mut audit_ok = true;
+        let mut done = Executed {
+            ids: std::collections::HashMap::new(),
+            audit_ok: true,
+            guard_ok: true,
+        };
         for r in &rows {
-            audit_ok &= r.try_get::<bool, _>("audit_ok")?;
+            done.audit_ok &= r.try_get::<bool, _>("audit_ok")?;
+            done.guard_ok &= r.try_get::<bool, _>("guard_ok")?;
             if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
-                ids.insert(r.try_get("message_id")?, id);
+                done.ids.insert(r.try_get("message_id")?, id);
             }
         }
-        Ok((ids, audit_ok))
+        Ok(done)
+    }
+
+    fn has_writes(&self, msgs: &[OutboxMsg], released: bool, audit: &audit::Rows) -> bool {
+        self.run
+            || !self.steps.is_empty()
+            || !self.timers.is_empty()
+            || !self.cleared.is_empty()
+            || !self.dispatched.is_empty()
+            || !self.updates.is_empty()
+            || !msgs.is_empty()
+            || released
+            || !audit.is_empty()
     }
 }
 
 /// One transition's writes (see [`Store::persist`]). Parameters: the run ($1–$8),
 /// dirty steps ($9–$24), timers cleared and set ($25–$29), attempts dispatched
 /// ($30–$35) and updated ($36–$43), outbox rows ($44–$52), the environment lock
-/// ($53–$55) and audit rows ($56–$64).
+/// ($53–$55), audit rows ($56–$65), and for a transition computed without the
+/// run's lock, the version it read ($66) and the results it records in the
+/// inbox ($67–$72).
+///
+/// The run's row is always updated, bumping its version: that update takes the
+/// row lock, and when a version is given, it matches only if nothing changed
+/// the run since it was read (PostgreSQL re-checks the row after waiting for a
+/// concurrent writer). Every other part writes only if that update did.
 const PERSIST_SQL: &str = "
-with run_update as (
-    update runs set status = $3, completions = $4, rollback_reason = $5, started_at = $6, finished_at = $7,
-                    hold = $8, updated_at = now()
-     where id = $1 and $2
+with audit_head as (
+    -- The rows link onto the head the store assumed; if the chain moved on, none is written here.
+    select coalesce(($63::text[])[1] = coalesce((select hash from audit where run_id = $1 order by id desc limit 1),
+                                               $65), true) as ok
+), run_update as (
+    update runs set version = version + 1,
+                    status = case when $2 then $3 else status end,
+                    completions = case when $2 then $4 else completions end,
+                    rollback_reason = case when $2 then $5 else rollback_reason end,
+                    started_at = case when $2 then $6 else started_at end,
+                    finished_at = case when $2 then $7 else finished_at end,
+                    hold = case when $2 then $8 else hold end,
+                    updated_at = case when $2 then now() else updated_at end
+     where id = $1 and ($66::bigint is null or (version = $66 and (select ok from audit_head)))
+    returning id
+), inbox_insert as (
+    insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
+    select * from unnest($67::uuid[], $68::uuid[], $69::text[], $70::int[], $71::text[], $72::timestamptz[])
+     where exists (select 1 from run_update)
 ), step_update as (
     update steps t set status = u.status, attempt = u.attempt, attempt_status = u.attempt_status,
            exec_attempts = u.exec_attempts, comp_attempts = u.comp_attempts, cancel_requested = u.cancel_requested,
@@ -1623,22 +1881,24 @@ with run_update as (
                   $21::timestamptz[], $22::timestamptz[], $23::jsonb[], $24::bool[])
            as u(step_id, status, attempt, attempt_status, exec_attempts, comp_attempts, cancel_requested, outputs,
                 error, completion, started_at, finished_at, comp_started_at, comp_finished_at, hold, restoring)
-     where t.run_id = $1 and t.step_id = u.step_id
+     where t.run_id = $1 and t.step_id = u.step_id and exists (select 1 from run_update)
 ), timer_clear as (
     delete from timers t
-     where t.run_id = $1 and t.step_id = any($25::text[])
+     where t.run_id = $1 and t.step_id = any($25::text[]) and exists (select 1 from run_update)
        and not exists (select 1 from unnest($26::text[], $27::text[]) as k(step_id, kind)
                         where k.step_id = t.step_id and k.kind = t.kind)
 ), timer_set as (
     insert into timers (run_id, step_id, kind, attempt, due_at)
     select $1, k.step_id, k.kind, k.attempt, k.due_at
       from unnest($26::text[], $27::text[], $28::int[], $29::timestamptz[]) as k(step_id, kind, attempt, due_at)
+     where exists (select 1 from run_update)
     on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at
 ), attempt_insert as (
     insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
     select $1, a.step_id, a.attempt, a.kind, a.message_id, 'dispatched', a.dispatched_at, a.span_id
       from unnest($30::text[], $31::int[], $32::text[], $33::uuid[], $34::timestamptz[], $35::text[])
            as a(step_id, attempt, kind, message_id, dispatched_at, span_id)
+     where exists (select 1 from run_update)
 ), attempt_update as (
     update attempts t set status = u.status, daemon = coalesce(u.daemon, t.daemon),
            started_at = coalesce(u.started_at, t.started_at),
@@ -1647,19 +1907,16 @@ with run_update as (
       from unnest($36::text[], $37::int[], $38::text[], $39::text[], $40::timestamptz[], $41::bool[],
                   $42::jsonb[], $43::timestamptz[])
            as u(step_id, attempt, status, daemon, started_at, set_error, error, finished_at)
-     where t.run_id = $1 and t.step_id = u.step_id and t.attempt = u.attempt
+     where t.run_id = $1 and t.step_id = u.step_id and t.attempt = u.attempt and exists (select 1 from run_update)
 ), lock_release as (
-    delete from env_locks where $53 and service = $54 and environment = $55 and run_id = $1
-), audit_head as (
-    -- The rows link onto the head the store assumed; if the chain moved on, none is written here.
-    select coalesce(($63::text[])[1] = coalesce((select hash from audit where run_id = $1 order by id desc limit 1),
-                                               $65), true) as ok
+    delete from env_locks
+     where $53 and service = $54 and environment = $55 and run_id = $1 and exists (select 1 from run_update)
 ), audit_insert as (
     insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
     select a, b, c, d, e, f, g, h, i
       from unnest($56::uuid[], $57::text[], $58::int[], $59::timestamptz[], $60::text[], $61::text[],
                   $62::jsonb[], $63::text[], $64::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
-     where (select ok from audit_head)
+     where (select ok from audit_head) and exists (select 1 from run_update)
      order by n
 ), outbox_insert as (
     insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
@@ -1667,10 +1924,12 @@ with run_update as (
       from unnest($44::text[], $45::text[], $46::uuid[], $47::bytea[], $48::bool[], $49::uuid[], $50::text[],
                   $51::int[]) with ordinality as o(exchange, routing_key, message_id, body, best_effort, run_id,
                                                    step_id, attempt, n)
+     where exists (select 1 from run_update)
      order by o.n
     returning id, message_id
 )
-select o.id, o.message_id, h.ok as audit_ok from audit_head h left join outbox_insert o on true";
+select o.id, o.message_id, h.ok as audit_ok, exists (select 1 from run_update) as guard_ok
+  from audit_head h left join outbox_insert o on true";
 
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
@@ -1858,7 +2117,7 @@ macro_rules! select_incidents {
     };
 }
 
-fn incident_row(r: &sqlx::postgres::PgRow) -> Result<IncidentView, sqlx::Error> {
+fn incident_row(r: &PgRow) -> Result<IncidentView, sqlx::Error> {
     Ok(IncidentView {
         id: r.try_get("id")?,
         environment: r.try_get("environment")?,
