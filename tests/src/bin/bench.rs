@@ -269,14 +269,13 @@ struct Latency {
     overhead_parts: OverheadParts,
 }
 
-/// Step overhead in parts (see [`latency`]); all stamps come from one machine's clock.
+/// Step overhead in two parts (see [`latency`]); all stamps come from one machine's clock.
 #[derive(Debug, Serialize)]
 struct OverheadParts {
-    /// Result sent by its daemon → the transaction applying it began.
-    result_to_transaction: Stats,
-    /// That transaction began → the next step's job was created in it.
-    transaction_to_job: Stats,
-    /// Job created → delivered to its daemon (the write, commit, relay and broker).
+    /// Result sent by its daemon → the next step's job created by the transition
+    /// applying it (the broker, the scheduler's read and decision).
+    result_to_job: Stats,
+    /// Job created → delivered to its daemon (the write and commit, the relay, the broker).
     job_to_daemon: Stats,
 }
 
@@ -295,18 +294,17 @@ async fn latency(runs: usize) -> Latency {
     }
     // started_at of a step (stamped by the daemon on delivery) minus the latest
     // result time of the steps it needs (stamped by their daemon on sending).
-    // The same gap in three parts: the result's way to the scheduler (up to the
-    // start of the transaction that applied it, `inbox.received_at`), the
-    // transition up to the next job's creation (`dispatched_at`), and the rest of
-    // the transition with the job's way to its daemon.
-    let rows: Vec<(f64, f64, f64, f64)> = sqlx::query_as(
+    // The same gap in two parts, split where the transition creates the next
+    // step's job (`dispatched_at`): the result's way to the scheduler and the
+    // transition's read and decision, then the write and commit, the relay and
+    // the job's way to its daemon.
+    let rows: Vec<(f64, f64, f64)> = sqlx::query_as(
         "select extract(epoch from (a.started_at - prev.reported_at))::float8 * 1000,
-                extract(epoch from (prev.received_at - prev.reported_at))::float8 * 1000,
-                extract(epoch from (a.dispatched_at - prev.received_at))::float8 * 1000,
+                extract(epoch from (a.dispatched_at - prev.reported_at))::float8 * 1000,
                 extract(epoch from (a.started_at - a.dispatched_at))::float8 * 1000
            from steps s
            join attempts a on a.run_id = s.run_id and a.step_id = s.step_id and a.attempt = 1
-           join lateral (select i.reported_at, i.received_at from inbox i
+           join lateral (select i.reported_at from inbox i
                           where i.run_id = s.run_id and i.step_id = any(s.needs) and i.status = 'succeeded'
                           order by i.reported_at desc limit 1) prev on true
           where s.run_id = any($1) and cardinality(s.needs) > 0",
@@ -324,9 +322,8 @@ async fn latency(runs: usize) -> Latency {
         pipeline: stats(total),
         step_overhead: stats(rows.iter().map(|r| r.0).collect()),
         overhead_parts: OverheadParts {
-            result_to_transaction: stats(rows.iter().map(|r| r.1).collect()),
-            transaction_to_job: stats(rows.iter().map(|r| r.2).collect()),
-            job_to_daemon: stats(rows.iter().map(|r| r.3).collect()),
+            result_to_job: stats(rows.iter().map(|r| r.1).collect()),
+            job_to_daemon: stats(rows.iter().map(|r| r.2).collect()),
         },
     }
 }
@@ -513,19 +510,10 @@ async fn main() {
         f(&lat.step_overhead)
     );
     let parts = &lat.overhead_parts;
+    println!("{:<44} {}", "  result sent → next job created", f(&parts.result_to_job));
     println!(
         "{:<44} {}",
-        "  result sent → its transaction begins",
-        f(&parts.result_to_transaction)
-    );
-    println!(
-        "{:<44} {}",
-        "  transaction begins → next job created",
-        f(&parts.transaction_to_job)
-    );
-    println!(
-        "{:<44} {}",
-        "  job created → delivered to its daemon",
+        "  next job created → in its daemon",
         f(&parts.job_to_daemon)
     );
     println!(
