@@ -136,3 +136,108 @@ async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_th
         .collect();
     assert_eq!(ends, [2]);
 }
+
+/// A result is applied from an unlocked read and written only if the run did not
+/// change in between (store.rs, optimistic apply). Here something else holds
+/// the run's row while the scheduler applies build's outcome, and once the
+/// scheduler's write waits for the row, appends an entry to the run's audit
+/// chain (bumping the run's version, as every change does) and commits. The scheduler must not write what it
+/// computed before (its audit rows would link onto a stale head and fork the
+/// chain); it applies the results again under the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_applied_from_a_stale_read_is_applied_again_after_a_concurrent_change() {
+    let env = TestEnv::new("stale-read").await;
+    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
+    // No heartbeat during build: its outcome is the next result for the run.
+    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("stale-read", 91, &["src/app.ts"]));
+    env.wait_until("build to be running", RUN_TIMEOUT, async || {
+        env.run(run)
+            .await
+            .and_then(|v| v.step("build").map(|s| s.status == "running"))
+            .unwrap_or(false)
+    })
+    .await;
+
+    // Hold the run's row: build's outcome is read without it, and its write waits.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("select id from runs where id = $1 for update")
+        .bind(run)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    env.wait_until(
+        "the scheduler's write of build's outcome to wait for the run's row",
+        RUN_TIMEOUT,
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    // Now change the run under it.
+    sqlx::query("update runs set version = version + 1 where id = $1")
+        .bind(run)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let head: String = sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
+        .bind(run)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let detail = json!({"note": "a concurrent change"});
+    let at = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let entry = baton_scheduler::audit::Entry {
+        run_id: Some(run),
+        step_id: None,
+        attempt: None,
+        at,
+        actor: "test",
+        kind: "concurrent_change",
+        detail: &detail,
+    };
+    let hash = baton_scheduler::audit::chain_hash(&head, &entry);
+    sqlx::query(
+        "insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
+         values ($1, null, null, $2, 'test', 'concurrent_change', $3, $4, $5)",
+    )
+    .bind(run)
+    .bind(at)
+    .bind(sqlx::types::Json(&detail))
+    .bind(&head)
+    .bind(&hash)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let done = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(done.status, "succeeded");
+    assert_eq!(done.step("build").unwrap().attempts.len(), 1, "build ran once");
+    let after: i64 = sqlx::query_scalar("select count(*) from audit where run_id = $1 and prev_hash = $2")
+        .bind(run)
+        .bind(&hash)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, 1,
+        "the scheduler's next audit row links onto the concurrent entry"
+    );
+    let verify = env.baton(&["audit", "verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "audit chain intact: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
