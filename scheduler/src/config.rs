@@ -61,6 +61,9 @@ pub struct SchedulerSettings {
     pub result_concurrency: usize,
     /// Unacknowledged deliveries per consumer.
     pub prefetch: u16,
+    /// Apply results from an unlocked read with a version-guarded write first
+    /// (docs/decisions.md); off: always under the run's row lock.
+    pub optimistic_apply: bool,
 }
 
 impl Default for SchedulerSettings {
@@ -75,6 +78,7 @@ impl Default for SchedulerSettings {
             timer_poll_ms: 100,
             result_concurrency: 16,
             prefetch: 64,
+            optimistic_apply: true,
         }
     }
 }

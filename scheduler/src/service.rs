@@ -89,7 +89,8 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         Duration::from_millis(config.scheduler.claim_ms),
         instance.clone(),
     )
-    .with_sample_ratio(config.telemetry.sample_ratio);
+    .with_sample_ratio(config.telemetry.sample_ratio)
+    .with_optimistic_apply(config.scheduler.optimistic_apply);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
     topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit)
         .await

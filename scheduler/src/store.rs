@@ -257,6 +257,8 @@ pub struct Store {
     actor: String,
     /// Share of new runs whose trace is sampled.
     sample_ratio: f64,
+    /// Results are applied optimistically first (see [`Store::apply_results`]).
+    optimistic: bool,
 }
 
 /// Opens a pool; `url` is a PostgreSQL URL.
@@ -287,12 +289,19 @@ impl Store {
             claim,
             actor: actor.into(),
             sample_ratio: 1.0,
+            optimistic: true,
         }
     }
 
     /// Sets the share of runs whose traces are sampled.
     pub fn with_sample_ratio(mut self, ratio: f64) -> Self {
         self.sample_ratio = ratio;
+        self
+    }
+
+    /// Whether results are applied optimistically first (the default).
+    pub fn with_optimistic_apply(mut self, on: bool) -> Self {
+        self.optimistic = on;
         self
     }
 
@@ -825,6 +834,9 @@ impl Store {
     /// the transition cannot be written that way, it is applied under the
     /// run's row lock.
     pub async fn apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
+        if !self.optimistic {
+            return self.retrying(|| self.try_apply_results(rs)).await;
+        }
         match self.apply_results_optimistically(rs).await {
             Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
