@@ -532,10 +532,28 @@ async fn result_loop(
             slots.clone(),
         );
         running.spawn(async move {
+            let mut snapshot = None;
             if lone_started {
-                tokio::select! {
-                    _ = more.notified() => {}
-                    _ = tokio::time::sleep(STARTED_LINGER) => {}
+                let linger = async {
+                    tokio::select! {
+                        _ = more.notified() => {}
+                        _ = tokio::time::sleep(STARTED_LINGER) => {}
+                    }
+                };
+                // While the outcome is on its way, read the run, if a slot is free
+                // now: the transition then only writes (a stale read is noticed
+                // by the write and done again).
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let read = async {
+                            let read = store.read_run(run, true).await;
+                            drop(permit);
+                            read
+                        };
+                        let (read, ()) = tokio::join!(read, linger);
+                        snapshot = read.ok().flatten();
+                    }
+                    Err(_) => linger.await,
                 }
             }
             let Ok(_permit) = slots.acquire_owned().await else {
@@ -552,7 +570,7 @@ async fn result_loop(
                         }
                     }
                 };
-                apply_batch(&store, &broker, &relay, &stop, batch).await;
+                apply_batch(&store, &broker, &relay, &stop, batch, snapshot.take()).await;
             }
         });
     }
@@ -594,9 +612,10 @@ async fn apply_batch(
     relay: &Relay,
     stop: &CancellationToken,
     batch: Vec<(StepResult, Delivery)>,
+    mut snapshot: Option<store::Snapshot>,
 ) {
     let results: Vec<StepResult> = batch.iter().map(|(r, _)| r.clone()).collect();
-    match patiently("apply results", stop, || store.apply_results(&results)).await {
+    match patiently("apply results", stop, || store.apply_results(&results, snapshot.take())).await {
         // Shutting down: leave them unacked; the broker redelivers them to a replica.
         None => {}
         Some(Ok((applied, out))) => {
@@ -610,7 +629,7 @@ async fn apply_batch(
         Some(Err(e)) if batch.len() > 1 => {
             tracing::warn!(error = %e, results = batch.len(), "cannot apply results together; applying them one by one");
             for one in batch {
-                Box::pin(apply_batch(store, broker, relay, stop, vec![one])).await;
+                Box::pin(apply_batch(store, broker, relay, stop, vec![one], None)).await;
             }
         }
         Some(Err(e)) => {

@@ -222,6 +222,14 @@ pub struct OutboxMsg {
     pub attempt: Option<i32>,
 }
 
+/// A run read without its lock, at a version ([`Store::read_run`]).
+pub struct Snapshot {
+    state: RunState,
+    version: i64,
+    /// Whether the gates' facts were read.
+    facts: bool,
+}
+
 /// What ingesting a merge event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingested {
@@ -833,11 +841,18 @@ impl Store {
     /// version read (two round trips instead of five). If the run moved on, or
     /// the transition cannot be written that way, it is applied under the
     /// run's row lock.
-    pub async fn apply_results(&self, rs: &[StepResult]) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
+    ///
+    /// `snapshot`: the run as read earlier by [`Self::read_run`] (while waiting
+    /// for more results); if the run changed since, the write notices.
+    pub async fn apply_results(
+        &self,
+        rs: &[StepResult],
+        snapshot: Option<Snapshot>,
+    ) -> Result<(Vec<ResultApplied>, Vec<OutboxMsg>), StoreError> {
         if !self.optimistic {
             return self.retrying(|| self.try_apply_results(rs)).await;
         }
-        match self.apply_results_optimistically(rs).await {
+        match self.apply_results_optimistically(rs, snapshot).await {
             Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
             // A result recorded concurrently (unique inbox key) or a conflict: the
@@ -851,16 +866,13 @@ impl Store {
         self.retrying(|| self.try_apply_results(rs)).await
     }
 
-    async fn apply_results_optimistically(
-        &self,
-        rs: &[StepResult],
-    ) -> Result<Option<(Vec<ResultApplied>, Vec<OutboxMsg>)>, StoreError> {
-        let Some(run_id) = rs.first().map(|r| r.run_id) else {
-            return Ok(Some((Vec::new(), Vec::new())));
-        };
-        let inboxed = inboxed(rs);
-        let mut conn = self.pool.acquire().await?;
-        // One statement, one snapshot: the run, its steps, audit head and facts.
+    /// Reads a run without locking it, for [`Self::apply_results`]: the run, its
+    /// steps, audit head and, if `facts`, the gates' facts, in one snapshot.
+    /// `None` if there is no such run, or results are always applied under the lock.
+    pub async fn read_run(&self, run_id: Uuid, facts: bool) -> Result<Option<Snapshot>, StoreError> {
+        if !self.optimistic {
+            return Ok(None);
+        }
         let rows = sqlx::query(concat!(
             "select ",
             run_columns!(),
@@ -869,24 +881,43 @@ impl Store {
             " from runs r join steps s on s.run_id = r.id where r.id = $1 order by s.position"
         ))
         .bind(run_id)
-        .bind(moves(rs))
-        .fetch_all(&mut *conn)
+        .bind(facts)
+        .fetch_all(&self.pool)
         .await?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
         let (mut state, version) = run_from_row(run_id, first)?;
         add_steps(&mut state, &rows)?;
+        Ok(Some(Snapshot { state, version, facts }))
+    }
+
+    async fn apply_results_optimistically(
+        &self,
+        rs: &[StepResult],
+        snapshot: Option<Snapshot>,
+    ) -> Result<Option<(Vec<ResultApplied>, Vec<OutboxMsg>)>, StoreError> {
+        let Some(run_id) = rs.first().map(|r| r.run_id) else {
+            return Ok(Some((Vec::new(), Vec::new())));
+        };
+        // A snapshot without the facts an outcome's gates need is read again.
+        let snapshot = match snapshot {
+            Some(s) if s.state.id == run_id && (s.facts || !moves(rs)) => Some(s),
+            _ => self.read_run(run_id, moves(rs)).await?,
+        };
+        let Some(Snapshot { mut state, version, .. }) = snapshot else {
+            return Ok(None);
+        };
         // Taken as new: a result the inbox already has makes the write fail on
         // the inbox's key, and the locked path records it as a duplicate. Each
         // message id is recorded once, even if it came twice in this batch.
         let mut new_ids = std::collections::HashSet::new();
-        let record: Vec<&StepResult> = inboxed
-            .iter()
-            .copied()
+        let record: Vec<&StepResult> = inboxed(rs)
+            .into_iter()
             .filter(|r| new_ids.insert(r.message_id))
             .collect();
         let (outcomes, fx) = self.apply_to(&mut state, rs, &mut new_ids);
+        let mut conn = self.pool.acquire().await?;
         Ok(self
             .persist_guarded(&mut conn, &mut state, fx, version, &record)
             .await?
