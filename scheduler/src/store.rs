@@ -37,10 +37,11 @@ macro_rules! facts_sql {
     };
 }
 
-/// A run's columns as [`run_from_row`] reads them (`r` is the run's alias).
+/// A run's columns as [`run_from_row`] reads them (`r` is the run's alias), but
+/// for `event`, which a statement returning one row per step reads only once.
 macro_rules! run_columns {
     () => {
-        "r.service, r.environment, r.event, r.plan_hash, r.status as run_status, r.hold as run_hold,
+        "r.service, r.environment, r.plan_hash, r.status as run_status, r.hold as run_hold,
          r.completions, r.rollback_reason, r.trace_context, r.started_at as run_started_at,
          r.finished_at as run_finished_at, r.version"
     };
@@ -377,49 +378,48 @@ impl Store {
             return Ok((Ingested::Duplicate(plan.run_id), Vec::new()));
         }
         let state = RunState::planned(event, plan);
-        for (pos, (s, p)) in state.steps.iter().zip(&plan.steps).enumerate() {
-            sqlx::query(
-                "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                                    status, timeout_ms, retry, params, gates, restore_from_backup)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-            )
-            .bind(plan.run_id)
-            .bind(&s.id)
-            .bind(pos as i32)
-            .bind(&s.role)
-            .bind(&s.zone)
-            .bind(&s.action)
-            .bind(&s.compensate)
-            .bind(&s.needs)
-            .bind(s.included)
-            .bind(&p.reason)
-            .bind(s.status.as_str())
-            .bind(s.timeout_ms)
-            .bind(Json(&s.retry))
-            .bind(Json(&s.params))
-            .bind(&s.gates)
-            .bind(s.restore_from_backup)
-            .execute(&mut *tx)
-            .await?;
-        }
-        self.history(
-            &mut tx,
-            Some(plan.run_id),
-            None,
-            None,
-            "run_created",
-            json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()}),
+        // All steps in one statement (their needs and gates are JSON arrays there,
+        // which `jsonb_to_recordset` turns into text arrays).
+        let steps: Vec<Value> = state
+            .steps
+            .iter()
+            .zip(&plan.steps)
+            .enumerate()
+            .map(|(pos, (s, p))| {
+                json!({
+                    "step_id": s.id, "position": pos, "role": s.role, "zone": s.zone, "action": s.action,
+                    "compensate": s.compensate, "needs": s.needs, "included": s.included, "reason": p.reason,
+                    "status": s.status.as_str(), "timeout_ms": s.timeout_ms, "retry": s.retry, "params": s.params,
+                    "gates": s.gates, "restore_from_backup": s.restore_from_backup,
+                })
+            })
+            .collect();
+        sqlx::query(
+            "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
+                                status, timeout_ms, retry, params, gates, restore_from_backup)
+             select $1, step_id, position, role, zone, action, compensate, needs, included, reason,
+                    status, timeout_ms, retry, params, gates, restore_from_backup
+               from jsonb_to_recordset($2) as x(step_id text, position int, role text, zone text, action text,
+                                                compensate text, needs text[], included bool, reason text,
+                                                status text, timeout_ms bigint, retry jsonb, params jsonb,
+                                                gates text[], restore_from_backup bool)",
         )
+        .bind(plan.run_id)
+        .bind(Json(&steps))
+        .execute(&mut *tx)
         .await?;
-        self.history(
-            &mut tx,
-            Some(plan.run_id),
-            None,
-            None,
-            "gate",
-            json!({"gate": "merge", "verdict": "pass", "reason": merge_gate}),
-        )
-        .await?;
+        let created = json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()});
+        let gate = json!({"gate": "merge", "verdict": "pass", "reason": merge_gate});
+        let entry = |kind, detail| audit::Entry {
+            run_id: Some(plan.run_id),
+            step_id: None,
+            attempt: None,
+            at: Utc::now(),
+            actor: &self.actor,
+            kind,
+            detail,
+        };
+        audit::append_many(&mut tx, vec![entry("run_created", &created), entry("gate", &gate)]).await?;
         let mut out = Vec::new();
         self.admit(&mut tx, &event.service, &event.environment, &mut out)
             .await?;
@@ -465,19 +465,13 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
             let mut state = self.load(tx, run_id).await?.ok_or(StoreError::NotFound(run_id))?;
-            let mut fx = Vec::new();
+            let mut fx = vec![Effect::History {
+                step: None,
+                attempt: None,
+                kind: "lock_acquired",
+                detail: json!({"service": service, "environment": environment}),
+            }];
             state.start(Utc::now(), &self.settings, &mut fx);
-            self.history(
-                tx,
-                Some(run_id),
-                None,
-                None,
-                "lock_acquired",
-                json!({"service": service, "environment": environment}),
-            )
-            .await?;
-            // The chain moved on since the run was loaded.
-            state.audit_head = None;
             let released = self.persist(tx, &mut state, fx, out).await?;
             if !released {
                 return Ok(());
@@ -515,7 +509,7 @@ impl Store {
                  select * from unnest($2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::timestamptz[])
                  on conflict do nothing returning message_id
              )
-             select "#,
+             select r.event, "#,
             run_columns!(),
             r#",
                     pg_advisory_xact_lock(hashtextextended('audit/' || $1::text, 0))::text,
@@ -874,7 +868,7 @@ impl Store {
             return Ok(None);
         }
         let rows = sqlx::query(concat!(
-            "select ",
+            "select case when row_number() over (order by s.position) = 1 then r.event end as event, ",
             run_columns!(),
             ", ",
             step_columns!(),
