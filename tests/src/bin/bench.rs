@@ -4,7 +4,7 @@
 //! `cargo build --release -p baton-tests --bins && target/release/baton-bench [--json] [--quick]`
 //!
 //! For profiling: `--latency-only` (floor and latency, as JSON), `--throughput-only=<runs>`
-//! (floor, latency, then one scheduler with that many runs), and `BENCH_KEEP_LOGS=<dir>` to
+//! (one scheduler with that many runs, as JSON), and `BENCH_KEEP_LOGS=<dir>` to
 //! keep the scheduler's and daemon's logs of those measurements.
 //!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
@@ -335,12 +335,38 @@ struct Throughput {
     seconds: f64,
     runs_per_s: f64,
     steps_per_s: f64,
+    /// The whole machine's busy CPU time (every process: Baton, PostgreSQL,
+    /// RabbitMQ, the bench) per step, less sensitive to a noisy machine than rates.
+    cpu_ms_per_step: f64,
     scheduler_peak_rss_mib: f64,
     daemon_peak_rss_mib: f64,
 }
 
+/// The machine's busy CPU time so far (all processes, `/proc/stat`), in ms.
+fn busy_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq: busy is all but idle and iowait.
+    let busy: f64 = ticks
+        .iter()
+        .take(7)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy * 1000.0 / 100.0
+}
+
 async fn throughput(runs: usize, schedulers: usize) -> Throughput {
     let b = baton(&format!("bench-tp-{runs}-{schedulers}"), schedulers).await;
+    let cpu0 = busy_cpu_ms();
     let t0 = Utc::now();
     let mut ids = Vec::with_capacity(runs);
     for i in 0..runs {
@@ -350,6 +376,7 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         );
     }
     let ends = b.finished(&ids, Duration::from_secs(1200)).await;
+    let cpu_ms = busy_cpu_ms() - cpu0;
     if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
         let dir = std::path::PathBuf::from(dir);
         std::fs::write(dir.join(format!("tp-{runs}-scheduler.log")), b.env.log("scheduler-0")).unwrap();
@@ -372,6 +399,7 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         seconds,
         runs_per_s: runs as f64 / seconds,
         steps_per_s: steps as f64 / seconds,
+        cpu_ms_per_step: cpu_ms / steps as f64,
         scheduler_peak_rss_mib: peak as f64 / 1024.0,
         daemon_peak_rss_mib: rss_kib(b.daemon.pid(), "VmHWM:") as f64 / 1024.0,
     }
@@ -437,16 +465,16 @@ async fn main() {
         (500, 50, vec![100, 1000])
     };
 
-    eprintln!("measuring the floor…");
-    let floor = floor(iters).await;
-    eprintln!("measuring latency…");
-    let lat = latency(seq).await;
     if let Some(runs) = args.iter().find_map(|a| a.strip_prefix("--throughput-only=")) {
         let runs = runs.parse().expect("--throughput-only=<runs>");
         let t = throughput(runs, 1).await;
         println!("{}", serde_json::to_string_pretty(&t).unwrap());
         return;
     }
+    eprintln!("measuring the floor…");
+    let floor = floor(iters).await;
+    eprintln!("measuring latency…");
+    let lat = latency(seq).await;
     if args.iter().any(|a| a == "--latency-only") {
         println!(
             "{}",
@@ -525,17 +553,18 @@ async fn main() {
     println!("{:<44} {}", "seed pipeline, 11 steps, enqueue → end", f(&lat.pipeline));
     println!();
     println!(
-        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>10}",
-        "runs", "schedulers", "seconds", "runs/s", "steps/s", "sched RSS MiB", "daemon MiB"
+        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10}",
+        "runs", "schedulers", "seconds", "runs/s", "steps/s", "CPU ms/step", "sched RSS MiB", "daemon MiB"
     );
     for t in &tp {
         println!(
-            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.1} {:>10.1}",
+            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.2} {:>13.1} {:>10.1}",
             t.runs,
             t.schedulers,
             t.seconds,
             t.runs_per_s,
             t.steps_per_s,
+            t.cpu_ms_per_step,
             t.scheduler_peak_rss_mib,
             t.daemon_peak_rss_mib
         );
