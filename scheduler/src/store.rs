@@ -1435,6 +1435,11 @@ impl Store {
     /// replayed duplicate, an expired late copy, a reject) are only recorded: the
     /// original may be running, and the lease decides.
     pub async fn record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
+        // Retried on a deadlock, as [`Self::mark_replayed`] explains.
+        self.retrying(|| self.try_record_dead_letter(dl)).await
+    }
+
+    async fn try_record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         let job = (dl.exchange == JOBS_EXCHANGE)
@@ -1500,6 +1505,13 @@ impl Store {
 
     /// Marks a dead letter replayed (after it was republished).
     pub async fn mark_replayed(&self, id: i64, who: &str) -> Result<(), StoreError> {
+        // Appending to a run's chain takes the chain's lock and then the run's row
+        // (to bump its version), while a firing timer takes them the other way
+        // round: a deadlock between the two is retried.
+        self.retrying(|| self.try_mark_replayed(id, who)).await
+    }
+
+    async fn try_mark_replayed(&self, id: i64, who: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let run_id: Option<Option<Uuid>> = sqlx::query_scalar(
             "update dead_letters set replayed_at = now(), replayed_by = $2 where id = $1 returning run_id",
