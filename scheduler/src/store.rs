@@ -198,6 +198,10 @@ impl StoreError {
         }
     }
 
+    fn is_unique_violation(&self) -> bool {
+        matches!(self, Self::Db(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505"))
+    }
+
     /// The database is unreachable: wait and try again rather than give up.
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -662,16 +666,9 @@ impl Store {
         fx: Effects,
         out: &mut Vec<OutboxMsg>,
     ) -> Result<bool, StoreError> {
-        let Folded {
-            now,
-            w,
-            late,
-            released,
-            history,
-            msgs,
-        } = self.fold(state, fx);
-        let entries = || self.entries(state.id, now, &history);
-        let audit_rows = if history.is_empty() {
+        let f = self.fold(state, fx);
+        let entries = || f.entries(state.id, &self.actor);
+        let audit_rows = if f.history.is_empty() {
             audit::Rows::default()
         } else {
             let known = state.audit_head.take().map(|h| (state.id, h));
@@ -680,10 +677,10 @@ impl Store {
         if let Some(last) = audit_rows.hashes.last() {
             state.audit_head = Some(last.clone());
         }
-        if w.has_writes(&msgs, released, &audit_rows) {
-            let done = w
-                .execute(tx, state, released, &msgs, now + self.claim, &audit_rows, None)
-                .await?;
+        if f.w.has_writes(&f.msgs, f.released, &audit_rows) {
+            let done =
+                f.w.execute(tx, state, f.released, &f.msgs, f.now + self.claim, &audit_rows, None)
+                    .await?;
             if !done.audit_ok {
                 // Something appended to the run's chain since it was loaded without
                 // resetting the head: link the entries onto the real head instead.
@@ -691,14 +688,15 @@ impl Store {
                 audit::append_many(tx, entries()).await?;
                 state.audit_head = None;
             }
-            out.extend(done.outbox(state.id, msgs)?);
+            out.extend(done.outbox(state.id, f.msgs)?);
         }
-        if !late.updates.is_empty() {
-            late.execute(tx, state, false, &[], now, &audit::Rows::default(), None)
+        if !f.late.updates.is_empty() {
+            f.late
+                .execute(tx, state, false, &[], f.now, &audit::Rows::default(), None)
                 .await?;
         }
         mark_clean(state);
-        Ok(released)
+        Ok(f.released)
     }
 
     /// [`Self::persist`] for a run read without its lock at `version`, in one
@@ -715,26 +713,19 @@ impl Store {
         version: i64,
         inboxed: &[&StepResult],
     ) -> Result<Option<Vec<OutboxMsg>>, StoreError> {
-        let Folded {
-            now,
-            w,
-            late,
-            released,
-            history,
-            msgs,
-        } = self.fold(state, fx);
-        if released || !late.updates.is_empty() {
+        let f = self.fold(state, fx);
+        if f.released || !f.late.updates.is_empty() {
             return Ok(None);
         }
         let head = state.audit_head.clone().unwrap_or_else(|| audit::GENESIS.to_owned());
-        let audit_rows = audit::link(head, self.entries(state.id, now, &history));
-        let done = w
-            .execute(
+        let audit_rows = audit::link(head, f.entries(state.id, &self.actor));
+        let done =
+            f.w.execute(
                 conn,
                 state,
                 false,
-                &msgs,
-                now + self.claim,
+                &f.msgs,
+                f.now + self.claim,
                 &audit_rows,
                 Some((version, inboxed)),
             )
@@ -742,29 +733,9 @@ impl Store {
         if !done.guard_ok {
             return Ok(None);
         }
-        let out = done.outbox(state.id, msgs)?;
+        let out = done.outbox(state.id, f.msgs)?;
         mark_clean(state);
         Ok(Some(out))
-    }
-
-    fn entries<'a>(
-        &'a self,
-        run_id: Uuid,
-        at: DateTime<Utc>,
-        history: &'a [(Option<String>, Option<i32>, &'static str, Value)],
-    ) -> Vec<audit::Entry<'a>> {
-        history
-            .iter()
-            .map(|(step, attempt, kind, detail)| audit::Entry {
-                run_id: Some(run_id),
-                step_id: step.as_deref(),
-                attempt: *attempt,
-                at,
-                actor: &self.actor,
-                kind,
-                detail,
-            })
-            .collect()
     }
 
     async fn history(
@@ -851,10 +822,7 @@ impl Store {
             Ok(None) => {}
             // A result recorded concurrently (unique inbox key) or a conflict: the
             // locked path sorts it out.
-            Err(StoreError::Db(sqlx::Error::Database(e)))
-                if e.code()
-                    .as_deref()
-                    .is_some_and(|c| c == "23505" || c == "40001" || c == "40P01") => {}
+            Err(e) if e.is_transient() || e.is_unique_violation() => {}
             Err(e) => return Err(e),
         }
         self.retrying(|| self.try_apply_results(rs)).await
@@ -1679,6 +1647,24 @@ struct Folded {
     released: bool,
     history: Vec<(Option<String>, Option<i32>, &'static str, Value)>,
     msgs: Vec<OutboxMsg>,
+}
+
+impl Folded {
+    /// The audit entries of the transition's history.
+    fn entries<'a>(&'a self, run_id: Uuid, actor: &'a str) -> Vec<audit::Entry<'a>> {
+        self.history
+            .iter()
+            .map(|(step, attempt, kind, detail)| audit::Entry {
+                run_id: Some(run_id),
+                step_id: step.as_deref(),
+                attempt: *attempt,
+                at: self.now,
+                actor,
+                kind,
+                detail,
+            })
+            .collect()
+    }
 }
 
 fn mark_clean(state: &mut RunState) {
