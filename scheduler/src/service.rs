@@ -13,7 +13,6 @@ use baton_shared::signing::{Keypair, Trusted};
 use baton_shared::topology::{self, CONTROL_EXCHANGE, JOBS_EXCHANGE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE, RESULTS_QUEUE};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -460,7 +459,7 @@ async fn merge_event_loop(
                     }
                 }
                 relay.send(out);
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = baton_shared::amqp::ack(&delivery).await;
             }
             Some(Err(StoreError::MergeGate(reason))) => refused(reason).await,
             Some(Err(e)) => {
@@ -660,7 +659,7 @@ fn log_applied(result: &StepResult, applied: &ResultApplied) {
 }
 
 async fn ack_result(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = baton_shared::amqp::ack(delivery).await {
         tracing::warn!(error = %e, "ack of applied result failed; a redelivery will be recognised as duplicate");
     }
 }
@@ -682,7 +681,7 @@ async fn dead_letter_loop(
             Some(Ok((id, out))) => {
                 tracing::warn!(dead_letter = ?id, origin = %dl.origin, reason = %dl.reason, "dead letter recorded");
                 relay.send(out);
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = baton_shared::amqp::ack(&delivery).await;
             }
             Some(Err(e)) => {
                 // Left unacknowledged: the broker keeps it for the next attempt.
@@ -794,7 +793,7 @@ async fn notice_loop(
         {
             None => return Ok(()),
             Some(Ok(())) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = baton_shared::amqp::ack(&delivery).await;
             }
             Some(Err(e)) => tracing::error!(error = %e, "cannot audit a refusal notice"),
         }

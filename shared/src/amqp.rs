@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
@@ -80,6 +80,32 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(15);
 /// an event when a connection fails but not when the broker closes it cleanly
 /// (as `rabbitmqctl stop_app` does).
 const KEEPER_TICK: Duration = Duration::from_millis(100);
+/// How long an ack or nack may take. A broker restart in the middle of one was
+/// seen to leave lapin's call unanswered for ever, which stalled everything
+/// queued behind it (all later results of that run). After this the delivery is
+/// left unsettled: the broker redelivers it on the new connection, and receivers
+/// absorb the copy (the scheduler's inbox, a daemon's duplicate check).
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Acknowledges a delivery, bounded by [`SETTLE_PATIENCE`].
+pub async fn ack(delivery: &Delivery) -> Result<(), AmqpError> {
+    match tokio::time::timeout(SETTLE_PATIENCE, delivery.ack(BasicAckOptions::default())).await {
+        Ok(done) => done.map(drop).map_err(AmqpError::op("basic.ack")),
+        Err(_) => Err(AmqpError::Disconnected("basic.ack got no answer in time")),
+    }
+}
+
+/// Rejects a delivery (back to its queue if `requeue`), bounded by [`SETTLE_PATIENCE`].
+pub async fn nack(delivery: &Delivery, requeue: bool) -> Result<(), AmqpError> {
+    let opts = BasicNackOptions {
+        requeue,
+        ..Default::default()
+    };
+    match tokio::time::timeout(SETTLE_PATIENCE, delivery.nack(opts)).await {
+        Ok(done) => done.map(drop).map_err(AmqpError::op("basic.nack")),
+        Err(_) => Err(AmqpError::Disconnected("basic.nack got no answer in time")),
+    }
+}
 /// Pause before publishing again on a connection that is still up.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Bound on opening one connection (TCP, TLS and the AMQP handshake).
@@ -453,11 +479,7 @@ impl Broker {
         )
         .await?;
         tracing::warn!(origin, reason, "message dead-lettered");
-        delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(AmqpError::op("basic.ack"))
-            .map(drop)
+        ack(delivery).await
     }
 
     /// Closes the connection and stops reconnecting.

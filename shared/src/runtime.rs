@@ -18,7 +18,6 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -318,7 +317,7 @@ async fn control_loop(
                     r.token.cancel();
                     tracing::info!(run_id = %cancel.run_id, step_id = %cancel.step_id, attempt = cancel.attempt, reason = %cancel.reason, "attempt cancelled");
                 }
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = crate::amqp::ack(&delivery).await;
             }
             Err(reason) => refuse(&shared, &delivery, "control", &zone, &role, &reason).await,
         }
@@ -363,7 +362,7 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
             // The broker gave back a delivery of a lost connection or channel
             // whose job this daemon already took: a duplicate, not a replay.
             tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, "redelivery of a job already taken here; dropped");
-            let _ = delivery.ack(BasicAckOptions::default()).await;
+            let _ = crate::amqp::ack(&delivery).await;
             return;
         }
         let reason = format!("replayed: message id {} was already received", job.message_id);
@@ -388,7 +387,7 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
     };
     if !registered {
         tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, "duplicate delivery of a job already taken here; dropped");
-        let _ = delivery.ack(BasicAckOptions::default()).await;
+        let _ = crate::amqp::ack(&delivery).await;
         return;
     }
     // The daemon's span joins the run's trace as a child of the step attempt's
@@ -434,18 +433,13 @@ async fn run_job(
     let started_at = Utc::now();
     if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new(), None).await {
         tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started; handing the job back");
-        let _ = delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+        let _ = crate::amqp::nack(&delivery, true).await;
         shared.running.lock().expect("lock").remove(&key);
         // Handed back untouched: its redelivery is welcome here too.
         shared.seen.lock().expect("lock").forget(job.message_id);
         return;
     }
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = crate::amqp::ack(&delivery).await {
         // The started report is out; if the broker redelivers, the duplicate
         // check above or the scheduler's fencing absorbs it.
         tracing::warn!(error = %e, "ack failed after reporting started");
@@ -638,12 +632,7 @@ async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, r
     );
     if let Err(e) = shared.broker.dead_letter(delivery, queue, reason).await {
         tracing::error!(error = %e, "cannot dead-letter refused message; rejecting it to the broker's dead-letter exchange");
-        let _ = delivery
-            .nack(BasicNackOptions {
-                requeue: false,
-                ..Default::default()
-            })
-            .await;
+        let _ = crate::amqp::nack(delivery, false).await;
     }
     let mut notice = Refusal {
         v: PROTOCOL_VERSION,
