@@ -228,15 +228,20 @@ impl Baton {
 
     async fn finished(&self, runs: &[Uuid], patience: Duration) -> Vec<DateTime<Utc>> {
         let deadline = Instant::now() + patience;
+        let mut pending: Vec<Uuid> = runs.to_vec();
+        let mut done = Vec::with_capacity(runs.len());
         loop {
-            let done: Vec<Option<DateTime<Utc>>> =
-                sqlx::query_scalar("select finished_at from runs where id = any($1) and finished_at is not null")
-                    .bind(runs)
+            // Only the runs not seen ending yet are asked about.
+            let ended: Vec<(Uuid, DateTime<Utc>)> =
+                sqlx::query_as("select id, finished_at from runs where id = any($1) and finished_at is not null")
+                    .bind(&pending)
                     .fetch_all(&self.env.pool)
                     .await
                     .unwrap();
-            if done.len() == runs.len() {
-                return done.into_iter().flatten().collect();
+            pending.retain(|id| !ended.iter().any(|(e, _)| e == id));
+            done.extend(ended.into_iter().map(|(_, at)| at));
+            if pending.is_empty() {
+                return done;
             }
             assert!(
                 Instant::now() < deadline,
