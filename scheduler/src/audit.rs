@@ -159,6 +159,19 @@ impl Rows {
         self.hashes.is_empty()
     }
 
+    /// Appends `other`'s rows after these.
+    pub fn extend(&mut self, other: &Rows) {
+        self.runs.extend_from_slice(&other.runs);
+        self.steps.extend_from_slice(&other.steps);
+        self.attempts.extend_from_slice(&other.attempts);
+        self.ats.extend_from_slice(&other.ats);
+        self.actors.extend_from_slice(&other.actors);
+        self.kinds.extend_from_slice(&other.kinds);
+        self.details.extend_from_slice(&other.details);
+        self.prevs.extend_from_slice(&other.prevs);
+        self.hashes.extend_from_slice(&other.hashes);
+    }
+
     /// Adds `e` linked onto `prev`; returns its hash, the chain's new head.
     fn push(&mut self, prev: String, e: &Entry<'_>) -> String {
         let hash = chain_hash(&prev, e);

@@ -64,6 +64,10 @@ pub struct SchedulerSettings {
     /// Apply results from an unlocked read with a version-guarded write first
     /// (docs/decisions.md); off: always under the run's row lock.
     pub optimistic_apply: bool,
+    /// Optimistic write statements in flight at once.
+    pub write_concurrency: usize,
+    /// The most runs one optimistic write statement carries (1: each alone).
+    pub write_batch: usize,
 }
 
 impl Default for SchedulerSettings {
@@ -79,6 +83,8 @@ impl Default for SchedulerSettings {
             result_concurrency: 16,
             prefetch: 64,
             optimistic_apply: true,
+            write_concurrency: 1,
+            write_batch: 64,
         }
     }
 }
@@ -126,6 +132,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "scheduler.result_concurrency",
                 "scheduler.prefetch must be positive and database.max_connections at least 2",
+            ));
+        }
+        if s.write_concurrency == 0 || s.write_batch == 0 {
+            return Err(ConfigError::invalid(
+                "scheduler.write_concurrency",
+                "and scheduler.write_batch must be positive",
             ));
         }
         Ok(())

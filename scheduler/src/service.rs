@@ -89,7 +89,8 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         instance.clone(),
     )
     .with_sample_ratio(config.telemetry.sample_ratio)
-    .with_optimistic_apply(config.scheduler.optimistic_apply);
+    .with_optimistic_apply(config.scheduler.optimistic_apply)
+    .with_writes(config.scheduler.write_concurrency, config.scheduler.write_batch);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
     topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit)
         .await
@@ -545,7 +546,7 @@ async fn result_loop(
                 match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let read = async {
-                            let read = store.read_run(run, true).await;
+                            let read = store.snapshot(run, true).await;
                             drop(permit);
                             read
                         };

@@ -23,6 +23,10 @@ use crate::engine::{Applied, Effect, Effects, EngineError, Hold, RunState, RunSt
 use crate::gates::{self, Approval, Decision, Facts};
 use crate::planner::Plan;
 
+mod write;
+
+use write::{Batcher, Guarded, Inboxed, NewAttempt, Part, Writes};
+
 /// A JSON object with the gates' facts of run `$1`: open incidents and the run's approvals.
 macro_rules! facts_sql {
     () => {
@@ -227,12 +231,50 @@ pub struct OutboxMsg {
     pub attempt: Option<i32>,
 }
 
-/// A run read without its lock, at a version ([`Store::read_run`]).
+/// A run read without its lock, at a version ([`Store::read_run`]), or as this
+/// scheduler last wrote it.
 pub struct Snapshot {
     state: RunState,
     version: i64,
-    /// Whether the gates' facts were read.
-    facts: bool,
+    /// The facts' epoch when the gates' facts were read with the run; `None`: not read.
+    epoch: Option<i64>,
+    /// Kept from this scheduler's own last write, not read now.
+    cached: bool,
+}
+
+/// Runs as this scheduler last wrote them, so that their next results need no
+/// read ([`Store::apply_results`]). Bounded: when full, it starts over.
+#[derive(Default)]
+struct Cache {
+    runs: std::sync::Mutex<std::collections::HashMap<Uuid, Snapshot>>,
+}
+
+/// Counts where the run a transition was computed from came from: kept in
+/// memory, read, or kept but found stale by the write.
+fn count_snapshot(source: &str) {
+    baton_shared::metrics::global().inc(
+        "baton_scheduler_run_snapshots_total",
+        "Runs that result transitions were computed from, by source (kept: this replica's own last write; read; stale: kept but changed since, read again)",
+        &[("source", source)],
+        1.0,
+    );
+}
+
+/// The most runs [`Cache`] keeps.
+const CACHED_RUNS: usize = 10_000;
+
+impl Cache {
+    fn take(&self, run: Uuid) -> Option<Snapshot> {
+        self.runs.lock().expect("lock").remove(&run)
+    }
+
+    fn put(&self, snapshot: Snapshot) {
+        let mut runs = self.runs.lock().expect("lock");
+        if runs.len() >= CACHED_RUNS {
+            runs.clear();
+        }
+        runs.insert(snapshot.state.id, snapshot);
+    }
 }
 
 /// What ingesting a merge event did.
@@ -262,6 +304,10 @@ pub struct DueTimer {
     pub due_at: DateTime<Utc>,
 }
 
+/// Optimistic write statements in flight at once, and runs one of them
+/// carries, unless configured ([`Store::with_writes`]).
+const DEFAULT_WRITES: (usize, usize) = (1, 64);
+
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
@@ -272,6 +318,9 @@ pub struct Store {
     sample_ratio: f64,
     /// Results are applied optimistically first (see [`Store::apply_results`]).
     optimistic: bool,
+    /// Combines the optimistic writes of different runs.
+    batcher: std::sync::Arc<Batcher>,
+    cache: std::sync::Arc<Cache>,
 }
 
 /// Opens a pool; `url` is a PostgreSQL URL.
@@ -303,6 +352,8 @@ impl Store {
             actor: actor.into(),
             sample_ratio: 1.0,
             optimistic: true,
+            batcher: std::sync::Arc::new(Batcher::new(DEFAULT_WRITES.0, DEFAULT_WRITES.1)),
+            cache: std::sync::Arc::default(),
         }
     }
 
@@ -315,6 +366,13 @@ impl Store {
     /// Whether results are applied optimistically first (the default).
     pub fn with_optimistic_apply(mut self, on: bool) -> Self {
         self.optimistic = on;
+        self
+    }
+
+    /// How many optimistic write statements may be in flight at once, and how
+    /// many runs' writes one of them may carry.
+    pub fn with_writes(mut self, concurrency: usize, batch: usize) -> Self {
+        self.batcher = std::sync::Arc::new(Batcher::new(concurrency, batch));
         self
     }
 
@@ -678,9 +736,15 @@ impl Store {
             state.audit_head = Some(last.clone());
         }
         if f.w.has_writes(&f.msgs, f.released, &audit_rows) {
-            let done =
-                f.w.execute(tx, state, f.released, &f.msgs, f.now + self.claim, &audit_rows, None)
-                    .await?;
+            let part = Part {
+                state,
+                w: &f.w,
+                release: f.released,
+                msgs: &f.msgs,
+                audit: &audit_rows,
+                guard: None,
+            };
+            let done = write::execute(tx, &[part], f.now + self.claim).await?.remove(0);
             if !done.audit_ok {
                 // Something appended to the run's chain since it was loaded without
                 // resetting the head: link the entries onto the real head instead.
@@ -691,9 +755,15 @@ impl Store {
             out.extend(done.outbox(state.id, f.msgs)?);
         }
         if !f.late.updates.is_empty() {
-            f.late
-                .execute(tx, state, false, &[], f.now, &audit::Rows::default(), None)
-                .await?;
+            let part = Part {
+                state,
+                w: &f.late,
+                release: false,
+                msgs: &[],
+                audit: &audit::Rows::default(),
+                guard: None,
+            };
+            write::execute(tx, &[part], f.now).await?;
         }
         mark_clean(state);
         Ok(f.released)
@@ -707,34 +777,41 @@ impl Store {
     /// was written and the caller applies it under the run's lock instead.
     async fn persist_guarded(
         &self,
-        conn: &mut sqlx::PgConnection,
-        state: &mut RunState,
+        mut state: RunState,
         fx: Effects,
         version: i64,
-        inboxed: &[&StepResult],
+        epoch: Option<i64>,
+        inbox: Vec<Inboxed>,
     ) -> Result<Option<Vec<OutboxMsg>>, StoreError> {
-        let f = self.fold(state, fx);
-        if f.released || !f.late.updates.is_empty() {
+        let folded = self.fold(&state, fx);
+        if folded.released || !folded.late.updates.is_empty() {
             return Ok(None);
         }
-        let head = state.audit_head.clone().unwrap_or_else(|| audit::GENESIS.to_owned());
-        let audit_rows = audit::link(head, f.entries(state.id, &self.actor));
-        let done =
-            f.w.execute(
-                conn,
+        let head = state.audit_head.take().unwrap_or_else(|| audit::GENESIS.to_owned());
+        let audit = audit::link(head.clone(), folded.entries(state.id, &self.actor));
+        let new_head = audit.hashes.last().cloned().unwrap_or(head);
+        let write = Guarded {
+            state,
+            folded,
+            audit,
+            version,
+            epoch,
+            inbox,
+        };
+        let Some((out, mut state)) = self.batcher.submit(&self.pool, self.claim, write).await? else {
+            return Ok(None);
+        };
+        // Kept as written, for the run's next results.
+        if !state.status.is_terminal() {
+            state.audit_head = Some(new_head);
+            mark_clean(&mut state);
+            self.cache.put(Snapshot {
                 state,
-                false,
-                &f.msgs,
-                f.now + self.claim,
-                &audit_rows,
-                Some((version, inboxed)),
-            )
-            .await?;
-        if !done.guard_ok {
-            return Ok(None);
+                version: version + 1,
+                epoch,
+                cached: true,
+            });
         }
-        let out = done.outbox(state.id, f.msgs)?;
-        mark_clean(state);
         Ok(Some(out))
     }
 
@@ -828,6 +905,17 @@ impl Store {
         self.retrying(|| self.try_apply_results(rs)).await
     }
 
+    /// The run as this scheduler last wrote it, if it kept it (and with the
+    /// gates' facts if `facts`); otherwise read now ([`Self::read_run`]).
+    pub async fn snapshot(&self, run_id: Uuid, facts: bool) -> Result<Option<Snapshot>, StoreError> {
+        let kept = self.cache.take(run_id).filter(|s| s.epoch.is_some() || !facts);
+        count_snapshot(if kept.is_some() { "kept" } else { "read" });
+        match kept {
+            Some(s) => Ok(Some(s)),
+            None => self.read_run(run_id, facts).await,
+        }
+    }
+
     /// Reads a run without locking it, for [`Self::apply_results`]: the run, its
     /// steps, audit head and, if `facts`, the gates' facts, in one snapshot.
     /// `None` if there is no such run, or results are always applied under the lock.
@@ -840,7 +928,8 @@ impl Store {
             run_columns!(),
             ", ",
             step_columns!(),
-            " from runs r join steps s on s.run_id = r.id where r.id = $1 order by s.position"
+            ", case when $2 then (select epoch from fact_epoch) end as fact_epoch
+             from runs r join steps s on s.run_id = r.id where r.id = $1 order by s.position"
         ))
         .bind(run_id)
         .bind(facts)
@@ -850,10 +939,17 @@ impl Store {
             return Ok(None);
         };
         let (mut state, version) = run_from_row(run_id, first)?;
+        let epoch = first.try_get("fact_epoch")?;
         add_steps(&mut state, &rows)?;
-        Ok(Some(Snapshot { state, version, facts }))
+        Ok(Some(Snapshot {
+            state,
+            version,
+            epoch,
+            cached: false,
+        }))
     }
 
+    /// `None`: the results could not be applied this way (see [`Self::apply_results`]).
     async fn apply_results_optimistically(
         &self,
         rs: &[StepResult],
@@ -863,13 +959,40 @@ impl Store {
             return Ok(Some((Vec::new(), Vec::new())));
         };
         // A snapshot without the facts an outcome's gates need is read again.
-        let snapshot = match snapshot {
-            Some(s) if s.state.id == run_id && (s.facts || !moves(rs)) => Some(s),
-            _ => self.read_run(run_id, moves(rs)).await?,
+        let facts = moves(rs);
+        let mut snapshot = match snapshot {
+            Some(s) if s.state.id == run_id && (s.epoch.is_some() || !facts) => Some(s),
+            _ => self.snapshot(run_id, facts).await?,
         };
-        let Some(Snapshot { mut state, version, .. }) = snapshot else {
-            return Ok(None);
-        };
+        loop {
+            let Some(s) = snapshot else {
+                return Ok(None);
+            };
+            let cached = s.cached;
+            match self.apply_to_snapshot(rs, s).await? {
+                Some(done) => return Ok(Some(done)),
+                // The run changed since this scheduler wrote it (another replica,
+                // a timer, an operator): once more from what it is now.
+                None if cached => {
+                    count_snapshot("stale");
+                    snapshot = self.read_run(run_id, facts).await?;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    async fn apply_to_snapshot(
+        &self,
+        rs: &[StepResult],
+        snapshot: Snapshot,
+    ) -> Result<Option<(Vec<ResultApplied>, Vec<OutboxMsg>)>, StoreError> {
+        let Snapshot {
+            mut state,
+            version,
+            epoch,
+            ..
+        } = snapshot;
         // Taken as new: a result the inbox already has makes the write fail on
         // the inbox's key, and the locked path records it as a duplicate. Each
         // message id is recorded once, even if it came twice in this batch.
@@ -879,9 +1002,19 @@ impl Store {
             .filter(|r| new_ids.insert(r.message_id))
             .collect();
         let (outcomes, fx) = self.apply_to(&mut state, rs, &mut new_ids);
-        let mut conn = self.pool.acquire().await?;
+        let inbox = record
+            .iter()
+            .map(|r| Inboxed {
+                message_id: r.message_id,
+                run_id: r.run_id,
+                step_id: r.step_id.clone(),
+                attempt: r.attempt as i32,
+                status: r.status.as_str(),
+                at: r.at,
+            })
+            .collect();
         Ok(self
-            .persist_guarded(&mut conn, &mut state, fx, version, &record)
+            .persist_guarded(state, fx, version, epoch, inbox)
             .await?
             .map(|out| (outcomes, out)))
     }
@@ -1052,17 +1185,17 @@ impl Store {
     ///
     /// Committed without waiting for the WAL flush: a mark lost in a database
     /// crash only makes the sweeper publish the row again, which receivers
-    /// absorb (message ids, attempt fencing). One round trip: the two statements
-    /// form one implicit transaction, and the ids are integers written inline.
+    /// absorb (message ids, attempt fencing). One round trip: the setting is
+    /// made by the statement itself and lasts for its own transaction.
     pub async fn mark_sent(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-        // Only integers are interpolated.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "set local synchronous_commit = off; update outbox set sent_at = now() where id in ({list})"
-        )))
+        sqlx::query(
+            "update outbox set sent_at = now()
+              where id = any($1) and set_config('synchronous_commit', 'off', true) = 'off'",
+        )
+        .bind(ids)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1616,28 +1749,6 @@ impl RunView {
     }
 }
 
-/// An attempt row a transition creates.
-struct NewAttempt {
-    step: String,
-    attempt: i32,
-    kind: &'static str,
-    message_id: Uuid,
-    at: DateTime<Utc>,
-    span_id: Option<String>,
-}
-
-/// Changes to an existing attempt row (`None`: unchanged).
-#[derive(Default)]
-struct AttemptUpdate {
-    step: String,
-    attempt: i32,
-    status: &'static str,
-    daemon: Option<String>,
-    started_at: Option<DateTime<Utc>>,
-    error: Option<Option<Value>>,
-    finished_at: Option<DateTime<Utc>>,
-}
-
 /// A transition's effects, folded (see [`Store::fold`]).
 struct Folded {
     now: DateTime<Utc>,
@@ -1673,298 +1784,6 @@ fn mark_clean(state: &mut RunState) {
         s.dirty = false;
     }
 }
-
-/// What the write statement reported.
-struct Executed {
-    /// Outbox ids by message id.
-    ids: std::collections::HashMap<Uuid, i64>,
-    /// The audit rows linked onto the chain's real head (and were written).
-    audit_ok: bool,
-    /// The run was at the expected version (always, without one): the writes happened.
-    guard_ok: bool,
-}
-
-impl Executed {
-    /// The outbox messages with the ids they were written under.
-    fn outbox(&self, run: Uuid, msgs: Vec<OutboxMsg>) -> Result<Vec<OutboxMsg>, StoreError> {
-        msgs.into_iter()
-            .map(|mut m| {
-                m.id = *self.ids.get(&m.message_id).ok_or_else(|| StoreError::Corrupt {
-                    run,
-                    problem: format!("the outbox row for message {} was not written", m.message_id),
-                })?;
-                Ok(m)
-            })
-            .collect()
-    }
-}
-
-/// What one transition writes, folded so that no two parts touch the same row.
-#[derive(Default)]
-struct Writes {
-    run: bool,
-    /// Indexes of the run's changed steps.
-    steps: Vec<usize>,
-    /// Steps whose timers are deleted (except those in `timers`).
-    cleared: Vec<String>,
-    /// Timers set, at most one per (step, kind).
-    timers: Vec<(String, &'static str, i32, DateTime<Utc>)>,
-    dispatched: Vec<NewAttempt>,
-    updates: Vec<AttemptUpdate>,
-}
-
-impl Writes {
-    /// The pending update of an attempt; one created in this transition is
-    /// updated by a second statement (`late`), as the CTEs share a snapshot.
-    fn attempt_update<'w>(&'w mut self, late: &'w mut Writes, step: String, attempt: i32) -> &'w mut AttemptUpdate {
-        let target = if self.dispatched.iter().any(|a| a.step == step && a.attempt == attempt) {
-            &mut late.updates
-        } else {
-            &mut self.updates
-        };
-        match target.iter().position(|u| u.step == step && u.attempt == attempt) {
-            Some(i) => &mut target[i],
-            None => {
-                target.push(AttemptUpdate {
-                    step,
-                    attempt,
-                    ..Default::default()
-                });
-                target.last_mut().expect("just pushed")
-            }
-        }
-    }
-
-    /// Writes it all in one statement; returns the outbox ids by message id.
-    /// `guard`: the run's version the transition was computed from and the
-    /// results to record in the inbox; without it, the caller holds the run's lock.
-    #[allow(clippy::too_many_arguments)]
-    async fn execute(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        state: &RunState,
-        release: bool,
-        msgs: &[OutboxMsg],
-        claimed_until: DateTime<Utc>,
-        audit: &audit::Rows,
-        guard: Option<(i64, &[&StepResult])>,
-    ) -> Result<Executed, StoreError> {
-        let steps: Vec<&StepState> = self.steps.iter().map(|&i| &state.steps[i]).collect();
-        let inbox = guard.map(|g| g.1).unwrap_or_default();
-        let rows = sqlx::query(PERSIST_SQL)
-            .bind(state.id)
-            .bind(self.run)
-            .bind(state.status.as_str())
-            .bind(state.completions)
-            .bind(&state.rollback_reason)
-            .bind(state.started_at)
-            .bind(state.finished_at)
-            .bind(state.hold.as_ref().map(Json))
-            .bind(steps.iter().map(|s| s.id.clone()).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.attempt).collect::<Vec<_>>())
-            .bind(
-                steps
-                    .iter()
-                    .map(|s| s.attempt_status.map(|a| a.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(steps.iter().map(|s| s.exec_attempts).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.comp_attempts).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.cancel_requested).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| Json(json!(s.outputs))).collect::<Vec<_>>())
-            .bind(
-                steps
-                    .iter()
-                    .map(|s| s.error.as_ref().map(|e| Json(json!(e))))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(steps.iter().map(|s| s.completion).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.comp_started_at).collect::<Vec<_>>())
-            .bind(steps.iter().map(|s| s.comp_finished_at).collect::<Vec<_>>())
-            .bind(
-                steps
-                    .iter()
-                    .map(|s| s.hold.as_ref().map(|h| Json(json!(h))))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(steps.iter().map(|s| s.restoring).collect::<Vec<_>>())
-            .bind(&self.cleared)
-            .bind(self.timers.iter().map(|t| t.0.clone()).collect::<Vec<_>>())
-            .bind(self.timers.iter().map(|t| t.1).collect::<Vec<_>>())
-            .bind(self.timers.iter().map(|t| t.2).collect::<Vec<_>>())
-            .bind(self.timers.iter().map(|t| t.3).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.step.clone()).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.attempt).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.kind).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.message_id).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.at).collect::<Vec<_>>())
-            .bind(self.dispatched.iter().map(|a| a.span_id.clone()).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.step.clone()).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.attempt).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.status).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.daemon.clone()).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.started_at).collect::<Vec<_>>())
-            .bind(self.updates.iter().map(|u| u.error.is_some()).collect::<Vec<_>>())
-            .bind(
-                self.updates
-                    .iter()
-                    .map(|u| u.error.clone().flatten().map(Json))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(self.updates.iter().map(|u| u.finished_at).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.exchange.clone()).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.routing_key.clone()).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.message_id).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.best_effort).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.run_id).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.step_id.clone()).collect::<Vec<_>>())
-            .bind(msgs.iter().map(|m| m.attempt).collect::<Vec<_>>())
-            .bind(claimed_until)
-            .bind(release)
-            .bind(&state.service)
-            .bind(&state.environment)
-            .bind(&audit.runs)
-            .bind(&audit.steps)
-            .bind(&audit.attempts)
-            .bind(&audit.ats)
-            .bind(&audit.actors)
-            .bind(&audit.kinds)
-            .bind(&audit.details)
-            .bind(&audit.prevs)
-            .bind(&audit.hashes)
-            .bind(audit::GENESIS)
-            .bind(guard.map(|g| g.0))
-            .bind(inbox.iter().map(|r| r.message_id).collect::<Vec<_>>())
-            .bind(inbox.iter().map(|r| r.run_id).collect::<Vec<_>>())
-            .bind(inbox.iter().map(|r| r.step_id.clone()).collect::<Vec<_>>())
-            .bind(inbox.iter().map(|r| r.attempt as i32).collect::<Vec<_>>())
-            .bind(inbox.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-            .bind(inbox.iter().map(|r| r.at).collect::<Vec<_>>())
-            .fetch_all(&mut *conn)
-            .await?;
-        let mut done = Executed {
-            ids: std::collections::HashMap::new(),
-            audit_ok: true,
-            guard_ok: true,
-        };
-        for r in &rows {
-            done.audit_ok &= r.try_get::<bool, _>("audit_ok")?;
-            done.guard_ok &= r.try_get::<bool, _>("guard_ok")?;
-            if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
-                done.ids.insert(r.try_get("message_id")?, id);
-            }
-        }
-        Ok(done)
-    }
-
-    fn has_writes(&self, msgs: &[OutboxMsg], released: bool, audit: &audit::Rows) -> bool {
-        self.run
-            || !self.steps.is_empty()
-            || !self.timers.is_empty()
-            || !self.cleared.is_empty()
-            || !self.dispatched.is_empty()
-            || !self.updates.is_empty()
-            || !msgs.is_empty()
-            || released
-            || !audit.is_empty()
-    }
-}
-
-/// One transition's writes (see [`Store::persist`]). Parameters: the run ($1–$8),
-/// dirty steps ($9–$24), timers cleared and set ($25–$29), attempts dispatched
-/// ($30–$35) and updated ($36–$43), outbox rows ($44–$52), the environment lock
-/// ($53–$55), audit rows ($56–$65), and for a transition computed without the
-/// run's lock, the version it read ($66) and the results it records in the
-/// inbox ($67–$72).
-///
-/// The run's row is always updated, bumping its version: that update takes the
-/// row lock, and when a version is given, it matches only if nothing changed
-/// the run since it was read (PostgreSQL re-checks the row after waiting for a
-/// concurrent writer). Every other part writes only if that update did.
-const PERSIST_SQL: &str = "
-with audit_head as (
-    -- The rows link onto the head the store assumed; if the chain moved on, none is written here.
-    select coalesce(($63::text[])[1] = coalesce((select hash from audit where run_id = $1 order by id desc limit 1),
-                                               $65), true) as ok
-), run_update as (
-    update runs set version = version + 1,
-                    status = case when $2 then $3 else status end,
-                    completions = case when $2 then $4 else completions end,
-                    rollback_reason = case when $2 then $5 else rollback_reason end,
-                    started_at = case when $2 then $6 else started_at end,
-                    finished_at = case when $2 then $7 else finished_at end,
-                    hold = case when $2 then $8 else hold end,
-                    updated_at = case when $2 then now() else updated_at end
-     where id = $1 and ($66::bigint is null or (version = $66 and (select ok from audit_head)))
-    returning id
-), inbox_insert as (
-    insert into inbox (message_id, run_id, step_id, attempt, status, reported_at)
-    select * from unnest($67::uuid[], $68::uuid[], $69::text[], $70::int[], $71::text[], $72::timestamptz[])
-     where exists (select 1 from run_update)
-), step_update as (
-    update steps t set status = u.status, attempt = u.attempt, attempt_status = u.attempt_status,
-           exec_attempts = u.exec_attempts, comp_attempts = u.comp_attempts, cancel_requested = u.cancel_requested,
-           outputs = u.outputs, error = u.error, completion = u.completion, started_at = u.started_at,
-           finished_at = u.finished_at, comp_started_at = u.comp_started_at, comp_finished_at = u.comp_finished_at,
-           hold = u.hold, restoring = u.restoring
-      from unnest($9::text[], $10::text[], $11::int[], $12::text[], $13::int[], $14::int[], $15::bool[],
-                  $16::jsonb[], $17::jsonb[], $18::int[], $19::timestamptz[], $20::timestamptz[],
-                  $21::timestamptz[], $22::timestamptz[], $23::jsonb[], $24::bool[])
-           as u(step_id, status, attempt, attempt_status, exec_attempts, comp_attempts, cancel_requested, outputs,
-                error, completion, started_at, finished_at, comp_started_at, comp_finished_at, hold, restoring)
-     where t.run_id = $1 and t.step_id = u.step_id and exists (select 1 from run_update)
-), timer_clear as (
-    delete from timers t
-     where t.run_id = $1 and t.step_id = any($25::text[]) and exists (select 1 from run_update)
-       and not exists (select 1 from unnest($26::text[], $27::text[]) as k(step_id, kind)
-                        where k.step_id = t.step_id and k.kind = t.kind)
-), timer_set as (
-    insert into timers (run_id, step_id, kind, attempt, due_at)
-    select $1, k.step_id, k.kind, k.attempt, k.due_at
-      from unnest($26::text[], $27::text[], $28::int[], $29::timestamptz[]) as k(step_id, kind, attempt, due_at)
-     where exists (select 1 from run_update)
-    on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at
-), attempt_insert as (
-    insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
-    select $1, a.step_id, a.attempt, a.kind, a.message_id, 'dispatched', a.dispatched_at, a.span_id
-      from unnest($30::text[], $31::int[], $32::text[], $33::uuid[], $34::timestamptz[], $35::text[])
-           as a(step_id, attempt, kind, message_id, dispatched_at, span_id)
-     where exists (select 1 from run_update)
-), attempt_update as (
-    update attempts t set status = u.status, daemon = coalesce(u.daemon, t.daemon),
-           started_at = coalesce(u.started_at, t.started_at),
-           error = case when u.set_error then u.error else t.error end,
-           finished_at = coalesce(u.finished_at, t.finished_at)
-      from unnest($36::text[], $37::int[], $38::text[], $39::text[], $40::timestamptz[], $41::bool[],
-                  $42::jsonb[], $43::timestamptz[])
-           as u(step_id, attempt, status, daemon, started_at, set_error, error, finished_at)
-     where t.run_id = $1 and t.step_id = u.step_id and t.attempt = u.attempt and exists (select 1 from run_update)
-), lock_release as (
-    delete from env_locks
-     where $53 and service = $54 and environment = $55 and run_id = $1 and exists (select 1 from run_update)
-), audit_insert as (
-    insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
-    select a, b, c, d, e, f, g, h, i
-      from unnest($56::uuid[], $57::text[], $58::int[], $59::timestamptz[], $60::text[], $61::text[],
-                  $62::jsonb[], $63::text[], $64::text[]) with ordinality as t(a, b, c, d, e, f, g, h, i, n)
-     where (select ok from audit_head) and exists (select 1 from run_update)
-     order by n
-), outbox_insert as (
-    insert into outbox (exchange, routing_key, message_id, body, best_effort, run_id, step_id, attempt, claimed_until)
-    select o.exchange, o.routing_key, o.message_id, o.body, o.best_effort, o.run_id, o.step_id, o.attempt, $52
-      from unnest($44::text[], $45::text[], $46::uuid[], $47::bytea[], $48::bool[], $49::uuid[], $50::text[],
-                  $51::int[]) with ordinality as o(exchange, routing_key, message_id, body, best_effort, run_id,
-                                                   step_id, attempt, n)
-     where exists (select 1 from run_update)
-     order by o.n
-    returning id, message_id
-)
-select o.id, o.message_id, h.ok as audit_ok, exists (select 1 from run_update) as guard_ok
-  from audit_head h left join outbox_insert o on true";
 
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {

@@ -241,3 +241,64 @@ async fn a_result_applied_from_a_stale_read_is_applied_again_after_a_concurrent_
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// The scheduler keeps a run as it last wrote it, with the gates' facts it read
+/// then, so the run's next result needs no read. An incident opened meanwhile
+/// (here by hand, in SQL) must still hold the next step: the write notices the
+/// facts changed and the transition is computed again from what they are now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_opened_while_a_run_is_kept_in_memory_holds_its_next_step() {
+    let env = TestEnv::new("kept-facts").await;
+    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
+    // No heartbeat during build: its outcome is the next result for the run.
+    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("kept-facts", 92, &["src/app.ts"]));
+    env.wait_until("build to be running", RUN_TIMEOUT, async || {
+        env.run(run)
+            .await
+            .and_then(|v| v.step("build").map(|s| s.status == "running"))
+            .unwrap_or(false)
+    })
+    .await;
+    let staging: Vec<String> = env
+        .run(run)
+        .await
+        .unwrap()
+        .steps
+        .iter()
+        .filter(|s| s.zone == "staging" && s.included)
+        .map(|s| s.id.clone())
+        .collect();
+    assert!(!staging.is_empty(), "the plan has staging steps");
+
+    sqlx::query(
+        "insert into incidents (id, environment, title, source, opened_by)
+         values ($1, 'staging', 'staging is on fire', 'test', 'test')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    env.wait_until("the run to be held by the incident", RUN_TIMEOUT, async || {
+        env.run(run).await.is_some_and(|v| {
+            v.steps
+                .iter()
+                .any(|s| s.hold.as_ref().is_some_and(|h| h.gate == "incident"))
+        })
+    })
+    .await;
+    let v = env.run(run).await.unwrap();
+    assert_eq!(v.step("build").unwrap().status, "succeeded");
+    for id in &staging {
+        let s = v.step(id).unwrap();
+        assert!(
+            s.attempts.is_empty(),
+            "staging step {id} was dispatched despite the open incident: {:?}",
+            s.attempts
+        );
+    }
+}

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use baton_tests::{SEED_BINDINGS, TestEnv, event, free_port};
 use serde_json::json;
+use uuid::Uuid;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -90,4 +91,51 @@ async fn metrics_move_as_a_run_progresses() {
     assert!(d.contains("baton_daemon_job_duration_seconds_bucket"), "{d}");
     let ready = reqwest::get(format!("http://{listen}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
+}
+
+/// Many runs at once: their transitions share write statements (the counters
+/// say so), results are computed from runs kept in memory, and still every
+/// step runs exactly once, every run succeeds and every audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_runs_at_once_share_write_statements_and_run_each_step_once() {
+    let env = TestEnv::new("combined").await;
+    let scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let sched = format!("{}/metrics", scheduler.api.clone().unwrap());
+    let runs: Vec<Uuid> = (0..30)
+        .map(|i| env.enqueue(&event(&format!("combined-{i}"), 93, &["src/app.ts"])))
+        .collect();
+    for &run in &runs {
+        assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
+    }
+
+    let mut seen = std::collections::HashSet::new();
+    for line in env.exec_log().into_iter().filter(|l| l.event == "start") {
+        assert!(
+            seen.insert((line.run_id, line.step_id.clone(), line.kind.clone())),
+            "{} {} of run {} started twice",
+            line.kind,
+            line.step_id,
+            line.run_id
+        );
+    }
+    assert!(seen.len() >= runs.len() * 5, "only {} steps ran", seen.len());
+
+    let text = scrape(&sched).await;
+    let statements = sample(&text, "baton_scheduler_write_statements_total").expect("statements counted");
+    let written = sample(&text, "baton_scheduler_written_runs_total").expect("runs counted");
+    assert!(
+        written > statements,
+        "{written} transitions in {statements} statements: none were combined"
+    );
+    let kept = sample(&text, "baton_scheduler_run_snapshots_total{source=\"kept\"}").unwrap_or(0.0);
+    assert!(kept > 0.0, "no transition used a kept run:\n{text}");
+
+    let verify = env.baton(&["audit", "verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "audit chains intact: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }
