@@ -246,7 +246,14 @@ pub struct Snapshot {
 /// read ([`Store::apply_results`]). Bounded: when full, it starts over.
 #[derive(Default)]
 struct Cache {
-    runs: std::sync::Mutex<std::collections::HashMap<Uuid, Snapshot>>,
+    runs: std::sync::Mutex<std::collections::HashMap<Uuid, Kept>>,
+}
+
+enum Kept {
+    Run(Box<Snapshot>),
+    /// A kept copy of this run was found stale: another replica applies its
+    /// results too, so keeping it would mostly waste writes.
+    Shared,
 }
 
 /// Counts where the run a transition was computed from came from: kept in
@@ -265,15 +272,42 @@ const CACHED_RUNS: usize = 10_000;
 
 impl Cache {
     fn take(&self, run: Uuid) -> Option<Snapshot> {
-        self.runs.lock().expect("lock").remove(&run)
+        let mut runs = self.runs.lock().expect("lock");
+        match runs.remove(&run)? {
+            Kept::Run(s) => Some(*s),
+            Kept::Shared => {
+                runs.insert(run, Kept::Shared);
+                None
+            }
+        }
     }
 
+    /// Keeps `snapshot`, unless its run is shared with another replica.
     fn put(&self, snapshot: Snapshot) {
         let mut runs = self.runs.lock().expect("lock");
         if runs.len() >= CACHED_RUNS {
             runs.clear();
         }
-        runs.insert(snapshot.state.id, snapshot);
+        if !matches!(runs.get(&snapshot.state.id), Some(Kept::Shared)) {
+            runs.insert(snapshot.state.id, Kept::Run(Box::new(snapshot)));
+        }
+    }
+
+    fn shared(&self, run: Uuid) {
+        let mut runs = self.runs.lock().expect("lock");
+        if runs.len() >= CACHED_RUNS {
+            runs.clear();
+        }
+        runs.insert(run, Kept::Shared);
+    }
+
+    /// Drops the kept copy of a run changed under its lock (all of it if the
+    /// run ended).
+    fn changed(&self, run: Uuid, ended: bool) {
+        let mut runs = self.runs.lock().expect("lock");
+        if ended || matches!(runs.get(&run), Some(Kept::Run(_))) {
+            runs.remove(&run);
+        }
     }
 }
 
@@ -766,6 +800,7 @@ impl Store {
             write::execute(tx, &[part], f.now).await?;
         }
         mark_clean(state);
+        self.cache.changed(state.id, state.status.is_terminal());
         Ok(f.released)
     }
 
@@ -975,6 +1010,7 @@ impl Store {
                 // a timer, an operator): once more from what it is now.
                 None if cached => {
                     count_snapshot("stale");
+                    self.cache.shared(run_id);
                     snapshot = self.read_run(run_id, facts).await?;
                 }
                 None => return Ok(None),

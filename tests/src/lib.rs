@@ -589,6 +589,41 @@ impl TestEnv {
             .await
             .expect("connect to RabbitMQ")
     }
+
+    /// Publishes merge events in one burst, as CI would under load (each
+    /// confirmed by the broker), and returns their run ids.
+    pub async fn enqueue_burst(&self, events: &[Value]) -> Vec<Uuid> {
+        use baton_shared::protocol::{MergeEvent, Message};
+        use baton_shared::topology::{EVENTS_EXCHANGE, MERGE_EVENTS_KEY};
+        let conn = self.amqp().await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(Default::default()).await.expect("confirms");
+        let events: Vec<MergeEvent> = events
+            .iter()
+            .map(|e| MergeEvent::parse(&serde_json::to_vec(e).unwrap()).expect("a valid merge event"))
+            .collect();
+        let mut confirms = Vec::new();
+        for ev in &events {
+            let confirm = ch
+                .basic_publish(
+                    EVENTS_EXCHANGE.into(),
+                    MERGE_EVENTS_KEY.into(),
+                    Default::default(),
+                    &ev.to_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish a merge event");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(
+                confirm.await.expect("confirm").is_ack(),
+                "the broker refused a merge event"
+            );
+        }
+        events.iter().map(MergeEvent::run_id).collect()
+    }
 }
 
 impl Drop for TestEnv {

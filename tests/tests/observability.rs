@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use baton_tests::{SEED_BINDINGS, TestEnv, event, free_port};
 use serde_json::json;
-use uuid::Uuid;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -102,9 +101,10 @@ async fn many_runs_at_once_share_write_statements_and_run_each_step_once() {
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let sched = format!("{}/metrics", scheduler.api.clone().unwrap());
-    let runs: Vec<Uuid> = (0..30)
-        .map(|i| env.enqueue(&event(&format!("combined-{i}"), 93, &["src/app.ts"])))
+    let events: Vec<_> = (0..30)
+        .map(|i| event(&format!("combined-{i}"), 93, &["src/app.ts"]))
         .collect();
+    let runs = env.enqueue_burst(&events).await;
     for &run in &runs {
         assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
     }

@@ -472,7 +472,11 @@ async fn main() {
 
     if let Some(runs) = args.iter().find_map(|a| a.strip_prefix("--throughput-only=")) {
         let runs = runs.parse().expect("--throughput-only=<runs>");
-        let t = throughput(runs, 1).await;
+        let schedulers = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--schedulers="))
+            .map_or(1, |n| n.parse().expect("--schedulers=<n>"));
+        let t = throughput(runs, schedulers).await;
         println!("{}", serde_json::to_string_pretty(&t).unwrap());
         return;
     }
