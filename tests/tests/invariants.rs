@@ -137,6 +137,29 @@ async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_th
     assert_eq!(ends, [2]);
 }
 
+/// A scheduler and a daemon running one seed-pipeline run, returned once its
+/// build step is running; build takes 1.5 s and sends no heartbeat, so its
+/// outcome is the run's next result.
+async fn build_running_for_a_while(name: &str, commit: u8) -> (TestEnv, Vec<baton_tests::Proc>, Uuid) {
+    let env = TestEnv::new(name).await;
+    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
+    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
+    let procs = vec![
+        env.scheduler("scheduler").await,
+        env.daemon("daemon", SEED_BINDINGS).await,
+    ];
+    let run = env.enqueue(&event(name, commit, &["src/app.ts"]));
+    env.wait_until("build to be running", RUN_TIMEOUT, async || {
+        env.run(run)
+            .await
+            .and_then(|v| v.step("build").map(|s| s.status == "running"))
+            .unwrap_or(false)
+    })
+    .await;
+    (env, procs, run)
+}
+
 /// A result is applied from an unlocked read and written only if the run did not
 /// change in between (store.rs, optimistic apply). Here something else holds
 /// the run's row while the scheduler applies build's outcome, and once the
@@ -146,21 +169,7 @@ async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_th
 /// chain); it applies the results again under the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_applied_from_a_stale_read_is_applied_again_after_a_concurrent_change() {
-    let env = TestEnv::new("stale-read").await;
-    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
-    // No heartbeat during build: its outcome is the next result for the run.
-    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
-    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
-    let _scheduler = env.scheduler("scheduler").await;
-    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
-    let run = env.enqueue(&event("stale-read", 91, &["src/app.ts"]));
-    env.wait_until("build to be running", RUN_TIMEOUT, async || {
-        env.run(run)
-            .await
-            .and_then(|v| v.step("build").map(|s| s.status == "running"))
-            .unwrap_or(false)
-    })
-    .await;
+    let (env, _procs, run) = build_running_for_a_while("stale-read", 91).await;
 
     // Hold the run's row: build's outcome is read without it, and its write waits.
     let mut tx = env.pool.begin().await.unwrap();
@@ -248,21 +257,7 @@ async fn a_result_applied_from_a_stale_read_is_applied_again_after_a_concurrent_
 /// facts changed and the transition is computed again from what they are now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incident_opened_while_a_run_is_kept_in_memory_holds_its_next_step() {
-    let env = TestEnv::new("kept-facts").await;
-    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
-    // No heartbeat during build: its outcome is the next result for the run.
-    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
-    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
-    let _scheduler = env.scheduler("scheduler").await;
-    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
-    let run = env.enqueue(&event("kept-facts", 92, &["src/app.ts"]));
-    env.wait_until("build to be running", RUN_TIMEOUT, async || {
-        env.run(run)
-            .await
-            .and_then(|v| v.step("build").map(|s| s.status == "running"))
-            .unwrap_or(false)
-    })
-    .await;
+    let (env, _procs, run) = build_running_for_a_while("kept-facts", 92).await;
     let staging: Vec<String> = env
         .run(run)
         .await
