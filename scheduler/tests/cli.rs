@@ -15,7 +15,8 @@ fn baton(args: &[&str]) -> Output {
 }
 
 fn write(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-cli-{}", std::process::id()));
+    // Under target/, not /tmp: nothing is left behind outside the build.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("baton-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -180,7 +181,7 @@ fn token_and_keygen_json_output_parses() {
         stderr(&out)
     );
 
-    let key = std::env::temp_dir().join(format!("baton-cli-key-{}", std::process::id()));
+    let key = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("baton-cli-key-{}", std::process::id()));
     let _ = std::fs::remove_file(&key);
     let out = baton(&["--json", "keygen", "--out", key.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
