@@ -100,7 +100,13 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     let broker = PrivateBroker::start(false);
     let mut env = TestEnv::new("fault-broker-restart").await;
     env.amqp_url = broker.url();
-    env.script(json!({"default": {"delay_ms": 400}}));
+    // The production apply is slow, so the run is still going when the broker
+    // stops: `rabbitmqctl` itself can take seconds on a loaded machine, and a
+    // run that ended first would leave nothing for the restart to disturb.
+    env.script(json!({
+        "default": {"delay_ms": 400},
+        "execute": {"apply.production": {"delay_ms": 4000}}
+    }));
     // The lease must outlast a reconnect (production: 30 s); the tests' 2 s does not.
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
     let mut scheduler = env.scheduler("scheduler").await;
@@ -111,6 +117,12 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     ];
     wait_mid_run(&env, runs[0]).await;
     broker.ctl(&["stop_app"]);
+    let at_stop = env.run(runs[0]).await.expect("run");
+    assert!(
+        !at_stop.is_terminal(),
+        "run {} ended before the broker stopped: the fault was not injected mid-run",
+        runs[0]
+    );
     broker.ctl(&["start_app"]);
     let views = check_invariants(&env, &runs).await;
     for v in &views {
@@ -119,11 +131,10 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     // The same processes carried on: they reconnected, nobody restarted them.
     assert!(scheduler.is_running() && daemon.is_running(), "{}", env.diagnostics());
     for label in ["scheduler", "daemon"] {
-        assert!(
-            env.log(label).contains("rabbitmq connection re-established"),
-            "{label} never reconnected: {}",
-            env.diagnostics()
-        );
+        env.wait_until(&format!("{label} to log its reconnect"), RUN_TIMEOUT, async || {
+            env.log(label).contains("rabbitmq connection re-established")
+        })
+        .await;
     }
 }
 
