@@ -1,6 +1,7 @@
 //! Baton's scheduler: pipeline definitions, the pure planner, the run state
 //! machine, its PostgreSQL store, the outbox relay and the `baton` CLI.
 
+pub mod affinity;
 pub mod api;
 pub mod audit;
 pub mod cli;

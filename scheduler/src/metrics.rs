@@ -4,7 +4,7 @@
 
 use baton_shared::amqp::Broker;
 use baton_shared::metrics::{DURATION_BUCKETS, Text};
-use baton_shared::topology::{self, DEAD_QUEUE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE, RESULTS_QUEUE};
+use baton_shared::topology::{self, DEAD_QUEUE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
@@ -163,10 +163,11 @@ pub async fn render(pool: &PgPool, broker: &Broker, pipeline: &Pipeline) -> Resu
     t.sample("baton_outbox_lag_seconds", &[], lag);
 
     t.header("baton_queue_depth", "Messages ready in a queue", "gauge");
-    let mut queues: Vec<String> = [MERGE_EVENTS_QUEUE, RESULTS_QUEUE, NOTICES_QUEUE, DEAD_QUEUE]
+    let mut queues: Vec<String> = [MERGE_EVENTS_QUEUE, NOTICES_QUEUE, DEAD_QUEUE]
         .into_iter()
         .map(str::to_owned)
         .collect();
+    queues.extend(topology::result_queues());
     queues.extend(pipeline.zone_roles().iter().map(|(z, r)| topology::job_queue(z, r)));
     for q in queues {
         // A passive declare of a queue nobody declared yet closes its channel,

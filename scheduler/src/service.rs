@@ -10,13 +10,14 @@ use std::time::Duration;
 use baton_shared::amqp::{AmqpError, Broker, Outgoing};
 use baton_shared::protocol::{CancelJob, MergeEvent, Message, Refusal, StepJob, StepResult};
 use baton_shared::signing::{Keypair, Trusted};
-use baton_shared::topology::{self, CONTROL_EXCHANGE, JOBS_EXCHANGE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE, RESULTS_QUEUE};
+use baton_shared::topology::{self, CONTROL_EXCHANGE, JOBS_EXCHANGE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::affinity::Affinity;
 use crate::config::Config;
 use crate::engine::TimerKind;
 use crate::pipeline::Pipeline;
@@ -138,11 +139,18 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         trusted.clone(),
         stop.clone(),
     ));
+    let affinity = Arc::new(Affinity::new(uuid::Uuid::new_v4()));
+    tasks.spawn(crate::affinity::membership_loop(
+        store.clone(),
+        affinity.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(result_loop(
         store.clone(),
         broker.clone(),
         relay.clone(),
         trusted,
+        affinity,
         config.scheduler.prefetch,
         config.scheduler.result_concurrency,
         stop.clone(),
@@ -472,10 +480,13 @@ async fn merge_event_loop(
     Ok(())
 }
 
+/// A result, its delivery and the queue it came from.
+type Received = (StepResult, Delivery, Arc<str>);
+
 /// Results of one run, received while a task applies that run's earlier ones.
 #[derive(Default)]
 struct RunQueue {
-    items: Vec<(StepResult, Delivery)>,
+    items: Vec<Received>,
     /// Signalled when a result joins the queue.
     more: Arc<tokio::sync::Notify>,
 }
@@ -487,24 +498,52 @@ type Pending = Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, RunQue
 /// cost one transaction. A slow step's lease and accept timers do not notice.
 const STARTED_LINGER: Duration = Duration::from_millis(3);
 
+/// Consumes every results queue: the shards, with this replica's consumer
+/// priority for each ([`Affinity`]), and the unsharded queue.
+fn result_deliveries(
+    broker: &Broker,
+    affinity: &Affinity,
+    prefetch: u16,
+    stop: &CancellationToken,
+) -> mpsc::Receiver<(Arc<str>, Delivery)> {
+    let (tx, rx) = mpsc::channel(usize::from(prefetch));
+    for (k, queue) in topology::result_queues().into_iter().enumerate() {
+        let mut sub = broker.subscribe(&queue, prefetch, "scheduler-results");
+        if k < topology::RESULT_SHARDS as usize {
+            sub = sub.with_priority(affinity.priority(k as u32));
+        }
+        let (tx, stop, queue) = (tx.clone(), stop.clone(), Arc::<str>::from(queue));
+        tokio::spawn(async move {
+            while let Some(d) = sub.next(&stop).await {
+                if tx.send((queue.clone(), d)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
 /// Applies results with bounded concurrency, one task per run at a time: what
 /// arrives for a run while its task is in a transaction is applied next, all in
 /// one transaction (a fast step's `started` and outcome often arrive together).
+#[allow(clippy::too_many_arguments)]
 async fn result_loop(
     store: Store,
     broker: Broker,
     relay: Relay,
     trusted: Arc<Trusted>,
+    affinity: Arc<Affinity>,
     prefetch: u16,
     concurrency: usize,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut sub = broker.subscribe(RESULTS_QUEUE, prefetch, "scheduler-results");
+    let mut deliveries = result_deliveries(&broker, &affinity, prefetch, &stop);
     let slots = Arc::new(Semaphore::new(concurrency));
     let pending: Pending = Arc::default();
     let mut running = tokio::task::JoinSet::new();
-    while let Some(delivery) = sub.next(&stop).await {
-        let Some(result) = checked_result(&store, &broker, &trusted, &delivery).await else {
+    while let Some((queue, delivery)) = deliveries.recv().await {
+        let Some(result) = checked_result(&store, &broker, &trusted, &delivery, &queue).await else {
             continue;
         };
         let run = result.run_id;
@@ -512,13 +551,13 @@ async fn result_loop(
         let more = {
             let mut p = pending.lock().expect("lock");
             if let Some(queued) = p.get_mut(&run) {
-                queued.items.push((result, delivery));
+                queued.items.push((result, delivery, queue));
                 queued.more.notify_one();
                 continue;
             }
-            let queue = p.entry(run).or_default();
-            queue.items.push((result, delivery));
-            queue.more.clone()
+            let entry = p.entry(run).or_default();
+            entry.items.push((result, delivery, queue));
+            entry.more.clone()
         };
         // At most `prefetch` deliveries are unacknowledged, so at most that many
         // tasks exist; `slots` bounds how many are in a transaction.
@@ -579,7 +618,13 @@ async fn result_loop(
 }
 
 /// A result delivery that parses and is signed by a trusted daemon; anything else is refused.
-async fn checked_result(store: &Store, broker: &Broker, trusted: &Trusted, delivery: &Delivery) -> Option<StepResult> {
+async fn checked_result(
+    store: &Store,
+    broker: &Broker,
+    trusted: &Trusted,
+    delivery: &Delivery,
+    queue: &str,
+) -> Option<StepResult> {
     let reason = match StepResult::parse(&delivery.data) {
         Ok(r) => match trusted.verify(&r) {
             Ok(()) => return Some(r),
@@ -587,7 +632,7 @@ async fn checked_result(store: &Store, broker: &Broker, trusted: &Trusted, deliv
         },
         Err(e) => e.to_string(),
     };
-    refuse(store, broker, delivery, RESULTS_QUEUE, "result_refused", &reason).await;
+    refuse(store, broker, delivery, queue, "result_refused", &reason).await;
     None
 }
 
@@ -611,17 +656,17 @@ async fn apply_batch(
     broker: &Broker,
     relay: &Relay,
     stop: &CancellationToken,
-    batch: Vec<(StepResult, Delivery)>,
+    batch: Vec<Received>,
     mut snapshot: Option<store::Snapshot>,
 ) {
-    let results: Vec<StepResult> = batch.iter().map(|(r, _)| r.clone()).collect();
+    let results: Vec<StepResult> = batch.iter().map(|(r, _, _)| r.clone()).collect();
     match patiently("apply results", stop, || store.apply_results(&results, snapshot.take())).await {
         // Shutting down: leave them unacked; the broker redelivers them to a replica.
         None => {}
         Some(Ok((applied, out))) => {
             baton_shared::failpoint::hit("scheduler-after-result-commit");
             relay.send(out);
-            for ((result, delivery), applied) in batch.into_iter().zip(applied) {
+            for ((result, delivery, _), applied) in batch.into_iter().zip(applied) {
                 log_applied(&result, &applied);
                 ack_result(&delivery).await;
             }
@@ -633,14 +678,10 @@ async fn apply_batch(
             }
         }
         Some(Err(e)) => {
-            let (result, delivery) = &batch[0];
+            let (result, delivery, queue) = &batch[0];
             tracing::error!(error = %e, run_id = %result.run_id, "cannot apply result");
             let _ = broker
-                .dead_letter(
-                    delivery,
-                    RESULTS_QUEUE,
-                    &format!("scheduler could not apply result: {e}"),
-                )
+                .dead_letter(delivery, queue, &format!("scheduler could not apply result: {e}"))
                 .await;
         }
     }

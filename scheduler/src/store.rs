@@ -1217,6 +1217,39 @@ impl Store {
         .rows_affected())
     }
 
+    /// Records that replica `id` is alive and returns the replicas seen within
+    /// `live_for`, in id order (always including `id`). Rows silent for ten
+    /// times as long are removed.
+    pub async fn replica_heartbeat(&self, id: Uuid, live_for: Duration) -> Result<Vec<Uuid>, StoreError> {
+        let live_ms = live_for.as_millis() as i64;
+        Ok(sqlx::query_scalar(
+            "with beat as (
+                 insert into scheduler_replicas (id, instance) values ($1, $3)
+                 on conflict (id) do update set seen_at = now()
+             ), gone as (
+                 delete from scheduler_replicas
+                  where id <> $1 and seen_at < now() - $2 * 10 * interval '1 millisecond'
+             )
+             select id from scheduler_replicas where id <> $1 and seen_at > now() - $2 * interval '1 millisecond'
+             union select $1
+             order by 1",
+        )
+        .bind(id)
+        .bind(live_ms)
+        .bind(&self.actor)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Removes replica `id` (a clean shutdown), so the others take its shards at once.
+    pub async fn replica_leave(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("delete from scheduler_replicas where id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Marks published outbox rows as sent.
     ///
     /// Committed without waiting for the WAL flush: a mark lost in a database

@@ -351,7 +351,9 @@ impl Broker {
             prefetch,
             tag: tag.to_owned(),
             setup: None,
+            priority: None,
             current: None,
+            retired: Default::default(),
         }
     }
 
@@ -564,19 +566,48 @@ pub type Setup = Arc<dyn Fn(Channel) -> BoxFuture<'static, lapin::Result<String>
 
 /// A consumer that survives reconnects: each new connection gets a new channel,
 /// `basic.qos`, the queue declaration (if any) and `basic.consume`.
+///
+/// With a priority ([`Subscription::with_priority`]) it consumes with that
+/// consumer priority (`x-priority`): the broker hands a message to the
+/// highest-priority consumer with room in its prefetch. A new priority takes
+/// effect by cancelling the consumer, handing out what it had prefetched, and
+/// consuming again; the old channel stays open so those deliveries can still be
+/// acknowledged.
 pub struct Subscription {
     broker: Broker,
     queue: String,
     prefetch: u16,
     tag: String,
     setup: Option<Setup>,
-    current: Option<(u64, Channel, lapin::Consumer)>,
+    priority: Option<watch::Receiver<i32>>,
+    current: Option<Consuming>,
+    /// Channels of consumers cancelled for a new priority, kept open (a few) so
+    /// that deliveries handed out from them can still be acknowledged.
+    retired: std::collections::VecDeque<Channel>,
 }
+
+struct Consuming {
+    generation: u64,
+    channel: Channel,
+    consumer: lapin::Consumer,
+    priority: Option<i32>,
+    /// `basic.cancel` was sent for a new priority; the consumer is being drained.
+    retiring: bool,
+}
+
+/// Retired channels kept open per subscription.
+const RETIRED_CHANNELS: usize = 4;
 
 impl Subscription {
     /// The queue consumed (as last declared).
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Consumes with the consumer priority `priority` holds, following its changes.
+    pub fn with_priority(mut self, priority: watch::Receiver<i32>) -> Self {
+        self.priority = Some(priority);
+        self
     }
 
     /// The next delivery; `None` once `stop` fires or the broker is closed or lost.
@@ -598,10 +629,10 @@ impl Subscription {
                     }
                 }
             }
-            let Some((generation, _, consumer)) = self.current.as_mut() else {
+            let Some(cur) = self.current.as_mut() else {
                 continue;
             };
-            let generation = *generation;
+            let generation = cur.generation;
             let mut links = self.broker.inner.link.subscribe();
             let replaced = async {
                 loop {
@@ -613,27 +644,71 @@ impl Subscription {
                     }
                 }
             };
+            let reprioritised = async {
+                match (self.priority.as_mut(), cur.retiring) {
+                    (Some(rx), false) => loop {
+                        if Some(*rx.borrow_and_update()) != cur.priority {
+                            return;
+                        }
+                        if rx.changed().await.is_err() {
+                            return std::future::pending().await;
+                        }
+                    },
+                    _ => std::future::pending().await,
+                }
+            };
+            enum Next {
+                Delivery(Option<lapin::Result<Delivery>>),
+                Replaced,
+                Reprioritised,
+            }
             let next = tokio::select! {
                 _ = stop.cancelled() => return None,
-                n = consumer.next() => Some(n),
-                () = replaced => None,
+                n = cur.consumer.next() => Next::Delivery(n),
+                () = replaced => Next::Replaced,
+                () = reprioritised => Next::Reprioritised,
             };
             match next {
-                Some(Some(Ok(d))) => return Some(d),
-                Some(Some(Err(e))) => {
+                Next::Delivery(Some(Ok(d))) => return Some(d),
+                Next::Delivery(Some(Err(e))) => {
                     tracing::warn!(queue = %self.queue, error = %e, "consumer interrupted; subscribing again");
                 }
-                Some(None) => tracing::warn!(queue = %self.queue, "consumer ended; subscribing again"),
-                None => tracing::info!(queue = %self.queue, "new rabbitmq connection; subscribing again"),
+                Next::Delivery(None) if cur.retiring => {
+                    tracing::info!(queue = %self.queue, "consumer drained; consuming again with the new priority");
+                    if self.retired.len() == RETIRED_CHANNELS {
+                        self.retired.pop_front();
+                    }
+                    self.retired.push_back(cur.channel.clone());
+                }
+                Next::Delivery(None) => tracing::warn!(queue = %self.queue, "consumer ended; subscribing again"),
+                Next::Replaced => tracing::info!(queue = %self.queue, "new rabbitmq connection; subscribing again"),
+                Next::Reprioritised => {
+                    // Deliveries the consumer already holds are still handed out;
+                    // the stream then ends and the consumer is opened again.
+                    match cur
+                        .channel
+                        .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                        .await
+                    {
+                        Ok(()) => {
+                            cur.retiring = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(queue = %self.queue, error = %e, "cannot cancel consumer for a new priority; subscribing again")
+                        }
+                    }
+                }
             }
             self.current = None;
         }
     }
 
-    async fn open(&mut self, stop: &CancellationToken) -> Result<Option<(u64, Channel, lapin::Consumer)>, AmqpError> {
+    async fn open(&mut self, stop: &CancellationToken) -> Result<Option<Consuming>, AmqpError> {
         let Some((generation, live)) = self.broker.live(stop).await else {
             return Ok(None);
         };
+        self.retired.retain(|ch| ch.status().connected());
         let ch = live
             .conn
             .create_channel()
@@ -645,23 +720,35 @@ impl Subscription {
         if let Some(setup) = &self.setup {
             self.queue = setup(ch.clone()).await.map_err(AmqpError::op("queue.declare"))?;
         }
+        let priority = self.priority.as_mut().map(|rx| *rx.borrow_and_update());
+        let mut args = FieldTable::default();
+        if let Some(p) = priority {
+            args.insert(ShortString::from("x-priority"), AMQPValue::LongInt(p));
+        }
         let consumer = ch
             .basic_consume(
                 self.queue.as_str().into(),
                 self.tag.as_str().into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                args,
             )
             .await
             .map_err(AmqpError::op("basic.consume"))?;
-        Ok(Some((generation, ch, consumer)))
+        Ok(Some(Consuming {
+            generation,
+            channel: ch,
+            consumer,
+            priority,
+            retiring: false,
+        }))
     }
 
     /// Stops consuming; deliveries prefetched but not yet handed out go back to the queue,
     /// while those handed out can still be acknowledged.
     pub async fn cancel(&mut self) {
-        if let Some((_, ch, _)) = &self.current {
-            let _ = ch
+        if let Some(cur) = &self.current {
+            let _ = cur
+                .channel
                 .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
                 .await;
         }

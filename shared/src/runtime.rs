@@ -33,7 +33,7 @@ use crate::protocol::{
     StepResult,
 };
 use crate::signing::{Keypair, Trusted};
-use crate::topology::{self, NOTICES_KEY, RESULTS_EXCHANGE, RESULTS_KEY};
+use crate::topology::{self, NOTICES_KEY, RESULTS_EXCHANGE};
 
 /// What a role's action returns: outputs for later steps, or why it failed.
 pub type Outcome = Result<Fields, StepError>;
@@ -487,7 +487,7 @@ async fn run_job(
                         ..Default::default()
                     };
                     if let Err(e) = broker
-                        .publish(RESULTS_EXCHANGE, RESULTS_KEY, &hb.to_bytes(), &out)
+                        .publish(RESULTS_EXCHANGE, &topology::result_key(hb.run_id), &hb.to_bytes(), &out)
                         .await
                     {
                         tracing::warn!(error = %e, "heartbeat not sent");
@@ -679,7 +679,12 @@ async fn report(
     };
     shared
         .broker
-        .publish(RESULTS_EXCHANGE, RESULTS_KEY, &result.to_bytes(), &out)
+        .publish(
+            RESULTS_EXCHANGE,
+            &topology::result_key(result.run_id),
+            &result.to_bytes(),
+            &out,
+        )
         .await
 }
 

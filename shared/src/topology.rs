@@ -17,8 +17,14 @@ pub const MERGE_EVENTS_KEY: &str = "merge";
 pub const JOBS_EXCHANGE: &str = "baton.jobs";
 /// Daemons publish step results here.
 pub const RESULTS_EXCHANGE: &str = "baton.results";
+/// Results published without a shard (daemons older than the shards, hand-made
+/// messages). Every scheduler replica consumes it.
 pub const RESULTS_QUEUE: &str = "baton.results";
 pub const RESULTS_KEY: &str = "result";
+/// Results are spread over this many shard queues by run, so that one run's
+/// results reach one scheduler replica (see [`result_shard`]). Daemons and the
+/// scheduler must agree on it: changing it means redeploying both.
+pub const RESULT_SHARDS: u32 = 8;
 /// Daemons' refusal notices, on the results exchange, for the audit log.
 pub const NOTICES_QUEUE: &str = "baton.notices";
 pub const NOTICES_KEY: &str = "notice";
@@ -42,9 +48,43 @@ pub fn published_to(queue: &str, delivery_key: &str) -> Option<(&'static str, St
         MERGE_EVENTS_QUEUE => Some((EVENTS_EXCHANGE, MERGE_EVENTS_KEY.to_owned())),
         RESULTS_QUEUE => Some((RESULTS_EXCHANGE, RESULTS_KEY.to_owned())),
         NOTICES_QUEUE => Some((RESULTS_EXCHANGE, NOTICES_KEY.to_owned())),
+        q if shard_of_queue(q).is_some() => shard_of_queue(q).map(|n| (RESULTS_EXCHANGE, result_shard_key(n))),
         q if q.starts_with("baton.") && q.matches('.').count() == 2 => Some((JOBS_EXCHANGE, delivery_key.to_owned())),
         _ => None,
     }
+}
+
+/// The shard of a run's results: a pure function of the run id.
+pub fn result_shard(run_id: uuid::Uuid) -> u32 {
+    (run_id.as_u128() % u128::from(RESULT_SHARDS)) as u32
+}
+
+/// The routing key of a run's results on the results exchange: `result.<shard>`.
+pub fn result_key(run_id: uuid::Uuid) -> String {
+    result_shard_key(result_shard(run_id))
+}
+
+fn result_shard_key(shard: u32) -> String {
+    format!("{RESULTS_KEY}.{shard}")
+}
+
+/// The queue of one result shard: `baton.results.<shard>`.
+pub fn result_shard_queue(shard: u32) -> String {
+    format!("{RESULTS_QUEUE}.{shard}")
+}
+
+/// The shard whose queue `queue` is, if it is one.
+fn shard_of_queue(queue: &str) -> Option<u32> {
+    let n: u32 = queue.strip_prefix(RESULTS_QUEUE)?.strip_prefix('.')?.parse().ok()?;
+    (n < RESULT_SHARDS && queue == result_shard_queue(n)).then_some(n)
+}
+
+/// Every queue results arrive in: the shards, then the unsharded queue.
+pub fn result_queues() -> Vec<String> {
+    (0..RESULT_SHARDS)
+        .map(result_shard_queue)
+        .chain([RESULTS_QUEUE.to_owned()])
+        .collect()
 }
 
 pub fn job_routing_key(zone: &str, role: &str) -> String {
@@ -112,7 +152,8 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Re
     .await
 }
 
-/// Exchanges plus the queues the scheduler owns: merge events, results, dead letters.
+/// Exchanges plus the queues the scheduler owns: merge events, results (the
+/// shards and the unsharded queue), notices, dead letters.
 pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()> {
     exchange(ch, DEAD_EXCHANGE, ExchangeKind::Fanout).await?;
     exchange(ch, EVENTS_EXCHANGE, ExchangeKind::Direct).await?;
@@ -125,6 +166,11 @@ pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()
     bind(ch, MERGE_EVENTS_QUEUE, EVENTS_EXCHANGE, MERGE_EVENTS_KEY).await?;
     quorum_queue(ch, RESULTS_QUEUE, true, delivery_limit).await?;
     bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await?;
+    for shard in 0..RESULT_SHARDS {
+        let queue = result_shard_queue(shard);
+        quorum_queue(ch, &queue, true, delivery_limit).await?;
+        bind(ch, &queue, RESULTS_EXCHANGE, &result_shard_key(shard)).await?;
+    }
     quorum_queue(ch, NOTICES_QUEUE, true, delivery_limit).await?;
     bind(ch, NOTICES_QUEUE, RESULTS_EXCHANGE, NOTICES_KEY).await
 }
@@ -166,4 +212,41 @@ pub async fn declare_control_queue(ch: &Channel, zone: &str, role: &str) -> lapi
 /// A fresh name for one daemon's cancel queue: `baton.cancel.<zone>.<role>.<random>`.
 pub fn control_queue_name(zone: &str, role: &str) -> String {
     format!("baton.cancel.{zone}.{role}.{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_of_a_run_go_to_one_shard_and_dead_letters_go_back_there() {
+        let run = uuid::Uuid::new_v4();
+        let shard = result_shard(run);
+        assert!(shard < RESULT_SHARDS);
+        assert_eq!(result_key(run), format!("result.{shard}"));
+        let queue = result_shard_queue(shard);
+        assert_eq!(
+            published_to(&queue, "ignored"),
+            Some((RESULTS_EXCHANGE, result_key(run)))
+        );
+        assert_eq!(
+            published_to(RESULTS_QUEUE, "ignored"),
+            Some((RESULTS_EXCHANGE, RESULTS_KEY.to_owned()))
+        );
+        // Not shards: a job queue stays a job queue, an unknown shard is unknown.
+        assert_eq!(
+            published_to("baton.staging.cdn", "staging.cdn"),
+            Some((JOBS_EXCHANGE, "staging.cdn".to_owned()))
+        );
+        assert_eq!(result_queues().len(), RESULT_SHARDS as usize + 1);
+    }
+
+    #[test]
+    fn runs_spread_over_every_shard() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            seen.insert(result_shard(uuid::Uuid::new_v4()));
+        }
+        assert_eq!(seen.len(), RESULT_SHARDS as usize);
+    }
 }

@@ -151,6 +151,28 @@ fn definitions_match_the_topology_baton_declares() {
             assert_eq!(args["x-delivery-limit"], DEFAULT_DELIVERY_LIMIT, "{q}");
         }
     }
+    // Every results queue the scheduler declares, bound as it binds it.
+    for shard in 0..topology::RESULT_SHARDS {
+        let queue = topology::result_shard_queue(shard);
+        assert!(
+            defs["queues"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|q| q["name"] == queue.as_str()),
+            "{queue} is not in the definitions"
+        );
+        assert!(
+            defs["bindings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["source"] == topology::RESULTS_EXCHANGE
+                    && b["destination"] == queue.as_str()
+                    && b["routing_key"] == format!("{}.{shard}", topology::RESULTS_KEY).as_str()),
+            "{queue} is not bound to its routing key in the definitions"
+        );
+    }
     for b in defs["bindings"].as_array().unwrap() {
         if b["source"] == JOBS_EXCHANGE {
             let (zone, role) = b["routing_key"].as_str().unwrap().split_once('.').unwrap();

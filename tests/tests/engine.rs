@@ -563,6 +563,70 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
     assert!(!actors.is_empty());
 }
 
+// Result affinity (scheduler/src/affinity.rs): two replicas split the result
+// shards, and each run's results are applied by the one that owns its shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one_of_them() {
+    let env = TestEnv::new("affinity").await;
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let _a = env.scheduler("scheduler-a").await;
+    let _b = env.spawn_scheduler("scheduler-b");
+    env.wait_consumers(topology::MERGE_EVENTS_QUEUE, 2).await;
+    // Both have seen each other and taken their half of the shards.
+    for label in ["scheduler-a", "scheduler-b"] {
+        env.wait_until(
+            &format!("{label} to share the shards with the other"),
+            RUN_TIMEOUT,
+            async || {
+                env.log(label)
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("result shards assigned"))
+                    .is_some_and(|l| l.contains("\"replicas\":2"))
+            },
+        )
+        .await;
+    }
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let runs: Vec<Uuid> = (0..16)
+        .map(|i| env.enqueue(&event(&format!("affine{i}"), 40 + i, &["src/app.ts"])))
+        .collect();
+    for run in &runs {
+        let view = env.wait_terminal(*run, RUN_TIMEOUT).await;
+        assert_eq!(view.status, "succeeded", "{}", env.diagnostics());
+    }
+    // Transitions made from results only: who applied each run's results.
+    let appliers: Vec<(Uuid, Vec<String>)> = sqlx::query_as(
+        "select run_id, array_agg(distinct actor order by actor) from audit
+          where kind in ('attempt_started', 'step_succeeded') group by run_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(appliers.len(), runs.len());
+    for (run, actors) in &appliers {
+        assert_eq!(
+            actors.len(),
+            1,
+            "run {run} (shard {}): results applied by {actors:?}",
+            topology::result_shard(*run)
+        );
+    }
+    // Both replicas did some of it (16 runs over 8 shards: all in one half has odds of 1 in 32,768).
+    let used: BTreeSet<&str> = appliers.iter().map(|(_, a)| a[0].as_str()).collect();
+    assert_eq!(used.len(), 2, "only {used:?} applied results");
+    // The shards went where membership says: one owner per shard.
+    let mut owners: std::collections::HashMap<u32, &str> = std::collections::HashMap::new();
+    for (run, actors) in &appliers {
+        let previous = owners.insert(topology::result_shard(*run), actors[0].as_str());
+        assert!(
+            previous.is_none_or(|p| p == actors[0]),
+            "shard {} applied by two replicas",
+            topology::result_shard(*run)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
     let env = TestEnv::new("sigterm").await;

@@ -46,6 +46,17 @@ async fn metrics_move_as_a_run_progresses() {
     assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
     let after = scrape(&sched).await;
     assert_eq!(sample(&after, "baton_runs{status=\"succeeded\"}"), Some(1.0), "{after}");
+    // The only replica owns every result shard, and each shard's depth is reported.
+    assert_eq!(
+        sample(&after, "baton_scheduler_result_shards_owned"),
+        Some(f64::from(baton_shared::topology::RESULT_SHARDS)),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "baton_queue_depth{queue=\"baton.results.0\"}"),
+        Some(0.0),
+        "{after}"
+    );
     assert_eq!(
         sample(
             &after,
