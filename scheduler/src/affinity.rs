@@ -19,11 +19,12 @@
 use std::time::Duration;
 
 use baton_shared::topology::RESULT_SHARDS;
+use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::Store;
+use crate::store::{REPLICAS_CHANNEL, Store};
 
 /// Consumer priority of a shard this replica owns.
 pub const OWN: i32 = 10;
@@ -84,15 +85,26 @@ pub fn owner(shard: u32, live: &[Uuid]) -> Option<Uuid> {
 
 /// Writes this replica's heartbeat and follows membership until `stop`; then
 /// removes the replica, so the others take its shards at once.
+///
+/// Besides the beat, a replica that joins or leaves notifies the others
+/// (`LISTEN`/`NOTIFY` on a connection of its own, `db_url`), and they look
+/// again at once: shards change hands within milliseconds of a start or a clean
+/// stop, and within [`LIVE_FOR`] of a crash.
 pub async fn membership_loop(
     store: Store,
     affinity: std::sync::Arc<Affinity>,
+    db_url: String,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let me = affinity.id();
     let mut last: Option<Vec<u32>> = None;
     let mut failing = false;
+    let mut announced = false;
+    let mut listener: Option<PgListener> = None;
     loop {
+        if listener.is_none() {
+            listener = listen(&db_url).await;
+        }
         match store.replica_heartbeat(me, LIVE_FOR).await {
             Ok(live) => {
                 failing = false;
@@ -107,6 +119,9 @@ pub async fn membership_loop(
                     tracing::info!(replica = %me, replicas = live.len(), shards = ?owned, "result shards assigned");
                     last = Some(owned);
                 }
+                if !announced {
+                    announced = store.replicas_changed().await.is_ok();
+                }
             }
             // Keep the last assignment: the others keep theirs too, or take
             // this replica's shards once its heartbeat is old.
@@ -116,15 +131,46 @@ pub async fn membership_loop(
             }
             Err(_) => {}
         }
+        let woken = async {
+            match listener.as_mut() {
+                Some(l) => l.try_recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(BEAT) => {}
+            woke = woken => match woke {
+                Ok(Some(_)) => {}
+                // Lost (it reconnects on the next call) or failing: beat and try again.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica notifications lost; following membership by the beat alone");
+                    listener = None;
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(BEAT) => {}
+                    }
+                }
+            },
         }
     }
     if let Err(e) = store.replica_leave(me).await {
         tracing::warn!(error = %e, "cannot remove the replica's heartbeat; the others take its shards when it is old");
     }
     Ok(())
+}
+
+/// A connection listening for replicas joining and leaving; `None` if the
+/// database cannot be reached now (the beat still works when it can).
+async fn listen(db_url: &str) -> Option<PgListener> {
+    let connect = async {
+        let mut l = PgListener::connect(db_url).await.ok()?;
+        l.listen(REPLICAS_CHANNEL).await.ok()?;
+        Some(l)
+    };
+    // Never hold up the beat for long.
+    tokio::time::timeout(BEAT, connect).await.ok().flatten()
 }
 
 #[cfg(test)]

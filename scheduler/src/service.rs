@@ -143,6 +143,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     tasks.spawn(crate::affinity::membership_loop(
         store.clone(),
         affinity.clone(),
+        config.database.url.expose().to_owned(),
         stop.clone(),
     ));
     tasks.spawn(result_loop(

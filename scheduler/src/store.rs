@@ -357,6 +357,9 @@ pub struct Store {
     cache: std::sync::Arc<Cache>,
 }
 
+/// The notification channel on which replicas announce joining and leaving.
+pub const REPLICAS_CHANNEL: &str = "baton_replicas";
+
 /// Opens a pool; `url` is a PostgreSQL URL.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
     let opts: PgConnectOptions = url.parse()?;
@@ -1241,10 +1244,20 @@ impl Store {
         .await?)
     }
 
-    /// Removes replica `id` (a clean shutdown), so the others take its shards at once.
+    /// Removes replica `id` (a clean shutdown), and tells the others.
     pub async fn replica_leave(&self, id: Uuid) -> Result<(), StoreError> {
         sqlx::query("delete from scheduler_replicas where id = $1")
             .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.replicas_changed().await
+    }
+
+    /// Wakes every replica's membership loop (`LISTEN` on [`REPLICAS_CHANNEL`]),
+    /// so a replica joining or leaving is noticed at once, not at the next beat.
+    pub async fn replicas_changed(&self) -> Result<(), StoreError> {
+        sqlx::query("select pg_notify($1, '')")
+            .bind(REPLICAS_CHANNEL)
             .execute(&self.pool)
             .await?;
         Ok(())

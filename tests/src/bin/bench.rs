@@ -4,7 +4,7 @@
 //! `cargo build --release -p baton-tests --bins && target/release/baton-bench [--json] [--quick]`
 //!
 //! For profiling: `--latency-only` (floor and latency, as JSON), `--throughput-only=<runs>`
-//! (one scheduler with that many runs, as JSON), and `BENCH_KEEP_LOGS=<dir>` to
+//! (that many runs, as JSON; `--schedulers=<n>`, default 1), and `BENCH_KEEP_LOGS=<dir>` to
 //! keep the scheduler's and daemon's logs of those measurements.
 //!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
@@ -459,9 +459,32 @@ async fn recovery() -> f64 {
     ms(first.unwrap() - start)
 }
 
+const USAGE: &str = "usage: baton-bench [--json] [--quick]
+       baton-bench --latency-only
+       baton-bench --throughput-only=<runs> [--schedulers=<n>]
+
+Measures Baton against this machine's RabbitMQ and PostgreSQL (see BENCHMARKS.md).
+  --json                 print the results as JSON instead of a table
+  --quick                fewer samples, 100 runs only
+  --latency-only         the floor and latency phases, as JSON
+  --throughput-only=N    one throughput phase with N runs, as JSON
+  --schedulers=M         scheduler processes for --throughput-only (default 1)";
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let known = |a: &str| {
+        ["--json", "--quick", "--latency-only"].contains(&a)
+            || ["--throughput-only=", "--schedulers="].iter().any(|p| a.starts_with(p))
+    };
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    if let Some(bad) = args.iter().find(|a| !known(a)) {
+        eprintln!("baton-bench: unknown argument {bad:?}\n\n{USAGE}");
+        std::process::exit(2);
+    }
     let as_json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
     let (iters, seq, sizes) = if quick {
