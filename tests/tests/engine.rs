@@ -569,24 +569,27 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
 async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one_of_them() {
     let env = TestEnv::new("affinity").await;
     env.script(json!({"default": {"delay_ms": 20}}));
-    let _a = env.scheduler("scheduler-a").await;
+    let mut a = env.scheduler("scheduler-a").await;
     let _b = env.spawn_scheduler("scheduler-b");
     env.wait_consumers(topology::MERGE_EVENTS_QUEUE, 2).await;
-    // Both have seen each other and taken their half of the shards.
-    for label in ["scheduler-a", "scheduler-b"] {
+    // Waits until `label`'s latest assignment is among `replicas` replicas.
+    let assigned = async |label: &str, replicas: usize| {
         env.wait_until(
-            &format!("{label} to share the shards with the other"),
+            &format!("{label} to share the shards among {replicas}"),
             RUN_TIMEOUT,
             async || {
                 env.log(label)
                     .lines()
                     .rev()
                     .find(|l| l.contains("result shards assigned"))
-                    .is_some_and(|l| l.contains("\"replicas\":2"))
+                    .is_some_and(|l| l.contains(&format!("\"replicas\":{replicas},")))
             },
         )
         .await;
-    }
+    };
+    // Both have seen each other and taken their half of the shards.
+    assigned("scheduler-a", 2).await;
+    assigned("scheduler-b", 2).await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (0..16)
         .map(|i| env.enqueue(&event(&format!("affine{i}"), 40 + i, &["src/app.ts"])))
@@ -625,6 +628,27 @@ async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one
             topology::result_shard(*run)
         );
     }
+    // A clean stop hands the leaver's shards over: the other now owns them all,
+    // and applies every result of the next runs.
+    assert!(
+        a.terminate(Duration::from_secs(20)),
+        "scheduler-a exits 0 after SIGTERM"
+    );
+    assigned("scheduler-b", 1).await;
+    let later: Vec<Uuid> = (0..4)
+        .map(|i| env.enqueue(&event(&format!("affine-later{i}"), 60 + i, &["src/app.ts"])))
+        .collect();
+    for run in &later {
+        assert_eq!(env.wait_terminal(*run, RUN_TIMEOUT).await.status, "succeeded");
+    }
+    let actors: Vec<String> = sqlx::query_scalar(
+        "select distinct actor from audit where run_id = any($1) and kind in ('attempt_started', 'step_succeeded')",
+    )
+    .bind(&later)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(actors, ["scheduler-b"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
