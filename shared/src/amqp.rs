@@ -657,32 +657,32 @@ impl Subscription {
                     _ => std::future::pending().await,
                 }
             };
-            enum Next {
-                Delivery(Option<lapin::Result<Delivery>>),
-                Replaced,
-                Reprioritised,
-            }
+            // `Some(n)`: the consumer's next item; `None`: the connection was
+            // replaced, or (with `reprioritised` set) the priority changed.
+            let mut reprioritised_now = false;
             let next = tokio::select! {
                 _ = stop.cancelled() => return None,
-                n = cur.consumer.next() => Next::Delivery(n),
-                () = replaced => Next::Replaced,
-                () = reprioritised => Next::Reprioritised,
+                n = cur.consumer.next() => Some(n),
+                () = replaced => None,
+                () = reprioritised => {
+                    reprioritised_now = true;
+                    None
+                }
             };
             match next {
-                Next::Delivery(Some(Ok(d))) => return Some(d),
-                Next::Delivery(Some(Err(e))) => {
+                Some(Some(Ok(d))) => return Some(d),
+                Some(Some(Err(e))) => {
                     tracing::warn!(queue = %self.queue, error = %e, "consumer interrupted; subscribing again");
                 }
-                Next::Delivery(None) if cur.retiring => {
+                Some(None) if cur.retiring => {
                     tracing::info!(queue = %self.queue, "consumer drained; consuming again with the new priority");
                     if self.retired.len() == RETIRED_CHANNELS {
                         self.retired.pop_front();
                     }
                     self.retired.push_back(cur.channel.clone());
                 }
-                Next::Delivery(None) => tracing::warn!(queue = %self.queue, "consumer ended; subscribing again"),
-                Next::Replaced => tracing::info!(queue = %self.queue, "new rabbitmq connection; subscribing again"),
-                Next::Reprioritised => {
+                Some(None) => tracing::warn!(queue = %self.queue, "consumer ended; subscribing again"),
+                None if reprioritised_now => {
                     // Deliveries the consumer already holds are still handed out;
                     // the stream then ends and the consumer is opened again.
                     match cur
@@ -699,6 +699,7 @@ impl Subscription {
                         }
                     }
                 }
+                None => tracing::info!(queue = %self.queue, "new rabbitmq connection; subscribing again"),
             }
             self.current = None;
         }
