@@ -335,6 +335,14 @@ impl TestEnv {
         p
     }
 
+    /// Starts two scheduler replicas and waits until both consume merge events.
+    pub async fn two_schedulers(&self, a: &str, b: &str) -> (Proc, Proc) {
+        let first = self.scheduler(a).await;
+        let second = self.spawn_scheduler(b);
+        self.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 2).await;
+        (first, second)
+    }
+
     /// Starts a daemon and waits until it consumes each of its queues.
     pub async fn daemon(&self, label: &str, bindings: &[&str]) -> Proc {
         let p = self.spawn_daemon(label, bindings);
@@ -437,6 +445,18 @@ impl TestEnv {
             child: cmd.spawn().expect("spawn test daemon"),
             api: None,
         }
+    }
+
+    /// Asserts that `baton audit verify` finds every audit chain intact.
+    pub fn assert_audit_verifies(&self) {
+        let out = self.baton(&["audit", "verify"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "audit chains broken: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs the `baton` CLI against this environment.

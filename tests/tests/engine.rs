@@ -534,9 +534,7 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
 async fn two_schedulers_share_one_database_without_double_dispatching() {
     let env = TestEnv::new("two-schedulers").await;
     env.script(json!({"default": {"delay_ms": 100}}));
-    let _a = env.scheduler("scheduler-a").await;
-    let _b = env.spawn_scheduler("scheduler-b");
-    env.wait_consumers(topology::MERGE_EVENTS_QUEUE, 2).await;
+    let _schedulers = env.two_schedulers("scheduler-a", "scheduler-b").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (10..14)
         .map(|i| env.enqueue(&event(&format!("svc{i}"), i, EVERYTHING)))
@@ -569,9 +567,7 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
 async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one_of_them() {
     let env = TestEnv::new("affinity").await;
     env.script(json!({"default": {"delay_ms": 20}}));
-    let mut a = env.scheduler("scheduler-a").await;
-    let _b = env.spawn_scheduler("scheduler-b");
-    env.wait_consumers(topology::MERGE_EVENTS_QUEUE, 2).await;
+    let (mut a, _b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
     // Waits until `label`'s latest assignment is among `replicas` replicas.
     let assigned = async |label: &str, replicas: usize| {
         env.wait_until(

@@ -71,12 +71,7 @@ async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed_daemons: boo
         }
         views.push(v);
     }
-    let out = env.baton(&["--json", "audit", "verify"]);
-    assert!(
-        out.status.success(),
-        "audit chains broken: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    env.assert_audit_verifies();
     views
 }
 
@@ -262,9 +257,7 @@ async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
 async fn slow_one_of_two_schedulers_killed_mid_run_exactly_one_dispatch_per_attempt() {
     let env = TestEnv::new("fault-replica").await;
     env.script(json!({"default": {"delay_ms": 300}}));
-    let mut a = env.scheduler("scheduler-a").await;
-    let _b = env.spawn_scheduler("scheduler-b");
-    env.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 2).await;
+    let (mut a, _b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (0..6)
         .map(|i| env.enqueue(&event(&format!("replica-{}", i % 3), i, EVERYTHING)))

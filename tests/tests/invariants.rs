@@ -104,7 +104,7 @@ async fn duplicate_out_of_order_and_unknown_run_results_change_nothing_and_are_a
             .collect::<Vec<_>>()
     };
     assert_eq!(strip(&after), strip(&before), "no step changed");
-    assert_eq!(env.baton(&["audit", "verify"]).status.code(), Some(0));
+    env.assert_audit_verifies();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,13 +242,7 @@ async fn a_result_applied_from_a_stale_read_is_applied_again_after_a_concurrent_
         after, 1,
         "the scheduler's next audit row links onto the concurrent entry"
     );
-    let verify = env.baton(&["audit", "verify"]);
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "audit chain intact: {}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    env.assert_audit_verifies();
 }
 
 /// The scheduler keeps a run as it last wrote it, with the gates' facts it read

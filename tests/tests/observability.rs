@@ -142,11 +142,5 @@ async fn many_runs_at_once_share_write_statements_and_run_each_step_once() {
     let kept = sample(&text, "baton_scheduler_run_snapshots_total{source=\"kept\"}").unwrap_or(0.0);
     assert!(kept > 0.0, "no transition used a kept run:\n{text}");
 
-    let verify = env.baton(&["audit", "verify"]);
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "audit chains intact: {}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    env.assert_audit_verifies();
 }
