@@ -286,8 +286,19 @@ struct OverheadParts {
 
 /// Seed pipeline runs one after another: end-to-end latency and the gap between
 /// a step's result leaving its daemon and the next step's job reaching one.
+/// Seed pipelines run before the latency measurement, and not counted.
+const WARM_UP_RUNS: usize = 3;
+
 async fn latency(runs: usize) -> Latency {
     let b = baton("bench-latency", 1).await;
+    // Unmeasured first runs: in a vhost declared a moment ago, a job's way to
+    // its daemon takes 2–4 times as long in the first two runs as later
+    // (6–13 ms against 3). That is the bench's brand-new queues, not Baton's
+    // steady state; BENCHMARKS.md says so.
+    for i in 0..WARM_UP_RUNS {
+        let id = b.enqueue(&event("latency-warm-up", i as u8, EVERYTHING)).await;
+        b.finished(&[id], Duration::from_secs(60)).await;
+    }
     let mut total = Vec::new();
     let mut ids = Vec::new();
     for i in 0..runs {
@@ -303,10 +314,11 @@ async fn latency(runs: usize) -> Latency {
     // step's job (`dispatched_at`): the result's way to the scheduler and the
     // transition's read and decision, then the write and commit, the relay and
     // the job's way to its daemon.
-    let rows: Vec<(f64, f64, f64)> = sqlx::query_as(
+    let rows: Vec<(f64, f64, f64, i32, String, DateTime<Utc>)> = sqlx::query_as(
         "select extract(epoch from (a.started_at - prev.reported_at))::float8 * 1000,
                 extract(epoch from (a.dispatched_at - prev.reported_at))::float8 * 1000,
-                extract(epoch from (a.started_at - a.dispatched_at))::float8 * 1000
+                extract(epoch from (a.started_at - a.dispatched_at))::float8 * 1000,
+                array_position($1, s.run_id), s.step_id, a.started_at
            from steps s
            join attempts a on a.run_id = s.run_id and a.step_id = s.step_id and a.attempt = 1
            join lateral (select i.reported_at from inbox i
@@ -322,6 +334,15 @@ async fn latency(runs: usize) -> Latency {
         let dir = std::path::PathBuf::from(dir);
         std::fs::write(dir.join("scheduler.log"), b.env.log("scheduler-0")).unwrap();
         std::fs::write(dir.join("daemon.log"), b.env.log("daemon")).unwrap();
+        // Every step overhead sample, for finding where a tail comes from.
+        let mut csv = String::from("run,step,started_at,overhead_ms,result_to_job_ms,job_to_daemon_ms\n");
+        for (overhead, to_job, to_daemon, run, step, at) in &rows {
+            csv.push_str(&format!(
+                "{run},{step},{},{overhead:.3},{to_job:.3},{to_daemon:.3}\n",
+                at.to_rfc3339()
+            ));
+        }
+        std::fs::write(dir.join("latency-samples.csv"), csv).unwrap();
     }
     Latency {
         pipeline: stats(total),
