@@ -343,6 +343,23 @@ impl TestEnv {
         (first, second)
     }
 
+    /// Waits until scheduler `label`'s latest result-shard assignment is among
+    /// `replicas` replicas (its log line "result shards assigned").
+    pub async fn wait_shards_shared(&self, label: &str, replicas: usize) {
+        self.wait_until(
+            &format!("{label} to share the result shards among {replicas} replica(s)"),
+            Duration::from_secs(60),
+            async || {
+                self.log(label)
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("result shards assigned"))
+                    .is_some_and(|l| l.contains(&format!("\"replicas\":{replicas},")))
+            },
+        )
+        .await;
+    }
+
     /// Starts a daemon and waits until it consumes each of its queues.
     pub async fn daemon(&self, label: &str, bindings: &[&str]) -> Proc {
         let p = self.spawn_daemon(label, bindings);

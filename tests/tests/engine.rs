@@ -568,24 +568,9 @@ async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one
     let env = TestEnv::new("affinity").await;
     env.script(json!({"default": {"delay_ms": 20}}));
     let (mut a, _b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
-    // Waits until `label`'s latest assignment is among `replicas` replicas.
-    let assigned = async |label: &str, replicas: usize| {
-        env.wait_until(
-            &format!("{label} to share the shards among {replicas}"),
-            RUN_TIMEOUT,
-            async || {
-                env.log(label)
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("result shards assigned"))
-                    .is_some_and(|l| l.contains(&format!("\"replicas\":{replicas},")))
-            },
-        )
-        .await;
-    };
     // Both have seen each other and taken their half of the shards.
-    assigned("scheduler-a", 2).await;
-    assigned("scheduler-b", 2).await;
+    env.wait_shards_shared("scheduler-a", 2).await;
+    env.wait_shards_shared("scheduler-b", 2).await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (0..16)
         .map(|i| env.enqueue(&event(&format!("affine{i}"), 40 + i, &["src/app.ts"])))
@@ -630,7 +615,7 @@ async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one
         a.terminate(Duration::from_secs(20)),
         "scheduler-a exits 0 after SIGTERM"
     );
-    assigned("scheduler-b", 1).await;
+    env.wait_shards_shared("scheduler-b", 1).await;
     let later: Vec<Uuid> = (0..4)
         .map(|i| env.enqueue(&event(&format!("affine-later{i}"), 60 + i, &["src/app.ts"])))
         .collect();
