@@ -140,19 +140,21 @@ pub async fn membership_loop(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(BEAT) => {}
-            woke = woken => match woke {
-                Ok(Some(_)) => {}
-                // Lost (it reconnects on the next call) or failing: beat and try again.
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "replica notifications lost; following membership by the beat alone");
-                    listener = None;
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(BEAT) => {}
-                    }
+            woke = woken => {
+                if let Ok(Some(_)) = woke {
+                    continue;
                 }
-            },
+                // The listener's connection was lost, or cannot be had: look
+                // again at the next beat, with a new listener (never in a loop).
+                if let Err(e) = woke {
+                    tracing::warn!(error = %e, "replica notifications lost; following membership by the beat until they are back");
+                }
+                listener = None;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(BEAT) => {}
+                }
+            }
         }
     }
     if let Err(e) = store.replica_leave(me).await {
