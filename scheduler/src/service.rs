@@ -151,8 +151,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         broker.clone(),
         relay.clone(),
         trusted,
-        affinity,
-        config.scheduler.prefetch,
+        result_deliveries(&broker, &affinity, config.scheduler.prefetch, &stop),
         config.scheduler.result_concurrency,
         stop.clone(),
     ));
@@ -528,18 +527,15 @@ fn result_deliveries(
 /// Applies results with bounded concurrency, one task per run at a time: what
 /// arrives for a run while its task is in a transaction is applied next, all in
 /// one transaction (a fast step's `started` and outcome often arrive together).
-#[allow(clippy::too_many_arguments)]
 async fn result_loop(
     store: Store,
     broker: Broker,
     relay: Relay,
     trusted: Arc<Trusted>,
-    affinity: Arc<Affinity>,
-    prefetch: u16,
+    mut deliveries: mpsc::Receiver<(Arc<str>, Delivery)>,
     concurrency: usize,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut deliveries = result_deliveries(&broker, &affinity, prefetch, &stop);
     let slots = Arc::new(Semaphore::new(concurrency));
     let pending: Pending = Arc::default();
     let mut running = tokio::task::JoinSet::new();

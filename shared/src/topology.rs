@@ -44,11 +44,13 @@ pub const DEFAULT_DELIVERY_LIMIT: i64 = 5;
 /// Where a message consumed from `queue` was published: its exchange and routing
 /// key (a job's is `<zone>.<role>`, taken from the delivery). For replaying dead letters.
 pub fn published_to(queue: &str, delivery_key: &str) -> Option<(&'static str, String)> {
+    if let Some(shard) = shard_of_queue(queue) {
+        return Some((RESULTS_EXCHANGE, result_shard_key(shard)));
+    }
     match queue {
         MERGE_EVENTS_QUEUE => Some((EVENTS_EXCHANGE, MERGE_EVENTS_KEY.to_owned())),
         RESULTS_QUEUE => Some((RESULTS_EXCHANGE, RESULTS_KEY.to_owned())),
         NOTICES_QUEUE => Some((RESULTS_EXCHANGE, NOTICES_KEY.to_owned())),
-        q if shard_of_queue(q).is_some() => shard_of_queue(q).map(|n| (RESULTS_EXCHANGE, result_shard_key(n))),
         q if q.starts_with("baton.") && q.matches('.').count() == 2 => Some((JOBS_EXCHANGE, delivery_key.to_owned())),
         _ => None,
     }
