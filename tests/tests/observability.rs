@@ -106,16 +106,48 @@ async fn metrics_move_as_a_run_progresses() {
 /// Many runs at once: their transitions share write statements (the counters
 /// say so), results are computed from runs kept in memory, and still every
 /// step runs exactly once, every run succeeds and every audit chain verifies.
+///
+/// Writes are combined only when they come while a statement is in flight.
+/// Whether that happens by itself depends on the machine's speed, so the test
+/// makes it happen: it holds a lock every write statement waits for (inserts
+/// into the audit table) until writes queue up behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_runs_at_once_share_write_statements_and_run_each_step_once() {
     let env = TestEnv::new("combined").await;
     let scheduler = env.scheduler("scheduler").await;
-    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let sched = format!("{}/metrics", scheduler.api.clone().unwrap());
+    // A daemon declares the job queues and leaves: the runs' first jobs wait
+    // in them until the next daemon comes.
+    let mut first = env.daemon("first-daemon", SEED_BINDINGS).await;
+    assert!(
+        first.terminate(Duration::from_secs(10)),
+        "the first daemon did not stop"
+    );
     let events: Vec<_> = (0..30)
         .map(|i| event(&format!("combined-{i}"), 93, &["src/app.ts"]))
         .collect();
     let runs = env.enqueue_burst(&events).await;
+    env.wait_until("every run to dispatch its first step", RUN_TIMEOUT, async || {
+        let n: i64 = sqlx::query_scalar("select count(distinct run_id) from attempts")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        n == runs.len() as i64
+    })
+    .await;
+
+    let mut hold = env.pool.begin().await.unwrap();
+    sqlx::query("lock table audit in share mode")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    env.wait_until("writes to queue up behind the held lock", RUN_TIMEOUT, async || {
+        sample(&scrape(&sched).await, "baton_scheduler_write_queue").is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    hold.commit().await.unwrap();
+
     for &run in &runs {
         assert_eq!(env.wait_terminal(run, RUN_TIMEOUT).await.status, "succeeded");
     }

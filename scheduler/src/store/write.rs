@@ -433,7 +433,11 @@ impl Batcher {
     /// Writes `write`, alone or with others queued meanwhile.
     pub async fn submit(&self, pool: &PgPool, claim: std::time::Duration, write: Guarded) -> Outcome {
         let (tx, mut rx) = oneshot::channel();
-        self.queue.lock().expect("lock").push(Queued { write, done: tx });
+        {
+            let mut queue = self.queue.lock().expect("lock");
+            queue.push(Queued { write, done: tx });
+            report_queue(queue.len());
+        }
         loop {
             let permit = tokio::select! {
                 biased;
@@ -466,6 +470,7 @@ impl Batcher {
                 i += 1;
             }
         }
+        report_queue(queue.len());
         batch
     }
 }
@@ -491,6 +496,16 @@ async fn flush(pool: &PgPool, claim: std::time::Duration, batch: Vec<Queued>) {
         let out = done.and_then(|mut d| outcome(q.write, d.remove(0)));
         let _ = q.done.send(out);
     }
+}
+
+/// Reports how many writes wait for a statement (called with the queue locked).
+fn report_queue(len: usize) {
+    baton_shared::metrics::global().set(
+        "baton_scheduler_write_queue",
+        "Version-guarded writes waiting for a write statement on this scheduler replica",
+        &[],
+        len as f64,
+    );
 }
 
 /// Counts this replica's write statements and the runs they carried (their
