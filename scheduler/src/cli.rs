@@ -257,7 +257,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("error: {}", f.error);
+            eprintln!("error: {:#}", f.error);
             ExitCode::from(f.code)
         }
     }

@@ -73,6 +73,11 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         loop {
             match store::connect(config.database.url.expose(), config.database.max_connections).await {
                 Ok(p) => break p,
+                Err(e) if e.is_tls_refusal() => {
+                    return Err(anyhow::Error::new(e).context(
+                        "PostgreSQL's TLS certificate was not accepted: check sslmode, sslrootcert and the host name in database.url",
+                    ));
+                }
                 Err(e) if start.elapsed() < Duration::from_secs(60) => {
                     tracing::warn!(error = %e, "database not reachable yet");
                     tokio::time::sleep(delay).await;

@@ -206,6 +206,26 @@ impl StoreError {
         matches!(self, Self::Db(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505"))
     }
 
+    /// PostgreSQL's certificate was not accepted, or the TLS settings in the
+    /// database URL cannot be used: waiting will not change that.
+    pub fn is_tls_refusal(&self) -> bool {
+        match self {
+            Self::Db(sqlx::Error::Tls(_)) => true,
+            Self::Db(sqlx::Error::Io(io)) => io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| {
+                    matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(_)
+                            | rustls::Error::NoCertificatesPresented
+                            | rustls::Error::UnsupportedNameType
+                    )
+                }),
+            _ => false,
+        }
+    }
+
     /// The database is unreachable: wait and try again rather than give up.
     pub fn is_unavailable(&self) -> bool {
         matches!(

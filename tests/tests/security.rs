@@ -450,3 +450,76 @@ async fn amqps_verifies_the_broker_certificate_against_the_configured_ca() {
             .is_err()
     );
 }
+
+/// The server certificate of this machine's PostgreSQL (Debian's, for `localhost`).
+const PG_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+/// With `sslmode=verify-full` in its database URL the scheduler talks to
+/// PostgreSQL over TLS only, having verified the server's certificate and
+/// name; against a CA that did not sign the server's certificate it refuses
+/// to start, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_reaches_postgresql_over_verified_tls_and_refuses_a_server_it_cannot_verify() {
+    let env = TestEnv::new("pg-tls").await;
+    let ssl: String = sqlx::query_scalar("show ssl").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(ssl, "on", "this test needs PostgreSQL with ssl = on (and {PG_CERT})");
+    let url = |root: &str| {
+        format!(
+            "postgres://postgres@localhost:5432/{}?sslmode=verify-full&sslrootcert={root}&application_name=baton-pg-tls",
+            env.db_name
+        )
+    };
+
+    env.set_scheduler_env("BATON_DATABASE__URL", &url(PG_CERT));
+    let scheduler = env.scheduler("scheduler").await;
+    let (total, encrypted): (i64, i64) = sqlx::query_as(
+        "select count(*), count(*) filter (where s.ssl)
+           from pg_stat_activity a join pg_stat_ssl s using (pid)
+          where a.datname = current_database() and a.application_name = 'baton-pg-tls'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(total > 0, "no scheduler connection found");
+    assert_eq!(
+        encrypted, total,
+        "{total} scheduler connections, {encrypted} of them over TLS"
+    );
+    drop(scheduler);
+
+    // A CA of its own, which signed nothing PostgreSQL has.
+    let ca = env.dir.join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other-ca",
+        ])
+        .arg("-keyout")
+        .arg(env.dir.join("other-ca.key"))
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    env.set_scheduler_env("BATON_DATABASE__URL", &url(ca.to_str().unwrap()));
+    let mut refused = env.spawn_scheduler("refused");
+    // At once, not after the minute it waits for a database that is down.
+    env.wait_until(
+        "the scheduler to give up on an unverified server",
+        Duration::from_secs(20),
+        async || !refused.is_running(),
+    )
+    .await;
+    let log = env.log("refused");
+    assert!(
+        log.contains("TLS certificate was not accepted") && log.contains("UnknownIssuer"),
+        "the refusal does not say what is wrong:\n{log}"
+    );
+}
