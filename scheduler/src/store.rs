@@ -386,6 +386,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|_, _| {
+            Box::pin(async {
+                baton_shared::nodelay::on_every_tcp_socket();
+                Ok(())
+            })
+        })
         .connect_with(opts)
         .await?;
     Ok(pool)

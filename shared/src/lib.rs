@@ -7,6 +7,7 @@ pub mod amqp;
 pub mod config;
 pub mod failpoint;
 pub mod metrics;
+pub mod nodelay;
 pub mod protocol;
 pub mod runtime;
 pub mod secret;

@@ -110,6 +110,7 @@ impl PgTarget {
         let mut conn = PgConnection::connect_with(&opts)
             .await
             .map_err(BackupError::db(format!("cannot connect to database {}", self.database)))?;
+        baton_shared::nodelay::on_every_tcp_socket();
         // Row text depends on these; fixing them makes checksums comparable
         // between the source and a restored copy on another server.
         sqlx::raw_sql(
