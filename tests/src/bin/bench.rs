@@ -366,6 +366,28 @@ struct Throughput {
     cpu_ms_per_step: f64,
     scheduler_peak_rss_mib: f64,
     daemon_peak_rss_mib: f64,
+    /// Transitions per write statement, over all schedulers (how much combining helped).
+    runs_per_write_statement: f64,
+    /// Of the runs transitions were computed from, the share kept in memory
+    /// (the rest were read from the database).
+    kept_run_share: f64,
+}
+
+/// Sums a series over the schedulers' `/metrics`.
+async fn scheduler_metric(b: &Baton, series: &str) -> f64 {
+    let mut sum = 0.0;
+    for p in &b.schedulers {
+        let Some(api) = &p.api else { continue };
+        let Ok(text) = async { reqwest::get(format!("{api}/metrics")).await?.text().await }.await else {
+            continue;
+        };
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
 }
 
 /// The machine's busy CPU time so far (all processes, `/proc/stat`), in ms.
@@ -419,6 +441,11 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         .map(|p| rss_kib(p.pid(), "VmHWM:"))
         .max()
         .unwrap_or(0);
+    let statements = scheduler_metric(&b, "baton_scheduler_write_statements_total").await;
+    let written = scheduler_metric(&b, "baton_scheduler_written_runs_total").await;
+    let kept = scheduler_metric(&b, "baton_scheduler_run_snapshots_total{source=\"kept\"}").await;
+    let read = scheduler_metric(&b, "baton_scheduler_run_snapshots_total{source=\"read\"}").await
+        + scheduler_metric(&b, "baton_scheduler_run_snapshots_total{source=\"stale\"}").await;
     Throughput {
         schedulers,
         runs,
@@ -428,6 +455,8 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         cpu_ms_per_step: cpu_ms / steps as f64,
         scheduler_peak_rss_mib: peak as f64 / 1024.0,
         daemon_peak_rss_mib: rss_kib(b.daemon.pid(), "VmHWM:") as f64 / 1024.0,
+        runs_per_write_statement: written / statements.max(1.0),
+        kept_run_share: kept / (kept + read).max(1.0),
     }
 }
 
@@ -606,12 +635,21 @@ async fn main() {
     println!("{:<44} {}", "seed pipeline, 11 steps, enqueue → end", f(&lat.pipeline));
     println!();
     println!(
-        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10}",
-        "runs", "schedulers", "seconds", "runs/s", "steps/s", "CPU ms/step", "sched RSS MiB", "daemon MiB"
+        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10} {:>10} {:>6}",
+        "runs",
+        "schedulers",
+        "seconds",
+        "runs/s",
+        "steps/s",
+        "CPU ms/step",
+        "sched RSS MiB",
+        "daemon MiB",
+        "runs/write",
+        "kept"
     );
     for t in &tp {
         println!(
-            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.2} {:>13.1} {:>10.1}",
+            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.2} {:>13.1} {:>10.1} {:>10.2} {:>5.0}%",
             t.runs,
             t.schedulers,
             t.seconds,
@@ -619,7 +657,9 @@ async fn main() {
             t.steps_per_s,
             t.cpu_ms_per_step,
             t.scheduler_peak_rss_mib,
-            t.daemon_peak_rss_mib
+            t.daemon_peak_rss_mib,
+            t.runs_per_write_statement,
+            t.kept_run_share * 100.0
         );
     }
     println!();
