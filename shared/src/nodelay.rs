@@ -18,18 +18,8 @@ pub fn on_every_tcp_socket() {
 
 #[cfg(target_os = "linux")]
 mod linux {
-    use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
-
-    /// Each socket is reached through a duplicate of its descriptor
-    /// (`pidfd_getfd` on this very process, Linux 5.6 and later), so no
-    /// descriptor this code does not own is ever touched: one closed since it
-    /// was listed is simply not found, and one reused for another socket gets
-    /// the option too, which is what is wanted anyway.
     pub fn on_every_tcp_socket() {
-        let (Ok(fds), Ok(me)) = (
-            std::fs::read_dir("/proc/self/fd"),
-            pidfd_open(getpid(), PidfdFlags::empty()),
-        ) else {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
             return;
         };
         for entry in fds.flatten() {
@@ -38,11 +28,38 @@ mod linux {
             };
             let is_socket = std::fs::read_link(entry.path())
                 .is_ok_and(|target| target.to_str().is_some_and(|t| t.starts_with("socket:")));
-            if is_socket && let Ok(dup) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) {
-                // Other kinds of socket refuse the option; nothing to do about them.
-                let _ = rustix::net::sockopt::set_tcp_nodelay(&dup, true);
+            if is_socket {
+                set_nodelay(fd);
             }
         }
+    }
+
+    /// `setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, 1)`, errors ignored.
+    ///
+    /// Through a descriptor number this code does not own, so it is a plain
+    /// system call rather than a borrowed `OwnedFd` (whose contract, that the
+    /// descriptor stays open, another thread could break). Safe alternatives
+    /// were tried: `pidfd_getfd` on the process itself duplicates the
+    /// descriptor without `unsafe`, but the default seccomp profiles of Docker
+    /// and containerd refuse it without `CAP_SYS_PTRACE`, where Baton runs.
+    #[allow(unsafe_code)]
+    fn set_nodelay(fd: libc::c_int) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`, which
+        // outlives the call, and writes no memory. To the kernel the
+        // descriptor is a number: closed since it was listed, the call fails
+        // (EBADF); reused for something that is not a TCP socket, it fails
+        // (ENOTSOCK, EOPNOTSUPP, ENOPROTOOPT); reused for another TCP socket
+        // of this process, that socket gets the option, which is wanted anyway.
+        let _ = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 
     #[cfg(test)]
