@@ -257,10 +257,24 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            eprintln!("error: {}", describe(&f.error));
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The error and those of its causes whose text it does not already contain
+/// (many errors repeat their source's text in their own).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, Failure> {
@@ -965,4 +979,25 @@ fn role_name(role: crate::api::Role) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("database error: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_is_described_with_the_causes_it_does_not_repeat() {
+        let io = || std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let e = anyhow::Error::new(Repeats(io())).context("certificate not accepted");
+        assert_eq!(
+            describe(&e),
+            "certificate not accepted: database error: invalid peer certificate: UnknownIssuer"
+        );
+        let e = anyhow::Error::new(io()).context("cannot connect");
+        assert_eq!(describe(&e), "cannot connect: invalid peer certificate: UnknownIssuer");
+    }
 }
