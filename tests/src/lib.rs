@@ -4,7 +4,7 @@
 //! run in parallel and leave nothing behind; dropping it kills the processes it
 //! started and removes both.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -110,6 +110,35 @@ pub struct Proc {
     child: Child,
     /// For a scheduler: the base URL of its HTTP API.
     pub api: Option<String>,
+}
+
+/// The value of one sample line of a Prometheus text exposition, e.g.
+/// `baton_runs{status="succeeded"}` (name and labels exactly as written).
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Makes a self-signed CA in `dir` (`<name>.pem` and `<name>.key`, with
+/// openssl) and returns its certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")))
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join(format!("{name}.pem"))
 }
 
 /// A port nobody listens on right now.
@@ -741,7 +770,7 @@ impl PrivateBroker {
                 let ok = Command::new("sh").arg("-c").arg(args).current_dir(&dir).output().expect("openssl");
                 assert!(ok.status.success(), "{args}: {}", String::from_utf8_lossy(&ok.stderr));
             };
-            sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=baton-test-ca");
+            make_ca(&dir, "ca");
             sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
             std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
             sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext");

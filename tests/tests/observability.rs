@@ -2,18 +2,10 @@
 
 use std::time::Duration;
 
-use baton_tests::{SEED_BINDINGS, TestEnv, event, free_port};
+use baton_tests::{SEED_BINDINGS, TestEnv, event, free_port, metric_sample as sample};
 use serde_json::json;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The value of one sample line, e.g. `baton_runs{status="succeeded"}`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 async fn scrape(url: &str) -> String {
     let r = reqwest::get(url).await.unwrap();

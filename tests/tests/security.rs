@@ -497,26 +497,7 @@ async fn the_scheduler_reaches_postgresql_over_verified_tls_and_refuses_a_server
     drop(scheduler);
 
     // A CA of its own, which signed nothing PostgreSQL has.
-    let ca = env.dir.join("other-ca.pem");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other-ca",
-        ])
-        .arg("-keyout")
-        .arg(env.dir.join("other-ca.key"))
-        .arg("-out")
-        .arg(&ca)
-        .output()
-        .expect("run openssl");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let ca = baton_tests::make_ca(&env.dir, "other-ca");
     env.set_scheduler_env("BATON_DATABASE__URL", &url(ca.to_str().unwrap()));
     let mut refused = env.spawn_scheduler("refused");
     // At once, not after the minute it waits for a database that is down.

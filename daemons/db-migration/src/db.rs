@@ -54,7 +54,9 @@ pub fn options(url: &Secret<String>) -> Result<PgConnectOptions, sqlx::Error> {
 pub async fn connect_with(opts: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
     match tokio::time::timeout(CONNECT_TIMEOUT, opts.connect()).await {
         Ok(res) => {
-            baton_shared::nodelay::on_every_tcp_socket();
+            if res.is_ok() {
+                baton_shared::nodelay::on_every_tcp_socket();
+            }
             res
         }
         Err(_) => Err(sqlx::Error::Io(std::io::Error::new(

@@ -381,11 +381,7 @@ async fn scheduler_metric(b: &Baton, series: &str) -> f64 {
         let Ok(text) = async { reqwest::get(format!("{api}/metrics")).await?.text().await }.await else {
             continue;
         };
-        sum += text
-            .lines()
-            .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        sum += baton_tests::metric_sample(&text, series).unwrap_or(0.0);
     }
     sum
 }
