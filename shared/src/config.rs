@@ -208,6 +208,9 @@ impl Default for LogConfig {
     }
 }
 
+/// The longest `daemon.report_started_after_ms` accepted.
+pub const MAX_REPORT_STARTED_AFTER_MS: u64 = 1_000;
+
 /// Everything a role daemon needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -236,6 +239,11 @@ pub struct DaemonSettings {
     pub declare_queue: bool,
     /// Address for `/healthz`, `/readyz` and `/metrics`; empty disables them.
     pub http_listen: String,
+    /// A job that ends within this many milliseconds reports only its outcome
+    /// (the job's delivery stays unacknowledged until then); a longer one
+    /// reports `started` at this point. 0 reports `started` before the work
+    /// begins.
+    pub report_started_after_ms: u64,
 }
 
 impl Default for DaemonSettings {
@@ -248,6 +256,7 @@ impl Default for DaemonSettings {
             shutdown_grace_secs: 30,
             declare_queue: true,
             http_listen: String::new(),
+            report_started_after_ms: 10,
         }
     }
 }
@@ -270,6 +279,14 @@ impl DaemonConfig {
         }
         if self.daemon.prefetch == 0 {
             return Err(ConfigError::invalid("daemon.prefetch", "must be at least 1"));
+        }
+        if self.daemon.report_started_after_ms > MAX_REPORT_STARTED_AFTER_MS {
+            return Err(ConfigError::invalid(
+                "daemon.report_started_after_ms",
+                format!(
+                    "must be at most {MAX_REPORT_STARTED_AFTER_MS} (every longer job reports `started` this late, and its delivery stays unacknowledged until then)"
+                ),
+            ));
         }
         Ok(())
     }

@@ -122,6 +122,8 @@ struct Shared {
     seen: Mutex<RecentIds>,
     /// Fired when the grace period is over: running jobs are handed back.
     hand_back: CancellationToken,
+    /// A job that ends sooner reports only its outcome (`daemon.report_started_after_ms`).
+    report_started_after: Duration,
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains within the grace period.
@@ -149,6 +151,7 @@ pub async fn run(
             order: VecDeque::new(),
         }),
         hand_back: CancellationToken::new(),
+        report_started_after: Duration::from_millis(config.daemon.report_started_after_ms),
     });
     let stop_intake = CancellationToken::new();
     if !config.daemon.http_listen.is_empty() {
@@ -431,20 +434,23 @@ async fn run_job(
     reason: Arc<OnceLock<StepError>>,
 ) {
     let started_at = Utc::now();
-    if let Err(e) = report(shared, &job, ResultStatus::Started, None, Fields::new(), None).await {
-        tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started; handing the job back");
-        let _ = crate::amqp::nack(&delivery, true).await;
-        shared.running.lock().expect("lock").remove(&key);
-        // Handed back untouched: its redelivery is welcome here too.
-        shared.seen.lock().expect("lock").forget(job.message_id);
-        return;
+    // A quick job reports only its outcome: `started` would reach the
+    // scheduler a moment before it and cost a publish, a delivery and an inbox
+    // row. Its delivery stays unacknowledged until the outcome is out, so a
+    // daemon that dies meanwhile leaves the job to the broker to redeliver.
+    let quiet = shared.report_started_after;
+    let mut acked = false;
+    if quiet.is_zero() {
+        if !report_started(shared, &job, &delivery).await {
+            tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, "handing the job back unstarted");
+            let _ = crate::amqp::nack(&delivery, true).await;
+            shared.running.lock().expect("lock").remove(&key);
+            // Handed back untouched: its redelivery is welcome here too.
+            shared.seen.lock().expect("lock").forget(job.message_id);
+            return;
+        }
+        acked = true;
     }
-    if let Err(e) = crate::amqp::ack(&delivery).await {
-        // The started report is out; if the broker redelivers, the duplicate
-        // check above or the scheduler's fencing absorbs it.
-        tracing::warn!(error = %e, "ack failed after reporting started");
-    }
-    tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, action = %job.action, "job started");
 
     // Self-fencing: a process stalled for longer than the lease (SIGSTOP, a frozen
     // VM) has been presumed lost and a newer attempt may be running. It must not
@@ -553,12 +559,29 @@ async fn run_job(
     let m = metrics::global();
     m.add("baton_daemon_jobs_in_flight", "Jobs executing now", &labels, 1.0);
     let started = std::time::Instant::now();
-    let outcome = tokio::select! {
-        out = work => out,
-        _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
-            StepError::retryable(HANDED_BACK, "daemon stopped before the job finished; handed back")
-        })),
-        _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
+    let running = async {
+        tokio::select! {
+            out = work => out,
+            _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
+                StepError::retryable(HANDED_BACK, "daemon stopped before the job finished; handed back")
+            })),
+            _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
+        }
+    };
+    tokio::pin!(running);
+    let outcome = if acked {
+        running.await
+    } else {
+        match tokio::time::timeout(quiet, &mut running).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Still at work: say so, so the broker can forget the delivery and
+                // the scheduler sees the attempt running. If `started` cannot be
+                // sent, the work goes on; the delivery is settled after the outcome.
+                acked = report_started(shared, &job, &delivery).await;
+                running.await
+            }
+        }
     };
     heartbeat.abort();
     let current = tracing::Span::current();
@@ -607,6 +630,11 @@ async fn run_job(
     for _ in 0..20 {
         match report(shared, &job, status, error.clone(), outputs.clone(), Some(started_at)).await {
             Ok(()) => {
+                if !acked && let Err(e) = crate::amqp::ack(&delivery).await {
+                    // The outcome is out; a redelivery is absorbed by the
+                    // duplicate check here or by the scheduler's fencing.
+                    tracing::warn!(error = %e, "ack failed after reporting the outcome");
+                }
                 crate::failpoint::hit("daemon-after-outcome");
                 return;
             }
@@ -617,7 +645,28 @@ async fn run_job(
             }
         }
     }
-    tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
+    if acked {
+        tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
+    } else {
+        tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the job is handed back to the broker");
+        let _ = crate::amqp::nack(&delivery, true).await;
+    }
+}
+
+/// Reports `started` and then acknowledges the job's delivery; false if the
+/// report could not be sent (the delivery is then left unsettled).
+async fn report_started(shared: &Shared, job: &StepJob, delivery: &Delivery) -> bool {
+    if let Err(e) = report(shared, job, ResultStatus::Started, None, Fields::new(), None).await {
+        tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot report started");
+        return false;
+    }
+    if let Err(e) = crate::amqp::ack(delivery).await {
+        // The started report is out; if the broker redelivers, the duplicate
+        // check above or the scheduler's fencing absorbs it.
+        tracing::warn!(error = %e, "ack failed after reporting started");
+    }
+    tracing::info!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, action = %job.action, "job started");
+    true
 }
 
 /// Dead-letters a message with the reason and tells the scheduler, for its audit log.

@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use baton_scheduler::store::{RunView, StepView};
-use baton_shared::protocol::{JobKind, Message, StepJob};
+use baton_shared::protocol::{JobKind, Message, ResultStatus, StepJob, StepResult};
 use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER};
 use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event, seed_bindings_except, step_job};
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::AMQPValue;
 use serde_json::json;
 use uuid::Uuid;
@@ -708,4 +708,143 @@ async fn operator_can_roll_back_a_finished_run() {
     );
     let missing = env.baton(&["runs", "show", &Uuid::new_v4().to_string()]);
     assert_eq!(missing.status.code(), Some(2));
+}
+
+/// The results a probe queue bound to the runs' result shards received, as
+/// `(run, status)` in arrival order, heartbeats left out, until `done` says so.
+async fn probe_results(
+    env: &TestEnv,
+    ch: &lapin::Channel,
+    queue: &str,
+    done: impl Fn(&[(Uuid, StepResult)]) -> bool,
+) -> Vec<(Uuid, StepResult)> {
+    let mut seen = Vec::new();
+    env.wait_until("the jobs' outcomes", RUN_TIMEOUT, async || {
+        while let Some(msg) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let r = StepResult::parse(&msg.delivery.data).expect("a step result");
+            if r.status != ResultStatus::Heartbeat {
+                seen.push((r.run_id, r));
+            }
+        }
+        done(&seen)
+    })
+    .await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_first() {
+    let env = TestEnv::new("started-report").await;
+    env.script(json!({"default": {"delay_ms": 0}, "execute": {"slow": {"delay_ms": 500}}}));
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    // The default (10 ms) in staging; `started` always first in production.
+    let quiet_daemon = env.daemon("daemon-quiet", &["staging.db-migration"]).await;
+    let eager_daemon = env
+        .daemon_with(
+            "daemon-eager",
+            &["production.db-migration"],
+            &[("BATON_DAEMON__REPORT_STARTED_AFTER_MS", "0")],
+        )
+        .await;
+
+    let job = |zone: &str, step: &str| {
+        let mut j = step_job(zone, "db-migration", 60);
+        j.step_id = step.into();
+        env.scheduler_key.sign(&mut j);
+        j
+    };
+    let quick = job("staging", "quick");
+    let slow = job("staging", "slow");
+    let eager = job("production", "quick");
+    let probe = format!("probe-{}", Uuid::new_v4());
+    ch.queue_declare(
+        probe.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    for j in [&quick, &slow, &eager] {
+        ch.queue_bind(
+            probe.as_str().into(),
+            topology::RESULTS_EXCHANGE.into(),
+            topology::result_key(j.run_id).as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_publish(
+            JOBS_EXCHANGE.into(),
+            format!("{}.db-migration", j.zone).as_str().into(),
+            BasicPublishOptions::default(),
+            &j.to_bytes(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let runs = [quick.run_id, slow.run_id, eager.run_id];
+    let seen = probe_results(&env, &ch, &probe, |seen| {
+        runs.iter().all(|run| {
+            seen.iter()
+                .any(|(r, m)| r == run && m.status == ResultStatus::Succeeded)
+        })
+    })
+    .await;
+    let statuses =
+        |run: Uuid| -> Vec<ResultStatus> { seen.iter().filter(|(r, _)| *r == run).map(|(_, m)| m.status).collect() };
+    assert_eq!(
+        statuses(quick.run_id),
+        [ResultStatus::Succeeded],
+        "a job done within the quiet start sends its outcome alone"
+    );
+    assert_eq!(
+        statuses(slow.run_id),
+        [ResultStatus::Started, ResultStatus::Succeeded],
+        "a longer job says it started"
+    );
+    assert_eq!(
+        statuses(eager.run_id),
+        [ResultStatus::Started, ResultStatus::Succeeded],
+        "with report_started_after_ms = 0, every job says it started"
+    );
+    // The lone outcome still tells the scheduler when the work began.
+    let outcome = &seen.iter().find(|(r, _)| *r == quick.run_id).unwrap().1;
+    let began = outcome.started_at.expect("the outcome carries started_at");
+    assert!(
+        began <= outcome.at,
+        "started {began} after the outcome at {}",
+        outcome.at
+    );
+    // Every job was acknowledged: after the daemons stop, nothing is back in
+    // their queues (an unacknowledged delivery would be).
+    for mut d in [quiet_daemon, eager_daemon] {
+        assert!(d.terminate(Duration::from_secs(30)), "the daemon stops on SIGTERM");
+    }
+    for zone in ["staging", "production"] {
+        let q = ch
+            .queue_declare(
+                topology::job_queue(zone, "db-migration").as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(q.message_count(), 0, "{zone}'s job queue is empty");
+    }
 }

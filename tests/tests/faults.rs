@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use baton_scheduler::store::RunView;
-use baton_tests::{EVERYTHING, PrivateBroker, SEED_BINDINGS, TestEnv, event};
+use baton_tests::{EVERYTHING, ExecLine, PrivateBroker, SEED_BINDINGS, TestEnv, event};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -24,23 +24,26 @@ async fn check_invariants(env: &TestEnv, runs: &[Uuid]) -> Vec<RunView> {
     check_invariants_with(env, runs, &[]).await
 }
 
-/// With `killed` daemons (SIGKILLed mid-work), "at most once" counts completed
-/// executions: an attempt a killed daemon was running started but never ended.
-/// One it had finished but not yet reported is presumed lost when its lease
-/// expires and runs again as a new attempt (DESIGN §13.4: one live executor per
-/// attempt, executors idempotent per run and step); such an attempt, recorded
-/// as lost from a killed daemon, is not counted.
-async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed: &[&str]) -> Vec<RunView> {
+/// With `killed` daemons (label and pid, SIGKILLed mid-work), "at most once"
+/// counts completed executions: an attempt a killed daemon was running started
+/// but never ended. One it had finished but not yet reported runs again
+/// (DESIGN §13.4: one live executor per attempt, executors idempotent per run
+/// and step): as a new attempt once the old one's lease expires (recorded as
+/// lost from the killed daemon), or, if the daemon had not yet acknowledged the
+/// job (a quick job reports only its outcome), as the same attempt redelivered
+/// to another daemon. Such executions by a killed daemon are not counted.
+async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed: &[(&str, u32)]) -> Vec<RunView> {
     let event = if killed.is_empty() { "start" } else { "end" };
     let mut views = Vec::new();
     for run in runs {
         let v = env.wait_terminal(*run, RUN_TIMEOUT).await;
-        let unreported = |step: &str, attempt: u32| {
-            v.step(step).is_some_and(|s| {
+        let unreported = |l: &ExecLine| {
+            let Some((label, _)) = killed.iter().find(|(_, pid)| *pid == l.pid) else {
+                return false;
+            };
+            v.step(&l.step_id).is_some_and(|s| {
                 s.attempts.iter().any(|a| {
-                    a.attempt as u32 == attempt
-                        && a.status == "lost"
-                        && a.daemon.as_deref().is_some_and(|d| killed.contains(&d))
+                    a.attempt as u32 == l.attempt && (a.status == "lost" || a.daemon.as_deref() != Some(label))
                 })
             })
         };
@@ -50,7 +53,7 @@ async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed: &[&str]) ->
         let log = env.exec_log();
         for l in log
             .iter()
-            .filter(|l| l.event == event && l.run_id == *run && !unreported(&l.step_id, l.attempt))
+            .filter(|l| l.event == event && l.run_id == *run && !unreported(l))
         {
             *starts.entry((l.step_id.clone(), l.kind.clone())).or_default() += 1;
         }
@@ -455,6 +458,7 @@ async fn slow_burst_of_200_merge_events_for_20_services_while_a_daemon_is_killed
     env.script(json!({"default": {"delay_ms": 5}}));
     let _scheduler = env.scheduler("scheduler").await;
     let mut daemon = env.daemon("daemon-1", SEED_BINDINGS).await;
+    let mut killed_pid = 0;
     let mut runs = Vec::new();
     let mut by_service: HashMap<String, Vec<Uuid>> = HashMap::new();
     for i in 0..200u32 {
@@ -467,11 +471,12 @@ async fn slow_burst_of_200_merge_events_for_20_services_while_a_daemon_is_killed
             // SIGKILL mid-burst, and restart at once as a supervisor would. (A daemon
             // away for longer than accept_timeout × max_attempts fails the steps it
             // owes: the retry policy decides, as it should.)
+            killed_pid = daemon.pid();
             daemon.kill();
             daemon = env.spawn_daemon("daemon-2", SEED_BINDINGS);
         }
     }
-    let views = check_invariants_with(&env, &runs, &["daemon-1"]).await;
+    let views = check_invariants_with(&env, &runs, &[("daemon-1", killed_pid)]).await;
     drop(daemon);
     let by_id: HashMap<Uuid, &RunView> = views.iter().map(|v| (v.id, v)).collect();
     for v in &views {
