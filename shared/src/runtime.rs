@@ -624,6 +624,7 @@ async fn run_job(
             tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, code = %e.code, error = %e.message, "job failed")
         }
     }
+    crate::failpoint::hit("daemon-before-outcome");
     // Keep trying: the scheduler is waiting for exactly this message. If it
     // never arrives, the lease expires and the step's retry policy decides.
     let mut delay = Duration::from_millis(100);

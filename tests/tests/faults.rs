@@ -383,6 +383,51 @@ async fn slow_daemon_killed_after_publishing_its_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_daemon_killed_after_a_quick_job_before_its_outcome_the_broker_redelivers_the_same_attempt() {
+    let env = TestEnv::new("fault-quick-outcome").await;
+    // Every job is quick: it reports only its outcome, and its delivery is
+    // acknowledged only after that.
+    env.script(json!({"default": {"delay_ms": 0}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    let dir = env.dir.to_str().unwrap().to_owned();
+    let crash = [
+        ("BATON_FAILPOINTS", "daemon-before-outcome"),
+        ("BATON_FAILPOINT_DIR", dir.as_str()),
+        ("BATON_DAEMON__CONCURRENCY", "1"),
+    ];
+    let mut first = env.daemon_with("daemon-1", SEED_BINDINGS, &crash).await;
+    let killed = first.pid();
+    let run = env.enqueue(&event("crash-quick", 1, &["src/app.ts"]));
+    wait_exit(&env, &mut first, "the daemon to crash with a finished job unreported").await;
+    let done: Vec<ExecLine> = env
+        .exec_log()
+        .into_iter()
+        .filter(|l| l.run_id == run && l.event == "end")
+        .collect();
+    assert_eq!(done.len(), 1, "one job finished before the crash: {done:?}");
+    let step = done[0].step_id.clone();
+    let _second = env.daemon("daemon-2", SEED_BINDINGS).await;
+    let views = check_invariants_with(&env, &[run], &[("daemon-1", killed)]).await;
+    assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
+    // The unacknowledged job went back to the broker and ran again as the same
+    // attempt, reported by the second daemon; no lease had to expire.
+    let attempts = &views[0].step(&step).unwrap().attempts;
+    assert_eq!(attempts.len(), 1, "one attempt of {step}: {attempts:#?}");
+    assert_eq!(attempts[0].status, "succeeded");
+    assert_eq!(attempts[0].daemon.as_deref(), Some("daemon-2"));
+    let ends: Vec<u32> = env
+        .exec_log()
+        .iter()
+        .filter(|l| l.run_id == run && l.step_id == step && l.event == "end")
+        .map(|l| l.pid)
+        .collect();
+    assert!(
+        ends.len() == 2 && ends[0] == killed && ends[1] != killed,
+        "{step} ended twice, first in the killed daemon: {ends:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_daemon_killed_before_acking_a_job_the_job_is_redelivered_and_runs_once() {
     let env = TestEnv::new("fault-daemon-before-ack").await;
     env.script(json!({"default": {"delay_ms": 50}}));
