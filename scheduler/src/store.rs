@@ -262,6 +262,16 @@ pub struct Snapshot {
     cached: bool,
 }
 
+/// Why an optimistic transition wrote nothing ([`Store::persist_guarded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unwritten {
+    /// The run is no longer at the version (or audit head) it was computed
+    /// from, or the write's outcome is unknown.
+    Moved,
+    /// The transition needs more than one statement; the snapshot may be current.
+    NeedsLock,
+}
+
 /// Runs as this scheduler last wrote them, so that their next results need no
 /// read ([`Store::apply_results`]). Bounded: when full, it starts over.
 #[derive(Default)]
@@ -836,9 +846,9 @@ impl Store {
     /// [`Self::persist`] for a run read without its lock at `version`, in one
     /// statement that commits on its own: it writes only if the run is still at
     /// that version (and its audit head where it was), and records `inboxed` in
-    /// the inbox. `None`: the run moved on, or the transition needs more than
-    /// one statement (it ends the run, or updates an attempt it creates); nothing
-    /// was written and the caller applies it under the run's lock instead.
+    /// the inbox. [`Unwritten`]: the run moved on, or the transition needs more
+    /// than one statement (it ends the run, or updates an attempt it creates);
+    /// nothing was written and the caller applies it under the run's lock instead.
     async fn persist_guarded(
         &self,
         mut state: RunState,
@@ -846,10 +856,10 @@ impl Store {
         version: i64,
         epoch: Option<i64>,
         inbox: Vec<Inboxed>,
-    ) -> Result<Option<Vec<OutboxMsg>>, StoreError> {
+    ) -> Result<Result<Vec<OutboxMsg>, Unwritten>, StoreError> {
         let folded = self.fold(&state, fx);
         if folded.released || !folded.late.updates.is_empty() {
-            return Ok(None);
+            return Ok(Err(Unwritten::NeedsLock));
         }
         let head = state.audit_head.take().unwrap_or_else(|| audit::GENESIS.to_owned());
         let audit = audit::link(head.clone(), folded.entries(state.id, &self.actor));
@@ -863,7 +873,7 @@ impl Store {
             inbox,
         };
         let Some((out, mut state)) = self.batcher.submit(&self.pool, self.claim, write).await? else {
-            return Ok(None);
+            return Ok(Err(Unwritten::Moved));
         };
         // Kept as written, for the run's next results.
         if !state.status.is_terminal() {
@@ -876,7 +886,7 @@ impl Store {
                 cached: true,
             });
         }
-        Ok(Some(out))
+        Ok(Ok(out))
     }
 
     async fn history(
@@ -1034,15 +1044,17 @@ impl Store {
             };
             let cached = s.cached;
             match self.apply_to_snapshot(rs, s).await? {
-                Some(done) => return Ok(Some(done)),
+                Ok(done) => return Ok(Some(done)),
                 // The run changed since this scheduler wrote it (another replica,
                 // a timer, an operator): once more from what it is now.
-                None if cached => {
+                Err(Unwritten::Moved) if cached => {
                     count_snapshot("stale");
                     self.cache.shared(run_id);
                     snapshot = self.read_run(run_id, facts).await?;
                 }
-                None => return Ok(None),
+                // The transition is one for the run's lock (it ends the run, say):
+                // the snapshot was fine, and reading it again would not help.
+                Err(Unwritten::Moved | Unwritten::NeedsLock) => return Ok(None),
             }
         }
     }
@@ -1051,7 +1063,7 @@ impl Store {
         &self,
         rs: &[StepResult],
         snapshot: Snapshot,
-    ) -> Result<Option<(Vec<ResultApplied>, Vec<OutboxMsg>)>, StoreError> {
+    ) -> Result<Result<(Vec<ResultApplied>, Vec<OutboxMsg>), Unwritten>, StoreError> {
         let Snapshot {
             mut state,
             version,
