@@ -87,10 +87,16 @@ const KEEPER_TICK: Duration = Duration::from_millis(100);
 /// absorb the copy (the scheduler's inbox, a daemon's duplicate check).
 const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 
+/// Why lapin declined to settle a delivery: its channel closed (the broker
+/// has given the message back already), or it was settled before.
+const UNSETTLED: &str = "the delivery's channel is closed, or the delivery was settled already";
+
 /// Acknowledges a delivery, bounded by [`SETTLE_PATIENCE`].
 pub async fn ack(delivery: &Delivery) -> Result<(), AmqpError> {
     match tokio::time::timeout(SETTLE_PATIENCE, delivery.ack(BasicAckOptions::default())).await {
-        Ok(done) => done.map(drop).map_err(AmqpError::op("basic.ack")),
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(AmqpError::Disconnected(UNSETTLED)),
+        Ok(Err(e)) => Err(AmqpError::op("basic.ack")(e)),
         Err(_) => Err(AmqpError::Disconnected("basic.ack got no answer in time")),
     }
 }
@@ -102,7 +108,9 @@ pub async fn nack(delivery: &Delivery, requeue: bool) -> Result<(), AmqpError> {
         ..Default::default()
     };
     match tokio::time::timeout(SETTLE_PATIENCE, delivery.nack(opts)).await {
-        Ok(done) => done.map(drop).map_err(AmqpError::op("basic.nack")),
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(AmqpError::Disconnected(UNSETTLED)),
+        Ok(Err(e)) => Err(AmqpError::op("basic.nack")(e)),
         Err(_) => Err(AmqpError::Disconnected("basic.nack got no answer in time")),
     }
 }

@@ -240,7 +240,7 @@ pub struct DaemonSettings {
     /// Address for `/healthz`, `/readyz` and `/metrics`; empty disables them.
     pub http_listen: String,
     /// A job that ends within this many milliseconds reports only its outcome
-    /// (the job's delivery stays unacknowledged until then); a longer one
+    /// (the job's delivery stays unacknowledged until its work is done); a longer one
     /// reports `started` at this point. 0 reports `started` before the work
     /// begins.
     pub report_started_after_ms: u64,

@@ -124,6 +124,9 @@ struct Shared {
     hand_back: CancellationToken,
     /// A job that ends sooner reports only its outcome (`daemon.report_started_after_ms`).
     report_started_after: Duration,
+    /// Job subscriptions cancelled at shutdown, kept (with their channels)
+    /// until the jobs they delivered are settled.
+    consumed: Mutex<Vec<Subscription>>,
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains within the grace period.
@@ -152,6 +155,7 @@ pub async fn run(
         }),
         hand_back: CancellationToken::new(),
         report_started_after: Duration::from_millis(config.daemon.report_started_after_ms),
+        consumed: Mutex::new(Vec::new()),
     });
     let stop_intake = CancellationToken::new();
     if !config.daemon.http_listen.is_empty() {
@@ -245,6 +249,7 @@ pub async fn run(
         shared.hand_back.cancel();
         drain(&jobs, Duration::from_secs(10)).await;
     }
+    shared.consumed.lock().expect("lock").clear();
     broker.close().await;
     tracing::info!("daemon stopped");
     Ok(())
@@ -286,8 +291,12 @@ async fn job_loop(
             drop(permit);
         });
     }
-    // Unacked prefetched deliveries go back to the queue when the consumer is cancelled.
+    // Unacked prefetched deliveries go back to the queue when the consumer is
+    // cancelled. The channel stays open until the running jobs are drained
+    // (`Shared::consumed`): closing it would also give back the quick jobs
+    // still running unacknowledged, for another daemon to run again.
     sub.cancel().await;
+    shared.consumed.lock().expect("lock").push(sub);
     Ok(())
 }
 
@@ -436,7 +445,7 @@ async fn run_job(
     let started_at = Utc::now();
     // A quick job reports only its outcome: `started` would reach the
     // scheduler a moment before it and cost a publish, a delivery and an inbox
-    // row. Its delivery stays unacknowledged until the outcome is out, so a
+    // row. Its delivery stays unacknowledged until the work is done, so a
     // daemon that dies meanwhile leaves the job to the broker to redeliver.
     let quiet = shared.report_started_after;
     let mut acked = false;
@@ -570,20 +579,43 @@ async fn run_job(
     };
     tokio::pin!(running);
     let outcome = if acked {
-        running.await
+        Some(running.await)
     } else {
         match tokio::time::timeout(quiet, &mut running).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => Some(outcome),
             Err(_) => {
                 // Still at work: say so, so the broker can forget the delivery and
-                // the scheduler sees the attempt running. If `started` cannot be
-                // sent, the work goes on; the delivery is settled after the outcome.
-                acked = report_started(shared, &job, &delivery).await;
-                running.await
+                // the scheduler sees the attempt running. The work goes on
+                // meanwhile (a slow broker must not pause it).
+                let announce = report_started(shared, &job, &delivery);
+                tokio::pin!(announce);
+                let mut finished = None;
+                acked = loop {
+                    tokio::select! {
+                        ok = &mut announce => break ok,
+                        out = &mut running, if finished.is_none() => finished = Some(out),
+                    }
+                };
+                match finished {
+                    Some(outcome) => Some(outcome),
+                    None if acked => Some(running.await),
+                    // Nobody knows the job started, and its delivery was not
+                    // settled: stop the work and give the job back, as a daemon
+                    // that cannot report `started` before the work would.
+                    None => None,
+                }
             }
         }
     };
     heartbeat.abort();
+    let Some(outcome) = outcome else {
+        m.add("baton_daemon_jobs_in_flight", "Jobs executing now", &labels, -1.0);
+        tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, "cannot report started; the work is stopped and the job handed back");
+        let _ = crate::amqp::nack(&delivery, true).await;
+        shared.running.lock().expect("lock").remove(&key);
+        shared.seen.lock().expect("lock").forget(job.message_id);
+        return;
+    };
     let current = tracing::Span::current();
     match &outcome {
         Ok(_) => current.record("baton.outcome", "succeeded"),
@@ -624,18 +656,25 @@ async fn run_job(
             tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, attempt = job.attempt, kind = %job.kind, code = %e.code, error = %e.message, "job failed")
         }
     }
-    crate::failpoint::hit("daemon-before-outcome");
+    crate::failpoint::hit("daemon-after-work");
+    if !acked {
+        // A quick job is settled once its work is done and before its outcome
+        // goes out. A daemon that dies between the two leaves an attempt that
+        // the scheduler's lease catches, as one that dies after reporting
+        // `started` does; a job the broker gave to another daemon after its
+        // outcome was reported would run twice for nothing.
+        if let Err(e) = crate::amqp::ack(&delivery).await {
+            // The broker gives the job back (or has already): the duplicate check
+            // here or the scheduler's fencing absorbs the copy.
+            tracing::warn!(error = %e, "ack failed after the work");
+        }
+    }
     // Keep trying: the scheduler is waiting for exactly this message. If it
     // never arrives, the lease expires and the step's retry policy decides.
     let mut delay = Duration::from_millis(100);
     for _ in 0..20 {
         match report(shared, &job, status, error.clone(), outputs.clone(), Some(started_at)).await {
             Ok(()) => {
-                if !acked && let Err(e) = crate::amqp::ack(&delivery).await {
-                    // The outcome is out; a redelivery is absorbed by the
-                    // duplicate check here or by the scheduler's fencing.
-                    tracing::warn!(error = %e, "ack failed after reporting the outcome");
-                }
                 crate::failpoint::hit("daemon-after-outcome");
                 return;
             }
@@ -646,12 +685,7 @@ async fn run_job(
             }
         }
     }
-    if acked {
-        tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
-    } else {
-        tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the job is handed back to the broker");
-        let _ = crate::amqp::nack(&delivery, true).await;
-    }
+    tracing::error!(run_id = %job.run_id, step_id = %job.step_id, "result could not be sent; the scheduler's lease will expire");
 }
 
 /// Reports `started` and then acknowledges the job's delivery; false if the

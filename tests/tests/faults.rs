@@ -383,22 +383,27 @@ async fn slow_daemon_killed_after_publishing_its_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_daemon_killed_after_a_quick_job_before_its_outcome_the_broker_redelivers_the_same_attempt() {
+async fn slow_daemon_killed_after_a_quick_job_s_work_before_acking_it_the_broker_redelivers_the_same_attempt() {
     let env = TestEnv::new("fault-quick-outcome").await;
     // Every job is quick: it reports only its outcome, and its delivery is
-    // acknowledged only after that.
+    // acknowledged only once its work is done.
     env.script(json!({"default": {"delay_ms": 0}}));
     let _scheduler = env.scheduler("scheduler").await;
     let dir = env.dir.to_str().unwrap().to_owned();
     let crash = [
-        ("BATON_FAILPOINTS", "daemon-before-outcome"),
+        ("BATON_FAILPOINTS", "daemon-after-work"),
         ("BATON_FAILPOINT_DIR", dir.as_str()),
         ("BATON_DAEMON__CONCURRENCY", "1"),
     ];
     let mut first = env.daemon_with("daemon-1", SEED_BINDINGS, &crash).await;
     let killed = first.pid();
     let run = env.enqueue(&event("crash-quick", 1, &["src/app.ts"]));
-    wait_exit(&env, &mut first, "the daemon to crash with a finished job unreported").await;
+    wait_exit(
+        &env,
+        &mut first,
+        "the daemon to crash with a finished job unacknowledged",
+    )
+    .await;
     let done: Vec<ExecLine> = env
         .exec_log()
         .into_iter()
