@@ -848,3 +848,87 @@ async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_fir
         assert_eq!(q.message_count(), 0, "{zone}'s job queue is empty");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_broker() {
+    let env = TestEnv::new("quiet-sigterm").await;
+    // 300 ms of work inside a 1,000 ms quiet start: the job's delivery is
+    // unacknowledged while it runs.
+    env.script(json!({"default": {"delay_ms": 300}}));
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    let mut daemon = env
+        .daemon_with(
+            "daemon",
+            &["staging.db-migration"],
+            &[("BATON_DAEMON__REPORT_STARTED_AFTER_MS", "1000")],
+        )
+        .await;
+    let mut job = step_job("staging", "db-migration", 60);
+    env.scheduler_key.sign(&mut job);
+    let probe = format!("probe-{}", Uuid::new_v4());
+    ch.queue_declare(
+        probe.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        probe.as_str().into(),
+        topology::RESULTS_EXCHANGE.into(),
+        topology::result_key(job.run_id).as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        JOBS_EXCHANGE.into(),
+        "staging.db-migration".into(),
+        BasicPublishOptions::default(),
+        &job.to_bytes(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    env.wait_until("the job to start", RUN_TIMEOUT, async || {
+        env.exec_log()
+            .iter()
+            .any(|l| l.run_id == job.run_id && l.event == "start")
+    })
+    .await;
+    assert!(daemon.terminate(Duration::from_secs(30)), "the daemon stops on SIGTERM");
+
+    let seen = probe_results(&env, &ch, &probe, |seen| {
+        seen.iter().any(|(_, m)| m.status == ResultStatus::Succeeded)
+    })
+    .await;
+    let statuses: Vec<ResultStatus> = seen.iter().map(|(_, m)| m.status).collect();
+    assert_eq!(statuses, [ResultStatus::Succeeded], "finished within the grace period");
+    // Its channel stayed open until it was settled: nothing went back to the queue.
+    let q = ch
+        .queue_declare(
+            topology::job_queue("staging", "db-migration").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0, "the finished job was given back to the broker");
+    let starts = env
+        .exec_log()
+        .iter()
+        .filter(|l| l.run_id == job.run_id && l.event == "start")
+        .count();
+    assert_eq!(starts, 1);
+}
