@@ -710,6 +710,58 @@ async fn operator_can_roll_back_a_finished_run() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+/// A probe queue of this connection bound to the result shards of `jobs`'
+/// runs; each job is then published to its zone and role.
+async fn probe_and_publish(ch: &lapin::Channel, jobs: &[&StepJob]) -> String {
+    let probe = format!("probe-{}", Uuid::new_v4());
+    ch.queue_declare(
+        probe.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    for j in jobs {
+        ch.queue_bind(
+            probe.as_str().into(),
+            topology::RESULTS_EXCHANGE.into(),
+            topology::result_key(j.run_id).as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_publish(
+            JOBS_EXCHANGE.into(),
+            format!("{}.{}", j.zone, j.role).as_str().into(),
+            BasicPublishOptions::default(),
+            &j.to_bytes(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    probe
+}
+
+/// Messages ready in a zone's db-migration job queue.
+async fn ready_jobs(ch: &lapin::Channel, zone: &str) -> u32 {
+    ch.queue_declare(
+        topology::job_queue(zone, "db-migration").as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
 /// The results a probe queue bound to the runs' result shards received, as
 /// `(run, status)` in arrival order, heartbeats left out, until `done` says so.
 async fn probe_results(
@@ -764,37 +816,7 @@ async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_fir
     let quick = job("staging", "quick");
     let slow = job("staging", "slow");
     let eager = job("production", "quick");
-    let probe = format!("probe-{}", Uuid::new_v4());
-    ch.queue_declare(
-        probe.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    for j in [&quick, &slow, &eager] {
-        ch.queue_bind(
-            probe.as_str().into(),
-            topology::RESULTS_EXCHANGE.into(),
-            topology::result_key(j.run_id).as_str().into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        ch.basic_publish(
-            JOBS_EXCHANGE.into(),
-            format!("{}.db-migration", j.zone).as_str().into(),
-            BasicPublishOptions::default(),
-            &j.to_bytes(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    }
+    let probe = probe_and_publish(&ch, &[&quick, &slow, &eager]).await;
     let runs = [quick.run_id, slow.run_id, eager.run_id];
     let seen = probe_results(&env, &ch, &probe, |seen| {
         runs.iter().all(|run| {
@@ -834,18 +856,7 @@ async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_fir
         assert!(d.terminate(Duration::from_secs(30)), "the daemon stops on SIGTERM");
     }
     for zone in ["staging", "production"] {
-        let q = ch
-            .queue_declare(
-                topology::job_queue(zone, "db-migration").as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(q.message_count(), 0, "{zone}'s job queue is empty");
+        assert_eq!(ready_jobs(&ch, zone).await, 0, "{zone}'s job queue is empty");
     }
 }
 
@@ -869,35 +880,7 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
         .await;
     let mut job = step_job("staging", "db-migration", 60);
     env.scheduler_key.sign(&mut job);
-    let probe = format!("probe-{}", Uuid::new_v4());
-    ch.queue_declare(
-        probe.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        probe.as_str().into(),
-        topology::RESULTS_EXCHANGE.into(),
-        topology::result_key(job.run_id).as_str().into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.basic_publish(
-        JOBS_EXCHANGE.into(),
-        "staging.db-migration".into(),
-        BasicPublishOptions::default(),
-        &job.to_bytes(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let probe = probe_and_publish(&ch, &[&job]).await;
     env.wait_until("the job to start", RUN_TIMEOUT, async || {
         env.exec_log()
             .iter()
@@ -913,18 +896,11 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
     let statuses: Vec<ResultStatus> = seen.iter().map(|(_, m)| m.status).collect();
     assert_eq!(statuses, [ResultStatus::Succeeded], "finished within the grace period");
     // Its channel stayed open until it was settled: nothing went back to the queue.
-    let q = ch
-        .queue_declare(
-            topology::job_queue("staging", "db-migration").as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0, "the finished job was given back to the broker");
+    assert_eq!(
+        ready_jobs(&ch, "staging").await,
+        0,
+        "the finished job was given back to the broker"
+    );
     let starts = env
         .exec_log()
         .iter()
