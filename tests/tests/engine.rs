@@ -713,6 +713,16 @@ async fn operator_can_roll_back_a_finished_run() {
 /// A probe queue of this connection bound to the result shards of `jobs`'
 /// runs; each job is then published to its zone and role.
 async fn probe_and_publish(ch: &lapin::Channel, jobs: &[&StepJob]) -> String {
+    let probe = probe_queue(ch).await;
+    for j in jobs {
+        bind_probe(ch, &probe, j.run_id).await;
+    }
+    publish_jobs(ch, jobs).await;
+    probe
+}
+
+/// An exclusive queue of this connection, bound to nothing yet.
+async fn probe_queue(ch: &lapin::Channel) -> String {
     let probe = format!("probe-{}", Uuid::new_v4());
     ch.queue_declare(
         probe.as_str().into(),
@@ -724,16 +734,25 @@ async fn probe_and_publish(ch: &lapin::Channel, jobs: &[&StepJob]) -> String {
     )
     .await
     .unwrap();
+    probe
+}
+
+/// Binds `queue` to the result shard of `run`.
+async fn bind_probe(ch: &lapin::Channel, queue: &str, run: Uuid) {
+    ch.queue_bind(
+        queue.into(),
+        topology::RESULTS_EXCHANGE.into(),
+        topology::result_key(run).as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Publishes each job to its zone and role.
+async fn publish_jobs(ch: &lapin::Channel, jobs: &[&StepJob]) {
     for j in jobs {
-        ch.queue_bind(
-            probe.as_str().into(),
-            topology::RESULTS_EXCHANGE.into(),
-            topology::result_key(j.run_id).as_str().into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
         ch.basic_publish(
             JOBS_EXCHANGE.into(),
             format!("{}.{}", j.zone, j.role).as_str().into(),
@@ -744,7 +763,6 @@ async fn probe_and_publish(ch: &lapin::Channel, jobs: &[&StepJob]) -> String {
         .await
         .unwrap();
     }
-    probe
 }
 
 /// Messages ready in a zone's db-migration job queue.
@@ -907,4 +925,69 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
         .filter(|l| l.run_id == job.run_id && l.event == "start")
         .count();
     assert_eq!(starts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_quiet_start_that_cannot_report_started_is_stopped_and_handed_back() {
+    let env = TestEnv::new("started-unsent").await;
+    // 400 ms of work, well past the 10 ms quiet start: the daemon must say
+    // `started` before the work may finish.
+    env.script(json!({"default": {"delay_ms": 400}}));
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    // A delivery limit high enough that the job keeps coming back while the
+    // broker cannot route its results.
+    let mut daemon = env
+        .daemon_with(
+            "daemon",
+            &["staging.db-migration"],
+            &[("BATON_AMQP__DELIVERY_LIMIT", "1000")],
+        )
+        .await;
+    let mut job = step_job("staging", "db-migration", 60);
+    env.scheduler_key.sign(&mut job);
+    // Nothing receives this run's results: `started` comes back unroutable.
+    let shard = topology::result_shard(job.run_id);
+    ch.queue_unbind(
+        topology::result_shard_queue(shard).as_str().into(),
+        topology::RESULTS_EXCHANGE.into(),
+        topology::result_key(job.run_id).as_str().into(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let probe = probe_queue(&ch).await;
+    publish_jobs(&ch, &[&job]).await;
+    let events = |event: &str| {
+        env.exec_log()
+            .iter()
+            .filter(|l| l.run_id == job.run_id && l.event == event)
+            .count()
+    };
+    env.wait_until("the job to be started three times", RUN_TIMEOUT, async || {
+        events("start") >= 3
+    })
+    .await;
+    assert_eq!(
+        events("end"),
+        0,
+        "work whose start could not be reported was finished anyway"
+    );
+
+    // Once results are routed again, the next delivery reports `started`
+    // and finishes the same attempt.
+    bind_probe(&ch, &probe, job.run_id).await;
+    let seen = probe_results(&env, &ch, &probe, |seen| {
+        seen.iter().any(|(_, m)| m.status == ResultStatus::Succeeded)
+    })
+    .await;
+    let statuses: Vec<ResultStatus> = seen.iter().map(|(_, m)| m.status).collect();
+    assert_eq!(statuses, [ResultStatus::Started, ResultStatus::Succeeded]);
+    assert!(seen.iter().all(|(_, m)| m.attempt == job.attempt), "{seen:?}");
+    assert_eq!(events("end"), 1, "the work finished once");
+    assert!(daemon.terminate(Duration::from_secs(30)), "the daemon stops on SIGTERM");
+    assert_eq!(ready_jobs(&ch, "staging").await, 0, "the finished job is settled");
 }
