@@ -467,6 +467,59 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environment() {
+    let env = TestEnv::new("ingest-order").await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    // Jobs wait in their queues: no daemon takes them, and runs stay running.
+    for binding in SEED_BINDINGS {
+        let (zone, role) = binding.split_once('.').unwrap();
+        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
+            .await
+            .unwrap();
+    }
+    // Everything is waiting in the queue when the scheduler starts, so it
+    // ingests several events at once: one environment's six interleaved with
+    // six others, one event each.
+    let mut enqueued = Vec::new();
+    for n in 1..=6u8 {
+        enqueued.push(env.enqueue(&event("ordered", n, &["src/app.ts"])));
+        env.enqueue(&event(&format!("other-{n}"), n, &["src/app.ts"]));
+    }
+    let _scheduler = env.scheduler("scheduler").await;
+    env.wait_until("all twelve runs recorded", RUN_TIMEOUT, async || {
+        let n: i64 = sqlx::query_scalar("select count(*) from runs")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        n == 12
+    })
+    .await;
+    let queued: Vec<Uuid> = sqlx::query_scalar("select id from runs where service = 'ordered' order by seq")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, enqueued, "one environment's runs are queued in arrival order");
+    env.wait_until("every environment's first run admitted", RUN_TIMEOUT, async || {
+        let running: Vec<String> =
+            sqlx::query_scalar("select service from runs where status = 'running' order by service")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        running.len() == 7
+    })
+    .await;
+    let first = env.run(enqueued[0]).await.unwrap();
+    assert_eq!(
+        first.status, "running",
+        "the first of the environment's runs is the one admitted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
     let env = TestEnv::new("dead-letters").await;
     let conn = env.amqp().await;
