@@ -81,7 +81,7 @@ impl Default for SchedulerSettings {
             claim_ms: 5_000,
             timer_poll_ms: 100,
             result_concurrency: 16,
-            prefetch: 64,
+            prefetch: 256,
             optimistic_apply: true,
             write_concurrency: 1,
             write_batch: 64,
