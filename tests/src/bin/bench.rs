@@ -270,8 +270,23 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 #[derive(Debug, Serialize)]
 struct Latency {
     pipeline: Stats,
+    pipeline_parts: PipelineParts,
     step_overhead: Stats,
     overhead_parts: OverheadParts,
+}
+
+/// A run, its first job's delivery, its last result's sending and its end.
+type RunEnds = (uuid::Uuid, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>);
+
+/// The seed pipeline's ends, outside its steps (see [`latency`]).
+#[derive(Debug, Serialize)]
+struct PipelineParts {
+    /// The merge event's publish started → the run's first job delivered to
+    /// its daemon (the event's way to the scheduler, the run's creation and
+    /// admission, the first job's way to its daemon).
+    enqueue_to_first_job: Stats,
+    /// The run's last result sent by its daemon → the run recorded as ended.
+    last_result_to_end: Stats,
 }
 
 /// Step overhead in two parts (see [`latency`]); all stamps come from one machine's clock.
@@ -301,13 +316,30 @@ async fn latency(runs: usize) -> Latency {
     }
     let mut total = Vec::new();
     let mut ids = Vec::new();
+    let mut enqueued = Vec::new();
     for i in 0..runs {
         let t0 = Utc::now();
         let id = b.enqueue(&event("latency", (i % 250) as u8, EVERYTHING)).await;
         let end = b.finished(&[id], Duration::from_secs(60)).await[0];
         total.push(ms(end - t0));
         ids.push(id);
+        enqueued.push(t0);
     }
+    // Each run's first job delivered, and its last result sent and its end.
+    let ends: Vec<RunEnds> = sqlx::query_as(
+        "select r.id, (select min(a.started_at) from attempts a where a.run_id = r.id),
+                (select max(i.reported_at) from inbox i where i.run_id = r.id), r.finished_at
+           from runs r where r.id = any($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&b.env.pool)
+    .await
+    .unwrap();
+    let enqueued_at = |run: uuid::Uuid| enqueued[ids.iter().position(|&i| i == run).expect("a measured run")];
+    let pipeline_parts = PipelineParts {
+        enqueue_to_first_job: stats(ends.iter().map(|e| ms(e.1 - enqueued_at(e.0))).collect()),
+        last_result_to_end: stats(ends.iter().map(|e| ms(e.3 - e.2)).collect()),
+    };
     // started_at of a step (stamped by the daemon on delivery) minus the latest
     // result time of the steps it needs (stamped by their daemon on sending).
     // The same gap in two parts, split where the transition creates the next
@@ -346,6 +378,7 @@ async fn latency(runs: usize) -> Latency {
     }
     Latency {
         pipeline: stats(total),
+        pipeline_parts,
         step_overhead: stats(rows.iter().map(|r| r.0).collect()),
         overhead_parts: OverheadParts {
             result_to_job: stats(rows.iter().map(|r| r.1).collect()),
@@ -629,6 +662,16 @@ async fn main() {
         lat.step_overhead.p99_ms / floor.round_trip.p50_ms
     );
     println!("{:<44} {}", "seed pipeline, 11 steps, enqueue → end", f(&lat.pipeline));
+    println!(
+        "{:<44} {}",
+        "  enqueue → first job in its daemon",
+        f(&lat.pipeline_parts.enqueue_to_first_job)
+    );
+    println!(
+        "{:<44} {}",
+        "  last result sent → run ended",
+        f(&lat.pipeline_parts.last_result_to_end)
+    );
     println!();
     println!(
         "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10} {:>10} {:>6}",
