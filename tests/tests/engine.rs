@@ -469,11 +469,7 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environment() {
     let env = TestEnv::new("ingest-order").await;
-    let conn = env.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
-        .await
-        .unwrap();
+    let (_conn, ch) = core_channel(&env).await;
     // Jobs wait in their queues: no daemon takes them, and runs stay running.
     for binding in SEED_BINDINGS {
         let (zone, role) = binding.split_once('.').unwrap();
@@ -522,11 +518,7 @@ async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
     let env = TestEnv::new("dead-letters").await;
-    let conn = env.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
-        .await
-        .unwrap();
+    let (_conn, ch) = core_channel(&env).await;
     let _daemon = env.daemon("daemon", &["staging.db-migration"]).await;
 
     let signed = |mut j: StepJob| {
@@ -763,6 +755,31 @@ async fn operator_can_roll_back_a_finished_run() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+/// A channel of a new connection, with the core topology declared.
+async fn core_channel(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    (conn, ch)
+}
+
+/// A staging db-migration job of a new run, signed by the scheduler.
+fn signed_staging_job(env: &TestEnv) -> StepJob {
+    let mut job = step_job("staging", "db-migration", 60);
+    env.scheduler_key.sign(&mut job);
+    job
+}
+
+/// How many times the test daemon logged `event` for `run`.
+fn exec_events(env: &TestEnv, run: Uuid, event: &str) -> usize {
+    env.exec_log()
+        .iter()
+        .filter(|l| l.run_id == run && l.event == event)
+        .count()
+}
+
 /// A probe queue of this connection bound to the result shards of `jobs`'
 /// runs; each job is then published to its zone and role.
 async fn probe_and_publish(ch: &lapin::Channel, jobs: &[&StepJob]) -> String {
@@ -863,11 +880,7 @@ async fn probe_results(
 async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_first() {
     let env = TestEnv::new("started-report").await;
     env.script(json!({"default": {"delay_ms": 0}, "execute": {"slow": {"delay_ms": 500}}}));
-    let conn = env.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
-        .await
-        .unwrap();
+    let (_conn, ch) = core_channel(&env).await;
     // The default (10 ms) in staging; `started` always first in production.
     let quiet_daemon = env.daemon("daemon-quiet", &["staging.db-migration"]).await;
     let eager_daemon = env
@@ -937,11 +950,7 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
     // 300 ms of work inside a 1,000 ms quiet start: the job's delivery is
     // unacknowledged while it runs.
     env.script(json!({"default": {"delay_ms": 300}}));
-    let conn = env.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
-        .await
-        .unwrap();
+    let (_conn, ch) = core_channel(&env).await;
     let mut daemon = env
         .daemon_with(
             "daemon",
@@ -949,13 +958,10 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
             &[("BATON_DAEMON__REPORT_STARTED_AFTER_MS", "1000")],
         )
         .await;
-    let mut job = step_job("staging", "db-migration", 60);
-    env.scheduler_key.sign(&mut job);
+    let job = signed_staging_job(&env);
     let probe = probe_and_publish(&ch, &[&job]).await;
     env.wait_until("the job to start", RUN_TIMEOUT, async || {
-        env.exec_log()
-            .iter()
-            .any(|l| l.run_id == job.run_id && l.event == "start")
+        exec_events(&env, job.run_id, "start") > 0
     })
     .await;
     assert!(daemon.terminate(Duration::from_secs(30)), "the daemon stops on SIGTERM");
@@ -972,12 +978,7 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
         0,
         "the finished job was given back to the broker"
     );
-    let starts = env
-        .exec_log()
-        .iter()
-        .filter(|l| l.run_id == job.run_id && l.event == "start")
-        .count();
-    assert_eq!(starts, 1);
+    assert_eq!(exec_events(&env, job.run_id, "start"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -986,11 +987,7 @@ async fn a_job_past_its_quiet_start_that_cannot_report_started_is_stopped_and_ha
     // 400 ms of work, well past the 10 ms quiet start: the daemon must say
     // `started` before the work may finish.
     env.script(json!({"default": {"delay_ms": 400}}));
-    let conn = env.amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    topology::declare_core(&ch, topology::DEFAULT_DELIVERY_LIMIT)
-        .await
-        .unwrap();
+    let (_conn, ch) = core_channel(&env).await;
     // A delivery limit high enough that the job keeps coming back while the
     // broker cannot route its results.
     let mut daemon = env
@@ -1000,8 +997,7 @@ async fn a_job_past_its_quiet_start_that_cannot_report_started_is_stopped_and_ha
             &[("BATON_AMQP__DELIVERY_LIMIT", "1000")],
         )
         .await;
-    let mut job = step_job("staging", "db-migration", 60);
-    env.scheduler_key.sign(&mut job);
+    let job = signed_staging_job(&env);
     // Nothing receives this run's results: `started` comes back unroutable.
     let shard = topology::result_shard(job.run_id);
     ch.queue_unbind(
@@ -1014,12 +1010,7 @@ async fn a_job_past_its_quiet_start_that_cannot_report_started_is_stopped_and_ha
     .unwrap();
     let probe = probe_queue(&ch).await;
     publish_jobs(&ch, &[&job]).await;
-    let events = |event: &str| {
-        env.exec_log()
-            .iter()
-            .filter(|l| l.run_id == job.run_id && l.event == event)
-            .count()
-    };
+    let events = |event: &str| exec_events(&env, job.run_id, event);
     env.wait_until("the job to be started three times", RUN_TIMEOUT, async || {
         events("start") >= 3
     })
