@@ -72,6 +72,17 @@ pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<
     rows.insert(tx).await
 }
 
+/// [`append_many`] for the rows of a run inserted by this transaction: its
+/// chain is locked and its head read as for any run, but the run's version
+/// is not bumped, since no transition can have read a run not yet committed.
+pub async fn append_to_new_run(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let rows = link_onto_heads(tx, entries, None, false).await?;
+    rows.insert(tx).await
+}
+
 /// Audit rows with their hashes computed, ready to insert (alone, or as part of
 /// a larger statement) in the transaction that holds their chains' locks.
 #[derive(Debug, Default)]
@@ -92,12 +103,22 @@ pub struct Rows {
 ///
 /// `known`: the head of one run's chain that the caller read while holding that
 /// chain's lock in this transaction (its lock and head are not read again).
+pub async fn chain(
+    tx: &mut Transaction<'_, Postgres>,
+    entries: Vec<Entry<'_>>,
+    known: Option<(Uuid, String)>,
+) -> Result<Rows, StoreError> {
+    link_onto_heads(tx, entries, known, true).await
+}
+
+/// [`chain`]; `bump`: whether appending to a run's chain bumps its version.
 // The head lookup is async, so the map entry API cannot do it.
 #[allow(clippy::map_entry)]
-pub async fn chain(
+async fn link_onto_heads(
     tx: &mut Transaction<'_, Postgres>,
     mut entries: Vec<Entry<'_>>,
     known: Option<(Uuid, String)>,
+    bump: bool,
 ) -> Result<Rows, StoreError> {
     let mut heads: HashMap<Option<Uuid>, String> = known.into_iter().map(|(r, h)| (Some(r), h)).collect();
     let mut rows = Rows::default();
@@ -119,10 +140,12 @@ pub async fn chain(
                     // computed from an unlocked read must notice it (store.rs,
                     // optimistic apply). The bump waits for such a transition to
                     // commit, and the head is read after it, in a new snapshot.
-                    sqlx::query("update runs set version = version + 1 where id = $1")
-                        .bind(r)
-                        .execute(&mut **tx)
-                        .await?;
+                    if bump {
+                        sqlx::query("update runs set version = version + 1 where id = $1")
+                            .bind(r)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
                     sqlx::query_scalar("select hash from audit where run_id = $1 order by id desc limit 1")
                         .bind(r)
                         .fetch_optional(&mut **tx)

@@ -480,41 +480,10 @@ impl Store {
     async fn try_ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
         let merge_gate = gates::merge_gate(event, &self.settings.gates.merge).map_err(StoreError::MergeGate)?;
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context)
-             values ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) on conflict (id) do nothing",
-        )
-        .bind(plan.run_id)
-        .bind(&event.service)
-        .bind(&event.environment)
-        .bind(&event.commit_sha)
-        .bind(Json(event))
-        .bind(Json(plan))
-        .bind(&plan.hash)
-        .bind(baton_shared::telemetry::traceparent(
-            baton_shared::telemetry::new_trace_id(),
-            baton_shared::telemetry::new_span_id(),
-            rand::random::<f64>() < self.sample_ratio,
-        ))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            self.history(
-                &mut tx,
-                Some(plan.run_id),
-                None,
-                None,
-                "duplicate_merge_event",
-                json!({"commit_sha": event.commit_sha}),
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok((Ingested::Duplicate(plan.run_id), Vec::new()));
-        }
         let state = RunState::planned(event, plan);
-        // All steps in one statement (their needs and gates are JSON arrays there,
-        // which `jsonb_to_recordset` turns into text arrays).
+        // All steps in the run's statement (their needs and gates are JSON
+        // arrays there, which `jsonb_to_recordset` turns into text arrays);
+        // they are inserted only if the run was.
         let steps: Vec<Value> = state
             .steps
             .iter()
@@ -529,20 +498,51 @@ impl Store {
                 })
             })
             .collect();
-        sqlx::query(
-            "insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                                status, timeout_ms, retry, params, gates, restore_from_backup)
-             select $1, step_id, position, role, zone, action, compensate, needs, included, reason,
-                    status, timeout_ms, retry, params, gates, restore_from_backup
-               from jsonb_to_recordset($2) as x(step_id text, position int, role text, zone text, action text,
-                                                compensate text, needs text[], included bool, reason text,
-                                                status text, timeout_ms bigint, retry jsonb, params jsonb,
-                                                gates text[], restore_from_backup bool)",
+        let inserted: bool = sqlx::query_scalar(
+            "with run as (
+                 insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context)
+                 values ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) on conflict (id) do nothing
+                 returning id
+             ), steps as (
+                 insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
+                                    status, timeout_ms, retry, params, gates, restore_from_backup)
+                 select run.id, step_id, position, role, zone, action, compensate, needs, included, reason,
+                        status, timeout_ms, retry, params, gates, restore_from_backup
+                   from run, jsonb_to_recordset($9) as x(step_id text, position int, role text, zone text, action text,
+                                                         compensate text, needs text[], included bool, reason text,
+                                                         status text, timeout_ms bigint, retry jsonb, params jsonb,
+                                                         gates text[], restore_from_backup bool)
+             )
+             select exists (select 1 from run)",
         )
         .bind(plan.run_id)
+        .bind(&event.service)
+        .bind(&event.environment)
+        .bind(&event.commit_sha)
+        .bind(Json(event))
+        .bind(Json(plan))
+        .bind(&plan.hash)
+        .bind(baton_shared::telemetry::traceparent(
+            baton_shared::telemetry::new_trace_id(),
+            baton_shared::telemetry::new_span_id(),
+            rand::random::<f64>() < self.sample_ratio,
+        ))
         .bind(Json(&steps))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        if !inserted {
+            self.history(
+                &mut tx,
+                Some(plan.run_id),
+                None,
+                None,
+                "duplicate_merge_event",
+                json!({"commit_sha": event.commit_sha}),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok((Ingested::Duplicate(plan.run_id), Vec::new()));
+        }
         let created = json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()});
         let gate = json!({"gate": "merge", "verdict": "pass", "reason": merge_gate});
         let entry = |kind, detail| audit::Entry {
@@ -554,7 +554,8 @@ impl Store {
             kind,
             detail,
         };
-        audit::append_many(&mut tx, vec![entry("run_created", &created), entry("gate", &gate)]).await?;
+        // Nobody can have read the run yet: its version need not move.
+        audit::append_to_new_run(&mut tx, vec![entry("run_created", &created), entry("gate", &gate)]).await?;
         let mut out = Vec::new();
         self.admit(&mut tx, &event.service, &event.environment, &mut out)
             .await?;
@@ -576,29 +577,21 @@ impl Store {
             .execute(&mut **tx)
             .await?;
         loop {
-            let held: Option<Uuid> =
-                sqlx::query_scalar("select run_id from env_locks where service = $1 and environment = $2")
-                    .bind(service)
-                    .bind(environment)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            if held.is_some() {
-                return Ok(());
-            }
+            // The environment's lock goes to its oldest queued run, if it is free
+            // (the advisory lock above keeps this check and insert one step).
             let next: Option<Uuid> = sqlx::query_scalar(
-                "select id from runs where service = $1 and environment = $2 and status = 'queued' order by seq limit 1",
+                "insert into env_locks (service, environment, run_id)
+                 select $1, $2, id from runs
+                  where service = $1 and environment = $2 and status = 'queued'
+                    and not exists (select 1 from env_locks where service = $1 and environment = $2)
+                  order by seq limit 1
+                 returning run_id",
             )
             .bind(service)
             .bind(environment)
             .fetch_optional(&mut **tx)
             .await?;
             let Some(run_id) = next else { return Ok(()) };
-            sqlx::query("insert into env_locks (service, environment, run_id) values ($1, $2, $3)")
-                .bind(service)
-                .bind(environment)
-                .bind(run_id)
-                .execute(&mut **tx)
-                .await?;
             let mut state = self.load(tx, run_id).await?.ok_or(StoreError::NotFound(run_id))?;
             let mut fx = vec![Effect::History {
                 step: None,
