@@ -426,7 +426,7 @@ async fn timer_loop(
 }
 
 /// Merge events ingested at once. Each is a transaction of about a dozen
-/// statements and a commit; one at a time, ingestion capped a scheduler at
+/// round trips and a commit; one at a time, ingestion capped a scheduler at
 /// about 45 new runs per second on the benchmark machine.
 const INGEST_CONCURRENCY: usize = 8;
 
