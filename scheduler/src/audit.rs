@@ -65,21 +65,25 @@ pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<
 /// insert for all of them (a transition writes several rows; this keeps it to
 /// a few round trips).
 pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let rows = chain(tx, entries, None).await?;
-    rows.insert(tx).await
+    link_and_insert(tx, entries, true).await
 }
 
 /// [`append_many`] for the rows of a run inserted by this transaction: its
 /// chain is locked and its head read as for any run, but the run's version
 /// is not bumped, since no transition can have read a run not yet committed.
 pub async fn append_to_new_run(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+    link_and_insert(tx, entries, false).await
+}
+
+async fn link_and_insert(
+    tx: &mut Transaction<'_, Postgres>,
+    entries: Vec<Entry<'_>>,
+    bump: bool,
+) -> Result<(), StoreError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let rows = link_onto_heads(tx, entries, None, false).await?;
+    let rows = link_onto_heads(tx, entries, None, bump).await?;
     rows.insert(tx).await
 }
 
