@@ -386,7 +386,10 @@ async fn slow_daemon_killed_after_publishing_its_outcome() {
 async fn slow_daemon_killed_after_a_quick_job_s_work_before_acking_it_the_broker_redelivers_the_same_attempt() {
     let env = TestEnv::new("fault-quick-outcome").await;
     // Every job is quick: it reports only its outcome, and its delivery is
-    // acknowledged only once its work is done.
+    // acknowledged only once its work is done. The quiet start is a second
+    // here, not the default 10 ms, so that a loaded machine (CI) cannot make
+    // a job without work look slow: one that did reported `started`, was
+    // acked, and its attempt was left to the lease.
     env.script(json!({"default": {"delay_ms": 0}}));
     let _scheduler = env.scheduler("scheduler").await;
     let dir = env.dir.to_str().unwrap().to_owned();
@@ -394,6 +397,7 @@ async fn slow_daemon_killed_after_a_quick_job_s_work_before_acking_it_the_broker
         ("BATON_FAILPOINTS", "daemon-after-work"),
         ("BATON_FAILPOINT_DIR", dir.as_str()),
         ("BATON_DAEMON__CONCURRENCY", "1"),
+        ("BATON_DAEMON__REPORT_STARTED_AFTER_MS", "1000"),
     ];
     let mut first = env.daemon_with("daemon-1", SEED_BINDINGS, &crash).await;
     let killed = first.pid();
