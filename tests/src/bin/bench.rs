@@ -226,6 +226,18 @@ impl Baton {
         ev.run_id()
     }
 
+    /// One seed pipeline run each for services `{prefix}-0` to `{prefix}-{n-1}`.
+    async fn enqueue_services(&self, prefix: &str, n: usize) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            ids.push(
+                self.enqueue(&event(&format!("{prefix}-{i}"), (i % 250) as u8, EVERYTHING))
+                    .await,
+            );
+        }
+        ids
+    }
+
     async fn finished(&self, runs: &[Uuid], patience: Duration) -> Vec<DateTime<Utc>> {
         let deadline = Instant::now() + patience;
         let mut pending: Vec<Uuid> = runs.to_vec();
@@ -480,27 +492,12 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
     // about six times on each of them (~7 ms a plan) before it keeps a generic
     // plan. Left in, that start-up cost is a larger share of a short run and
     // doubles with two schedulers; the warm-up runs it out first.
-    let warm_up: Vec<Uuid> = {
-        let mut ids = Vec::new();
-        for i in 0..runs.min(TP_WARM_UP_RUNS) {
-            ids.push(
-                b.enqueue(&event(&format!("warm-{i}"), (i % 250) as u8, EVERYTHING))
-                    .await,
-            );
-        }
-        ids
-    };
+    let warm_up = b.enqueue_services("warm", runs.min(TP_WARM_UP_RUNS)).await;
     b.finished(&warm_up, Duration::from_secs(600)).await;
     let before = WriteMetrics::read(&b).await;
     let cpu0 = busy_cpu_ms();
     let t0 = Utc::now();
-    let mut ids = Vec::with_capacity(runs);
-    for i in 0..runs {
-        ids.push(
-            b.enqueue(&event(&format!("svc-{i}"), (i % 250) as u8, EVERYTHING))
-                .await,
-        );
-    }
+    let ids = b.enqueue_services("svc", runs).await;
     let ends = b.finished(&ids, Duration::from_secs(1200)).await;
     let cpu_ms = busy_cpu_ms() - cpu0;
     if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
@@ -539,13 +536,7 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
 /// start to the next dispatch.
 async fn recovery() -> f64 {
     let mut b = baton("bench-recovery", 1).await;
-    let mut ids = Vec::new();
-    for i in 0..200 {
-        ids.push(
-            b.enqueue(&event(&format!("rec-{i}"), (i % 250) as u8, EVERYTHING))
-                .await,
-        );
-    }
+    let ids = b.enqueue_services("rec", 200).await;
     b.env
         .wait_until("some dispatches", Duration::from_secs(60), async || {
             let n: i64 = sqlx::query_scalar("select count(*) from attempts")
