@@ -489,8 +489,8 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
     let b = baton(&format!("bench-tp-{runs}-{schedulers}"), schedulers).await;
     // Sustained throughput is a warm scheduler's: each fresh process opens its
     // pool's connections, and PostgreSQL plans the large write statement
-    // about six times on each of them (~7 ms a plan) before it keeps a generic
-    // plan. Left in, that start-up cost is a larger share of a short run and
+    // six times on each of them (4–9 ms a plan under load) before it keeps a
+    // generic plan. Left in, that start-up cost is a larger share of a short run and
     // doubles with two schedulers; the warm-up runs it out first.
     let warm_up = b.enqueue_services("warm", runs.min(TP_WARM_UP_RUNS)).await;
     b.finished(&warm_up, Duration::from_secs(600)).await;
