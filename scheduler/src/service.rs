@@ -99,9 +99,18 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     .with_optimistic_apply(config.scheduler.optimistic_apply)
     .with_writes(config.scheduler.write_concurrency, config.scheduler.write_batch);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
-    topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit)
-        .await
-        .map_err(AmqpError::op("declare topology"))?;
+    if let Err(e) = topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit).await {
+        let hint = e.to_string().contains("inequivalent arg").then_some(
+            " (a queue was declared with other arguments, e.g. by an older Baton: \
+             see \"Upgrading\" in ops/README.md)",
+        );
+        return Err(
+            anyhow::Error::new(AmqpError::op("declare topology")(e)).context(format!(
+                "cannot declare the broker topology{}",
+                hint.unwrap_or_default()
+            )),
+        );
+    }
     let renewed = store.renew_leases().await?;
     tracing::info!(%instance, renewed_leases = renewed, pipeline = %pipeline.name, "scheduler starting");
 

@@ -124,6 +124,18 @@ fn quorum_args(dead_letter: bool, delivery_limit: i64) -> FieldTable {
     args
 }
 
+/// The merge events queue's arguments: a quorum queue like the others, with a
+/// single active consumer. Whichever scheduler replica consumes first gets
+/// every event, in the order CI published them, and the next one takes over
+/// when its consumer goes (a crash closes its connection). Spread over several
+/// replicas, two events of one environment could be ingested in either order,
+/// and an older commit queued to deploy after a newer one.
+pub fn merge_events_args(delivery_limit: i64) -> FieldTable {
+    let mut args = quorum_args(true, delivery_limit);
+    args.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+    args
+}
+
 async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin::Result<()> {
     let opts = ExchangeDeclareOptions {
         durable: true,
@@ -164,7 +176,12 @@ pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()
     exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
     quorum_queue(ch, DEAD_QUEUE, false, delivery_limit).await?;
     bind(ch, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
-    quorum_queue(ch, MERGE_EVENTS_QUEUE, true, delivery_limit).await?;
+    ch.queue_declare(
+        MERGE_EVENTS_QUEUE.into(),
+        QueueDeclareOptions::durable(),
+        merge_events_args(delivery_limit),
+    )
+    .await?;
     bind(ch, MERGE_EVENTS_QUEUE, EVENTS_EXCHANGE, MERGE_EVENTS_KEY).await?;
     quorum_queue(ch, RESULTS_QUEUE, true, delivery_limit).await?;
     bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await?;

@@ -357,19 +357,28 @@ impl TestEnv {
             .ok()
     }
 
-    /// Starts a scheduler and waits until it consumes merge events.
+    /// Starts a scheduler and waits until merge events are consumed (by it, or
+    /// by a replica already running: the queue has one active consumer).
     pub async fn scheduler(&self, label: &str) -> Proc {
         let p = self.spawn_scheduler(label);
         self.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 1).await;
         p
     }
 
-    /// Starts two scheduler replicas and waits until both consume merge events.
+    /// Starts two scheduler replicas and waits until both consume results.
+    /// The first takes the merge events; the second waits as the queue's
+    /// standby consumer, which the broker does not count.
     pub async fn two_schedulers(&self, a: &str, b: &str) -> (Proc, Proc) {
         let first = self.scheduler(a).await;
         let second = self.spawn_scheduler(b);
-        self.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, 2).await;
+        self.wait_replicas(2).await;
         (first, second)
+    }
+
+    /// Waits until `n` scheduler replicas consume results: each consumes
+    /// `baton.results` (the unsharded queue) once.
+    pub async fn wait_replicas(&self, n: u32) {
+        self.wait_consumers(baton_shared::topology::RESULTS_QUEUE, n).await;
     }
 
     /// Waits until scheduler `label`'s latest result-shard assignment is among

@@ -515,6 +515,129 @@ async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environme
     );
 }
 
+/// With two replicas, one replica takes every merge event (the queue has a
+/// single active consumer), so one environment's runs are queued in the order
+/// CI published them even while the other replica is frozen; when the first
+/// dies, the other takes over. Spread over both, the frozen replica would hold
+/// every other event, and they would be queued late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_queue_one_environment_s_merge_events_in_publish_order_and_one_takes_over() {
+    let env = TestEnv::new("ingest-order-two").await;
+    let (_conn, ch) = core_channel(&env).await;
+    // No daemon: each environment's first run holds its lock, the rest wait.
+    for binding in SEED_BINDINGS {
+        let (zone, role) = binding.split_once('.').unwrap();
+        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
+            .await
+            .unwrap();
+    }
+    let (mut first, second) = env.two_schedulers("first", "second").await;
+    second.stop();
+    let events: Vec<_> = (1..=6u8)
+        .flat_map(|n| {
+            [
+                event("ordered", n, &["src/app.ts"]),
+                event(&format!("other-{n}"), n, &["src/app.ts"]),
+            ]
+        })
+        .collect();
+    let ids = env.enqueue_burst(&events).await;
+    let mut published: Vec<Uuid> = ids.iter().step_by(2).copied().collect();
+    let recorded = async |n: i64| {
+        let count: i64 = sqlx::query_scalar("select count(*) from runs")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        count == n
+    };
+    env.wait_until(
+        "all twelve runs recorded while the second replica is frozen",
+        Duration::from_secs(30),
+        async || recorded(12).await,
+    )
+    .await;
+    second.cont();
+    let queued = async || -> Vec<Uuid> {
+        sqlx::query_scalar("select id from runs where service = 'ordered' order by seq")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(queued().await, published, "runs queued in the order CI published them");
+
+    // The replica that took the events dies; the other takes the next ones.
+    first.kill();
+    published.extend(
+        env.enqueue_burst(&[
+            event("ordered", 7, &["src/app.ts"]),
+            event("ordered", 8, &["src/app.ts"]),
+        ])
+        .await,
+    );
+    env.wait_until(
+        "the second replica to ingest the events published after the first died",
+        RUN_TIMEOUT,
+        async || recorded(14).await,
+    )
+    .await;
+    assert_eq!(queued().await, published, "runs queued in the order CI published them");
+}
+
+/// A broker whose merge events queue an older Baton declared (without a
+/// single active consumer) stops the scheduler at start with an error that
+/// names the queue, the argument and what to do, and the queue keeps its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_events_queue_declared_by_an_older_baton_stops_the_scheduler_with_a_clear_error() {
+    let env = TestEnv::new("old-merge-queue").await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    // Today's arguments less the single active consumer.
+    let mut old = lapin::types::FieldTable::default();
+    for (k, v) in topology::merge_events_args(topology::DEFAULT_DELIVERY_LIMIT).inner() {
+        if k.as_str() != "x-single-active-consumer" {
+            old.insert(k.clone(), v.clone());
+        }
+    }
+    ch.queue_declare(
+        topology::MERGE_EVENTS_QUEUE.into(),
+        QueueDeclareOptions::durable(),
+        old.clone(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        topology::MERGE_EVENTS_QUEUE.into(),
+        BasicPublishOptions::default(),
+        b"{}",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut scheduler = env.spawn_scheduler("scheduler");
+    env.wait_until("the scheduler to stop", RUN_TIMEOUT, async || !scheduler.is_running())
+        .await;
+    let log = env.log("scheduler");
+    for needle in [
+        "cannot declare the broker topology",
+        "x-single-active-consumer",
+        "baton.merge-events",
+        "Upgrading",
+    ] {
+        assert!(log.contains(needle), "the error names {needle:?}:\n{log}");
+    }
+    let ch = conn.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(topology::MERGE_EVENTS_QUEUE.into(), passive, old)
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 1, "the old queue keeps its event");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
     let env = TestEnv::new("dead-letters").await;

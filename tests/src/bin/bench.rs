@@ -193,8 +193,7 @@ async fn baton(name: &str, schedulers: usize) -> Baton {
     for i in 1..schedulers {
         procs.push(env.spawn_scheduler(&format!("scheduler-{i}")));
     }
-    env.wait_consumers(baton_shared::topology::MERGE_EVENTS_QUEUE, schedulers as u32)
-        .await;
+    env.wait_replicas(schedulers as u32).await;
     let daemon = env.spawn_noop_daemon(
         "daemon",
         SEED_BINDINGS,
