@@ -675,7 +675,8 @@ async fn dispatch(cli: Cli) -> Outcome {
                 cfg.engine_settings().map_err(bad_input)?,
                 Duration::ZERO,
                 format!("cli:{}", whoami()),
-            );
+            )
+            .with_queue_policy(cfg.scheduler.queue_policy);
             match st.request_rollback(run, &reason).await {
                 Ok(_) => {
                     if cli.json {
@@ -706,9 +707,13 @@ fn exit_for(view: &RunView) -> ExitCode {
 
 fn exit_for_status(status: &str) -> ExitCode {
     match status.parse::<RunStatus>() {
-        Ok(RunStatus::Failed | RunStatus::RolledBack | RunStatus::RollbackFailed | RunStatus::Cancelled) => {
-            ExitCode::from(1)
-        }
+        Ok(
+            RunStatus::Failed
+            | RunStatus::RolledBack
+            | RunStatus::RollbackFailed
+            | RunStatus::Cancelled
+            | RunStatus::Superseded,
+        ) => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }
 }

@@ -68,6 +68,21 @@ pub struct SchedulerSettings {
     pub write_concurrency: usize,
     /// The most runs one optimistic write statement carries (1: each alone).
     pub write_batch: usize,
+    /// Which waiting run an environment takes when it frees: `fifo` (every
+    /// run, oldest first) or `newest` (older waiting runs end `superseded`).
+    pub queue_policy: QueuePolicy,
+}
+
+/// Which of an environment's waiting runs deploys next (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueuePolicy {
+    /// Every run deploys, in the order its merge event arrived.
+    #[default]
+    Fifo,
+    /// Only the newest waiting run deploys: a run queued behind a waiting one
+    /// ends that one `superseded` (its commit is in the newer one's history).
+    Newest,
 }
 
 impl Default for SchedulerSettings {
@@ -85,6 +100,7 @@ impl Default for SchedulerSettings {
             optimistic_apply: true,
             write_concurrency: 1,
             write_batch: 64,
+            queue_policy: QueuePolicy::Fifo,
         }
     }
 }
@@ -158,6 +174,32 @@ impl Config {
             format!("scheduler@{}-{}", host.trim(), std::process::id())
         } else {
             self.scheduler.instance.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(name: &str, toml: &str) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!("baton-config-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let loaded = baton_shared::config::load::<Config>(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    #[test]
+    fn the_queue_policy_is_fifo_or_newest_and_anything_else_is_named() {
+        assert_eq!(Config::default().scheduler.queue_policy, QueuePolicy::Fifo);
+        let newest = load_toml("newest", "[scheduler]\nqueue_policy = \"newest\"\n").unwrap();
+        assert_eq!(newest.scheduler.queue_policy, QueuePolicy::Newest);
+        let err = load_toml("latest", "[scheduler]\nqueue_policy = \"latest\"\n")
+            .unwrap_err()
+            .to_string();
+        for needle in ["queue_policy", "latest", "fifo", "newest"] {
+            assert!(err.contains(needle), "the error names {needle:?}: {err}");
         }
     }
 }

@@ -68,6 +68,7 @@ string_enum!(RunStatus {
     RolledBack => "rolled_back",
     RollbackFailed => "rollback_failed",
     Cancelled => "cancelled",
+    Superseded => "superseded",
     Blocked => "blocked",
     AwaitingApproval => "awaiting_approval",
 });
@@ -76,7 +77,12 @@ impl RunStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Failed | Self::RolledBack | Self::RollbackFailed | Self::Cancelled
+            Self::Succeeded
+                | Self::Failed
+                | Self::RolledBack
+                | Self::RollbackFailed
+                | Self::Cancelled
+                | Self::Superseded
         )
     }
 
@@ -1023,6 +1029,27 @@ impl RunState {
                 action: "cancel",
             }),
         }
+    }
+
+    /// A newer run of the same environment queued behind this one, and the
+    /// environment deploys only its newest waiting run: this one ends without
+    /// starting. Only a run not yet admitted can be superseded.
+    pub fn supersede(&mut self, by: Uuid, now: DateTime<Utc>, fx: &mut Effects) -> Result<(), EngineError> {
+        if self.status != RunStatus::Queued {
+            return Err(EngineError::WrongState {
+                run: self.id,
+                status: self.status,
+                action: "supersede",
+            });
+        }
+        for s in self.steps.iter_mut().filter(|s| s.status == StepStatus::Pending) {
+            s.status = StepStatus::Cancelled;
+            s.dirty = true;
+        }
+        self.rollback_reason = Some(format!("superseded by run {by}"));
+        Self::history(fx, None, None, "superseded", json!({"by": by}));
+        self.set_status(RunStatus::Superseded, now, fx);
+        Ok(())
     }
 
     fn begin_rollback(&mut self, reason: String, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {

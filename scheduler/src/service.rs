@@ -97,7 +97,8 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     )
     .with_sample_ratio(config.telemetry.sample_ratio)
     .with_optimistic_apply(config.scheduler.optimistic_apply)
-    .with_writes(config.scheduler.write_concurrency, config.scheduler.write_batch);
+    .with_writes(config.scheduler.write_concurrency, config.scheduler.write_batch)
+    .with_queue_policy(config.scheduler.queue_policy);
     let broker = Broker::connect_retrying(&config.amqp, &format!("baton {instance}"), Duration::from_secs(60)).await?;
     if let Err(e) = topology::declare_core(&broker.channel().await?, config.amqp.delivery_limit).await {
         let hint = e.to_string().contains("inequivalent arg").then_some(

@@ -19,6 +19,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::audit;
+use crate::config::QueuePolicy;
 use crate::engine::{Applied, Effect, Effects, EngineError, Hold, RunState, RunStatus, Settings, StepState, TimerKind};
 use crate::gates::{self, Approval, Decision, Facts};
 use crate::planner::Plan;
@@ -385,6 +386,8 @@ pub struct Store {
     /// Combines the optimistic writes of different runs.
     batcher: std::sync::Arc<Batcher>,
     cache: std::sync::Arc<Cache>,
+    /// Which waiting run an environment admits next.
+    queue_policy: QueuePolicy,
 }
 
 /// The notification channel on which replicas announce joining and leaving.
@@ -427,7 +430,14 @@ impl Store {
             optimistic: true,
             batcher: std::sync::Arc::new(Batcher::new(DEFAULT_WRITES.0, DEFAULT_WRITES.1)),
             cache: std::sync::Arc::default(),
+            queue_policy: QueuePolicy::Fifo,
         }
+    }
+
+    /// Which waiting run an environment admits next (FIFO by default).
+    pub fn with_queue_policy(mut self, policy: QueuePolicy) -> Self {
+        self.queue_policy = policy;
+        self
     }
 
     /// Sets the share of runs whose traces are sampled.
@@ -563,7 +573,9 @@ impl Store {
         Ok((Ingested::Created(plan.run_id), out))
     }
 
-    /// Admits waiting runs of one environment, oldest first, while the lock is free.
+    /// Admits waiting runs of one environment, oldest first, while the lock is
+    /// free; under [`QueuePolicy::Newest`] the older waiting runs are
+    /// superseded first, so the newest is the one left to admit.
     async fn admit(
         &self,
         tx: &mut Tx<'_>,
@@ -576,6 +588,9 @@ impl Store {
             .bind(format!("{service}/{environment}"))
             .execute(&mut **tx)
             .await?;
+        if self.queue_policy == QueuePolicy::Newest {
+            self.supersede_waiting(tx, service, environment, out).await?;
+        }
         loop {
             // The environment's lock goes to its oldest queued run, if it is free
             // (the advisory lock above keeps this check and insert one step).
@@ -606,6 +621,35 @@ impl Store {
             }
             // The run ended at once (every step skipped): admit the next one.
         }
+    }
+
+    /// Ends every queued run of the environment but the newest `superseded`.
+    /// Called under the environment's admission lock.
+    async fn supersede_waiting(
+        &self,
+        tx: &mut Tx<'_>,
+        service: &str,
+        environment: &str,
+        out: &mut Vec<OutboxMsg>,
+    ) -> Result<(), StoreError> {
+        let queued: Vec<Uuid> = sqlx::query_scalar(
+            "select id from runs where service = $1 and environment = $2 and status = 'queued' order by seq",
+        )
+        .bind(service)
+        .bind(environment)
+        .fetch_all(&mut **tx)
+        .await?;
+        let Some((&newest, older)) = queued.split_last() else {
+            return Ok(());
+        };
+        for &run_id in older {
+            let mut state = self.load(tx, run_id).await?.ok_or(StoreError::NotFound(run_id))?;
+            let mut fx = Vec::new();
+            state.supersede(newest, Utc::now(), &mut fx)?;
+            // It never held the environment's lock: nothing is released.
+            self.persist(tx, &mut state, fx, out).await?;
+        }
+        Ok(())
     }
 
     /// Loads a run and locks its row for the rest of the transaction.

@@ -172,6 +172,9 @@ pub async fn export_once(
         }
         let otel_status = if status == "succeeded" {
             Status::Ok
+        } else if status == "superseded" {
+            // Not an error: a newer run deploys instead.
+            Status::Unset
         } else {
             Status::error(format!("{}: {}", code.unwrap_or_default(), message.unwrap_or_default()))
         };
@@ -222,7 +225,8 @@ pub async fn export_once(
         let events = sqlx::query(
             "select at, kind, step_id, detail::text as detail from audit
               where run_id = $1 and kind in ('retry_scheduled', 'stale_result', 'duplicate_result', 'cancel_sent',
-                                             'run_status', 'gate', 'gates_passed', 'approved', 'rejected')
+                                             'run_status', 'gate', 'gates_passed', 'approved', 'rejected',
+                                             'superseded')
               order by id",
         )
         .bind(id)
@@ -251,6 +255,9 @@ pub async fn export_once(
         }
         let otel_status = if status == "succeeded" {
             Status::Ok
+        } else if status == "superseded" {
+            // Not an error: a newer run deploys instead.
+            Status::Unset
         } else {
             Status::error(format!("run {status}"))
         };

@@ -466,6 +466,69 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
     executed_once(&env, first, &a);
 }
 
+/// `scheduler.queue_policy = "newest"`: each run queued behind a waiting one
+/// ends that one `superseded` without starting it, and when the environment
+/// frees, the newest deploys. Runs of other environments are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_deploys_next() {
+    let env = TestEnv::new("newest").await;
+    env.set_scheduler_env("BATON_SCHEDULER__QUEUE_POLICY", "newest");
+    env.script(json!({"default": {"delay_ms": 10}}));
+    let (_conn, ch) = core_channel(&env).await;
+    // No daemon yet: the first run holds the environment while the rest arrive.
+    for binding in SEED_BINDINGS {
+        let (zone, role) = binding.split_once('.').unwrap();
+        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
+            .await
+            .unwrap();
+    }
+    let _scheduler = env.scheduler("scheduler").await;
+    let first = env.enqueue(&event("newest", 1, &["src/app.ts"]));
+    env.wait_until("the first run admitted", RUN_TIMEOUT, async || {
+        env.run(first).await.is_some_and(|v| v.status == "running")
+    })
+    .await;
+    let other = env.enqueue(&event("newest", 2, &["src/app.ts"]));
+    let mut staging = event("newest", 2, &["src/app.ts"]);
+    staging["environment"] = "staging".into();
+    let elsewhere = env.enqueue(&staging);
+    let middle = env.enqueue(&event("newest", 3, &["src/app.ts"]));
+    let newest = env.enqueue(&event("newest", 4, &["src/app.ts"]));
+    for (run, by) in [(other, middle), (middle, newest)] {
+        env.wait_until(&format!("run {run} superseded"), RUN_TIMEOUT, async || {
+            env.run(run).await.is_some_and(|v| v.status == "superseded")
+        })
+        .await;
+        let view = env.run(run).await.unwrap();
+        let entry = view
+            .history
+            .iter()
+            .find(|h| h.kind == "superseded")
+            .expect("a superseded entry");
+        assert_eq!(entry.detail["by"], json!(by), "{view:#?}");
+        assert!(view.started_at.is_none() && view.finished_at.is_some(), "{view:#?}");
+        let shown = env.baton(&["runs", "show", &run.to_string()]);
+        assert_eq!(shown.status.code(), Some(1), "a superseded run exits 1");
+    }
+    assert_eq!(env.run(newest).await.unwrap().status, "queued");
+
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let a = env.wait_terminal(first, RUN_TIMEOUT).await;
+    let d = env.wait_terminal(newest, RUN_TIMEOUT).await;
+    assert_eq!((a.status.as_str(), d.status.as_str()), ("succeeded", "succeeded"));
+    assert!(
+        d.started_at.unwrap() >= a.finished_at.unwrap(),
+        "the newest waited for the first"
+    );
+    assert_eq!(env.wait_terminal(elsewhere, RUN_TIMEOUT).await.status, "succeeded");
+    let ran: BTreeSet<Uuid> = env.exec_log().iter().map(|l| l.run_id).collect();
+    assert!(
+        !ran.contains(&other) && !ran.contains(&middle),
+        "a superseded run executed nothing"
+    );
+    env.assert_audit_verifies();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environment() {
     let env = TestEnv::new("ingest-order").await;

@@ -460,3 +460,43 @@ fn an_irreversible_migration_is_undone_by_restoring_the_pre_deploy_backup() {
         }
     }
 }
+
+#[test]
+fn a_queued_run_is_superseded_without_starting_and_an_admitted_one_cannot_be() {
+    let mut run = run_for(EVERYTHING);
+    let newer = Uuid::new_v4();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.supersede(newer, now, &mut fx).unwrap();
+    assert_eq!(run.status, RunStatus::Superseded);
+    assert!(run.status.is_terminal());
+    assert_eq!(run.finished_at, Some(now));
+    assert!(run.started_at.is_none(), "it never started");
+    assert!(
+        run.steps
+            .iter()
+            .all(|s| matches!(s.status, StepStatus::Cancelled | StepStatus::Skipped)),
+        "no step is left to run"
+    );
+    assert!(dispatched(&fx).is_empty());
+    let said = fx
+        .iter()
+        .any(|e| matches!(e, Effect::History { kind: "superseded", detail, .. } if detail["by"] == json!(newer)));
+    assert!(said, "the history names the newer run: {fx:?}");
+
+    let mut admitted = run_for(EVERYTHING);
+    admitted.start(now, &settings(), &mut Vec::new());
+    assert_eq!(admitted.status, RunStatus::Running);
+    let refused = admitted.supersede(newer, now, &mut Vec::new());
+    assert!(
+        matches!(
+            refused,
+            Err(EngineError::WrongState {
+                action: "supersede",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(admitted.status, RunStatus::Running);
+}
