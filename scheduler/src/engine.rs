@@ -152,7 +152,8 @@ pub struct StepState {
     pub zone: String,
     pub action: String,
     pub compensate: Option<String>,
-    /// An `irreversible` compensation falls back to restoring the pre-deploy backup.
+    /// A compensation that reports one of [`RESTORE_WHEN`] falls back to
+    /// restoring the pre-deploy backup.
     pub restore_from_backup: bool,
     /// The compensation in flight is that restore, served by the backup role.
     pub restoring: bool,
@@ -289,6 +290,15 @@ pub enum EngineError {
 
 /// How a cancel's reason starts, so the run ends `cancelled` when nothing was undone.
 const CANCELLED_PREFIX: &str = "cancelled by operator: ";
+
+/// Compensation error codes after which a step with `restore_from_backup`
+/// restores its pre-deploy backup instead: the change has no down migration
+/// (`irreversible`), or its down migration failed (`rollback_failed`, once
+/// its retries are spent). The seed pipeline asks for both: "Run the down
+/// migration. If the down migration fails, restore from the pre-migration
+/// backup". Not `newer_migrations_applied`: restoring would also undo later
+/// deploys.
+const RESTORE_WHEN: [&str; 2] = ["irreversible", "rollback_failed"];
 
 /// Effects are collected here during one transition.
 pub type Effects = Vec<Effect>;
@@ -602,7 +612,9 @@ impl RunState {
                     json!({"error": err, "attempts": tries}),
                 );
             }
-            JobKind::Compensate if s.restore_from_backup && !s.restoring && err.code == "irreversible" => {
+            JobKind::Compensate
+                if s.restore_from_backup && !s.restoring && RESTORE_WHEN.contains(&err.code.as_str()) =>
+            {
                 match self.pre_deploy_backup(i) {
                     Ok(backup_id) => {
                         let s = &mut self.steps[i];
@@ -620,7 +632,7 @@ impl RunState {
                     Err(why) => {
                         let s = &mut self.steps[i];
                         let err = StepError::fatal(
-                            "irreversible",
+                            err.code.clone(),
                             format!("{}; and the pre-deploy backup cannot be restored: {why}", err.message),
                         );
                         s.error = Some(err.clone());

@@ -26,7 +26,8 @@
 //! timeout_secs = 600          # optional, else [defaults]
 //! retry = { max_attempts = 5 } # optional; fields left out come from [defaults]
 //! compensate = "rollback"     # optional: the action that undoes the step
-//! restore_from_backup = true  # optional: if the compensation reports `irreversible`, restore
+//! restore_from_backup = true  # optional: if the compensation reports `irreversible` (no down
+//!                             # migration) or `rollback_failed` (the down failed), restore
 //!                             # the zone's database from this run's pre-deploy backup (a
 //!                             # backup@<same zone> step with action pre-deploy, in `needs`)
 //! params = { soak_minutes = 15 }  # optional free-form parameters sent with the job

@@ -37,7 +37,8 @@ pub struct PlannedStep {
     pub zone: String,
     pub action: String,
     pub compensate: Option<String>,
-    /// An irreversible compensation falls back to restoring the pre-deploy backup.
+    /// A compensation that cannot undo the step (`irreversible`, or its down
+    /// migration failed) falls back to restoring the pre-deploy backup.
     #[serde(default)]
     pub restore_from_backup: bool,
     pub included: bool,

@@ -407,8 +407,22 @@ fn compensate_all(run: &mut RunState, mut fx: Effects, answer: impl Fn(&StepJob)
 }
 
 #[test]
-fn an_irreversible_migration_is_undone_by_restoring_the_pre_deploy_backup() {
-    for verified in [true, false] {
+fn an_irreversible_migration_or_a_failed_down_is_undone_by_restoring_the_pre_deploy_backup() {
+    let cases = [
+        ("irreversible", "0002_drop has no down migration", true),
+        ("irreversible", "0002_drop has no down migration", false),
+        (
+            "rollback_failed",
+            "down migration of 0002_drop failed at statement 1 of 1",
+            true,
+        ),
+        (
+            "rollback_failed",
+            "down migration of 0002_drop failed at statement 1 of 1",
+            false,
+        ),
+    ];
+    for (code, message, verified) in cases {
         let mut run = run_for(&["drizzle/migrations/0001_x.sql"]);
         let i = run.steps.iter().position(|s| s.id == "db.production").unwrap();
         run.steps[i].restore_from_backup = true;
@@ -426,7 +440,7 @@ fn an_irreversible_migration_is_undone_by_restoring_the_pre_deploy_backup() {
         let jobs = compensate_all(&mut run, fx, |j| {
             if j.step_id == "db.production" && j.role == "db-migration" {
                 let mut r = result(j, ResultStatus::Failed);
-                r.error = Some(StepError::fatal("irreversible", "0002_drop has no down migration"));
+                r.error = Some(StepError::fatal(code, message));
                 r
             } else {
                 let mut r = StepResult::for_job(j, "d1", ResultStatus::Succeeded);
@@ -456,6 +470,8 @@ fn an_irreversible_migration_is_undone_by_restoring_the_pre_deploy_backup() {
                     .contains("cannot be restored: backup.pre has no verified backup"),
                 "{e:?}"
             );
+            assert!(e.message.starts_with(message), "{e:?}");
+            assert_eq!(e.code, code, "the daemon's code is kept");
             assert_eq!(run.status, RunStatus::RollbackFailed);
         }
     }
