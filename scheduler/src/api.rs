@@ -165,7 +165,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(run) => Self::new(StatusCode::NOT_FOUND, "not_found", format!("run {run} not found")),
-            e @ (StoreError::Engine(_) | StoreError::Locked { .. }) => {
+            e @ (StoreError::Engine(_) | StoreError::Locked { .. } | StoreError::InUse { .. }) => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
             StoreError::MergeGate(reason) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "merge_gate", reason),
@@ -179,7 +179,7 @@ impl From<StoreError> for ApiError {
                 };
                 Self::new(status, code, e.to_string())
             }
-            e @ (StoreError::NoOpenIncident(_) | StoreError::NoDeadLetter(_)) => {
+            e @ (StoreError::NoOpenIncident(_) | StoreError::NoDeadLetter(_) | StoreError::NotLocked { .. }) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             e if e.is_unavailable() => {
@@ -289,6 +289,7 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
         ("post", "/v1/incidents", post(open_incident)),
         ("post", "/v1/incidents/{id}/resolve", post(resolve_incident)),
         ("get", "/v1/locks", get(list_locks)),
+        ("post", "/v1/locks/{service}/{environment}/release", post(release_lock)),
         ("get", "/v1/dlq", get(list_dead_letters)),
         ("post", "/v1/dlq/{id}/replay", post(replay_dead_letter)),
         ("post", "/v1/webhooks/ci", post(ci_webhook)),
@@ -498,6 +499,24 @@ async fn resolve_incident(
     let (view, out) = s.store.resolve_incident(store::IncidentKey::Id(id), &who).await?;
     s.relay.send(out);
     Ok(Json(view))
+}
+
+/// Releases an environment held after a failed rollback (operator).
+async fn release_lock(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((service, environment)): Path<(String, String)>,
+    bytes: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let req: CancelRequest = body(&bytes)?;
+    non_empty("reason", &req.reason)?;
+    let (run, out) = s
+        .store
+        .release_environment(&service, &environment, &who, &req.reason)
+        .await?;
+    s.relay.send(out);
+    Ok(Json(json!({"run_id": run, "release": "done"})))
 }
 
 async fn list_locks(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Json<Vec<store::LockView>>> {

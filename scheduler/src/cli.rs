@@ -114,7 +114,10 @@ enum Command {
         command: IncidentCommand,
     },
     /// Environment locks and the runs waiting for them.
-    Locks,
+    Locks {
+        #[command(subcommand)]
+        command: Option<LocksCommand>,
+    },
     /// Dead letters: what was refused or undeliverable, and why.
     Dlq {
         #[command(subcommand)]
@@ -188,6 +191,18 @@ enum IncidentCommand {
     List {
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LocksCommand {
+    /// Release an environment held after a failed rollback, once it has been
+    /// put right by hand; its next waiting run starts.
+    Release {
+        service: String,
+        environment: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -585,7 +600,33 @@ async fn dispatch(cli: Cli) -> Outcome {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Locks => {
+        Command::Locks {
+            command:
+                Some(LocksCommand::Release {
+                    service,
+                    environment,
+                    reason,
+                }),
+        } => {
+            let c = api_client(cli.config.as_deref())?;
+            let v: serde_json::Value = c
+                .post(
+                    &format!("/v1/locks/{service}/{environment}/release"),
+                    &serde_json::json!({"reason": reason}),
+                )
+                .await
+                .map_err(api_failure)?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{service}/{environment} released (held by run {}); its next waiting run, if any, starts",
+                    v["run_id"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Locks { command: None } => {
             let c = api_client(cli.config.as_deref())?;
             let locks: Vec<store::LockView> = c.get("/v1/locks").await.map_err(api_failure)?;
             if cli.json {

@@ -389,7 +389,20 @@ impl RunState {
         self.dirty = true;
         if status.is_terminal() {
             self.finished_at = Some(now);
-            fx.push(Effect::ReleaseLock);
+            if status == RunStatus::RollbackFailed {
+                // Left half undone, the environment takes no other deploy until
+                // an operator has looked at it (`baton locks release`).
+                Self::history(
+                    fx,
+                    None,
+                    None,
+                    "environment_held",
+                    json!({"service": self.service, "environment": self.environment,
+                           "release": "baton locks release <service> <environment> --reason <why>"}),
+                );
+            } else {
+                fx.push(Effect::ReleaseLock);
+            }
         }
     }
 

@@ -31,6 +31,27 @@ pub async fn render(pool: &PgPool, broker: &Broker, pipeline: &Pipeline) -> Resu
         );
     }
 
+    // Alert on this: an environment left half undone, taking no deploys until
+    // an operator releases it (`baton locks release`).
+    t.header(
+        "baton_environment_held",
+        "1 for each environment held after a failed rollback",
+        "gauge",
+    );
+    for r in sqlx::query(
+        "select l.service, l.environment from env_locks l join runs r on r.id = l.run_id
+          where r.status = 'rollback_failed' order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await?
+    {
+        let labels = l(&[
+            ("service", r.try_get("service")?),
+            ("environment", r.try_get("environment")?),
+        ]);
+        t.sample("baton_environment_held", &labels, 1.0);
+    }
+
     t.header("baton_steps", "Steps by role, zone and status", "gauge");
     for r in sqlx::query("select role, zone, status, count(*) as n from steps group by role, zone, status")
         .fetch_all(pool)

@@ -192,6 +192,18 @@ pub enum StoreError {
         environment: String,
         holder: Uuid,
     },
+    #[error("environment {service}/{environment} is not locked")]
+    NotLocked { service: String, environment: String },
+    #[error(
+        "environment {service}/{environment} is locked by run {holder}, which is {status}, not held after a \
+         failed rollback; cancel the run instead (baton cancel)"
+    )]
+    InUse {
+        service: String,
+        environment: String,
+        holder: Uuid,
+        status: String,
+    },
 }
 
 impl StoreError {
@@ -1582,6 +1594,66 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Releases an environment held by a run whose rollback failed, once an
+    /// operator has put it right, and admits the next waiting run. The release
+    /// is in the held run's history with who did it and why. An environment
+    /// locked by a run still under way is refused: that is `cancel`'s job.
+    pub async fn release_environment(
+        &self,
+        service: &str,
+        environment: &str,
+        who: &str,
+        reason: &str,
+    ) -> Result<(Uuid, Vec<OutboxMsg>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        // Admission's lock first, as `admit` takes it.
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{service}/{environment}"))
+            .execute(&mut *tx)
+            .await?;
+        let held: Option<(Uuid, String)> = sqlx::query_as(
+            "select l.run_id, r.status from env_locks l join runs r on r.id = l.run_id
+              where l.service = $1 and l.environment = $2",
+        )
+        .bind(service)
+        .bind(environment)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((holder, status)) = held else {
+            return Err(StoreError::NotLocked {
+                service: service.to_owned(),
+                environment: environment.to_owned(),
+            });
+        };
+        if status != RunStatus::RollbackFailed.as_str() {
+            return Err(StoreError::InUse {
+                service: service.to_owned(),
+                environment: environment.to_owned(),
+                holder,
+                status,
+            });
+        }
+        sqlx::query("delete from env_locks where service = $1 and environment = $2 and run_id = $3")
+            .bind(service)
+            .bind(environment)
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?;
+        self.history_as(
+            &mut tx,
+            who,
+            Some(holder),
+            None,
+            "environment_released",
+            json!({"service": service, "environment": environment, "reason": reason}),
+        )
+        .await?;
+        self.admit(&mut tx, service, environment, &mut out).await?;
+        tx.commit().await?;
+        Ok((holder, out))
     }
 
     /// Opens an incident; with a fingerprint (Alertmanager), an open incident with

@@ -723,3 +723,77 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
         "{warned:?}"
     );
 }
+
+/// DESIGN §7: a failed rollback stops. Its environment, left half undone,
+/// stays held: the next run waits until an operator releases it through the
+/// CLI (a viewer may not), the release is in the held run's history, and the
+/// held environment is a metric to alert on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rollback_holds_the_environment_until_an_operator_releases_it() {
+    let env = TestEnv::new("held-env").await;
+    let t = configure(&env, "");
+    env.script(json!({
+        "default": {"delay_ms": 20},
+        "execute": {"cdn": {"fail": {"code": "boom", "message": "upload rejected", "retryable": false}}},
+        "compensate": {"infra.production": {"fail": {"code": "state_locked", "message": "state lock held", "retryable": false}}}
+    }));
+    let scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let api = Api::of(&scheduler, &t);
+
+    let first = env.enqueue(&event("held", 1, baton_tests::EVERYTHING));
+    let v = env.wait_terminal(first, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rollback_failed", "{v:#?}");
+    assert!(v.history.iter().any(|h| h.kind == "environment_held"), "{v:#?}");
+    // A run is admitted in the transaction that records it: once it is
+    // recorded, queued means queued until something releases the environment.
+    let second = env.enqueue(&event("held", 2, &["src/app.ts"]));
+    env.wait_until("the second run recorded", RUN_TIMEOUT, async || {
+        env.run(second).await.is_some()
+    })
+    .await;
+    assert_eq!(env.run(second).await.unwrap().status, "queued");
+    let (code, out) = cli(&env, &api, &api.viewer, &["--json", "locks"]);
+    assert_eq!(code, Some(0), "{out}");
+    let locks = json_of(&out);
+    assert_eq!(locks[0]["run_id"], json!(first), "{locks}");
+    assert_eq!(locks[0]["run_status"], "rollback_failed", "{locks}");
+    assert_eq!(locks[0]["waiting"], json!([second]), "{locks}");
+    let (_, metrics) = api.get(&api.viewer, "/metrics").await;
+    assert!(
+        metrics.contains(r#"baton_environment_held{service="held",environment="production"} 1"#),
+        "{metrics}"
+    );
+
+    let release = [
+        "--json",
+        "locks",
+        "release",
+        "held",
+        "production",
+        "--reason",
+        "state unlocked by hand",
+    ];
+    let (code, out) = cli(&env, &api, &api.viewer, &release);
+    assert_eq!(code, Some(2), "a viewer may not release: {out}");
+    assert_eq!(env.run(second).await.unwrap().status, "queued");
+    let (code, out) = cli(&env, &api, &api.operator, &release);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(json_of(&out), json!({"run_id": first, "release": "done"}));
+
+    assert_eq!(env.wait_terminal(second, RUN_TIMEOUT).await.status, "succeeded");
+    let v = env.run(first).await.unwrap();
+    let released = v
+        .history
+        .iter()
+        .find(|h| h.kind == "environment_released")
+        .expect("the release is in the held run's history");
+    assert_eq!(released.actor, "otto");
+    assert_eq!(released.detail["reason"], "state unlocked by hand");
+    let (_, metrics) = api.get(&api.viewer, "/metrics").await;
+    assert!(!metrics.contains("baton_environment_held{"), "{metrics}");
+    // Nothing is held any more: a second release names what is wrong.
+    let (code, _) = cli(&env, &api, &api.operator, &release);
+    assert_eq!(code, Some(2), "an environment that is not locked cannot be released");
+    env.assert_audit_verifies();
+}
