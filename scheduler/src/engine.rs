@@ -157,6 +157,9 @@ pub struct StepState {
     pub restore_from_backup: bool,
     /// The compensation in flight is that restore, served by the backup role.
     pub restoring: bool,
+    /// Failing for good, the step flags the run for rollback review instead of
+    /// rolling it back (pipeline `on_failure = "review"`; nothing needs it).
+    pub review_on_failure: bool,
     pub needs: Vec<String>,
     pub gates: Vec<String>,
     pub hold: Option<Hold>,
@@ -316,6 +319,7 @@ impl RunState {
                 action: p.action.clone(),
                 compensate: p.compensate.clone(),
                 restore_from_backup: p.restore_from_backup,
+                review_on_failure: p.review_on_failure,
                 restoring: false,
                 needs: p.needs.clone(),
                 gates: p.gates.clone(),
@@ -792,7 +796,7 @@ impl RunState {
                 self.begin_rollback(format!("operator requested rollback: {reason}"), now, cfg, fx);
                 Ok(())
             }
-            RunStatus::Succeeded => {
+            RunStatus::Succeeded | RunStatus::Failed => {
                 self.finished_at = None;
                 self.rollback_reason = Some(format!("operator requested rollback: {reason}"));
                 self.set_status(RunStatus::RollingBack, now, fx);
@@ -842,7 +846,11 @@ impl RunState {
         if !self.status.is_active() {
             return;
         }
-        if let Some(failed) = self.steps.iter().find(|s| s.status == StepStatus::Failed) {
+        if let Some(failed) = self
+            .steps
+            .iter()
+            .find(|s| s.status == StepStatus::Failed && !s.review_on_failure)
+        {
             let reason = format!(
                 "step {} failed: {}",
                 failed.id,
@@ -933,12 +941,29 @@ impl RunState {
             self.advance(now, cfg, fx);
             return;
         }
-        if self
+        let flagged: Vec<&str> = self
             .steps
             .iter()
-            .all(|s| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped))
-        {
-            self.set_status(RunStatus::Succeeded, now, fx);
+            .filter(|s| s.status == StepStatus::Failed)
+            .map(|s| s.id.as_str())
+            .collect();
+        if self.steps.iter().all(|s| {
+            matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped)
+                || (s.status == StepStatus::Failed && s.review_on_failure)
+        }) {
+            if flagged.is_empty() {
+                self.set_status(RunStatus::Succeeded, now, fx);
+            } else {
+                // The deploy stays; a person decides whether to undo it.
+                Self::history(
+                    fx,
+                    None,
+                    None,
+                    "flagged_for_rollback_review",
+                    json!({"steps": flagged, "rollback": "baton rollback <run> --reason <why>"}),
+                );
+                self.set_status(RunStatus::Failed, now, fx);
+            }
             return;
         }
         self.settle(now, fx);

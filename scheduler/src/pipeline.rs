@@ -26,6 +26,9 @@
 //! timeout_secs = 600          # optional, else [defaults]
 //! retry = { max_attempts = 5 } # optional; fields left out come from [defaults]
 //! compensate = "rollback"     # optional: the action that undoes the step
+//! on_failure = "review"       # optional, default "rollback": if the step fails for good, the run
+//!                             # is not rolled back but ends `failed`, flagged for rollback review
+//!                             # (only for steps nothing else needs)
 //! restore_from_backup = true  # optional: if the compensation reports `irreversible` (no down
 //!                             # migration) or `rollback_failed` (the down failed), restore
 //!                             # the zone's database from this run's pre-deploy backup (a
@@ -229,6 +232,9 @@ pub struct StepDef {
     pub compensate: Option<String>,
     #[serde(default)]
     pub restore_from_backup: bool,
+    /// A failure of this step flags the run for rollback review instead of rolling it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review_on_failure: bool,
     pub params: Fields,
 }
 
@@ -327,6 +333,17 @@ impl Pipeline {
                         need: need.clone(),
                     });
                 }
+            }
+            if step.review_on_failure
+                && let Some(dependent) = self.steps.iter().find(|d| d.needs.contains(&step.id))
+            {
+                return Err(PipelineError::Invalid {
+                    at: step_at(&step.id),
+                    message: format!(
+                        "on_failure = \"review\" is only for steps nothing needs, and step {} needs it",
+                        dependent.id
+                    ),
+                });
             }
             if step.restore_from_backup
                 && !self.steps.iter().any(|b| {
@@ -615,6 +632,7 @@ const STEP_KEYS: &[&str] = &[
     "retry",
     "compensate",
     "restore_from_backup",
+    "on_failure",
     "params",
 ];
 const WHEN_KEYS: &[&str] = &["paths", "except", "flags"];
@@ -729,6 +747,7 @@ struct RawStep {
     compensate: Option<String>,
     #[serde(default)]
     restore_from_backup: bool,
+    on_failure: Option<String>,
     #[serde(default)]
     params: toml::Table,
 }
@@ -782,6 +801,16 @@ impl RawPipeline {
             .map(|raw| {
                 let needs = expand_needs(&raw.id, &raw.needs, &ids)?;
                 let params = params_to_fields(&raw.id, raw.params)?;
+                let review = match raw.on_failure.as_deref() {
+                    None | Some("rollback") => false,
+                    Some("review") => true,
+                    Some(other) => {
+                        return Err(PipelineError::Invalid {
+                            at: step_at(&raw.id),
+                            message: format!("on_failure is \"rollback\" or \"review\", not {other:?}"),
+                        });
+                    }
+                };
                 Ok(StepDef {
                     needs,
                     params,
@@ -799,6 +828,7 @@ impl RawPipeline {
                     gates: raw.gates,
                     compensate: raw.compensate,
                     restore_from_backup: raw.restore_from_backup,
+                    review_on_failure: review,
                 })
             })
             .collect::<Result<Vec<_>, PipelineError>>()?;
@@ -1168,6 +1198,34 @@ mod tests {
     }
 
     #[test]
+    fn on_failure_is_rollback_or_review_and_review_only_for_steps_nothing_needs() {
+        let p = parse(&format!(
+            "{}{}",
+            step("a", ""),
+            step("b", "needs = [\"a\"]\non_failure = \"review\"")
+        ))
+        .unwrap();
+        assert!(!p.step("a").unwrap().review_on_failure);
+        assert!(p.step("b").unwrap().review_on_failure);
+        let p = parse(&step("a", "on_failure = \"rollback\"")).unwrap();
+        assert!(!p.step("a").unwrap().review_on_failure);
+        let e = error(&step("a", "on_failure = \"ignore\""));
+        assert_eq!(e, r#"step "a": on_failure is "rollback" or "review", not "ignore""#);
+        let e = error(&format!(
+            "{}{}",
+            step("a", "on_failure = \"review\""),
+            step("b", "needs = [\"a\"]")
+        ));
+        assert_eq!(
+            e,
+            r#"step "a": on_failure = "review" is only for steps nothing needs, and step b needs it"#
+        );
+        let seed = Pipeline::seed();
+        assert!(seed.step("backup.post").unwrap().review_on_failure);
+        assert!(seed.steps.iter().filter(|s| s.review_on_failure).count() == 1);
+    }
+
+    #[test]
     fn zero_max_attempts_is_refused() {
         let e = error(&step("a", "retry = { max_attempts = 0 }"));
         assert_eq!(e, r#"step "a": retry.max_attempts must be at least 1"#);
@@ -1352,6 +1410,8 @@ mod tests {
     fn validate_catches_hand_built_cycles() {
         let mut p = Pipeline::seed();
         p.steps[0].needs.push("backup.post".into());
+        // A step with a review policy may not be needed at all; the cycle is the point here.
+        p.steps.iter_mut().for_each(|s| s.review_on_failure = false);
         let e = p.validate().unwrap_err().to_string();
         assert!(
             e.contains("needs form a cycle: build -> backup.post -> apply.production"),

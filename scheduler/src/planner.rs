@@ -41,6 +41,9 @@ pub struct PlannedStep {
     /// migration failed) falls back to restoring the pre-deploy backup.
     #[serde(default)]
     pub restore_from_backup: bool,
+    /// Failing, it flags the run for rollback review instead of rolling it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review_on_failure: bool,
     pub included: bool,
     /// Why the step is in or out, for people.
     pub reason: String,
@@ -125,6 +128,7 @@ pub fn plan(event: &MergeEvent, pipeline: &Pipeline) -> Result<Plan, PlanError> 
                 action: step.action.clone(),
                 compensate: step.compensate.clone(),
                 restore_from_backup: step.restore_from_backup,
+                review_on_failure: step.review_on_failure,
                 included: included_here,
                 reason,
                 needs: in_pipeline_order(pipeline, &needs),

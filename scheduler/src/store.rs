@@ -57,7 +57,8 @@ macro_rules! run_columns {
 macro_rules! step_columns {
     () => {
         concat!(
-            "s.step_id, s.role, s.zone, s.action, s.compensate, s.restore_from_backup, s.restoring, s.needs, s.gates,
+            "s.step_id, s.role, s.zone, s.action, s.compensate, s.restore_from_backup, s.restoring, s.review_on_failure,
+             s.needs, s.gates,
              s.hold, s.included, s.status, s.attempt, s.attempt_status, s.exec_attempts, s.comp_attempts,
              s.cancel_requested, s.timeout_ms, s.retry, s.params, s.outputs, s.error, s.completion, s.started_at,
              s.finished_at, s.comp_started_at, s.comp_finished_at,
@@ -140,6 +141,7 @@ fn add_steps(state: &mut RunState, rows: &[PgRow]) -> Result<(), StoreError> {
             compensate: r.try_get("compensate")?,
             restore_from_backup: r.try_get("restore_from_backup")?,
             restoring: r.try_get("restoring")?,
+            review_on_failure: r.try_get("review_on_failure")?,
             needs: r.try_get("needs")?,
             gates: r.try_get("gates")?,
             hold: hold.map(|Json(h)| h),
@@ -517,6 +519,7 @@ impl Store {
                     "compensate": s.compensate, "needs": s.needs, "included": s.included, "reason": p.reason,
                     "status": s.status.as_str(), "timeout_ms": s.timeout_ms, "retry": s.retry, "params": s.params,
                     "gates": s.gates, "restore_from_backup": s.restore_from_backup,
+                    "review_on_failure": s.review_on_failure,
                 })
             })
             .collect();
@@ -527,13 +530,13 @@ impl Store {
                  returning id
              ), steps as (
                  insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                                    status, timeout_ms, retry, params, gates, restore_from_backup)
+                                    status, timeout_ms, retry, params, gates, restore_from_backup, review_on_failure)
                  select run.id, step_id, position, role, zone, action, compensate, needs, included, reason,
-                        status, timeout_ms, retry, params, gates, restore_from_backup
+                        status, timeout_ms, retry, params, gates, restore_from_backup, review_on_failure
                    from run, jsonb_to_recordset($9) as x(step_id text, position int, role text, zone text, action text,
                                                          compensate text, needs text[], included bool, reason text,
                                                          status text, timeout_ms bigint, retry jsonb, params jsonb,
-                                                         gates text[], restore_from_backup bool)
+                                                         gates text[], restore_from_backup bool, review_on_failure bool)
              )
              select exists (select 1 from run)",
         )
@@ -1432,7 +1435,7 @@ impl Store {
         let Some(mut state) = self.load(&mut tx, run_id).await? else {
             return Err(StoreError::NotFound(run_id));
         };
-        if state.status == RunStatus::Succeeded {
+        if matches!(state.status, RunStatus::Succeeded | RunStatus::Failed) {
             // A finished run must hold its environment again to be undone.
             let holder: Option<Uuid> = sqlx::query_scalar(
                 "insert into env_locks (service, environment, run_id) values ($1, $2, $3)

@@ -226,7 +226,7 @@ pub async fn export_once(
             "select at, kind, step_id, detail::text as detail from audit
               where run_id = $1 and kind in ('retry_scheduled', 'stale_result', 'duplicate_result', 'cancel_sent',
                                              'run_status', 'gate', 'gates_passed', 'approved', 'rejected',
-                                             'superseded')
+                                             'superseded', 'flagged_for_rollback_review')
               order by id",
         )
         .bind(id)

@@ -232,6 +232,45 @@ async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
     }
 }
 
+/// The seed's post-deploy backup has `on_failure = "review"`: when it fails,
+/// the deploy stays and the run ends `failed`, flagged for rollback review,
+/// with nothing compensated; an operator's rollback then undoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_post_deploy_backup_flags_the_run_for_rollback_review_instead_of_rolling_back() {
+    let env = TestEnv::new("review").await;
+    env.script(json!({
+        "default": {"delay_ms": 10},
+        "execute": {"backup.post": {"fail": {"code": "verification_failed", "message": "spot-check differs", "retryable": false}}}
+    }));
+    let _scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("review", 5, &["src/app.ts"]));
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "failed", "{view:#?}");
+    assert_eq!(step(&view, "backup.post").status, "failed");
+    assert_eq!(step(&view, "apply.production").status, "succeeded", "the deploy stays");
+    let flagged = view
+        .history
+        .iter()
+        .find(|h| h.kind == "flagged_for_rollback_review")
+        .expect("flagged in the history");
+    assert_eq!(flagged.detail["steps"], json!(["backup.post"]));
+    assert!(
+        !env.exec_log().iter().any(|l| l.run_id == run && l.kind == "compensate"),
+        "nothing was compensated"
+    );
+    let shown = env.baton(&["runs", "show", &run.to_string()]);
+    assert_eq!(shown.status.code(), Some(1), "a flagged run exits 1");
+
+    let out = env.baton(&["rollback", &run.to_string(), "--reason", "backup cannot be trusted"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "rolled_back", "{view:#?}");
+    assert_eq!(step(&view, "apply.production").status, "compensated");
+    assert_eq!(step(&view, "backup.post").status, "failed", "nothing to undo there");
+    env.assert_audit_verifies();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_compensation_ends_in_rollback_failed() {
     let env = TestEnv::new("comp-fails").await;

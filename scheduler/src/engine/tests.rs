@@ -516,3 +516,77 @@ fn a_queued_run_is_superseded_without_starting_and_an_admitted_one_cannot_be() {
     );
     assert_eq!(admitted.status, RunStatus::Running);
 }
+
+#[test]
+fn a_failed_post_deploy_backup_flags_the_run_for_review_and_an_operator_may_roll_it_back() {
+    let mut run = run_for(EVERYTHING);
+    assert!(run.steps.iter().any(|s| s.id == "backup.post" && s.review_on_failure));
+    let cfg = settings();
+    let now = Utc::now();
+    let (_, last) = run_until(&mut run, "backup.post");
+    let mut fx = Vec::new();
+    let mut r = result(&last, ResultStatus::Failed);
+    r.error = Some(StepError::fatal("verification_failed", "restore spot-check differs"));
+    run.apply_result(&r, now, &cfg, &mut fx);
+    assert_eq!(run.status, RunStatus::Failed, "the run ends failed, not rolling back");
+    assert!(dispatched(&fx).is_empty(), "nothing is compensated: {fx:?}");
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Cancel(_))));
+    let flagged = fx.iter().find_map(|e| match e {
+        Effect::History {
+            kind: "flagged_for_rollback_review",
+            detail,
+            ..
+        } => Some(detail.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        flagged.expect("flagged in the history")["steps"],
+        json!(["backup.post"])
+    );
+    assert_eq!(
+        status(&run, "apply.production"),
+        StepStatus::Succeeded,
+        "the deploy stays"
+    );
+
+    let mut fx = Vec::new();
+    run.request_rollback("backup cannot be trusted", now, &cfg, &mut fx)
+        .unwrap();
+    assert_eq!(run.status, RunStatus::RollingBack);
+    let jobs = compensate_all(&mut run, fx, |j| {
+        let mut r = StepResult::for_job(j, "d1", ResultStatus::Succeeded);
+        r.outputs = Default::default();
+        r
+    });
+    assert!(jobs.iter().any(|j| j.step_id == "apply.production"), "{jobs:?}");
+    assert!(
+        !jobs.iter().any(|j| j.step_id == "backup.post"),
+        "nothing to undo there"
+    );
+    assert_eq!(run.status, RunStatus::RolledBack);
+}
+
+#[test]
+fn a_review_step_that_fails_while_others_run_lets_them_finish() {
+    // On its own the run's other steps still go on: only a failure of a
+    // rollback-policy step stops the run.
+    let mut run = run_for(EVERYTHING);
+    let i = run.steps.iter().position(|s| s.id == "cdn").unwrap();
+    run.steps[i].review_on_failure = true;
+    let cfg = settings();
+    let now = Utc::now();
+    let (fx, cdn) = run_until(&mut run, "cdn");
+    let others: Vec<StepJob> = ["apply.production", "network"].iter().map(|s| job(&fx, s)).collect();
+    let mut fx2 = Vec::new();
+    run.apply_result(&failed(&cdn, false), now, &cfg, &mut fx2);
+    assert_eq!(run.status, RunStatus::Running);
+    assert!(
+        !fx2.iter().any(|e| matches!(e, Effect::Cancel(_))),
+        "nothing is cancelled"
+    );
+    for j in &others {
+        let mut fx3 = Vec::new();
+        run.apply_result(&result(j, ResultStatus::Succeeded), now, &cfg, &mut fx3);
+    }
+    assert_eq!(run.status, RunStatus::Running, "backup.post still to run");
+}
