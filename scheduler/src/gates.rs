@@ -248,6 +248,20 @@ impl StepVerdicts {
     }
 }
 
+/// Four-eyes: whether `who` requested the run or wrote its change (the pull
+/// request's author), and so may not approve it. Names are compared without
+/// case, as the merge gate compares them.
+fn own_change(run: &RunState, who: &str) -> Option<&'static str> {
+    let who = who.to_lowercase();
+    if who == run.event.requested_by.to_lowercase() {
+        Some("requested this run")
+    } else if who == run.event.pull_request.author.to_lowercase() {
+        Some("wrote this change")
+    } else {
+        None
+    }
+}
+
 /// The merge gate, at ingest: enough of the required approvers approved the pull
 /// request, not counting its author. The error names who is missing.
 pub fn merge_gate(event: &MergeEvent, policy: &MergeConfig) -> Result<String, String> {
@@ -571,7 +585,7 @@ fn approval(
     let mut valid: Vec<&str> = Vec::new();
     let mut expired: Vec<&str> = Vec::new();
     for a in mine.iter().filter(|a| a.decision == Decision::Approve) {
-        if policy.approval.four_eyes && a.approver == run.event.requested_by {
+        if policy.approval.four_eyes && own_change(run, &a.approver).is_some() {
             continue;
         }
         if a.expires_at <= now {
@@ -651,8 +665,8 @@ pub enum DecisionError {
     NotAwaiting { step: String, status: String },
     #[error("the approval names plan {given} but the run's plan is {actual}")]
     PlanHash { given: String, actual: String },
-    #[error("four-eyes: {who} requested this run and cannot approve it")]
-    SelfApproval { who: String },
+    #[error("four-eyes: {who} {relation} and cannot approve it")]
+    SelfApproval { who: String, relation: &'static str },
     #[error("{who} already approved step {step:?}; a second approver is needed")]
     AlreadyApproved { who: String, step: String },
 }
@@ -699,8 +713,13 @@ pub fn check_decision(
         });
     }
     if decision == Decision::Approve {
-        if policy.approval.four_eyes && who == run.event.requested_by {
-            return Err(DecisionError::SelfApproval { who: who.to_owned() });
+        if policy.approval.four_eyes
+            && let Some(relation) = own_change(run, who)
+        {
+            return Err(DecisionError::SelfApproval {
+                who: who.to_owned(),
+                relation,
+            });
         }
         if facts
             .approvals

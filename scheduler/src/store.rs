@@ -424,6 +424,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     Ok(pool)
 }
 
+/// Serialises admission to one environment across scheduler replicas (and
+/// an operator's release), until the transaction ends; taken again by the
+/// same transaction, it is already held.
+async fn admission_lock(tx: &mut Tx<'_>, service: &str, environment: &str) -> Result<(), StoreError> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("{service}/{environment}"))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::migrate!("./migrations").run(pool).await?;
     Ok(())
@@ -598,11 +609,7 @@ impl Store {
         environment: &str,
         out: &mut Vec<OutboxMsg>,
     ) -> Result<(), StoreError> {
-        // Serialises admission per environment across scheduler replicas.
-        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("{service}/{environment}"))
-            .execute(&mut **tx)
-            .await?;
+        admission_lock(tx, service, environment).await?;
         if self.queue_policy == QueuePolicy::Newest {
             self.supersede_waiting(tx, service, environment, out).await?;
         }
@@ -1613,10 +1620,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         // Admission's lock first, as `admit` takes it.
-        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("{service}/{environment}"))
-            .execute(&mut *tx)
-            .await?;
+        admission_lock(&mut tx, service, environment).await?;
         let held: Option<(Uuid, String)> = sqlx::query_as(
             "select l.run_id, r.status from env_locks l join runs r on r.id = l.run_id
               where l.service = $1 and l.environment = $2",

@@ -513,14 +513,8 @@ async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_dep
     let env = TestEnv::new("newest").await;
     env.set_scheduler_env("BATON_SCHEDULER__QUEUE_POLICY", "newest");
     env.script(json!({"default": {"delay_ms": 10}}));
-    let (_conn, ch) = core_channel(&env).await;
     // No daemon yet: the first run holds the environment while the rest arrive.
-    for binding in SEED_BINDINGS {
-        let (zone, role) = binding.split_once('.').unwrap();
-        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
-            .await
-            .unwrap();
-    }
+    let _broker = seed_job_queues(&env).await;
     let _scheduler = env.scheduler("scheduler").await;
     let first = env.enqueue(&event("newest", 1, &["src/app.ts"]));
     env.wait_until("the first run admitted", RUN_TIMEOUT, async || {
@@ -571,14 +565,8 @@ async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_dep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environment() {
     let env = TestEnv::new("ingest-order").await;
-    let (_conn, ch) = core_channel(&env).await;
     // Jobs wait in their queues: no daemon takes them, and runs stay running.
-    for binding in SEED_BINDINGS {
-        let (zone, role) = binding.split_once('.').unwrap();
-        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
-            .await
-            .unwrap();
-    }
+    let _broker = seed_job_queues(&env).await;
     // Everything is waiting in the queue when the scheduler starts, so it
     // ingests several events at once: one environment's six interleaved with
     // six others, one event each.
@@ -625,14 +613,8 @@ async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_queue_one_environment_s_merge_events_in_publish_order_and_one_takes_over() {
     let env = TestEnv::new("ingest-order-two").await;
-    let (_conn, ch) = core_channel(&env).await;
     // No daemon: each environment's first run holds its lock, the rest wait.
-    for binding in SEED_BINDINGS {
-        let (zone, role) = binding.split_once('.').unwrap();
-        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
-            .await
-            .unwrap();
-    }
+    let _broker = seed_job_queues(&env).await;
     let (mut first, second) = env.two_schedulers("first", "second").await;
     second.stop();
     let events: Vec<_> = (1..=6u8)
@@ -978,6 +960,19 @@ async fn operator_can_roll_back_a_finished_run() {
     );
     let missing = env.baton(&["runs", "show", &Uuid::new_v4().to_string()]);
     assert_eq!(missing.status.code(), Some(2));
+}
+
+/// The core topology and the seed pipeline's job queues, declared with no
+/// daemon consuming: jobs wait there, and runs stay where they are.
+async fn seed_job_queues(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
+    let (conn, ch) = core_channel(env).await;
+    for binding in SEED_BINDINGS {
+        let (zone, role) = binding.split_once('.').unwrap();
+        topology::declare_job_queue(&ch, zone, role, topology::DEFAULT_DELIVERY_LIMIT)
+            .await
+            .unwrap();
+    }
+    (conn, ch)
 }
 
 /// A channel of a new connection, with the core topology declared.

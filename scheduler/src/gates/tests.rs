@@ -471,6 +471,11 @@ fn decisions_are_checked_before_they_are_recorded() {
         e.to_string(),
         "four-eyes: ci-bot requested this run and cannot approve it"
     );
+    // Nor may the pull request's author, whatever the case of the name.
+    let e = check_decision(&r, ask("apply.production", &plan, "Dev"), &f, &p, now).unwrap_err();
+    assert_eq!(e.to_string(), "four-eyes: Dev wrote this change and cannot approve it");
+    let e = check_decision(&r, ask("apply.production", &plan, "CI-Bot"), &f, &p, now).unwrap_err();
+    assert!(matches!(e, DecisionError::SelfApproval { .. }), "{e}");
     let mut f2 = f.clone();
     f2.approvals.push(approval(
         "apply.production",
