@@ -326,7 +326,7 @@ fn non_empty(field: &str, value: &str) -> ApiResult<()> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CancelRequest {
+struct ReasonRequest {
     reason: String,
 }
 
@@ -338,7 +338,7 @@ async fn cancel(
 ) -> ApiResult<Json<serde_json::Value>> {
     let who = s.authorize(&headers, Role::Operator)?.name.clone();
     let id = parse_run_id(&id)?;
-    let req: CancelRequest = body(&bytes)?;
+    let req: ReasonRequest = body(&bytes)?;
     non_empty("reason", &req.reason)?;
     let out = s.store.cancel(id, &who, &req.reason).await?;
     s.relay.send(out);
@@ -509,7 +509,7 @@ async fn release_lock(
     bytes: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     let who = s.authorize(&headers, Role::Operator)?.name.clone();
-    let req: CancelRequest = body(&bytes)?;
+    let req: ReasonRequest = body(&bytes)?;
     non_empty("reason", &req.reason)?;
     let (run, out) = s
         .store

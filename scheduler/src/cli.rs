@@ -506,14 +506,7 @@ async fn dispatch(cli: Cli) -> Outcome {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { run, reason } => {
-            let c = api_client(cli.config.as_deref())?;
-            let v: serde_json::Value = c
-                .post(
-                    &format!("/v1/runs/{run}/cancel"),
-                    &serde_json::json!({"reason": reason}),
-                )
-                .await
-                .map_err(api_failure)?;
+            let v = post_reason(cli.config.as_deref(), &format!("/v1/runs/{run}/cancel"), &reason).await?;
             if cli.json {
                 print_json(&v);
             } else {
@@ -608,14 +601,8 @@ async fn dispatch(cli: Cli) -> Outcome {
                     reason,
                 }),
         } => {
-            let c = api_client(cli.config.as_deref())?;
-            let v: serde_json::Value = c
-                .post(
-                    &format!("/v1/locks/{service}/{environment}/release"),
-                    &serde_json::json!({"reason": reason}),
-                )
-                .await
-                .map_err(api_failure)?;
+            let path = format!("/v1/locks/{service}/{environment}/release");
+            let v = post_reason(cli.config.as_deref(), &path, &reason).await?;
             if cli.json {
                 print_json(&v);
             } else {
@@ -757,6 +744,14 @@ fn exit_for_status(status: &str) -> ExitCode {
         ) => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }
+}
+
+/// POSTs `{"reason": reason}` to an operator endpoint of the API.
+async fn post_reason(config: Option<&Path>, path: &str, reason: &str) -> Result<serde_json::Value, Failure> {
+    let c = api_client(config)?;
+    c.post(path, &serde_json::json!({"reason": reason}))
+        .await
+        .map_err(api_failure)
 }
 
 fn api_client(config: Option<&Path>) -> Result<crate::client::Client, Failure> {

@@ -146,13 +146,13 @@ async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> lapin::Result
 }
 
 async fn quorum_queue(ch: &Channel, name: &str, dead_letter: bool, delivery_limit: i64) -> lapin::Result<()> {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions::durable(),
-        quorum_args(dead_letter, delivery_limit),
-    )
-    .await
-    .map(drop)
+    queue_with(ch, name, quorum_args(dead_letter, delivery_limit)).await
+}
+
+async fn queue_with(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map(drop)
 }
 
 async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
@@ -176,12 +176,7 @@ pub async fn declare_core(ch: &Channel, delivery_limit: i64) -> lapin::Result<()
     exchange(ch, CONTROL_EXCHANGE, ExchangeKind::Direct).await?;
     quorum_queue(ch, DEAD_QUEUE, false, delivery_limit).await?;
     bind(ch, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
-    ch.queue_declare(
-        MERGE_EVENTS_QUEUE.into(),
-        QueueDeclareOptions::durable(),
-        merge_events_args(delivery_limit),
-    )
-    .await?;
+    queue_with(ch, MERGE_EVENTS_QUEUE, merge_events_args(delivery_limit)).await?;
     bind(ch, MERGE_EVENTS_QUEUE, EVENTS_EXCHANGE, MERGE_EVENTS_KEY).await?;
     quorum_queue(ch, RESULTS_QUEUE, true, delivery_limit).await?;
     bind(ch, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_KEY).await?;
