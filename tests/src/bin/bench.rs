@@ -401,6 +401,8 @@ async fn latency(runs: usize) -> Latency {
 #[derive(Debug, Serialize)]
 struct Throughput {
     schedulers: usize,
+    /// Each scheduler's CPU limit in cores (a cgroup quota), if any.
+    scheduler_cpu: Option<f64>,
     runs: usize,
     seconds: f64,
     runs_per_s: f64,
@@ -452,6 +454,9 @@ fn busy_cpu_ms() -> f64 {
     busy * 1000.0 / 100.0
 }
 
+/// Each scheduler's CPU limit, in cores, in the full run's capped rows.
+const CAPPED_CPU: f64 = 0.25;
+
 /// Runs finished before a throughput measurement starts (at most as many as it measures).
 const TP_WARM_UP_RUNS: usize = 200;
 
@@ -484,8 +489,16 @@ impl WriteMetrics {
     }
 }
 
-async fn throughput(runs: usize, schedulers: usize) -> Throughput {
+async fn throughput(runs: usize, schedulers: usize, cap: Option<f64>) -> Throughput {
     let b = baton(&format!("bench-tp-{runs}-{schedulers}"), schedulers).await;
+    let caps: Vec<CpuCap> = match cap {
+        Some(cpus) => b
+            .schedulers
+            .iter()
+            .map(|p| CpuCap::new(p.pid(), cpus).unwrap_or_else(|e| panic!("--scheduler-cpu: {e}")))
+            .collect(),
+        None => Vec::new(),
+    };
     // Sustained throughput is a warm scheduler's: each fresh process opens its
     // pool's connections, and PostgreSQL plans the large write statement
     // six times on each of them (4–9 ms a plan under load) before it keeps a
@@ -517,17 +530,96 @@ async fn throughput(runs: usize, schedulers: usize) -> Throughput {
         .max()
         .unwrap_or(0);
     let m = WriteMetrics::read(&b).await.since(&before);
+    let daemon_peak_rss_mib = rss_kib(b.daemon.pid(), "VmHWM:") as f64 / 1024.0;
+    // The processes leave their cgroups when they exit; only then can they go.
+    drop(b);
+    drop(caps);
     Throughput {
         schedulers,
+        scheduler_cpu: cap,
         runs,
         seconds,
         runs_per_s: runs as f64 / seconds,
         steps_per_s: steps as f64 / seconds,
         cpu_ms_per_step: cpu_ms / steps as f64,
         scheduler_peak_rss_mib: peak as f64 / 1024.0,
-        daemon_peak_rss_mib: rss_kib(b.daemon.pid(), "VmHWM:") as f64 / 1024.0,
+        daemon_peak_rss_mib,
         runs_per_write_statement: m.written / m.statements.max(1.0),
         kept_run_share: m.kept / (m.kept + m.read).max(1.0),
+    }
+}
+
+/// A CPU limit on one process: a cgroup of its own with a CFS quota of
+/// `cpus` cores (cgroup v2 `cpu.max`, or v1's `cpu` controller). Shows what
+/// more scheduler replicas add when the scheduler, not the machine, is the
+/// limit, as under a Kubernetes CPU limit. Needs root; removed on drop.
+struct CpuCap {
+    dir: std::path::PathBuf,
+}
+
+impl CpuCap {
+    const PERIOD_US: u64 = 100_000;
+
+    /// Where CPU cgroups are made: the v2 root (if its `cpu` controller is
+    /// on) or v1's `cpu` hierarchy; and whether it is v2.
+    fn hierarchy() -> Result<(&'static std::path::Path, bool), String> {
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|c| c == "cpu") {
+            Ok((v2, true))
+        } else if v1.join("cpu.cfs_quota_us").exists() {
+            Ok((v1, false))
+        } else {
+            Err("no cgroup CPU controller under /sys/fs/cgroup".into())
+        }
+    }
+
+    /// Whether CPU limits can be set here (a cgroup can be made and removed).
+    fn available() -> Result<(), String> {
+        let (base, _) = Self::hierarchy()?;
+        let probe = base.join(format!("baton-bench-{}-probe", std::process::id()));
+        std::fs::create_dir(&probe)
+            .map_err(|e| format!("cannot create a cgroup in {} (root is needed): {e}", base.display()))?;
+        std::fs::remove_dir(&probe).map_err(|e| format!("cannot remove the cgroup {}: {e}", probe.display()))
+    }
+
+    fn new(pid: u32, cpus: f64) -> Result<Self, String> {
+        if !(cpus > 0.0 && cpus.is_finite()) {
+            return Err(format!("the CPU limit must be a positive number of cores, not {cpus}"));
+        }
+        let quota = ((cpus * Self::PERIOD_US as f64) as u64).max(1000);
+        let (base, v2) = Self::hierarchy()?;
+        let dir = base.join(format!("baton-bench-{}-{pid}", std::process::id()));
+        let limits = if v2 {
+            vec![("cpu.max", format!("{quota} {}", Self::PERIOD_US))]
+        } else {
+            vec![
+                ("cpu.cfs_period_us", Self::PERIOD_US.to_string()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ]
+        };
+        std::fs::create_dir(&dir)
+            .map_err(|e| format!("cannot create the cgroup {} (root is needed): {e}", dir.display()))?;
+        let cap = Self { dir };
+        for (file, value) in limits.into_iter().chain([("cgroup.procs", pid.to_string())]) {
+            let path = cap.dir.join(file);
+            std::fs::write(&path, value).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        Ok(cap)
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        // An exited process may linger in the cgroup for a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("baton-bench: could not remove the cgroup {}", self.dir.display());
     }
 }
 
@@ -576,21 +668,24 @@ async fn recovery() -> f64 {
 
 const USAGE: &str = "usage: baton-bench [--json] [--quick]
        baton-bench --latency-only
-       baton-bench --throughput-only=<runs> [--schedulers=<n>]
+       baton-bench --throughput-only=<runs> [--schedulers=<n>] [--scheduler-cpu=<cores>]
 
 Measures Baton against this machine's RabbitMQ and PostgreSQL (see BENCHMARKS.md).
   --json                 print the results as JSON instead of a table
   --quick                fewer samples, 100 runs only
   --latency-only         the floor and latency phases, as JSON
   --throughput-only=N    one throughput phase with N runs, as JSON
-  --schedulers=M         scheduler processes for --throughput-only (default 1)";
+  --schedulers=M         scheduler processes for --throughput-only (default 1)
+  --scheduler-cpu=C      limit each scheduler to C cores (a cgroup CPU quota; needs root)";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let known = |a: &str| {
         ["--json", "--quick", "--latency-only"].contains(&a)
-            || ["--throughput-only=", "--schedulers="].iter().any(|p| a.starts_with(p))
+            || ["--throughput-only=", "--schedulers=", "--scheduler-cpu="]
+                .iter()
+                .any(|p| a.starts_with(p))
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
@@ -614,7 +709,17 @@ async fn main() {
             .iter()
             .find_map(|a| a.strip_prefix("--schedulers="))
             .map_or(1, |n| n.parse().expect("--schedulers=<n>"));
-        let t = throughput(runs, schedulers).await;
+        let cap = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--scheduler-cpu="))
+            .map(|c| match c.parse::<f64>() {
+                Ok(c) if c > 0.0 && c.is_finite() => c,
+                _ => {
+                    eprintln!("baton-bench: --scheduler-cpu must be a positive number of cores, not {c:?}");
+                    std::process::exit(2);
+                }
+            });
+        let t = throughput(runs, schedulers, cap).await;
         println!("{}", serde_json::to_string_pretty(&t).unwrap());
         return;
     }
@@ -633,9 +738,22 @@ async fn main() {
     for &runs in &sizes {
         for schedulers in [1, 2, 4] {
             eprintln!("throughput: {runs} runs, {schedulers} scheduler(s)…");
-            tp.push(throughput(runs, schedulers).await);
+            tp.push(throughput(runs, schedulers, None).await);
         }
     }
+    // The same, with each scheduler limited to a quarter of a core: what a
+    // second replica adds when the scheduler is the limit, not the machine.
+    let runs = *sizes.last().unwrap();
+    let capped_note = match CpuCap::available() {
+        Ok(()) => {
+            for schedulers in [1, 2] {
+                eprintln!("throughput: {runs} runs, {schedulers} scheduler(s) at {CAPPED_CPU} CPU each…");
+                tp.push(throughput(runs, schedulers, Some(CAPPED_CPU)).await);
+            }
+            None
+        }
+        Err(e) => Some(format!("rows with schedulers limited to {CAPPED_CPU} CPU skipped: {e}")),
+    };
     eprintln!("measuring recovery…");
     let recovery_ms = recovery().await;
     let idle_daemon = {
@@ -659,6 +777,7 @@ async fn main() {
             "p99": lat.step_overhead.p99_ms / floor.round_trip.p50_ms,
         },
         "throughput": tp,
+        "capped_rows_skipped": capped_note,
         "recovery_ms": recovery_ms,
         "idle_daemon_rss_mib": idle_daemon,
     });
@@ -710,9 +829,10 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>5} {:>10} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10} {:>10} {:>6}",
+        "{:>5} {:>10} {:>7} {:>9} {:>9} {:>10} {:>12} {:>13} {:>10} {:>10} {:>6}",
         "runs",
         "schedulers",
+        "CPU cap",
         "seconds",
         "runs/s",
         "steps/s",
@@ -724,9 +844,10 @@ async fn main() {
     );
     for t in &tp {
         println!(
-            "{:>5} {:>10} {:>9.1} {:>9.1} {:>10.1} {:>12.2} {:>13.1} {:>10.1} {:>10.2} {:>5.0}%",
+            "{:>5} {:>10} {:>7} {:>9.1} {:>9.1} {:>10.1} {:>12.2} {:>13.1} {:>10.1} {:>10.2} {:>5.0}%",
             t.runs,
             t.schedulers,
+            t.scheduler_cpu.map_or("-".to_owned(), |c| c.to_string()),
             t.seconds,
             t.runs_per_s,
             t.steps_per_s,
@@ -736,6 +857,9 @@ async fn main() {
             t.runs_per_write_statement,
             t.kept_run_share * 100.0
         );
+    }
+    if let Some(note) = &capped_note {
+        println!("{note}");
     }
     println!();
     println!("recovery: replacement scheduler start → next dispatch: {recovery_ms:.0} ms");
