@@ -33,6 +33,9 @@ pub struct GatesConfig {
     pub merge: MergeConfig,
     /// Minimum time staging runs a change before production apply, in seconds.
     pub staging_soak_secs: u64,
+    /// The same for critical changes, which the seed verifies on staging for
+    /// longer; never shorter than `staging_soak_secs`.
+    pub critical_staging_soak_secs: u64,
     pub approval: ApprovalConfig,
     /// Maintenance windows by environment (zone name).
     pub maintenance_windows: BTreeMap<String, ScheduleConfig>,
@@ -43,6 +46,7 @@ impl Default for GatesConfig {
         Self {
             merge: MergeConfig::default(),
             staging_soak_secs: 15 * 60,
+            critical_staging_soak_secs: 60 * 60,
             approval: ApprovalConfig::default(),
             maintenance_windows: BTreeMap::new(),
         }
@@ -93,6 +97,7 @@ impl Default for ApprovalConfig {
 pub struct Policy {
     pub merge: MergeConfig,
     pub staging_soak: Duration,
+    pub critical_staging_soak: Duration,
     pub approval: ApprovalConfig,
     pub windows: BTreeMap<String, Schedule>,
 }
@@ -100,6 +105,16 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         GatesConfig::default().validate().expect("default gates are valid")
+    }
+}
+
+impl Policy {
+    /// How long staging must run a change of this risk before production apply.
+    pub fn staging_soak_for(&self, risk: Risk) -> Duration {
+        match risk {
+            Risk::Critical => self.critical_staging_soak,
+            Risk::Standard | Risk::High => self.staging_soak,
+        }
     }
 }
 
@@ -132,6 +147,7 @@ impl GatesConfig {
         Ok(Policy {
             merge: self.merge.clone(),
             staging_soak: Duration::from_secs(self.staging_soak_secs),
+            critical_staging_soak: Duration::from_secs(self.critical_staging_soak_secs.max(self.staging_soak_secs)),
             approval: self.approval.clone(),
             windows,
         })
@@ -458,18 +474,24 @@ fn staging_soak(run: &RunState, policy: &Policy, now: DateTime<Utc>) -> Verdict 
     let Some(since) = v.started_at else {
         return Verdict::fail(format!("{} has no start time", v.id));
     };
-    let soak = chrono::Duration::from_std(policy.staging_soak).unwrap_or(chrono::Duration::MAX);
+    let minimum = policy.staging_soak_for(run.event.risk);
+    let soak = chrono::Duration::from_std(minimum).unwrap_or(chrono::Duration::MAX);
     let ends = since + soak;
-    let minutes = policy.staging_soak.as_secs_f64() / 60.0;
+    let minutes = minimum.as_secs_f64() / 60.0;
+    let critical = if run.event.risk == Risk::Critical {
+        ", critical risk"
+    } else {
+        ""
+    };
     if now >= ends {
         Verdict::pass(format!(
-            "staging has run this change since {} (minimum {minutes} min)",
+            "staging has run this change since {} (minimum {minutes} min{critical})",
             since.format("%H:%M:%S UTC")
         ))
     } else {
         Verdict::hold(
             format!(
-                "staging soak minimum {minutes} min: staging has run this change since {}, ends at {}",
+                "staging soak minimum {minutes} min{critical}: staging has run this change since {}, ends at {}",
                 since.format("%H:%M:%S UTC"),
                 ends.format("%H:%M:%S UTC")
             ),

@@ -177,6 +177,42 @@ fn staging_soak_holds_until_the_minimum_has_passed() {
 }
 
 #[test]
+fn critical_changes_soak_longer_and_never_shorter_than_the_rest() {
+    let since = t("2026-11-26T10:00:00Z");
+    let f = Facts::default();
+    let p = Policy::default();
+    assert_eq!(p.staging_soak_for(Risk::Standard).as_secs(), 900);
+    assert_eq!(p.staging_soak_for(Risk::High).as_secs(), 900);
+    assert_eq!(p.staging_soak_for(Risk::Critical).as_secs(), 3600);
+    let mut critical = run(&["src/a.ts"], "critical");
+    let mut high = run(&["src/a.ts"], "high");
+    succeed(&mut critical, "verify.staging", json!({}), since);
+    succeed(&mut high, "verify.staging", json!({}), since);
+    let later = since + Chrono::minutes(20);
+    let v = verdict(&high, "apply.production", "staging-soak", &f, &p, later);
+    assert!(matches!(v, Verdict::Pass { .. }), "a high-risk change soaks 15 min: {v:?}");
+    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, later);
+    assert_eq!(
+        v,
+        Verdict::Hold {
+            reason: "staging soak minimum 60 min, critical risk: staging has run this change since 10:00:00 UTC, \
+                     ends at 11:00:00 UTC"
+                .into(),
+            until: Some(since + Chrono::minutes(60)),
+            approval: false
+        }
+    );
+    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, since + Chrono::minutes(60));
+    assert!(matches!(v, Verdict::Pass { .. }), "{v:?}");
+    // A longer general soak also holds critical changes that long.
+    let p = policy(|c| {
+        c.staging_soak_secs = 7200;
+        c.critical_staging_soak_secs = 3600;
+    });
+    assert_eq!(p.staging_soak_for(Risk::Critical).as_secs(), 7200);
+}
+
+#[test]
 fn production_facts_must_be_reported_and_agree() {
     let mut r = run(&["src/a.ts"], "standard");
     let p = Policy::default();
