@@ -424,12 +424,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     Ok(pool)
 }
 
-/// Serialises admission to one environment across scheduler replicas (and
-/// an operator's release), until the transaction ends; taken again by the
-/// same transaction, it is already held.
-async fn admission_lock(tx: &mut Tx<'_>, service: &str, environment: &str) -> Result<(), StoreError> {
+/// Serialises admission to one service's environments across scheduler
+/// replicas (and an operator's release or rollback), until the transaction
+/// ends; taken again by the same transaction, it is already held.
+async fn admission_lock(tx: &mut Tx<'_>, service: &str) -> Result<(), StoreError> {
     sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("{service}/{environment}"))
+        .bind(format!("admission/{service}"))
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -599,9 +599,12 @@ impl Store {
         Ok((Ingested::Created(plan.run_id), out))
     }
 
-    /// Admits waiting runs of one environment, oldest first, while the lock is
-    /// free; under [`QueuePolicy::Newest`] the older waiting runs are
-    /// superseded first, so the newest is the one left to admit.
+    /// Admits waiting runs of the service, oldest first, while none of its
+    /// environments is locked: every run of the seed pipeline that targets
+    /// production deploys to staging first, so one service's runs take turns
+    /// whatever their target (see "One deploy per service at a time" in
+    /// docs/decisions.md). Under [`QueuePolicy::Newest`] the older waiting runs
+    /// of `environment` are superseded first, so the newest is the one left.
     async fn admit(
         &self,
         tx: &mut Tx<'_>,
@@ -609,26 +612,28 @@ impl Store {
         environment: &str,
         out: &mut Vec<OutboxMsg>,
     ) -> Result<(), StoreError> {
-        admission_lock(tx, service, environment).await?;
+        admission_lock(tx, service).await?;
         if self.queue_policy == QueuePolicy::Newest {
             self.supersede_waiting(tx, service, environment, out).await?;
         }
         loop {
-            // The environment's lock goes to its oldest queued run, if it is free
-            // (the advisory lock above keeps this check and insert one step).
-            let next: Option<Uuid> = sqlx::query_scalar(
+            // The lock goes to the service's oldest queued run if no environment
+            // of the service is locked (the advisory lock above keeps this check
+            // and insert one step).
+            let next: Option<(Uuid, String)> = sqlx::query_as(
                 "insert into env_locks (service, environment, run_id)
-                 select $1, $2, id from runs
-                  where service = $1 and environment = $2 and status = 'queued'
-                    and not exists (select 1 from env_locks where service = $1 and environment = $2)
+                 select $1, environment, id from runs
+                  where service = $1 and status = 'queued'
+                    and not exists (select 1 from env_locks where service = $1)
                   order by seq limit 1
-                 returning run_id",
+                 returning run_id, environment",
             )
             .bind(service)
-            .bind(environment)
             .fetch_optional(&mut **tx)
             .await?;
-            let Some(run_id) = next else { return Ok(()) };
+            let Some((run_id, environment)) = next else {
+                return Ok(());
+            };
             let mut state = self.load(tx, run_id).await?.ok_or(StoreError::NotFound(run_id))?;
             let mut fx = vec![Effect::History {
                 step: None,
@@ -1443,23 +1448,29 @@ impl Store {
             return Err(StoreError::NotFound(run_id));
         };
         if matches!(state.status, RunStatus::Succeeded | RunStatus::Failed) {
-            // A finished run must hold its environment again to be undone.
-            let holder: Option<Uuid> = sqlx::query_scalar(
-                "insert into env_locks (service, environment, run_id) values ($1, $2, $3)
-                 on conflict (service, environment) do update set run_id = env_locks.run_id returning run_id",
+            // A finished run must hold its service's lock again to be undone.
+            admission_lock(&mut tx, &state.service).await?;
+            let holder: Option<(Uuid, String)> =
+                sqlx::query_as("select run_id, environment from env_locks where service = $1 and run_id <> $2")
+                    .bind(&state.service)
+                    .bind(run_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((holder, environment)) = holder {
+                return Err(StoreError::Locked {
+                    service: state.service,
+                    environment,
+                    holder,
+                });
+            }
+            sqlx::query(
+                "insert into env_locks (service, environment, run_id) values ($1, $2, $3) on conflict do nothing",
             )
             .bind(&state.service)
             .bind(&state.environment)
             .bind(run_id)
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-            if let Some(holder) = holder.filter(|h| *h != run_id) {
-                return Err(StoreError::Locked {
-                    service: state.service,
-                    environment: state.environment,
-                    holder,
-                });
-            }
         }
         let mut fx = Vec::new();
         state.request_rollback(reason, Utc::now(), &self.settings, &mut fx)?;
@@ -1620,7 +1631,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         // Admission's lock first, as `admit` takes it.
-        admission_lock(&mut tx, service, environment).await?;
+        admission_lock(&mut tx, service).await?;
         let held: Option<(Uuid, String)> = sqlx::query_as(
             "select l.run_id, r.status from env_locks l join runs r on r.id = l.run_id
               where l.service = $1 and l.environment = $2",
@@ -2258,7 +2269,8 @@ pub struct LockView {
     pub run_id: Uuid,
     pub run_status: String,
     pub acquired_at: DateTime<Utc>,
-    /// Runs queued behind the holder, oldest first.
+    /// The service's runs queued behind the holder, whatever environment they
+    /// target, oldest first.
     pub waiting: Vec<Uuid>,
 }
 
@@ -2267,7 +2279,7 @@ pub async fn list_locks(pool: &PgPool) -> Result<Vec<LockView>, StoreError> {
     let rows = sqlx::query(
         "select l.service, l.environment, l.run_id, r.status, l.acquired_at,
                 coalesce((select array_agg(q.id order by q.seq) from runs q
-                          where q.service = l.service and q.environment = l.environment and q.status = 'queued'),
+                          where q.service = l.service and q.status = 'queued'),
                          '{}') as waiting
          from env_locks l join runs r on r.id = l.run_id
          order by l.service, l.environment",

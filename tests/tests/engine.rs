@@ -505,6 +505,64 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
     executed_once(&env, first, &a);
 }
 
+/// A run that targets production deploys to staging first, so a run of the
+/// same service that targets staging waits for it: one run per service is in
+/// progress, whatever environment it targets. Other services are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_s_runs_take_turns_whatever_environment_they_target() {
+    let env = TestEnv::new("per-service").await;
+    env.script(json!({"default": {"delay_ms": 10}}));
+    // No daemon yet: the production run holds the service while the rest arrive.
+    let _broker = seed_job_queues(&env).await;
+    let _scheduler = env.scheduler("scheduler").await;
+    let production = env.enqueue(&event("turns", 1, &["src/app.ts"]));
+    env.wait_until("the production run admitted", RUN_TIMEOUT, async || {
+        env.run(production).await.is_some_and(|v| v.status == "running")
+    })
+    .await;
+    let on_staging = |service: &str, n: u8| {
+        let mut e = event(service, n, &["src/app.ts"]);
+        e["environment"] = "staging".into();
+        e
+    };
+    let staging = env.enqueue(&on_staging("turns", 2));
+    let other = env.enqueue(&on_staging("other", 3));
+    // Merge events are ingested in publish order: once the other service's
+    // run is admitted, the staging run has been queued.
+    env.wait_until("the other service's staging run admitted", RUN_TIMEOUT, async || {
+        env.run(other).await.is_some_and(|v| v.status == "running")
+    })
+    .await;
+    assert_eq!(
+        env.run(staging).await.unwrap().status,
+        "queued",
+        "a staging run waits while the service's production run deploys"
+    );
+    let locks = baton_scheduler::store::list_locks(&env.pool).await.unwrap();
+    let turns: Vec<_> = locks.iter().filter(|l| l.service == "turns").collect();
+    assert_eq!(turns.len(), 1, "{locks:#?}");
+    assert_eq!(
+        (turns[0].environment.as_str(), turns[0].run_id, turns[0].waiting.clone()),
+        ("production", production, vec![staging]),
+        "the staging run is shown waiting behind the production run"
+    );
+
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let p = env.wait_terminal(production, RUN_TIMEOUT).await;
+    let s = env.wait_terminal(staging, RUN_TIMEOUT).await;
+    assert_eq!((p.status.as_str(), s.status.as_str()), ("succeeded", "succeeded"));
+    assert!(
+        s.started_at.unwrap() >= p.finished_at.unwrap(),
+        "the staging run started {:?} before the production run ended {:?}",
+        s.started_at,
+        p.finished_at
+    );
+    let acquired = s.history.iter().find(|h| h.kind == "lock_acquired").unwrap();
+    assert_eq!(acquired.detail, json!({"service": "turns", "environment": "staging"}));
+    assert_eq!(env.wait_terminal(other, RUN_TIMEOUT).await.status, "succeeded");
+    env.assert_audit_verifies();
+}
+
 /// `scheduler.queue_policy = "newest"`: each run queued behind a waiting one
 /// ends that one `superseded` without starting it, and when the environment
 /// frees, the newest deploys. Runs of other environments are not touched.

@@ -190,7 +190,10 @@ fn critical_changes_soak_longer_and_never_shorter_than_the_rest() {
     succeed(&mut high, "verify.staging", json!({}), since);
     let later = since + Chrono::minutes(20);
     let v = verdict(&high, "apply.production", "staging-soak", &f, &p, later);
-    assert!(matches!(v, Verdict::Pass { .. }), "a high-risk change soaks 15 min: {v:?}");
+    assert!(
+        matches!(v, Verdict::Pass { .. }),
+        "a high-risk change soaks 15 min: {v:?}"
+    );
     let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, later);
     assert_eq!(
         v,
@@ -202,7 +205,14 @@ fn critical_changes_soak_longer_and_never_shorter_than_the_rest() {
             approval: false
         }
     );
-    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, since + Chrono::minutes(60));
+    let v = verdict(
+        &critical,
+        "apply.production",
+        "staging-soak",
+        &f,
+        &p,
+        since + Chrono::minutes(60),
+    );
     assert!(matches!(v, Verdict::Pass { .. }), "{v:?}");
     // A longer general soak also holds critical changes that long.
     let p = policy(|c| {
