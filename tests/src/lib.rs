@@ -586,6 +586,17 @@ impl TestEnv {
         last.expect("run")
     }
 
+    /// Waits until the run has the given status and returns it.
+    pub async fn wait_run_status(&self, run: Uuid, status: &str, timeout: Duration) -> RunView {
+        let mut last = None;
+        self.wait_until(&format!("run {run} to be {status}"), timeout, async || {
+            last = self.run(run).await;
+            last.as_ref().is_some_and(|v| v.status == status)
+        })
+        .await;
+        last.expect("run")
+    }
+
     /// Waits until the run's audit trail has an entry of `kind`.
     pub async fn wait_audited(&self, run: Uuid, kind: &str) {
         self.wait_until(

@@ -516,10 +516,7 @@ async fn a_service_s_runs_take_turns_whatever_environment_they_target() {
     let _broker = seed_job_queues(&env).await;
     let _scheduler = env.scheduler("scheduler").await;
     let production = env.enqueue(&event("turns", 1, &["src/app.ts"]));
-    env.wait_until("the production run admitted", RUN_TIMEOUT, async || {
-        env.run(production).await.is_some_and(|v| v.status == "running")
-    })
-    .await;
+    env.wait_run_status(production, "running", RUN_TIMEOUT).await;
     let on_staging = |service: &str, n: u8| {
         let mut e = event(service, n, &["src/app.ts"]);
         e["environment"] = "staging".into();
@@ -529,10 +526,7 @@ async fn a_service_s_runs_take_turns_whatever_environment_they_target() {
     let other = env.enqueue(&on_staging("other", 3));
     // Merge events are ingested in publish order: once the other service's
     // run is admitted, the staging run has been queued.
-    env.wait_until("the other service's staging run admitted", RUN_TIMEOUT, async || {
-        env.run(other).await.is_some_and(|v| v.status == "running")
-    })
-    .await;
+    env.wait_run_status(other, "running", RUN_TIMEOUT).await;
     assert_eq!(
         env.run(staging).await.unwrap().status,
         "queued",
@@ -575,10 +569,7 @@ async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_dep
     let _broker = seed_job_queues(&env).await;
     let _scheduler = env.scheduler("scheduler").await;
     let first = env.enqueue(&event("newest", 1, &["src/app.ts"]));
-    env.wait_until("the first run admitted", RUN_TIMEOUT, async || {
-        env.run(first).await.is_some_and(|v| v.status == "running")
-    })
-    .await;
+    env.wait_run_status(first, "running", RUN_TIMEOUT).await;
     let other = env.enqueue(&event("newest", 2, &["src/app.ts"]));
     let mut staging = event("newest", 2, &["src/app.ts"]);
     staging["environment"] = "staging".into();
@@ -586,11 +577,7 @@ async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_dep
     let middle = env.enqueue(&event("newest", 3, &["src/app.ts"]));
     let newest = env.enqueue(&event("newest", 4, &["src/app.ts"]));
     for (run, by) in [(other, middle), (middle, newest)] {
-        env.wait_until(&format!("run {run} superseded"), RUN_TIMEOUT, async || {
-            env.run(run).await.is_some_and(|v| v.status == "superseded")
-        })
-        .await;
-        let view = env.run(run).await.unwrap();
+        let view = env.wait_run_status(run, "superseded", RUN_TIMEOUT).await;
         let entry = view
             .history
             .iter()

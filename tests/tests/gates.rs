@@ -116,16 +116,6 @@ fn json_of(stdout: &str) -> Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
-async fn wait_status(env: &TestEnv, run: Uuid, status: &str) -> RunView {
-    let mut last = None;
-    env.wait_until(&format!("run {run} to be {status}"), RUN_TIMEOUT, async || {
-        last = env.run(run).await;
-        last.as_ref().is_some_and(|v| v.status == status)
-    })
-    .await;
-    last.unwrap()
-}
-
 fn gate_entries<'a>(v: &'a RunView, gate: &str, verdict: &str) -> Vec<&'a Value> {
     v.history
         .iter()
@@ -192,7 +182,7 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
     assert_eq!(body["unchanged"], 1);
 
     let run = env.enqueue(&event("held", 1, &["src/app.ts"]));
-    let v = wait_status(&env, run, "blocked").await;
+    let v = env.wait_run_status(run, "blocked", RUN_TIMEOUT).await;
     assert_eq!(v.hold.as_ref().unwrap().gate, "incident");
     assert!(v.steps.iter().all(|s| s.attempts.is_empty()), "nothing ran");
     let (code, out) = cli(&env, &api, &api.viewer, &["--json", "incident", "list"]);
@@ -266,7 +256,7 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
     let enqueued = json_of(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(enqueued["service"], "held");
     let run2: Uuid = enqueued["run_id"].as_str().unwrap().parse().unwrap();
-    wait_status(&env, run2, "blocked").await;
+    env.wait_run_status(run2, "blocked", RUN_TIMEOUT).await;
     let (code, out) = cli(
         &env,
         &api,
@@ -312,7 +302,7 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
     let (api, _procs) = start(&env, "[gates.approval]\nrequired = 2\nttl_secs = 3\n").await;
 
     let run = env.enqueue(&event("approve", 1, &["src/app.ts"]));
-    let v = wait_status(&env, run, "awaiting_approval").await;
+    let v = env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
     let hold = v.step("apply").unwrap().hold.clone().expect("apply waits");
     assert!(hold.approval && hold.gate == "human-approval", "{hold:?}");
     let plan = v.plan_hash.clone();
@@ -392,7 +382,7 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
 
     // A rejection fails the step and compensates what ran before it.
     let run = env.enqueue(&event("approve", 2, &["src/app.ts"]));
-    let v = wait_status(&env, run, "awaiting_approval").await;
+    let v = env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
     let (code, out) = cli(
         &env,
         &api,
@@ -452,7 +442,7 @@ async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it
     let mut high = event("window", 1, &["src/app.ts"]);
     high["risk"] = json!("high");
     let run = env.enqueue(&high);
-    let v = wait_status(&env, run, "blocked").await;
+    let v = env.wait_run_status(run, "blocked", RUN_TIMEOUT).await;
     let hold = v.step("apply.production").unwrap().hold.clone().expect("apply waits");
     assert!(
         hold.gate == "staging-soak" || hold.gate == "maintenance-window",
@@ -690,7 +680,7 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
         1,
         &["drizzle/migrations/0002_drop_name.sql", "src/app.ts"],
     ));
-    let v = wait_status(&env, run, "blocked").await;
+    let v = env.wait_run_status(run, "blocked", RUN_TIMEOUT).await;
     let hold = v
         .step("db.production")
         .unwrap()

@@ -584,10 +584,8 @@ impl CpuCap {
         std::fs::remove_dir(&probe).map_err(|e| format!("cannot remove the cgroup {}: {e}", probe.display()))
     }
 
+    /// Limits `pid` to `cpus` cores (positive; `--scheduler-cpu` checks it).
     fn new(pid: u32, cpus: f64) -> Result<Self, String> {
-        if !(cpus > 0.0 && cpus.is_finite()) {
-            return Err(format!("the CPU limit must be a positive number of cores, not {cpus}"));
-        }
         let quota = ((cpus * Self::PERIOD_US as f64) as u64).max(1000);
         let (base, v2) = Self::hierarchy()?;
         let dir = base.join(format!("baton-bench-{}-{pid}", std::process::id()));
