@@ -419,7 +419,9 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
                 format!(
                     "[daemon]\nzone = {zone:?}\n\n[backup]\nadmin_url = {admin:?}\nrecipients = [{age_recipient:?}]\n\
                      identity_file = {identity:?}\n\n[backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
-                     [backup.copy]\npath = {copy:?}\nregion = \"nl-ams2\"\n\n[backup.databases]\nshop-api = {shop_db:?}\n",
+                     [backup.copy]\npath = {copy:?}\nregion = \"nl-ams2\"\n\n[backup.databases]\nshop-api = {shop_db:?}\n\n\
+                     # The demo shows deploys; the daily backup, prune and restore test stay off.\n\
+                     [backup.schedule]\nenabled = false\n",
                     admin = db_url(&server_url, "postgres"),
                     identity = dir.join("backup-identity.txt").display().to_string(),
                     primary = dir.join("backups/primary").display().to_string(),

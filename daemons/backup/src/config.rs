@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BackupError;
 use crate::region;
+use crate::schedule::ScheduleSettings;
 
 /// Everything `baton-backup` reads: the shared daemon sections and `[backup]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -66,6 +67,11 @@ pub struct BackupSettings {
     pub databases: BTreeMap<String, Secret<String>>,
     /// Directory holding `pg_dump`, `pg_restore` and `psql`; empty means `PATH`.
     pub pg_bin_dir: PathBuf,
+    /// `prune` never deletes a backup younger than this many hours, whatever the
+    /// retention policy says: a run under way may still need to restore it.
+    pub keep_recent_hours: u32,
+    /// `[backup.schedule]`: the daily backup, prune and monthly restore test.
+    pub schedule: ScheduleSettings,
 }
 
 impl Default for BackupSettings {
@@ -78,6 +84,8 @@ impl Default for BackupSettings {
             copy: LocationConfig::default(),
             databases: BTreeMap::new(),
             pg_bin_dir: PathBuf::new(),
+            keep_recent_hours: 48,
+            schedule: ScheduleSettings::default(),
         }
     }
 }
@@ -140,7 +148,7 @@ impl BackupSettings {
                 .map_err(|e| BackupError::config(key.clone(), e.to_string()))?;
             check_pg_url(&key, url.expose())?;
         }
-        Ok(())
+        self.schedule.validate()
     }
 
     /// The path of `program` (`pg_dump`, ...) as configured.
@@ -219,7 +227,7 @@ mod tests {
                 Secret::new("postgres://backup:pw@db:5432/shop".to_owned()),
             )]
             .into(),
-            pg_bin_dir: PathBuf::new(),
+            ..BackupSettings::default()
         }
     }
 

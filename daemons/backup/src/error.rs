@@ -105,6 +105,9 @@ pub enum BackupError {
         dir: PathBuf,
     },
 
+    #[error("no backup of service {service} in {dir} to test")]
+    NothingToTest { service: String, dir: PathBuf },
+
     #[error("{context}: {source}")]
     Database {
         context: String,
@@ -180,6 +183,7 @@ impl BackupError {
             Self::RestoreMismatch { .. } => "restore_check_failed",
             Self::WrongService { .. } => "wrong_service",
             Self::PreDeployMissing { .. } => "pre_deploy_backup_missing",
+            Self::NothingToTest { .. } => "no_backup",
             Self::Database { .. } => "database",
             Self::Tool { .. } => "tool_failed",
             Self::Io { .. } => "io",

@@ -16,11 +16,13 @@ pub mod pg;
 pub mod region;
 pub mod retention;
 pub mod role;
+pub mod schedule;
 pub mod store;
 
 pub use config::{BackupSettings, Config, LocationConfig};
 pub use error::{BackupError, Site};
 pub use outputs::{BackupRef, BackupRefError, inputs_as_fields, verified_backup_of_run};
 pub use retention::Policy;
-pub use role::{BackupRole, PruneReport, RestoreReport};
+pub use role::{BackupRole, PruneReport, RestoreReport, RestoreTest, SiteTest};
+pub use schedule::ScheduleSettings;
 pub use store::BackupKind;

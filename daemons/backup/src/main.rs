@@ -11,6 +11,7 @@ use std::sync::Arc;
 use baton_backup::{BackupRole, Config};
 use baton_shared::runtime::{self, Binding};
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "baton-backup", version, about = "Baton's backup daemon")]
@@ -80,11 +81,25 @@ fn main() -> ExitCode {
     };
     let zone = cfg.common.daemon.zone.clone();
     tracing::info!(zone = %zone, primary_region = %cfg.backup.primary.region, copy_region = %cfg.backup.copy.region, "backup daemon starting");
+    let role = Arc::new(role);
     let bindings = vec![Binding {
-        zone,
-        role: Arc::new(role),
+        zone: zone.clone(),
+        role: role.clone(),
     }];
-    let result = runtime.block_on(runtime::run(cfg.common, bindings, runtime::shutdown_signal()));
+    let schedule = cfg.backup.schedule.clone();
+    let result = runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        // The schedule runs beside the job consumers and stops with them.
+        let scheduled = schedule
+            .enabled
+            .then(|| tokio::spawn(baton_backup::schedule::run(role, zone, schedule, stop.clone())));
+        let result = runtime::run(cfg.common, bindings, runtime::shutdown_signal()).await;
+        stop.cancel();
+        if let Some(task) = scheduled {
+            let _ = task.await;
+        }
+        result
+    });
     // Spans still buffered are flushed before the process exits.
     telemetry.shutdown();
     match result {

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use baton_shared::protocol::{Fields, StepError, StepJob};
 use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
@@ -40,6 +40,21 @@ pub const SCRATCH_PREFIX: &str = "baton_verify_";
 /// step runs this long) and are removed by `prune`.
 const STALE_INCOMING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Directory (in a zone of the primary location) where passed restore tests are recorded.
+pub const RESTORE_TESTS_DIR: &str = ".restore-tests";
+
+/// Namespace of the run ids daily backups are filed under (UUIDv5 of zone, service and date).
+const DAILY_NAMESPACE: Uuid = Uuid::from_u128(0x6d1c_44f2_9b1e_4c55_a0d7_0b2a_7c4e_d417);
+
+/// The run id a daily backup of `service` in `zone` due on `date` is filed under.
+pub fn daily_run_id(zone: &str, service: &str, date: NaiveDate) -> Uuid {
+    Uuid::new_v5(&DAILY_NAMESPACE, format!("{zone}\0{service}\0{date}").as_bytes())
+}
+
+fn restore_test_file(service: &str, month: &str) -> String {
+    format!("{service}.{month}.json")
+}
+
 /// How long a restore waits for locks on the live database before giving up.
 const RESTORE_LOCK_TIMEOUT: &str = "60s";
 
@@ -53,6 +68,8 @@ pub struct BackupRole {
     pg_dump: PathBuf,
     pg_restore: PathBuf,
     psql: PathBuf,
+    /// `prune` never deletes a backup younger than this.
+    keep_recent: chrono::Duration,
 }
 
 /// What `prune` did.
@@ -62,9 +79,38 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     /// Backup ids kept.
     pub kept: Vec<String>,
+    /// Of `kept`, those the policy would delete but that are younger than
+    /// `keep_recent_hours`.
+    pub protected: Vec<String>,
+    pub keep_recent_hours: i64,
     pub policy: Policy,
     /// Leftovers of interrupted attempts removed from the staging directories.
     pub stale_removed: usize,
+}
+
+/// What a restore test found (written as JSON to `.restore-tests/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTest {
+    pub service: String,
+    pub backup_id: String,
+    pub backup_created_at: DateTime<Utc>,
+    /// The month (`YYYY-MM`) the test counts for.
+    pub month: String,
+    pub tested_at: DateTime<Utc>,
+    /// One entry per location the backup was restored from.
+    pub sites: Vec<SiteTest>,
+}
+
+/// One location's part of a restore test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTest {
+    pub site: String,
+    pub region: String,
+    pub tables: usize,
+    /// Restore into the scratch database and comparison, in milliseconds.
+    pub elapsed_ms: u64,
 }
 
 /// What `restore` did.
@@ -119,6 +165,7 @@ impl BackupRole {
             pg_dump: settings.tool("pg_dump"),
             pg_restore: settings.tool("pg_restore"),
             psql: settings.tool("psql"),
+            keep_recent: chrono::Duration::hours(i64::from(settings.keep_recent_hours)),
         })
     }
 
@@ -275,7 +322,25 @@ impl BackupRole {
             });
         }
         self.check_files(Site::Copy, zone, m).await?;
-        let expected = self.read_tables(&self.primary, zone, m).await?;
+        let (tables, elapsed) = self.restore_into_scratch(&self.primary, zone, m).await?;
+        tracing::info!(
+            backup_id = %m.backup_id, tables, elapsed_ms = elapsed.as_millis() as u64,
+            "restore spot check passed"
+        );
+        Ok(())
+    }
+
+    /// Restores `m` from `loc` into a new scratch database and compares its
+    /// tables with the statistics recorded at backup time; the scratch
+    /// database is dropped either way. Returns the number of tables and how
+    /// long the restore and comparison took.
+    async fn restore_into_scratch(
+        &self,
+        loc: &Location,
+        zone: &str,
+        m: &Manifest,
+    ) -> Result<(usize, std::time::Duration), BackupError> {
+        let expected = self.read_tables(loc, zone, m).await?;
         let started = std::time::Instant::now();
         let name = format!(
             "{}{}",
@@ -283,21 +348,18 @@ impl BackupRole {
             &Uuid::new_v4().simple().to_string()[..8]
         );
         let scratch = Scratch::create(&self.admin, name).await?;
-        let result = self.restore_and_compare(&scratch, zone, m, &expected).await;
+        let result = self.restore_and_compare(loc, &scratch, zone, m, &expected).await;
         let scratch_name = scratch.name.clone();
         if let Err(e) = scratch.drop_now().await {
             tracing::warn!(scratch = %scratch_name, error = %e, "scratch database not dropped");
         }
         result?;
-        tracing::info!(
-            backup_id = %m.backup_id, tables = expected.len(), elapsed_ms = started.elapsed().as_millis() as u64,
-            "restore spot check passed"
-        );
-        Ok(())
+        Ok((expected.len(), started.elapsed()))
     }
 
     async fn restore_and_compare(
         &self,
+        loc: &Location,
         scratch: &Scratch,
         zone: &str,
         m: &Manifest,
@@ -308,7 +370,7 @@ impl BackupRole {
             .stdin(Stdio::piped());
         let mut tool = Running::spawn("pg_restore", cmd)?;
         let stdin = into_file(tool.child.stdin.take().expect("stdin is piped"), "pg_restore")?;
-        let feeder = self.feed_plaintext(&self.primary, zone, m, stdin);
+        let feeder = self.feed_plaintext(loc, zone, m, stdin);
         let restored = tool.finish().await;
         let fed = join_blocking(feeder).await;
         blame(fed, restored)?;
@@ -459,6 +521,97 @@ impl BackupRole {
         }
     }
 
+    /// The services whose databases this daemon backs up, in name order.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.databases.keys().map(String::as_str)
+    }
+
+    /// The daily backup of `service` due on `date`. Its id is fixed by zone,
+    /// service and date, so whichever attempt (or replica) comes first takes
+    /// it and the others complete or return that one.
+    pub async fn daily_backup(&self, zone: &str, service: &str, date: NaiveDate) -> Result<BackupRef, BackupError> {
+        let run_id = daily_run_id(zone, service, date);
+        let step_id = format!("daily-{}", date.format("%Y%m%d"));
+        self.take_backup(zone, service, run_id, &step_id, BackupKind::Daily)
+            .await
+    }
+
+    /// The full restore test (seed step 9, monthly): the newest backup of
+    /// `service` is restored from each location in turn into a scratch
+    /// database and compared with the statistics recorded when it was taken.
+    /// A pass is recorded for `month` (`YYYY-MM`) beside the backups, in
+    /// `.restore-tests/` of the zone in the primary location.
+    pub async fn restore_test(&self, zone: &str, service: &str, month: &str) -> Result<RestoreTest, BackupError> {
+        self.target(service)?;
+        let (loc, z) = (self.primary.clone(), zone.to_owned());
+        let all = blocking(move || loc.list(&z)).await?;
+        let newest = all
+            .into_iter()
+            .filter(|m| m.service == service)
+            .max_by(|a, b| (a.created_at, &a.backup_id).cmp(&(b.created_at, &b.backup_id)))
+            .ok_or_else(|| BackupError::NothingToTest {
+                service: service.to_owned(),
+                dir: self.primary.zone_dir(zone),
+            })?;
+        let mut sites = Vec::new();
+        for site in [Site::Primary, Site::Copy] {
+            let m = self.require_manifest(site, zone, &newest.backup_id).await?;
+            if m != newest {
+                return Err(BackupError::CopyDiffers {
+                    backup_id: newest.backup_id.clone(),
+                    dir: self.location(site).backup_dir(zone, &newest.backup_id),
+                });
+            }
+            self.check_files(site, zone, &m).await?;
+            let (tables, elapsed) = self.restore_into_scratch(self.location(site), zone, &m).await?;
+            sites.push(SiteTest {
+                site: site.to_string(),
+                region: self.location(site).region.clone(),
+                tables,
+                elapsed_ms: elapsed.as_millis() as u64,
+            });
+        }
+        let report = RestoreTest {
+            service: service.to_owned(),
+            backup_id: newest.backup_id.clone(),
+            backup_created_at: newest.created_at,
+            month: month.to_owned(),
+            tested_at: Utc::now(),
+            sites,
+        };
+        let dir = self.restore_tests_dir(zone);
+        let (name, r) = (restore_test_file(service, month), report.clone());
+        blocking(move || {
+            store::create_private_dir_all(&dir)?;
+            store::write_json_atomic(&dir, &name, &r)
+        })
+        .await?;
+        tracing::info!(service, backup_id = %report.backup_id, month, "restore test passed from both locations");
+        Ok(report)
+    }
+
+    /// The restore test recorded as passed for `service` in `month`, if any.
+    pub async fn restore_test_of(
+        &self,
+        zone: &str,
+        service: &str,
+        month: &str,
+    ) -> Result<Option<RestoreTest>, BackupError> {
+        let path = self.restore_tests_dir(zone).join(restore_test_file(service, month));
+        blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| BackupError::io(format!("reading {}", path.display()))(std::io::Error::other(e))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BackupError::io(format!("reading {}", path.display()))(e)),
+        })
+        .await
+    }
+
+    fn restore_tests_dir(&self, zone: &str) -> PathBuf {
+        self.primary.zone_dir(zone).join(RESTORE_TESTS_DIR)
+    }
+
     /// Applies the retention policy to `zone` in both locations.
     pub async fn prune(&self, zone: &str, policy: Policy, now: DateTime<Utc>) -> Result<PruneReport, BackupError> {
         let (p, c, z) = (self.primary.clone(), self.copy.clone(), zone.to_owned());
@@ -477,6 +630,14 @@ impl BackupRole {
         for backups in by_service.values() {
             kept.extend(retention::keep(backups, now, policy));
         }
+        // Younger than `keep_recent`: a run under way may still restore it
+        // (its pre-deploy backup is rarely the newest of its day).
+        let protected: Vec<String> = by_id
+            .iter()
+            .filter(|(id, (_, at))| !kept.contains(*id) && now - *at < self.keep_recent)
+            .map(|(id, _)| id.clone())
+            .collect();
+        kept.extend(protected.iter().cloned());
         let deleted: Vec<String> = by_id.keys().filter(|id| !kept.contains(*id)).cloned().collect();
         for id in &deleted {
             for loc in [self.copy.clone(), self.primary.clone()] {
@@ -489,10 +650,18 @@ impl BackupRole {
         for loc in [self.copy.clone(), self.primary.clone()] {
             stale_removed += blocking(move || loc.clean_incoming(STALE_INCOMING)).await?;
         }
-        tracing::info!(deleted = deleted.len(), kept = kept.len(), stale_removed, "prune done");
+        tracing::info!(
+            deleted = deleted.len(),
+            kept = kept.len(),
+            protected = protected.len(),
+            stale_removed,
+            "prune done"
+        );
         Ok(PruneReport {
             deleted,
             kept: kept.into_iter().collect(),
+            protected,
+            keep_recent_hours: self.keep_recent.num_hours(),
             policy,
             stale_removed,
         })

@@ -44,6 +44,8 @@ pub const MANIFEST_FORMAT: u32 = 1;
 pub enum BackupKind {
     PreDeploy,
     PostDeploy,
+    /// The zone's daily backup, taken on the daemon's own schedule.
+    Daily,
 }
 
 impl BackupKind {
@@ -51,6 +53,7 @@ impl BackupKind {
         match self {
             Self::PreDeploy => "pre-deploy",
             Self::PostDeploy => "post-deploy",
+            Self::Daily => "daily",
         }
     }
 }

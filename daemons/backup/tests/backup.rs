@@ -525,8 +525,15 @@ async fn prune_deletes_exactly_what_retention_says_in_both_locations() {
     };
     assert!(!expected_deleted.is_empty() && expected_deleted.len() < history.len());
 
-    let report = env.role.prune(ZONE, policy, now).await.unwrap();
+    // Without the protection of recent backups (tested on its own below).
+    let role = baton_backup::BackupRole::from_settings(&baton_backup::BackupSettings {
+        keep_recent_hours: 0,
+        ..env.settings.clone()
+    })
+    .unwrap();
+    let report = role.prune(ZONE, policy, now).await.unwrap();
     assert_eq!(report.deleted, expected_deleted);
+    assert!(report.protected.is_empty(), "{:?}", report.protected);
     for root in [&env.settings.primary.path, &env.settings.copy.path] {
         let mut left = env.backups_in(root);
         left.retain(|n| n != "operator-notes");
@@ -550,7 +557,7 @@ async fn prune_deletes_exactly_what_retention_says_in_both_locations() {
     std::fs::create_dir_all(&fresh).unwrap();
 
     // Pruning again deletes no backup.
-    let again = env.role.prune(ZONE, policy, now).await.unwrap();
+    let again = role.prune(ZONE, policy, now).await.unwrap();
     assert!(again.deleted.is_empty(), "{:?}", again.deleted);
     assert_eq!(again.stale_removed, 1);
     assert!(

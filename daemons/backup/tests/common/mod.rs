@@ -100,7 +100,7 @@ impl Env {
                 region: "de-fra1".into(),
             },
             databases: BTreeMap::from([(SERVICE.to_owned(), Secret::new(db_url.clone()))]),
-            pg_bin_dir: PathBuf::new(),
+            ..BackupSettings::default()
         };
         let role = BackupRole::from_settings(&settings).expect("valid settings");
         Self {

@@ -1,0 +1,301 @@
+//! The backup daemon's own schedule: the routine work of the seed's step 9
+//! and "Zone boundaries" table that no deploy asks for.
+//!
+//! - **Daily backup** of every database of the zone ("Backups: Daily" for
+//!   staging, "Pre/post-deploy + daily" for production), due each day at
+//!   `daily_at` (UTC). Its id is fixed by zone, service and date, so a daemon
+//!   that restarts, or a second replica, completes or finds the same backup
+//!   instead of taking another.
+//! - **Prune** with the retention policy after the daily backups, so the zone
+//!   keeps 30 daily, 12 monthly and 7 yearly backups without an operator
+//!   sending `prune` (which, like every job, must be signed by the scheduler).
+//! - **Restore test**, monthly from day `restore_test_day`: the newest backup of
+//!   each service is restored from both locations and compared with its
+//!   recorded statistics. A pass is recorded in `.restore-tests/`, so the test
+//!   runs once a month however often the daemon restarts, and a month whose
+//!   test failed is tried again.
+//!
+//! A pass whose tasks all succeeded is not repeated for the same date; one
+//! with a failure is tried again after `retry_secs` (each task that already
+//! succeeded is then quick). A daemon that was down when work fell due does it
+//! when it starts. Every task counts in `baton_backup_scheduled_tasks_total`,
+//! and `baton_backup_scheduled_last_success_timestamp_seconds` is what to alert
+//! on (ops/README.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::BackupError;
+use crate::retention::Policy;
+use crate::role::BackupRole;
+
+/// The longest the schedule sleeps before looking at the clock again, so a
+/// clock that jumps (or a host that was suspended) delays work by at most this.
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+
+/// `[backup.schedule]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// Whether the daemon does the daily backup, prune and monthly restore
+    /// test itself. Turn it off where the zone takes no routine backups (the
+    /// seed's dev zone) or another daemon of the zone already does them.
+    pub enabled: bool,
+    /// Time of day, UTC, `HH:MM`, at which the daily work falls due.
+    pub daily_at: String,
+    /// Day of the month (1-28) from which the month's restore test is due.
+    pub restore_test_day: u32,
+    /// After a pass with a failed task, wait this long before trying again.
+    pub retry_secs: u64,
+    /// The policy the daily prune applies.
+    pub retention: Policy,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            daily_at: "02:00".into(),
+            restore_test_day: 1,
+            retry_secs: 900,
+            retention: Policy::default(),
+        }
+    }
+}
+
+impl ScheduleSettings {
+    /// Checks the settings; the error names the key.
+    pub fn validate(&self) -> Result<(), BackupError> {
+        self.time_of_day()?;
+        if !(1..=28).contains(&self.restore_test_day) {
+            return Err(BackupError::config(
+                "backup.schedule.restore_test_day",
+                format!(
+                    "is {}; it must be a day of the month from 1 to 28, which every month has",
+                    self.restore_test_day
+                ),
+            ));
+        }
+        if self.retry_secs == 0 {
+            return Err(BackupError::config("backup.schedule.retry_secs", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// `daily_at` as a time of day.
+    pub fn time_of_day(&self) -> Result<NaiveTime, BackupError> {
+        let bad = || {
+            BackupError::config(
+                "backup.schedule.daily_at",
+                format!(
+                    "is {:?}; expected a UTC time of day as HH:MM, e.g. \"02:00\"",
+                    self.daily_at
+                ),
+            )
+        };
+        if self.daily_at.len() != 5 {
+            return Err(bad());
+        }
+        NaiveTime::parse_from_str(&self.daily_at, "%H:%M").map_err(|_| bad())
+    }
+}
+
+/// The date whose daily work is due at `now`: today once `at` has passed,
+/// yesterday before that.
+pub fn due_date(now: DateTime<Utc>, at: NaiveTime) -> NaiveDate {
+    let today = now.date_naive();
+    if now.time() >= at {
+        today
+    } else {
+        today.pred_opt().expect("dates this early are not used")
+    }
+}
+
+/// The first instant after `now` at which the next day's work falls due.
+pub fn next_due(now: DateTime<Utc>, at: NaiveTime) -> DateTime<Utc> {
+    let next_date = due_date(now, at).succ_opt().expect("dates this late are not used");
+    next_date.and_time(at).and_utc()
+}
+
+/// Whether the month's restore test is due on `date`.
+pub fn restore_test_due(date: NaiveDate, restore_test_day: u32) -> bool {
+    date.day() >= restore_test_day
+}
+
+/// `YYYY-MM` of `date`.
+pub fn month_of(date: NaiveDate) -> String {
+    date.format("%Y-%m").to_string()
+}
+
+/// Runs the schedule until `cancel` fires. The settings must be valid.
+pub async fn run(role: Arc<BackupRole>, zone: String, settings: ScheduleSettings, cancel: CancellationToken) {
+    let at = match settings.time_of_day() {
+        Ok(at) => at,
+        Err(e) => {
+            tracing::error!(error = %e, "backup schedule not started");
+            return;
+        }
+    };
+    tracing::info!(zone = %zone, daily_at = %settings.daily_at, restore_test_day = settings.restore_test_day, "backup schedule started");
+    let mut done: Option<NaiveDate> = None;
+    loop {
+        let now = Utc::now();
+        let date = due_date(now, at);
+        let wake = if done == Some(date) {
+            next_due(now, at)
+        } else {
+            let span = tracing::info_span!("scheduled backups", zone = %zone, date = %date);
+            let failed = tokio::select! {
+                failed = pass(&role, &zone, &settings, date).instrument(span) => failed,
+                () = cancel.cancelled() => return,
+            };
+            if failed == 0 {
+                done = Some(date);
+                next_due(Utc::now(), at)
+            } else {
+                tracing::warn!(zone = %zone, %date, failed, retry_secs = settings.retry_secs, "scheduled backup work failed; trying again later");
+                let retry = Utc::now() + chrono::Duration::seconds(settings.retry_secs as i64);
+                retry.min(next_due(Utc::now(), at))
+            }
+        };
+        let nap = (wake - Utc::now()).to_std().unwrap_or_default().min(MAX_SLEEP);
+        tokio::select! {
+            () = tokio::time::sleep(nap) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// One pass of the work due on `date`; returns how many tasks failed.
+pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, date: NaiveDate) -> usize {
+    let mut failed = 0;
+    let services: Vec<String> = role.services().map(str::to_owned).collect();
+    for service in &services {
+        let result = role.daily_backup(zone, service, date).await;
+        match &result {
+            Ok(r) => tracing::info!(service, backup_id = %r.backup_id, %date, "daily backup verified"),
+            Err(e) => tracing::error!(service, %date, error = %e, code = e.code(), "daily backup failed"),
+        }
+        failed += record("daily_backup", service, result.is_ok());
+    }
+    let result = role.prune(zone, settings.retention, Utc::now()).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, code = e.code(), "scheduled prune failed");
+    }
+    failed += record("prune", "", result.is_ok());
+    if restore_test_due(date, settings.restore_test_day) {
+        let month = month_of(date);
+        for service in &services {
+            match role.restore_test_of(zone, service, &month).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(service, month, error = %e, "cannot read the month's restore test record; testing again")
+                }
+            }
+            let result = role.restore_test(zone, service, &month).await;
+            if let Err(e) = &result {
+                tracing::error!(service, month, error = %e, code = e.code(), "restore test failed");
+            }
+            failed += record("restore_test", service, result.is_ok());
+        }
+    }
+    failed
+}
+
+/// Counts a task's outcome; returns 1 if it failed.
+fn record(task: &str, service: &str, ok: bool) -> usize {
+    let m = baton_shared::metrics::global();
+    m.inc(
+        "baton_backup_scheduled_tasks_total",
+        "Scheduled backup tasks (daily_backup, prune, restore_test) by outcome",
+        &[("task", task), ("outcome", if ok { "succeeded" } else { "failed" })],
+        1.0,
+    );
+    if ok {
+        m.set(
+            "baton_backup_scheduled_last_success_timestamp_seconds",
+            "When each scheduled task last succeeded (Unix seconds), by service (empty for prune)",
+            &[("task", task), ("service", service)],
+            Utc::now().timestamp() as f64,
+        );
+        0
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap()
+    }
+
+    fn two_am() -> NaiveTime {
+        NaiveTime::from_hms_opt(2, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn the_day_s_work_is_due_from_its_time_of_day() {
+        let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap();
+        assert_eq!(due_date(at(2026, 11, 27, 1, 59), two_am()), d(2026, 11, 26));
+        assert_eq!(due_date(at(2026, 11, 27, 2, 0), two_am()), d(2026, 11, 27));
+        assert_eq!(due_date(at(2026, 11, 27, 23, 0), two_am()), d(2026, 11, 27));
+        assert_eq!(due_date(at(2027, 1, 1, 0, 30), two_am()), d(2026, 12, 31));
+    }
+
+    #[test]
+    fn the_next_due_instant_is_the_following_day_s_time_of_day() {
+        assert_eq!(next_due(at(2026, 11, 27, 1, 59), two_am()), at(2026, 11, 27, 2, 0));
+        assert_eq!(next_due(at(2026, 11, 27, 2, 0), two_am()), at(2026, 11, 28, 2, 0));
+        assert_eq!(next_due(at(2026, 12, 31, 12, 0), two_am()), at(2027, 1, 1, 2, 0));
+        let midnight = NaiveTime::from_hms_opt(0, 0, 0).unwrap();
+        assert_eq!(next_due(at(2028, 2, 28, 0, 0), midnight), at(2028, 2, 29, 0, 0));
+    }
+
+    #[test]
+    fn the_restore_test_is_due_from_its_day_to_the_month_s_end() {
+        let d = |day| NaiveDate::from_ymd_opt(2026, 11, day).unwrap();
+        assert!(!restore_test_due(d(1), 2));
+        assert!(restore_test_due(d(2), 2));
+        assert!(restore_test_due(d(30), 2));
+        assert!(restore_test_due(d(1), 1));
+        assert_eq!(month_of(d(30)), "2026-11");
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let key = |s: ScheduleSettings| match s.validate().unwrap_err() {
+            BackupError::Config { key, .. } => key,
+            other => panic!("not a config error: {other}"),
+        };
+        ScheduleSettings::default().validate().unwrap();
+        for bad in ["2:00", "24:00", "02:60", "0200", "02:00:00", ""] {
+            let s = ScheduleSettings {
+                daily_at: bad.into(),
+                ..ScheduleSettings::default()
+            };
+            assert_eq!(key(s), "backup.schedule.daily_at", "{bad:?} accepted");
+        }
+        for day in [0, 29, 31] {
+            let s = ScheduleSettings {
+                restore_test_day: day,
+                ..ScheduleSettings::default()
+            };
+            assert_eq!(key(s), "backup.schedule.restore_test_day");
+        }
+        let s = ScheduleSettings {
+            retry_secs: 0,
+            ..ScheduleSettings::default()
+        };
+        assert_eq!(key(s), "backup.schedule.retry_secs");
+    }
+}
