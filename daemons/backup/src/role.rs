@@ -40,6 +40,10 @@ pub const SCRATCH_PREFIX: &str = "baton_verify_";
 /// step runs this long) and are removed by `prune`.
 const STALE_INCOMING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Backups that failed their own check stay in `.rejected/` this long for
+/// inspection; `prune` then removes them.
+const REJECTED_KEPT: chrono::Duration = chrono::Duration::days(30);
+
 /// Directory (in a zone of the primary location) where passed restore tests are recorded.
 pub const RESTORE_TESTS_DIR: &str = ".restore-tests";
 
@@ -86,6 +90,8 @@ pub struct PruneReport {
     pub policy: Policy,
     /// Leftovers of interrupted attempts removed from the staging directories.
     pub stale_removed: usize,
+    /// Backups set aside in `.rejected/` more than 30 days ago, removed.
+    pub rejected_removed: usize,
 }
 
 /// What a restore test found (written as JSON to `.restore-tests/`).
@@ -646,15 +652,25 @@ impl BackupRole {
             }
             tracing::info!(backup_id = %id, "backup deleted by retention");
         }
-        let mut stale_removed = 0;
+        let (mut stale_removed, mut rejected_removed) = (0, 0);
         for loc in [self.copy.clone(), self.primary.clone()] {
-            stale_removed += blocking(move || loc.clean_incoming(STALE_INCOMING)).await?;
+            let z = zone.to_owned();
+            let (stale, rejected) = blocking(move || {
+                Ok((
+                    loc.clean_incoming(STALE_INCOMING)?,
+                    loc.clean_rejected(&z, REJECTED_KEPT)?,
+                ))
+            })
+            .await?;
+            stale_removed += stale;
+            rejected_removed += rejected;
         }
         tracing::info!(
             deleted = deleted.len(),
             kept = kept.len(),
             protected = protected.len(),
             stale_removed,
+            rejected_removed,
             "prune done"
         );
         Ok(PruneReport {
@@ -664,6 +680,7 @@ impl BackupRole {
             keep_recent_hours: self.keep_recent.num_hours(),
             policy,
             stale_removed,
+            rejected_removed,
         })
     }
 

@@ -35,6 +35,19 @@ pub const VERIFIED_FILE: &str = "verified.json";
 pub const INCOMING_DIR: &str = ".incoming";
 pub const REJECTED_DIR: &str = ".rejected";
 
+/// How the time a backup was set aside is written at the end of its name in `.rejected/`.
+const REJECTED_TIME: &str = "%Y%m%dT%H%M%S%.fZ";
+
+/// When the entry `name` of `.rejected/` was set aside, from its name.
+pub fn rejected_at(name: &str) -> Option<DateTime<Utc>> {
+    let mut parts = name.rsplitn(3, '.');
+    let (frac, secs) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    chrono::NaiveDateTime::parse_from_str(&format!("{secs}.{frac}"), REJECTED_TIME)
+        .ok()
+        .map(|t| t.and_utc())
+}
+
 /// The manifest format this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -258,7 +271,7 @@ impl Location {
         }
         let rejected = self.zone_dir(zone).join(REJECTED_DIR);
         create_private_dir_all(&rejected)?;
-        let target = rejected.join(format!("{backup_id}.{}", Utc::now().format("%Y%m%dT%H%M%S%.fZ")));
+        let target = rejected.join(format!("{backup_id}.{}", Utc::now().format(REJECTED_TIME)));
         fs::rename(&dir, &target).map_err(BackupError::io(format!("quarantining {}", dir.display())))?;
         Ok(Some(target))
     }
@@ -307,6 +320,38 @@ impl Location {
                     Ok(()) => removed += 1,
                     Err(e) => tracing::warn!(path = %path.display(), error = %e, "stale staging entry not removed"),
                 }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes backups set aside in `zone`'s `.rejected/` more than `older_than`
+    /// ago (by the time in their name, not their files' age: a backup found
+    /// rotten today is kept for inspection however old it is). Entries whose
+    /// name carries no such time are not ours and stay. Returns how many went.
+    pub fn clean_rejected(&self, zone: &str, older_than: chrono::Duration) -> Result<usize, BackupError> {
+        let dir = self.zone_dir(zone).join(REJECTED_DIR);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(at) = rejected_at(&name) else { continue };
+            if Utc::now() - at <= older_than {
+                continue;
+            }
+            let path = entry.path();
+            let res = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match res {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "rejected backup not removed"),
             }
         }
         Ok(removed)
@@ -441,6 +486,20 @@ fn check_component(what: &str, s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_entry_s_time_is_read_from_its_name() {
+        let at = Utc::now();
+        let name = format!(
+            "shop-api.backup.pre.{}.{}",
+            Uuid::from_u128(7),
+            at.format(REJECTED_TIME)
+        );
+        assert_eq!(rejected_at(&name), Some(at));
+        for junk in ["notes", "shop-api.x.y", "a.20261127T195600", "a.20261127T195600.5"] {
+            assert_eq!(rejected_at(junk), None, "{junk}");
+        }
+    }
 
     #[test]
     fn backup_ids_are_deterministic_and_path_safe() {

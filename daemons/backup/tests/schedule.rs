@@ -163,6 +163,19 @@ async fn prune_keeps_backups_younger_than_keep_recent_hours() {
     assert_eq!(report.protected, vec![older.clone()]);
     assert_eq!(report.keep_recent_hours, 48);
 
+    // Backups set aside as rotten stay 30 days for inspection, by the time
+    // they were set aside; anything else in `.rejected/` is not prune's.
+    let rejected = env.settings.primary.path.join(ZONE).join(store::REJECTED_DIR);
+    let old = rejected.join(format!("{older}.20010101T000000.000000001Z"));
+    let recent = rejected.join(format!("{older}.{}", Utc::now().format("%Y%m%dT%H%M%S%.fZ")));
+    let notes = rejected.join("operator-notes");
+    for dir in [&old, &recent, &notes] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let report = env.role.prune(ZONE, Policy::default(), now).await.unwrap();
+    assert_eq!(report.rejected_removed, 1);
+    assert!(!old.exists() && recent.exists() && notes.exists());
+
     // Once it is older than that, only the newest of its day stays.
     let later = now + chrono::Duration::hours(49);
     let report = env.role.prune(ZONE, Policy::default(), later).await.unwrap();
