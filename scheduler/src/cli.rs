@@ -5,9 +5,11 @@
 //! unknown run, refused by the API); 3 the broker, database or API could not be
 //! reached.
 //!
-//! `approve`, `reject`, `cancel`, `watch`, `incident`, `locks` and `dlq` are clients
-//! of the scheduler's HTTP API (`[client]`: url and token). `runs`, `rollback`
-//! and `audit verify` still read the database directly.
+//! `runs`, `watch`, `approve`, `reject`, `cancel`, `rollback`, `incident`, `locks`
+//! and `dlq` are clients of the scheduler's HTTP API (`[client]`: url and
+//! token), so an operator needs a token, not the database. `audit verify`
+//! reads the database itself: an auditor checks the chains without trusting
+//! the scheduler.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -422,10 +424,7 @@ async fn dispatch(cli: Cli) -> Outcome {
                 st.parse::<RunStatus>()
                     .map_err(|e| bad_input(anyhow::anyhow!("--status: {e}")))?;
             }
-            let cfg = load_config(cli.config.as_deref())?;
-            let pool = store::connect(cfg.database.url.expose(), 2)
-                .await
-                .map_err(unavailable)?;
+            let c = api_client(cli.config.as_deref())?;
             match command {
                 RunsCommand::List {
                     limit,
@@ -433,13 +432,18 @@ async fn dispatch(cli: Cli) -> Outcome {
                     environment,
                     service,
                 } => {
-                    let filter = store::RunFilter {
-                        status,
-                        environment,
-                        service,
-                        limit,
-                    };
-                    let runs = store::list_runs(&pool, &filter).await.map_err(unavailable)?;
+                    let mut query = reqwest::Url::parse("http://baton/v1/runs").expect("a valid URL");
+                    {
+                        let mut q = query.query_pairs_mut();
+                        for (key, value) in [("status", status), ("environment", environment), ("service", service)] {
+                            if let Some(v) = value {
+                                q.append_pair(key, &v);
+                            }
+                        }
+                        q.append_pair("limit", &limit.to_string());
+                    }
+                    let path = format!("{}?{}", query.path(), query.query().unwrap_or_default());
+                    let runs: Vec<store::RunLine> = c.get(&path).await.map_err(api_failure)?;
                     if cli.json {
                         print_json(&runs);
                     } else {
@@ -458,10 +462,7 @@ async fn dispatch(cli: Cli) -> Outcome {
                     Ok(ExitCode::SUCCESS)
                 }
                 RunsCommand::Show { run } => {
-                    let view = store::run_view(&pool, run)
-                        .await
-                        .map_err(unavailable)?
-                        .ok_or_else(|| bad_input(anyhow::anyhow!("run {run} not found")))?;
+                    let view: RunView = c.get(&format!("/v1/runs/{run}")).await.map_err(api_failure)?;
                     if cli.json {
                         print_json(&view);
                     } else {
@@ -693,40 +694,15 @@ async fn dispatch(cli: Cli) -> Outcome {
             })
         }
         Command::Rollback { run, reason } => {
-            let cfg = load_config(cli.config.as_deref())?;
-            let pool = store::connect(cfg.database.url.expose(), 2)
-                .await
-                .map_err(unavailable)?;
-            // Claim of zero: the scheduler's sweeper publishes what this causes.
-            let st = store::Store::new(
-                pool,
-                cfg.engine_settings().map_err(bad_input)?,
-                Duration::ZERO,
-                format!("cli:{}", whoami()),
-            )
-            .with_queue_policy(cfg.scheduler.queue_policy);
-            match st.request_rollback(run, &reason).await {
-                Ok(_) => {
-                    if cli.json {
-                        print_json(&serde_json::json!({"run_id": run, "rollback": "requested"}));
-                    } else {
-                        println!("rollback of run {run} requested");
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(
-                    e @ (store::StoreError::NotFound(_)
-                    | store::StoreError::Engine(_)
-                    | store::StoreError::Locked { .. }),
-                ) => Err(bad_input(e)),
-                Err(e) => Err(unavailable(e)),
+            let v = post_reason(cli.config.as_deref(), &format!("/v1/runs/{run}/rollback"), &reason).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("rollback of run {run} requested; `baton watch {run}` follows it");
             }
+            Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn whoami() -> String {
-    std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn exit_for(view: &RunView) -> ExitCode {

@@ -235,6 +235,12 @@ pub struct TestEnv {
     pub scheduler_key: Keypair,
     /// The daemons' signing key (the scheduler trusts its public half).
     pub daemon_key: Keypair,
+    /// An operator token every scheduler started here accepts; [`Self::baton`]
+    /// presents it, so the CLI's API commands work in any test.
+    pub operator_token: String,
+    operator_entry: baton_scheduler::api::TokenEntry,
+    /// The API of every scheduler started here, in start order.
+    apis: Mutex<Vec<String>>,
 }
 
 const ADMIN_DB: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -261,6 +267,8 @@ impl TestEnv {
         std::fs::write(dir.join("script.json"), "{}").expect("script");
         let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost);
         let (scheduler_key, daemon_key) = (Keypair::generate(), Keypair::generate());
+        let (operator_token, operator_entry) =
+            baton_scheduler::api::new_token("baton-tests", baton_scheduler::api::Role::Operator);
         std::fs::write(dir.join("scheduler.key"), scheduler_key.secret_file_contents()).expect("key");
         std::fs::write(dir.join("daemon.key"), daemon_key.secret_file_contents()).expect("key");
         Self {
@@ -274,6 +282,9 @@ impl TestEnv {
             scheduler_env: Mutex::new(Vec::new()),
             scheduler_key,
             daemon_key,
+            operator_token,
+            operator_entry,
+            apis: Mutex::new(Vec::new()),
         }
     }
 
@@ -424,10 +435,15 @@ impl TestEnv {
     pub fn spawn_scheduler(&self, label: &str) -> Proc {
         let mut cmd = Command::new(bin("baton-e2e"));
         cmd.arg("scheduler");
-        let file = self.dir.join("scheduler.toml");
-        if file.exists() {
-            cmd.arg("--config").arg(file);
-        }
+        // The test's configuration, if it wrote one, plus the operator token.
+        let mut toml = std::fs::read_to_string(self.dir.join("scheduler.toml")).unwrap_or_default();
+        toml.push_str(&format!(
+            "\n[[api.tokens]]\nname = {:?}\nrole = \"operator\"\nsha256 = {:?}\n",
+            self.operator_entry.name, self.operator_entry.sha256
+        ));
+        let file = self.dir.join(format!("scheduler-{label}.toml"));
+        std::fs::write(&file, toml).expect("write the scheduler's configuration");
+        cmd.arg("--config").arg(file);
         self.common_env(&mut cmd);
         cmd.env("BATON_SIGNING__KEY_FILE", self.dir.join("scheduler.key"))
             .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", self.daemon_key.public()))
@@ -445,10 +461,12 @@ impl TestEnv {
             cmd.env(k, v);
         }
         cmd.stdout(self.log_file(label)).stderr(self.log_file(label));
+        let api = format!("http://127.0.0.1:{port}");
+        self.apis.lock().unwrap().push(api.clone());
         Proc {
             name: label.to_owned(),
             child: cmd.spawn().expect("spawn baton scheduler"),
-            api: Some(format!("http://127.0.0.1:{port}")),
+            api: Some(api),
         }
     }
 
@@ -514,11 +532,27 @@ impl TestEnv {
         );
     }
 
-    /// Runs the `baton` CLI against this environment.
+    /// Runs the `baton` CLI against this environment: its API commands go to
+    /// the newest scheduler whose API answers, with the operator token.
     pub fn baton(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("baton-e2e"));
         cmd.args(args);
         self.common_env(&mut cmd);
+        let live = self
+            .apis
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|api| {
+                let addr = api.trim_start_matches("http://");
+                std::net::TcpStream::connect(addr).is_ok()
+            })
+            .cloned();
+        if let Some(api) = live {
+            cmd.env("BATON_CLIENT__URL", api);
+        }
+        cmd.env("BATON_CLIENT__TOKEN", &self.operator_token);
         cmd.output().expect("run baton")
     }
 

@@ -997,6 +997,11 @@ async fn operator_can_roll_back_a_finished_run() {
     assert_eq!(shown.status.code(), Some(1), "a rolled-back run exits 1");
     let json: RunView = serde_json::from_slice(&shown.stdout).expect("runs show --json parses");
     assert_eq!(json.status, "rolled_back");
+    // Through the API, so the rollback names the token that asked for it.
+    assert_eq!(
+        json.rollback_reason.as_deref(),
+        Some("operator requested rollback: error rate up (by baton-tests)")
+    );
     let again = env.baton(&["rollback", &run.to_string()]);
     assert_eq!(
         again.status.code(),
