@@ -1,13 +1,15 @@
 //! `baton-backup`: the backup role daemon for one zone.
 //!
-//! `baton-backup [--config FILE] [--print-config]`. Exit codes: 0 after a clean
-//! shutdown, 2 for bad configuration (the message names the key), 3 when the
-//! broker cannot be reached or the runtime stops.
+//! `baton-backup [--config FILE] [--print-config | --keygen FILE | --scheduled-pass]`.
+//! Exit codes: 0 after a clean shutdown, 2 for bad configuration (the message
+//! names the key), 3 when the broker cannot be reached or the runtime stops;
+//! with `--scheduled-pass`, 1 when a task of the pass failed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use baton_backup::schedule::{self, ScheduleSettings};
 use baton_backup::{BackupRole, Config};
 use baton_shared::runtime::{self, Binding};
 use clap::Parser;
@@ -25,6 +27,12 @@ struct Cli {
     /// Write a new age identity to FILE (mode 0600), print its recipient, and exit.
     #[arg(long, value_name = "FILE")]
     keygen: Option<PathBuf>,
+    /// Do the scheduled work due now once (daily backup, prune, and the
+    /// month's restore test if due and not yet passed), print what each task
+    /// did as JSON, and exit: 0 if every task succeeded, 1 if one failed.
+    /// Needs no broker; for operators after a failure, or for an outside timer.
+    #[arg(long)]
+    scheduled_pass: bool,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +88,11 @@ fn main() -> ExitCode {
         }
     };
     let zone = cfg.common.daemon.zone.clone();
+    if cli.scheduled_pass {
+        let code = runtime.block_on(scheduled_pass(&role, &zone, &cfg.backup.schedule));
+        telemetry.shutdown();
+        return code;
+    }
     tracing::info!(zone = %zone, primary_region = %cfg.backup.primary.region, copy_region = %cfg.backup.copy.region, "backup daemon starting");
     let role = Arc::new(role);
     let bindings = vec![Binding {
@@ -109,6 +122,28 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(3)
         }
+    }
+}
+
+/// `--scheduled-pass`: one pass of the work due now, reported on stdout.
+async fn scheduled_pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings) -> ExitCode {
+    let at = match settings.time_of_day() {
+        Ok(at) => at,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let date = schedule::due_date(chrono::Utc::now(), at);
+    let report = schedule::pass(role, zone, settings, date).await;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).expect("the report serialises")
+    );
+    if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

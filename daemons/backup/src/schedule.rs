@@ -151,7 +151,7 @@ pub async fn run(role: Arc<BackupRole>, zone: String, settings: ScheduleSettings
         } else {
             let span = tracing::info_span!("scheduled backups", zone = %zone, date = %date);
             let failed = tokio::select! {
-                failed = pass(&role, &zone, &settings, date).instrument(span) => failed,
+                report = pass(&role, &zone, &settings, date).instrument(span) => report.failed(),
                 () = cancel.cancelled() => return,
             };
             if failed == 0 {
@@ -171,9 +171,40 @@ pub async fn run(role: Arc<BackupRole>, zone: String, settings: ScheduleSettings
     }
 }
 
-/// One pass of the work due on `date`; returns how many tasks failed.
-pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, date: NaiveDate) -> usize {
-    let mut failed = 0;
+/// What one pass did, task by task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassReport {
+    pub zone: String,
+    /// The date whose work this was.
+    pub date: NaiveDate,
+    pub tasks: Vec<TaskOutcome>,
+}
+
+impl PassReport {
+    /// How many tasks failed.
+    pub fn failed(&self) -> usize {
+        self.tasks.iter().filter(|t| t.error.is_some()).count()
+    }
+}
+
+/// One task of a pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskOutcome {
+    /// `daily_backup`, `prune` or `restore_test`.
+    pub task: String,
+    /// The service, or empty for `prune`.
+    pub service: String,
+    /// The backup taken or tested, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// Why it failed: the error's code and message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One pass of the work due on `date`.
+pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, date: NaiveDate) -> PassReport {
+    let mut tasks = Vec::new();
     let services: Vec<String> = role.services().map(str::to_owned).collect();
     for service in &services {
         let result = role.daily_backup(zone, service, date).await;
@@ -181,13 +212,13 @@ pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, da
             Ok(r) => tracing::info!(service, backup_id = %r.backup_id, %date, "daily backup verified"),
             Err(e) => tracing::error!(service, %date, error = %e, code = e.code(), "daily backup failed"),
         }
-        failed += record("daily_backup", service, result.is_ok());
+        tasks.push(outcome("daily_backup", service, result.map(|r| Some(r.backup_id))));
     }
     let result = role.prune(zone, settings.retention, Utc::now()).await;
     if let Err(e) = &result {
         tracing::error!(error = %e, code = e.code(), "scheduled prune failed");
     }
-    failed += record("prune", "", result.is_ok());
+    tasks.push(outcome("prune", "", result.map(|_| None)));
     if restore_test_due(date, settings.restore_test_day) {
         let month = month_of(date);
         for service in &services {
@@ -202,31 +233,45 @@ pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, da
             if let Err(e) = &result {
                 tracing::error!(service, month, error = %e, code = e.code(), "restore test failed");
             }
-            failed += record("restore_test", service, result.is_ok());
+            tasks.push(outcome("restore_test", service, result.map(|t| Some(t.backup_id))));
         }
     }
-    failed
+    PassReport {
+        zone: zone.to_owned(),
+        date,
+        tasks,
+    }
 }
 
-/// Counts a task's outcome; returns 1 if it failed.
-fn record(task: &str, service: &str, ok: bool) -> usize {
+/// Counts a task's outcome in the metrics and describes it.
+fn outcome(task: &str, service: &str, result: Result<Option<String>, BackupError>) -> TaskOutcome {
     let m = baton_shared::metrics::global();
     m.inc(
         "baton_backup_scheduled_tasks_total",
         "Scheduled backup tasks (daily_backup, prune, restore_test) by outcome",
-        &[("task", task), ("outcome", if ok { "succeeded" } else { "failed" })],
+        &[
+            ("task", task),
+            ("outcome", if result.is_ok() { "succeeded" } else { "failed" }),
+        ],
         1.0,
     );
-    if ok {
+    if result.is_ok() {
         m.set(
             "baton_backup_scheduled_last_success_timestamp_seconds",
             "When each scheduled task last succeeded (Unix seconds), by service (empty for prune)",
             &[("task", task), ("service", service)],
             Utc::now().timestamp() as f64,
         );
-        0
-    } else {
-        1
+    }
+    let (backup_id, error) = match result {
+        Ok(id) => (id, None),
+        Err(e) => (None, Some(format!("{}: {e}", e.code()))),
+    };
+    TaskOutcome {
+        task: task.to_owned(),
+        service: service.to_owned(),
+        backup_id,
+        error,
     }
 }
 

@@ -49,7 +49,7 @@ async fn a_pass_takes_each_database_s_daily_backup_once_prunes_and_tests_a_resto
     let pre_id = common::backup_id_of(&pre);
 
     assert_eq!(
-        schedule::pass(&env.role, ZONE, &settings, date).await,
+        schedule::pass(&env.role, ZONE, &settings, date).await.failed(),
         0,
         "no task fails"
     );
@@ -81,14 +81,14 @@ async fn a_pass_takes_each_database_s_daily_backup_once_prunes_and_tests_a_resto
     assert!(scratch_databases(&id).await.is_empty(), "scratch databases dropped");
 
     // Again the same day: the same backup, and the month's test is not repeated.
-    assert_eq!(schedule::pass(&env.role, ZONE, &settings, date).await, 0);
+    assert_eq!(schedule::pass(&env.role, ZONE, &settings, date).await.failed(), 0);
     assert_eq!(env.backups_in(&env.settings.primary.path), expected);
     let again = env.role.restore_test_of(ZONE, SERVICE, &month).await.unwrap();
     assert_eq!(again.as_ref(), Some(&test), "the month's test ran once");
 
     // The next day: a second daily backup.
     let next = date.succ_opt().unwrap();
-    assert_eq!(schedule::pass(&env.role, ZONE, &settings, next).await, 0);
+    assert_eq!(schedule::pass(&env.role, ZONE, &settings, next).await.failed(), 0);
     assert!(env.backups_in(&env.settings.primary.path).contains(&daily_id(next)));
 }
 
@@ -104,7 +104,17 @@ async fn a_failed_pass_is_counted_and_the_next_takes_a_fresh_backup() {
 
     // The daily backup finds it corrupted and sets it aside; with no backup
     // left, the restore test has nothing to test. Both count as failures.
-    assert_eq!(schedule::pass(&env.role, ZONE, &settings, date).await, 2);
+    let report = schedule::pass(&env.role, ZONE, &settings, date).await;
+    assert_eq!(report.failed(), 2, "{report:#?}");
+    let errors: Vec<(&str, &str)> = report
+        .tasks
+        .iter()
+        .filter_map(|t| Some((t.task.as_str(), t.error.as_deref()?.split(':').next()?)))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![("daily_backup", "backup_corrupted"), ("restore_test", "no_backup")]
+    );
     assert!(env.backups_in(&env.settings.primary.path).is_empty());
     assert_eq!(
         env.role.restore_test_of(ZONE, SERVICE, &month_of(date)).await.unwrap(),
@@ -117,7 +127,7 @@ async fn a_failed_pass_is_counted_and_the_next_takes_a_fresh_backup() {
     }
 
     // The retry takes a fresh backup under the same id, and tests it.
-    assert_eq!(schedule::pass(&env.role, ZONE, &settings, date).await, 0);
+    assert_eq!(schedule::pass(&env.role, ZONE, &settings, date).await.failed(), 0);
     assert_eq!(env.backups_in(&env.settings.primary.path), vec![id.clone()]);
     let test = env.role.restore_test_of(ZONE, SERVICE, &month_of(date)).await.unwrap();
     assert_eq!(test.map(|t| t.backup_id), Some(id));
@@ -288,10 +298,9 @@ fn daily_backups(root: &Path) -> Vec<String> {
     names
 }
 
-#[tokio::test]
-async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_across_restarts() {
-    let env = Env::new().await;
-    let vhost = Vhost::new();
+/// A `baton-backup` configuration for `env`, its schedule due at midnight UTC
+/// so that whenever a test runs, today's work is due.
+fn write_config(env: &Env) -> PathBuf {
     let scheduler_key = baton_shared::signing::Keypair::generate();
     let daemon_key = baton_shared::signing::Keypair::generate();
     let key_file = env.root.join("daemon.key");
@@ -307,7 +316,6 @@ async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_acro
              [backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
              [backup.copy]\npath = {copy:?}\nregion = \"de-fra1\"\n\n\
              [backup.databases]\n{SERVICE} = {db:?}\n\n\
-             # Due at midnight UTC: whenever the test runs, today's work is due.\n\
              [backup.schedule]\ndaily_at = \"00:00\"\nrestore_test_day = 1\n",
             key = key_file.display().to_string(),
             trusted = scheduler_key.public(),
@@ -320,6 +328,71 @@ async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_acro
         ),
     )
     .unwrap();
+    config
+}
+
+#[tokio::test]
+async fn an_operator_s_scheduled_pass_reports_each_task_and_exits_1_when_one_fails() {
+    let env = Env::new().await;
+    let config = write_config(&env);
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_baton-backup"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--scheduled-pass")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run baton-backup --scheduled-pass");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not a JSON report ({e}):\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), report)
+    };
+
+    let (code, report) = run();
+    assert_eq!(code, Some(0), "{report:#}");
+    let tasks: Vec<(&str, &str)> = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task"].as_str().unwrap(), t["service"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        tasks,
+        vec![("daily_backup", SERVICE), ("prune", ""), ("restore_test", SERVICE)]
+    );
+    let id = report["tasks"][0]["backup_id"].as_str().unwrap().to_owned();
+    assert_eq!(report["date"], serde_json::json!(daily_date(&id)));
+    assert_eq!(report["tasks"][2]["backup_id"], serde_json::json!(id));
+
+    // The day's backup rots: the next pass says so and exits 1.
+    flip_byte(&env.primary_dir(&id).join(store::DUMP_FILE));
+    let (code, report) = run();
+    assert_eq!(code, Some(1), "{report:#}");
+    let error = report["tasks"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("backup_corrupted:"), "{report:#}");
+}
+
+/// The date (`YYYY-MM-DD`) in a daily backup's id.
+fn daily_date(id: &str) -> String {
+    let day = id
+        .split('.')
+        .nth(1)
+        .and_then(|s| s.strip_prefix("daily-"))
+        .expect("a daily backup id");
+    format!("{}-{}-{}", &day[..4], &day[4..6], &day[6..])
+}
+
+#[tokio::test]
+async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_across_restarts() {
+    let env = Env::new().await;
+    let vhost = Vhost::new();
+    let config = write_config(&env);
+    let s = &env.settings;
     let log = env.root.join("daemon.log");
     let before = Utc::now().date_naive();
 
