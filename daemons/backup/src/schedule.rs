@@ -142,31 +142,78 @@ pub async fn run(role: Arc<BackupRole>, zone: String, settings: ScheduleSettings
         }
     };
     tracing::info!(zone = %zone, daily_at = %settings.daily_at, restore_test_day = settings.restore_test_day, "backup schedule started");
-    let mut done: Option<NaiveDate> = None;
+    let mut state = State::default();
     loop {
-        let now = Utc::now();
-        let date = due_date(now, at);
-        let wake = if done == Some(date) {
-            next_due(now, at)
-        } else {
-            let span = tracing::info_span!("scheduled backups", zone = %zone, date = %date);
-            let failed = tokio::select! {
-                report = pass(&role, &zone, &settings, date).instrument(span) => report.failed(),
-                () = cancel.cancelled() => return,
-            };
-            if failed == 0 {
-                done = Some(date);
-                next_due(Utc::now(), at)
-            } else {
-                tracing::warn!(zone = %zone, %date, failed, retry_secs = settings.retry_secs, "scheduled backup work failed; trying again later");
-                let retry = Utc::now() + chrono::Duration::seconds(settings.retry_secs as i64);
-                retry.min(next_due(Utc::now(), at))
+        let wake = match state.next(Utc::now(), at) {
+            Next::Sleep(until) => until,
+            Next::Pass(date) => {
+                let span = tracing::info_span!("scheduled backups", zone = %zone, date = %date);
+                let failed = tokio::select! {
+                    report = pass(&role, &zone, &settings, date).instrument(span) => report.failed(),
+                    () = cancel.cancelled() => return,
+                };
+                if failed > 0 {
+                    tracing::warn!(zone = %zone, %date, failed, retry_secs = settings.retry_secs, "scheduled backup work failed; trying again later");
+                }
+                state.passed(date, failed == 0, Utc::now(), at, settings.retry_secs)
             }
         };
         let nap = (wake - Utc::now()).to_std().unwrap_or_default().min(MAX_SLEEP);
         tokio::select! {
             () = tokio::time::sleep(nap) => {}
             () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// What the schedule remembers between passes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct State {
+    /// The date whose work last succeeded.
+    done: Option<NaiveDate>,
+    /// After a failed pass: not again before this.
+    retry_at: Option<DateTime<Utc>>,
+}
+
+/// What the schedule does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Run the pass of this date now.
+    Pass(NaiveDate),
+    /// Nothing is due before this instant.
+    Sleep(DateTime<Utc>),
+}
+
+impl State {
+    fn next(&self, now: DateTime<Utc>, at: NaiveTime) -> Next {
+        let date = due_date(now, at);
+        if self.done == Some(date) {
+            Next::Sleep(next_due(now, at))
+        } else if let Some(retry) = self.retry_at.filter(|r| now < *r) {
+            Next::Sleep(retry)
+        } else {
+            Next::Pass(date)
+        }
+    }
+
+    /// Records a pass of `date`; returns when to look again.
+    fn passed(
+        &mut self,
+        date: NaiveDate,
+        ok: bool,
+        now: DateTime<Utc>,
+        at: NaiveTime,
+        retry_secs: u64,
+    ) -> DateTime<Utc> {
+        if ok {
+            self.done = Some(date);
+            self.retry_at = None;
+            next_due(now, at)
+        } else {
+            // A retry never delays the next day's work.
+            let retry = (now + chrono::Duration::seconds(retry_secs as i64)).min(next_due(now, at));
+            self.retry_at = Some(retry);
+            retry
         }
     }
 }
@@ -314,6 +361,28 @@ mod tests {
         assert!(restore_test_due(d(30), 2));
         assert!(restore_test_due(d(1), 1));
         assert_eq!(month_of(d(30)), "2026-11");
+    }
+
+    #[test]
+    fn a_failed_pass_waits_retry_secs_and_a_passed_one_waits_for_the_next_day() {
+        let mut state = State::default();
+        let d = |day| NaiveDate::from_ymd_opt(2026, 11, day).unwrap();
+        // Started after the day's time: the day's work at once.
+        assert_eq!(state.next(at(2026, 11, 27, 9, 0), two_am()), Next::Pass(d(27)));
+        // It fails: nothing before retry_secs, however often the clock is read.
+        let retry = state.passed(d(27), false, at(2026, 11, 27, 9, 1), two_am(), 900);
+        assert_eq!(retry, at(2026, 11, 27, 9, 16));
+        assert_eq!(state.next(at(2026, 11, 27, 9, 6), two_am()), Next::Sleep(retry));
+        assert_eq!(state.next(at(2026, 11, 27, 9, 16), two_am()), Next::Pass(d(27)));
+        // It passes: nothing until the next day's time.
+        let next = state.passed(d(27), true, at(2026, 11, 27, 9, 17), two_am(), 900);
+        assert_eq!(next, at(2026, 11, 28, 2, 0));
+        assert_eq!(state.next(at(2026, 11, 27, 23, 59), two_am()), Next::Sleep(next));
+        assert_eq!(state.next(at(2026, 11, 28, 2, 0), two_am()), Next::Pass(d(28)));
+        // A retry late in the day is cut short by the next day's time.
+        let retry = state.passed(d(28), false, at(2026, 11, 29, 1, 55), two_am(), 900);
+        assert_eq!(retry, at(2026, 11, 29, 2, 0));
+        assert_eq!(state.next(at(2026, 11, 29, 2, 0), two_am()), Next::Pass(d(29)));
     }
 
     #[test]
