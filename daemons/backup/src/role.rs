@@ -658,7 +658,7 @@ impl BackupRole {
             let (stale, rejected) = blocking(move || {
                 Ok((
                     loc.clean_incoming(STALE_INCOMING)?,
-                    loc.clean_rejected(&z, REJECTED_KEPT)?,
+                    loc.clean_rejected(&z, REJECTED_KEPT, now)?,
                 ))
             })
             .await?;

@@ -326,10 +326,15 @@ impl Location {
     }
 
     /// Removes backups set aside in `zone`'s `.rejected/` more than `older_than`
-    /// ago (by the time in their name, not their files' age: a backup found
+    /// before `now` (by the time in their name, not their files' age: a backup found
     /// rotten today is kept for inspection however old it is). Entries whose
     /// name carries no such time are not ours and stay. Returns how many went.
-    pub fn clean_rejected(&self, zone: &str, older_than: chrono::Duration) -> Result<usize, BackupError> {
+    pub fn clean_rejected(
+        &self,
+        zone: &str,
+        older_than: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<usize, BackupError> {
         let dir = self.zone_dir(zone).join(REJECTED_DIR);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -340,7 +345,7 @@ impl Location {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(at) = rejected_at(&name) else { continue };
-            if Utc::now() - at <= older_than {
+            if now - at <= older_than {
                 continue;
             }
             let path = entry.path();
