@@ -20,7 +20,7 @@
 //! succeeded is then quick). A daemon that was down when work fell due does it
 //! when it starts. Every task counts in `baton_backup_scheduled_tasks_total`,
 //! and `baton_backup_scheduled_last_success_timestamp_seconds` is what to alert
-//! on (ops/README.md).
+//! on (daemons/backup/README.md, "Schedule").
 
 use std::sync::Arc;
 use std::time::Duration;
