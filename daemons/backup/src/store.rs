@@ -295,34 +295,14 @@ impl Location {
     /// Removes staging entries last modified more than `older_than` ago: what an
     /// attempt that died (or was cancelled) mid-dump left behind. Returns how many.
     pub fn clean_incoming(&self, older_than: std::time::Duration) -> Result<usize, BackupError> {
-        let dir = self.incoming();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let stale = entry
+        remove_entries(&self.incoming(), "stale staging entry", |entry| {
+            entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > older_than);
-            if stale {
-                let res = if path.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
-                match res {
-                    Ok(()) => removed += 1,
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "stale staging entry not removed"),
-                }
-            }
-        }
-        Ok(removed)
+                .is_some_and(|age| age > older_than)
+        })
     }
 
     /// Removes backups set aside in `zone`'s `.rejected/` more than `older_than`
@@ -335,31 +315,9 @@ impl Location {
         older_than: chrono::Duration,
         now: DateTime<Utc>,
     ) -> Result<usize, BackupError> {
-        let dir = self.zone_dir(zone).join(REJECTED_DIR);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(at) = rejected_at(&name) else { continue };
-            if now - at <= older_than {
-                continue;
-            }
-            let path = entry.path();
-            let res = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            match res {
-                Ok(()) => removed += 1,
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "rejected backup not removed"),
-            }
-        }
-        Ok(removed)
+        remove_entries(&self.zone_dir(zone).join(REJECTED_DIR), "rejected backup", |entry| {
+            rejected_at(&entry.file_name().to_string_lossy()).is_some_and(|at| now - at > older_than)
+        })
     }
 
     /// Copies a published backup from `source` into this location, atomically.
@@ -413,6 +371,31 @@ fn read_manifest(dir: &Path, backup_id: &str) -> Result<Option<Manifest>, Backup
 
 fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name != MANIFEST_FILE
+}
+
+/// Removes the entries of `dir` that `select` picks (a missing `dir` has
+/// none); one that cannot be removed is logged as `what` and left. Returns
+/// how many went.
+fn remove_entries(dir: &Path, what: &str, select: impl Fn(&fs::DirEntry) -> bool) -> Result<usize, BackupError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten().filter(|e| select(e)) {
+        let path = entry.path();
+        let res = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match res {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "{what} not removed"),
+        }
+    }
+    Ok(removed)
 }
 
 /// Writes `value` as JSON to `dir/name` via a temporary file and a rename.
