@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_backup::role::daily_run_id;
@@ -224,7 +224,7 @@ impl Drop for Vhost {
 }
 
 struct Daemon {
-    child: Child,
+    child: tokio::process::Child,
     metrics_addr: String,
 }
 
@@ -235,7 +235,7 @@ impl Daemon {
             l.local_addr().unwrap().port()
         };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_baton-backup"))
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton-backup"))
             .arg("--config")
             .arg(config)
             .env(
@@ -248,6 +248,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
+            .kill_on_drop(true)
             .spawn()
             .expect("spawn baton-backup");
         Self {
@@ -256,24 +257,20 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM, then the exit status within `patience`.
-    fn terminate(mut self, patience: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + patience;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    /// SIGTERM, then its exit status, awaited for up to `patience`.
+    async fn terminate(mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().expect("still running").to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        match tokio::time::timeout(patience, self.child.wait()).await {
+            Ok(status) => Some(status.expect("wait for baton-backup")),
+            Err(_) => None, // killed on drop
         }
-        let _ = self.child.kill();
-        None
     }
 }
 
 /// Waits (bounded) for `check`, polling; panics with `what` and the log.
+/// What the tests wait for (a backup on disk, a series on `/metrics`) has no
+/// event to await from outside the process, so it is polled.
 async fn wait_for(what: &str, log: &Path, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -432,7 +429,10 @@ async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_acro
         assert!(metrics.contains(&series), "{series} missing from:\n{metrics}");
     }
 
-    let status = daemon.terminate(Duration::from_secs(20)).expect("stops on SIGTERM");
+    let status = daemon
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("stops on SIGTERM");
     assert!(status.success(), "exit status {status}");
 
     // Restarted the same day: the work is done, so nothing is taken or tested again.
@@ -459,7 +459,10 @@ async fn the_daemon_takes_its_daily_backup_and_restore_test_on_its_own_once_acro
         Some(test),
         "the record is the first run's"
     );
-    let status = daemon.terminate(Duration::from_secs(20)).expect("stops on SIGTERM");
+    let status = daemon
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("stops on SIGTERM");
     assert!(status.success(), "exit status {status}");
 }
 
