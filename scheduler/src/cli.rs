@@ -679,6 +679,7 @@ async fn dispatch(cli: Cli) -> Outcome {
             let pool = store::connect(cfg.database.url.expose(), 2)
                 .await
                 .map_err(unavailable)?;
+            store::require_initialised(&pool).await.map_err(unavailable)?;
             let report = crate::audit::verify(&pool).await.map_err(unavailable)?;
             if cli.json {
                 print_json(&report);

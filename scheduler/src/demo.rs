@@ -1,16 +1,22 @@
 //! `baton demo`: the db-migration and backup roles end to end on this machine.
 //!
 //! Against the configured RabbitMQ and PostgreSQL it creates a demo scheduler
-//! database and `shop_staging` / `shop_production` databases, a git repository
-//! from `examples/demo/commit-*`, keys, and starts the scheduler and the
-//! db-migration and backup daemons for both zones as separate processes. Then it
-//! enqueues two merge events and shows each run step by step:
+//! database and `shop_staging` / `shop_production` databases, a RabbitMQ vhost
+//! of its own, a git repository from `examples/demo/commit-*`, keys, and starts
+//! the scheduler and the db-migration and backup daemons for both zones as
+//! separate processes. It waits until each of them consumes its queues (and
+//! the scheduler has initialised its database), then enqueues three merge
+//! events and shows each run step by step:
 //!
 //! 1. commit 1 creates the schema: backed up, migrated on staging, then on
 //!    production, backed up again;
 //! 2. commit 2 adds a NOT NULL column: fine on staging (no rows), impossible on
 //!    production (customers exist), so the run is rolled back: the staging
-//!    migration is undone with its down migration.
+//!    migration is undone with its down migration;
+//! 3. commit 3 is a data migration without a down migration: an operator rolls
+//!    it back, and both zones are restored from the run's pre-deploy backups.
+//!
+//! One demo per database prefix runs at a time (a PostgreSQL advisory lock).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,12 +25,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use baton_shared::protocol::{MergeEvent, Message, PROTOCOL_VERSION, PrApproval, PullRequest, Risk};
 use baton_shared::signing::Keypair;
+use baton_shared::topology;
 use chrono::Utc;
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::store::{self, RunView};
+
+/// How long the demo waits for a process it started to be ready.
+const READY_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Where the demo's processes and files live for one invocation.
 struct Demo {
@@ -33,6 +43,8 @@ struct Demo {
     examples: PathBuf,
     amqp_url: String,
     children: Vec<(String, Child)>,
+    /// The demo's own RabbitMQ vhost, removed when the demo ends.
+    vhost: Option<String>,
 }
 
 impl Drop for Demo {
@@ -48,7 +60,53 @@ impl Drop for Demo {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(vhost) = self.vhost.take() {
+            let _ = rabbitmqctl(&["delete_vhost", &vhost]);
+        }
     }
+}
+
+/// Runs `rabbitmqctl` (the demo runs on the broker's machine, as the README says).
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("rabbitmqctl").args(args).output().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot run rabbitmqctl ({e}): baton demo makes a RabbitMQ vhost of its own with it, \
+             so run the demo on the broker's machine"
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `amqp://user:pw@host:port/vhost?query` with its vhost replaced, and the user
+/// it names (`guest` when none, as AMQP's default).
+fn with_vhost(url: &str, vhost: &str) -> anyhow::Result<(String, String)> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .with_context(|| format!("amqp.url {} has no scheme", baton_shared::secret::redact_url(url)))?;
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let query = tail.find('?').map(|i| &tail[i..]).unwrap_or("");
+    let user = authority
+        .rsplit_once('@')
+        .map(|(info, _)| info.split(':').next().unwrap_or(""))
+        .filter(|u| !u.is_empty())
+        .unwrap_or("guest");
+    Ok((format!("{scheme}://{authority}/{vhost}{query}"), user.to_owned()))
+}
+
+/// A process the demo started and what it must be consuming before the demo
+/// sends it work.
+struct Readiness {
+    label: String,
+    queues: Vec<String>,
+    /// The scheduler must also have initialised its database.
+    database: bool,
 }
 
 fn db_url(server: &str, db: &str) -> String {
@@ -150,13 +208,100 @@ impl Demo {
     fn check_alive(&mut self) -> anyhow::Result<()> {
         for (label, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
+                let log = self.dir.join(format!("{label}.log"));
                 bail!(
-                    "{label} exited ({status}); see {}",
-                    self.dir.join(format!("{label}.log")).display()
+                    "{label} exited ({status}); the end of its log ({}):\n{}",
+                    log.display(),
+                    log_tail(&log, 15)
                 );
             }
         }
         Ok(())
+    }
+
+    /// Waits until every process is ready: consuming each of its queues (and
+    /// for the scheduler, its database initialised), or names the first that
+    /// is not, with the end of its log.
+    async fn wait_ready(
+        &mut self,
+        broker: &baton_shared::amqp::Broker,
+        pool: &sqlx::PgPool,
+        expected: &[Readiness],
+        patience: Duration,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut waiting: Vec<&Readiness> = expected.iter().collect();
+        loop {
+            self.check_alive()?;
+            let mut still = Vec::new();
+            let mut why = String::new();
+            for r in waiting {
+                match not_ready(broker, pool, r).await? {
+                    Some(reason) => {
+                        if why.is_empty() {
+                            why = format!("{} is not ready: {reason}", r.label);
+                        }
+                        still.push(r);
+                    }
+                    None => tracing::debug!(process = %r.label, "ready"),
+                }
+            }
+            waiting = still;
+            let Some(first) = waiting.first() else {
+                return Ok(());
+            };
+            if start.elapsed() > patience {
+                let log = self.dir.join(format!("{}.log", first.label));
+                bail!(
+                    "{why} after {} s; the end of its log ({}):\n{}",
+                    patience.as_secs(),
+                    log.display(),
+                    log_tail(&log, 15)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Why one process is not ready yet, or `None` when it is.
+async fn not_ready(
+    broker: &baton_shared::amqp::Broker,
+    pool: &sqlx::PgPool,
+    r: &Readiness,
+) -> anyhow::Result<Option<String>> {
+    if r.database {
+        match store::require_initialised(pool).await {
+            Ok(()) => {}
+            Err(store::StoreError::NotInitialised { .. }) => {
+                return Ok(Some("its database is not initialised yet".to_owned()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for q in &r.queues {
+        match broker.queue_state(q).await? {
+            None => return Ok(Some(format!("queue {q} is not declared yet"))),
+            Some(s) if s.consumers == 0 => return Ok(Some(format!("nothing consumes {q} yet"))),
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The last `n` lines of a log file (or why it cannot be read).
+fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n    ");
+            if tail.is_empty() {
+                "    (empty)".to_owned()
+            } else {
+                format!("    {tail}")
+            }
+        }
+        Err(e) => format!("    (cannot read it: {e})"),
     }
 }
 
@@ -274,13 +419,47 @@ async fn describe_schema(server: &str, db: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// Runs the demo; returns whether both runs ended as they should.
+/// Runs the demo; returns whether the runs ended as they should. Interrupted
+/// (Ctrl-C, SIGTERM), it stops its processes and removes its vhost first.
 pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyhow::Result<bool> {
     for c in prefix.chars() {
         if !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
             bail!("--prefix may only contain a-z, 0-9 and _");
         }
     }
+    tokio::select! {
+        res = run_demo(cfg, examples, prefix) => res,
+        () = baton_shared::runtime::shutdown_signal() => bail!("interrupted; the demo's processes were stopped"),
+    }
+}
+
+/// Takes the lock that lets one demo with a given prefix run at a time on a
+/// PostgreSQL server (a session advisory lock: it ends with the connection,
+/// so a killed demo leaves no lock behind).
+async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgConnection> {
+    let mut conn = PgConnection::connect(&db_url(server, "postgres"))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                baton_shared::secret::redact_url(server)
+            )
+        })?;
+    let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("baton demo/{prefix}"))
+        .fetch_one(&mut conn)
+        .await?;
+    if !taken {
+        bail!(
+            "another `baton demo` is running against this PostgreSQL server with the same databases \
+             (prefix {prefix:?}); wait for it to finish, or give this one its own --prefix"
+        );
+    }
+    Ok(conn)
+}
+
+async fn run_demo(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyhow::Result<bool> {
+    let _lock = demo_lock(&server_of(cfg.database.url.expose()), prefix).await?;
     let (sched_db, staging_db, production_db) = (
         format!("{prefix}baton_demo"),
         format!("{prefix}shop_staging"),
@@ -302,14 +481,30 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
     let dir = std::env::temp_dir().join(format!("baton-demo-{}", &Uuid::new_v4().simple().to_string()[..8]));
     std::fs::create_dir_all(&dir)?;
     let server_url = server_of(cfg.database.url.expose());
+    // A vhost of its own: nothing an earlier, interrupted demo left in the
+    // broker (merge events, results, notices) reaches this demo's scheduler.
+    let vhost = format!("baton-demo-{prefix}").trim_end_matches(['-', '_']).to_owned();
+    let (amqp_url, amqp_user) = with_vhost(cfg.amqp.url.expose(), &vhost)?;
     let mut demo = Demo {
         dir: dir.clone(),
         bin_dir,
         examples: examples.clone(),
-        amqp_url: cfg.amqp.url.expose().clone(),
+        amqp_url: amqp_url.clone(),
         children: Vec::new(),
+        vhost: None,
     };
     println!("Baton demo — files and logs in {}", dir.display());
+    // The lock makes the vhost this invocation's: one left by a killed demo goes.
+    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
+    rabbitmqctl(&["add_vhost", &vhost])?;
+    demo.vhost = Some(vhost.clone());
+    rabbitmqctl(&["set_permissions", "-p", &vhost, &amqp_user, ".*", ".*", ".*"])?;
+    println!("  RabbitMQ vhost {vhost} (removed at the end)");
+    let broker = {
+        let mut amqp = cfg.amqp.clone();
+        amqp.url = baton_shared::secret::Secret::new(amqp_url);
+        baton_shared::amqp::Broker::connect_config(&amqp, "baton demo").await?
+    };
 
     // Databases: the scheduler's, and the shop's staging and production.
     for db in [&sched_db, &staging_db, &production_db] {
@@ -441,6 +636,34 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
     }
     println!("  started the scheduler and daemons:");
     println!("    db-migration and backup, each for staging and production");
+    let mut expected = vec![Readiness {
+        label: "scheduler".to_owned(),
+        queues: [
+            topology::MERGE_EVENTS_QUEUE,
+            topology::DEAD_QUEUE,
+            topology::NOTICES_QUEUE,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(topology::result_queues())
+        .collect(),
+        database: true,
+    }];
+    for zone in ["staging", "production"] {
+        for role in ["db-migration", "backup"] {
+            expected.push(Readiness {
+                label: format!("{role}-{zone}"),
+                queues: vec![topology::job_queue(zone, role)],
+                database: false,
+            });
+        }
+    }
+    let waited = Instant::now();
+    demo.wait_ready(&broker, &pool, &expected, READY_PATIENCE).await?;
+    println!(
+        "    all consuming their queues after {:.1} s",
+        waited.elapsed().as_secs_f64()
+    );
 
     let patience = Duration::from_secs(180);
     let ev1 = event(
@@ -450,7 +673,7 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
         "Create customers and orders",
         101,
     );
-    let run1 = enqueue(&demo, &ev1).await?;
+    let run1 = enqueue(&broker, &ev1).await?;
     println!(
         "\n1) merge of {} — {}\n   run {run1}",
         &sha1[..10],
@@ -474,7 +697,7 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
         "Add loyalty tier",
         102,
     );
-    let run2 = enqueue(&demo, &ev2).await?;
+    let run2 = enqueue(&broker, &ev2).await?;
     println!(
         "\n2) merge of {} — {}\n   run {run2}",
         &sha2[..10],
@@ -490,7 +713,7 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
         "Lower-case e-mail addresses",
         103,
     );
-    let run3 = enqueue(&demo, &ev3).await?;
+    let run3 = enqueue(&broker, &ev3).await?;
     println!(
         "\n3) merge of {} — {}\n   run {run3}",
         &sha3[..10],
@@ -531,6 +754,7 @@ pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyho
             "Demo did NOT end as expected; see the logs above."
         }
     );
+    broker.close().await;
     Ok(ok)
 }
 
@@ -540,33 +764,19 @@ async fn emails(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
         .await
 }
 
-async fn enqueue(demo: &Demo, ev: &MergeEvent) -> anyhow::Result<Uuid> {
-    let url = baton_shared::secret::Secret::new(demo.amqp_url.clone());
+async fn enqueue(broker: &baton_shared::amqp::Broker, ev: &MergeEvent) -> anyhow::Result<Uuid> {
     let out = baton_shared::amqp::Outgoing {
         message_id: Some(ev.run_id()),
         ..Default::default()
     };
-    // The scheduler declares the merge-event queue when it starts: until then a
-    // publish fails (and closes its channel), so each try uses a new connection.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let broker = baton_shared::amqp::Broker::connect(&url, "baton demo").await?;
-        let res = broker
-            .publish(
-                baton_shared::topology::EVENTS_EXCHANGE,
-                baton_shared::topology::MERGE_EVENTS_KEY,
-                &ev.to_bytes(),
-                &out,
-            )
-            .await;
-        broker.close().await;
-        match res {
-            Ok(()) => return Ok(ev.run_id()),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "scheduler not ready yet");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    broker
+        .publish(
+            topology::EVENTS_EXCHANGE,
+            topology::MERGE_EVENTS_KEY,
+            &ev.to_bytes(),
+            &out,
+        )
+        .await
+        .context("enqueueing the merge event")?;
+    Ok(ev.run_id())
 }

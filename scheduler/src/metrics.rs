@@ -5,8 +5,6 @@
 use baton_shared::amqp::Broker;
 use baton_shared::metrics::{DURATION_BUCKETS, Text};
 use baton_shared::topology::{self, DEAD_QUEUE, MERGE_EVENTS_QUEUE, NOTICES_QUEUE};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 
 use crate::pipeline::Pipeline;
@@ -191,20 +189,15 @@ pub async fn render(pool: &PgPool, broker: &Broker, pipeline: &Pipeline) -> Resu
     queues.extend(topology::result_queues());
     queues.extend(pipeline.zone_roles().iter().map(|(z, r)| topology::job_queue(z, r)));
     for q in queues {
-        // A passive declare of a queue nobody declared yet closes its channel,
-        // so each queue gets its own; only queues that exist are reported.
-        let Ok(ch) = broker.channel().await else { break };
-        let opts = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        if let Ok(info) = ch.queue_declare(q.as_str().into(), opts, FieldTable::default()).await {
-            t.sample(
+        // Only queues that exist are reported.
+        match broker.queue_state(&q).await {
+            Ok(Some(state)) => t.sample(
                 "baton_queue_depth",
                 &l(&[("queue", q.clone())]),
-                f64::from(info.message_count()),
-            );
-            let _ = ch.close(200, "scraped".into()).await;
+                f64::from(state.messages),
+            ),
+            Ok(None) => {}
+            Err(_) => break,
         }
     }
 

@@ -88,6 +88,7 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
             }
         }
     };
+    baton_shared::failpoint::pause("scheduler-before-migrate").await;
     store::migrate(&pool).await?;
     let store = Store::new(
         pool,

@@ -174,6 +174,11 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the scheduler has not initialised this database (schema version {applied}, this Baton needs {known}): \
+         start `baton scheduler` against it once, or check database.url"
+    )]
+    NotInitialised { applied: i64, known: i64 },
     #[error("stored run {run} is unreadable: {problem}")]
     Corrupt { run: Uuid, problem: String },
     #[error("run {0} not found")]
@@ -438,6 +443,35 @@ async fn admission_lock(tx: &mut Tx<'_>, service: &str) -> Result<(), StoreError
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::migrate!("./migrations").run(pool).await?;
     Ok(())
+}
+
+/// Checks that a scheduler of this version has initialised the database
+/// (applied every migration this build knows), for commands that read the
+/// scheduler's tables without being a scheduler: a database nobody migrated
+/// gets an error saying so instead of a missing relation.
+pub async fn require_initialised(pool: &PgPool) -> Result<(), StoreError> {
+    let known = sqlx::migrate!("./migrations")
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let has_table: bool = sqlx::query_scalar("select to_regclass('_sqlx_migrations') is not null")
+        .fetch_one(pool)
+        .await?;
+    let applied: Option<i64> = if has_table {
+        sqlx::query_scalar("select max(version) from _sqlx_migrations where success")
+            .fetch_one(pool)
+            .await?
+    } else {
+        None
+    };
+    match applied {
+        Some(v) if v >= known => Ok(()),
+        applied => Err(StoreError::NotInitialised {
+            applied: applied.unwrap_or(0),
+            known,
+        }),
+    }
 }
 
 fn parse<T: std::str::FromStr<Err = String>>(run: Uuid, s: &str) -> Result<T, StoreError> {

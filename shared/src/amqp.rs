@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -32,6 +32,13 @@ use uuid::Uuid;
 use crate::config::AmqpConfig;
 use crate::secret::{Secret, redact_url};
 use crate::topology::{DEAD_EXCHANGE, ORIGIN_HEADER, REASON_HEADER};
+
+/// What a passive declare tells of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    pub messages: u32,
+    pub consumers: u32,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -490,6 +497,28 @@ impl Broker {
         .await?;
         tracing::warn!(origin, reason, "message dead-lettered");
         ack(delivery).await
+    }
+
+    /// Messages ready in `queue` and consumers on it, or `None` if the queue
+    /// does not exist (a passive declare; it closes its channel when the queue
+    /// is missing, so each look uses a channel of its own).
+    pub async fn queue_state(&self, queue: &str) -> Result<Option<QueueState>, AmqpError> {
+        let ch = self.channel().await?;
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match ch.queue_declare(queue.into(), opts, FieldTable::default()).await {
+            Ok(info) => {
+                let _ = ch.close(200, "looked".into()).await;
+                Ok(Some(QueueState {
+                    messages: info.message_count(),
+                    consumers: info.consumer_count(),
+                }))
+            }
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => Ok(None),
+            Err(e) => Err(AmqpError::op("queue.declare (passive)")(e)),
+        }
     }
 
     /// Closes the connection and stops reconnecting.

@@ -44,3 +44,31 @@ pub fn hit(name: &str) {
     eprintln!("failpoint {name}: aborting");
     std::process::abort();
 }
+
+/// Pause points: a process started with `BATON_PAUSEPOINTS=name:ms[,name:ms…]`
+/// sleeps `ms` milliseconds each time it reaches a named point, to make a slow
+/// start (or a slow step) happen on demand in tests. Without the variable a
+/// point costs one environment lookup, done once.
+fn pauses() -> &'static Vec<(String, std::time::Duration)> {
+    static PAUSES: OnceLock<Vec<(String, std::time::Duration)>> = OnceLock::new();
+    PAUSES.get_or_init(|| {
+        let Ok(spec) = std::env::var("BATON_PAUSEPOINTS") else {
+            return Vec::new();
+        };
+        spec.split(',')
+            .filter_map(|item| {
+                let (name, ms) = item.split_once(':')?;
+                let ms = ms.trim().parse::<u64>().ok()?;
+                Some((name.trim().to_owned(), std::time::Duration::from_millis(ms)))
+            })
+            .collect()
+    })
+}
+
+/// Sleeps here if the pause point `name` is armed.
+pub async fn pause(name: &str) {
+    if let Some((_, d)) = pauses().iter().find(|(n, _)| n == name) {
+        eprintln!("pause point {name}: sleeping {} ms", d.as_millis());
+        tokio::time::sleep(*d).await;
+    }
+}

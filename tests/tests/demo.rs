@@ -1,10 +1,16 @@
-//! The README's main job, `baton demo`, as a test: real scheduler, real
-//! db-migration and backup daemons for both zones, real RabbitMQ, PostgreSQL,
-//! git and pg_dump; the final database states of both zones are checked.
+//! The README's main job, `baton demo`, as a test: the built binaries, real
+//! scheduler, real db-migration and backup daemons for both zones, real
+//! RabbitMQ, PostgreSQL, git and pg_dump; the final database states of both
+//! zones are checked. The demo's scheduler is made to start slowly and an
+//! interrupted demo's leftovers wait in the broker, as a new user's machine
+//! may have them.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-use baton_tests::{TestEnv, bin};
+use baton_shared::amqp::{Broker, Outgoing};
+use baton_shared::secret::Secret;
+use baton_shared::topology;
+use baton_tests::{TestEnv, bin, event};
 use sqlx::{Connection, PgConnection};
 
 async fn columns(db: &str) -> Vec<String> {
@@ -40,19 +46,79 @@ impl Drop for DropDatabases {
     }
 }
 
+fn rabbitmqctl(args: &[&str]) -> Output {
+    Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl")
+}
+
+/// Removes the demo's vhost if a failing demo left it.
+struct DropVhost(String);
+
+impl Drop for DropVhost {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["delete_vhost", &self.0]);
+    }
+}
+
+/// `baton demo` as a user runs it (the built binary), with extra environment.
+fn demo(env: &TestEnv, prefix: &str, extra: &[(&str, &str)]) -> Output {
+    Command::new(bin("baton-e2e"))
+        .args(["demo", "--prefix", prefix, "--examples"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))
+        .env("BATON_AMQP__URL", &env.amqp_url)
+        .env("BATON_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// What an interrupted demo leaves in the broker: the topology and a merge
+/// event nobody consumed, in the configured vhost (as in `/` on a user's
+/// machine) and in a vhost of the demo's own name. A demo that reused either
+/// would run that event first, and would find the merge-event queue before its
+/// scheduler had started.
+async fn leave_an_interrupted_demo(url: &str) {
+    let broker = Broker::connect(&Secret::new(url.to_owned()), "interrupted demo")
+        .await
+        .unwrap();
+    topology::declare_core(&broker.channel().await.unwrap(), topology::DEFAULT_DELIVERY_LIMIT)
+        .await
+        .unwrap();
+    let mut leftover = event("shop-api", 0x7e, &["drizzle/migrations/0009_leftover.sql"]);
+    leftover["pull_request"]["approvals"] = serde_json::json!([{"by": "marta", "at": "2026-12-01T09:00:00Z"}]);
+    broker
+        .publish(
+            topology::EVENTS_EXCHANGE,
+            topology::MERGE_EVENTS_KEY,
+            &serde_json::to_vec(&leftover).unwrap(),
+            &Outgoing::default(),
+        )
+        .await
+        .unwrap();
+    broker.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_migrates_both_zones_rolls_back_staging_when_production_fails_and_restores_backups() {
     let env = TestEnv::new("demo").await;
     let prefix = format!("{}_", env.db_name);
     let dbs = ["baton_demo", "shop_staging", "shop_production"].map(|d| format!("{prefix}{d}"));
     let _cleanup = DropDatabases(dbs.to_vec());
-    let out = Command::new(bin("baton-e2e"))
-        .args(["demo", "--prefix", &prefix, "--examples"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))
-        .env("BATON_AMQP__URL", &env.amqp_url)
-        .env("BATON_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres")
-        .output()
-        .unwrap();
+    let vhost = format!("baton-demo-{}", env.db_name);
+    let _vhost = DropVhost(vhost.clone());
+    assert!(rabbitmqctl(&["add_vhost", &vhost]).status.success());
+    assert!(
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])
+            .status
+            .success()
+    );
+    leave_an_interrupted_demo(&format!("amqp://guest:guest@127.0.0.1:5672/{vhost}")).await;
+    leave_an_interrupted_demo(&env.amqp_url).await;
+    // The scheduler takes seconds before it creates its tables: the demo must
+    // wait for it, not read its tables or send it work before then.
+    let out = demo(&env, &prefix, &[("BATON_PAUSEPOINTS", "scheduler-before-migrate:4000")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -147,6 +213,37 @@ async fn demo_migrates_both_zones_rolls_back_staging_when_production_fails_and_r
         .unwrap_or(0);
     assert_eq!(backups, copies, "every backup has its copy in the second location");
     std::fs::remove_dir_all(dir).unwrap();
+    let vhosts = String::from_utf8_lossy(&rabbitmqctl(&["-q", "list_vhosts"]).stdout).into_owned();
+    assert!(
+        !vhosts.lines().any(|v| v.trim() == vhost),
+        "the demo removed its vhost {vhost}: {vhosts}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_demo_with_the_same_databases_is_refused_while_one_runs() {
+    let env = TestEnv::new("demo-twice").await;
+    let prefix = format!("{}_", env.db_name);
+    // The running demo holds its lock on the PostgreSQL server.
+    let mut running = PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("baton demo/{prefix}"))
+        .fetch_one(&mut running)
+        .await
+        .unwrap();
+    assert!(taken);
+    let out = demo(&env, &prefix, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("another `baton demo` is running"), "{stderr}");
+    let exists: bool = sqlx::query_scalar("select exists (select from pg_database where datname = $1)")
+        .bind(format!("{prefix}baton_demo"))
+        .fetch_one(&mut running)
+        .await
+        .unwrap();
+    assert!(!exists, "the refused demo created nothing");
 }
 
 /// The demo prints where its files are.

@@ -44,6 +44,19 @@ async fn tamper(env: &TestEnv, edits: Vec<(&'static str, i64, Option<Value>)>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_of_a_database_no_scheduler_initialised_says_so() {
+    let env = TestEnv::new("audit-uninit").await;
+    let out = env.baton(&["audit", "verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("the scheduler has not initialised this database"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("relation"), "no raw SQL error: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     let env = TestEnv::new("audit").await;
     env.script(json!({"default": {"delay_ms": 20}}));
