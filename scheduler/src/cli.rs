@@ -58,6 +58,9 @@ enum Command {
         /// Prefix for the demo's database names (tests use one to stay isolated).
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Seconds to wait for the started processes to be ready.
+        #[arg(long, default_value_t = 120)]
+        ready_timeout: u64,
     },
     /// Publish a merge event (what CI calls); prints the run id.
     Enqueue {
@@ -342,9 +345,18 @@ async fn dispatch(cli: Cli) -> Outcome {
                 .map_err(unavailable)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { examples, prefix } => {
+        Command::Demo {
+            examples,
+            prefix,
+            ready_timeout,
+        } => {
             let cfg = load_config(cli.config.as_deref())?;
-            match crate::demo::run(&cfg, examples, &prefix).await {
+            let opts = crate::demo::Options {
+                examples,
+                prefix,
+                ready_timeout: std::time::Duration::from_secs(ready_timeout),
+            };
+            match crate::demo::run(&cfg, &opts).await {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => Ok(ExitCode::from(1)),
                 Err(e) => Err(unavailable(e)),

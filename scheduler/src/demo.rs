@@ -33,8 +33,15 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::store::{self, RunView};
 
-/// How long the demo waits for a process it started to be ready.
-const READY_PATIENCE: Duration = Duration::from_secs(120);
+/// What `baton demo` is asked to do.
+pub struct Options {
+    /// Folder with the demo repository's commits and pipeline.
+    pub examples: Option<PathBuf>,
+    /// Prefix of the demo's database names (and part of its vhost's name).
+    pub prefix: String,
+    /// How long to wait for a started process to be ready.
+    pub ready_timeout: Duration,
+}
 
 /// Where the demo's processes and files live for one invocation.
 struct Demo {
@@ -421,14 +428,14 @@ async fn describe_schema(server: &str, db: &str) -> anyhow::Result<String> {
 
 /// Runs the demo; returns whether the runs ended as they should. Interrupted
 /// (Ctrl-C, SIGTERM), it stops its processes and removes its vhost first.
-pub async fn run(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyhow::Result<bool> {
-    for c in prefix.chars() {
+pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
+    for c in opts.prefix.chars() {
         if !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
             bail!("--prefix may only contain a-z, 0-9 and _");
         }
     }
     tokio::select! {
-        res = run_demo(cfg, examples, prefix) => res,
+        res = run_demo(cfg, opts) => res,
         () = baton_shared::runtime::shutdown_signal() => bail!("interrupted; the demo's processes were stopped"),
     }
 }
@@ -458,7 +465,8 @@ async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgConnection> {
     Ok(conn)
 }
 
-async fn run_demo(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyhow::Result<bool> {
+async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
+    let prefix = opts.prefix.as_str();
     let _lock = demo_lock(&server_of(cfg.database.url.expose()), prefix).await?;
     let (sched_db, staging_db, production_db) = (
         format!("{prefix}baton_demo"),
@@ -467,7 +475,7 @@ async fn run_demo(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyh
     );
     let exe = std::env::current_exe()?;
     let bin_dir = exe.parent().context("binary directory")?.to_path_buf();
-    let examples = match examples {
+    let examples = match opts.examples.clone() {
         Some(e) => e,
         None => [
             "examples/demo",
@@ -659,7 +667,7 @@ async fn run_demo(cfg: &Config, examples: Option<PathBuf>, prefix: &str) -> anyh
         }
     }
     let waited = Instant::now();
-    demo.wait_ready(&broker, &pool, &expected, READY_PATIENCE).await?;
+    demo.wait_ready(&broker, &pool, &expected, opts.ready_timeout).await?;
     println!(
         "    all consuming their queues after {:.1} s",
         waited.elapsed().as_secs_f64()

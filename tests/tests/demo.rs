@@ -63,9 +63,11 @@ impl Drop for DropVhost {
 }
 
 /// `baton demo` as a user runs it (the built binary), with extra environment.
-fn demo(env: &TestEnv, prefix: &str, extra: &[(&str, &str)]) -> Output {
+fn demo(env: &TestEnv, prefix: &str, args: &[&str], extra: &[(&str, &str)]) -> Output {
     Command::new(bin("baton-e2e"))
-        .args(["demo", "--prefix", prefix, "--examples"])
+        .args(["demo", "--prefix", prefix])
+        .args(args)
+        .arg("--examples")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))
         .env("BATON_AMQP__URL", &env.amqp_url)
         .env("BATON_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -118,7 +120,12 @@ async fn demo_migrates_both_zones_rolls_back_staging_when_production_fails_and_r
     leave_an_interrupted_demo(&env.amqp_url).await;
     // The scheduler takes seconds before it creates its tables: the demo must
     // wait for it, not read its tables or send it work before then.
-    let out = demo(&env, &prefix, &[("BATON_PAUSEPOINTS", "scheduler-before-migrate:4000")]);
+    let out = demo(
+        &env,
+        &prefix,
+        &[],
+        &[("BATON_PAUSEPOINTS", "scheduler-before-migrate:4000")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -221,6 +228,39 @@ async fn demo_migrates_both_zones_rolls_back_staging_when_production_fails_and_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_that_never_becomes_ready_is_named_with_the_end_of_its_log() {
+    let env = TestEnv::new("demo-stuck").await;
+    let prefix = format!("{}_", env.db_name);
+    let dbs = ["baton_demo", "shop_staging", "shop_production"].map(|d| format!("{prefix}{d}"));
+    let _cleanup = DropDatabases(dbs.to_vec());
+    let vhost = format!("baton-demo-{}", env.db_name);
+    let _vhost = DropVhost(vhost.clone());
+    // The scheduler stops before it creates its tables for longer than the test runs.
+    let out = demo(
+        &env,
+        &prefix,
+        &["--ready-timeout", "3"],
+        &[("BATON_PAUSEPOINTS", "scheduler-before-migrate:600000")],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("scheduler is not ready: its database is not initialised yet after 3 s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pause point scheduler-before-migrate"),
+        "the end of the scheduler's log is shown: {stderr}"
+    );
+    assert!(!stdout.contains("merge of"), "no merge event was sent: {stdout}");
+    let vhosts = String::from_utf8_lossy(&rabbitmqctl(&["-q", "list_vhosts"]).stdout).into_owned();
+    assert!(!vhosts.lines().any(|v| v.trim() == vhost), "vhost removed: {vhosts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_demo_with_the_same_databases_is_refused_while_one_runs() {
     let env = TestEnv::new("demo-twice").await;
     let prefix = format!("{}_", env.db_name);
@@ -234,7 +274,7 @@ async fn a_second_demo_with_the_same_databases_is_refused_while_one_runs() {
         .await
         .unwrap();
     assert!(taken);
-    let out = demo(&env, &prefix, &[]);
+    let out = demo(&env, &prefix, &[], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("another `baton demo` is running"), "{stderr}");
