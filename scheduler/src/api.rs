@@ -182,6 +182,7 @@ impl From<StoreError> for ApiError {
             e @ (StoreError::NoOpenIncident(_) | StoreError::NoDeadLetter(_) | StoreError::NotLocked { .. }) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            e @ StoreError::UnverifiedDeadLetter(_) => Self::new(StatusCode::CONFLICT, "unverified", e.to_string()),
             e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "database unavailable")

@@ -67,6 +67,8 @@ where
 pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let instance = config.instance();
     let (key, trusted) = config.signing.load()?;
+    // What this scheduler signed itself: a dead letter or refusal is attributed by it.
+    let own = Arc::new(Trusted::parse(&[key.public()])?);
     let (key, trusted) = (Arc::new(key), Arc::new(trusted));
     let pool = {
         let mut delay = Duration::from_millis(200);
@@ -147,13 +149,16 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
         store.clone(),
         broker.clone(),
         relay.clone(),
+        own.clone(),
         config.scheduler.prefetch,
         stop.clone(),
     ));
     tasks.spawn(notice_loop(
         store.clone(),
         broker.clone(),
+        relay.clone(),
         trusted.clone(),
+        own.clone(),
         stop.clone(),
     ));
     let affinity = Arc::new(Affinity::new(uuid::Uuid::new_v4()));
@@ -463,14 +468,14 @@ async fn merge_event_loop(
         let event = match MergeEvent::parse(&delivery.data) {
             Ok(e) => e,
             Err(e) => {
-                refuse_merge_event(&store, &broker, &delivery, e.to_string()).await;
+                refuse_merge_event(&store, &delivery, e.to_string()).await;
                 continue;
             }
         };
         let plan = match planner::plan(&event, &pipeline) {
             Ok(p) => p,
             Err(e) => {
-                refuse_merge_event(&store, &broker, &delivery, e.to_string()).await;
+                refuse_merge_event(&store, &delivery, e.to_string()).await;
                 continue;
             }
         };
@@ -488,15 +493,9 @@ async fn merge_event_loop(
             .or_default()
             .clone();
         let turn = turn.lock_owned().await;
-        let (store, broker, relay, stop, environments) = (
-            store.clone(),
-            broker.clone(),
-            relay.clone(),
-            stop.clone(),
-            environments.clone(),
-        );
+        let (store, relay, stop, environments) = (store.clone(), relay.clone(), stop.clone(), environments.clone());
         running.spawn(async move {
-            ingest(&store, &broker, &relay, &stop, &delivery, &event, &plan).await;
+            ingest(&store, &relay, &stop, &delivery, &event, &plan).await;
             drop(turn);
             let mut envs = environments.lock().expect("lock");
             if envs.get(&key).is_some_and(|m| Arc::strong_count(m) == 1) {
@@ -512,7 +511,6 @@ async fn merge_event_loop(
 /// Records one merge event as a run and acks it; refuses it if it cannot be.
 async fn ingest(
     store: &Store,
-    broker: &Broker,
     relay: &Relay,
     stop: &CancellationToken,
     delivery: &Delivery,
@@ -534,28 +532,50 @@ async fn ingest(
             relay.send(out);
             let _ = baton_shared::amqp::ack(delivery).await;
         }
-        Some(Err(StoreError::MergeGate(reason))) => refuse_merge_event(store, broker, delivery, reason).await,
+        Some(Err(StoreError::MergeGate(reason))) => refuse_merge_event(store, delivery, reason).await,
         Some(Err(e)) => {
             tracing::error!(error = %e, "cannot ingest merge event");
-            refuse_merge_event(
-                store,
-                broker,
-                delivery,
-                format!("scheduler could not record the run: {e}"),
-            )
-            .await;
+            refuse_merge_event(store, delivery, format!("scheduler could not record the run: {e}")).await;
         }
     }
 }
 
-/// Audits a refused merge event and dead-letters it with the reason.
-async fn refuse_merge_event(store: &Store, broker: &Broker, delivery: &Delivery, reason: String) {
+/// Audits a refused merge event and keeps it as a dead letter with the reason.
+async fn refuse_merge_event(store: &Store, delivery: &Delivery, reason: String) {
     tracing::warn!(%reason, "merge event refused");
     let _ = store
         .record(None, "merge_event_refused", json!({"reason": reason}))
         .await;
-    if let Err(e) = broker.dead_letter(delivery, MERGE_EVENTS_QUEUE, &reason).await {
-        tracing::error!(error = %e, "cannot dead-letter refused merge event");
+    keep_dead_letter(store, delivery, MERGE_EVENTS_QUEUE, &reason).await;
+}
+
+/// Records a message the scheduler itself refused as a (verified) dead letter
+/// and acknowledges it. If it cannot be recorded, the message is rejected to
+/// the broker's dead-lettering instead, which records it as unverified.
+async fn keep_dead_letter(store: &Store, delivery: &Delivery, queue: &str, reason: &str) {
+    let key = delivery.routing_key.to_string();
+    let (exchange, routing_key) = topology::published_to(queue, &key).unwrap_or(("", key));
+    let dl = store::NewDeadLetter {
+        message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
+        origin: queue.to_owned(),
+        exchange: exchange.to_owned(),
+        routing_key,
+        reason: reason.to_owned(),
+        headers: header_summary(delivery),
+        body: delivery.data.clone(),
+        verified: true,
+        job: None,
+        delivery_limit: false,
+        redelivered: delivery.redelivered,
+    };
+    match store.record_dead_letter(&dl).await {
+        Ok(_) => {
+            let _ = baton_shared::amqp::ack(delivery).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, queue, "cannot record a refused message; rejecting it to the broker");
+            let _ = baton_shared::amqp::nack(delivery, false).await;
+        }
     }
 }
 
@@ -619,7 +639,7 @@ async fn result_loop(
     let pending: Pending = Arc::default();
     let mut running = tokio::task::JoinSet::new();
     while let Some((queue, delivery)) = deliveries.recv().await {
-        let Some(result) = checked_result(&store, &broker, &trusted, &delivery, &queue).await else {
+        let Some(result) = checked_result(&store, &trusted, &delivery, &queue).await else {
             continue;
         };
         let run = result.run_id;
@@ -694,35 +714,27 @@ async fn result_loop(
 }
 
 /// A result delivery that parses and is signed by a trusted daemon; anything else is refused.
-async fn checked_result(
-    store: &Store,
-    broker: &Broker,
-    trusted: &Trusted,
-    delivery: &Delivery,
-    queue: &str,
-) -> Option<StepResult> {
+async fn checked_result(store: &Store, trusted: &Trusted, delivery: &Delivery, queue: &str) -> Option<StepResult> {
     let reason = match StepResult::parse(&delivery.data) {
-        Ok(r) => match trusted.verify(&r) {
+        Ok(r) => match trusted.verify_for(&r, &r.zone, &r.role) {
             Ok(()) => return Some(r),
             Err(e) => format!("unauthentic result: {e}"),
         },
         Err(e) => e.to_string(),
     };
-    refuse(store, broker, delivery, queue, "result_refused", &reason).await;
+    refuse(store, delivery, queue, "result_refused", &reason).await;
     None
 }
 
-/// Dead-letters a message the scheduler will not act on, and audits it.
-async fn refuse(store: &Store, broker: &Broker, delivery: &Delivery, queue: &str, kind: &str, reason: &str) {
+/// Keeps a message the scheduler will not act on as a dead letter, and audits it.
+async fn refuse(store: &Store, delivery: &Delivery, queue: &str, kind: &str, reason: &str) {
     tracing::warn!(queue, reason, "message refused");
     let detail = json!({"queue": queue, "reason": reason,
         "message_id": delivery.properties.message_id().as_ref().map(|m| m.to_string())});
     if let Err(e) = store.record(None, kind, detail).await {
         tracing::error!(error = %e, "cannot audit a refused message");
     }
-    if let Err(e) = broker.dead_letter(delivery, queue, reason).await {
-        tracing::error!(error = %e, queue, "cannot dead-letter a refused message");
-    }
+    keep_dead_letter(store, delivery, queue, reason).await;
 }
 
 /// Applies a run's results in one transaction and acks them; if that fails, one by
@@ -756,9 +768,13 @@ async fn apply_batch(
         Some(Err(e)) => {
             let (result, delivery, queue) = &batch[0];
             tracing::error!(error = %e, run_id = %result.run_id, "cannot apply result");
-            let _ = broker
-                .dead_letter(delivery, queue, &format!("scheduler could not apply result: {e}"))
-                .await;
+            keep_dead_letter(
+                store,
+                delivery,
+                queue,
+                &format!("scheduler could not apply result: {e}"),
+            )
+            .await;
         }
     }
 }
@@ -782,22 +798,29 @@ async fn ack_result(delivery: &Delivery) {
     }
 }
 
-/// Moves dead letters from the broker into the database (`baton dlq`): a job of a
-/// current attempt that nobody started fails that attempt with the reason.
+/// Moves dead letters from the broker into the database (`baton dlq`). Only
+/// the broker dead-letters (no component may publish to `baton.dead`), and
+/// only a job this scheduler signed, dead-lettered from its own queue at the
+/// delivery limit, fails its attempt ([`Store::record_dead_letter`]).
 async fn dead_letter_loop(
     store: Store,
     broker: Broker,
     relay: Relay,
+    own: Arc<Trusted>,
     prefetch: u16,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut sub = broker.subscribe(topology::DEAD_QUEUE, prefetch, "scheduler-dead-letters");
     while let Some(delivery) = sub.next(&stop).await {
-        let dl = dead_letter_of(&delivery);
+        let dl = dead_letter_of(&delivery, &own);
         match patiently("record dead letter", &stop, || store.record_dead_letter(&dl)).await {
             None => return Ok(()),
             Some(Ok((id, out))) => {
-                tracing::warn!(dead_letter = ?id, origin = %dl.origin, reason = %dl.reason, "dead letter recorded");
+                if dl.verified {
+                    tracing::warn!(dead_letter = ?id, origin = %dl.origin, reason = %dl.reason, "dead letter recorded");
+                } else {
+                    tracing::warn!(dead_letter = ?id, origin = %dl.origin, reason = %dl.reason, "unverified dead letter recorded; it changes no run");
+                }
                 relay.send(out);
                 let _ = baton_shared::amqp::ack(&delivery).await;
             }
@@ -810,75 +833,107 @@ async fn dead_letter_loop(
     Ok(())
 }
 
-/// Where a dead letter came from and why: Baton's own headers when a daemon or the
-/// scheduler refused it, the broker's `x-death` when it expired or hit the delivery limit.
-fn dead_letter_of(d: &Delivery) -> store::NewDeadLetter {
+fn header_text(v: &lapin::types::AMQPValue) -> String {
     use lapin::types::AMQPValue;
-    let headers = d.properties.headers().clone().unwrap_or_default();
-    let text = |v: &AMQPValue| match v {
+    match v {
         AMQPValue::LongString(s) => s.to_string(),
         AMQPValue::ShortString(s) => s.to_string(),
         other => format!("{other:?}"),
-    };
-    let key = d.routing_key.to_string();
-    let (origin, reason, exchange, routing_key) = match (
-        headers.inner().get(topology::ORIGIN_HEADER),
-        headers.inner().get(topology::REASON_HEADER),
-    ) {
-        (Some(origin), Some(reason)) => {
-            let origin = text(origin);
-            let (exchange, rk) = topology::published_to(&origin, &key).unwrap_or(("", key.clone()));
-            (origin, text(reason), exchange.to_owned(), rk)
-        }
-        _ => {
-            let death = match headers.inner().get("x-death") {
-                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|v| match v {
-                    AMQPValue::FieldTable(t) => Some(t.inner().clone()),
-                    _ => None,
-                }),
-                _ => None,
-            }
-            .unwrap_or_default();
-            let get = |k: &str| death.get(k).map(text).unwrap_or_default();
-            let rk = match death.get("routing-keys") {
-                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().map(text).unwrap_or(key.clone()),
-                _ => key.clone(),
-            };
-            let origin = get("queue");
-            let reason = format!(
-                "broker: {}",
-                if get("reason").is_empty() {
-                    "unknown".into()
-                } else {
-                    get("reason")
-                }
-            );
-            (origin, reason, get("exchange"), rk)
-        }
-    };
-    let mut summary = serde_json::Map::new();
-    for (k, v) in headers.inner() {
-        if k.as_str() != "x-death" {
-            summary.insert(k.to_string(), json!(text(v)));
-        }
-    }
-    store::NewDeadLetter {
-        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-        origin,
-        exchange,
-        routing_key,
-        reason,
-        headers: serde_json::Value::Object(summary),
-        body: d.data.clone(),
     }
 }
 
-/// Daemons' refusal notices become audit rows (the global chain: their claims
-/// about runs are not trusted enough to extend a run's chain).
+/// A delivery's headers as text, for the record (the broker's `x-death` aside).
+fn header_summary(d: &Delivery) -> serde_json::Value {
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let mut summary = serde_json::Map::new();
+    for (k, v) in headers.inner() {
+        if k.as_str() != "x-death" {
+            summary.insert(k.to_string(), json!(header_text(v)));
+        }
+    }
+    serde_json::Value::Object(summary)
+}
+
+/// Where a dead letter came from and why, and whether the scheduler can
+/// attribute it. The broker's `x-death` names the queue and the reason; a
+/// letter carrying Baton's own reason headers was published by hand (no
+/// component does so), and is recorded with its claims, unverified.
+fn dead_letter_of(d: &Delivery, own: &Trusted) -> store::NewDeadLetter {
+    use lapin::types::AMQPValue;
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let key = d.routing_key.to_string();
+    let claimed = (
+        headers.inner().get(topology::ORIGIN_HEADER),
+        headers.inner().get(topology::REASON_HEADER),
+    );
+    let death = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|v| match v {
+            AMQPValue::FieldTable(t) => Some(t.inner().clone()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let mut dl = store::NewDeadLetter {
+        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        origin: String::new(),
+        exchange: String::new(),
+        routing_key: key.clone(),
+        reason: String::new(),
+        headers: header_summary(d),
+        body: d.data.clone(),
+        verified: false,
+        job: None,
+        delivery_limit: false,
+        redelivered: d.redelivered,
+    };
+    match (claimed, death) {
+        ((origin, reason), _) if origin.is_some() || reason.is_some() => {
+            let origin = origin.map(header_text).unwrap_or_default();
+            let (exchange, rk) = topology::published_to(&origin, &key).unwrap_or(("", key.clone()));
+            dl.reason = format!(
+                "unverified claim: {}",
+                reason.map(header_text).unwrap_or_else(|| "no reason".into())
+            );
+            dl.origin = origin;
+            dl.exchange = exchange.to_owned();
+            dl.routing_key = rk;
+        }
+        (_, Some(death)) => {
+            let get = |k: &str| death.get(k).map(header_text).unwrap_or_default();
+            let rk = match death.get("routing-keys") {
+                Some(AMQPValue::FieldArray(a)) => a.as_slice().first().map(header_text).unwrap_or(key.clone()),
+                _ => key.clone(),
+            };
+            let why = get("reason");
+            dl.origin = get("queue");
+            dl.reason = format!("broker: {}", if why.is_empty() { "unknown" } else { why.as_str() });
+            dl.exchange = get("exchange");
+            dl.routing_key = rk;
+            // A job this scheduler signed, dead-lettered from that job's own queue.
+            dl.job = StepJob::parse(&d.data)
+                .ok()
+                .filter(|j| own.verify(j).is_ok())
+                .filter(|j| dl.origin == topology::job_queue(&j.zone, &j.role))
+                .filter(|j| dl.message_id.as_deref() == Some(j.message_id.to_string().as_str()));
+            dl.verified = dl.job.is_some();
+            dl.delivery_limit = why == "delivery_limit";
+        }
+        (_, None) => {
+            dl.reason = "unverified: no x-death and no reason".into();
+        }
+    }
+    dl
+}
+
+/// Daemons' signed refusal notices: audited in the global chain, and the only
+/// word of a daemon's that may end an attempt ([`Store::record_refusal`]). The
+/// notice's key must be allowed to sign for the zone and role it names.
 async fn notice_loop(
     store: Store,
     broker: Broker,
+    relay: Relay,
     trusted: Arc<Trusted>,
+    own: Arc<Trusted>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut sub = broker.subscribe(NOTICES_QUEUE, 16, "scheduler-notices");
@@ -886,34 +941,22 @@ async fn notice_loop(
         let notice = match Refusal::parse(&delivery.data) {
             Ok(n) => n,
             Err(e) => {
-                refuse(
-                    &store,
-                    &broker,
-                    &delivery,
-                    NOTICES_QUEUE,
-                    "notice_refused",
-                    &e.to_string(),
-                )
-                .await;
+                refuse(&store, &delivery, NOTICES_QUEUE, "notice_refused", &e.to_string()).await;
                 continue;
             }
         };
-        if let Err(e) = trusted.verify(&notice) {
+        if let Err(e) = trusted.verify_for(&notice, &notice.zone, &notice.role) {
             let reason = format!("unauthentic notice: {e}");
-            refuse(&store, &broker, &delivery, NOTICES_QUEUE, "notice_refused", &reason).await;
+            refuse(&store, &delivery, NOTICES_QUEUE, "notice_refused", &reason).await;
             continue;
         }
-        let detail = serde_json::to_value(&notice).unwrap_or_default();
-        match patiently("audit refusal", &stop, || {
-            store.record(None, "message_refused", detail.clone())
-        })
-        .await
-        {
+        match patiently("record refusal", &stop, || store.record_refusal(&notice, &own)).await {
             None => return Ok(()),
-            Some(Ok(())) => {
+            Some(Ok(out)) => {
+                relay.send(out);
                 let _ = baton_shared::amqp::ack(&delivery).await;
             }
-            Some(Err(e)) => tracing::error!(error = %e, "cannot audit a refusal notice"),
+            Some(Err(e)) => tracing::error!(error = %e, "cannot record a refusal notice"),
         }
     }
     Ok(())

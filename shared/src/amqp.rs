@@ -31,7 +31,6 @@ use uuid::Uuid;
 
 use crate::config::AmqpConfig;
 use crate::secret::{Secret, redact_url};
-use crate::topology::{DEAD_EXCHANGE, ORIGIN_HEADER, REASON_HEADER};
 
 /// What a passive declare tells of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,34 +468,6 @@ impl Broker {
                 }
             }
         }
-    }
-
-    /// Moves a refused delivery to the dead-letter exchange with a reason, then acks it.
-    ///
-    /// The copy is confirmed before the original is acked, so a crash in between
-    /// leaves a duplicate dead letter, never a lost one.
-    pub async fn dead_letter(&self, delivery: &Delivery, origin: &str, reason: &str) -> Result<(), AmqpError> {
-        let mut props = delivery.properties.clone();
-        let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(
-            ShortString::from(REASON_HEADER),
-            AMQPValue::LongString(LongString::from(reason.to_owned())),
-        );
-        headers.insert(
-            ShortString::from(ORIGIN_HEADER),
-            AMQPValue::LongString(LongString::from(origin.to_owned())),
-        );
-        props = props.with_headers(headers).with_delivery_mode(2);
-        self.publish_props(
-            DEAD_EXCHANGE,
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            props,
-            true,
-        )
-        .await?;
-        tracing::warn!(origin, reason, "message dead-lettered");
-        ack(delivery).await
     }
 
     /// Messages ready in `queue` and consumers on it, or `None` if the queue

@@ -244,6 +244,10 @@ pub struct DaemonSettings {
     /// reports `started` at this point. 0 reports `started` before the work
     /// begins.
     pub report_started_after_ms: u64,
+    /// PostgreSQL database the zone's daemons share to refuse a replayed job
+    /// in every replica and after restarts (`shared/src/ledger.rs`); unset,
+    /// each process remembers only what it received itself.
+    pub ledger_url: Option<Secret<String>>,
 }
 
 impl Default for DaemonSettings {
@@ -257,6 +261,7 @@ impl Default for DaemonSettings {
             declare_queue: true,
             http_listen: String::new(),
             report_started_after_ms: 10,
+            ledger_url: None,
         }
     }
 }
@@ -279,6 +284,15 @@ impl DaemonConfig {
         }
         if self.daemon.prefetch == 0 {
             return Err(ConfigError::invalid("daemon.prefetch", "must be at least 1"));
+        }
+        if let Some(url) = &self.daemon.ledger_url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(ConfigError::invalid(
+                    "daemon.ledger_url",
+                    "must be a postgres:// URL (the zone's replay ledger)",
+                ));
+            }
         }
         if self.daemon.report_started_after_ms > MAX_REPORT_STARTED_AFTER_MS {
             return Err(ConfigError::invalid(

@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod config;
 pub mod failpoint;
+pub mod ledger;
 pub mod metrics;
 pub mod nodelay;
 pub mod protocol;

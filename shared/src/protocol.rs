@@ -368,8 +368,9 @@ impl Message for CancelJob {
     }
 }
 
-/// A daemon's report that it refused a message (dead-lettered it, executed
-/// nothing), so the scheduler can put it in the audit log.
+/// A daemon's report that it refused a message (rejected it to the broker's
+/// dead-lettering, executed nothing). Signed, it is the scheduler's only word
+/// of why: the dead letter itself carries no claim of a daemon's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Refusal {
@@ -384,9 +385,24 @@ pub struct Refusal {
     /// The refused message's own id, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_message_id: Option<String>,
+    /// The refused message's bytes in hex, up to [`Refusal::MAX_BODY`]: the
+    /// scheduler ends an attempt on a refusal only when these are the job it
+    /// signed itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_body: Option<String>,
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+}
+
+impl Refusal {
+    /// Largest refused body a notice carries (step jobs are a few KiB).
+    pub const MAX_BODY: usize = 64 * 1024;
+
+    /// The refused bytes, if the notice carries them.
+    pub fn refused_bytes(&self) -> Option<Vec<u8>> {
+        self.refused_body.as_deref().and_then(|h| hex::decode(h).ok())
+    }
 }
 
 impl Message for Refusal {

@@ -120,6 +120,8 @@ struct Shared {
     trusted: Trusted,
     running: Mutex<HashMap<AttemptKey, Running>>,
     seen: Mutex<RecentIds>,
+    /// The zone's replay memory shared by its replicas (`daemon.ledger_url`).
+    ledger: Option<crate::ledger::Ledger>,
     /// Fired when the grace period is over: running jobs are handed back.
     hand_back: CancellationToken,
     /// A job that ends sooner reports only its outcome (`daemon.report_started_after_ms`).
@@ -143,7 +145,21 @@ pub async fn run(
         Duration::from_secs(60),
     )
     .await?;
+    let ledger = match &config.daemon.ledger_url {
+        Some(url) => Some(
+            crate::ledger::Ledger::new(url.expose())
+                .map_err(|e| ConfigError::invalid("daemon.ledger_url", e.to_string()))?,
+        ),
+        None => {
+            tracing::warn!(
+                "daemon.ledger_url is not set: this process alone remembers the jobs it received, \
+                 so run one replica per zone and role"
+            );
+            None
+        }
+    };
     let shared = Arc::new(Shared {
+        ledger,
         broker: broker.clone(),
         instance: instance.clone(),
         key,
@@ -379,6 +395,26 @@ async fn handle(shared: &Shared, binding: &Binding, queue: &str, delivery: Deliv
         }
         let reason = format!("replayed: message id {} was already received", job.message_id);
         return refuse(shared, &delivery, queue, zone, role, &reason).await;
+    }
+    // A first delivery here may still be a replay of what another replica, or
+    // this daemon before a restart, received: the zone's ledger knows.
+    if let Some(ledger) = shared.ledger.as_ref().filter(|_| !delivery.redelivered) {
+        match claim_patiently(ledger, &job, &shared.instance).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let reason = format!(
+                    "replayed: message id {} was already received in zone {} (replay ledger)",
+                    job.message_id, job.zone
+                );
+                return refuse(shared, &delivery, queue, zone, role, &reason).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, run_id = %job.run_id, step_id = %job.step_id, "cannot check the replay ledger; handing the job back");
+                shared.seen.lock().expect("lock").forget(job.message_id);
+                let _ = crate::amqp::nack(&delivery, true).await;
+                return;
+            }
+        }
     }
     let token = shared.hand_back.child_token();
     let reason = Arc::new(OnceLock::new());
@@ -704,7 +740,33 @@ async fn report_started(shared: &Shared, job: &StepJob, delivery: &Delivery) -> 
     true
 }
 
-/// Dead-letters a message with the reason and tells the scheduler, for its audit log.
+/// How long a job waits for an unreachable ledger before it is handed back.
+const LEDGER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// [`crate::ledger::Ledger::claim`], retried with backoff for a while.
+async fn claim_patiently(
+    ledger: &crate::ledger::Ledger,
+    job: &StepJob,
+    instance: &str,
+) -> Result<bool, crate::ledger::LedgerError> {
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ledger.claim(job, instance).await {
+            Err(e) if start.elapsed() < LEDGER_PATIENCE => {
+                tracing::warn!(error = %e, "replay ledger not reachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Tells the scheduler why a message was refused (a signed notice carrying the
+/// refused bytes), then rejects it without requeue: the broker dead-letters it.
+/// A daemon cannot publish to the dead-letter exchange itself, so no claim of
+/// a daemon's travels unsigned (docs/decisions.md).
 async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, role: &str, reason: &str) {
     tracing::warn!(queue, reason, "message refused; nothing executed");
     let why = reason.split(':').next().unwrap_or("refused");
@@ -714,10 +776,6 @@ async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, r
         &[("queue", queue), ("reason", why)],
         1.0,
     );
-    if let Err(e) = shared.broker.dead_letter(delivery, queue, reason).await {
-        tracing::error!(error = %e, "cannot dead-letter refused message; rejecting it to the broker's dead-letter exchange");
-        let _ = crate::amqp::nack(delivery, false).await;
-    }
     let mut notice = Refusal {
         v: PROTOCOL_VERSION,
         message_id: Uuid::new_v4(),
@@ -727,6 +785,7 @@ async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, r
         queue: queue.to_owned(),
         reason: reason.to_owned(),
         refused_message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
+        refused_body: (delivery.data.len() <= Refusal::MAX_BODY).then(|| hex::encode(&delivery.data)),
         at: Utc::now(),
         signature: None,
     };
@@ -740,7 +799,10 @@ async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, zone: &str, r
         .publish(RESULTS_EXCHANGE, NOTICES_KEY, &notice.to_bytes(), &out)
         .await
     {
-        tracing::warn!(error = %e, "refusal notice not sent; the dead letter still carries the reason");
+        tracing::warn!(error = %e, "refusal notice not sent; the scheduler records the dead letter without its reason");
+    }
+    if let Err(e) = crate::amqp::nack(delivery, false).await {
+        tracing::warn!(error = %e, "cannot reject the refused message; it returns with the connection");
     }
 }
 

@@ -9,6 +9,13 @@
 //!
 //! Key files hold one line, `baton-ed25519-secret:<64 hex chars of seed>`; the
 //! public key is shared as `<key id>:<64 hex chars>`. `baton keygen` makes both.
+//!
+//! A trusted key may carry a scope, `<key id>:<hex>@<zone>[/<role>][,…]`: what
+//! it signs is believed only for those zones (and roles). The scheduler gives
+//! each zone's daemons a key of their own with the zone as its scope, so a
+//! compromised staging host cannot sign a result or refusal for production
+//! (docs/decisions.md, "Daemon keys are scoped to their zone"). A key without
+//! a scope signs for every zone.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +40,8 @@ pub enum SignatureError {
     UnknownKey(String),
     #[error("signature does not match the message (tampered or wrong key)")]
     Mismatch,
+    #[error("key {key} may not sign for {zone}.{role}")]
+    OutOfScope { key: String, zone: String, role: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +54,9 @@ pub enum KeyError {
     },
     #[error("key file {path} is not a baton ed25519 secret key (expected `{SECRET_PREFIX}<64 hex>`)")]
     BadSecret { path: String },
-    #[error("public key {0:?} is not `<key id>:<64 hex chars>`, or its key id does not match the key")]
+    #[error(
+        "public key {0:?} is not `<key id>:<64 hex chars>[@<zone>[/<role>],…]`, or its key id does not match the key"
+    )]
     BadPublic(String),
 }
 
@@ -129,20 +140,59 @@ impl Keypair {
     }
 }
 
-/// Public keys trusted to sign one kind of message.
+/// Public keys trusted to sign one kind of message, each with the zones and
+/// roles it may sign for (none listed: all).
 #[derive(Debug, Clone, Default)]
 pub struct Trusted {
-    keys: HashMap<String, VerifyingKey>,
+    keys: HashMap<String, (VerifyingKey, Vec<Scope>)>,
+}
+
+/// A zone, and optionally one role in it, that a key may sign for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Scope {
+    zone: String,
+    role: Option<String>,
+}
+
+impl Scope {
+    fn parse(s: &str) -> Option<Self> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        };
+        let (zone, role) = match s.split_once('/') {
+            Some((z, r)) => (z, Some(r)),
+            None => (s, None),
+        };
+        (name_ok(zone) && role.is_none_or(name_ok)).then(|| Self {
+            zone: zone.to_owned(),
+            role: role.map(str::to_owned),
+        })
+    }
+
+    fn allows(&self, zone: &str, role: &str) -> bool {
+        self.zone == zone && self.role.as_deref().is_none_or(|r| r == role)
+    }
 }
 
 impl Trusted {
-    /// Parses `<key id>:<hex>` entries.
+    /// Parses `<key id>:<hex>[@<zone>[/<role>],…]` entries.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, KeyError> {
         let mut keys = HashMap::new();
         for e in entries {
             let e = e.as_ref().trim();
             let bad = || KeyError::BadPublic(e.to_owned());
-            let (id, hex_key) = e.split_once(':').ok_or_else(bad)?;
+            let (key_part, scopes) = match e.split_once('@') {
+                Some((k, s)) => (
+                    k,
+                    s.split(',')
+                        .map(|one| Scope::parse(one.trim()).ok_or_else(bad))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => (e, Vec::new()),
+            };
+            let (id, hex_key) = key_part.split_once(':').ok_or_else(bad)?;
             let bytes: [u8; 32] = hex::decode(hex_key)
                 .ok()
                 .and_then(|b| b.try_into().ok())
@@ -151,7 +201,7 @@ impl Trusted {
             if key_id(&key) != id {
                 return Err(bad());
             }
-            keys.insert(id.to_owned(), key);
+            keys.insert(id.to_owned(), (key, scopes));
         }
         Ok(Self { keys })
     }
@@ -160,14 +210,34 @@ impl Trusted {
         self.keys.is_empty()
     }
 
-    /// Checks a message's signature.
+    /// Checks a message's signature and that its key may sign for `zone` and `role`.
+    pub fn verify_for<M: Signed>(&self, msg: &M, zone: &str, role: &str) -> Result<(), SignatureError> {
+        let id = self.check(msg)?;
+        let scopes = &self.keys[id.as_str()].1;
+        if scopes.is_empty() || scopes.iter().any(|s| s.allows(zone, role)) {
+            Ok(())
+        } else {
+            Err(SignatureError::OutOfScope {
+                key: id,
+                zone: zone.to_owned(),
+                role: role.to_owned(),
+            })
+        }
+    }
+
+    /// Checks a message's signature (whatever the key's scope).
     pub fn verify<M: Signed>(&self, msg: &M) -> Result<(), SignatureError> {
+        self.check(msg).map(drop)
+    }
+
+    /// Checks the signature; returns the id of the key that made it.
+    fn check<M: Signed>(&self, msg: &M) -> Result<String, SignatureError> {
         let sig = msg.signature().ok_or(SignatureError::Unsigned)?;
         let mut parts = sig.splitn(3, ':');
         let (Some("ed25519"), Some(id), Some(hex_sig)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(SignatureError::Malformed("expected ed25519:<key id>:<hex>".to_owned()));
         };
-        let key = self
+        let (key, _) = self
             .keys
             .get(id)
             .ok_or_else(|| SignatureError::UnknownKey(id.to_owned()))?;
@@ -178,7 +248,8 @@ impl Trusted {
         let mut unsigned = msg.clone();
         unsigned.set_signature(None);
         key.verify(&canonical(&unsigned), &Signature::from_bytes(&bytes))
-            .map_err(|_| SignatureError::Mismatch)
+            .map_err(|_| SignatureError::Mismatch)?;
+        Ok(id.to_owned())
     }
 }
 
@@ -281,6 +352,37 @@ mod tests {
             let mut j = job();
             k.sign(&mut j);
             assert_eq!(trusted.verify(&j), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_scoped_key_signs_only_for_its_zones_and_roles() {
+        let (staging, anywhere) = (Keypair::generate(), Keypair::generate());
+        let trusted = Trusted::parse(&[
+            format!("{}@staging,ci/container-build", staging.public()),
+            anywhere.public(),
+        ])
+        .unwrap();
+        let mut j = job();
+        staging.sign(&mut j);
+        assert_eq!(trusted.verify_for(&j, "staging", "db-migration"), Ok(()));
+        assert_eq!(trusted.verify_for(&j, "ci", "container-build"), Ok(()));
+        assert_eq!(
+            trusted.verify_for(&j, "production", "db-migration"),
+            Err(SignatureError::OutOfScope {
+                key: staging.id().to_owned(),
+                zone: "production".into(),
+                role: "db-migration".into()
+            })
+        );
+        assert!(trusted.verify_for(&j, "ci", "backup").is_err());
+        anywhere.sign(&mut j);
+        assert_eq!(trusted.verify_for(&j, "production", "backup"), Ok(()));
+        for bad in ["@", "@Staging", "@staging/", "@staging,,ci"] {
+            assert!(
+                Trusted::parse(&[format!("{}{bad}", staging.public())]).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -30,12 +30,14 @@ pub const NOTICES_QUEUE: &str = "baton.notices";
 pub const NOTICES_KEY: &str = "notice";
 /// Cancels for running attempts, routing key `<zone>.<role>`.
 pub const CONTROL_EXCHANGE: &str = "baton.control";
-/// Dead letters, from the broker (delivery limit) and from Baton (refused messages).
+/// Dead letters, from the broker's dead-lettering only (a refused message is
+/// rejected to it; no component publishes here).
 pub const DEAD_EXCHANGE: &str = "baton.dead";
 pub const DEAD_QUEUE: &str = "baton.dead-letters";
-/// Header naming why Baton dead-lettered a message.
+/// Header by which an earlier Baton put its reason on a dead letter; one that
+/// carries it now was published by hand, and is recorded as an unverified claim.
 pub const REASON_HEADER: &str = "x-baton-reason";
-/// Header naming the queue a refused message came from.
+/// Header by which an earlier Baton named the queue of a dead letter (as above).
 pub const ORIGIN_HEADER: &str = "x-baton-origin";
 
 /// Deliveries of one message before the broker dead-letters it.

@@ -5,11 +5,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use baton_scheduler::store::{RunView, StepView};
-use baton_shared::protocol::{JobKind, Message, ResultStatus, StepJob, StepResult};
-use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, REASON_HEADER};
+use baton_shared::protocol::{JobKind, Message, Refusal, ResultStatus, StepJob, StepResult};
+use baton_shared::signing::Trusted;
+use baton_shared::topology::{self, DEAD_QUEUE, JOBS_EXCHANGE, NOTICES_QUEUE, REASON_HEADER};
 use baton_tests::{EVERYTHING, SEED_BINDINGS, TestEnv, event, seed_bindings_except, step_job};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::AMQPValue;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -793,21 +793,38 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
         .await
         .unwrap();
     }
-    let mut reasons = Vec::new();
-    env.wait_until("three dead letters", RUN_TIMEOUT, async || {
+    // The daemon rejects each to the broker's dead-lettering (it may not
+    // publish there itself) and says why in a signed notice.
+    let (mut dead, mut reasons) = (Vec::new(), Vec::new());
+    env.wait_until("three dead letters and three notices", RUN_TIMEOUT, async || {
         while let Some(msg) = ch
             .basic_get(DEAD_QUEUE.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
             let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
-            let reason = match headers.inner().get(REASON_HEADER) {
-                Some(AMQPValue::LongString(s)) => s.to_string(),
-                other => panic!("dead letter without a reason header: {other:?}"),
-            };
-            reasons.push(reason);
+            assert!(
+                headers.inner().get(REASON_HEADER).is_none(),
+                "no claim of the daemon's travels unsigned"
+            );
+            assert!(headers.inner().contains_key("x-death"), "dead-lettered by the broker");
+            dead.push(msg.delivery.data);
         }
-        reasons.len() >= 3
+        while let Some(msg) = ch
+            .basic_get(NOTICES_QUEUE.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let notice = Refusal::parse(&msg.delivery.data).unwrap();
+            Trusted::parse(&[env.daemon_key.public()])
+                .unwrap()
+                .verify(&notice)
+                .unwrap();
+            let refused = notice.refused_bytes().expect("the notice carries the refused bytes");
+            assert!(bodies.contains(&refused), "{notice:?}");
+            reasons.push(notice.reason);
+        }
+        dead.len() >= 3 && reasons.len() >= 3
     })
     .await;
     reasons.sort();

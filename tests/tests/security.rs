@@ -206,13 +206,17 @@ async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_
     )
     .await;
 
-    // The scheduler moves dead letters off the queue into its database (`baton dlq`).
+    // The broker dead-letters what the daemon rejected; the scheduler moves it
+    // into its database (`baton dlq`) with the reason from the daemon's signed notice.
     let mut reasons: Vec<String> = Vec::new();
-    env.wait_until("five dead letters", RUN_TIMEOUT, async || {
-        reasons = sqlx::query_scalar("select reason from dead_letters where origin = 'baton.staging.db-migration'")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
+    env.wait_until("five dead letters with their reasons", RUN_TIMEOUT, async || {
+        reasons = sqlx::query_scalar(
+            "select refused_for from dead_letters where origin = 'baton.staging.db-migration'
+                and reason = 'broker: rejected' and refused_for is not null",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
         reasons.len() >= 5
     })
     .await;
