@@ -282,3 +282,188 @@ async fn a_pipeline_runs_with_least_privilege_users() {
     let view = env.wait_terminal(run, RUN_TIMEOUT).await;
     assert_eq!(view.status, "succeeded", "{view:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_component_may_publish_what_it_does_not_need() {
+    let env = TestEnv::new("publish-rights").await;
+    let users = Users::import(&env);
+    let exchanges = [
+        "",
+        EVENTS_EXCHANGE,
+        JOBS_EXCHANGE,
+        topology::RESULTS_EXCHANGE,
+        topology::CONTROL_EXCHANGE,
+        DEAD_EXCHANGE,
+    ];
+    // Each user's exchanges; everything else is refused. Nobody publishes to
+    // the dead-letter exchange: only the broker's dead-lettering does.
+    let needs: [(&str, &[&str]); 6] = [
+        (
+            "baton-scheduler",
+            &[
+                EVENTS_EXCHANGE,
+                JOBS_EXCHANGE,
+                topology::RESULTS_EXCHANGE,
+                topology::CONTROL_EXCHANGE,
+            ],
+        ),
+        ("baton-ci", &[EVENTS_EXCHANGE]),
+        ("baton-daemon-dev", &[topology::RESULTS_EXCHANGE]),
+        ("baton-daemon-staging", &[topology::RESULTS_EXCHANGE]),
+        ("baton-daemon-production", &[topology::RESULTS_EXCHANGE]),
+        ("baton-daemon-ci", &[topology::RESULTS_EXCHANGE]),
+    ];
+    for (user, allowed) in needs {
+        let conn = users.connect(user).await;
+        for exchange in exchanges {
+            let res = publish(&conn, exchange, "probe").await;
+            if allowed.contains(&exchange) {
+                res.unwrap_or_else(|e| panic!("{user} may publish to {exchange:?}: {e}"));
+            } else {
+                refused(res, &format!("{user} publishing to {exchange:?}"));
+            }
+        }
+    }
+}
+
+/// A dead letter published by hand, naming `job`'s attempt, with `headers`.
+async fn forge_dead_letter(
+    conn: &Connection,
+    body: &[u8],
+    message_id: &str,
+    headers: FieldTable,
+) -> Result<(), String> {
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    ch.basic_publish(
+        DEAD_EXCHANGE.into(),
+        "staging.db-migration".into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_headers(headers),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_dead_letter_changes_no_run_and_the_real_job_then_runs() {
+    use lapin::types::{AMQPValue, LongString, ShortString};
+    let env = TestEnv::new("forged-dead-letter").await;
+    let users = Users::import(&env);
+    env.script(json!({"default": {"delay_ms": 20}}));
+    env.set_scheduler_env("BATON_AMQP__URL", &users.url("baton-scheduler"));
+    let _scheduler = env.scheduler("scheduler").await;
+    // Every role but staging's db-migration is served: its job waits, dispatched.
+    let others = baton_tests::seed_bindings_except("staging.db-migration");
+    let _others = env.daemon("others", &others).await;
+    let run = env.enqueue(&event("forged", 61, &["drizzle/migrations/0001_x.sql"]));
+    let mut message_id = None;
+    env.wait_until("db.staging's job to be dispatched", RUN_TIMEOUT, async || {
+        message_id = sqlx::query_scalar::<_, Uuid>(
+            "select message_id from attempts where run_id = $1 and step_id = 'db.staging' and status = 'dispatched'",
+        )
+        .bind(run)
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap();
+        message_id.is_some()
+    })
+    .await;
+    let message_id = message_id.unwrap().to_string();
+    // The attacker knows the run, step, attempt and message id (a viewer reads them).
+    let mut forged = baton_tests::step_job("staging", "db-migration", 600);
+    forged.run_id = run;
+    forged.message_id = message_id.parse().unwrap();
+    let body = serde_json::to_vec(&forged).unwrap();
+    let claim = |reason: &str| {
+        let mut h = FieldTable::default();
+        h.insert(
+            ShortString::from(topology::REASON_HEADER),
+            AMQPValue::LongString(LongString::from(reason.to_owned())),
+        );
+        h.insert(
+            ShortString::from(topology::ORIGIN_HEADER),
+            AMQPValue::LongString(LongString::from("baton.staging.db-migration".to_owned())),
+        );
+        h
+    };
+
+    // The staging daemon's user may not publish to the dead-letter exchange at all.
+    let staging = users.connect("baton-daemon-staging").await;
+    refused(
+        forge_dead_letter(&staging, &body, &message_id, claim("unauthentic: forged")).await,
+        "a daemon publishing a dead letter",
+    );
+    // An administrator may: ten identical forged letters claiming a refusal,
+    // and one that imitates the broker's delivery limit.
+    let admin = env.amqp().await;
+    for _ in 0..10 {
+        forge_dead_letter(&admin, &body, &message_id, claim("unauthentic: forged"))
+            .await
+            .unwrap();
+    }
+    let mut death = FieldTable::default();
+    death.insert(
+        ShortString::from("queue"),
+        AMQPValue::LongString(LongString::from("baton.staging.db-migration".to_owned())),
+    );
+    death.insert(
+        ShortString::from("reason"),
+        AMQPValue::LongString(LongString::from("delivery_limit".to_owned())),
+    );
+    let mut x_death = FieldTable::default();
+    x_death.insert(
+        ShortString::from("x-death"),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    forge_dead_letter(&admin, &body, &message_id, x_death).await.unwrap();
+
+    let mut rows: Vec<(String, bool, i32, Option<Uuid>)> = Vec::new();
+    env.wait_until("eleven arrivals recorded", RUN_TIMEOUT, async || {
+        rows = sqlx::query_as("select reason, verified, arrivals, run_id from dead_letters order by id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.2).sum::<i32>() >= 11
+    })
+    .await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows[0],
+        ("unverified claim: unauthentic: forged".to_owned(), false, 10, None)
+    );
+    assert_eq!(rows[1], ("broker: delivery_limit".to_owned(), false, 1, None));
+    let unverified: i64 =
+        sqlx::query_scalar("select count(*) from audit where kind = 'dead_letter_unverified' and run_id is null")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(unverified, 11, "every arrival is audited, apart from run history");
+    let status: String = sqlx::query_scalar("select status from attempts where message_id = $1")
+        .bind(message_id.parse::<Uuid>().unwrap())
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "dispatched", "the forged letters changed no attempt");
+
+    // The real job then runs, and the run succeeds.
+    let _db = env.daemon("staging-db", &["staging.db-migration"]).await;
+    let view = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "succeeded", "{view:#?}");
+    assert_eq!(env.starts(run, "db.staging", "execute").len(), 1);
+    let in_history: i64 =
+        sqlx::query_scalar("select count(*) from audit where run_id = $1 and kind like 'dead_letter%'")
+            .bind(run)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(in_history, 0, "the run's history holds nothing the forger wrote");
+}
