@@ -204,10 +204,13 @@ type ApiResult<T> = Result<T, ApiError>;
 impl AppState {
     /// The caller's token entry, if it holds at least `needed`.
     fn authorize(&self, headers: &HeaderMap, needed: Role) -> ApiResult<&TokenEntry> {
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -305,7 +308,58 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
     }
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate_first))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every `/v1/` route but the HMAC-signed CI webhook needs a known bearer
+/// token: checked here, before the body or query is read, so an
+/// unauthenticated request gets 401 whatever else is wrong with it. Each
+/// handler still checks the role it needs.
+async fn authenticate_first(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path.starts_with("/v1/")
+        && path != "/v1/webhooks/ci"
+        && let Err(e) = s.authorize(req.headers(), Role::Viewer)
+    {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// Errors that axum's extractors answer in plain text (an oversize body, a bad
+/// query string, a wrong content type) become the documented `{code, message}`.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let text = axum::body::to_bytes(res.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        _ => "error",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 /// Parses a JSON body strictly, naming what is wrong.
@@ -751,18 +805,24 @@ async fn ci_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: By
             "the CI webhook is not configured (api.webhook_secret)",
         )
     })?;
-    let given = headers
-        .get("x-baton-signature")
+    let header = headers.get("x-baton-signature");
+    let given = header
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("sha256="))
-        .and_then(|v| hex::decode(v).ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "X-Baton-Signature: sha256=<hex> is required",
-            )
-        })?;
+        .and_then(|v| hex::decode(v).ok());
+    let Some(given) = given else {
+        let reason = if header.is_none() {
+            "no X-Baton-Signature header"
+        } else {
+            "malformed X-Baton-Signature header"
+        };
+        let _ = s.store.record(None, "webhook_refused", json!({"reason": reason})).await;
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "X-Baton-Signature: sha256=<hex> is required",
+        ));
+    };
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("hmac takes any key length");
     mac.update(&body);
     if mac.verify_slice(&given).is_err() {

@@ -396,8 +396,15 @@ async fn dispatch(cli: Cli) -> Outcome {
         }
         Command::Plan { event, pipeline } => {
             let ev = read_event(&event)?;
+            // The configured pipeline, unless one is given: a configuration
+            // that does not load is an error, never a silent fall-back to the seed.
             let cfg = if pipeline.is_none() {
-                cfgload::load::<Config>(cli.config.as_deref()).ok()
+                Some(cfgload::load::<Config>(cli.config.as_deref()).map_err(|e| {
+                    bad_input(
+                        anyhow::Error::new(e)
+                            .context("cannot load the configuration to find the pipeline (or pass --pipeline FILE)"),
+                    )
+                })?)
             } else {
                 None
             };
@@ -578,13 +585,23 @@ async fn dispatch(cli: Cli) -> Outcome {
                     } else {
                         for d in &list {
                             let replayed = d.replayed_at.map(|_| " (replayed)").unwrap_or_default();
+                            let unverified = if d.verified { "" } else { " UNVERIFIED" };
+                            let times = if d.arrivals > 1 {
+                                format!(" ×{}", d.arrivals)
+                            } else {
+                                String::new()
+                            };
                             println!(
-                                "{:>6}  {}  {}{replayed}",
+                                "{:>6}  {}  {}{unverified}{times}{replayed}",
                                 d.id,
                                 d.received_at.format("%Y-%m-%d %H:%M:%S"),
                                 d.origin
                             );
-                            println!("{}", truncate(&format!("        {}", d.reason), 80));
+                            let why = match &d.refused_for {
+                                Some(r) => format!("{} ({})", r, d.reason),
+                                None => d.reason.clone(),
+                            };
+                            println!("{}", truncate(&format!("        {why}"), 80));
                         }
                     }
                 }

@@ -144,6 +144,7 @@ async fn tokens_roles_and_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "bad_request");
     let r = http
         .post(format!("{base}/v1/runs/{run}/rollback"))
         .bearer_auth(&tokens.operator)
@@ -152,6 +153,36 @@ async fn tokens_roles_and_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let e = r.json::<Value>().await.unwrap();
+    assert_eq!(e["code"], "too_large", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("length limit"), "{e}");
+    // Without a token, an oversize body or a bad query is 401 first.
+    for (req, what) in [
+        (
+            http.post(format!("{base}/v1/runs/{run}/rollback"))
+                .body(vec![b'x'; 10_000]),
+            "oversize body",
+        ),
+        (http.get(format!("{base}/v1/runs?limit=many")), "bad query"),
+        (
+            http.post(format!("{base}/v1/runs/{run}/rollback"))
+                .header("authorization", "Bearer not-a-token")
+                .body(vec![b'x'; 10_000]),
+            "unknown token",
+        ),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthenticated", "{what}");
+    }
+    // The scheme is case-insensitive.
+    let r = http
+        .get(format!("{base}/v1/runs/{run}"))
+        .header("authorization", format!("bearer {}", tokens.viewer))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let r = http.get(format!("{base}/no/such/route")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(r.json::<Value>().await.unwrap()["message"].is_string());
@@ -181,6 +212,10 @@ async fn ci_webhook_accepts_a_valid_hmac_and_refuses_a_wrong_one() {
     );
     let wrong = post(Some(sign(&body, "not-the-secret")), body.clone()).await.unwrap();
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        post(Some("md5=abc".to_owned()), body.clone()).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
     let mut tampered = body.clone();
     let at = tampered.len() - 2;
     tampered[at] = b' ';
@@ -195,7 +230,24 @@ async fn ci_webhook_accepts_a_valid_hmac_and_refuses_a_wrong_one() {
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(refused, 2, "refused webhooks are audited");
+    assert_eq!(
+        refused, 4,
+        "refused webhooks are audited: unsigned, wrong key, malformed, tampered"
+    );
+    let reasons: Vec<String> =
+        sqlx::query_scalar("select detail->>'reason' from audit where kind = 'webhook_refused' order by id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reasons,
+        [
+            "no X-Baton-Signature header",
+            "bad HMAC signature",
+            "malformed X-Baton-Signature header",
+            "bad HMAC signature"
+        ]
+    );
 
     let ok = post(Some(sign(&body, "ci-shared-secret")), body.clone()).await.unwrap();
     assert_eq!(ok.status(), StatusCode::CREATED);
@@ -215,4 +267,27 @@ async fn ci_webhook_accepts_a_valid_hmac_and_refuses_a_wrong_one() {
             .unwrap()
             .contains("missing field")
     );
+}
+
+#[test]
+fn plan_fails_naming_why_when_the_configuration_does_not_load() {
+    let event = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/merge-event.json");
+    let out = std::process::Command::new(baton_tests::bin("baton-e2e"))
+        .args(["plan", "--event", event])
+        .env("BATON_SCHEDULER__LEASE_MS", "soon")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot load the configuration"), "{stderr}");
+    assert!(stderr.contains("LEASE_MS"), "the bad key is named: {stderr}");
+    assert!(out.stdout.is_empty(), "no plan from the seed pipeline instead");
+    // With the pipeline given, the configuration is not needed.
+    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/../scheduler/pipelines/seed.toml");
+    let out = std::process::Command::new(baton_tests::bin("baton-e2e"))
+        .args(["plan", "--event", event, "--pipeline", pipeline])
+        .env("BATON_SCHEDULER__LEASE_MS", "soon")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
