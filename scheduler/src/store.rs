@@ -435,6 +435,16 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     Ok(pool)
 }
 
+/// Serialises a dead letter and the refusal notice of the same message: each
+/// looks for the other, and neither may miss the other by committing alongside.
+async fn refusal_lock(tx: &mut Tx<'_>, message_id: &str) -> Result<(), StoreError> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("refusal/{message_id}"))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Serialises admission to one service's environments across scheduler
 /// replicas (and an operator's release or rollback), until the transaction
 /// ends; taken again by the same transaction, it is already held.
@@ -1831,6 +1841,9 @@ impl Store {
     async fn try_record_dead_letter(&self, dl: &NewDeadLetter) -> Result<(Option<i64>, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
+        if let Some(mid) = &dl.message_id {
+            refusal_lock(&mut tx, mid).await?;
+        }
         let job = dl.job.as_ref();
         let (id, arrivals, inserted): (i64, i32, bool) = sqlx::query_as(
             "insert into dead_letters (message_id, origin, exchange, routing_key, reason, headers, body, run_id, verified, refused_for)
@@ -1938,6 +1951,9 @@ impl Store {
         use baton_shared::protocol::StepJob;
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
+        if let Some(mid) = &notice.refused_message_id {
+            refusal_lock(&mut tx, mid).await?;
+        }
         sqlx::query(
             "insert into refusals (refused_message_id, zone, role, daemon, reason) values ($1, $2, $3, $4, $5)",
         )

@@ -530,3 +530,74 @@ async fn the_scheduler_reaches_postgresql_over_verified_tls_and_refuses_a_server
         "the refusal does not say what is wrong:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_refused_by_every_replica_and_after_a_restart() {
+    let env = TestEnv::new("replay-ledger").await;
+    env.script(json!({"default": {"delay_ms": 10}}));
+    let _scheduler = env.scheduler("scheduler").await;
+    // The zone's daemons share a replay ledger (here in the test's database).
+    let ledger = [("BATON_DAEMON__LEDGER_URL", env.db_url.as_str())];
+    let a = env.daemon_with("replica-a", &["staging.db-migration"], &ledger).await;
+    let b = env.daemon_with("replica-b", &["staging.db-migration"], &ledger).await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let mut genuine = step_job("staging", "db-migration", 600);
+    env.scheduler_key.sign(&mut genuine);
+    let send = async || {
+        publish(
+            &ch,
+            JOBS_EXCHANGE,
+            "staging.db-migration",
+            &genuine.to_bytes(),
+            genuine.message_id,
+        )
+        .await
+    };
+    let replays = async |n: i64| {
+        env.wait_until(&format!("{n} replays refused"), RUN_TIMEOUT, async || {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from refusals where reason like 'replayed:%' and refused_message_id = $1",
+            )
+            .bind(genuine.message_id.to_string())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+                >= n
+        })
+        .await;
+    };
+    send().await;
+    env.wait_until("the genuine job to run", RUN_TIMEOUT, async || {
+        env.exec_log()
+            .iter()
+            .any(|l| l.run_id == genuine.run_id && l.event == "end")
+    })
+    .await;
+    // Copies sent while both replicas consume: whichever receives one refuses it.
+    for _ in 0..4 {
+        send().await;
+    }
+    replays(4).await;
+    // Both replicas stop; a new one, inside the job's validity, refuses it too.
+    drop((a, b));
+    let _c = env.daemon_with("replica-c", &["staging.db-migration"], &ledger).await;
+    send().await;
+    replays(5).await;
+    let starts = env
+        .exec_log()
+        .iter()
+        .filter(|l| l.run_id == genuine.run_id && l.event == "start")
+        .count();
+    assert_eq!(starts, 1, "the job ran once: {:?}", env.exec_log());
+    let refusers: Vec<String> =
+        sqlx::query_scalar("select distinct daemon from refusals where reason like 'replayed:%(replay ledger)'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(
+        refusers.iter().any(|d| d.contains("replica-c")),
+        "the restarted replica refused from the ledger: {refusers:?}"
+    );
+}
