@@ -49,6 +49,14 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Environment of an Alertmanager alert without an `environment` label.
     pub alertmanager_environment: String,
+    /// Largest body of the Alertmanager webhook: one notification carries a
+    /// whole group (300 alerts are about 270 KB).
+    pub alertmanager_max_body_bytes: usize,
+    /// Alertmanager's base URL (e.g. `http://alertmanager:9093`); set, the
+    /// scheduler reads its active alerts every `alertmanager_reconcile_secs`
+    /// and closes incidents whose alert is gone. Empty: off.
+    pub alertmanager_url: String,
+    pub alertmanager_reconcile_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -59,6 +67,9 @@ impl Default for ApiConfig {
             webhook_secret: None,
             max_body_bytes: 256 * 1024,
             alertmanager_environment: "production".to_owned(),
+            alertmanager_max_body_bytes: 8 * 1024 * 1024,
+            alertmanager_url: String::new(),
+            alertmanager_reconcile_secs: 60,
         }
     }
 }
@@ -106,6 +117,27 @@ impl ApiConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        if self.alertmanager_max_body_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if !(self.alertmanager_url.is_empty()
+            || self.alertmanager_url.starts_with("http://")
+            || self.alertmanager_url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_url",
+                format!("{:?} is not an http(s) URL", self.alertmanager_url),
+            ));
+        }
+        if self.alertmanager_reconcile_secs == 0 {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_reconcile_secs",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -183,6 +215,7 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
             e @ StoreError::UnverifiedDeadLetter(_) => Self::new(StatusCode::CONFLICT, "unverified", e.to_string()),
+            e @ StoreError::WouldBeRefused { .. } => Self::new(StatusCode::CONFLICT, "would_be_refused", e.to_string()),
             e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "database unavailable")
@@ -202,6 +235,19 @@ impl From<StoreError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 impl AppState {
+    /// The environments incidents may name: the pipeline's, and Alertmanager's default.
+    fn environments(&self) -> Vec<String> {
+        let mut envs = self.pipeline.promotion.clone();
+        if !envs.contains(&self.alertmanager_environment) {
+            envs.push(self.alertmanager_environment.clone());
+        }
+        envs
+    }
+
+    fn knows_environment(&self, environment: &str) -> bool {
+        self.environments().iter().any(|e| e == environment)
+    }
+
     /// The caller's token entry, if it holds at least `needed`.
     fn authorize(&self, headers: &HeaderMap, needed: Role) -> ApiResult<&TokenEntry> {
         // The scheme is case-insensitive (RFC 9110 §11.1).
@@ -263,9 +309,12 @@ pub async fn serve(
         webhook_secret: cfg.webhook_secret.clone(),
         alertmanager_environment: cfg.alertmanager_environment.clone(),
     });
-    axum::serve(listener, router(state, cfg.max_body_bytes))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state, cfg.max_body_bytes, cfg.alertmanager_max_body_bytes),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// The OpenAPI document, checked into the repository.
@@ -301,9 +350,15 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
     ]
 }
 
-fn router(state: Arc<AppState>, max_body: usize) -> Router {
+fn router(state: Arc<AppState>, max_body: usize, alertmanager_max_body: usize) -> Router {
     let mut r = Router::new();
     for (_, path, handler) in routes() {
+        // Alertmanager sends a whole group at once: it has a limit of its own.
+        let handler = if path == "/v1/webhooks/alertmanager" {
+            handler.layer(DefaultBodyLimit::max(alertmanager_max_body))
+        } else {
+            handler
+        };
         r = r.route(path, handler);
     }
     r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -364,8 +419,20 @@ async fn json_errors(res: Response) -> Response {
 
 /// Parses a JSON body strictly, naming what is wrong.
 fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid body: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let at = e.path().to_string();
+        let problem = e.into_inner();
+        let message = if at == "." {
+            format!("invalid body: {problem}")
+        } else {
+            format!("invalid body: {at}: {problem}")
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    })?;
+    de.end()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid body: {e}")))?;
+    Ok(value)
 }
 
 fn non_empty(field: &str, value: &str) -> ApiResult<()> {
@@ -376,7 +443,33 @@ fn non_empty(field: &str, value: &str) -> ApiResult<()> {
             format!("{field} must not be empty"),
         ));
     }
+    storable(field, value)
+}
+
+/// Text the scheduler stores: PostgreSQL refuses the NUL character in text
+/// and JSON, so it is refused here, naming the field.
+fn storable(field: &str, value: &str) -> ApiResult<()> {
+    if value.contains('\0') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{field} must not contain the NUL character"),
+        ));
+    }
     Ok(())
+}
+
+/// A `limit` query parameter: 1 to 1000, or the error says so.
+fn limit_in_range(limit: i64) -> ApiResult<i64> {
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit must be from 1 to 1000, not {limit}"),
+        ))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +518,7 @@ async fn decide(
     if decision == crate::gates::Decision::Reject {
         non_empty("comment (why it is rejected)", &req.comment)?;
     }
+    storable("comment", &req.comment)?;
     let out = s
         .store
         .decide(id, &req.step, &req.plan_hash, &who, decision, &req.comment)
@@ -531,6 +625,17 @@ async fn open_incident(State(s): State<Arc<AppState>>, headers: HeaderMap, bytes
     let req: OpenIncident = body(&bytes)?;
     non_empty("environment", &req.environment)?;
     non_empty("title", &req.title)?;
+    if !s.knows_environment(&req.environment) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "environment {:?} is not one the pipeline deploys to ({})",
+                req.environment,
+                s.environments().join(", ")
+            ),
+        ));
+    }
     let (view, _) = s
         .store
         .open_incident(&req.environment, &req.title, "operator", None, &who)
@@ -592,7 +697,7 @@ async fn list_dead_letters(
     Query(f): Query<DlqFilter>,
 ) -> ApiResult<Json<Vec<store::DeadLetterView>>> {
     s.authorize(&headers, Role::Viewer)?;
-    let limit = f.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = limit_in_range(f.limit.unwrap_or(100))?;
     Ok(Json(store::list_dead_letters(s.store.pool(), f.all, limit).await?))
 }
 
@@ -633,11 +738,19 @@ async fn replay_dead_letter(
     ))
 }
 
-/// Alertmanager's webhook payload (version 4); only what Baton uses is read,
-/// the rest of Alertmanager's fields are accepted and ignored.
+/// Alertmanager's webhook payload (version 4). What Baton reads is typed (a
+/// field of the wrong type is refused); Alertmanager's other fields are
+/// accepted and ignored.
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct AlertmanagerPayload {
     version: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    group_key: Option<String>,
+    /// Alerts Alertmanager left out of this notification (its `max_alerts`).
+    #[serde(default)]
+    truncated_alerts: u64,
     alerts: Vec<Alert>,
 }
 
@@ -651,7 +764,10 @@ struct Alert {
     fingerprint: String,
 }
 
-/// Firing alerts open incidents (one per fingerprint); resolved alerts close them.
+/// Firing alerts open incidents (one per fingerprint, in an environment the
+/// pipeline knows); resolved alerts close them and end an operator's
+/// acknowledgement. An alert an operator resolved by hand while it fired does
+/// not reopen until it resolves.
 async fn alertmanager_webhook(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -669,57 +785,90 @@ async fn alertmanager_webhook(
             ),
         ));
     }
-    let (mut opened, mut resolved, mut unchanged) = (Vec::new(), Vec::new(), 0);
+    // Everything is checked before anything is stored.
     for a in &payload.alerts {
         non_empty("alerts[].fingerprint", &a.fingerprint)?;
-        let fingerprint = format!("alertmanager:{}", a.fingerprint);
-        match a.status.as_str() {
-            "firing" => {
-                let environment = a
-                    .labels
-                    .get("environment")
-                    .or_else(|| a.labels.get("env"))
-                    .cloned()
-                    .unwrap_or_else(|| s.alertmanager_environment.clone());
-                let name = a.labels.get("alertname").map(String::as_str).unwrap_or("alert");
-                let title = match a.annotations.get("summary") {
-                    Some(summary) => format!("{name}: {summary}"),
-                    None => name.to_owned(),
-                };
-                let (view, created) = s
-                    .store
-                    .open_incident(&environment, &title, "alertmanager", Some(&fingerprint), &who)
-                    .await?;
-                if created {
-                    opened.push(view.id);
-                } else {
-                    unchanged += 1;
-                }
-            }
-            "resolved" => match s
-                .store
-                .resolve_incident(store::IncidentKey::Fingerprint(&fingerprint), &who)
-                .await
-            {
-                Ok((view, out)) => {
-                    s.relay.send(out);
-                    resolved.push(view.id);
-                }
-                Err(StoreError::NoOpenIncident(_)) => unchanged += 1,
-                Err(e) => return Err(e.into()),
-            },
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("alert status {other:?} is neither firing nor resolved"),
-                ));
-            }
+        for (k, v) in a.labels.iter().chain(&a.annotations) {
+            storable(&format!("alerts[].labels or annotations {k:?}"), &format!("{k}{v}"))?;
+        }
+        if a.status != "firing" && a.status != "resolved" {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("alert status {:?} is neither firing nor resolved", a.status),
+            ));
         }
     }
-    Ok(Json(
-        json!({"opened": opened, "resolved": resolved, "unchanged": unchanged}),
-    ))
+    let (mut opened, mut resolved, mut unchanged, mut acknowledged) = (Vec::new(), Vec::new(), 0, 0);
+    let mut ignored = Vec::new();
+    let mut touched = Vec::new();
+    for a in &payload.alerts {
+        let fingerprint = format!("alertmanager:{}", a.fingerprint);
+        if a.status == "resolved" {
+            let (view, out) = s.store.alert_resolved(&fingerprint, &who, "incident_resolved").await?;
+            s.relay.send(out);
+            match view {
+                Some(v) => resolved.push(v.id),
+                None => unchanged += 1,
+            }
+            continue;
+        }
+        let environment = a
+            .labels
+            .get("environment")
+            .or_else(|| a.labels.get("env"))
+            .cloned()
+            .unwrap_or_else(|| s.alertmanager_environment.clone());
+        if !s.knows_environment(&environment) {
+            // Refusing the notification would make Alertmanager retry it for ever.
+            ignored.push(json!({"fingerprint": a.fingerprint, "environment": environment}));
+            continue;
+        }
+        let name = a.labels.get("alertname").map(String::as_str).unwrap_or("alert");
+        let title = match a.annotations.get("summary") {
+            Some(summary) => format!("{name}: {summary}"),
+            None => name.to_owned(),
+        };
+        let (view, what) = s
+            .store
+            .open_incident(&environment, &title, "alertmanager", Some(&fingerprint), &who)
+            .await?;
+        touched.push(fingerprint);
+        match what {
+            store::Opened::Created => opened.push(view.id),
+            store::Opened::AlreadyOpen => unchanged += 1,
+            store::Opened::Acknowledged => acknowledged += 1,
+        }
+    }
+    if !ignored.is_empty() {
+        let _ = s
+            .store
+            .record(
+                None,
+                "alerts_ignored",
+                json!({"reason": "environment unknown to the pipeline", "alerts": ignored}),
+            )
+            .await;
+    }
+    if payload.truncated_alerts > 0 {
+        s.store.note_truncated(&touched, payload.truncated_alerts).await?;
+        let _ = s
+            .store
+            .record(
+                None,
+                "alerts_truncated",
+                json!({"truncated_alerts": payload.truncated_alerts, "received": payload.alerts.len()}),
+            )
+            .await;
+    }
+    Ok(Json(json!({
+        "opened": opened,
+        "resolved": resolved,
+        "unchanged": unchanged,
+        "acknowledged": acknowledged,
+        "ignored": ignored,
+        "truncated_alerts": payload.truncated_alerts,
+    })))
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
@@ -746,6 +895,16 @@ async fn list_runs(
     Query(f): Query<store::RunFilter>,
 ) -> ApiResult<Json<Vec<store::RunLine>>> {
     s.authorize(&headers, Role::Viewer)?;
+    limit_in_range(f.limit)?;
+    for (field, value) in [
+        ("status", &f.status),
+        ("environment", &f.environment),
+        ("service", &f.service),
+    ] {
+        if let Some(v) = value {
+            storable(field, v)?;
+        }
+    }
     Ok(Json(store::list_runs(s.store.pool(), &f).await?))
 }
 
@@ -790,7 +949,7 @@ async fn rollback(
     non_empty("reason", &req.reason)?;
     let out = s
         .store
-        .request_rollback(id, &format!("{} (by {who})", req.reason))
+        .request_rollback(id, &who, &format!("{} (by {who})", req.reason))
         .await?;
     s.relay.send(out);
     Ok(Json(json!({"run_id": id, "rollback": "requested"})))

@@ -735,7 +735,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
     let settings = cfg.engine_settings()?;
     let operator = store::Store::new(pool.clone(), settings, Duration::ZERO, "demo-operator");
     let out = operator
-        .request_rollback(run3, "the support team needs the original spelling")
+        .request_rollback(run3, "demo-operator", "the support team needs the original spelling")
         .await?;
     // Zero claim: the scheduler's sweeper publishes what the rollback caused.
     drop(out);

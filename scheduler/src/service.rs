@@ -198,6 +198,15 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
             .map_err(anyhow::Error::from)
         });
     }
+    if !config.api.alertmanager_url.is_empty() {
+        tasks.spawn(alert_reconcile_loop(
+            store.clone(),
+            relay.clone(),
+            config.api.alertmanager_url.clone(),
+            Duration::from_secs(config.api.alertmanager_reconcile_secs),
+            stop.clone(),
+        ));
+    }
     if let Some(exporter) = baton_shared::telemetry::span_exporter(&config.telemetry) {
         tracing::info!(endpoint = %config.telemetry.otlp_endpoint, "exporting run traces over otlp");
         let (pool, stop) = (store.pool().clone(), stop.clone());
@@ -960,4 +969,75 @@ async fn notice_loop(
         }
     }
     Ok(())
+}
+
+/// Reads Alertmanager's alerts (`GET /api/v2/alerts`: active, silenced,
+/// inhibited and unprocessed ones, never resolved ones) every `every`, and
+/// closes the incidents whose alert is gone: an alert silenced or inhibited
+/// when it resolved sends no resolved notification. Nothing is closed when
+/// Alertmanager cannot be read.
+async fn alert_reconcile_loop(
+    store: Store,
+    relay: Relay,
+    url: String,
+    every: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the Alertmanager client: {e}"))?;
+    let endpoint = format!("{}/api/v2/alerts", url.trim_end_matches('/'));
+    let m = baton_shared::metrics::global();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
+        let active = match active_alerts(&http, &endpoint).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read Alertmanager's alerts; no incident is closed by reconciliation");
+                m.inc(
+                    "baton_alert_reconciliations_total",
+                    "Reconciliations of incidents with Alertmanager's alerts, by outcome",
+                    &[("outcome", "unreachable")],
+                    1.0,
+                );
+                continue;
+            }
+        };
+        match store.reconcile_alerts(&active, "alertmanager-reconciliation").await {
+            Ok((closed, out)) => {
+                relay.send(out);
+                if !closed.is_empty() {
+                    tracing::info!(
+                        closed = closed.len(),
+                        "incidents whose alert is gone from Alertmanager closed"
+                    );
+                }
+                m.inc(
+                    "baton_alert_reconciliations_total",
+                    "Reconciliations of incidents with Alertmanager's alerts, by outcome",
+                    &[("outcome", "done")],
+                    1.0,
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reconcile incidents with Alertmanager"),
+        }
+    }
+}
+
+/// The fingerprints (as incidents store them) of every alert Alertmanager holds.
+async fn active_alerts(http: &reqwest::Client, endpoint: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    #[derive(serde::Deserialize)]
+    struct GettableAlert {
+        fingerprint: String,
+    }
+    let res = http.get(endpoint).send().await?.error_for_status()?;
+    let alerts: Vec<GettableAlert> = res.json().await?;
+    Ok(alerts
+        .into_iter()
+        .map(|a| format!("alertmanager:{}", a.fingerprint))
+        .collect())
 }

@@ -197,6 +197,8 @@ pub enum StoreError {
          so it is not replayed"
     )]
     UnverifiedDeadLetter(i64),
+    #[error("dead letter {id} would be refused again ({reason}); it is not replayed")]
+    WouldBeRefused { id: i64, reason: String },
     #[error("incident {0} not found or already resolved")]
     NoOpenIncident(String),
     #[error("environment {service}/{environment} is locked by run {holder}; try again when it ends")]
@@ -1491,12 +1493,23 @@ impl Store {
     }
 
     /// An operator asks to roll a run back.
-    pub async fn request_rollback(&self, run_id: Uuid, reason: &str) -> Result<Vec<OutboxMsg>, StoreError> {
+    pub async fn request_rollback(&self, run_id: Uuid, who: &str, reason: &str) -> Result<Vec<OutboxMsg>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         let Some(mut state) = self.load(&mut tx, run_id).await? else {
             return Err(StoreError::NotFound(run_id));
         };
+        // Its own entry, naming who asked, as a cancel has (refused, it is not kept).
+        self.history_as(
+            &mut tx,
+            who,
+            Some(run_id),
+            None,
+            "rollback_requested",
+            json!({"reason": reason}),
+        )
+        .await?;
+        state.audit_head = None;
         if matches!(state.status, RunStatus::Succeeded | RunStatus::Failed) {
             // A finished run must hold its service's lock again to be undone.
             admission_lock(&mut tx, &state.service).await?;
@@ -1733,8 +1746,21 @@ impl Store {
         source: &str,
         fingerprint: Option<&str>,
         who: &str,
-    ) -> Result<(IncidentView, bool), StoreError> {
+    ) -> Result<(IncidentView, Opened), StoreError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(f) = fingerprint {
+            let acked: Option<Uuid> = sqlx::query_scalar("select incident from alert_acks where fingerprint = $1")
+                .bind(f)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(incident) = acked {
+                let view = incident_by(&mut tx, IncidentKey::Id(incident))
+                    .await?
+                    .ok_or_else(|| StoreError::NoOpenIncident(incident.to_string()))?;
+                tx.commit().await?;
+                return Ok((view, Opened::Acknowledged));
+            }
+        }
         let id = Uuid::new_v4();
         let inserted = sqlx::query(
             "insert into incidents (id, environment, title, source, fingerprint, opened_by)
@@ -1766,7 +1792,69 @@ impl Store {
         };
         tx.commit().await?;
         let view = view.ok_or_else(|| StoreError::NoOpenIncident(id.to_string()))?;
-        Ok((view, inserted))
+        Ok((view, if inserted { Opened::Created } else { Opened::AlreadyOpen }))
+    }
+
+    /// Alertmanager cut `truncated` alerts from the group that named these
+    /// fingerprints: their open incidents say so.
+    pub async fn note_truncated(&self, fingerprints: &[String], truncated: u64) -> Result<(), StoreError> {
+        let n = i32::try_from(truncated).unwrap_or(i32::MAX);
+        sqlx::query(
+            "update incidents set truncated_alerts = greatest(truncated_alerts, $2)
+              where resolved_at is null and fingerprint = any($1)",
+        )
+        .bind(fingerprints)
+        .bind(n)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// An alert resolved (Alertmanager said so, or it is gone from Alertmanager
+    /// when reconciled): its open incident closes, and an operator's
+    /// acknowledgement of it ends. Returns the closed incident, if one was open.
+    pub async fn alert_resolved(
+        &self,
+        fingerprint: &str,
+        who: &str,
+        kind: &str,
+    ) -> Result<(Option<IncidentView>, Vec<OutboxMsg>), StoreError> {
+        sqlx::query("delete from alert_acks where fingerprint = $1")
+            .bind(fingerprint)
+            .execute(&self.pool)
+            .await?;
+        match self
+            .resolve_incident_as(IncidentKey::Fingerprint(fingerprint), who, kind)
+            .await
+        {
+            Ok((view, out)) => Ok((Some(view), out)),
+            Err(StoreError::NoOpenIncident(_)) => Ok((None, Vec::new())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Alertmanager's incidents (open ones and acknowledged fingerprints) whose
+    /// alert Alertmanager no longer has: an alert silenced or inhibited when it
+    /// resolved never sends a resolved notification. Returns the closed ones.
+    pub async fn reconcile_alerts(
+        &self,
+        active: &std::collections::BTreeSet<String>,
+        who: &str,
+    ) -> Result<(Vec<Uuid>, Vec<OutboxMsg>), StoreError> {
+        let known: Vec<String> = sqlx::query_scalar(
+            "select fingerprint from incidents where source = 'alertmanager' and resolved_at is null
+                and fingerprint is not null
+             union select fingerprint from alert_acks",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let (mut closed, mut out) = (Vec::new(), Vec::new());
+        for f in known.iter().filter(|f| !active.contains(*f)) {
+            let (view, more) = self.alert_resolved(f, who, "incident_reconciled").await?;
+            closed.extend(view.map(|v| v.id));
+            out.extend(more);
+        }
+        Ok((closed, out))
     }
 
     /// Resolves an open incident by id or Alertmanager fingerprint and re-evaluates
@@ -1775,6 +1863,15 @@ impl Store {
         &self,
         key: IncidentKey<'_>,
         who: &str,
+    ) -> Result<(IncidentView, Vec<OutboxMsg>), StoreError> {
+        self.resolve_incident_as(key, who, "incident_resolved").await
+    }
+
+    async fn resolve_incident_as(
+        &self,
+        key: IncidentKey<'_>,
+        who: &str,
+        kind: &str,
     ) -> Result<(IncidentView, Vec<OutboxMsg>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let id: Option<Uuid> = match key {
@@ -1808,13 +1905,27 @@ impl Store {
         let view = incident_by(&mut tx, IncidentKey::Id(id))
             .await?
             .ok_or_else(|| StoreError::NoOpenIncident(id.to_string()))?;
+        // Resolved by hand while its alert may still fire: repeats of that
+        // alert do not reopen it until the alert resolves.
+        let acknowledged = matches!(key, IncidentKey::Id(_)) && view.fingerprint.is_some();
+        if let (true, Some(f)) = (acknowledged, &view.fingerprint) {
+            sqlx::query(
+                "insert into alert_acks (fingerprint, incident, acknowledged_by) values ($1, $2, $3)
+                 on conflict (fingerprint) do update set incident = $2, acknowledged_by = $3, acknowledged_at = now()",
+            )
+            .bind(f)
+            .bind(id)
+            .bind(who)
+            .execute(&mut *tx)
+            .await?;
+        }
         self.history_as(
             &mut tx,
             who,
             None,
             None,
-            "incident_resolved",
-            json!({"incident": id, "environment": view.environment}),
+            kind,
+            json!({"incident": id, "environment": view.environment, "acknowledged_alert": acknowledged}),
         )
         .await?;
         tx.commit().await?;
@@ -2357,12 +2468,25 @@ pub struct IncidentView {
     pub opened_at: DateTime<Utc>,
     pub resolved_by: Option<String>,
     pub resolved_at: Option<DateTime<Utc>>,
+    /// Alerts Alertmanager cut from the group that named this incident.
+    #[serde(default)]
+    pub truncated_alerts: i32,
+}
+
+/// What a firing alert did to its incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    AlreadyOpen,
+    /// An operator resolved it by hand while the alert fired: not reopened.
+    Acknowledged,
 }
 
 macro_rules! select_incidents {
     ($rest:literal) => {
         concat!(
-            "select id, environment, title, source, fingerprint, opened_by, opened_at, resolved_by, resolved_at
+            "select id, environment, title, source, fingerprint, opened_by, opened_at, resolved_by, resolved_at,
+                    truncated_alerts
              from incidents where ",
             $rest
         )
@@ -2380,6 +2504,7 @@ fn incident_row(r: &PgRow) -> Result<IncidentView, sqlx::Error> {
         opened_at: r.try_get("opened_at")?,
         resolved_by: r.try_get("resolved_by")?,
         resolved_at: r.try_get("resolved_at")?,
+        truncated_alerts: r.try_get("truncated_alerts")?,
     })
 }
 
@@ -2575,13 +2700,24 @@ pub async fn dead_letter_for_replay(
     pool: &PgPool,
     id: i64,
 ) -> Result<(String, String, Option<String>, Vec<u8>), StoreError> {
-    let r = sqlx::query("select exchange, routing_key, message_id, body, verified from dead_letters where id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NoDeadLetter(id))?;
+    let r = sqlx::query(
+        "select exchange, routing_key, message_id, body, verified, coalesce(refused_for, reason) as why
+           from dead_letters where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(StoreError::NoDeadLetter(id))?;
     if !r.try_get::<bool, _>("verified")? {
         return Err(StoreError::UnverifiedDeadLetter(id));
+    }
+    // Refused for what its bytes are: the same bytes would be refused again.
+    let why: String = r.try_get("why")?;
+    if ["malformed", "unauthentic", "invalid"]
+        .iter()
+        .any(|p| why.starts_with(p))
+    {
+        return Err(StoreError::WouldBeRefused { id, reason: why });
     }
     Ok((
         r.try_get("exchange")?,

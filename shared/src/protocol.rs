@@ -42,6 +42,36 @@ pub enum ProtocolError {
         field: &'static str,
         problem: String,
     },
+    /// PostgreSQL stores no NUL character in text or JSON.
+    #[error("invalid {kind}: `{path}` contains the NUL character")]
+    Nul { kind: &'static str, path: String },
+}
+
+/// Where in `v` a string (or key) holds the NUL character, as `a.b[2].c`.
+fn nul_path(v: &Value, path: &str) -> Option<String> {
+    let here = || {
+        if path.is_empty() {
+            "(the message)".to_owned()
+        } else {
+            path.to_owned()
+        }
+    };
+    match v {
+        Value::String(s) => s.contains('\0').then(here),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_path(x, &format!("{path}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let p = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            if k.contains('\0') { Some(p) } else { nul_path(x, &p) }
+        }),
+        _ => None,
+    }
 }
 
 impl ProtocolError {
@@ -57,7 +87,7 @@ impl ProtocolError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Malformed { .. } => "malformed",
-            Self::Invalid { .. } => "invalid",
+            Self::Invalid { .. } | Self::Nul { .. } => "invalid",
         }
     }
 }
@@ -76,6 +106,13 @@ pub trait Message: Sized + Serialize + for<'de> Deserialize<'de> {
             kind: Self::KIND,
             source,
         })?;
+        // A NUL can only arrive escaped; look for where only when it is there.
+        if bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+            let value = serde_json::to_value(&msg).unwrap_or(Value::Null);
+            if let Some(path) = nul_path(&value, "") {
+                return Err(ProtocolError::Nul { kind: Self::KIND, path });
+            }
+        }
         msg.validate()?;
         Ok(msg)
     }
@@ -610,6 +647,25 @@ mod tests {
         v["colour"] = "blue".into();
         let err = MergeEvent::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn a_nul_character_anywhere_is_refused_by_its_path() {
+        let mut v = sample_event();
+        v["pull_request"]["title"] = "drop\u{0}tables".into();
+        let err = MergeEvent::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid merge event: `pull_request.title` contains the NUL character"
+        );
+        let mut v = sample_event();
+        v["changed_paths"] = serde_json::json!(["src/a.ts", "a\u{0}"]);
+        let err = MergeEvent::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("`changed_paths[1]`"), "{err}");
+        // An escaped backslash followed by "u0000" is no NUL.
+        let mut v = sample_event();
+        v["pull_request"]["title"] = "C:\\u0000".into();
+        assert!(MergeEvent::parse(&serde_json::to_vec(&v).unwrap()).is_ok());
     }
 
     #[test]

@@ -787,3 +787,157 @@ async fn a_failed_rollback_holds_the_environment_until_an_operator_releases_it()
     assert_eq!(code, Some(2), "an environment that is not locked cannot be released");
     env.assert_audit_verifies();
 }
+
+/// Alertmanager's payload for one alert (its real shape).
+fn alertmanager(status: &str, fingerprint: &str, environment: &str, truncated: u64) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"Latency\"}", "truncatedAlerts": truncated,
+        "status": status, "receiver": "baton", "groupLabels": {"alertname": "Latency"},
+        "commonLabels": {"alertname": "Latency"}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": "Latency", "environment": environment},
+            "annotations": {"summary": "p95 above 2 s"},
+            "startsAt": "2026-12-01T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus/graph", "fingerprint": fingerprint
+        }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_resolved_alert_is_acknowledged_until_it_resolves_and_bad_input_is_named() {
+    let env = TestEnv::new("gates-alert-ack").await;
+    let (api, _procs) = start(&env, "").await;
+    let hook = "/v1/webhooks/alertmanager";
+
+    // Alertmanager cut 12 alerts from the group: the incident says so.
+    let (status, body) = api
+        .post(&api.operator, hook, alertmanager("firing", "ack1", "production", 12))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["truncated_alerts"], 12);
+    let id = body["opened"][0].as_str().unwrap().to_owned();
+    let (_, list) = api.get(&api.viewer, "/v1/incidents").await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["truncated_alerts"], 12, "{list}");
+
+    // Resolved by hand while the alert fires: its repeats do not reopen it...
+    let (status, _) = api
+        .post(&api.operator, &format!("/v1/incidents/{id}/resolve"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = api
+        .post(&api.operator, hook, alertmanager("firing", "ack1", "production", 0))
+        .await;
+    assert_eq!(body["acknowledged"], 1, "{body}");
+    assert!(body["opened"].as_array().unwrap().is_empty(), "{body}");
+    // ...until it resolves; then a new firing opens a new incident.
+    let (_, body) = api
+        .post(&api.operator, hook, alertmanager("resolved", "ack1", "production", 0))
+        .await;
+    assert_eq!(body["unchanged"], 1, "{body}");
+    let (_, body) = api
+        .post(&api.operator, hook, alertmanager("firing", "ack1", "production", 0))
+        .await;
+    assert_eq!(body["opened"].as_array().unwrap().len(), 1, "{body}");
+
+    // An alert for an environment the pipeline does not know opens nothing.
+    let (status, body) = api
+        .post(&api.operator, hook, alertmanager("firing", "qa1", "qa", 0))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["ignored"][0]["environment"], "qa", "{body}");
+    assert!(body["opened"].as_array().unwrap().is_empty());
+
+    // Bad input: named, 400, nothing stored.
+    let mut wrong_type = alertmanager("firing", "t1", "production", 0);
+    wrong_type["groupKey"] = json!(42);
+    let mut nul = alertmanager("firing", "n1", "production", 0);
+    nul["alerts"][0]["annotations"]["summary"] = json!("p95\u{0}");
+    for (path, payload, names) in [
+        (hook, wrong_type, "groupKey"),
+        (hook, nul, "NUL"),
+        (
+            "/v1/incidents",
+            json!({"environment": "atlantis", "title": "x"}),
+            "atlantis",
+        ),
+        (
+            "/v1/incidents",
+            json!({"environment": "production", "title": "a\u{0}b"}),
+            "title must not contain the NUL",
+        ),
+    ] {
+        let (status, body) = api.post(&api.operator, path, payload).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["code"], "bad_request", "{body}");
+        assert!(body["message"].as_str().unwrap().contains(names), "{names}: {body}");
+    }
+    for query in ["limit=0", "limit=1001", "limit=-5"] {
+        for route in ["/v1/runs", "/v1/dlq"] {
+            let (status, text) = api.get(&api.viewer, &format!("{route}?{query}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{route}?{query}: {text}");
+            assert!(text.contains("limit must be from 1 to 1000"), "{text}");
+        }
+    }
+    let n: i64 = sqlx::query_scalar("select count(*) from incidents where environment = 'atlantis' or title like '%p95%' and fingerprint like '%n1'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
+    // A rollback request is its own audit entry naming the token's holder
+    // (the alert resolves first: its incident would hold the run).
+    let (_, body) = api
+        .post(&api.operator, hook, alertmanager("resolved", "ack1", "production", 0))
+        .await;
+    assert_eq!(body["resolved"].as_array().unwrap().len(), 1, "{body}");
+    let run = env.enqueue(&event("ack-rollback", 7, &["src/app.ts"]));
+    env.wait_terminal(run, RUN_TIMEOUT).await;
+    let (status, body) = api
+        .post(
+            &api.operator,
+            &format!("/v1/runs/{run}/rollback"),
+            json!({"reason": "bad release"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (actor, reason): (String, String) =
+        sqlx::query_as("select actor, detail->>'reason' from audit where run_id = $1 and kind = 'rollback_requested'")
+            .bind(run)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, "otto");
+    assert!(reason.starts_with("bad release"), "{reason}");
+
+    // A merge event refused for what its bytes are is not replayed: it would be refused again.
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        baton_shared::topology::EVENTS_EXCHANGE.into(),
+        baton_shared::topology::MERGE_EVENTS_KEY.into(),
+        Default::default(),
+        br#"{"v": 1, "not": "an event"}"#,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut id = None;
+    env.wait_until("the malformed event's dead letter", RUN_TIMEOUT, async || {
+        id = sqlx::query_scalar::<_, i64>(
+            "select id from dead_letters where origin = 'baton.merge-events' and reason like 'malformed%'",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap();
+        id.is_some()
+    })
+    .await;
+    let (status, body) = api
+        .post(&api.operator, &format!("/v1/dlq/{}/replay", id.unwrap()), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "would_be_refused", "{body}");
+}
