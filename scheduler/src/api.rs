@@ -168,6 +168,8 @@ struct AppState {
     tokens: Vec<(TokenEntry, Vec<u8>)>,
     webhook_secret: Option<Secret<String>>,
     alertmanager_environment: String,
+    /// The OpenAPI document as served: this scheduler's environments filled in.
+    openapi: String,
 }
 
 /// An API error: a status, a stable code and a message.
@@ -300,7 +302,7 @@ pub async fn serve(
         .iter()
         .map(|t| (t.clone(), hex::decode(&t.sha256).unwrap_or_default()))
         .collect();
-    let state = Arc::new(AppState {
+    let mut state = AppState {
         store,
         broker,
         relay,
@@ -308,7 +310,10 @@ pub async fn serve(
         tokens,
         webhook_secret: cfg.webhook_secret.clone(),
         alertmanager_environment: cfg.alertmanager_environment.clone(),
-    });
+        openapi: String::new(),
+    };
+    state.openapi = served_openapi(&state.environments());
+    let state = Arc::new(state);
     axum::serve(
         listener,
         router(state, cfg.max_body_bytes, cfg.alertmanager_max_body_bytes),
@@ -320,6 +325,16 @@ pub async fn serve(
 /// The OpenAPI document, checked into the repository.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
+/// [`OPENAPI`] with what depends on the configuration stated: the environments
+/// an incident may name.
+fn served_openapi(environments: &[String]) -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+    if let Some(env) = doc.pointer_mut("/components/schemas/OpenIncident/properties/environment") {
+        env["enum"] = json!(environments);
+    }
+    doc.to_string()
+}
+
 /// Every route: (method, path, handler). The OpenAPI test walks this list.
 fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
     vec![
@@ -329,7 +344,9 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
         (
             "get",
             "/openapi.json",
-            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+            get(
+                |State(s): State<Arc<AppState>>| async move { ([("content-type", "application/json")], s.openapi.clone()) },
+            ),
         ),
         ("get", "/v1/runs", get(list_runs)),
         ("get", "/v1/runs/{id}", get(show_run)),
@@ -745,17 +762,49 @@ async fn replay_dead_letter(
 #[serde(rename_all = "camelCase")]
 struct AlertmanagerPayload {
     version: String,
-    #[serde(default)]
+    // Read only to refuse a field of the wrong type (null too), as the document says.
+    #[serde(default, deserialize_with = "present_string")]
     #[allow(dead_code)]
     group_key: Option<String>,
+    #[serde(default, deserialize_with = "present_string")]
+    #[allow(dead_code)]
+    status: Option<String>,
+    #[serde(default, deserialize_with = "present_string")]
+    #[allow(dead_code)]
+    receiver: Option<String>,
     /// Alerts Alertmanager left out of this notification (its `max_alerts`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     truncated_alerts: u64,
     alerts: Vec<Alert>,
 }
 
+/// An optional field that, when present, is a string (not null).
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
+/// A JSON Schema integer from 0 to 2^63-1: `336.0` is one too.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    let v = match (n.as_u64(), n.as_f64()) {
+        (Some(v), _) => Some(v),
+        (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 9.223_372_036_854_775e18 => Some(f as u64),
+        _ => None,
+    };
+    v.filter(|v| i64::try_from(*v).is_ok())
+        .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a count from 0 to 2^63-1")))
+}
+
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Alert {
+    // Typed as the document says, though only their presence is checked.
+    #[serde(default, deserialize_with = "present_string")]
+    #[allow(dead_code)]
+    starts_at: Option<String>,
+    #[serde(default, deserialize_with = "present_string")]
+    #[allow(dead_code)]
+    ends_at: Option<String>,
     status: String,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
