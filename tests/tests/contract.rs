@@ -10,22 +10,24 @@ use std::process::Command;
 use baton_scheduler::api::{Role, new_token};
 use baton_tests::TestEnv;
 
-/// schemathesis' command, or a clear failure saying how to install it.
-fn schemathesis() -> &'static str {
-    let found = Command::new("st")
-        .arg("--version")
+/// schemathesis, run as `python3 -m schemathesis.cli` (no script on PATH
+/// needed), or a clear failure saying how to install it.
+fn schemathesis() -> Command {
+    let found = Command::new("python3")
+        .args(["-m", "schemathesis.cli", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
         found,
-        "schemathesis is not installed: pip install schemathesis==4.32.5 (.ci/run does)"
+        "schemathesis is not installed: python3 -m pip install schemathesis==4.32.5 (.ci/run does)"
     );
-    "st"
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "schemathesis.cli"]);
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_keeps_its_openapi_contract_for_operators_viewers_and_strangers() {
-    let st = schemathesis();
     let env = TestEnv::new("contract").await;
     let (viewer, v) = new_token("vera", Role::Viewer);
     let (operator, o) = new_token("otto", Role::Operator);
@@ -51,7 +53,7 @@ async fn the_api_keeps_its_openapi_contract_for_operators_viewers_and_strangers(
         ("viewer", Some(&viewer)),
         ("no token", None),
     ] {
-        let mut cmd = Command::new(st);
+        let mut cmd = schemathesis();
         cmd.args(["run", &format!("{base}/openapi.json")])
             .args(["--seed", "1", "--max-examples", "30", "--max-time", "45"])
             .args(["--checks", "all", "--max-failures", "20", "--no-color"])
