@@ -53,6 +53,9 @@ pub struct SchedulerSettings {
     pub accept_timeout_ms: u64,
     /// Heartbeat interval asked of daemons (well below `lease_ms`).
     pub heartbeat_ms: u64,
+    /// Started attempts of a step that may be lost to dead daemons without
+    /// counting against its `max_attempts` (docs/decisions.md).
+    pub lost_attempts_limit: u32,
     /// How long a replica owns an outbox row it is publishing before others take over.
     pub claim_ms: u64,
     /// How often durable timers are checked.
@@ -93,6 +96,7 @@ impl Default for SchedulerSettings {
             lease_ms: 30_000,
             accept_timeout_ms: 60_000,
             heartbeat_ms: 5_000,
+            lost_attempts_limit: 10,
             claim_ms: 5_000,
             timer_poll_ms: 100,
             result_concurrency: 16,
@@ -164,6 +168,7 @@ impl Config {
             lease: Duration::from_millis(self.scheduler.lease_ms),
             accept_timeout: Duration::from_millis(self.scheduler.accept_timeout_ms),
             heartbeat: Duration::from_millis(self.scheduler.heartbeat_ms),
+            lost_attempts_limit: self.scheduler.lost_attempts_limit,
             gates: std::sync::Arc::new(self.gates.validate()?),
         })
     }

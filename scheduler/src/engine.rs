@@ -141,6 +141,10 @@ pub struct Settings {
     pub accept_timeout: Duration,
     /// Heartbeat interval daemons are asked for.
     pub heartbeat: Duration,
+    /// Started attempts of one step that may be lost to dead daemons (their
+    /// heartbeats stopped) without counting against the step's own
+    /// `max_attempts`; past it, a loss counts like any failure.
+    pub lost_attempts_limit: u32,
     /// Gate policy: merge approvers, soak, approvals, maintenance windows.
     pub gates: std::sync::Arc<Policy>,
 }
@@ -565,6 +569,10 @@ impl RunState {
         let run_running = self.status.is_active();
         let s = &mut self.steps[i];
         let kind = s.phase().unwrap_or(JobKind::Execute);
+        // Started, then silent until its lease expired: its daemon died (or was
+        // cut off). That is not the step's failure (docs/decisions.md,
+        // "Attempts lost to dead daemons").
+        let lost = attempt_status == "lost" && s.attempt_status == Some(AttemptStatus::Running);
         fx.push(Effect::ClearTimers { step: s.id.clone() });
         fx.push(Effect::AttemptFinished {
             step: s.id.clone(),
@@ -575,6 +583,17 @@ impl RunState {
         });
         s.dirty = true;
         s.attempt_status = None;
+        // A started attempt lost to a dead daemon is not the step's failure:
+        // within the limit it is given back to the step's budget (the number
+        // given back is the dispatches the budgets do not count).
+        let given_back = s.attempt - s.exec_attempts - s.comp_attempts;
+        let give_back = lost && given_back < cfg.lost_attempts_limit as i32;
+        if give_back {
+            match kind {
+                JobKind::Execute => s.exec_attempts -= 1,
+                JobKind::Compensate => s.comp_attempts -= 1,
+            }
+        }
         let tries = match kind {
             JobKind::Execute => s.exec_attempts,
             JobKind::Compensate => s.comp_attempts,
@@ -583,7 +602,7 @@ impl RunState {
         // does not count against the step's attempts.
         let handed_back = err.code == HANDED_BACK;
         let may_retry = err.retryable
-            && (tries < s.retry.max_attempts as i32 || handed_back)
+            && (tries < s.retry.max_attempts as i32 || handed_back || give_back)
             && !s.cancel_requested
             && (kind == JobKind::Compensate || run_running);
         if may_retry {
@@ -603,7 +622,11 @@ impl RunState {
                 Some(&s.id),
                 Some(s.attempt),
                 "retry_scheduled",
-                json!({"kind": kind, "error": err, "backoff_ms": delay.as_millis() as u64, "attempts": tries, "max_attempts": s.retry.max_attempts}),
+                json!({"kind": kind, "error": err, "backoff_ms": delay.as_millis() as u64, "attempts": tries,
+                       "max_attempts": s.retry.max_attempts,
+                       "lost_to_dead_daemons": given_back + i32::from(give_back),
+                       "lost_attempts_limit": cfg.lost_attempts_limit,
+                       "counted": !give_back && !handed_back}),
             );
             return;
         }

@@ -115,7 +115,12 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
             )),
         );
     }
-    let renewed = store.renew_leases().await?;
+    // Heartbeats waited unread only if no other replica was consuming them.
+    let renewed = if store.another_replica_alive(Duration::from_secs(3)).await? {
+        0
+    } else {
+        store.renew_leases().await?
+    };
     tracing::info!(%instance, renewed_leases = renewed, pipeline = %pipeline.name, "scheduler starting");
 
     let stop = CancellationToken::new();

@@ -1363,15 +1363,32 @@ impl Store {
 
     /// After a restart, running attempts get one more lease period: their heartbeats
     /// may be waiting unread in `baton.results` while no scheduler was consuming.
+    /// Each lease is renewed at most once between two of its attempt's
+    /// heartbeats, so replicas restarting in a loop cannot keep a dead
+    /// daemon's attempt alive (docs/decisions.md, "Leases after a scheduler restart").
     pub async fn renew_leases(&self) -> Result<u64, StoreError> {
         let lease = self.settings.lease.as_millis() as f64 / 1000.0;
         Ok(sqlx::query(
-            "update timers set due_at = greatest(due_at, now() + make_interval(secs => $1)) where kind = 'lease'",
+            "update timers set due_at = greatest(due_at, now() + make_interval(secs => $1)), renewed = true
+              where kind = 'lease' and not renewed",
         )
         .bind(lease)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    /// Whether another scheduler replica was alive a moment ago (its
+    /// membership heartbeat is at most `within` old): it was consuming
+    /// results, so no heartbeat waited unread and no lease needs renewing.
+    pub async fn another_replica_alive(&self, within: Duration) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(
+            "select exists (select 1 from scheduler_replicas
+                             where seen_at > now() - $1 * interval '1 millisecond')",
+        )
+        .bind(within.as_millis() as i64)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Records that replica `id` is alive and returns the replicas seen within

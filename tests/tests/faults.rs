@@ -574,3 +574,62 @@ async fn scheduler_sigterm_mid_run_stops_cleanly_and_a_successor_finishes() {
     let views = check_invariants(&env, &[run]).await;
     assert_eq!(views[0].status, "succeeded", "{}", env.diagnostics());
 }
+
+/// The status of `step`'s attempt `attempt`, if it has one.
+async fn attempt_status(env: &TestEnv, run: Uuid, step: &str, attempt: i32) -> Option<String> {
+    sqlx::query_scalar("select status from attempts where run_id = $1 and step_id = $2 and attempt = $3")
+        .bind(run)
+        .bind(step)
+        .bind(attempt)
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// A replica that restarts every 2 s (SIGKILLed, started again) while another
+/// runs must not keep a killed daemon's attempt alive: each start used to push
+/// every lease in the database one lease period on. The bound stated here:
+/// lost within two lease periods plus 20 s of the daemon's death (one period
+/// is the lease itself; at most one renewal per silence adds the second;
+/// 20 s is slack for a loaded machine), while the restarts go on for 90 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_a_replica_restarting_every_two_seconds_does_not_delay_lease_expiry() {
+    let env = TestEnv::new("fault-lease-restarts").await;
+    let lease = Duration::from_secs(5);
+    env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", &lease.as_millis().to_string());
+    env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "1000");
+    env.script(json!({"default": {"delay_ms": 20}, "execute": {"build": {"delay_ms": 600000}}}));
+    let (_a, mut b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
+    let mut daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let run = env.enqueue(&event("lease-restarts", 1, EVERYTHING));
+    env.wait_until("build to be running", RUN_TIMEOUT, async || {
+        attempt_status(&env, run, "build", 1).await.as_deref() == Some("running")
+    })
+    .await;
+    daemon.kill();
+    let killed = std::time::Instant::now();
+    let mut lost_after = None;
+    let mut restarts = 0;
+    while killed.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        b.kill();
+        restarts += 1;
+        b = env.spawn_scheduler(&format!("scheduler-b{restarts}"));
+        if lost_after.is_none() && attempt_status(&env, run, "build", 1).await.as_deref() == Some("lost") {
+            lost_after = Some(killed.elapsed());
+            break;
+        }
+    }
+    let lost_after = lost_after.unwrap_or_else(|| {
+        panic!(
+            "the killed daemon's attempt was not lost in 90 s of restarts ({restarts} restarts)\n{}",
+            env.diagnostics()
+        )
+    });
+    let bound = lease * 2 + Duration::from_secs(20);
+    assert!(
+        lost_after <= bound,
+        "lost after {lost_after:?}, over the bound {bound:?} ({restarts} restarts)"
+    );
+    eprintln!("lease {lease:?}: the attempt was lost {lost_after:?} after its daemon died, across {restarts} restarts");
+}

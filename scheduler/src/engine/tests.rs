@@ -13,6 +13,7 @@ fn settings() -> Settings {
         lease: Duration::from_secs(30),
         accept_timeout: Duration::from_secs(60),
         heartbeat: Duration::from_secs(5),
+        lost_attempts_limit: 10,
         gates: std::sync::Arc::new(
             crate::gates::GatesConfig {
                 staging_soak_secs: 0,
@@ -250,6 +251,77 @@ fn retries_stop_at_max_attempts() {
         run.apply_result(&failed(&j, true), now, &cfg, &mut fx2);
         if attempt == 3 {
             assert_eq!(status(&run, "build"), StepStatus::Failed);
+            return;
+        }
+        let mut fx3 = Vec::new();
+        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
+        j = job(&fx3, "build");
+    }
+}
+
+#[test]
+fn attempts_lost_to_dead_daemons_do_not_use_up_the_steps_retries_until_their_own_limit() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = Settings {
+        lost_attempts_limit: 4,
+        ..settings()
+    };
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let mut j = job(&fx, "build");
+    // Four started attempts lost (daemons killed mid-step): each is retried,
+    // although the step allows 3 attempts, and the history says they were not counted.
+    for lost in 1..=4 {
+        let mut fx2 = Vec::new();
+        run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut fx2);
+        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        assert_eq!(status(&run, "build"), StepStatus::Ready, "loss {lost} is retried");
+        let retry = fx2
+            .iter()
+            .find_map(|e| match e {
+                Effect::History { kind, detail, .. } if *kind == "retry_scheduled" => Some(detail.clone()),
+                _ => None,
+            })
+            .expect("a retry in the history");
+        assert_eq!(retry["lost_to_dead_daemons"], lost, "{retry}");
+        assert_eq!(retry["counted"], false, "{retry}");
+        let mut fx3 = Vec::new();
+        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
+        j = job(&fx3, "build");
+    }
+    // Past the limit a loss counts like a failure; the step's own three tries remain.
+    for attempt in 1..=3 {
+        let mut fx2 = Vec::new();
+        run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut fx2);
+        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        if attempt == 3 {
+            assert_eq!(status(&run, "build"), StepStatus::Failed);
+            return;
+        }
+        let mut fx3 = Vec::new();
+        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
+        j = job(&fx3, "build");
+    }
+}
+
+#[test]
+fn a_job_nobody_started_counts_against_the_steps_retries() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    run.start(now, &cfg, &mut fx);
+    let mut j = job(&fx, "build");
+    for attempt in 1..=3 {
+        let mut fx2 = Vec::new();
+        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        if attempt == 3 {
+            assert_eq!(
+                status(&run, "build"),
+                StepStatus::Failed,
+                "no daemon took it: not a crash"
+            );
             return;
         }
         let mut fx3 = Vec::new();

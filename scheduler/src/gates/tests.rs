@@ -41,6 +41,7 @@ fn settings(p: Policy) -> Settings {
         lease: std::time::Duration::from_secs(30),
         accept_timeout: std::time::Duration::from_secs(60),
         heartbeat: std::time::Duration::from_secs(5),
+        lost_attempts_limit: 10,
         gates: std::sync::Arc::new(p),
     }
 }

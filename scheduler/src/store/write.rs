@@ -632,7 +632,8 @@ with input as (
       from unnest($33::uuid[], $34::text[], $35::text[], $36::int[], $37::timestamptz[])
            as k(run_id, step_id, kind, attempt, due_at)
      where k.run_id in (select id from run_update)
-    on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at
+    on conflict (run_id, step_id, kind) do update set attempt = excluded.attempt, due_at = excluded.due_at,
+                                                      renewed = false
 ), attempt_insert as (
     insert into attempts (run_id, step_id, attempt, kind, message_id, status, dispatched_at, span_id)
     select a.run_id, a.step_id, a.attempt, a.kind, a.message_id, 'dispatched', a.dispatched_at, a.span_id
