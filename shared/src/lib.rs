@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod nodelay;
 pub mod protocol;
 pub mod runtime;
+pub mod scratch;
 pub mod secret;
 pub mod signing;
 pub mod telemetry;

@@ -103,11 +103,21 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let stop = CancellationToken::new();
         // The schedule runs beside the job consumers and stops with them.
+        // Scratch databases of daemons killed mid-check go, at start and periodically.
+        let sweeping = role.clone();
+        let sweeper = tokio::spawn(baton_shared::scratch::sweep_loop(
+            move || {
+                let role = sweeping.clone();
+                async move { role.sweep_scratch().await }
+            },
+            stop.clone(),
+        ));
         let scheduled = schedule
             .enabled
             .then(|| tokio::spawn(baton_backup::schedule::run(role, zone, schedule, stop.clone())));
         let result = runtime::run(cfg.common, bindings, runtime::shutdown_signal()).await;
         stop.cancel();
+        let _ = sweeper.await;
         if let Some(task) = scheduled {
             let _ = task.await;
         }

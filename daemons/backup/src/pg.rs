@@ -284,17 +284,22 @@ pub async fn tool_version(program: &Path) -> Result<String, BackupError> {
         .to_owned())
 }
 
-/// A database created for one restore spot check, dropped when done.
+/// A database created for one restore spot check, dropped when done; a
+/// daemon killed meanwhile leaves it to the next sweep (`baton_shared::scratch`).
 pub struct Scratch {
     admin: PgTarget,
     pub name: String,
     pub target: PgTarget,
+    held: Option<baton_shared::scratch::Held>,
     dropped: bool,
 }
 
 impl Scratch {
     /// Creates an empty database from `template0` on the admin URL's server.
     pub async fn create(admin: &PgTarget, name: String) -> Result<Self, BackupError> {
+        let held = baton_shared::scratch::hold(admin.connect().await?, &name)
+            .await
+            .map_err(BackupError::db(format!("locking scratch database {name}")))?;
         let mut conn = admin.connect().await?;
         let sql = format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&name));
         sqlx::query(AssertSqlSafe(sql))
@@ -303,10 +308,12 @@ impl Scratch {
             .map_err(BackupError::db(format!("creating scratch database {name}")))?;
         let _ = conn.close().await;
         tracing::debug!(scratch = %name, "scratch database created");
+        baton_shared::failpoint::pause("backup-scratch-created").await;
         Ok(Self {
             target: admin.with_database(&name),
             admin: admin.clone(),
             name,
+            held: Some(held),
             dropped: false,
         })
     }
@@ -316,8 +323,24 @@ impl Scratch {
     pub async fn drop_now(mut self) -> Result<(), BackupError> {
         let result = drop_database(&self.admin, &self.name).await;
         self.dropped = result.is_ok();
+        if self.dropped
+            && let Some(held) = self.held.take()
+        {
+            held.release().await;
+        }
         result
     }
+}
+
+/// Drops the scratch databases (`prefix…`) that daemons killed mid-check left
+/// behind, none a live daemon uses.
+pub async fn sweep_scratch(admin: &PgTarget, prefix: &str) -> Result<Vec<String>, BackupError> {
+    let mut conn = admin.connect().await?;
+    let dropped = baton_shared::scratch::sweep(&mut conn, prefix)
+        .await
+        .map_err(BackupError::db("sweeping leftover scratch databases".to_owned()));
+    let _ = conn.close().await;
+    dropped
 }
 
 impl Drop for Scratch {
@@ -330,9 +353,13 @@ impl Drop for Scratch {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let admin = self.admin.clone();
             let name = self.name.clone();
+            let held = self.held.take();
             handle.spawn(async move {
                 if let Err(e) = drop_database(&admin, &name).await {
                     tracing::warn!(scratch = %name, error = %e, "scratch database not dropped");
+                }
+                if let Some(held) = held {
+                    held.release().await;
                 }
             });
         }

@@ -134,6 +134,11 @@ pub struct RestoreReport {
 }
 
 impl BackupRole {
+    /// Drops the scratch databases daemons killed mid-check left behind.
+    pub async fn sweep_scratch(&self) -> Result<Vec<String>, BackupError> {
+        crate::pg::sweep_scratch(&self.admin, SCRATCH_PREFIX).await
+    }
+
     /// The role's name in queues and plans.
     pub const NAME: &'static str = "backup";
 

@@ -230,6 +230,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(vhost: &Vhost, config: &Path, log: &Path) -> Self {
+        Self::start_with(vhost, config, log, &[])
+    }
+
+    fn start_with(vhost: &Vhost, config: &Path, log: &Path, extra: &[(&str, &str)]) -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -245,6 +249,7 @@ impl Daemon {
             .env("BATON_DAEMON__HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("BATON_LOG__FORMAT", "json")
             .env("RUST_LOG", "info,lapin=warn,sqlx=warn")
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -484,4 +489,107 @@ fn http_get(addr: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default()
+}
+
+/// Scratch databases of this test's daily backup (zone `zone`, today or tomorrow
+/// should the test run over midnight).
+async fn scratch_of(admin: &str, zone: &str) -> Vec<String> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin).await.unwrap();
+    let today = Utc::now().date_naive();
+    let mut prefixes: Vec<String> = [today, today.succ_opt().unwrap()]
+        .iter()
+        .map(|d| {
+            let id = format!(
+                "{SERVICE}.daily-{}.{}",
+                d.format("%Y%m%d"),
+                daily_run_id(zone, SERVICE, *d)
+            );
+            baton_backup::role::scratch_prefix(&id)
+        })
+        .collect();
+    prefixes.dedup();
+    let mut found = Vec::new();
+    for p in prefixes {
+        let names: Vec<String> =
+            sqlx::query_scalar("select datname::text from pg_database where left(datname, length($1)) = $1")
+                .bind(&p)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        found.extend(names);
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_daemon_killed_mid_check_leaves_its_scratch_database_to_its_successor() {
+    let env = Env::new().await;
+    let vhost = Vhost::new();
+    // A zone of its own: its daily backup's id (and scratch names) are this test's alone.
+    let zone = format!("kill{}", &Uuid::new_v4().simple().to_string()[..6]);
+    let config = write_config(&env);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("zone = {ZONE:?}"), &format!("zone = {zone:?}"));
+    std::fs::write(&config, text).unwrap();
+    let admin = env.settings.admin_url.expose().clone();
+    let log = env.root.join("daemon.log");
+
+    // The daemon stops right after creating its spot check's scratch database.
+    let mut daemon = Daemon::start_with(
+        &vhost,
+        &config,
+        &log,
+        &[("BATON_PAUSEPOINTS", "backup-scratch-created:600000")],
+    );
+    let mut scratch = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scratch.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no scratch database; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        scratch = scratch_of(&admin, &zone).await;
+    }
+    // A sweep while its daemon lives leaves it alone.
+    assert!(
+        env.role
+            .sweep_scratch()
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| !scratch.contains(d))
+    );
+    assert_eq!(
+        scratch_of(&admin, &zone).await,
+        scratch,
+        "a live daemon's scratch database stays"
+    );
+
+    daemon.child.kill().await.unwrap();
+    assert_eq!(
+        scratch_of(&admin, &zone).await,
+        scratch,
+        "left behind by the killed daemon"
+    );
+    // Its successor sweeps it at start.
+    let successor = Daemon::start(&vhost, &config, &log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scratch_of(&admin, &zone).await.iter().any(|d| scratch.contains(d)) {
+        assert!(
+            Instant::now() < deadline,
+            "the leftover was not swept; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("leftover scratch database of a daemon that died dropped"),
+        "the successor says what it dropped"
+    );
+    let _ = successor.terminate(Duration::from_secs(30)).await;
 }

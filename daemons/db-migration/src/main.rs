@@ -78,11 +78,27 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = rt.block_on(runtime::run(
-        cfg.daemon_config,
-        vec![Binding { zone, role }],
-        runtime::shutdown_signal(),
-    ));
+    let admin_url = cfg.migration.admin_url.clone();
+    let result = rt.block_on(async move {
+        // Scratch databases of daemons killed mid-verification go, at start and periodically.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sweeper = tokio::spawn(baton_shared::scratch::sweep_loop(
+            move || {
+                let admin_url = admin_url.clone();
+                async move { baton_db_migration::verify::sweep_scratch(&admin_url).await }
+            },
+            stop.clone(),
+        ));
+        let result = runtime::run(
+            cfg.daemon_config,
+            vec![Binding { zone, role }],
+            runtime::shutdown_signal(),
+        )
+        .await;
+        stop.cancel();
+        let _ = sweeper.await;
+        result
+    });
     // Spans still buffered are flushed before the process exits.
     telemetry.shutdown();
     result.context("daemon runtime")?;

@@ -23,7 +23,6 @@ use std::fmt;
 use baton_shared::secret::Secret;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection, Row};
-use uuid::Uuid;
 
 use crate::db;
 use crate::drizzle::MigrationSet;
@@ -346,17 +345,29 @@ pub async fn snapshot(conn: &mut PgConnection) -> Result<Snapshot, sqlx::Error> 
     Ok(Snapshot(map))
 }
 
+/// Prefix of the scratch databases verification creates.
+pub const SCRATCH_PREFIX: &str = "baton_scratch_";
+
 /// A scratch database that is dropped when this value goes away, even if the job
-/// is cancelled mid-way.
+/// is cancelled mid-way; a daemon killed meanwhile leaves it to the next sweep
+/// (`baton_shared::scratch`).
 struct Scratch {
     admin: PgConnectOptions,
     name: String,
+    held: Option<baton_shared::scratch::Held>,
     dropped: bool,
 }
 
 impl Scratch {
     async fn create(admin: PgConnectOptions) -> Result<Self, Error> {
-        let name = format!("baton_scratch_{}", Uuid::new_v4().simple());
+        let name = baton_shared::scratch::name(SCRATCH_PREFIX);
+        let scratch_err = |doing: String| move |source| Error::Scratch { doing, source };
+        let lock = db::connect_with(&admin)
+            .await
+            .map_err(scratch_err("connecting with migration.admin_url".into()))?;
+        let held = baton_shared::scratch::hold(lock, &name)
+            .await
+            .map_err(scratch_err(format!("locking {name}")))?;
         let mut conn = db::connect_with(&admin).await.map_err(|source| Error::Scratch {
             doing: "connecting with migration.admin_url".into(),
             source,
@@ -373,17 +384,44 @@ impl Scratch {
             source,
         })?;
         let _ = conn.close().await;
+        baton_shared::failpoint::pause("db-migration-scratch-created").await;
         Ok(Self {
             admin,
             name,
+            held: Some(held),
             dropped: false,
         })
     }
 
     async fn drop_now(mut self) -> Result<(), Error> {
         self.dropped = true;
-        drop_database(&self.admin, &self.name).await
+        let result = drop_database(&self.admin, &self.name).await;
+        if let Some(held) = self.held.take() {
+            held.release().await;
+        }
+        result
     }
+}
+
+/// Drops scratch databases that daemons killed mid-verification left behind
+/// (none a live daemon uses).
+pub async fn sweep_scratch(admin_url: &Secret<String>) -> Result<Vec<String>, Error> {
+    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
+        doing: "reading migration.admin_url".into(),
+        source,
+    })?;
+    let mut conn = db::connect_with(&admin).await.map_err(|source| Error::Scratch {
+        doing: "connecting with migration.admin_url".into(),
+        source,
+    })?;
+    let dropped = baton_shared::scratch::sweep(&mut conn, SCRATCH_PREFIX)
+        .await
+        .map_err(|source| Error::Scratch {
+            doing: "sweeping leftover scratch databases".into(),
+            source,
+        });
+    let _ = conn.close().await;
+    dropped
 }
 
 impl Drop for Scratch {
@@ -391,11 +429,14 @@ impl Drop for Scratch {
         if self.dropped {
             return;
         }
-        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let (admin, name, held) = (self.admin.clone(), self.name.clone(), self.held.take());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 if let Err(e) = drop_database(&admin, &name).await {
                     tracing::warn!(database = %name, error = %e, "scratch database left behind");
+                }
+                if let Some(held) = held {
+                    held.release().await;
                 }
             });
         } else {

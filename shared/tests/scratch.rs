@@ -1,0 +1,58 @@
+//! Scratch databases left by a dead process are swept; a live one's are not
+//! (real PostgreSQL on 127.0.0.1:5432).
+
+use baton_shared::scratch;
+use sqlx::{Connection, PgConnection};
+
+const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+async fn exists(conn: &mut PgConnection, name: &str) -> bool {
+    sqlx::query_scalar("select exists (select from pg_database where datname = $1)")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_sweep_drops_the_scratch_databases_whose_creator_is_gone_and_no_other() {
+    let prefix = format!("baton_sweeptest_{}_", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut admin = PgConnection::connect(ADMIN).await.unwrap();
+    let (live, dead) = (scratch::name(&prefix), scratch::name(&prefix));
+    assert!(live.len() <= 63 && live.starts_with(&prefix) && live != dead);
+    // Each creator takes its database's lock before creating it.
+    let live_lock = scratch::hold(PgConnection::connect(ADMIN).await.unwrap(), &live)
+        .await
+        .unwrap();
+    let dead_lock = scratch::hold(PgConnection::connect(ADMIN).await.unwrap(), &dead)
+        .await
+        .unwrap();
+    for name in [&live, &dead] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    // While both creators live, nothing is swept.
+    assert!(scratch::sweep(&mut admin, &prefix).await.unwrap().is_empty());
+    // One creator's session ends (as when its process is killed).
+    drop(dead_lock);
+    let mut dropped = Vec::new();
+    for _ in 0..600 {
+        dropped = scratch::sweep(&mut admin, &prefix).await.unwrap();
+        if !dropped.is_empty() {
+            break;
+        }
+        // The server notices the closed session a moment later.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(dropped, [dead.clone()]);
+    assert!(!exists(&mut admin, &dead).await);
+    assert!(exists(&mut admin, &live).await, "a live creator's database stays");
+    // Its creator drops it and lets go.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop database \"{live}\" with (force)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    live_lock.release().await;
+}
