@@ -46,7 +46,7 @@ async fn a_sweep_drops_the_scratch_databases_whose_creator_is_gone_and_no_other(
         // The server notices the closed session a moment later.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(dropped, [dead.clone()]);
+    assert_eq!(dropped, std::slice::from_ref(&dead));
     assert!(!exists(&mut admin, &dead).await);
     assert!(exists(&mut admin, &live).await, "a live creator's database stays");
     // Its creator drops it and lets go.
