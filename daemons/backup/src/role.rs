@@ -92,6 +92,12 @@ pub struct PruneReport {
     pub stale_removed: usize,
     /// Backups set aside in `.rejected/` more than 30 days ago, removed.
     pub rejected_removed: usize,
+    /// Backups never verified (their step was killed during its spot check and
+    /// nothing completed them) older than `keep_recent_hours`: set aside in
+    /// `.rejected/` like backups that failed their check. Younger ones are kept
+    /// for a retry to complete, and count toward no retention slot.
+    #[serde(default)]
+    pub unverified_set_aside: Vec<String>,
 }
 
 /// What a restore test found (written as JSON to `.restore-tests/`).
@@ -630,11 +636,36 @@ impl BackupRole {
         // One decision for both locations, from the union of what they hold,
         // so they stay alike even if one was missing a backup.
         let mut by_id: BTreeMap<String, (String, DateTime<Utc>)> = BTreeMap::new();
+        let mut sha: BTreeMap<String, String> = BTreeMap::new();
         for m in copy.into_iter().chain(primary) {
             by_id.insert(m.backup_id.clone(), (m.service.clone(), m.created_at));
+            sha.insert(m.backup_id.clone(), m.dump().sha256.clone());
+        }
+        // A backup counts only once verified (its record in the primary
+        // location names its dump); one never verified is no backup to keep.
+        let mut unverified = BTreeSet::new();
+        for (id, dump_sha) in &sha {
+            let (loc, z, i) = (self.primary.clone(), zone.to_owned(), id.clone());
+            let record = blocking(move || loc.verified(&z, &i)).await?;
+            if record.is_none_or(|v| v.sha256 != *dump_sha) {
+                unverified.insert(id.clone());
+            }
+        }
+        let mut unverified_set_aside = Vec::new();
+        for id in &unverified {
+            let (_, at) = by_id[id];
+            if now - at < self.keep_recent {
+                continue;
+            }
+            for loc in [self.copy.clone(), self.primary.clone()] {
+                let (z, i) = (zone.to_owned(), id.clone());
+                blocking(move || loc.quarantine(&z, &i)).await?;
+            }
+            tracing::warn!(backup_id = %id, "backup never verified; set aside in .rejected/");
+            unverified_set_aside.push(id.clone());
         }
         let mut by_service: BTreeMap<&str, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
-        for (id, (service, at)) in &by_id {
+        for (id, (service, at)) in by_id.iter().filter(|(id, _)| !unverified.contains(*id)) {
             by_service.entry(service).or_default().push((id.clone(), *at));
         }
         let mut kept = BTreeSet::new();
@@ -649,7 +680,11 @@ impl BackupRole {
             .map(|(id, _)| id.clone())
             .collect();
         kept.extend(protected.iter().cloned());
-        let deleted: Vec<String> = by_id.keys().filter(|id| !kept.contains(*id)).cloned().collect();
+        let deleted: Vec<String> = by_id
+            .keys()
+            .filter(|id| !kept.contains(*id) && !unverified_set_aside.contains(*id))
+            .cloned()
+            .collect();
         for id in &deleted {
             for loc in [self.copy.clone(), self.primary.clone()] {
                 let (zone, id) = (zone.to_owned(), id.clone());
@@ -686,6 +721,7 @@ impl BackupRole {
             policy,
             stale_removed,
             rejected_removed,
+            unverified_set_aside,
         })
     }
 

@@ -491,7 +491,8 @@ async fn prune_deletes_exactly_what_retention_says_in_both_locations() {
             for root in [&env.settings.primary.path, &env.settings.copy.path] {
                 let dir = root.join(ZONE).join(&id);
                 std::fs::create_dir_all(&dir).unwrap();
-                for f in [store::DUMP_FILE, store::TABLES_FILE] {
+                // Verified, as every backup retention keeps must be.
+                for f in [store::DUMP_FILE, store::TABLES_FILE, store::VERIFIED_FILE] {
                     std::fs::copy(env.primary_dir(&real_id).join(f), dir.join(f)).unwrap();
                 }
                 store::write_json_atomic(&dir, store::MANIFEST_FILE, &m).unwrap();

@@ -193,6 +193,49 @@ async fn prune_keeps_backups_younger_than_keep_recent_hours() {
     assert_eq!(env.backups_in(&env.settings.primary.path), vec![newer]);
 }
 
+#[tokio::test]
+async fn a_backup_never_verified_counts_for_nothing_and_is_set_aside_once_old() {
+    let env = Env::new().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let out = env
+            .run(&job("pre-deploy", "backup.pre", Uuid::new_v4(), seed_params()))
+            .await
+            .unwrap();
+        ids.push(common::backup_id_of(&out));
+    }
+    // The newer one's step was killed during its spot check: no verification record.
+    let (older, unverified) = (ids[0].clone(), ids[1].clone());
+    std::fs::remove_file(env.primary_dir(&unverified).join(store::VERIFIED_FILE)).unwrap();
+    let now = manifest(&env.primary_dir(&unverified)).created_at;
+    // Young, it is kept for a retry to complete, but it takes no retention slot:
+    // the verified backup of the day is kept as the day's newest.
+    let report = env.role.prune(ZONE, Policy::default(), now).await.unwrap();
+    assert!(report.unverified_set_aside.is_empty());
+    assert!(
+        report.kept.contains(&older) && report.kept.contains(&unverified),
+        "{report:?}"
+    );
+    assert!(
+        !report.protected.contains(&older),
+        "the verified one is kept by retention: {report:?}"
+    );
+    // Older than keep_recent_hours, it is set aside in both locations like a rejected backup.
+    let later = now + chrono::Duration::hours(49);
+    let report = env.role.prune(ZONE, Policy::default(), later).await.unwrap();
+    assert_eq!(report.unverified_set_aside, vec![unverified.clone()]);
+    assert!(report.deleted.is_empty(), "{report:?}");
+    assert_eq!(env.backups_in(&env.settings.primary.path), vec![older.clone()]);
+    assert_eq!(env.backups_in(&env.settings.copy.path), vec![older]);
+    for root in [&env.settings.primary.path, &env.settings.copy.path] {
+        let rejected: Vec<String> = std::fs::read_dir(root.join(ZONE).join(store::REJECTED_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(rejected.iter().any(|n| n.starts_with(&unverified)), "{rejected:?}");
+    }
+}
+
 /// A vhost of its own, removed on drop.
 struct Vhost(String);
 
