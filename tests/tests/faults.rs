@@ -633,3 +633,334 @@ async fn slow_a_replica_restarting_every_two_seconds_does_not_delay_lease_expiry
     );
     eprintln!("lease {lease:?}: the attempt was lost {lost_after:?} after its daemon died, across {restarts} restarts");
 }
+
+/// A real daemon process of the crash storm, restarted on demand.
+struct RealDaemon {
+    label: String,
+    bin: &'static str,
+    config: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl RealDaemon {
+    fn spawn(env: &TestEnv, label: &str, bin: &'static str, config: &std::path::Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env.dir.join(format!("{label}.log")))
+            .unwrap();
+        std::process::Command::new(baton_tests::bin(bin))
+            .arg("--config")
+            .arg(config)
+            .env("BATON_AMQP__URL", &env.amqp_url)
+            .env("BATON_LOG__FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn,sqlx=warn")
+            .env("BATON_DAEMON__INSTANCE", label)
+            // Every verification lingers with its scratch database, so kills land mid-check.
+            .env(
+                "BATON_PAUSEPOINTS",
+                "db-migration-scratch-created:3000,backup-scratch-created:3000",
+            )
+            .env("BATON_SIGNING__KEY_FILE", env.dir.join("daemon.key"))
+            .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", env.scheduler_key.public()))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn start(env: &TestEnv, label: &str, bin: &'static str, config: std::path::PathBuf) -> Self {
+        let child = Self::spawn(env, label, bin, &config);
+        Self {
+            label: label.to_owned(),
+            bin,
+            config,
+            child,
+        }
+    }
+
+    /// SIGKILL, then a new process in its place.
+    fn kill_and_restart(&mut self, env: &TestEnv) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(env, &self.label, self.bin, &self.config);
+    }
+}
+
+impl Drop for RealDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn git(repo: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Storm")
+        .env("GIT_AUTHOR_EMAIL", "storm@example.org")
+        .env("GIT_COMMITTER_NAME", "Storm")
+        .env("GIT_COMMITTER_EMAIL", "storm@example.org")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Scratch databases (`prefix…`) whose lock nobody holds: leaked by a dead daemon.
+async fn leaked_scratch(prefix: &str) -> Vec<String> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let names: Vec<String> =
+        sqlx::query_scalar("select datname::text from pg_database where left(datname, length($1)) = $1")
+            .bind(prefix)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let mut leaked = Vec::new();
+    for n in names {
+        let key = format!("baton-scratch/{n}");
+        let free: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(&key)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if free {
+            sqlx::query("select pg_advisory_unlock(hashtextextended($1, 0))")
+                .bind(&key)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            leaked.push(n);
+        }
+    }
+    leaked
+}
+
+/// The operator's bad day, scaled to CI: two schedulers, two db-migration
+/// daemons per zone and a backup daemon per zone, all real, and 3 services ×
+/// 2 merge events through the demo pipeline while a random process is
+/// SIGKILLed and restarted every 0.3–3 s for 45 s (fixed seed). Then: every
+/// run ended and succeeded (losses to dead daemons do not use up retries), no
+/// migration ran twice, each database's history is exactly its journal, no
+/// scratch database is left behind, and the audit chains hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behind() {
+    let env = TestEnv::new("fault-storm").await;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    env.scheduler_config(&format!(
+        "[scheduler]\npipeline = {:?}\n",
+        examples.join("pipeline.toml").display().to_string()
+    ));
+    // The repository: the demo's first two commits (a table, then a column).
+    let repo = env.dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let mut commits = Vec::new();
+    for c in ["commit-1", "commit-2"] {
+        copy_tree(&examples.join(c), &repo);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", c]);
+        commits.push(git(&repo, &["rev-parse", "HEAD"]));
+    }
+    // Three services, each with a database per zone.
+    let services = ["storm-a", "storm-b", "storm-c"];
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let mut dbs = Vec::new();
+    {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin).await.unwrap();
+        for s in services {
+            for zone in ["staging", "production"] {
+                let name = format!("{}_{}_{zone}", env.db_name, s.replace('-', "_"));
+                sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                dbs.push((s, zone, name));
+            }
+        }
+    }
+    let db_map = |zone: &str| -> String {
+        dbs.iter()
+            .filter(|(_, z, _)| *z == zone)
+            .map(|(s, _, n)| format!("{s} = \"postgres://postgres@127.0.0.1:5432/{n}\"\n"))
+            .collect()
+    };
+    let age = std::process::Command::new(baton_tests::bin("baton-backup"))
+        .arg("--keygen")
+        .arg(env.dir.join("age.txt"))
+        .output()
+        .unwrap();
+    assert!(age.status.success());
+    let recipient = String::from_utf8_lossy(&age.stdout).trim().to_owned();
+    let mut daemons = Vec::new();
+    for zone in ["staging", "production"] {
+        for i in 1..=2 {
+            let label = format!("db-{zone}-{i}");
+            let config = env.dir.join(format!("{label}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[daemon]\nzone = {zone:?}\n\n[migration]\nrepos_dir = {repos:?}\nadmin_url = {admin:?}\n\n\
+                     [migration.databases]\n{map}",
+                    repos = env.dir.join(format!("repos-{label}")).display().to_string(),
+                    map = db_map(zone),
+                ),
+            )
+            .unwrap();
+            daemons.push(RealDaemon::start(&env, &label, "baton-db-migration", config));
+        }
+        let label = format!("backup-{zone}");
+        let config = env.dir.join(format!("{label}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nzone = {zone:?}\n\n[backup]\nadmin_url = {admin:?}\nrecipients = [{recipient:?}]\n\
+                 identity_file = {identity:?}\n\n[backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
+                 [backup.copy]\npath = {copy:?}\nregion = \"nl-ams2\"\n\n[backup.databases]\n{map}\n\
+                 [backup.schedule]\nenabled = false\n",
+                identity = env.dir.join("age.txt").display().to_string(),
+                primary = env.dir.join("backups/primary").display().to_string(),
+                copy = env.dir.join("backups/copy").display().to_string(),
+                map = db_map(zone),
+            ),
+        )
+        .unwrap();
+        daemons.push(RealDaemon::start(&env, &label, "baton-backup", config));
+    }
+    let mut schedulers = vec![env.scheduler("scheduler-a").await, env.spawn_scheduler("scheduler-b")];
+
+    // Each service's two merge events, in order.
+    let mut runs = Vec::new();
+    for (n, s) in services.iter().enumerate() {
+        for (k, sha) in commits.iter().enumerate() {
+            let mut ev = event(s, 0, &["drizzle/migrations/meta/_journal.json"]);
+            ev["repository"] = json!(repo.display().to_string());
+            ev["commit_sha"] = json!(sha);
+            ev["pull_request"]["number"] = json!(100 + n * 10 + k);
+            runs.push(env.enqueue(&ev));
+        }
+    }
+
+    // The storm: a random process (fixed seed) killed and restarted every 0.3–3 s.
+    let mut seed: u64 = 0x5eed_0f_ba7_0;
+    let mut next = |n: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let start = std::time::Instant::now();
+    let (mut kills, mut mid_run) = (0, 0);
+    while start.elapsed() < Duration::from_secs(45) {
+        tokio::time::sleep(Duration::from_millis(300 + next(2700))).await;
+        let going: i64 = sqlx::query_scalar("select count(*) from runs where status in ('queued', 'running')")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if going > 0 {
+            mid_run += 1;
+        }
+        let victim = next((daemons.len() + schedulers.len()) as u64) as usize;
+        if victim < daemons.len() {
+            daemons[victim].kill_and_restart(&env);
+        } else {
+            let i = victim - daemons.len();
+            schedulers[i].kill();
+            schedulers[i] = env.spawn_scheduler(&format!("scheduler-{i}-{kills}"));
+        }
+        kills += 1;
+    }
+
+    // Real daemons keep no execution log: what they did is read from the
+    // databases below; every run ends, succeeds, and every transition is audited.
+    for run in &runs {
+        let v = env.wait_terminal(*run, RUN_TIMEOUT).await;
+        assert_eq!(v.status, "succeeded", "{v:#?}\n{}", env.diagnostics());
+        for s in v.steps.iter().filter(|s| s.status == "succeeded") {
+            for kind in ["dispatched", "attempt_started", "step_succeeded"] {
+                assert!(
+                    v.history
+                        .iter()
+                        .any(|h| h.kind == kind && h.step_id.as_deref() == Some(s.id.as_str())),
+                    "run {run}: no {kind} entry for {}",
+                    s.id
+                );
+            }
+        }
+    }
+    env.assert_audit_verifies();
+    // Each database applied each migration once and holds exactly its journal.
+    for (_, _, name) in &dbs {
+        let mut conn =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+                .await
+                .unwrap();
+        let applied: i64 = sqlx::query_scalar("select count(*) from drizzle.__drizzle_migrations")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(applied, 2, "{name}: history is the journal's two entries");
+        let twice: Vec<(String, i64)> = sqlx::query_as(
+            "select tag, count(*) from baton_migrations.log where direction = 'up' group by tag having count(*) > 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(twice.is_empty(), "{name}: a migration ran twice: {twice:?}");
+    }
+    // Every killed daemon's successor swept its scratch databases.
+    for prefix in ["baton_scratch_", "baton_verify_"] {
+        let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+        loop {
+            let leaked = leaked_scratch(prefix).await;
+            if leaked.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "leaked scratch databases: {leaked:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let lost: i64 = sqlx::query_scalar("select count(*) from attempts where status = 'lost'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    eprintln!(
+        "crash storm: {kills} kills in 45 s ({mid_run} while runs were under way), {lost} attempts lost, every run succeeded"
+    );
+    assert!(
+        mid_run >= 5,
+        "the storm must hit runs under way: {mid_run} of {kills} kills did"
+    );
+    drop(daemons);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin).await.unwrap();
+    for (_, _, name) in &dbs {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {name} with (force)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
