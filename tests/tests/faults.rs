@@ -849,7 +849,7 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
         .unwrap();
         daemons.push(RealDaemon::start(&env, &label, "baton-backup", config));
     }
-    let mut schedulers = vec![env.scheduler("scheduler-a").await, env.spawn_scheduler("scheduler-b")];
+    let mut schedulers = [env.scheduler("scheduler-a").await, env.spawn_scheduler("scheduler-b")];
 
     // Each service's two merge events, in order.
     let mut runs = Vec::new();
@@ -864,7 +864,7 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
     }
 
     // The storm: a random process (fixed seed) killed and restarted every 0.3–3 s.
-    let mut seed: u64 = 0x5eed_0f_ba7_0;
+    let mut seed: u64 = 0x005e_ed0f_ba70;
     let mut next = |n: u64| {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (seed >> 33) % n
