@@ -167,15 +167,20 @@ fn changed_paths(repo: &Path, from: Option<&str>, to: &str) -> anyhow::Result<Ve
     Ok(listing.lines().map(str::to_owned).collect())
 }
 
-async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
-    let mut admin = PgConnection::connect(&db_url(server, "postgres"))
+/// A connection to the server's `postgres` database.
+async fn admin_connection(server: &str) -> anyhow::Result<PgConnection> {
+    PgConnection::connect(&db_url(server, "postgres"))
         .await
         .with_context(|| {
             format!(
                 "connecting to PostgreSQL at {}",
                 baton_shared::secret::redact_url(server)
             )
-        })?;
+        })
+}
+
+async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let mut admin = admin_connection(server).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {name} with (force)"
     )))
@@ -444,14 +449,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
 /// PostgreSQL server (a session advisory lock: it ends with the connection,
 /// so a killed demo leaves no lock behind).
 async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgConnection> {
-    let mut conn = PgConnection::connect(&db_url(server, "postgres"))
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to PostgreSQL at {}",
-                baton_shared::secret::redact_url(server)
-            )
-        })?;
+    let mut conn = admin_connection(server).await?;
     let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtextextended($1, 0))")
         .bind(format!("baton demo/{prefix}"))
         .fetch_one(&mut conn)

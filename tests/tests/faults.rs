@@ -77,21 +77,29 @@ async fn check_invariants_with(env: &TestEnv, runs: &[Uuid], killed: &[(&str, u3
                 "run {run}: {} succeeded without exactly one execution",
                 s.id
             );
-            // Every transition audited: the dispatch, the start and the outcome.
-            for kind in ["dispatched", "attempt_started", "step_succeeded"] {
-                assert!(
-                    v.history
-                        .iter()
-                        .any(|h| h.kind == kind && h.step_id.as_deref() == Some(s.id.as_str())),
-                    "run {run}: no {kind} entry for {}",
-                    s.id
-                );
-            }
         }
+        assert_transitions_audited(&v);
         views.push(v);
     }
     env.assert_audit_verifies();
     views
+}
+
+/// Every succeeded step's transitions are in the run's history: the dispatch,
+/// the start and the outcome.
+fn assert_transitions_audited(v: &RunView) {
+    for s in v.steps.iter().filter(|s| s.status == "succeeded") {
+        for kind in ["dispatched", "attempt_started", "step_succeeded"] {
+            assert!(
+                v.history
+                    .iter()
+                    .any(|h| h.kind == kind && h.step_id.as_deref() == Some(s.id.as_str())),
+                "run {}: no {kind} entry for {}",
+                v.id,
+                s.id
+            );
+        }
+    }
 }
 
 /// Waits until the run is under way: some steps done, others not. A step's
@@ -896,17 +904,7 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
     for run in &runs {
         let v = env.wait_terminal(*run, RUN_TIMEOUT).await;
         assert_eq!(v.status, "succeeded", "{v:#?}\n{}", env.diagnostics());
-        for s in v.steps.iter().filter(|s| s.status == "succeeded") {
-            for kind in ["dispatched", "attempt_started", "step_succeeded"] {
-                assert!(
-                    v.history
-                        .iter()
-                        .any(|h| h.kind == kind && h.step_id.as_deref() == Some(s.id.as_str())),
-                    "run {run}: no {kind} entry for {}",
-                    s.id
-                );
-            }
-        }
+        assert_transitions_audited(&v);
     }
     env.assert_audit_verifies();
     // Each database applied each migration once and holds exactly its journal.

@@ -155,9 +155,8 @@ async fn the_restore_test_names_the_location_that_fails_it() {
     assert!(scratch_databases(&id).await.is_empty(), "scratch databases dropped");
 }
 
-#[tokio::test]
-async fn prune_keeps_backups_younger_than_keep_recent_hours() {
-    let env = Env::new().await;
+/// Two pre-deploy backups of two runs, oldest first.
+async fn two_pre_deploy_backups(env: &Env) -> Vec<String> {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let out = env
@@ -166,6 +165,13 @@ async fn prune_keeps_backups_younger_than_keep_recent_hours() {
             .unwrap();
         ids.push(common::backup_id_of(&out));
     }
+    ids
+}
+
+#[tokio::test]
+async fn prune_keeps_backups_younger_than_keep_recent_hours() {
+    let env = Env::new().await;
+    let ids = two_pre_deploy_backups(&env).await;
     let (older, newer) = (ids[0].clone(), ids[1].clone());
     let now = manifest(&env.primary_dir(&newer)).created_at;
     let report = env.role.prune(ZONE, Policy::default(), now).await.unwrap();
@@ -196,14 +202,7 @@ async fn prune_keeps_backups_younger_than_keep_recent_hours() {
 #[tokio::test]
 async fn a_backup_never_verified_counts_for_nothing_and_is_set_aside_once_old() {
     let env = Env::new().await;
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let out = env
-            .run(&job("pre-deploy", "backup.pre", Uuid::new_v4(), seed_params()))
-            .await
-            .unwrap();
-        ids.push(common::backup_id_of(&out));
-    }
+    let ids = two_pre_deploy_backups(&env).await;
     // The newer one's step was killed during its spot check: no verification record.
     let (older, unverified) = (ids[0].clone(), ids[1].clone());
     std::fs::remove_file(env.primary_dir(&unverified).join(store::VERIFIED_FILE)).unwrap();

@@ -259,6 +259,31 @@ fn retries_stop_at_max_attempts() {
     }
 }
 
+/// `j`'s attempt loses its lease (started first if `started`); the effects.
+fn lose(run: &mut RunState, j: &StepJob, started: bool, cfg: &Settings) -> Effects {
+    let now = Utc::now();
+    let mut fx = Vec::new();
+    if started {
+        run.apply_result(&result(j, ResultStatus::Started), now, cfg, &mut fx);
+    }
+    run.fire_timer(&j.step_id, TimerKind::Lease, j.attempt as i32, now, cfg, &mut fx);
+    fx
+}
+
+/// The retry of `j`'s step, once its backoff is over.
+fn retry(run: &mut RunState, j: &StepJob, cfg: &Settings) -> StepJob {
+    let mut fx = Vec::new();
+    run.fire_timer(
+        &j.step_id,
+        TimerKind::Dispatch,
+        j.attempt as i32,
+        Utc::now(),
+        cfg,
+        &mut fx,
+    );
+    job(&fx, &j.step_id)
+}
+
 #[test]
 fn attempts_lost_to_dead_daemons_do_not_use_up_the_steps_retries_until_their_own_limit() {
     let mut run = run_for(EVERYTHING);
@@ -266,42 +291,33 @@ fn attempts_lost_to_dead_daemons_do_not_use_up_the_steps_retries_until_their_own
         lost_attempts_limit: 4,
         ..settings()
     };
-    let now = Utc::now();
     let mut fx = Vec::new();
-    run.start(now, &cfg, &mut fx);
+    run.start(Utc::now(), &cfg, &mut fx);
     let mut j = job(&fx, "build");
     // Four started attempts lost (daemons killed mid-step): each is retried,
     // although the step allows 3 attempts, and the history says they were not counted.
     for lost in 1..=4 {
-        let mut fx2 = Vec::new();
-        run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut fx2);
-        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        let fx = lose(&mut run, &j, true, &cfg);
         assert_eq!(status(&run, "build"), StepStatus::Ready, "loss {lost} is retried");
-        let retry = fx2
+        let retried = fx
             .iter()
             .find_map(|e| match e {
                 Effect::History { kind, detail, .. } if *kind == "retry_scheduled" => Some(detail.clone()),
                 _ => None,
             })
             .expect("a retry in the history");
-        assert_eq!(retry["lost_to_dead_daemons"], lost, "{retry}");
-        assert_eq!(retry["counted"], false, "{retry}");
-        let mut fx3 = Vec::new();
-        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
-        j = job(&fx3, "build");
+        assert_eq!(retried["lost_to_dead_daemons"], lost, "{retried}");
+        assert_eq!(retried["counted"], false, "{retried}");
+        j = retry(&mut run, &j, &cfg);
     }
     // Past the limit a loss counts like a failure; the step's own three tries remain.
     for attempt in 1..=3 {
-        let mut fx2 = Vec::new();
-        run.apply_result(&result(&j, ResultStatus::Started), now, &cfg, &mut fx2);
-        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        lose(&mut run, &j, true, &cfg);
         if attempt == 3 {
             assert_eq!(status(&run, "build"), StepStatus::Failed);
             return;
         }
-        let mut fx3 = Vec::new();
-        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
-        j = job(&fx3, "build");
+        j = retry(&mut run, &j, &cfg);
     }
 }
 
@@ -309,13 +325,11 @@ fn attempts_lost_to_dead_daemons_do_not_use_up_the_steps_retries_until_their_own
 fn a_job_nobody_started_counts_against_the_steps_retries() {
     let mut run = run_for(EVERYTHING);
     let cfg = settings();
-    let now = Utc::now();
     let mut fx = Vec::new();
-    run.start(now, &cfg, &mut fx);
+    run.start(Utc::now(), &cfg, &mut fx);
     let mut j = job(&fx, "build");
     for attempt in 1..=3 {
-        let mut fx2 = Vec::new();
-        run.fire_timer("build", TimerKind::Lease, j.attempt as i32, now, &cfg, &mut fx2);
+        lose(&mut run, &j, false, &cfg);
         if attempt == 3 {
             assert_eq!(
                 status(&run, "build"),
@@ -324,9 +338,7 @@ fn a_job_nobody_started_counts_against_the_steps_retries() {
             );
             return;
         }
-        let mut fx3 = Vec::new();
-        run.fire_timer("build", TimerKind::Dispatch, j.attempt as i32, now, &cfg, &mut fx3);
-        j = job(&fx3, "build");
+        j = retry(&mut run, &j, &cfg);
     }
 }
 
