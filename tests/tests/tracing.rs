@@ -94,6 +94,9 @@ async fn a_run_is_one_trace_across_a_scheduler_restart_and_a_compensation() {
     env.script(json!({
         "default": {"delay_ms": 150},
         "execute": {
+            // Long enough that the test sees it running (a 150 ms window can
+            // fall between two polls on a loaded machine).
+            "db.production": {"delay_ms": 3000},
             "apply.production": {"delay_ms": 20000},
             "cdn": {"delay_ms": 300, "fail": {"code": "purge_failed", "message": "purge incomplete", "retryable": false}},
             "build": {"fail_first": 1}
