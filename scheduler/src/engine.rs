@@ -904,9 +904,36 @@ impl RunState {
                 s.status == StepStatus::Pending && s.needs.iter().all(|n| done(n, &self.steps))
             })
             .collect();
+        // Every ready step's gates first: if one fails in a way that rolls the
+        // run back, nothing else of this pass is dispatched (it would only be
+        // sent and cancelled at once, and a daemon that has not registered the
+        // attempt yet would drop the cancel).
+        let evaluated: Vec<(usize, gates::StepVerdicts)> = ready
+            .into_iter()
+            .map(|i| (i, gates::evaluate_step(self, i, &self.facts, &cfg.gates, now)))
+            .collect();
+        let rollback_begins = evaluated.iter().any(|(i, v)| {
+            matches!(
+                v.blocking(),
+                Some(GateVerdict {
+                    verdict: Verdict::Fail { .. },
+                    ..
+                })
+            ) && !self.steps[*i].review_on_failure
+        });
         let mut gate_failed = false;
-        for i in ready {
-            let verdicts = gates::evaluate_step(self, i, &self.facts, &cfg.gates, now);
+        for (i, verdicts) in evaluated {
+            if rollback_begins
+                && !matches!(
+                    verdicts.blocking(),
+                    Some(GateVerdict {
+                        verdict: Verdict::Fail { .. },
+                        ..
+                    })
+                )
+            {
+                continue;
+            }
             match verdicts.blocking() {
                 Some(
                     v @ GateVerdict {

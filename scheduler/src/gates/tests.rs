@@ -601,3 +601,81 @@ fn a_step_running_when_its_window_closes_continues_or_is_cancelled_by_policy() {
         }
     }
 }
+
+#[test]
+fn a_pass_that_fails_a_gate_and_begins_the_rollback_dispatches_nothing_else() {
+    let mut r = run(
+        &["src/a.ts", "infra/main.tf", "network/ingress.yaml", "assets/logo.svg"],
+        "standard",
+    );
+    let cfg = settings(policy(|c| c.staging_soak_secs = 0));
+    let now = Utc::now();
+    // Everything up to staging verification, which is left unanswered.
+    drive(&mut r, &cfg, now, &["verify.staging"]);
+    let j = r.steps[idx(&r, "verify.staging")].clone();
+    assert_eq!(j.status, StepStatus::Dispatched, "{:?}", j.status);
+    // Staging verified another image than the one built: apply.production fails
+    // image-match in the same pass that makes network and cdn ready.
+    let job = StepJob {
+        attempt: j.attempt as u32,
+        ..drive_job(&r, "verify.staging")
+    };
+    let mut res = StepResult::for_job(&job, "d", baton_shared::protocol::ResultStatus::Succeeded);
+    res.outputs = json!({"image_digest": "sha256:other", "regression_percent": 0})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let mut fx = Vec::new();
+    r.apply_result(&res, now, &cfg, &mut fx);
+    assert_eq!(r.steps[idx(&r, "apply.production")].status, StepStatus::Failed);
+    let sent: Vec<&str> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(j) if j.kind == baton_shared::protocol::JobKind::Execute => Some(j.step_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(sent.is_empty(), "nothing is sent to be cancelled at once: {sent:?}");
+    for step in ["network", "cdn"] {
+        assert_eq!(r.steps[idx(&r, step)].attempt, 0, "{step} was never sent");
+    }
+    assert!(
+        matches!(r.status, RunStatus::RollingBack | RunStatus::RolledBack),
+        "{:?}",
+        r.status
+    );
+}
+
+/// The job the engine sent for `step` (its fields as the engine knows them).
+fn drive_job(r: &RunState, step: &str) -> StepJob {
+    let s = &r.steps[idx(r, step)];
+    let now = Utc::now();
+    StepJob {
+        v: baton_shared::protocol::PROTOCOL_VERSION,
+        message_id: uuid::Uuid::new_v4(),
+        run_id: r.id,
+        step_id: s.id.clone(),
+        attempt: s.attempt as u32,
+        kind: baton_shared::protocol::JobKind::Execute,
+        zone: s.zone.clone(),
+        role: s.role.clone(),
+        action: s.action.clone(),
+        params: Default::default(),
+        inputs: Default::default(),
+        own_outputs: Default::default(),
+        deploy: baton_shared::protocol::Deploy {
+            service: r.service.clone(),
+            environment: r.environment.clone(),
+            repository: "r".into(),
+            commit_sha: COMMIT.into(),
+            risk: baton_shared::protocol::Risk::Standard,
+        },
+        issued_at: now,
+        not_after: now,
+        deadline: now,
+        heartbeat_ms: 1000,
+        lease_ms: 0,
+        traceparent: None,
+        signature: None,
+    }
+}
