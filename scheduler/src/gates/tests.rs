@@ -679,3 +679,34 @@ fn drive_job(r: &RunState, step: &str) -> StepJob {
         signature: None,
     }
 }
+
+#[test]
+fn network_and_cdn_wait_for_the_production_gates_of_production_apply() {
+    for risk in ["standard", "high"] {
+        let mut r = run(&["src/a.ts", "network/ingress.yaml", "assets/logo.svg"], risk);
+        // A soak of 15 minutes (and, for a high-risk change, no maintenance window configured).
+        let cfg = settings(policy(|c| c.staging_soak_secs = 900));
+        let now = Utc::now();
+        let fx = drive(&mut r, &cfg, now, &[]);
+        let sent: Vec<&str> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch(j) if j.zone == "production" && j.role != "backup" && j.role != "db-migration" => {
+                    Some(j.step_id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(sent.is_empty(), "{risk}: sent to production before apply may: {sent:?}");
+        for step in ["network", "cdn"] {
+            let s = &r.steps[idx(&r, step)];
+            assert_eq!(s.attempt, 0, "{risk}: {step} was not sent");
+        }
+        if risk == "standard" {
+            for step in ["apply.production", "network", "cdn"] {
+                let hold = r.steps[idx(&r, step)].hold.clone().expect("held");
+                assert_eq!(hold.gate, "staging-soak", "{step}: {hold:?}");
+            }
+        }
+    }
+}
