@@ -98,6 +98,16 @@ impl MigrationConfig {
         if self.repos_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("migration.repos_dir", "must not be empty"));
         }
+        if self.repos_dir.is_relative() {
+            return Err(ConfigError::invalid(
+                "migration.repos_dir",
+                format!(
+                    "{} is a relative path: give an absolute one (a relative path would depend on the \
+                     daemon's working directory)",
+                    self.repos_dir.display()
+                ),
+            ));
+        }
         check_url("migration.admin_url", "", self.admin_url.expose())?;
         if self.lock_timeout_secs == 0 {
             return Err(ConfigError::invalid(

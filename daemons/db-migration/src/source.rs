@@ -139,6 +139,14 @@ impl GitCache {
 
     /// The cache repository of `repository`, holding `commit`.
     async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, Error> {
+        if is_relative_path(repository) {
+            return Err(Error::InvalidJob {
+                problem: format!(
+                    "repository {repository:?} is a relative path: give an absolute path or a URL \
+                     (git would look for it in the daemon's cache directory)"
+                ),
+            });
+        }
         let shown = display_repository(repository);
         let git_err = |operation: &'static str| {
             let shown = shown.clone();
@@ -246,13 +254,33 @@ fn command(cwd: &Path) -> Command {
     cmd
 }
 
+/// A repository string that is neither a URL, nor scp-like (`host:path`), nor
+/// an absolute path.
+fn is_relative_path(repository: &str) -> bool {
+    let scp_like = repository
+        .split_once(':')
+        .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'));
+    !repository.contains("://") && !repository.starts_with('/') && !scp_like
+}
+
+/// Why git could not be started in `cwd`: the directory is missing, or git is.
+fn spawn_error(cwd: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound && !cwd.is_dir() {
+        format!("cannot run git in {}: the directory does not exist", cwd.display())
+    } else if e.kind() == std::io::ErrorKind::NotFound {
+        "cannot run git: it is not installed (not on PATH)".to_owned()
+    } else {
+        format!("cannot run git in {}: {e}", cwd.display())
+    }
+}
+
 /// Runs git and returns its stdout, or its stderr (trimmed) as the error.
 async fn git(cwd: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = command(cwd)
         .args(args)
         .output()
         .await
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(|e| spawn_error(cwd, &e))?;
     if out.status.success() {
         Ok(out.stdout)
     } else {
@@ -276,7 +304,7 @@ async fn cat_blobs<'a>(repo: &Path, oids: impl Iterator<Item = &'a str>) -> Resu
         .args(["cat-file", "--batch"])
         .stdin(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(|e| spawn_error(repo, &e))?;
     let mut input = String::new();
     for oid in oids {
         input.push_str(oid);
@@ -337,6 +365,22 @@ fn parse_batch(mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relative_repository_paths_are_told_from_urls_scp_and_absolute_paths() {
+        for r in ["shop-api", "./shop-api", "../repos/shop", "repos/shop.git"] {
+            assert!(super::is_relative_path(r), "{r}");
+        }
+        for r in [
+            "/srv/git/shop",
+            "file:///srv/git/shop",
+            "https://git.example.org/shop.git",
+            "git@git.example.org:shop/api.git",
+            "ssh://git@host/x",
+        ] {
+            assert!(!super::is_relative_path(r), "{r}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -96,3 +96,19 @@ fn invalid_configuration_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+#[test]
+fn a_relative_repos_dir_is_refused_naming_the_key() {
+    let dir = TempDir::new("cli");
+    let path = config_file(
+        &dir,
+        "[daemon]\nzone = \"staging\"\n[migration]\nrepos_dir = \"cache/repos\"\n",
+    );
+    let out = daemon().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("migration.repos_dir") && stderr.contains("cache/repos is a relative path"),
+        "{stderr}"
+    );
+}

@@ -65,6 +65,25 @@ async fn a_later_commit_is_fetched_into_an_existing_cache() {
 }
 
 #[tokio::test]
+async fn a_relative_repository_path_is_refused_naming_it() {
+    let db = TestDb::create().await;
+    let repo = GitRepo::new();
+    let cache = TempDir::new("cache");
+    repo.write("README.md", "x\n");
+    let sha = repo.commit("docs");
+    let mut job = migrate_job("staging", &repo, &sha, Uuid::new_v4());
+    job.deploy.repository = "shop-api".into();
+    let err = run(&role(&db, &cache), &job).await.unwrap_err();
+    assert!(
+        err.message.contains("\"shop-api\" is a relative path"),
+        "{}: {}",
+        err.code,
+        err.message
+    );
+    assert!(!err.retryable, "bad input is not retried");
+}
+
+#[tokio::test]
 async fn a_commit_without_the_migrations_folder_is_refused_naming_folder_and_commit() {
     let db = TestDb::create().await;
     let repo = GitRepo::new();
