@@ -116,6 +116,8 @@ pub struct MigrationSet {
     pub origin: String,
     pub journal: Journal,
     pub migrations: Vec<Migration>,
+    /// `.sql` files (not `.down.sql`) the journal does not name, in name order.
+    pub unjournaled: Vec<String>,
 }
 
 impl MigrationSet {
@@ -178,10 +180,17 @@ impl MigrationSet {
                 recovery,
             });
         }
+        let unjournaled = files
+            .keys()
+            .filter(|p| !p.contains('/') && p.ends_with(".sql") && !p.ends_with(".down.sql"))
+            .filter(|p| !migrations.iter().any(|m| format!("{}.sql", m.tag) == **p))
+            .cloned()
+            .collect();
         Ok(Self {
             origin,
             journal,
             migrations,
+            unjournaled,
         })
     }
 

@@ -54,6 +54,10 @@ pub struct MigrateOutputs {
     /// What the integrity checks did.
     #[serde(default)]
     pub verify: Value,
+    /// `.sql` files in the folder that the journal does not name: never
+    /// applied (drizzle applies journal entries only), usually a mistake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unjournaled_sql: Vec<String>,
 }
 
 /// What `rollback` needs from the `migrate` outputs.
@@ -224,6 +228,14 @@ impl DbMigration {
             migrations = set.migrations.len(),
             "migrations read"
         );
+        if !set.unjournaled.is_empty() {
+            tracing::warn!(
+                run_id = %job.run_id,
+                step_id = %job.step_id,
+                files = ?set.unjournaled,
+                "sql files the journal does not name are never applied"
+            );
+        }
         Ok(set)
     }
 
@@ -348,6 +360,7 @@ impl DbMigration {
             database: service.to_owned(),
             last_created_at: after.last,
             verify: report.to_json(),
+            unjournaled_sql: set.unjournaled.clone(),
         };
         Ok(to_fields(&out))
     }

@@ -179,6 +179,25 @@ async fn additive_migrations_in_production_need_no_backup() {
 }
 
 #[tokio::test]
+async fn sql_files_the_journal_does_not_name_are_reported_and_not_applied() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    repo.write(
+        &format!("{DIR}/0009_forgotten.sql"),
+        "CREATE TABLE forgotten (id int);\n",
+    );
+    let sha = repo.commit("a file outside the journal");
+    let out = run(&role(&db, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(strings(&out["applied"]).len(), 2);
+    assert_eq!(strings(&out["unjournaled_sql"]), ["0009_forgotten.sql"]);
+    assert!(!db.tables().await.contains(&"forgotten".to_owned()), "never applied");
+}
+
+#[tokio::test]
 async fn concurrent_migrations_of_one_database_apply_exactly_once() {
     let db = TestDb::create().await;
     let cache = TempDir::new("cache");
