@@ -36,6 +36,11 @@ impl Held {
         &self.name
     }
 
+    /// The connection holding the lock.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
     /// Releases the lock (after the database is dropped).
     pub async fn release(self) {
         let _ = self.conn.close().await;

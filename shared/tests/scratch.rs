@@ -24,7 +24,7 @@ async fn a_sweep_drops_the_scratch_databases_whose_creator_is_gone_and_no_other(
     let live_lock = scratch::hold(PgConnection::connect(ADMIN).await.unwrap(), &live)
         .await
         .unwrap();
-    let dead_lock = scratch::hold(PgConnection::connect(ADMIN).await.unwrap(), &dead)
+    let mut dead_lock = scratch::hold(PgConnection::connect(ADMIN).await.unwrap(), &dead)
         .await
         .unwrap();
     for name in [&live, &dead] {
@@ -35,17 +35,20 @@ async fn a_sweep_drops_the_scratch_databases_whose_creator_is_gone_and_no_other(
     }
     // While both creators live, nothing is swept.
     assert!(scratch::sweep(&mut admin, &prefix).await.unwrap().is_empty());
-    // One creator's session ends (as when its process is killed).
+    // One creator's process dies: its session is ended, and the server waits
+    // until it is gone (PostgreSQL 14's pg_terminate_backend with a timeout).
+    let dead_pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(dead_lock.connection())
+        .await
+        .unwrap();
+    let ended: bool = sqlx::query_scalar("select pg_terminate_backend($1, 30000)")
+        .bind(dead_pid)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(ended);
     drop(dead_lock);
-    let mut dropped = Vec::new();
-    for _ in 0..600 {
-        dropped = scratch::sweep(&mut admin, &prefix).await.unwrap();
-        if !dropped.is_empty() {
-            break;
-        }
-        // The server notices the closed session a moment later.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let dropped = scratch::sweep(&mut admin, &prefix).await.unwrap();
     assert_eq!(dropped, std::slice::from_ref(&dead));
     assert!(!exists(&mut admin, &dead).await);
     assert!(exists(&mut admin, &live).await, "a live creator's database stays");

@@ -584,17 +584,20 @@ async fn a_daemon_killed_mid_check_leaves_its_scratch_database_to_its_successor(
         &log,
         &[("BATON_PAUSEPOINTS", "backup-scratch-created:600000")],
     );
-    let mut scratch = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while scratch.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no scratch database; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        scratch = scratch_of(&admin, &zone).await;
-    }
+    // The pause point says so in the log when the daemon reaches it.
+    wait_for(
+        "the spot check's scratch database",
+        &log,
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("pause point backup-scratch-created")
+        },
+    )
+    .await;
+    let scratch = scratch_of(&admin, &zone).await;
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
     // A sweep while its daemon lives leaves it alone.
     assert!(
         env.role
@@ -618,20 +621,17 @@ async fn a_daemon_killed_mid_check_leaves_its_scratch_database_to_its_successor(
     );
     // Its successor sweeps it at start.
     let successor = Daemon::start(&vhost, &config, &log);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while scratch_of(&admin, &zone).await.iter().any(|d| scratch.contains(d)) {
-        assert!(
-            Instant::now() < deadline,
-            "the leftover was not swept; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("leftover scratch database of a daemon that died dropped"),
-        "the successor says what it dropped"
-    );
+    wait_for(
+        "the successor to sweep the leftover",
+        &log,
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| {
+                l.contains("leftover scratch database of a daemon that died dropped") && l.contains(&scratch[0])
+            })
+        },
+    )
+    .await;
+    assert!(scratch_of(&admin, &zone).await.is_empty(), "the leftover is gone");
     let _ = successor.terminate(Duration::from_secs(30)).await;
 }
