@@ -563,6 +563,12 @@ async fn dispatch(cli: Cli) -> Outcome {
                         "{}",
                         truncate(&format!("    {} ({}, by {})", i.title, i.source, i.opened_by), 80)
                     );
+                    if i.truncated_alerts > 0 {
+                        println!(
+                            "    Alertmanager cut {} alert(s) from its group: see Alertmanager for all",
+                            i.truncated_alerts
+                        );
+                    }
                 }
                 if incidents.is_empty() {
                     println!("no open incidents");

@@ -821,6 +821,9 @@ async fn a_hand_resolved_alert_is_acknowledged_until_it_resolves_and_bad_input_i
     let (_, list) = api.get(&api.viewer, "/v1/incidents").await;
     let list: Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list[0]["truncated_alerts"], 12, "{list}");
+    let (code, out) = cli(&env, &api, &api.viewer, &["incident", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Alertmanager cut 12 alert(s) from its group"), "{out}");
 
     // Resolved by hand while the alert fires: its repeats do not reopen it...
     let (status, _) = api
