@@ -340,7 +340,7 @@ async fn dispatch(cli: Cli) -> Outcome {
             cfg.validate_for_serving().map_err(bad_input)?;
             telemetry::init_logging(&cfg.log);
             let pipeline = load_pipeline(None, Some(&cfg))?;
-            crate::service::run(cfg, pipeline, baton_shared::runtime::shutdown_signal())
+            crate::service::run(cfg, pipeline, baton_shared::shutdown::signal())
                 .await
                 .map_err(unavailable)?;
             Ok(ExitCode::SUCCESS)

@@ -1,5 +1,5 @@
 //! The CLI's client of the scheduler's HTTP API: operators hold an API token,
-//! never database credentials (DESIGN §11).
+//! never database credentials (docs/architecture.md, Interfaces).
 
 use baton_shared::secret::Secret;
 use reqwest::StatusCode;

@@ -76,7 +76,7 @@ pub struct SchedulerSettings {
     pub queue_policy: QueuePolicy,
 }
 
-/// Which of an environment's waiting runs deploys next (DESIGN §5).
+/// Which of an environment's waiting runs deploys next (docs/architecture.md, State machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueuePolicy {

@@ -338,6 +338,7 @@ fn event(repo: &Path, sha: &str, paths: Vec<String>, title: &str, number: u64) -
         risk: Risk::Standard,
         requested_by: "baton demo".into(),
         ci_run_url: format!("https://ci.example.org/shop-api/runs/{number}"),
+        exceptions: Vec::new(),
     }
 }
 
@@ -441,7 +442,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
     }
     tokio::select! {
         res = run_demo(cfg, opts) => res,
-        () = baton_shared::runtime::shutdown_signal() => bail!("interrupted; the demo's processes were stopped"),
+        () = baton_shared::shutdown::signal() => bail!("interrupted; the demo's processes were stopped"),
     }
 }
 
@@ -656,7 +657,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         database: true,
     }];
     for zone in ["staging", "production"] {
-        for role in ["db-migration", "backup"] {
+        for role in [baton_shared::roles::DB_MIGRATION, baton_shared::roles::BACKUP] {
             expected.push(Readiness {
                 label: format!("{role}-{zone}"),
                 queues: vec![topology::job_queue(zone, role)],

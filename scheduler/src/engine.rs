@@ -191,7 +191,7 @@ impl StepState {
     /// The role serving the step's current job: the backup role while restoring.
     pub fn job_role(&self) -> &str {
         if self.restoring && self.status == StepStatus::Compensating {
-            "backup"
+            baton_shared::roles::BACKUP
         } else {
             &self.role
         }
@@ -1252,7 +1252,10 @@ impl RunState {
             .steps
             .iter()
             .find(|b| {
-                b.role == "backup" && b.action == "pre-deploy" && b.zone == step.zone && step.needs.contains(&b.id)
+                b.role == baton_shared::roles::BACKUP
+                    && b.action == "pre-deploy"
+                    && b.zone == step.zone
+                    && step.needs.contains(&b.id)
             })
             .ok_or_else(|| {
                 format!(
@@ -1260,12 +1263,12 @@ impl RunState {
                     step.zone, step.id
                 )
             })?;
-        let verified = b.outputs.get("verified") == Some(&serde_json::Value::Bool(true));
-        let of_run = b.outputs.get("run_id").and_then(|v| v.as_str()) == Some(self.id.to_string().as_str());
-        match b.outputs.get("backup_id").and_then(|v| v.as_str()) {
-            Some(id) if b.status == StepStatus::Succeeded && verified && of_run => Ok(id.to_owned()),
-            _ => Err(format!("{} has no verified backup of this run ({})", b.id, b.status)),
+        if b.status != StepStatus::Succeeded {
+            return Err(format!("{} has no verified backup of this run ({})", b.id, b.status));
         }
+        baton_shared::facts::verified_backup_of_run(&b.id, &b.outputs, self.id)
+            .map(|backup| backup.backup_id)
+            .map_err(|e| e.to_string())
     }
 
     fn dispatch(&mut self, i: usize, kind: JobKind, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
@@ -1287,6 +1290,7 @@ impl RunState {
             repository: self.event.repository.clone(),
             commit_sha: self.event.commit_sha.clone(),
             risk: self.event.risk,
+            exceptions: self.event.exceptions.clone(),
         };
         let s = &mut self.steps[i];
         s.attempt += 1;

@@ -1,5 +1,5 @@
 //! Gates: the checks that decide whether a run may start and whether a step may
-//! be dispatched (DESIGN §6). Pure: the engine passes the run, the facts the
+//! be dispatched (docs/architecture.md, Gates). Pure: the engine passes the run, the facts the
 //! store loaded (open incidents, approvals) and `now`.
 //!
 //! Every gate answers with a verdict: pass, warn (recorded, does not block),
@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use baton_shared::protocol::{MergeEvent, Risk};
+use baton_shared::facts::{self, FactSet, ImageBuilt, MigrationsApplied, StagingVerified, TerraformPlanned};
+use baton_shared::protocol::{ADDITIVE_FIRST, MergeEvent, Risk};
+use baton_shared::roles::{BACKUP, CONTAINER_BUILD, DB_MIGRATION, PRODUCTION_APPLY, STAGING_VERIFY};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -56,7 +58,7 @@ impl Default for GatesConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MergeConfig {
-    /// People whose approval of the pull request lets it deploy (the seed's: Marta, Iwona).
+    /// People whose approval of the pull request lets it deploy (default: the seed's approvers, `marta` and `iwona`).
     pub required_approvers: Vec<String>,
     /// How many of them must have approved. The pull request's author never counts.
     pub min_approvals: usize,
@@ -357,7 +359,6 @@ pub fn evaluate_step(run: &RunState, i: usize, facts: &Facts, policy: &Policy, n
     let mut window = None;
     for gate in &step.gates {
         let verdict = match gate.as_str() {
-            "migration-reversible" => migration_reversible(run),
             "backup-verified" => backup_verified(run, step),
             "blast-radius" => blast_radius(run, step, facts, policy, now),
             "staging-soak" => staging_soak(run, policy, now),
@@ -390,49 +391,27 @@ fn succeeded(run: &RunState, pred: impl Fn(&StepState) -> bool) -> impl Iterator
 /// migration step that already ran reported one.
 fn destructive(run: &RunState) -> bool {
     run.event.flags.iter().any(|f| f == "destructive_migration")
-        || succeeded(run, |s| s.role == "db-migration")
-            .any(|s| s.outputs.get("destructive") == Some(&Value::Bool(true)))
-}
-
-fn migration_reversible(run: &RunState) -> Verdict {
-    let earlier: Vec<&str> = succeeded(run, |s| s.role == "db-migration")
-        .map(|s| s.id.as_str())
-        .collect();
-    if earlier.is_empty() {
-        Verdict::pass(
-            "checked by the db-migration daemon before it applies anything: a migration without a down file \
-             needs a documented recovery procedure or the step fails",
-        )
-    } else {
-        Verdict::pass(format!(
-            "the same migrations passed the reversibility check in {}",
-            earlier.join(", ")
-        ))
-    }
+        || succeeded(run, |s| s.role == DB_MIGRATION)
+            .any(|s| MigrationsApplied::read(&s.id, &s.outputs).is_ok_and(|m| m.destructive))
 }
 
 fn backup_verified(run: &RunState, step: &StepState) -> Verdict {
-    if step.role == "db-migration" && !destructive(run) {
+    if step.role == DB_MIGRATION && !destructive(run) {
         return Verdict::pass("no destructive migration in this run");
     }
     let Some(b) = run
         .steps
         .iter()
-        .find(|s| s.role == "backup" && s.action == "pre-deploy" && s.included)
+        .find(|s| s.role == BACKUP && s.action == "pre-deploy" && s.included)
     else {
         return Verdict::fail("the plan has no pre-deploy backup step");
     };
     if b.status != StepStatus::Succeeded {
         return Verdict::fail(format!("pre-deploy backup {} is {}, not succeeded", b.id, b.status));
     }
-    let id = b.outputs.get("backup_id").and_then(Value::as_str);
-    let verified = b.outputs.get("verified") == Some(&Value::Bool(true));
-    let of_run = b.outputs.get("run_id").and_then(Value::as_str) == Some(run.id.to_string().as_str());
-    match (id, verified, of_run) {
-        (Some(id), true, true) => Verdict::pass(format!("backup {id} from {} is verified", b.id)),
-        (None, ..) => Verdict::fail(format!("{} reported no backup_id", b.id)),
-        (Some(id), false, _) => Verdict::fail(format!("backup {id} from {} is not verified", b.id)),
-        (Some(id), true, false) => Verdict::fail(format!("backup {id} from {} is not of this run", b.id)),
+    match facts::verified_backup_of_run(&b.id, &b.outputs, run.id) {
+        Ok(backup) => Verdict::pass(format!("backup {} from {} is verified", backup.backup_id, b.id)),
+        Err(e) => Verdict::fail(e.to_string()),
     }
 }
 
@@ -444,7 +423,8 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
         .unwrap_or(5);
     let reported = succeeded(run, |s| step.needs.contains(&s.id))
         .chain(std::iter::once(step))
-        .find_map(|s| s.outputs.get("resources_changed").and_then(Value::as_u64));
+        .find_map(|s| TerraformPlanned::read(&s.id, &s.outputs).ok())
+        .map(|p| p.resources_changed);
     match reported {
         Some(n) if n <= limit => Verdict::pass(format!("{n} resources change (limit {limit})")),
         Some(n) => approval(
@@ -455,9 +435,9 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
             now,
             &format!("{n} resources change, above the blast radius limit of {limit}"),
         ),
-        // The seed pipeline has no separate plan step yet: the infrastructure daemon
-        // plans, checks the limit and refuses a larger change itself. Recorded so the
-        // gap is visible in every run's history.
+        // Before the first plan of the run nobody knows the change's size: the
+        // infrastructure daemon plans, checks the same limit and refuses a larger
+        // change without approval itself. Recorded so every run's history says so.
         None => Verdict::Warn {
             reason: format!(
                 "no Terraform plan facts before this step; the infrastructure daemon must refuse a plan \
@@ -468,7 +448,7 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
 }
 
 fn staging_soak(run: &RunState, policy: &Policy, now: DateTime<Utc>) -> Verdict {
-    let Some(v) = succeeded(run, |s| s.role == "staging-verify").next() else {
+    let Some(v) = succeeded(run, |s| s.role == STAGING_VERIFY).next() else {
         return Verdict::fail("no staging verification succeeded in this run");
     };
     let Some(since) = v.started_at else {
@@ -501,7 +481,7 @@ fn staging_soak(run: &RunState, policy: &Policy, now: DateTime<Utc>) -> Verdict 
 }
 
 fn performance_regression(run: &RunState) -> Verdict {
-    let Some(v) = succeeded(run, |s| s.role == "staging-verify").next() else {
+    let Some(v) = succeeded(run, |s| s.role == STAGING_VERIFY).next() else {
         return Verdict::fail("no staging verification succeeded in this run");
     };
     let limit = v
@@ -509,26 +489,39 @@ fn performance_regression(run: &RunState) -> Verdict {
         .get("max_regression_percent")
         .and_then(Value::as_f64)
         .unwrap_or(20.0);
-    match v.outputs.get("regression_percent").and_then(Value::as_f64) {
-        Some(p) if p <= limit => Verdict::pass(format!("{p} % slower than the baseline (limit {limit} %)")),
-        Some(p) => Verdict::fail(format!("{p} % slower than the baseline, above the limit of {limit} %")),
-        None => Verdict::fail(format!("{} reported no regression_percent", v.id)),
+    match StagingVerified::read(&v.id, &v.outputs) {
+        Ok(f) if f.regression_percent <= limit => Verdict::pass(format!(
+            "{} % slower than the baseline (limit {limit} %)",
+            f.regression_percent
+        )),
+        Ok(f) => Verdict::fail(format!(
+            "{} % slower than the baseline, above the limit of {limit} %",
+            f.regression_percent
+        )),
+        Err(e) => Verdict::fail(e.to_string()),
     }
 }
 
 fn image_match(run: &RunState) -> Verdict {
-    let digest = |s: &StepState| s.outputs.get("image_digest").and_then(Value::as_str).map(str::to_owned);
-    let Some(build) = succeeded(run, |s| s.role == "container-build").next() else {
+    let Some(build) = succeeded(run, |s| s.role == CONTAINER_BUILD).next() else {
         return Verdict::fail("no image was built in this run");
     };
-    let Some(verify) = succeeded(run, |s| s.role == "staging-verify").next() else {
+    let Some(verify) = succeeded(run, |s| s.role == STAGING_VERIFY).next() else {
         return Verdict::fail("no staging verification succeeded in this run");
     };
-    match (digest(build), digest(verify)) {
-        (Some(b), Some(v)) if b == v => Verdict::pass(format!("production gets {b}, the image verified on staging")),
-        (Some(b), Some(v)) => Verdict::fail(format!("{} built {b} but staging verified {v}", build.id)),
-        (None, _) => Verdict::fail(format!("{} reported no image_digest", build.id)),
-        (_, None) => Verdict::fail(format!("{} reported no image_digest", verify.id)),
+    let built = match ImageBuilt::read(&build.id, &build.outputs) {
+        Ok(f) => f.image_digest,
+        Err(e) => return Verdict::fail(e.to_string()),
+    };
+    match StagingVerified::read(&verify.id, &verify.outputs) {
+        Ok(v) if v.image_digest == built => {
+            Verdict::pass(format!("production gets {built}, the image verified on staging"))
+        }
+        Ok(v) => Verdict::fail(format!(
+            "{} built {built} but staging verified {}",
+            build.id, v.image_digest
+        )),
+        Err(e) => Verdict::fail(e.to_string()),
     }
 }
 
@@ -539,7 +532,7 @@ fn maintenance_window(
     now: DateTime<Utc>,
 ) -> (Verdict, Option<(DateTime<Utc>, Overrun)>) {
     let high_risk = matches!(run.event.risk, Risk::High | Risk::Critical);
-    let destructive = step.role == "db-migration" && destructive(run);
+    let destructive = step.role == DB_MIGRATION && destructive(run);
     if !high_risk && !destructive {
         return (
             Verdict::pass("standard risk and no destructive migration: no window needed"),
@@ -641,29 +634,54 @@ fn approval(
     Verdict::approval(reason)
 }
 
+/// The seed's "never rename/remove and deploy simultaneously", on the facts the
+/// migrations of this run reported: a rename or removal that the deployed
+/// commit's code still names fails the run, unless the merge event carries an
+/// `additive-first` exception (its reason is in the run's audit log). The
+/// db-migration daemon refuses such a migration before applying it; this gate
+/// holds the later steps to the same rule whatever the daemon did.
 fn additive_first(run: &RunState) -> Verdict {
-    let warnings: Vec<String> = succeeded(run, |s| s.role == "db-migration")
-        .filter_map(|s| s.outputs.get("warnings").and_then(Value::as_array))
-        .flatten()
-        .filter_map(|w| w.as_str().map(str::to_owned))
-        .collect();
     let code_ships = run
         .steps
         .iter()
-        .any(|s| s.included && matches!(s.role.as_str(), "container-build" | "production-apply"));
-    match (warnings.is_empty(), code_ships) {
-        (true, _) => Verdict::pass("no renames or removals in this run's migrations"),
-        (false, false) => Verdict::pass(format!(
-            "renames or removals ({}) but no application code ships in this run",
-            warnings.join("; ")
+        .any(|s| s.included && (s.role == CONTAINER_BUILD || s.role == PRODUCTION_APPLY));
+    let mut in_use = Vec::new();
+    let mut removals = 0;
+    for s in succeeded(run, |s| s.role == DB_MIGRATION) {
+        match MigrationsApplied::read(&s.id, &s.outputs) {
+            Ok(m) => {
+                removals += m.removals.len();
+                in_use.extend(
+                    m.in_use()
+                        .map(|r| format!("{}: {} (still named in {})", r.tag, r.change, r.used_by.join(", "))),
+                );
+            }
+            Err(e) => return Verdict::fail(e.to_string()),
+        }
+    }
+    let exception = run.event.exceptions.iter().find(|e| e.rule == ADDITIVE_FIRST);
+    match (in_use.is_empty(), code_ships, exception) {
+        (true, _, _) if removals == 0 => Verdict::pass("no renames or removals in this run's migrations"),
+        (true, _, _) => Verdict::pass(format!(
+            "{removals} rename(s) or removal(s), none named by the deployed code"
         )),
-        (false, true) => Verdict::Warn {
+        (false, false, _) => Verdict::pass(format!(
+            "renames or removals still named in code ({}) but no application code ships in this run",
+            in_use.join("; ")
+        )),
+        (false, true, Some(e)) => Verdict::Warn {
             reason: format!(
-                "additive-first rule: this run renames or removes ({}) in the same deploy as application code; \
-                 code that still needs the old shape breaks. Ship the additive change first, the removal later",
-                warnings.join("; ")
+                "additive-first exception for this deploy ({}): {}",
+                e.reason,
+                in_use.join("; ")
             ),
         },
+        (false, true, None) => Verdict::fail(format!(
+            "additive-first: this run renames or removes what the deployed code still names ({}); ship the \
+             additive change first and the removal in a later deploy, or give the merge event an \
+             additive-first exception with a reason",
+            in_use.join("; ")
+        )),
     }
 }
 

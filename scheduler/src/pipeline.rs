@@ -17,7 +17,7 @@
 //!
 //! [[step]]
 //! id = "db.production"        # unique; a-z, 0-9, '-', '_', '.'
-//! role = "db-migration"       # one of KNOWN_ROLES
+//! role = "db-migration"       # a role of baton_shared::roles
 //! zone = "production"         # any zone name (a-z, 0-9, '-', '_'); jobs go to baton.<zone>.<role>
 //! action = "migrate"          # what the role daemon does
 //! needs = ["db.staging", "backup.*"]  # step ids or globs over step ids (never the step itself)
@@ -56,23 +56,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Roles a step may name; each has a daemon that consumes `baton.<zone>.<role>`.
-pub const KNOWN_ROLES: &[&str] = &[
-    "container-build",
-    "db-migration",
-    "infrastructure",
-    "staging-verify",
-    "production-apply",
-    "network",
-    "cdn",
-    "backup",
-];
-
 /// Gates a step may ask for, checked before the step is dispatched. Run-wide gates (merge
 /// approval, previous deployment in progress, active incident) apply to every run and are
 /// not listed on steps.
 pub const KNOWN_GATES: &[&str] = &[
-    "migration-reversible",
     "backup-verified",
     "blast-radius",
     "staging-soak",
@@ -132,7 +119,7 @@ pub enum PipelineError {
     },
     #[error("step {step:?}: duplicate step id")]
     DuplicateStep { step: String },
-    #[error("step {step:?}: unknown role {role:?} (known roles: {})", KNOWN_ROLES.join(", "))]
+    #[error("step {step:?}: unknown role {role:?} (known roles: {})", baton_shared::roles::names().collect::<Vec<_>>().join(", "))]
     UnknownRole { step: String, role: String },
     #[error("step {step:?}: unknown gate {gate:?} (known gates: {})", KNOWN_GATES.join(", "))]
     UnknownGate { step: String, gate: String },
@@ -347,7 +334,10 @@ impl Pipeline {
             }
             if step.restore_from_backup
                 && !self.steps.iter().any(|b| {
-                    b.role == "backup" && b.action == "pre-deploy" && b.zone == step.zone && step.needs.contains(&b.id)
+                    b.role == baton_shared::roles::BACKUP
+                        && b.action == "pre-deploy"
+                        && b.zone == step.zone
+                        && step.needs.contains(&b.id)
                 })
             {
                 return Err(PipelineError::Invalid {
@@ -415,12 +405,16 @@ impl StepDef {
     fn validate(&self) -> Result<(), PipelineError> {
         let at = step_at(&self.id);
         check_name(&at, "step id", &self.id, NameKind::Dotted)?;
-        if !KNOWN_ROLES.contains(&self.role.as_str()) {
+        let Some(role) = baton_shared::roles::spec(&self.role) else {
             return Err(PipelineError::UnknownRole {
                 step: self.id.clone(),
                 role: self.role.clone(),
             });
-        }
+        };
+        role.check_params(&self.params).map_err(|e| PipelineError::Invalid {
+            at: at.clone(),
+            message: e.to_string(),
+        })?;
         // Zones and roles form the routing key `<zone>.<role>`, so they must not contain '.'.
         check_name(&at, "zone", &self.zone, NameKind::Plain)?;
         check_name(&at, "action", &self.action, NameKind::Plain)?;
@@ -434,6 +428,15 @@ impl StepDef {
             });
         }
         for gate in &self.gates {
+            if gate == "migration-reversible" {
+                return Err(PipelineError::Invalid {
+                    at,
+                    message: "gate \"migration-reversible\" is not a gate: the db-migration daemon enforces the \
+                              rule itself, before it applies anything (a migration without a down file needs a \
+                              recovery procedure, or `migrate` fails with irreversible_without_procedure); remove it"
+                        .into(),
+                });
+            }
             if !KNOWN_GATES.contains(&gate.as_str()) {
                 return Err(PipelineError::UnknownGate {
                     step: self.id.clone(),
@@ -1011,7 +1014,11 @@ mod tests {
         let p = Pipeline::seed();
         let comp = |id: &str| p.step(id).unwrap().compensate.clone();
         assert_eq!(comp("build"), None, "seed: not applicable, the image exists or not");
-        assert_eq!(comp("backup.pre"), None, "seed: otto verifies, does not deploy");
+        assert_eq!(
+            comp("backup.pre"),
+            None,
+            "seed: the backup role verifies, it deploys nothing"
+        );
         assert_eq!(comp("backup.post"), None);
         assert_eq!(comp("db.staging").as_deref(), Some("rollback"));
         assert_eq!(comp("db.production").as_deref(), Some("rollback"));
@@ -1027,7 +1034,8 @@ mod tests {
     fn seed_numbers_are_step_params() {
         let p = Pipeline::seed();
         let param = |id: &str, key: &str| p.step(id).unwrap().params.get(key).cloned();
-        assert_eq!(param("verify.staging", "soak_minutes"), Some(15.into()));
+        // The soak is the staging-soak gate's policy (gates.staging_soak_secs), not a param.
+        assert_eq!(param("verify.staging", "soak_minutes"), None);
         assert_eq!(param("verify.staging", "max_regression_percent"), Some(20.into()));
         for (key, value) in [
             ("max_surge", 1),
@@ -1343,13 +1351,39 @@ mod tests {
     fn params_keep_nested_values_and_dates_become_text() {
         let p = parse(&step(
             "a",
-            "params = { keep = { daily = 30 }, since = 2026-01-02T03:04:05Z, on = true }",
+            "params = { retention = { daily = 30 }, backup_id = 2026-01-02T03:04:05Z, require_pre_deploy = true }",
         ))
         .unwrap();
         let params = &p.step("a").unwrap().params;
-        assert_eq!(params["keep"], serde_json::json!({"daily": 30}));
-        assert_eq!(params["since"], "2026-01-02T03:04:05Z");
-        assert_eq!(params["on"], true);
+        assert_eq!(params["retention"], serde_json::json!({"daily": 30}));
+        assert_eq!(params["backup_id"], "2026-01-02T03:04:05Z");
+        assert_eq!(params["require_pre_deploy"], true);
+    }
+
+    #[test]
+    fn params_are_those_the_role_takes_with_their_types() {
+        let e = error(&step("a", "params = { keep = 3 }"));
+        assert!(
+            e.starts_with(r#"step "a": params.keep: role backup takes no such parameter (it takes: retention,"#),
+            "{e}"
+        );
+        let e = error(&step("a", "params = { require_pre_deploy = \"yes\" }"));
+        assert_eq!(
+            e,
+            r#"step "a": params.require_pre_deploy must be true or false, not "yes""#
+        );
+        let seed = SEED_TOML.replace("params.max_surge = 1", "params.max_surge = 1\nparams.max_surges = 2");
+        let e = Pipeline::from_toml(&seed).unwrap_err().to_string();
+        assert!(
+            e.contains("params.max_surges: role production-apply takes no such parameter"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn migration_reversible_is_refused_naming_where_the_rule_lives() {
+        let e = error(&step("a", "gates = [\"migration-reversible\"]"));
+        assert!(e.contains("the db-migration daemon enforces the rule itself"), "{e}");
     }
 
     #[test]

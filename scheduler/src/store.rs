@@ -642,8 +642,15 @@ impl Store {
             kind,
             detail,
         };
+        let exceptions: Vec<serde_json::Value> = event
+            .exceptions
+            .iter()
+            .map(|e| json!({"rule": e.rule, "reason": e.reason, "requested_by": event.requested_by}))
+            .collect();
+        let mut entries = vec![entry("run_created", &created), entry("gate", &gate)];
+        entries.extend(exceptions.iter().map(|d| entry("rule_exception", d)));
         // Nobody can have read the run yet: its version need not move.
-        audit::append_to_new_run(&mut tx, vec![entry("run_created", &created), entry("gate", &gate)]).await?;
+        audit::append_to_new_run(&mut tx, entries).await?;
         let mut out = Vec::new();
         self.admit(&mut tx, &event.service, &event.environment, &mut out)
             .await?;

@@ -40,10 +40,16 @@ pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Serialize + Default,
 {
+    figment(file)?.extract().map_err(|e| ConfigError::Figment(Box::new(e)))
+}
+
+/// The layered sources `load` extracts from: `baton.toml` (or the explicit
+/// `file`, which must exist), then `BATON_` variables.
+pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
     // Defaults come from `#[serde(default)]` on the config types, not from a
     // serialised default value: secrets serialise redacted.
-    let mut fig = Figment::new();
-    fig = match file {
+    let fig = Figment::new();
+    let fig = match file {
         Some(path) => {
             if !path.exists() {
                 return Err(ConfigError::MissingFile {
@@ -54,9 +60,7 @@ where
         }
         None => fig.merge(Toml::file("baton.toml")),
     };
-    fig.merge(Env::prefixed("BATON_").split("__"))
-        .extract()
-        .map_err(|e| ConfigError::Figment(Box::new(e)))
+    Ok(fig.merge(Env::prefixed("BATON_").split("__")))
 }
 
 /// The effective configuration as TOML, secrets redacted by their type.

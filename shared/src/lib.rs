@@ -1,18 +1,25 @@
 //! Baton's shared ground: the wire protocol, the broker topology, configuration
 //! loading, secrets, logging and the daemon runtime every role daemon is built on.
 //!
-//! Nothing here knows about the scheduler or about any particular role.
+//! Nothing here knows about the scheduler. What it knows of roles is their
+//! contracts: the registry of names and parameters (`roles`) and the facts they
+//! report to gates and later steps (`facts`).
 
 pub mod amqp;
 pub mod config;
+pub mod exit;
+pub mod facts;
 pub mod failpoint;
+pub mod kit;
 pub mod ledger;
 pub mod metrics;
 pub mod nodelay;
 pub mod protocol;
+pub mod roles;
 pub mod runtime;
 pub mod scratch;
 pub mod secret;
+pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
 pub mod topology;

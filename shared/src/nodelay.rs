@@ -1,14 +1,14 @@
 //! Turns Nagle's algorithm off on this process's TCP sockets.
 //!
-//! sqlx 0.9.0 leaves it on (sqlx issue #4335; 0.8 turned it off). In plain
+//! sqlx 0.9.0 leaves it on (0.8 turned it off). In plain
 //! text a statement leaves in one `write`, so it does not matter; over TLS a
 //! large statement leaves as several records, and the last one waits for the
 //! server's delayed ACK, about 40 ms. Under load that halved the scheduler's
-//! throughput (BENCHMARKS.md, session 7). sqlx offers no hook on its socket, so
+//! throughput (BENCHMARKS.md, "TLS, Nagle, and where a transition's time goes"). sqlx offers no hook on its socket, so
 //! this is called right after a connection is made, and it sets `TCP_NODELAY`
 //! on every socket the process has open: for other TCP sockets (the broker's,
 //! HTTP) it is harmless, and other kinds of socket refuse the option.
-//! Remove it once sqlx sets the option itself.
+//! An sqlx that sets the option itself makes this unnecessary.
 
 /// Sets `TCP_NODELAY` on every TCP socket of this process (Linux; elsewhere nothing).
 pub fn on_every_tcp_socket() {

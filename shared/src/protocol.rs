@@ -216,7 +216,25 @@ pub struct MergeEvent {
     pub requested_by: String,
     /// Link to the CI run that produced the event.
     pub ci_run_url: String,
+    /// Rules this deploy is explicitly excepted from, each with its reason; the
+    /// scheduler records them in the audit log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exceptions: Vec<RuleException>,
 }
+
+/// An explicit exception to one rule for one deploy (e.g. `additive-first` for a
+/// removal whose last user ships in the same deploy and tolerates it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleException {
+    /// The rule, e.g. `additive-first`.
+    pub rule: String,
+    /// Why the exception is safe; required.
+    pub reason: String,
+}
+
+/// The one rule a deploy can be excepted from today.
+pub const ADDITIVE_FIRST: &str = "additive-first";
 
 impl MergeEvent {
     /// The run this event becomes: the same (service, environment, commit) is always one run.
@@ -267,6 +285,25 @@ impl Message for MergeEvent {
         for f in &self.flags {
             check_name(k, "flags", f)?;
         }
+        for e in &self.exceptions {
+            if e.rule != ADDITIVE_FIRST {
+                return Err(ProtocolError::invalid(
+                    k,
+                    "exceptions[].rule",
+                    format!(
+                        "is {:?}; the only rule a deploy can be excepted from is {ADDITIVE_FIRST:?}",
+                        e.rule
+                    ),
+                ));
+            }
+            if e.reason.trim().is_empty() {
+                return Err(ProtocolError::invalid(
+                    k,
+                    "exceptions[].reason",
+                    "must say why the exception is safe",
+                ));
+            }
+        }
         check_non_empty(k, "requested_by", &self.requested_by)?;
         check_non_empty(k, "ci_run_url", &self.ci_run_url)?;
         Ok(())
@@ -305,6 +342,16 @@ pub struct Deploy {
     pub repository: String,
     pub commit_sha: String,
     pub risk: Risk,
+    /// The merge event's exceptions to rules (see [`MergeEvent::exceptions`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exceptions: Vec<RuleException>,
+}
+
+impl Deploy {
+    /// The exception to `rule` this deploy carries, if any.
+    pub fn exception(&self, rule: &str) -> Option<&RuleException> {
+        self.exceptions.iter().find(|e| e.rule == rule)
+    }
 }
 
 /// One attempt at executing or compensating one step, sent to `baton.<zone>.<role>`.
@@ -375,6 +422,99 @@ impl Message for StepJob {
             ));
         }
         Ok(())
+    }
+}
+
+/// A job parameter that does not fit the type the role reads it as.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("step {step}: param `{key}`: {problem}")]
+pub struct ParamError {
+    pub step: String,
+    /// The parameter's path (`retention.daily`), or `params` for the whole table.
+    pub key: String,
+    pub problem: String,
+}
+
+impl StepJob {
+    /// The job's parameters as the role's typed parameter struct. Give `T`
+    /// `#[serde(deny_unknown_fields)]` so a misspelt parameter is refused, and
+    /// `#[serde(default)]` for the optional ones. The error names the step and key.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T, ParamError> {
+        let value = Value::Object(self.params.clone());
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ParamError {
+                step: self.step_id.clone(),
+                key: if path == "." { "params".to_owned() } else { path },
+                problem: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// A valid job for tests and tools: execute `action` of `role` in `zone`
+    /// for a fresh run of `shop-api`, due now with a ten-minute budget. Change
+    /// any field afterwards.
+    pub fn example(zone: &str, role: &str, action: &str) -> Self {
+        let now = Utc::now();
+        Self {
+            v: PROTOCOL_VERSION,
+            message_id: Uuid::new_v4(),
+            run_id: Uuid::new_v4(),
+            step_id: format!("{role}.{zone}"),
+            attempt: 1,
+            kind: JobKind::Execute,
+            zone: zone.to_owned(),
+            role: role.to_owned(),
+            action: action.to_owned(),
+            params: Fields::new(),
+            inputs: BTreeMap::new(),
+            own_outputs: Fields::new(),
+            deploy: Deploy {
+                service: "shop-api".to_owned(),
+                environment: zone.to_owned(),
+                repository: String::new(),
+                commit_sha: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+                risk: Risk::Standard,
+                exceptions: Vec::new(),
+            },
+            issued_at: now,
+            not_after: now + chrono::Duration::minutes(10),
+            deadline: now + chrono::Duration::minutes(10),
+            heartbeat_ms: 1000,
+            lease_ms: 0,
+            traceparent: None,
+            signature: None,
+        }
+    }
+
+    /// With parameter `key` set to `value`.
+    pub fn with_param(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.params.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// With the outputs of input step `step`.
+    pub fn with_input(mut self, step: &str, outputs: Fields) -> Self {
+        self.inputs.insert(step.to_owned(), outputs);
+        self
+    }
+}
+
+/// A serialisable value (a role's typed outputs or report) as step outputs.
+///
+/// # Errors
+/// When `value` does not serialise to a JSON object.
+pub fn to_fields<T: Serialize + ?Sized>(value: &T) -> Result<Fields, StepError> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(StepError::fatal(
+            "internal",
+            format!("step outputs must be a JSON object, not {other}"),
+        )),
+        Err(e) => Err(StepError::fatal(
+            "internal",
+            format!("step outputs do not serialise: {e}"),
+        )),
     }
 }
 

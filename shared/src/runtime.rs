@@ -862,16 +862,6 @@ impl<F: Future + Unpin, S: Fn() -> bool + Unpin> Future for Fenced<F, S> {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C: the signal every Baton process stops on.
-pub async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 mod http {
     //! `/healthz`, `/readyz` and `/metrics` for a daemon.
 

@@ -308,6 +308,7 @@ mod tests {
                 repository: "r".into(),
                 commit_sha: "a".repeat(40),
                 risk: Risk::Standard,
+                exceptions: Vec::new(),
             },
             issued_at: now,
             not_after: now,

@@ -3,7 +3,7 @@
 //!
 //! OTLP goes over HTTP with the blocking client and the batch processor's own
 //! thread: the async reqwest client panics under the batch processor ("no
-//! reactor running"), see DESIGN §14.
+//! reactor running"), see docs/architecture.md, Dependency constraints.
 
 use std::io::IsTerminal;
 use std::time::Duration;

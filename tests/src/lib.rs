@@ -919,6 +919,7 @@ pub fn step_job(zone: &str, role: &str, not_after_secs: i64) -> baton_shared::pr
             repository: "r".into(),
             commit_sha: "0".repeat(40),
             risk: Risk::Standard,
+            exceptions: Vec::new(),
         },
         issued_at: now - chrono::Duration::seconds(120),
         not_after: now + chrono::Duration::seconds(not_after_secs),

@@ -1,4 +1,4 @@
-//! Fault injection over real processes (DESIGN §13, issue 7): the broker
+//! Fault injection over real processes (docs/architecture.md, Invariants): the broker
 //! restarted and alarmed, PostgreSQL stopped, schedulers killed, bursts of
 //! events while a daemon dies. After each scenario the invariants are checked:
 //! no run lost, each side effect at most once per (run, step), every transition
@@ -27,7 +27,7 @@ async fn check_invariants(env: &TestEnv, runs: &[Uuid]) -> Vec<RunView> {
 /// With `killed` daemons (label and pid, SIGKILLed mid-work), "at most once"
 /// counts completed executions: an attempt a killed daemon was running started
 /// but never ended. One it had finished but not yet reported runs again
-/// (DESIGN §13.4: one live executor per attempt, executors idempotent per run
+/// (docs/architecture.md, Invariants: one live executor per attempt, executors idempotent per run
 /// and step): as a new attempt once the old one's lease expires (recorded as
 /// lost from the killed daemon), or, if the daemon had not yet acknowledged the
 /// job (a quick job reports only its outcome), as the same attempt redelivered
@@ -595,7 +595,7 @@ async fn attempt_status(env: &TestEnv, run: Uuid, step: &str, attempt: i32) -> O
 }
 
 /// A replica that restarts every 2 s (SIGKILLed, started again) while another
-/// runs must not keep a killed daemon's attempt alive: each start used to push
+/// runs must not keep a killed daemon's attempt alive, as it would if each start pushed
 /// every lease in the database one lease period on. The bound stated here:
 /// lost within two lease periods plus 20 s of the daemon's death (one period
 /// is the lease itself; at most one renewal per silence adds the second;

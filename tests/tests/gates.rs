@@ -652,7 +652,7 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and_warns_additive_first() {
+async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and_an_excepted_removal_warns() {
     let env = TestEnv::new("gates-destructive").await;
     let opens = chrono::Utc::now() + chrono::Duration::seconds(6);
     let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -664,22 +664,27 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
         ),
     );
     drop(t);
-    // Staging reports what the db-migration daemon reports for a destructive migration.
+    // Scripted facts: staging reports what the db-migration daemon reports for a
+    // destructive migration whose column the shipped code still names.
     env.script(json!({
         "default": {"delay_ms": 20},
         "execute": {"db.staging": {"outputs": {
             "destructive": true,
-            "warnings": ["0002_drop_name: drops column name of customers"]
+            "removals": [{"tag": "0002_drop_name", "change": "drops column name of customers",
+                          "name": "name", "used_by": ["src/app.ts"]}]
         }}}
     }));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
-    // Standard risk: only the destructive migration needs the window.
-    let run = env.enqueue(&event(
+    // Standard risk: only the destructive migration needs the window. The event
+    // excepts the deploy from additive-first, with its reason.
+    let mut merge = event(
         "destructive",
         1,
         &["drizzle/migrations/0002_drop_name.sql", "src/app.ts"],
-    ));
+    );
+    merge["exceptions"] = json!([{"rule": "additive-first", "reason": "src/app.ts reads the column nowhere"}]);
+    let run = env.enqueue(&merge);
     let v = env.wait_run_status(run, "blocked", RUN_TIMEOUT).await;
     let hold = v
         .step("db.production")
@@ -705,16 +710,19 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
         .unwrap_or_else(|| panic!("{backup:?}"));
     assert!(backup["reason"].as_str().unwrap().contains("from backup.pre"));
     let warned = gate_entries(&v, "additive-first", "warn");
+    let reason = warned[0]["reason"].as_str().unwrap();
     assert!(
-        warned[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("drops column name of customers"),
+        reason.contains("drops column name of customers") && reason.contains("reads the column nowhere"),
         "{warned:?}"
+    );
+    assert!(
+        v.history.iter().any(|h| h.kind == "rule_exception"),
+        "the exception is audited: {:?}",
+        v.history
     );
 }
 
-/// DESIGN §7: a failed rollback stops. Its environment, left half undone,
+/// docs/architecture.md, Compensation: a failed rollback stops. Its environment, left half undone,
 /// stays held: the next run waits until an operator releases it through the
 /// CLI (a viewer may not), the release is in the held run's history, and the
 /// held environment is a metric to alert on.

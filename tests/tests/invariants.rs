@@ -1,5 +1,5 @@
-//! DESIGN §13 invariant 3: a duplicate or stale message changes nothing, and
-//! is audited. (Part of the fault-injection work; more scenarios to come.)
+//! docs/architecture.md, Invariants ("Exactly-once transitions"): a duplicate or stale message changes nothing, and
+//! is audited.
 
 use std::time::Duration;
 

@@ -8,35 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use baton_shared::config::DaemonConfig;
 use baton_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 
-use crate::error::BackupError;
+use crate::error::Error;
 use crate::region;
-use crate::schedule::ScheduleSettings;
-
-/// Everything `baton-backup` reads: the shared daemon sections and `[backup]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Config {
-    /// `[amqp]`, `[daemon]`, `[log]` and whatever else every daemon shares;
-    /// flattened so this crate follows the shared type as it grows.
-    #[serde(flatten)]
-    pub common: DaemonConfig,
-    pub backup: BackupSettings,
-}
-
-impl Config {
-    /// Checks every section; the error names the offending key.
-    pub fn validate(&self) -> Result<(), BackupError> {
-        self.backup.validate()?;
-        self.common.validate().map_err(|e| match e {
-            baton_shared::config::ConfigError::Invalid { key, problem } => BackupError::config(key, problem),
-            other => BackupError::config("daemon", other.to_string()),
-        })
-    }
-}
+use crate::retention::Policy;
+use chrono::NaiveTime;
 
 /// One storage location: a directory on a mounted volume, tagged with its region.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,24 +70,24 @@ impl Default for BackupSettings {
 
 impl BackupSettings {
     /// Checks what can be checked without touching the identity file or a database.
-    pub fn validate(&self) -> Result<(), BackupError> {
+    pub fn validate(&self) -> Result<(), Error> {
         check_pg_url("backup.admin_url", self.admin_url.expose())?;
         if self.recipients.is_empty() {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.recipients",
                 "must list at least one age public key (age1...): backups are encrypted at rest",
             ));
         }
         for (i, r) in self.recipients.iter().enumerate() {
             r.parse::<age::x25519::Recipient>().map_err(|e| {
-                BackupError::config(
+                Error::config(
                     format!("backup.recipients[{i}]"),
                     format!("is {r:?}, not an age X25519 public key: {e}"),
                 )
             })?;
         }
         if self.identity_file.as_os_str().is_empty() {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.identity_file",
                 "is required: verify and restore decrypt backups with it",
             ));
@@ -118,7 +96,7 @@ impl BackupSettings {
         check_location("backup.copy", &self.copy)?;
         let (p, c) = (&self.primary.path, &self.copy.path);
         if p == c || p.starts_with(c) || c.starts_with(p) {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.copy.path",
                 format!(
                     "is {}, which overlaps backup.primary.path {}; the copy must be a separate location",
@@ -128,7 +106,7 @@ impl BackupSettings {
             ));
         }
         if self.primary.region == self.copy.region {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.copy.region",
                 format!(
                     "is {:?}, the same as backup.primary.region; the copy must be in another availability zone",
@@ -137,7 +115,7 @@ impl BackupSettings {
             ));
         }
         if self.databases.is_empty() {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.databases",
                 "must map at least one service to its database URL",
             ));
@@ -145,7 +123,7 @@ impl BackupSettings {
         for (service, url) in &self.databases {
             let key = format!("backup.databases.{service}");
             baton_shared::protocol::check_name("config", "service", service)
-                .map_err(|e| BackupError::config(key.clone(), e.to_string()))?;
+                .map_err(|e| Error::config(key.clone(), e.to_string()))?;
             check_pg_url(&key, url.expose())?;
         }
         self.schedule.validate()
@@ -161,9 +139,9 @@ impl BackupSettings {
     }
 }
 
-fn check_location(key: &str, loc: &LocationConfig) -> Result<(), BackupError> {
+fn check_location(key: &str, loc: &LocationConfig) -> Result<(), Error> {
     if loc.path.as_os_str().is_empty() || !loc.path.is_absolute() {
-        return Err(BackupError::config(
+        return Err(Error::config(
             format!("{key}.path"),
             format!(
                 "must be an absolute directory path (is {:?})",
@@ -172,13 +150,13 @@ fn check_location(key: &str, loc: &LocationConfig) -> Result<(), BackupError> {
         ));
     }
     if has_dot_segments(&loc.path) {
-        return Err(BackupError::config(
+        return Err(Error::config(
             format!("{key}.path"),
             "must not contain `.` or `..` segments",
         ));
     }
     if region::eu_country(&loc.region).is_none() {
-        return Err(BackupError::config(
+        return Err(Error::config(
             format!("{key}.region"),
             format!(
                 "is {:?}, which is not an EU region; backups are stored in the EU only. Allowed: {}",
@@ -196,12 +174,79 @@ fn has_dot_segments(p: &Path) -> bool {
 }
 
 /// Parses a PostgreSQL URL without ever echoing it (it may hold a password).
-fn check_pg_url(key: &str, url: &str) -> Result<(), BackupError> {
+fn check_pg_url(key: &str, url: &str) -> Result<(), Error> {
     if url.is_empty() {
-        return Err(BackupError::config(key, "is required (a postgres:// URL)"));
+        return Err(Error::config(key, "is required (a postgres:// URL)"));
     }
-    crate::pg::PgTarget::parse(url).map_err(|problem| BackupError::config(key, problem))?;
+    crate::pg::PgTarget::parse(url).map_err(|problem| Error::config(key, problem))?;
     Ok(())
+}
+
+/// `[backup.schedule]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// Whether the daemon does the daily backup, prune and monthly restore
+    /// test itself. Turn it off where the zone takes no routine backups (the
+    /// seed's dev zone) or another daemon of the zone already does them.
+    pub enabled: bool,
+    /// Time of day, UTC, `HH:MM`, at which the daily work falls due.
+    pub daily_at: String,
+    /// Day of the month (1-28) from which the month's restore test is due.
+    pub restore_test_day: u32,
+    /// After a pass with a failed task, wait this long before trying again.
+    pub retry_secs: u64,
+    /// The policy the daily prune applies.
+    pub retention: Policy,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            daily_at: "02:00".into(),
+            restore_test_day: 1,
+            retry_secs: 900,
+            retention: Policy::default(),
+        }
+    }
+}
+
+impl ScheduleSettings {
+    /// Checks the settings; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.time_of_day()?;
+        if !(1..=28).contains(&self.restore_test_day) {
+            return Err(Error::config(
+                "backup.schedule.restore_test_day",
+                format!(
+                    "is {}; it must be a day of the month from 1 to 28, which every month has",
+                    self.restore_test_day
+                ),
+            ));
+        }
+        if self.retry_secs == 0 {
+            return Err(Error::config("backup.schedule.retry_secs", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// `daily_at` as a time of day.
+    pub fn time_of_day(&self) -> Result<NaiveTime, Error> {
+        let bad = || {
+            Error::config(
+                "backup.schedule.daily_at",
+                format!(
+                    "is {:?}; expected a UTC time of day as HH:MM, e.g. \"02:00\"",
+                    self.daily_at
+                ),
+            )
+        };
+        if self.daily_at.len() != 5 {
+            return Err(bad());
+        }
+        NaiveTime::parse_from_str(&self.daily_at, "%H:%M").map_err(|_| bad())
+    }
 }
 
 #[cfg(test)]
@@ -231,9 +276,9 @@ mod tests {
         }
     }
 
-    fn key_of(e: BackupError) -> String {
+    fn key_of(e: Error) -> String {
         match e {
-            BackupError::Config { key, .. } => key,
+            Error::Config { key, .. } => key,
             other => panic!("not a config error: {other}"),
         }
     }
@@ -289,11 +334,11 @@ mod tests {
 
     #[test]
     fn rendered_config_redacts_database_urls() {
-        let cfg = Config {
-            backup: valid(),
-            ..Config::default()
+        let cfg = baton_shared::kit::Config {
+            common: Default::default(),
+            settings: valid(),
         };
-        let text = baton_shared::config::render(&cfg);
+        let text = baton_shared::kit::render::<crate::Daemon>(&cfg);
         assert!(!text.contains("backup:pw"), "{text}");
         assert!(
             text.contains("[backup.databases]") && text.contains("[redacted]"),

@@ -13,7 +13,7 @@ use age::x25519;
 use baton_shared::secret::Secret;
 use sha2::{Digest, Sha256};
 
-use crate::error::BackupError;
+use crate::error::Error;
 
 /// The first bytes of every age v1 file.
 pub const AGE_HEADER: &[u8] = b"age-encryption.org/v1\n";
@@ -26,13 +26,13 @@ pub struct Keys {
 
 impl Keys {
     /// Keys from parsed values; at least one identity must open what the recipients encrypt.
-    pub fn new(recipients: Vec<x25519::Recipient>, identities: Vec<x25519::Identity>) -> Result<Self, BackupError> {
+    pub fn new(recipients: Vec<x25519::Recipient>, identities: Vec<x25519::Identity>) -> Result<Self, Error> {
         if recipients.is_empty() {
-            return Err(BackupError::config("backup.recipients", "must not be empty"));
+            return Err(Error::config("backup.recipients", "must not be empty"));
         }
         let publics: Vec<String> = recipients.iter().map(|r| r.to_string()).collect();
         if !identities.iter().any(|i| publics.contains(&i.to_public().to_string())) {
-            return Err(BackupError::config(
+            return Err(Error::config(
                 "backup.identity_file",
                 "holds no identity matching any of backup.recipients; verify could not decrypt the backups",
             ));
@@ -45,17 +45,17 @@ impl Keys {
 
     /// Parses the recipients and reads the identity file (`age-keygen` format:
     /// one `AGE-SECRET-KEY-1...` per line, `#` comments).
-    pub fn load(recipients: &[String], identity_file: &Path) -> Result<Self, BackupError> {
+    pub fn load(recipients: &[String], identity_file: &Path) -> Result<Self, Error> {
         let recipients = recipients
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 r.parse::<x25519::Recipient>()
-                    .map_err(|e| BackupError::config(format!("backup.recipients[{i}]"), format!("is {r:?}: {e}")))
+                    .map_err(|e| Error::config(format!("backup.recipients[{i}]"), format!("is {r:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let text = Secret::new(std::fs::read_to_string(identity_file).map_err(|e| {
-            BackupError::config(
+            Error::config(
                 "backup.identity_file",
                 format!("cannot be read ({}): {e}", identity_file.display()),
             )
@@ -68,7 +68,7 @@ impl Keys {
             }
             // The line itself is secret: report only its number.
             let id = line.parse::<x25519::Identity>().map_err(|_| {
-                BackupError::config(
+                Error::config(
                     "backup.identity_file",
                     format!(
                         "line {} of {} is not an age X25519 identity",
@@ -88,10 +88,10 @@ impl Keys {
     }
 
     /// Wraps `out` so that what is written to it is encrypted to every recipient.
-    pub fn encryptor<W: Write>(&self, out: W) -> Result<age::stream::StreamWriter<W>, BackupError> {
+    pub fn encryptor<W: Write>(&self, out: W) -> Result<age::stream::StreamWriter<W>, Error> {
         let enc = age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
-            .map_err(|e| BackupError::Encrypt(e.to_string()))?;
-        enc.wrap_output(out).map_err(|e| BackupError::Encrypt(e.to_string()))
+            .map_err(|e| Error::Encrypt(e.to_string()))?;
+        enc.wrap_output(out).map_err(|e| Error::Encrypt(e.to_string()))
     }
 
     /// A reader yielding the plaintext of the age file `input`.
@@ -101,14 +101,12 @@ impl Keys {
     }
 
     /// Encrypts `plaintext` into a new file at `path`; returns its digest.
-    pub fn encrypt_to_file(&self, plaintext: &[u8], path: &Path) -> Result<Digest256, BackupError> {
+    pub fn encrypt_to_file(&self, plaintext: &[u8], path: &Path) -> Result<Digest256, Error> {
         let file = create_private(path)?;
         let mut w = self.encryptor(HashingWriter::new(file))?;
         w.write_all(plaintext)
-            .map_err(BackupError::io(format!("writing {}", path.display())))?;
-        let hw = w
-            .finish()
-            .map_err(BackupError::io(format!("writing {}", path.display())))?;
+            .map_err(Error::io(format!("writing {}", path.display())))?;
+        let hw = w.finish().map_err(Error::io(format!("writing {}", path.display())))?;
         hw.finish_file(path)
     }
 }
@@ -139,11 +137,11 @@ impl<W: Write> HashingWriter<W> {
 
 impl HashingWriter<File> {
     /// Flushes and syncs the file, returning the digest of everything written.
-    pub fn finish_file(mut self, path: &Path) -> Result<Digest256, BackupError> {
+    pub fn finish_file(mut self, path: &Path) -> Result<Digest256, Error> {
         self.inner
             .flush()
             .and_then(|_| self.inner.sync_all())
-            .map_err(BackupError::io(format!("syncing {}", path.display())))?;
+            .map_err(Error::io(format!("syncing {}", path.display())))?;
         Ok(Digest256 {
             sha256: hex::encode(self.hasher.finalize()),
             bytes: self.bytes,
@@ -165,14 +163,14 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Creates a file only its owner can read (backups are encrypted, but need not be readable by all).
-pub fn create_private(path: &Path) -> Result<File, BackupError> {
+pub fn create_private(path: &Path) -> Result<File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(BackupError::io(format!("creating {}", path.display())))
+        .map_err(Error::io(format!("creating {}", path.display())))
 }
 
 /// SHA-256 and length of the file at `path`.
@@ -220,6 +218,26 @@ pub fn copy_stream(from: &mut impl Read, to: &mut impl Write) -> Result<u64, Cop
     }
     to.flush().map_err(CopyError::Write)?;
     Ok(total)
+}
+
+/// A fresh age identity written to `path` (mode 0600, which must not exist) in
+/// the format `age-keygen` writes; returns its recipient.
+pub fn keygen(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use age::secrecy::ExposeSecret;
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    writeln!(f, "# public key: {recipient}")?;
+    writeln!(f, "{}", identity.to_string().expose_secret())?;
+    Ok(recipient)
 }
 
 #[cfg(test)]

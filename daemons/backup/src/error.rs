@@ -31,7 +31,7 @@ impl std::fmt::Display for Site {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackupError {
+pub enum Error {
     #[error("invalid configuration: `{key}` {problem}")]
     Config { key: String, problem: String },
 
@@ -133,7 +133,7 @@ pub enum BackupError {
     Encrypt(String),
 }
 
-impl BackupError {
+impl Error {
     pub fn config(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self::Config {
             key: key.into(),
@@ -223,8 +223,8 @@ impl BackupError {
     }
 }
 
-impl From<BackupError> for StepError {
-    fn from(e: BackupError) -> Self {
+impl From<Error> for StepError {
+    fn from(e: Error) -> Self {
         e.to_step_error()
     }
 }

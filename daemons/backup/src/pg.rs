@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use crate::error::BackupError;
+use crate::error::Error;
 
 /// How much of a tool's stderr is kept for an error message.
 const STDERR_LIMIT: usize = 4000;
@@ -90,12 +90,9 @@ impl PgTarget {
         other
     }
 
-    fn connect_options(&self) -> Result<PgConnectOptions, BackupError> {
+    fn connect_options(&self) -> Result<PgConnectOptions, Error> {
         let mut opts = PgConnectOptions::from_str(self.url.as_str())
-            .map_err(BackupError::db(format!(
-                "database {}: bad connection URL",
-                self.database
-            )))?
+            .map_err(Error::db(format!("database {}: bad connection URL", self.database)))?
             .database(&self.database)
             .application_name("baton-backup");
         if let Some(p) = &self.password {
@@ -105,11 +102,11 @@ impl PgTarget {
     }
 
     /// Connects with the session settings every statistic is computed under.
-    pub async fn connect(&self) -> Result<PgConnection, BackupError> {
+    pub async fn connect(&self) -> Result<PgConnection, Error> {
         let opts = self.connect_options()?;
         let mut conn = PgConnection::connect_with(&opts)
             .await
-            .map_err(BackupError::db(format!("cannot connect to database {}", self.database)))?;
+            .map_err(Error::db(format!("cannot connect to database {}", self.database)))?;
         baton_shared::nodelay::on_every_tcp_socket();
         // Row text depends on these; fixing them makes checksums comparable
         // between the source and a restored copy on another server.
@@ -119,7 +116,7 @@ impl PgTarget {
         )
         .execute(&mut conn)
         .await
-        .map_err(BackupError::db(format!("database {}: session setup", self.database)))?;
+        .map_err(Error::db(format!("database {}: session setup", self.database)))?;
         Ok(conn)
     }
 
@@ -162,7 +159,7 @@ impl TableStats {
 
 /// User tables whose data `pg_dump` writes: ordinary tables outside the system
 /// schemas, not temporary, not members of an extension.
-pub async fn list_tables(conn: &mut PgConnection) -> Result<Vec<(String, String)>, BackupError> {
+pub async fn list_tables(conn: &mut PgConnection) -> Result<Vec<(String, String)>, Error> {
     let rows = sqlx::query(
         "SELECT n.nspname::text, c.relname::text
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -174,12 +171,12 @@ pub async fn list_tables(conn: &mut PgConnection) -> Result<Vec<(String, String)
     )
     .fetch_all(&mut *conn)
     .await
-    .map_err(BackupError::db("listing tables"))?;
+    .map_err(Error::db("listing tables"))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Row count and checksum of each table, read through `conn`'s current snapshot.
-pub async fn table_stats(conn: &mut PgConnection, tables: &[(String, String)]) -> Result<Vec<TableStats>, BackupError> {
+pub async fn table_stats(conn: &mut PgConnection, tables: &[(String, String)]) -> Result<Vec<TableStats>, Error> {
     let mut out = Vec::with_capacity(tables.len());
     for (schema, table) in tables {
         let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
@@ -193,7 +190,7 @@ pub async fn table_stats(conn: &mut PgConnection, tables: &[(String, String)]) -
         let row = sqlx::query(AssertSqlSafe(sql))
             .fetch_one(&mut *conn)
             .await
-            .map_err(BackupError::db(format!("statistics of table {schema}.{table}")))?;
+            .map_err(Error::db(format!("statistics of table {schema}.{table}")))?;
         let rows: i64 = row.get(0);
         let hi: String = row.get(1);
         let lo: String = row.get(2);
@@ -221,8 +218,8 @@ pub struct Running {
 
 impl Running {
     /// Spawns `cmd`, collecting (the start of) its stderr in the background.
-    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self, BackupError> {
-        let mut child = cmd.spawn().map_err(BackupError::io(format!("cannot start {name}")))?;
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self, Error> {
+        let mut child = cmd.spawn().map_err(Error::io(format!("cannot start {name}")))?;
         let mut err = child.stderr.take().expect("stderr is piped");
         let stderr = tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -246,13 +243,13 @@ impl Running {
         })
     }
 
-    /// Waits for the tool; an unsuccessful exit becomes [`BackupError::Tool`].
-    pub async fn finish(mut self) -> Result<(), BackupError> {
+    /// Waits for the tool; an unsuccessful exit becomes [`Error::Tool`].
+    pub async fn finish(mut self) -> Result<(), Error> {
         let status = self
             .child
             .wait()
             .await
-            .map_err(BackupError::io(format!("waiting for {}", self.name)))?;
+            .map_err(Error::io(format!("waiting for {}", self.name)))?;
         let stderr = self.stderr.await.unwrap_or_default();
         if status.success() {
             if !stderr.is_empty() {
@@ -260,7 +257,7 @@ impl Running {
             }
             Ok(())
         } else {
-            Err(BackupError::Tool {
+            Err(Error::Tool {
                 tool: self.name,
                 status: status.to_string(),
                 stderr,
@@ -270,12 +267,12 @@ impl Running {
 }
 
 /// The first line of `pg_dump --version`, recorded in manifests.
-pub async fn tool_version(program: &Path) -> Result<String, BackupError> {
+pub async fn tool_version(program: &Path) -> Result<String, Error> {
     let out = Command::new(program)
         .arg("--version")
         .output()
         .await
-        .map_err(BackupError::io(format!("cannot run {} --version", program.display())))?;
+        .map_err(Error::io(format!("cannot run {} --version", program.display())))?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -296,16 +293,16 @@ pub struct Scratch {
 
 impl Scratch {
     /// Creates an empty database from `template0` on the admin URL's server.
-    pub async fn create(admin: &PgTarget, name: String) -> Result<Self, BackupError> {
+    pub async fn create(admin: &PgTarget, name: String) -> Result<Self, Error> {
         let held = baton_shared::scratch::hold(admin.connect().await?, &name)
             .await
-            .map_err(BackupError::db(format!("locking scratch database {name}")))?;
+            .map_err(Error::db(format!("locking scratch database {name}")))?;
         let mut conn = admin.connect().await?;
         let sql = format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&name));
         sqlx::query(AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .map_err(BackupError::db(format!("creating scratch database {name}")))?;
+            .map_err(Error::db(format!("creating scratch database {name}")))?;
         let _ = conn.close().await;
         tracing::debug!(scratch = %name, "scratch database created");
         baton_shared::failpoint::pause("backup-scratch-created").await;
@@ -320,7 +317,7 @@ impl Scratch {
 
     /// Drops the database, disconnecting anyone still in it. If that fails (or
     /// this future is abandoned), the drop is tried once more in the background.
-    pub async fn drop_now(mut self) -> Result<(), BackupError> {
+    pub async fn drop_now(mut self) -> Result<(), Error> {
         let result = drop_database(&self.admin, &self.name).await;
         self.dropped = result.is_ok();
         if self.dropped
@@ -334,11 +331,11 @@ impl Scratch {
 
 /// Drops the scratch databases (`prefix…`) that daemons killed mid-check left
 /// behind, none a live daemon uses.
-pub async fn sweep_scratch(admin: &PgTarget, prefix: &str) -> Result<Vec<String>, BackupError> {
+pub async fn sweep_scratch(admin: &PgTarget, prefix: &str) -> Result<Vec<String>, Error> {
     let mut conn = admin.connect().await?;
     let dropped = baton_shared::scratch::sweep(&mut conn, prefix)
         .await
-        .map_err(BackupError::db("sweeping leftover scratch databases".to_owned()));
+        .map_err(Error::db("sweeping leftover scratch databases".to_owned()));
     let _ = conn.close().await;
     dropped
 }
@@ -366,13 +363,13 @@ impl Drop for Scratch {
     }
 }
 
-async fn drop_database(admin: &PgTarget, name: &str) -> Result<(), BackupError> {
+async fn drop_database(admin: &PgTarget, name: &str) -> Result<(), Error> {
     let mut conn = admin.connect().await?;
     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
     sqlx::query(AssertSqlSafe(sql))
         .execute(&mut conn)
         .await
-        .map_err(BackupError::db(format!("dropping scratch database {name}")))?;
+        .map_err(Error::db(format!("dropping scratch database {name}")))?;
     let _ = conn.close().await;
     tracing::debug!(scratch = %name, "scratch database dropped");
     Ok(())

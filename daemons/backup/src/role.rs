@@ -27,11 +27,11 @@ use uuid::Uuid;
 
 use crate::config::BackupSettings;
 use crate::crypto::{self, CopyError, HashingWriter, Keys};
-use crate::error::{BackupError, Site};
-use crate::outputs::BackupRef;
+use crate::error::{Error, Site};
 use crate::pg::{self, PgTarget, Running, Scratch, TableStats};
 use crate::retention::{self, Policy};
 use crate::store::{self, BackupKind, Location, Manifest, Verified};
+use baton_shared::facts::{BackupRef, FactSet};
 
 /// Prefix of every scratch database the spot check creates.
 pub const SCRATCH_PREFIX: &str = "baton_verify_";
@@ -141,30 +141,27 @@ pub struct RestoreReport {
 
 impl BackupRole {
     /// Drops the scratch databases daemons killed mid-check left behind.
-    pub async fn sweep_scratch(&self) -> Result<Vec<String>, BackupError> {
+    pub async fn sweep_scratch(&self) -> Result<Vec<String>, Error> {
         crate::pg::sweep_scratch(&self.admin, SCRATCH_PREFIX).await
     }
 
-    /// The role's name in queues and plans.
-    pub const NAME: &'static str = "backup";
-
     /// Validates the settings and reads the age identity file.
-    pub fn from_settings(settings: &BackupSettings) -> Result<Self, BackupError> {
+    pub fn from_settings(settings: &BackupSettings) -> Result<Self, Error> {
         settings.validate()?;
         let keys = Keys::load(&settings.recipients, &settings.identity_file)?;
         Self::with_keys(settings, keys)
     }
 
     /// As [`from_settings`](Self::from_settings), with keys already loaded.
-    pub fn with_keys(settings: &BackupSettings, keys: Keys) -> Result<Self, BackupError> {
+    pub fn with_keys(settings: &BackupSettings, keys: Keys) -> Result<Self, Error> {
         settings.validate()?;
-        let parse = |key: String, url: &str| PgTarget::parse(url).map_err(|p| BackupError::config(key, p));
+        let parse = |key: String, url: &str| PgTarget::parse(url).map_err(|p| Error::config(key, p));
         let admin = parse("backup.admin_url".into(), settings.admin_url.expose())?;
         let databases = settings
             .databases
             .iter()
             .map(|(svc, url)| Ok((svc.clone(), parse(format!("backup.databases.{svc}"), url.expose())?)))
-            .collect::<Result<_, BackupError>>()?;
+            .collect::<Result<_, Error>>()?;
         Ok(Self {
             keys: Arc::new(keys),
             primary: Location {
@@ -194,8 +191,8 @@ impl BackupRole {
         &self.copy
     }
 
-    fn target(&self, service: &str) -> Result<&PgTarget, BackupError> {
-        self.databases.get(service).ok_or_else(|| BackupError::NoDatabase {
+    fn target(&self, service: &str) -> Result<&PgTarget, Error> {
+        self.databases.get(service).ok_or_else(|| Error::NoDatabase {
             service: service.to_owned(),
         })
     }
@@ -209,9 +206,9 @@ impl BackupRole {
         run_id: Uuid,
         step_id: &str,
         kind: BackupKind,
-    ) -> Result<BackupRef, BackupError> {
+    ) -> Result<BackupRef, Error> {
         let target = self.target(service)?;
-        let id = store::backup_id(service, step_id, run_id).map_err(|p| BackupError::invalid(kind.as_str(), p))?;
+        let id = store::backup_id(service, step_id, run_id).map_err(|p| Error::invalid(kind.as_str(), p))?;
         // Two rounds at most: if another attempt publishes the same backup while
         // we dump, ours is discarded and theirs is completed instead.
         for _ in 0..2 {
@@ -253,14 +250,14 @@ impl BackupRole {
             }
             tracing::info!(backup_id = %id, "another attempt published this backup first; using it");
         }
-        Err(BackupError::invalid(
+        Err(Error::invalid(
             kind.as_str(),
             format!("backup {id} keeps appearing and disappearing in the primary location"),
         ))
     }
 
     /// Brings a published backup to "verified": intact, copied, spot-checked.
-    async fn complete(&self, zone: &str, m: Manifest) -> Result<BackupRef, BackupError> {
+    async fn complete(&self, zone: &str, m: Manifest) -> Result<BackupRef, Error> {
         let result = self.complete_inner(zone, &m).await;
         if let Err(e) = &result
             && e.implicates_backup()
@@ -280,7 +277,7 @@ impl BackupRole {
         result
     }
 
-    async fn complete_inner(&self, zone: &str, m: &Manifest) -> Result<BackupRef, BackupError> {
+    async fn complete_inner(&self, zone: &str, m: &Manifest) -> Result<BackupRef, Error> {
         self.check_files(Site::Primary, zone, m).await?;
         self.ensure_copy(zone, m).await?;
         let marker = {
@@ -297,7 +294,7 @@ impl BackupRole {
     }
 
     /// Makes sure the copy location holds this backup, byte for byte.
-    async fn ensure_copy(&self, zone: &str, m: &Manifest) -> Result<(), BackupError> {
+    async fn ensure_copy(&self, zone: &str, m: &Manifest) -> Result<(), Error> {
         match self.manifest(Site::Copy, zone, &m.backup_id).await {
             Ok(Some(cm)) if cm == *m => match self.check_files(Site::Copy, zone, m).await {
                 Ok(()) => return Ok(()),
@@ -320,8 +317,8 @@ impl BackupRole {
 
     /// Full verification of a backup by id: both locations intact and equal,
     /// restorable, and the restored tables match the recorded statistics.
-    pub async fn verify(&self, zone: &str, backup_id: &str) -> Result<BackupRef, BackupError> {
-        store::check_backup_id(backup_id).map_err(|p| BackupError::invalid("verify", p))?;
+    pub async fn verify(&self, zone: &str, backup_id: &str) -> Result<BackupRef, Error> {
+        store::check_backup_id(backup_id).map_err(|p| Error::invalid("verify", p))?;
         let m = self.require_manifest(Site::Primary, zone, backup_id).await?;
         self.spot_check(zone, &m).await?;
         self.mark_verified(zone, &m).await?;
@@ -329,11 +326,11 @@ impl BackupRole {
         Ok(self.backup_ref(zone, &m))
     }
 
-    async fn spot_check(&self, zone: &str, m: &Manifest) -> Result<(), BackupError> {
+    async fn spot_check(&self, zone: &str, m: &Manifest) -> Result<(), Error> {
         self.check_files(Site::Primary, zone, m).await?;
         let cm = self.require_manifest(Site::Copy, zone, &m.backup_id).await?;
         if cm != *m {
-            return Err(BackupError::CopyDiffers {
+            return Err(Error::CopyDiffers {
                 backup_id: m.backup_id.clone(),
                 dir: self.copy.backup_dir(zone, &m.backup_id),
             });
@@ -356,7 +353,7 @@ impl BackupRole {
         loc: &Location,
         zone: &str,
         m: &Manifest,
-    ) -> Result<(usize, std::time::Duration), BackupError> {
+    ) -> Result<(usize, std::time::Duration), Error> {
         let expected = self.read_tables(loc, zone, m).await?;
         let started = std::time::Instant::now();
         let name = format!(
@@ -381,7 +378,7 @@ impl BackupRole {
         zone: &str,
         m: &Manifest,
         expected: &[TableStats],
-    ) -> Result<(), BackupError> {
+    ) -> Result<(), Error> {
         let mut cmd = scratch.target.command(&self.pg_restore);
         cmd.args(["--no-owner", "--no-acl", "--exit-on-error"])
             .stdin(Stdio::piped());
@@ -404,7 +401,7 @@ impl BackupRole {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(BackupError::RestoreMismatch {
+            Err(Error::RestoreMismatch {
                 backup_id: m.backup_id.clone(),
                 problem: problems.join("; "),
             })
@@ -419,10 +416,10 @@ impl BackupRole {
         service: &str,
         backup_id: &str,
         confirm: Option<&str>,
-    ) -> Result<RestoreReport, BackupError> {
-        store::check_backup_id(backup_id).map_err(|p| BackupError::invalid("restore", p))?;
+    ) -> Result<RestoreReport, Error> {
+        store::check_backup_id(backup_id).map_err(|p| Error::invalid("restore", p))?;
         if confirm != Some(backup_id) {
-            return Err(BackupError::ConfirmationRequired {
+            return Err(Error::ConfirmationRequired {
                 backup_id: backup_id.to_owned(),
                 given: match confirm {
                     Some(c) => format!("given {c:?}"),
@@ -433,7 +430,7 @@ impl BackupRole {
         let target = self.target(service)?;
         let (source, m) = self.restore_source(zone, backup_id).await?;
         if m.service != service {
-            return Err(BackupError::WrongService {
+            return Err(Error::WrongService {
                 backup_id: backup_id.to_owned(),
                 backup_service: m.service.clone(),
                 service: service.to_owned(),
@@ -468,7 +465,7 @@ impl BackupRole {
     }
 
     /// The location to restore from: the primary if intact, else an intact copy.
-    async fn restore_source(&self, zone: &str, backup_id: &str) -> Result<(Location, Manifest), BackupError> {
+    async fn restore_source(&self, zone: &str, backup_id: &str) -> Result<(Location, Manifest), Error> {
         let primary_err = match self.require_manifest(Site::Primary, zone, backup_id).await {
             Ok(m) => match self.check_files(Site::Primary, zone, &m).await {
                 Ok(()) => return Ok((self.primary.clone(), m)),
@@ -485,13 +482,7 @@ impl BackupRole {
 
     /// Decrypt → `pg_restore` to SQL → `psql`, all in one transaction that is
     /// committed only after `pg_restore` has produced the whole script.
-    async fn restore_live(
-        &self,
-        target: &PgTarget,
-        source: &Location,
-        zone: &str,
-        m: &Manifest,
-    ) -> Result<(), BackupError> {
+    async fn restore_live(&self, target: &PgTarget, source: &Location, zone: &str, m: &Manifest) -> Result<(), Error> {
         let mut script = Command::new(&self.pg_restore);
         script
             .args(["--format=custom", "--file=-"])
@@ -511,7 +502,7 @@ impl BackupRole {
         let restore_out = File::from(
             restore_out
                 .into_owned_fd()
-                .map_err(BackupError::io("taking pg_restore's output"))?,
+                .map_err(Error::io("taking pg_restore's output"))?,
         );
         let psql_in = into_file(psql.child.stdin.take().expect("stdin is piped"), "psql")?;
         let feeder = self.feed_plaintext(source, zone, m, restore_in);
@@ -527,7 +518,7 @@ impl BackupRole {
         applied?;
         match pumped {
             Ok(true) => Ok(()),
-            Ok(false) => Err(BackupError::invalid(
+            Ok(false) => Err(Error::invalid(
                 "restore",
                 format!(
                     "backup {}: the restore script did not complete; nothing was committed",
@@ -546,7 +537,7 @@ impl BackupRole {
     /// The daily backup of `service` due on `date`. Its id is fixed by zone,
     /// service and date, so whichever attempt (or replica) comes first takes
     /// it and the others complete or return that one.
-    pub async fn daily_backup(&self, zone: &str, service: &str, date: NaiveDate) -> Result<BackupRef, BackupError> {
+    pub async fn daily_backup(&self, zone: &str, service: &str, date: NaiveDate) -> Result<BackupRef, Error> {
         let run_id = daily_run_id(zone, service, date);
         let step_id = format!("daily-{}", date.format("%Y%m%d"));
         self.take_backup(zone, service, run_id, &step_id, BackupKind::Daily)
@@ -558,7 +549,7 @@ impl BackupRole {
     /// database and compared with the statistics recorded when it was taken.
     /// A pass is recorded for `month` (`YYYY-MM`) beside the backups, in
     /// `.restore-tests/` of the zone in the primary location.
-    pub async fn restore_test(&self, zone: &str, service: &str, month: &str) -> Result<RestoreTest, BackupError> {
+    pub async fn restore_test(&self, zone: &str, service: &str, month: &str) -> Result<RestoreTest, Error> {
         self.target(service)?;
         let (loc, z) = (self.primary.clone(), zone.to_owned());
         let all = blocking(move || loc.list(&z)).await?;
@@ -566,7 +557,7 @@ impl BackupRole {
             .into_iter()
             .filter(|m| m.service == service)
             .max_by(|a, b| (a.created_at, &a.backup_id).cmp(&(b.created_at, &b.backup_id)))
-            .ok_or_else(|| BackupError::NothingToTest {
+            .ok_or_else(|| Error::NothingToTest {
                 service: service.to_owned(),
                 dir: self.primary.zone_dir(zone),
             })?;
@@ -574,7 +565,7 @@ impl BackupRole {
         for site in [Site::Primary, Site::Copy] {
             let m = self.require_manifest(site, zone, &newest.backup_id).await?;
             if m != newest {
-                return Err(BackupError::CopyDiffers {
+                return Err(Error::CopyDiffers {
                     backup_id: newest.backup_id.clone(),
                     dir: self.location(site).backup_dir(zone, &newest.backup_id),
                 });
@@ -608,19 +599,14 @@ impl BackupRole {
     }
 
     /// The restore test recorded as passed for `service` in `month`, if any.
-    pub async fn restore_test_of(
-        &self,
-        zone: &str,
-        service: &str,
-        month: &str,
-    ) -> Result<Option<RestoreTest>, BackupError> {
+    pub async fn restore_test_of(&self, zone: &str, service: &str, month: &str) -> Result<Option<RestoreTest>, Error> {
         let path = self.restore_tests_dir(zone).join(restore_test_file(service, month));
         blocking(move || match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| BackupError::io(format!("reading {}", path.display()))(std::io::Error::other(e))),
+                .map_err(|e| Error::io(format!("reading {}", path.display()))(std::io::Error::other(e))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BackupError::io(format!("reading {}", path.display()))(e)),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
         })
         .await
     }
@@ -630,7 +616,7 @@ impl BackupRole {
     }
 
     /// Applies the retention policy to `zone` in both locations.
-    pub async fn prune(&self, zone: &str, policy: Policy, now: DateTime<Utc>) -> Result<PruneReport, BackupError> {
+    pub async fn prune(&self, zone: &str, policy: Policy, now: DateTime<Utc>) -> Result<PruneReport, Error> {
         let (p, c, z) = (self.primary.clone(), self.copy.clone(), zone.to_owned());
         let (primary, copy) = blocking(move || Ok((p.list(&z)?, c.list(&z)?))).await?;
         // One decision for both locations, from the union of what they hold,
@@ -726,13 +712,13 @@ impl BackupRole {
     }
 
     /// The run's verified pre-deploy backup of `service` in the primary location.
-    pub async fn pre_deploy_of_run(&self, zone: &str, service: &str, run_id: Uuid) -> Result<BackupRef, BackupError> {
+    pub async fn pre_deploy_of_run(&self, zone: &str, service: &str, run_id: Uuid) -> Result<BackupRef, Error> {
         let (loc, z) = (self.primary.clone(), zone.to_owned());
         let all = blocking(move || loc.list(&z)).await?;
         let found = all
             .into_iter()
             .find(|m| m.run_id == run_id && m.service == service && m.kind == BackupKind::PreDeploy);
-        let missing = || BackupError::PreDeployMissing {
+        let missing = || Error::PreDeployMissing {
             run_id,
             service: service.to_owned(),
             dir: self.primary.zone_dir(zone),
@@ -772,27 +758,27 @@ impl BackupRole {
         }
     }
 
-    async fn manifest(&self, site: Site, zone: &str, id: &str) -> Result<Option<Manifest>, BackupError> {
+    async fn manifest(&self, site: Site, zone: &str, id: &str) -> Result<Option<Manifest>, Error> {
         let (loc, zone, id) = (self.location(site).clone(), zone.to_owned(), id.to_owned());
         blocking(move || loc.manifest(&zone, &id)).await
     }
 
-    async fn require_manifest(&self, site: Site, zone: &str, id: &str) -> Result<Manifest, BackupError> {
+    async fn require_manifest(&self, site: Site, zone: &str, id: &str) -> Result<Manifest, Error> {
         self.manifest(site, zone, id)
             .await?
-            .ok_or_else(|| BackupError::BackupMissing {
+            .ok_or_else(|| Error::BackupMissing {
                 backup_id: id.to_owned(),
                 site,
                 dir: self.location(site).backup_dir(zone, id),
             })
     }
 
-    async fn check_files(&self, site: Site, zone: &str, m: &Manifest) -> Result<(), BackupError> {
+    async fn check_files(&self, site: Site, zone: &str, m: &Manifest) -> Result<(), Error> {
         let (loc, zone, m) = (self.location(site).clone(), zone.to_owned(), m.clone());
         blocking(move || loc.check_files(&zone, &m)).await
     }
 
-    async fn mark_verified(&self, zone: &str, m: &Manifest) -> Result<(), BackupError> {
+    async fn mark_verified(&self, zone: &str, m: &Manifest) -> Result<(), Error> {
         let marker = Verified {
             verified_at: Utc::now(),
             sha256: m.dump().sha256.clone(),
@@ -806,16 +792,16 @@ impl BackupRole {
     }
 
     /// Decrypts the backup's table list.
-    async fn read_tables(&self, loc: &Location, zone: &str, m: &Manifest) -> Result<Vec<TableStats>, BackupError> {
+    async fn read_tables(&self, loc: &Location, zone: &str, m: &Manifest) -> Result<Vec<TableStats>, Error> {
         let path = loc.backup_dir(zone, &m.backup_id).join(store::TABLES_FILE);
         let (keys, id, tables) = (self.keys.clone(), m.backup_id.clone(), m.tables);
         blocking(move || {
-            let decrypt_err = |problem: String| BackupError::Decrypt {
+            let decrypt_err = |problem: String| Error::Decrypt {
                 backup_id: id.clone(),
                 file: store::TABLES_FILE.to_owned(),
                 problem,
             };
-            let file = File::open(&path).map_err(BackupError::io(format!("reading {}", path.display())))?;
+            let file = File::open(&path).map_err(Error::io(format!("reading {}", path.display())))?;
             let mut plain = Vec::new();
             keys.decryptor(BufReader::new(file))
                 .map_err(|e| decrypt_err(e.to_string()))?
@@ -841,22 +827,22 @@ impl BackupRole {
         zone: &str,
         m: &Manifest,
         mut out: File,
-    ) -> tokio::task::JoinHandle<Result<u64, BackupError>> {
+    ) -> tokio::task::JoinHandle<Result<u64, Error>> {
         let path = loc.backup_dir(zone, &m.backup_id).join(store::DUMP_FILE);
         let (keys, id) = (self.keys.clone(), m.backup_id.clone());
         tokio::task::spawn_blocking(move || {
-            let decrypt_err = |problem: String| BackupError::Decrypt {
+            let decrypt_err = |problem: String| Error::Decrypt {
                 backup_id: id.clone(),
                 file: store::DUMP_FILE.to_owned(),
                 problem,
             };
-            let file = File::open(&path).map_err(BackupError::io(format!("reading {}", path.display())))?;
+            let file = File::open(&path).map_err(Error::io(format!("reading {}", path.display())))?;
             let mut plain = keys
                 .decryptor(BufReader::new(file))
                 .map_err(|e| decrypt_err(e.to_string()))?;
             crypto::copy_stream(&mut plain, &mut out).map_err(|e| match e {
                 CopyError::Read(e) => decrypt_err(e.to_string()),
-                CopyError::Write(e) => BackupError::io("feeding the decrypted dump to pg_restore")(e),
+                CopyError::Write(e) => Error::io("feeding the decrypted dump to pg_restore")(e),
             })
         })
     }
@@ -874,24 +860,18 @@ impl BackupRole {
         step_id: &str,
         kind: BackupKind,
         backup_id: &str,
-    ) -> Result<Manifest, BackupError> {
+    ) -> Result<Manifest, Error> {
         let pg_dump_version = pg::tool_version(&self.pg_dump).await?;
         let mut conn = target.connect().await?;
         let created_at = Utc::now();
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await
-            .map_err(BackupError::db(format!(
-                "database {}: begin snapshot",
-                target.database()
-            )))?;
+            .map_err(Error::db(format!("database {}: begin snapshot", target.database())))?;
         let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
             .fetch_one(&mut *tx)
             .await
-            .map_err(BackupError::db(format!(
-                "database {}: export snapshot",
-                target.database()
-            )))?;
+            .map_err(Error::db(format!("database {}: export snapshot", target.database())))?;
 
         let mut cmd = target.command(&self.pg_dump);
         cmd.arg("--format=custom")
@@ -899,11 +879,7 @@ impl BackupRole {
             .stdout(Stdio::piped());
         let mut tool = Running::spawn("pg_dump", cmd)?;
         let stdout = tool.child.stdout.take().expect("stdout is piped");
-        let input = File::from(
-            stdout
-                .into_owned_fd()
-                .map_err(BackupError::io("taking pg_dump's output"))?,
-        );
+        let input = File::from(stdout.into_owned_fd().map_err(Error::io("taking pg_dump's output"))?);
         let dump_path = staged.join(store::DUMP_FILE);
         let keys = self.keys.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -911,12 +887,12 @@ impl BackupRole {
             let file = crypto::create_private(&dump_path)?;
             let mut w = keys.encryptor(HashingWriter::new(file))?;
             crypto::copy_stream(&mut input, &mut w).map_err(|e| match e {
-                CopyError::Read(e) => BackupError::io("reading pg_dump's output")(e),
-                CopyError::Write(e) => BackupError::io(format!("writing {}", dump_path.display()))(e),
+                CopyError::Read(e) => Error::io("reading pg_dump's output")(e),
+                CopyError::Write(e) => Error::io(format!("writing {}", dump_path.display()))(e),
             })?;
             let hw = w
                 .finish()
-                .map_err(BackupError::io(format!("writing {}", dump_path.display())))?;
+                .map_err(Error::io(format!("writing {}", dump_path.display())))?;
             hw.finish_file(&dump_path)
         });
         // Statistics from the same snapshot, while pg_dump reads it.
@@ -963,7 +939,7 @@ impl BackupRole {
     }
 
     /// Runs one job; errors become step failures with a code and retryability.
-    async fn run(&self, job: &StepJob) -> Result<Fields, BackupError> {
+    async fn run(&self, job: &StepJob) -> Result<Fields, Error> {
         let zone = job.zone.as_str();
         let service = job.deploy.service.as_str();
         tracing::info!(run_id = %job.run_id, step_id = %job.step_id, action = %job.action, service, "backup action");
@@ -983,7 +959,7 @@ impl BackupRole {
                     None => true,
                     Some(Value::Bool(b)) => *b,
                     Some(other) => {
-                        return Err(BackupError::invalid(
+                        return Err(Error::invalid(
                             &job.action,
                             format!("param `require_pre_deploy` must be true or false, not {other}"),
                         ));
@@ -1008,7 +984,7 @@ impl BackupRole {
                 check_params(job, &["retention"])?;
                 let policy = retention_param(job)?.unwrap_or_default();
                 let report = self.prune(zone, policy, Utc::now()).await?;
-                Ok(to_fields(&report))
+                to_fields(&report)
             }
             "restore" => {
                 check_params(job, &["backup_id", "backup_step", "confirm_backup_id"])?;
@@ -1017,16 +993,16 @@ impl BackupRole {
                     None => None,
                     Some(Value::String(s)) => Some(s.as_str()),
                     Some(other) => {
-                        return Err(BackupError::invalid(
+                        return Err(Error::invalid(
                             "restore",
                             format!("param `confirm_backup_id` must be a string, not {other}"),
                         ));
                     }
                 };
                 let report = self.restore(zone, service, &id, confirm).await?;
-                Ok(to_fields(&report))
+                to_fields(&report)
             }
-            other => Err(BackupError::invalid(
+            other => Err(Error::invalid(
                 other,
                 "unknown action; the backup role knows pre-deploy, post-deploy, verify, prune and restore",
             )),
@@ -1036,7 +1012,7 @@ impl BackupRole {
 
 impl Role for BackupRole {
     fn name(&self) -> &str {
-        Self::NAME
+        baton_shared::roles::BACKUP
     }
 
     fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
@@ -1055,7 +1031,7 @@ impl Role for BackupRole {
             Err(StepError::fatal(
                 "no_compensation",
                 format!(
-                    "backup steps have no compensation (seed step 9: Otto verifies, he does not deploy); asked to compensate {}",
+                    "backup steps have no compensation (seed step 9: a backup verifies, it deploys nothing); asked to compensate {}",
                     job.action
                 ),
             ))
@@ -1071,31 +1047,29 @@ pub fn scratch_prefix(backup_id: &str) -> String {
 }
 
 /// Runs blocking work (file I/O, hashing) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
-) -> Result<T, BackupError> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
     join_blocking(tokio::task::spawn_blocking(f)).await
 }
 
-async fn join_blocking<T>(handle: tokio::task::JoinHandle<Result<T, BackupError>>) -> Result<T, BackupError> {
+async fn join_blocking<T>(handle: tokio::task::JoinHandle<Result<T, Error>>) -> Result<T, Error> {
     handle
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// A tool's stdin as a blocking file for the feeding thread.
-fn into_file(stdin: tokio::process::ChildStdin, tool: &str) -> Result<File, BackupError> {
+fn into_file(stdin: tokio::process::ChildStdin, tool: &str) -> Result<File, Error> {
     stdin
         .into_owned_fd()
         .map(File::from)
-        .map_err(BackupError::io(format!("taking {tool}'s input")))
+        .map_err(Error::io(format!("taking {tool}'s input")))
 }
 
 /// Picks the root cause when decrypting into a tool failed on either side: a
 /// bad ciphertext explains the tool's complaint, not the other way round.
-fn blame(fed: Result<u64, BackupError>, tool: Result<(), BackupError>) -> Result<(), BackupError> {
+fn blame(fed: Result<u64, Error>, tool: Result<(), Error>) -> Result<(), Error> {
     match (fed, tool) {
-        (Err(e @ BackupError::Decrypt { .. }), _) => Err(e),
+        (Err(e @ Error::Decrypt { .. }), _) => Err(e),
         (_, Err(e)) => Err(e),
         (Err(e), Ok(())) => Err(e),
         (Ok(_), Ok(())) => Ok(()),
@@ -1104,12 +1078,8 @@ fn blame(fed: Result<u64, BackupError>, tool: Result<(), BackupError>) -> Result
 
 /// Streams the SQL script from `pg_restore` into `psql` inside one transaction,
 /// and commits only if `pg_restore` reports success. Returns whether it committed.
-fn pump_script(
-    mut script: File,
-    mut psql: File,
-    restore_ok: std::sync::mpsc::Receiver<bool>,
-) -> Result<bool, BackupError> {
-    let write_err = |e| BackupError::io("writing the restore script to psql")(e);
+fn pump_script(mut script: File, mut psql: File, restore_ok: std::sync::mpsc::Receiver<bool>) -> Result<bool, Error> {
+    let write_err = |e| Error::io("writing the restore script to psql")(e);
     // Everything the backup does not contain must go too: drop every schema,
     // then recreate `public` as PostgreSQL 15 creates it (the dump does not).
     let prologue = format!(
@@ -1130,7 +1100,7 @@ fn pump_script(
     }
     match crypto::copy_stream(&mut script, &mut psql) {
         Ok(_) => {}
-        Err(CopyError::Read(e)) => return Err(BackupError::io("reading pg_restore's script")(e)),
+        Err(CopyError::Read(e)) => return Err(Error::io("reading pg_restore's script")(e)),
         // psql stopped on an error; its exit status and stderr tell why.
         Err(CopyError::Write(_)) => return Ok(false),
     }
@@ -1186,9 +1156,9 @@ fn stats_problems(expected: &[TableStats], actual: &[TableStats]) -> Vec<String>
 
 /// Refuses parameters the action does not know: a misspelt `confirm_backup_id`
 /// must fail loudly, not be ignored.
-fn check_params(job: &StepJob, known: &[&str]) -> Result<(), BackupError> {
+fn check_params(job: &StepJob, known: &[&str]) -> Result<(), Error> {
     match job.params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(BackupError::invalid(
+        Some(k) => Err(Error::invalid(
             &job.action,
             format!("unknown param `{k}` (known: {})", known.join(", ")),
         )),
@@ -1196,12 +1166,12 @@ fn check_params(job: &StepJob, known: &[&str]) -> Result<(), BackupError> {
     }
 }
 
-fn retention_param(job: &StepJob) -> Result<Option<Policy>, BackupError> {
+fn retention_param(job: &StepJob) -> Result<Option<Policy>, Error> {
     job.params
         .get("retention")
         .map(|v| {
             serde_json::from_value::<Policy>(v.clone()).map_err(|e| {
-                BackupError::invalid(
+                Error::invalid(
                     &job.action,
                     format!("param `retention` must be {{daily, monthly, yearly}} counts: {e}"),
                 )
@@ -1213,8 +1183,8 @@ fn retention_param(job: &StepJob) -> Result<Option<Policy>, BackupError> {
 /// The backup an action is about: param `backup_id`, else the `backup_id`
 /// output of the input step named by `backup_step`, else of the only input
 /// that has one.
-fn backup_id_param(job: &StepJob) -> Result<String, BackupError> {
-    let invalid = |p: String| BackupError::invalid(&job.action, p);
+fn backup_id_param(job: &StepJob) -> Result<String, Error> {
+    let invalid = |p: String| Error::invalid(&job.action, p);
     let from_outputs = |step: &str, out: &Fields| match out.get("backup_id") {
         Some(Value::String(s)) => Ok(s.clone()),
         _ => Err(invalid(format!("input step {step} has no `backup_id` output"))),
@@ -1248,9 +1218,6 @@ fn backup_id_param(job: &StepJob) -> Result<String, BackupError> {
     }
 }
 
-fn to_fields<T: Serialize>(value: &T) -> Fields {
-    match serde_json::to_value(value).expect("reports serialise") {
-        Value::Object(map) => map,
-        _ => unreachable!("reports are structs and serialise to objects"),
-    }
+fn to_fields<T: Serialize>(value: &T) -> Result<Fields, Error> {
+    baton_shared::protocol::to_fields(value).map_err(|e| Error::invalid("report", e.message))
 }

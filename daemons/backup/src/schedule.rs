@@ -26,84 +26,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::BackupError;
-use crate::retention::Policy;
+pub use crate::config::ScheduleSettings;
+use crate::error::Error;
 use crate::role::BackupRole;
 
 /// The longest the schedule sleeps before looking at the clock again, so a
 /// clock that jumps (or a host that was suspended) delays work by at most this.
 const MAX_SLEEP: Duration = Duration::from_secs(300);
-
-/// `[backup.schedule]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScheduleSettings {
-    /// Whether the daemon does the daily backup, prune and monthly restore
-    /// test itself. Turn it off where the zone takes no routine backups (the
-    /// seed's dev zone) or another daemon of the zone already does them.
-    pub enabled: bool,
-    /// Time of day, UTC, `HH:MM`, at which the daily work falls due.
-    pub daily_at: String,
-    /// Day of the month (1-28) from which the month's restore test is due.
-    pub restore_test_day: u32,
-    /// After a pass with a failed task, wait this long before trying again.
-    pub retry_secs: u64,
-    /// The policy the daily prune applies.
-    pub retention: Policy,
-}
-
-impl Default for ScheduleSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            daily_at: "02:00".into(),
-            restore_test_day: 1,
-            retry_secs: 900,
-            retention: Policy::default(),
-        }
-    }
-}
-
-impl ScheduleSettings {
-    /// Checks the settings; the error names the key.
-    pub fn validate(&self) -> Result<(), BackupError> {
-        self.time_of_day()?;
-        if !(1..=28).contains(&self.restore_test_day) {
-            return Err(BackupError::config(
-                "backup.schedule.restore_test_day",
-                format!(
-                    "is {}; it must be a day of the month from 1 to 28, which every month has",
-                    self.restore_test_day
-                ),
-            ));
-        }
-        if self.retry_secs == 0 {
-            return Err(BackupError::config("backup.schedule.retry_secs", "must be positive"));
-        }
-        Ok(())
-    }
-
-    /// `daily_at` as a time of day.
-    pub fn time_of_day(&self) -> Result<NaiveTime, BackupError> {
-        let bad = || {
-            BackupError::config(
-                "backup.schedule.daily_at",
-                format!(
-                    "is {:?}; expected a UTC time of day as HH:MM, e.g. \"02:00\"",
-                    self.daily_at
-                ),
-            )
-        };
-        if self.daily_at.len() != 5 {
-            return Err(bad());
-        }
-        NaiveTime::parse_from_str(&self.daily_at, "%H:%M").map_err(|_| bad())
-    }
-}
 
 /// The date whose daily work is due at `now`: today once `at` has passed,
 /// yesterday before that.
@@ -291,7 +224,7 @@ pub async fn pass(role: &BackupRole, zone: &str, settings: &ScheduleSettings, da
 }
 
 /// Counts a task's outcome in the metrics and describes it.
-fn outcome(task: &str, service: &str, result: Result<Option<String>, BackupError>) -> TaskOutcome {
+fn outcome(task: &str, service: &str, result: Result<Option<String>, Error>) -> TaskOutcome {
     let m = baton_shared::metrics::global();
     m.inc(
         "baton_backup_scheduled_tasks_total",
@@ -319,6 +252,30 @@ fn outcome(task: &str, service: &str, result: Result<Option<String>, BackupError
         service: service.to_owned(),
         backup_id,
         error,
+    }
+}
+
+/// `--scheduled-pass`: one pass of the work due now, its report printed on
+/// stdout as JSON; [`Exit::Failed`](baton_shared::exit::Exit) if a task failed.
+pub async fn pass_once(role: &BackupRole, zone: &str, settings: &ScheduleSettings) -> baton_shared::exit::Exit {
+    use baton_shared::exit::Exit;
+    let at = match settings.time_of_day() {
+        Ok(at) => at,
+        Err(e) => {
+            eprintln!("baton-backup: {e}");
+            return Exit::BadInput;
+        }
+    };
+    let date = due_date(chrono::Utc::now(), at);
+    let report = pass(role, zone, settings, date).await;
+    match serde_json::to_string_pretty(&report) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("baton-backup: cannot print the report: {e}"),
+    }
+    if report.failed() == 0 {
+        Exit::Success
+    } else {
+        Exit::Failed
     }
 }
 
@@ -388,7 +345,7 @@ mod tests {
     #[test]
     fn bad_settings_name_their_key() {
         let key = |s: ScheduleSettings| match s.validate().unwrap_err() {
-            BackupError::Config { key, .. } => key,
+            Error::Config { key, .. } => key,
             other => panic!("not a config error: {other}"),
         };
         ScheduleSettings::default().validate().unwrap();

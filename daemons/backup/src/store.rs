@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::crypto::{self, Digest256};
-use crate::error::{BackupError, Site};
+use crate::error::{Error, Site};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const DUMP_FILE: &str = "backup.dump.age";
@@ -152,20 +152,20 @@ impl Location {
     }
 
     /// A fresh private staging directory for `backup_id`.
-    pub fn stage(&self, backup_id: &str) -> Result<PathBuf, BackupError> {
+    pub fn stage(&self, backup_id: &str) -> Result<PathBuf, Error> {
         let dir = self.incoming().join(format!("{backup_id}.{}", Uuid::new_v4().simple()));
         create_private_dir_all(&dir)?;
         Ok(dir)
     }
 
     /// Reads the manifest of `backup_id`; `None` if there is no such backup here.
-    pub fn manifest(&self, zone: &str, backup_id: &str) -> Result<Option<Manifest>, BackupError> {
+    pub fn manifest(&self, zone: &str, backup_id: &str) -> Result<Option<Manifest>, Error> {
         read_manifest(&self.backup_dir(zone, backup_id), backup_id)
     }
 
     /// Moves a complete staged directory into place. `false` if the backup was
     /// already there (another attempt published first); the staged copy is removed.
-    pub fn publish(&self, staged: &Path, zone: &str, backup_id: &str) -> Result<bool, BackupError> {
+    pub fn publish(&self, staged: &Path, zone: &str, backup_id: &str) -> Result<bool, Error> {
         let zone_dir = self.zone_dir(zone);
         create_private_dir_all(&zone_dir)?;
         let target = zone_dir.join(backup_id);
@@ -183,22 +183,22 @@ impl Location {
                 let _ = fs::remove_dir_all(staged);
                 Ok(false)
             }
-            Err(e) => Err(BackupError::io(format!("publishing {}", target.display()))(e)),
+            Err(e) => Err(Error::io(format!("publishing {}", target.display()))(e)),
         }
     }
 
     /// Every readable backup of `zone` here, with its directory. Directories
     /// without a readable manifest are not ours to judge and are skipped.
-    pub fn list(&self, zone: &str) -> Result<Vec<Manifest>, BackupError> {
+    pub fn list(&self, zone: &str) -> Result<Vec<Manifest>, Error> {
         let dir = self.zone_dir(zone);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()))(e)),
         };
         let mut out = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(BackupError::io(format!("listing {}", dir.display())))?;
+            let entry = entry.map_err(Error::io(format!("listing {}", dir.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !entry.path().is_dir() {
                 continue;
@@ -217,24 +217,24 @@ impl Location {
     }
 
     /// Checks that every file the manifest lists is present with its recorded hash.
-    pub fn check_files(&self, zone: &str, manifest: &Manifest) -> Result<(), BackupError> {
+    pub fn check_files(&self, zone: &str, manifest: &Manifest) -> Result<(), Error> {
         let dir = self.backup_dir(zone, &manifest.backup_id);
         for (file, entry) in &manifest.files {
             let path = dir.join(file);
             let actual = match crypto::sha256_file(&path) {
                 Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(BackupError::FileMissing {
+                    return Err(Error::FileMissing {
                         backup_id: manifest.backup_id.clone(),
                         site: self.site,
                         dir,
                         file: file.clone(),
                     });
                 }
-                Err(e) => return Err(BackupError::io(format!("reading {}", path.display()))(e)),
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
             };
             if actual.sha256 != entry.sha256 || actual.bytes != entry.bytes {
-                return Err(BackupError::Corrupted {
+                return Err(Error::Corrupted {
                     backup_id: manifest.backup_id.clone(),
                     site: self.site,
                     dir,
@@ -248,23 +248,23 @@ impl Location {
     }
 
     /// Writes (or replaces) the verified marker of a published backup.
-    pub fn mark_verified(&self, zone: &str, backup_id: &str, verified: &Verified) -> Result<(), BackupError> {
+    pub fn mark_verified(&self, zone: &str, backup_id: &str, verified: &Verified) -> Result<(), Error> {
         let dir = self.backup_dir(zone, backup_id);
         write_json_atomic(&dir, VERIFIED_FILE, verified)
     }
 
     /// The verified marker, if the spot check has passed for this backup.
-    pub fn verified(&self, zone: &str, backup_id: &str) -> Result<Option<Verified>, BackupError> {
+    pub fn verified(&self, zone: &str, backup_id: &str) -> Result<Option<Verified>, Error> {
         let path = self.backup_dir(zone, backup_id).join(VERIFIED_FILE);
         match fs::read(&path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BackupError::io(format!("reading {}", path.display()))(e)),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
         }
     }
 
     /// Moves a backup that failed its spot check out of the way, for inspection.
-    pub fn quarantine(&self, zone: &str, backup_id: &str) -> Result<Option<PathBuf>, BackupError> {
+    pub fn quarantine(&self, zone: &str, backup_id: &str) -> Result<Option<PathBuf>, Error> {
         let dir = self.backup_dir(zone, backup_id);
         if !dir.exists() {
             return Ok(None);
@@ -272,13 +272,13 @@ impl Location {
         let rejected = self.zone_dir(zone).join(REJECTED_DIR);
         create_private_dir_all(&rejected)?;
         let target = rejected.join(format!("{backup_id}.{}", Utc::now().format(REJECTED_TIME)));
-        fs::rename(&dir, &target).map_err(BackupError::io(format!("quarantining {}", dir.display())))?;
+        fs::rename(&dir, &target).map_err(Error::io(format!("quarantining {}", dir.display())))?;
         Ok(Some(target))
     }
 
     /// Deletes a backup: first renamed out of the zone directory (so no half-deleted
     /// backup is ever listed), then removed.
-    pub fn delete(&self, zone: &str, backup_id: &str) -> Result<bool, BackupError> {
+    pub fn delete(&self, zone: &str, backup_id: &str) -> Result<bool, Error> {
         let dir = self.backup_dir(zone, backup_id);
         if !dir.exists() {
             return Ok(false);
@@ -287,14 +287,14 @@ impl Location {
             .incoming()
             .join(format!("deleted.{backup_id}.{}", Uuid::new_v4().simple()));
         create_private_dir_all(&self.incoming())?;
-        fs::rename(&dir, &trash).map_err(BackupError::io(format!("deleting {}", dir.display())))?;
-        fs::remove_dir_all(&trash).map_err(BackupError::io(format!("deleting {}", trash.display())))?;
+        fs::rename(&dir, &trash).map_err(Error::io(format!("deleting {}", dir.display())))?;
+        fs::remove_dir_all(&trash).map_err(Error::io(format!("deleting {}", trash.display())))?;
         Ok(true)
     }
 
     /// Removes staging entries last modified more than `older_than` ago: what an
     /// attempt that died (or was cancelled) mid-dump left behind. Returns how many.
-    pub fn clean_incoming(&self, older_than: std::time::Duration) -> Result<usize, BackupError> {
+    pub fn clean_incoming(&self, older_than: std::time::Duration) -> Result<usize, Error> {
         remove_entries(&self.incoming(), "stale staging entry", |entry| {
             entry
                 .metadata()
@@ -309,12 +309,7 @@ impl Location {
     /// before `now` (by the time in their name, not their files' age: a backup found
     /// rotten today is kept for inspection however old it is). Entries whose
     /// name carries no such time are not ours and stay. Returns how many went.
-    pub fn clean_rejected(
-        &self,
-        zone: &str,
-        older_than: chrono::Duration,
-        now: DateTime<Utc>,
-    ) -> Result<usize, BackupError> {
+    pub fn clean_rejected(&self, zone: &str, older_than: chrono::Duration, now: DateTime<Utc>) -> Result<usize, Error> {
         remove_entries(&self.zone_dir(zone).join(REJECTED_DIR), "rejected backup", |entry| {
             rejected_at(&entry.file_name().to_string_lossy()).is_some_and(|at| now - at > older_than)
         })
@@ -322,7 +317,7 @@ impl Location {
 
     /// Copies a published backup from `source` into this location, atomically.
     /// `false` if it was already here.
-    pub fn copy_from(&self, source: &Location, zone: &str, manifest: &Manifest) -> Result<bool, BackupError> {
+    pub fn copy_from(&self, source: &Location, zone: &str, manifest: &Manifest) -> Result<bool, Error> {
         let id = &manifest.backup_id;
         let from = source.backup_dir(zone, id);
         let staged = self.stage(id)?;
@@ -341,14 +336,14 @@ impl Location {
 }
 
 /// Reads and checks a manifest; `None` if the directory has none.
-fn read_manifest(dir: &Path, backup_id: &str) -> Result<Option<Manifest>, BackupError> {
+fn read_manifest(dir: &Path, backup_id: &str) -> Result<Option<Manifest>, Error> {
     let path = dir.join(MANIFEST_FILE);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(BackupError::io(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
     };
-    let bad = |problem: String| BackupError::Manifest {
+    let bad = |problem: String| Error::Manifest {
         backup_id: backup_id.to_owned(),
         dir: dir.to_owned(),
         problem,
@@ -376,11 +371,11 @@ fn is_plain_file_name(name: &str) -> bool {
 /// Removes the entries of `dir` that `select` picks (a missing `dir` has
 /// none); one that cannot be removed is logged as `what` and left. Returns
 /// how many went.
-fn remove_entries(dir: &Path, what: &str, select: impl Fn(&fs::DirEntry) -> bool) -> Result<usize, BackupError> {
+fn remove_entries(dir: &Path, what: &str, select: impl Fn(&fs::DirEntry) -> bool) -> Result<usize, Error> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(BackupError::io(format!("listing {}", dir.display()))(e)),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()))(e)),
     };
     let mut removed = 0;
     for entry in entries.flatten().filter(|e| select(e)) {
@@ -399,7 +394,7 @@ fn remove_entries(dir: &Path, what: &str, select: impl Fn(&fs::DirEntry) -> bool
 }
 
 /// Writes `value` as JSON to `dir/name` via a temporary file and a rename.
-pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), BackupError> {
+pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Error> {
     use std::io::Write;
     let tmp = dir.join(format!(".{name}.{}", Uuid::new_v4().simple()));
     let target = dir.join(name);
@@ -408,39 +403,35 @@ pub fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> Res
     f.write_all(&bytes)
         .and_then(|_| f.write_all(b"\n"))
         .and_then(|_| f.sync_all())
-        .map_err(BackupError::io(format!("writing {}", tmp.display())))?;
-    fs::rename(&tmp, &target).map_err(BackupError::io(format!("writing {}", target.display())))?;
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, &target).map_err(Error::io(format!("writing {}", target.display())))?;
     sync_dir(dir)
 }
 
-fn copy_file(from: &Path, to: &Path) -> Result<(), BackupError> {
-    let mut src = fs::File::open(from).map_err(BackupError::io(format!("reading {}", from.display())))?;
+fn copy_file(from: &Path, to: &Path) -> Result<(), Error> {
+    let mut src = fs::File::open(from).map_err(Error::io(format!("reading {}", from.display())))?;
     let mut dst = crypto::create_private(to)?;
     io::copy(&mut src, &mut dst)
         .and_then(|_| dst.sync_all())
-        .map_err(BackupError::io(format!(
-            "copying {} to {}",
-            from.display(),
-            to.display()
-        )))?;
+        .map_err(Error::io(format!("copying {} to {}", from.display(), to.display())))?;
     Ok(())
 }
 
 /// Creates `dir` and its parents, readable by the owner only.
-pub fn create_private_dir_all(dir: &Path) -> Result<(), BackupError> {
+pub fn create_private_dir_all(dir: &Path) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(BackupError::io(format!("creating {}", dir.display())))
+        .map_err(Error::io(format!("creating {}", dir.display())))
 }
 
 /// Makes a rename or a new file in `dir` durable.
-pub fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(BackupError::io(format!("syncing {}", dir.display())))
+        .map_err(Error::io(format!("syncing {}", dir.display())))
 }
 
 /// The id of the backup a step of a run takes of a service: the same (run,

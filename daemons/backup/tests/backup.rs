@@ -6,8 +6,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use baton_backup::Policy;
 use baton_backup::store::{self, Manifest};
-use baton_backup::{Policy, inputs_as_fields, verified_backup_of_run};
+use baton_shared::facts::verified_backup_of_run;
 use chrono::Duration;
 use common::{Env, ZONE, backup_id_of, flip_byte, job, scratch_databases, seed_params};
 use serde_json::json;
@@ -102,7 +103,7 @@ async fn pre_deploy_backup_is_encrypted_copied_and_restorable() {
     // A later step finds the run's verified backup in its inputs.
     let mut inputs = BTreeMap::new();
     inputs.insert("backup.pre".to_owned(), out.clone());
-    let found = verified_backup_of_run(&inputs_as_fields(&inputs), "backup.pre", run).unwrap();
+    let found = verified_backup_of_run("backup.pre", &inputs["backup.pre"], run).unwrap();
     assert_eq!(found.backup_id, id);
 
     // verify, named by input or by param, restores into a scratch database and compares.

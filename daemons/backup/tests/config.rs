@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
-use baton_backup::{BackupRole, Config};
+use baton_backup::{BackupRole, Daemon};
+use baton_shared::kit;
 
 struct Dir(PathBuf);
 
@@ -27,8 +28,15 @@ fn write_config(dir: &Path, copy_region: &str) -> PathBuf {
     let id = age::x25519::Identity::generate();
     let identity_file = dir.join("identity.txt");
     std::fs::write(&identity_file, format!("{}\n", id.to_string().expose_secret())).unwrap();
+    let key = baton_shared::signing::Keypair::generate();
+    let key_file = dir.join("signing.key");
+    std::fs::write(&key_file, key.secret_file_contents()).unwrap();
     let text = format!(
         r#"
+[signing]
+key_file = "{key_file}"
+trusted = ["{trusted}"]
+
 [daemon]
 zone = "production"
 concurrency = 2
@@ -50,6 +58,8 @@ region = "{copy_region}"
 shop-api = "postgres://backup:db-secret@127.0.0.1:5432/shop"
 "#,
         recipient = id.to_public(),
+        key_file = key_file.display(),
+        trusted = key.public(),
         identity = identity_file.display(),
         dir = dir.display(),
     );
@@ -62,29 +72,29 @@ shop-api = "postgres://backup:db-secret@127.0.0.1:5432/shop"
 fn a_toml_file_loads_into_the_shared_and_backup_sections() {
     let dir = Dir::new();
     let path = write_config(&dir.0, "de-fra1");
-    let cfg: Config = baton_shared::config::load(Some(&path)).unwrap();
+    let cfg = kit::load::<Daemon>(Some(&path)).unwrap();
     assert_eq!(cfg.common.daemon.zone, "production");
     assert_eq!(cfg.common.daemon.concurrency, 2);
-    assert_eq!(cfg.backup.copy.region, "de-fra1");
+    assert_eq!(cfg.settings.copy.region, "de-fra1");
     assert_eq!(
-        cfg.backup.databases["shop-api"].expose(),
+        cfg.settings.databases["shop-api"].expose(),
         "postgres://backup:db-secret@127.0.0.1:5432/shop"
     );
-    cfg.backup.validate().unwrap();
-    BackupRole::from_settings(&cfg.backup).expect("role builds and reads the identity");
+    cfg.settings.validate().unwrap();
+    BackupRole::from_settings(&cfg.settings).expect("role builds and reads the identity");
 }
 
 #[test]
 fn non_eu_location_is_refused_by_config_validation() {
     let dir = Dir::new();
     let path = write_config(&dir.0, "us-east-1");
-    let cfg: Config = baton_shared::config::load(Some(&path)).unwrap();
-    let err = cfg.validate().unwrap_err().to_string();
+    let cfg = kit::load::<Daemon>(Some(&path)).unwrap();
+    let err = cfg.settings.validate().unwrap_err().to_string();
     assert!(
         err.contains("`backup.copy.region`") && err.contains("us-east-1"),
         "{err}"
     );
-    let err = BackupRole::from_settings(&cfg.backup).err().unwrap().to_string();
+    let err = BackupRole::from_settings(&cfg.settings).err().unwrap().to_string();
     assert!(err.contains("backup.copy.region"), "{err}");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton-backup"))

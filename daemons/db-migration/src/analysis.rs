@@ -71,6 +71,35 @@ impl FindingKind {
     }
 }
 
+impl FindingKind {
+    /// The identifier that stops existing under its name, for findings that
+    /// break the additive-first rule: the dropped column, table, view or schema,
+    /// or the old name of a renamed object (schema prefix and quotes removed).
+    pub fn removed_name(&self) -> Option<String> {
+        if !self.breaks_additive_first() {
+            return None;
+        }
+        let qualified = match self {
+            Self::DropColumn { column, .. } => column.as_str(),
+            Self::Drop { name, .. } => name.as_str(),
+            Self::Rename { what } => {
+                // "column <old> of <table>", or "<object words> <name>", either
+                // possibly followed by " (moves it to another schema)".
+                let what = what.split(" (").next().unwrap_or(what);
+                let what = what.split(" to ").next().unwrap_or(what);
+                match what.strip_prefix("column ") {
+                    Some(rest) => rest.split(" of ").next().unwrap_or(rest),
+                    None => what.rsplit(' ').next().unwrap_or(what),
+                }
+            }
+            _ => return None,
+        };
+        let last = qualified.rsplit('.').next().unwrap_or(qualified);
+        let name = last.trim_matches('"');
+        (!name.is_empty()).then(|| name.to_owned())
+    }
+}
+
 impl fmt::Display for FindingKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -707,6 +736,30 @@ mod tests {
                     table: "t".into(),
                     constraint: "t_c_check".into()
                 }
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_names_are_the_old_identifiers() {
+        let names: Vec<Option<String>> = [
+            "ALTER TABLE \"users\" RENAME COLUMN \"name\" TO \"full_name\";",
+            "ALTER TABLE \"users\" DROP COLUMN \"email\";",
+            "DROP TABLE \"public\".\"orders\";",
+            "ALTER TABLE \"users\" RENAME TO \"people\";",
+            "DROP INDEX \"i\";",
+        ]
+        .iter()
+        .map(|sql| analyze(sql).first().and_then(|f| f.kind.removed_name()))
+        .collect();
+        assert_eq!(
+            names,
+            [
+                Some("name".into()),
+                Some("email".into()),
+                Some("orders".into()),
+                Some("users".into()),
+                None
             ]
         );
     }

@@ -24,27 +24,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use baton_shared::config::{ConfigError, DaemonConfig};
+use baton_shared::config::ConfigError;
 use baton_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
-
-/// Everything the db-migration daemon reads.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Config {
-    /// `[amqp]`, `[daemon]` and `[log]`, as for every daemon.
-    #[serde(flatten)]
-    pub daemon_config: DaemonConfig,
-    pub migration: MigrationConfig,
-}
-
-impl Config {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.daemon_config.validate()?;
-        self.migration.validate()
-    }
-}
 
 /// `[migration]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,7 +127,10 @@ impl MigrationConfig {
 
 #[cfg(test)]
 mod tests {
+    use baton_shared::kit;
+
     use super::*;
+    use crate::Daemon;
 
     /// Writes `text` plus a valid `[signing]` section (validation requires one).
     fn write(name: &str, text: &str) -> PathBuf {
@@ -169,16 +155,16 @@ mod tests {
             "ok",
             "[daemon]\nzone = \"production\"\n[migration]\nlock_timeout_secs = 7\n[migration.databases]\nshop-api = \"postgres://u:hunter2@db/shop\"\n",
         );
-        let cfg: Config = baton_shared::config::load(Some(&path)).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.daemon_config.daemon.zone, "production");
-        assert_eq!(cfg.migration.lock_timeout_secs, 7);
+        let cfg = kit::load::<Daemon>(Some(&path)).unwrap();
+        kit::validate::<Daemon>(&cfg).unwrap();
+        assert_eq!(cfg.common.daemon.zone, "production");
+        assert_eq!(cfg.settings.lock_timeout_secs, 7);
         assert_eq!(
-            cfg.migration.database("shop-api").unwrap().expose(),
+            cfg.settings.database("shop-api").unwrap().expose(),
             "postgres://u:hunter2@db/shop"
         );
-        assert_eq!(cfg.migration.backup_required_zones, ["production"]);
-        let printed = baton_shared::config::render(&cfg);
+        assert_eq!(cfg.settings.backup_required_zones, ["production"]);
+        let printed = kit::render::<Daemon>(&cfg);
         assert!(
             !printed.contains("hunter2") && printed.contains("[migration.databases]"),
             "{printed}"
@@ -233,8 +219,9 @@ mod tests {
     #[test]
     fn missing_zone_is_named() {
         let path = write("nozone", "[migration]\nlock_timeout_secs = 5\n");
-        let cfg: Config = baton_shared::config::load(Some(&path)).unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("daemon.zone"));
+        let cfg = kit::load::<Daemon>(Some(&path)).unwrap();
+        let err = kit::validate::<Daemon>(&cfg).unwrap_err().to_string();
+        assert!(err.contains("daemon.zone"), "{err}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

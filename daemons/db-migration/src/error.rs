@@ -76,7 +76,7 @@ pub enum Error {
     NoDatabase { service: String, zone: String },
 
     #[error("invalid parameter `{name}`: {problem}")]
-    InvalidParam { name: &'static str, problem: String },
+    InvalidParam { name: String, problem: String },
 
     #[error("invalid job: {problem}")]
     InvalidJob { problem: String },
@@ -102,6 +102,14 @@ pub enum Error {
         migrations.join(", ")
     )]
     IrreversibleWithoutProcedure { migrations: Vec<String>, dir: String },
+
+    #[error(
+        "additive-first: {} in the same deploy as code that still names it; nothing was applied. Add the new \
+         structure and deploy the code that stops using the old first, then remove it in a later deploy \
+         (or give the merge event an `additive-first` exception with a reason)",
+        removals.join("; ")
+    )]
+    AdditiveFirst { removals: Vec<String> },
 
     #[error(
         "destructive migration(s) in zone {zone} need a verified pre-deploy backup of this run in input `{input}`: {problem}; nothing was applied; destructive: {}",
@@ -216,6 +224,7 @@ impl Error {
             Self::InvalidJournal { .. } => "invalid_migrations",
             Self::IrreversibleWithoutProcedure { .. } => "irreversible_without_procedure",
             Self::BackupNotVerified { .. } => "backup_not_verified",
+            Self::AdditiveFirst { .. } => "additive_first",
             Self::Connect { .. } => "database_unavailable",
             Self::Locked { .. } => "migration_locked",
             Self::MigrationFailed { .. } => "migration_failed",

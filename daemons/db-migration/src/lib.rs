@@ -61,6 +61,46 @@ pub mod role;
 pub mod source;
 pub mod verify;
 
-pub use config::{Config, MigrationConfig};
+pub use config::MigrationConfig;
 pub use error::Error;
-pub use role::{DbMigration, MigrateOutputs, ROLE};
+pub use role::{DbMigration, MigrateOutputs};
+
+use baton_shared::config::ConfigError;
+use baton_shared::kit;
+use baton_shared::runtime::BoxFuture;
+
+/// `baton-db-migration`, as the daemon kit runs it.
+pub struct Daemon;
+
+impl kit::Daemon for Daemon {
+    const BINARY: &'static str = "baton-db-migration";
+    const ABOUT: &'static str = "Baton's db-migration daemon: Drizzle migrations for one zone";
+    const SECTION: &'static str = "migration";
+    type Settings = MigrationConfig;
+    type Role = DbMigration;
+    type Modes = kit::NoModes;
+
+    fn validate(settings: &MigrationConfig) -> Result<(), ConfigError> {
+        settings.validate()
+    }
+
+    fn build(config: &kit::Config<MigrationConfig>) -> Result<DbMigration, ConfigError> {
+        Ok(DbMigration::new(config.settings.clone()))
+    }
+
+    fn background(
+        _role: &std::sync::Arc<DbMigration>,
+        config: &kit::Config<MigrationConfig>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Vec<BoxFuture<'static, ()>> {
+        // Scratch databases of daemons killed mid-verification go, at start and periodically.
+        let admin_url = config.settings.admin_url.clone();
+        vec![Box::pin(baton_shared::scratch::sweep_loop(
+            move || {
+                let admin_url = admin_url.clone();
+                async move { verify::sweep_scratch(&admin_url).await }
+            },
+            stop,
+        ))]
+    }
+}

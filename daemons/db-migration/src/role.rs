@@ -11,7 +11,9 @@
 //! rollback after a crash-and-retry still undoes them. `rollback` only undoes
 //! migrations still in drizzle's history, so running it again does nothing.
 
+use baton_shared::facts::{self, MigrationsApplied, Removal};
 use baton_shared::protocol::{Fields, JobKind, StepJob};
+use baton_shared::roles;
 use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
 use baton_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
@@ -27,9 +29,6 @@ use crate::error::{Error, Problem};
 use crate::source::{self, GitCache};
 use crate::verify;
 
-/// The role's name in queues and plans.
-pub const ROLE: &str = "db-migration";
-
 /// Default `migrations_dir` job parameter.
 pub const DEFAULT_MIGRATIONS_DIR: &str = "drizzle/migrations";
 
@@ -43,9 +42,10 @@ pub struct MigrateOutputs {
     pub applied: Vec<String>,
     /// SHA-256 of each applied migration, as in `drizzle.__drizzle_migrations`.
     pub hashes: Vec<String>,
-    /// Whether an applied migration has a destructive statement.
-    pub destructive: bool,
-    /// Additive-first rule warnings: renames and removals in this deploy.
+    /// What gates read: destructive statements, renames and removals.
+    #[serde(flatten)]
+    pub facts: MigrationsApplied,
+    /// Additive-first rule warnings: renames and removals in this deploy, as text.
     pub warnings: Vec<String>,
     /// The service whose database this is.
     pub database: String,
@@ -67,14 +67,6 @@ struct RollbackInput {
     hashes: Vec<String>,
     #[serde(default)]
     database: Option<String>,
-}
-
-/// The `backup.pre` contract (other fields are allowed and ignored here).
-#[derive(Debug, Deserialize)]
-struct BackupInput {
-    backup_id: String,
-    run_id: String,
-    verified: bool,
 }
 
 /// The destructive statements of some migrations and what they mean for the deploy.
@@ -125,54 +117,40 @@ pub fn without_procedure<'a>(migrations: impl IntoIterator<Item = &'a Migration>
         .collect()
 }
 
-/// The verified pre-deploy backup of this run in `inputs[input]`, or why there is none.
+/// The verified pre-deploy backup of this run in `inputs[input]`, or why there is
+/// none (the facts contract's one rule, `baton_shared::facts::verified_backup_of_run`).
 pub fn verified_backup(job: &StepJob, input: &str) -> Result<String, String> {
-    let fields = job
-        .inputs
-        .get(input)
-        .ok_or_else(|| format!("the job has no input `{input}`"))?;
-    let b: BackupInput = serde_json::from_value(Value::Object(fields.clone()))
-        .map_err(|e| format!("input `{input}` is not a backup report: {e}"))?;
-    if !b.verified {
-        return Err(format!("backup {} is not verified", b.backup_id));
-    }
-    if b.run_id != job.run_id.to_string() {
-        return Err(format!(
-            "backup {} belongs to run {}, not to this run {}",
-            b.backup_id, b.run_id, job.run_id
-        ));
-    }
-    if b.backup_id.trim().is_empty() {
-        return Err(format!("input `{input}` has an empty backup_id"));
-    }
-    Ok(b.backup_id)
+    let outputs = facts::input(&job.inputs, input).map_err(|e| e.to_string())?;
+    facts::verified_backup_of_run(input, outputs, job.run_id)
+        .map(|b| b.backup_id)
+        .map_err(|e| e.to_string())
 }
 
-/// Job parameters.
-#[derive(Debug, Clone)]
+/// Job parameters (`baton_shared::roles`: db-migration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct Params {
     migrations_dir: String,
     backup_step: String,
 }
 
-fn string_param(job: &StepJob, name: &'static str, default: &str) -> Result<String, Error> {
-    match job.params.get(name) {
-        None | Some(Value::Null) => Ok(default.to_owned()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(Error::InvalidParam {
-            name,
-            problem: format!("must be a string, got {other}"),
-        }),
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            migrations_dir: DEFAULT_MIGRATIONS_DIR.to_owned(),
+            backup_step: DEFAULT_BACKUP_STEP.to_owned(),
+        }
     }
 }
 
 impl Params {
     fn from_job(job: &StepJob) -> Result<Self, Error> {
-        let dir = string_param(job, "migrations_dir", DEFAULT_MIGRATIONS_DIR)?;
-        Ok(Self {
-            migrations_dir: source::check_folder(&dir)?,
-            backup_step: string_param(job, "backup_step", DEFAULT_BACKUP_STEP)?,
-        })
+        let mut p: Self = job.params().map_err(|e| Error::InvalidParam {
+            name: e.key,
+            problem: e.problem,
+        })?;
+        p.migrations_dir = source::check_folder(&p.migrations_dir)?;
+        Ok(p)
     }
 }
 
@@ -270,6 +248,14 @@ impl DbMigration {
             });
         }
         let risk = assess(pending.iter().copied());
+        let mut run_migrations: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
+        for m in &pending {
+            if !run_migrations.iter().any(|a| a.tag == m.tag) {
+                run_migrations.push(m);
+            }
+        }
+        let removals = self.removals(job, &params, &run_migrations).await?;
+        self.additive_first(job, &pending, &removals)?;
         if risk.destructive() && self.config.backup_required_zones.contains(&job.zone) {
             match verified_backup(job, &params.backup_step) {
                 Ok(backup) => {
@@ -334,12 +320,7 @@ impl DbMigration {
         let after = db::history(&mut conn, service).await?;
         let _ = conn.close().await;
 
-        let mut applied: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
-        for m in &pending {
-            if !applied.iter().any(|a| a.tag == m.tag) {
-                applied.push(m);
-            }
-        }
+        let applied = run_migrations;
         let risk = assess(applied.iter().copied());
         for w in &risk.warnings {
             tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, service, warning = %w, "additive-first rule");
@@ -355,14 +336,75 @@ impl DbMigration {
         let out = MigrateOutputs {
             applied: applied.iter().map(|m| m.tag.clone()).collect(),
             hashes: applied.iter().map(|m| m.hash.clone()).collect(),
-            destructive: risk.destructive(),
+            facts: MigrationsApplied {
+                destructive: risk.destructive(),
+                removals,
+            },
             warnings: risk.warnings,
             database: service.to_owned(),
             last_created_at: after.last,
             verify: report.to_json(),
             unjournaled_sql: set.unjournaled.clone(),
         };
-        Ok(to_fields(&out))
+        baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
+    }
+
+    /// Renames and removals of `migrations`, each with the files of the deployed
+    /// commit's code (outside the migrations folder) that still name it.
+    async fn removals(&self, job: &StepJob, params: &Params, migrations: &[&Migration]) -> Result<Vec<Removal>, Error> {
+        let mut out = Vec::new();
+        for m in migrations {
+            for chunk in m.statements() {
+                for f in analysis::analyze(chunk) {
+                    let Some(name) = f.kind.removed_name() else { continue };
+                    let used_by = self
+                        .git
+                        .files_naming(
+                            &job.deploy.repository,
+                            &job.deploy.commit_sha,
+                            &name,
+                            &[params.migrations_dir.as_str()],
+                        )
+                        .await?;
+                    out.push(Removal {
+                        tag: m.tag.clone(),
+                        change: f.kind.to_string(),
+                        name,
+                        used_by,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The seed's "never rename or remove and deploy simultaneously": a pending
+    /// migration may not rename or remove what the commit's code still names,
+    /// unless the merge event carries an `additive-first` exception with a reason.
+    fn additive_first(&self, job: &StepJob, pending: &[&Migration], removals: &[Removal]) -> Result<(), Error> {
+        let in_use: Vec<&Removal> = removals
+            .iter()
+            .filter(|r| !r.used_by.is_empty() && pending.iter().any(|m| m.tag == r.tag))
+            .collect();
+        if in_use.is_empty() {
+            return Ok(());
+        }
+        if let Some(e) = job.deploy.exception(baton_shared::protocol::ADDITIVE_FIRST) {
+            tracing::warn!(
+                run_id = %job.run_id,
+                step_id = %job.step_id,
+                reason = %e.reason,
+                removals = in_use.len(),
+                "renames or removals still named by the code, applied under the deploy's additive-first exception"
+            );
+            return Ok(());
+        }
+        Err(Error::AdditiveFirst {
+            removals: in_use
+                .iter()
+                .map(|r| format!("{}: {} (still named in {})", r.tag, r.change, r.used_by.join(", ")))
+                .collect(),
+        })
     }
 
     async fn verify(&self, job: &StepJob) -> Result<Fields, Error> {
@@ -527,16 +569,9 @@ fn procedure(m: &Migration, params: &Params) -> String {
     }
 }
 
-fn to_fields<T: Serialize>(value: &T) -> Fields {
-    match serde_json::to_value(value) {
-        Ok(Value::Object(m)) => m,
-        _ => Fields::new(),
-    }
-}
-
 impl Role for DbMigration {
     fn name(&self) -> &str {
-        ROLE
+        roles::DB_MIGRATION
     }
 
     fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
@@ -580,7 +615,7 @@ mod tests {
             attempt: 1,
             kind: JobKind::Execute,
             zone: "production".into(),
-            role: ROLE.into(),
+            role: roles::DB_MIGRATION.into(),
             action: "migrate".into(),
             params: Fields::new(),
             inputs: Default::default(),
@@ -591,6 +626,7 @@ mod tests {
                 repository: "/srv/shop".into(),
                 commit_sha: "0123456789abcdef0123456789abcdef01234567".into(),
                 risk: Risk::Standard,
+                exceptions: Vec::new(),
             },
             issued_at: now,
             not_after: now,
@@ -602,54 +638,39 @@ mod tests {
         }
     }
 
-    fn backup(job: &mut StepJob, v: serde_json::Value) {
+    fn backup(job: &mut StepJob, run_id: uuid::Uuid, verified: bool) {
+        let b = baton_shared::facts::BackupRef {
+            backup_id: "b1".into(),
+            run_id,
+            verified,
+            sha256: "0".repeat(64),
+            location: "/srv/a/b1".into(),
+            copy_location: "/srv/b/b1".into(),
+            region: "nl-ams1".into(),
+            copy_region: "nl-ams2".into(),
+            tables: 1,
+            bytes: 1,
+        };
         job.inputs
-            .insert("backup.pre".into(), v.as_object().cloned().unwrap_or_default());
+            .insert("backup.pre".into(), baton_shared::facts::FactSet::to_fields(&b));
     }
 
     #[test]
     fn only_a_verified_backup_of_this_run_counts() {
         let mut j = job();
-        assert!(
-            verified_backup(&j, "backup.pre")
-                .unwrap_err()
-                .contains("no input `backup.pre`")
-        );
-        let run = j.run_id.to_string();
-        backup(
-            &mut j,
-            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": false}),
-        );
-        assert!(
-            verified_backup(&j, "backup.pre")
-                .unwrap_err()
-                .contains("b1 is not verified")
-        );
-        backup(
-            &mut j,
-            serde_json::json!({"backup_id": "b1", "run_id": "other", "verified": true}),
-        );
-        assert!(
-            verified_backup(&j, "backup.pre")
-                .unwrap_err()
-                .contains("belongs to run other")
-        );
-        backup(
-            &mut j,
-            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": "yes"}),
-        );
-        assert!(
-            verified_backup(&j, "backup.pre")
-                .unwrap_err()
-                .contains("not a backup report")
-        );
-        backup(&mut j, serde_json::json!({"run_id": run, "verified": true}));
-        assert!(verified_backup(&j, "backup.pre").unwrap_err().contains("backup_id"));
-        backup(
-            &mut j,
-            serde_json::json!({"backup_id": "b1", "run_id": run, "verified": true, "sha256": "x",
-                "location": "s3://a", "copy_location": "s3://b", "region": "eu-west-1"}),
-        );
+        let e = verified_backup(&j, "backup.pre").unwrap_err();
+        assert!(e.contains("no outputs of step backup.pre"), "{e}");
+        let run = j.run_id;
+        backup(&mut j, run, false);
+        let e = verified_backup(&j, "backup.pre").unwrap_err();
+        assert!(e.contains("b1 from backup.pre is not verified"), "{e}");
+        backup(&mut j, uuid::Uuid::nil(), true);
+        let e = verified_backup(&j, "backup.pre").unwrap_err();
+        assert!(e.contains("not of this run"), "{e}");
+        j.inputs.get_mut("backup.pre").unwrap().remove("sha256");
+        let e = verified_backup(&j, "backup.pre").unwrap_err();
+        assert!(e.contains("reported no sha256"), "{e}");
+        backup(&mut j, run, true);
         assert_eq!(verified_backup(&j, "backup.pre").unwrap(), "b1");
     }
 
@@ -706,10 +727,11 @@ mod tests {
         j.params.insert("migrations_dir".into(), 5.into());
         assert!(matches!(
             Params::from_job(&j),
-            Err(Error::InvalidParam {
-                name: "migrations_dir",
-                ..
-            })
+            Err(Error::InvalidParam { name, .. }) if name == "migrations_dir"
         ));
+        j.params.remove("migrations_dir");
+        j.params.insert("migration_dir".into(), "x".into());
+        let e = Params::from_job(&j).unwrap_err().to_string();
+        assert!(e.contains("unknown field `migration_dir`"), "{e}");
     }
 }

@@ -62,7 +62,7 @@ pub fn check_folder(dir: &str) -> Result<String, Error> {
         Ok(trimmed.to_owned())
     } else {
         Err(Error::InvalidParam {
-            name: "migrations_dir",
+            name: "migrations_dir".to_owned(),
             problem: format!("is {dir:?}; expected a relative path inside the repository without '..'"),
         })
     }
@@ -231,6 +231,56 @@ async fn lock_file(path: PathBuf) -> Result<FileLock, String> {
     })
     .await
     .map_err(|e| format!("lock task failed: {e}"))?
+}
+
+impl GitCache {
+    /// Files of the commit outside `excluded` folders (and documentation) whose
+    /// text holds `name` as a quoted identifier (`"name"`, `'name'` or
+    /// `` `name` ``), the way Drizzle schemas and SQL in code name columns and
+    /// tables. The commit must already be fetched ([`Self::read_folder`] does).
+    pub async fn files_naming(
+        &self,
+        repository: &str,
+        commit: &str,
+        name: &str,
+        excluded: &[&str],
+    ) -> Result<Vec<String>, Error> {
+        check_commit(commit)?;
+        let repo = self.ensure_commit(repository, commit).await?;
+        let escaped: String = name
+            .chars()
+            .flat_map(|c| {
+                let special = !(c.is_ascii_alphanumeric() || c == '_');
+                special.then_some('\\').into_iter().chain(std::iter::once(c))
+            })
+            .collect();
+        let pattern = format!("[\"'`]{escaped}[\"'`]");
+        let mut args: Vec<String> = ["grep", "-l", "-I", "-E", "-e", &pattern, commit, "--", "."]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        for dir in excluded.iter().chain(&["docs", "*.md"]) {
+            args.push(format!(":(exclude){dir}"));
+        }
+        let out = command(&repo).args(&args).output().await.map_err(|e| Error::Git {
+            operation: "grep",
+            repository: display_repository(repository),
+            detail: spawn_error(&repo, &e),
+        })?;
+        // git grep exits 1 when nothing matches.
+        if !out.status.success() && out.status.code() != Some(1) {
+            return Err(Error::Git {
+                operation: "grep",
+                repository: display_repository(repository),
+                detail: redact_stderr(String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+        let prefix = format!("{commit}:");
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned())
+            .collect())
+    }
 }
 
 async fn has_commit(repo: &Path, commit: &str) -> bool {

@@ -599,3 +599,58 @@ async fn unknown_actions_are_refused() {
     assert_eq!(err.code, "unknown_action");
     assert!(err.message.contains("drop-everything"));
 }
+
+#[tokio::test]
+async fn removing_a_column_the_code_still_names_is_refused_unless_the_event_excepts_it() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    // 0002 drops orders.legacy_note; the Drizzle schema of the same commit still declares it.
+    write_fixture(&repo, 3);
+    repo.write(
+        "src/db/schema.ts",
+        "export const orders = pgTable(\"orders\", {\n  legacyNote: text(\"legacy_note\"),\n});\n",
+    );
+    repo.write("docs/notes.md", "`legacy_note` is going away\n");
+    let sha = repo.commit("drop legacy note, schema not updated");
+    let role = role(&db, &cache);
+    let run_id = Uuid::new_v4();
+
+    let err = run(&role, &migrate_job("staging", &repo, &sha, run_id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "additive_first");
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains("0002_drop_orders_legacy_note")
+            && err.message.contains("still named in src/db/schema.ts")
+            && !err.message.contains("docs/notes.md"),
+        "{}",
+        err.message
+    );
+    assert!(db.tables().await.is_empty(), "nothing may be applied");
+
+    // An explicit exception with a reason lets it through, and the facts name the user.
+    let mut job = migrate_job("staging", &repo, &sha, run_id);
+    job.deploy.exceptions.push(baton_shared::protocol::RuleException {
+        rule: "additive-first".into(),
+        reason: "the field is read nowhere; the schema line goes in the next deploy".into(),
+    });
+    let out = run(&role, &job).await.unwrap();
+    let removals = out["removals"].as_array().unwrap();
+    assert_eq!(removals.len(), 1, "{removals:?}");
+    assert_eq!(removals[0]["name"], "legacy_note");
+    assert_eq!(removals[0]["used_by"], serde_json::json!(["src/db/schema.ts"]));
+
+    // Once the code stops naming it, no exception is needed.
+    let db2 = TestDb::create().await;
+    repo.write("src/db/schema.ts", "export const orders = pgTable(\"orders\", {});\n");
+    let sha2 = repo.commit("schema updated");
+    let out = run(
+        &self::role(&db2, &cache),
+        &migrate_job("staging", &repo, &sha2, Uuid::new_v4()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["removals"][0]["used_by"], serde_json::Value::Null);
+}

@@ -73,10 +73,11 @@ fn result(job: &StepJob, status: ResultStatus) -> StepResult {
 
 /// What the real daemons report and the gates read.
 fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
-    let digest = format!("sha256:{}", job.deploy.commit_sha);
+    let digest = format!("sha256:{}{}", job.deploy.commit_sha, &job.deploy.commit_sha[..24]);
     let v = match (job.role.as_str(), job.action.as_str()) {
         ("backup", "pre-deploy") => {
-            json!({"backup_id": format!("b-{}", job.run_id), "run_id": job.run_id, "verified": true})
+            let backup = baton_shared::facts::BackupRef::example(&format!("b-{}", job.run_id), job.run_id);
+            serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&backup))
         }
         ("container-build", _) => json!({"image_digest": digest}),
         ("staging-verify", _) => json!({"image_digest": digest, "regression_percent": 3.5}),
@@ -550,8 +551,8 @@ fn an_irreversible_migration_or_a_failed_down_is_undone_by_restoring_the_pre_dep
             assert_eq!(status(&run, "db.production"), StepStatus::CompensationFailed);
             let e = run.steps[i].error.as_ref().unwrap();
             assert!(
-                e.message
-                    .contains("cannot be restored: backup.pre has no verified backup"),
+                e.message.contains("cannot be restored: backup b-")
+                    && e.message.contains("from backup.pre is not verified"),
                 "{e:?}"
             );
             assert!(e.message.starts_with(message), "{e:?}");

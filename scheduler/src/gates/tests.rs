@@ -225,49 +225,49 @@ fn critical_changes_soak_longer_and_never_shorter_than_the_rest() {
 
 #[test]
 fn production_facts_must_be_reported_and_agree() {
+    // (`backup` below: a well-formed backup report of the given run.)
     let mut r = run(&["src/a.ts"], "standard");
     let p = Policy::default();
     let f = Facts::default();
     let now = Utc::now();
-    let run_id = r.id.to_string();
-    succeed(
-        &mut r,
-        "backup.pre",
-        json!({"backup_id": "b1", "run_id": run_id, "verified": false}),
-        now,
-    );
+    let run_id = r.id;
+    succeed(&mut r, "backup.pre", backup("b1", run_id, false), now);
     let v = verdict(&r, "apply.production", "backup-verified", &f, &p, now);
     assert_eq!(v, Verdict::fail("backup b1 from backup.pre is not verified"));
-    succeed(
-        &mut r,
-        "backup.pre",
-        json!({"backup_id": "b1", "run_id": Uuid::nil(), "verified": true}),
-        now,
-    );
+    succeed(&mut r, "backup.pre", backup("b1", Uuid::nil(), true), now);
     let v = verdict(&r, "apply.production", "backup-verified", &f, &p, now);
-    assert_eq!(v, Verdict::fail("backup b1 from backup.pre is not of this run"));
-    succeed(
-        &mut r,
-        "backup.pre",
-        json!({"backup_id": "b1", "run_id": run_id, "verified": true}),
-        now,
+    assert_eq!(
+        v,
+        Verdict::fail(format!(
+            "backup b1 from backup.pre is not of this run (it belongs to run {})",
+            Uuid::nil()
+        ))
     );
+    succeed(&mut r, "backup.pre", backup("b1", run_id, true), now);
     assert!(matches!(
         verdict(&r, "apply.production", "backup-verified", &f, &p, now),
         Verdict::Pass { .. }
     ));
 
-    succeed(&mut r, "build", json!({"image_digest": "sha256:aaa"}), now);
+    let (a, b) = (
+        format!("sha256:{}", "a".repeat(64)),
+        format!("sha256:{}", "b".repeat(64)),
+    );
+    succeed(&mut r, "build", json!({"image_digest": a}), now);
     succeed(
         &mut r,
         "verify.staging",
-        json!({"image_digest": "sha256:bbb", "regression_percent": 25.0}),
+        json!({"image_digest": b, "regression_percent": 25.0}),
         now,
     );
     let v = verdict(&r, "apply.production", "image-match", &f, &p, now);
-    assert_eq!(
-        v,
-        Verdict::fail("build built sha256:aaa but staging verified sha256:bbb")
+    assert_eq!(v, Verdict::fail(format!("build built {a} but staging verified {b}")));
+    // A digest that is not one fails the gate naming the step.
+    succeed(&mut r, "build", json!({"image_digest": "sha256:aaa"}), now);
+    let v = verdict(&r, "apply.production", "image-match", &f, &p, now);
+    assert!(
+        matches!(&v, Verdict::Fail { reason } if reason.starts_with("outputs of step build are not an image build report")),
+        "{v:?}"
     );
     let v = verdict(&r, "apply.production", "performance-regression", &f, &p, now);
     assert_eq!(
@@ -308,7 +308,9 @@ fn destructive_migrations_need_a_backup_and_a_window_additive_ones_do_not() {
     succeed(
         &mut r,
         "db.staging",
-        json!({"destructive": true, "warnings": ["0002_drop: drops column name of users"]}),
+        json!({"destructive": true, "removals": [
+            {"tag": "0002_drop", "change": "drops column name of users", "name": "name", "used_by": ["src/a.ts"]}
+        ]}),
         now,
     );
     let v = verdict(&r, "db.production", "maintenance-window", &f, &p, now);
@@ -325,12 +327,34 @@ fn destructive_migrations_need_a_backup_and_a_window_additive_ones_do_not() {
         verdict(&r, "db.production", "backup-verified", &f, &p, now),
         Verdict::Fail { .. }
     ));
-    // The same deploy ships code: the additive-first rule warns.
+    // The same deploy ships code that still names the column: additive-first fails.
     let v = verdict(&r, "db.production", "additive-first", &f, &p, now);
     assert!(
-        matches!(&v, Verdict::Warn { reason } if reason.contains("drops column name of users")),
+        matches!(&v, Verdict::Fail { reason } if reason.contains("drops column name of users (still named in src/a.ts)")),
         "{v:?}"
     );
+    // An explicit exception in the merge event turns it into a warning naming the reason.
+    let mut excepted = r.clone();
+    excepted.event.exceptions.push(baton_shared::protocol::RuleException {
+        rule: "additive-first".into(),
+        reason: "the column is unused since release 41".into(),
+    });
+    let v = verdict(&excepted, "db.production", "additive-first", &f, &p, now);
+    assert!(
+        matches!(&v, Verdict::Warn { reason } if reason.contains("since release 41") && reason.contains("src/a.ts")),
+        "{v:?}"
+    );
+    // Once no code names it, the removal passes.
+    succeed(
+        &mut r,
+        "db.staging",
+        json!({"destructive": true, "removals": [
+            {"tag": "0002_drop", "change": "drops column name of users", "name": "name"}
+        ]}),
+        now,
+    );
+    let v = verdict(&r, "db.production", "additive-first", &f, &p, now);
+    assert!(matches!(&v, Verdict::Pass { .. }), "{v:?}");
     // High risk without any window configured fails with the key to set.
     let r = run(&["src/a.ts"], "high");
     let v = verdict(
@@ -405,9 +429,9 @@ fn drive(run: &mut RunState, cfg: &Settings, now: DateTime<Utc>, stop: &[&str]) 
         }
         for j in jobs {
             let mut r = StepResult::for_job(&j, "d", baton_shared::protocol::ResultStatus::Succeeded);
-            let digest = format!("sha256:{COMMIT}");
+            let digest = format!("sha256:{COMMIT}{}", &COMMIT[..24]);
             let v = match j.role.as_str() {
-                "backup" => json!({"backup_id": "b", "run_id": j.run_id, "verified": true}),
+                "backup" => backup("b", j.run_id, true),
                 "container-build" => json!({"image_digest": digest}),
                 "staging-verify" => json!({"image_digest": digest, "regression_percent": 0}),
                 _ => json!({}),
@@ -676,4 +700,11 @@ fn network_and_cdn_wait_for_the_production_gates_of_production_apply() {
             }
         }
     }
+}
+
+/// A backup step's outputs: a well-formed report of run `run_id`.
+fn backup(id: &str, run_id: Uuid, verified: bool) -> serde_json::Value {
+    let mut b = baton_shared::facts::BackupRef::example(id, run_id);
+    b.verified = verified;
+    serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&b))
 }

@@ -87,10 +87,11 @@ fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
     }
     let digest = format!("sha256:{}{}", job.deploy.commit_sha, &job.deploy.commit_sha[..24]);
     let v = match (job.role.as_str(), job.action.as_str()) {
-        ("backup", "pre-deploy") => serde_json::json!({
-            "backup_id": format!("{}.{}.{}", job.deploy.service, job.step_id, job.run_id),
-            "run_id": job.run_id, "verified": true,
-        }),
+        ("backup", "pre-deploy") => {
+            let id = format!("{}.{}.{}", job.deploy.service, job.step_id, job.run_id);
+            let backup = baton_shared::facts::BackupRef::example(&id, job.run_id);
+            serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&backup))
+        }
         ("container-build", _) => serde_json::json!({"image_digest": digest}),
         ("staging-verify", _) => serde_json::json!({"image_digest": digest, "regression_percent": 0.0}),
         _ => serde_json::json!({}),
@@ -157,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(runtime::run(cfg, bindings, runtime::shutdown_signal()));
+    let result = rt.block_on(runtime::run(cfg, bindings, baton_shared::shutdown::signal()));
     telemetry.shutdown();
     result?;
     Ok(())

@@ -209,6 +209,7 @@ pub fn job(action: &str, step_id: &str, run_id: Uuid, params: serde_json::Value)
             repository: "git@example.org:shop/api.git".to_owned(),
             commit_sha: "0123456789abcdef0123456789abcdef01234567".to_owned(),
             risk: Risk::Standard,
+            exceptions: Vec::new(),
         },
         issued_at: now,
         not_after: now + Duration::minutes(5),

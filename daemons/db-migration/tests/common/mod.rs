@@ -335,6 +335,7 @@ pub fn job(kind: JobKind, action: &str, zone: &str, repo: &GitRepo, sha: &str, r
             repository: repo.url(),
             commit_sha: sha.to_owned(),
             risk: Risk::Standard,
+            exceptions: Vec::new(),
         },
         issued_at: now,
         not_after: now + chrono::Duration::minutes(5),
@@ -359,12 +360,19 @@ pub fn rollback_job(zone: &str, repo: &GitRepo, sha: &str, run_id: Uuid, outputs
 
 /// A `backup.pre` output as the backup daemon reports it.
 pub fn backup_input(run_id: Uuid, verified: bool) -> Fields {
-    let v = serde_json::json!({
-        "backup_id": "bk-2026-11-26-0001", "run_id": run_id.to_string(), "verified": verified,
-        "sha256": "ab".repeat(32), "location": "s3://eu-backups/shop-api/bk-2026-11-26-0001",
-        "copy_location": "s3://eu-backups-2/shop-api/bk-2026-11-26-0001", "region": "eu-central-1"
-    });
-    v.as_object().unwrap().clone()
+    let b = baton_shared::facts::BackupRef {
+        backup_id: "bk-2026-11-26-0001".into(),
+        run_id,
+        verified,
+        sha256: "ab".repeat(32),
+        location: "/srv/backups/production/bk-2026-11-26-0001".into(),
+        copy_location: "/srv/backups-copy/production/bk-2026-11-26-0001".into(),
+        region: "nl-ams1".into(),
+        copy_region: "nl-ams2".into(),
+        tables: 2,
+        bytes: 4096,
+    };
+    baton_shared::facts::FactSet::to_fields(&b)
 }
 
 /// Runs a job through the `Role` trait, as the daemon runtime does.
