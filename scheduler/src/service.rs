@@ -121,7 +121,9 @@ pub async fn run(config: Config, pipeline: Pipeline, shutdown: impl Future<Outpu
     } else {
         store.renew_leases().await?
     };
-    tracing::info!(%instance, renewed_leases = renewed, pipeline = %pipeline.name, "scheduler starting");
+    // Holds computed under a previous configuration are evaluated again under this one.
+    let rechecked = store.recheck_timed_holds().await?;
+    tracing::info!(%instance, renewed_leases = renewed, rechecked_holds = rechecked, pipeline = %pipeline.name, "scheduler starting");
 
     let stop = CancellationToken::new();
     let (tx, rx) = mpsc::unbounded_channel();

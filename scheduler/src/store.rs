@@ -1385,6 +1385,19 @@ impl Store {
         .rows_affected())
     }
 
+    /// Makes every gate hold that waits for a time (a maintenance window, the
+    /// staging soak) due now, so its gates are evaluated again under this
+    /// process's configuration: a window added or a soak shortened before a
+    /// restart applies to runs already waiting. Returns how many were due later.
+    pub async fn recheck_timed_holds(&self) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("update timers set due_at = now() where kind = 'gate' and due_at > now()")
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
     /// Whether another scheduler replica was alive a moment ago (its
     /// membership heartbeat is at most `within` old): it was consuming
     /// results, so no heartbeat waited unread and no lease needs renewing.

@@ -1198,11 +1198,24 @@ async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_fir
     .await;
     let statuses =
         |run: Uuid| -> Vec<ResultStatus> { seen.iter().filter(|(r, _)| *r == run).map(|(_, m)| m.status).collect() };
-    assert_eq!(
-        statuses(quick.run_id),
-        [ResultStatus::Succeeded],
-        "a job done within the quiet start sends its outcome alone"
-    );
+    // Whether the quick job sends `started` depends on whether it was done within
+    // the quiet start (10 ms) by the daemon's own clock, which a loaded machine can
+    // stretch: the outcome's `started_at` and `at` say which case this was.
+    let quick_outcome = &seen
+        .iter()
+        .find(|(r, m)| *r == quick.run_id && m.status == ResultStatus::Succeeded)
+        .unwrap()
+        .1;
+    let took = quick_outcome.at - quick_outcome.started_at.expect("the outcome carries started_at");
+    if took < chrono::Duration::milliseconds(10) {
+        assert_eq!(
+            statuses(quick.run_id),
+            [ResultStatus::Succeeded],
+            "a job done within the quiet start ({took}) sends its outcome alone"
+        );
+    } else {
+        assert_eq!(statuses(quick.run_id).last(), Some(&ResultStatus::Succeeded));
+    }
     assert_eq!(
         statuses(slow.run_id),
         [ResultStatus::Started, ResultStatus::Succeeded],

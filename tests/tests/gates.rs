@@ -299,7 +299,7 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
     let pipeline = env.dir.join("approval.toml");
     std::fs::write(&pipeline, APPROVAL_PIPELINE).unwrap();
     env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
-    let (api, _procs) = start(&env, "[gates.approval]\nrequired = 2\nttl_secs = 3\n").await;
+    let (api, _procs) = start(&env, "[gates.approval]\nrequired = 2\n").await;
 
     let run = env.enqueue(&event("approve", 1, &["src/app.ts"]));
     let v = env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
@@ -350,14 +350,12 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
     assert_eq!(json_of(&out)["run_status"], "awaiting_approval");
     let (status, e) = api.post(&api.alice, &path, body(&plan)).await;
     assert_eq!(status, StatusCode::CONFLICT, "a second approval by alice: {e}");
-    // Her approval expires (ttl 3 s): await the moment the database says it has.
-    env.wait_until("alice's approval to expire", RUN_TIMEOUT, async || {
-        sqlx::query_scalar::<_, bool>("select bool_and(expires_at < now()) from approvals where approver = 'alice'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap()
-    })
-    .await;
+    // Her approval's time runs out (`gates.approval.ttl_secs` after she gave it):
+    // the test moves its expiry into the past instead of waiting for it.
+    sqlx::query("update approvals set expires_at = now() - interval '1 second' where approver = 'alice'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let (status, e) = api.post(&api.bob, &path, body(&plan)).await;
     assert_eq!(status, StatusCode::OK, "{e}");
     let v = env.run(run).await.unwrap();
@@ -426,37 +424,46 @@ async fn approvals_are_four_eyes_bound_to_the_plan_expire_and_a_rejection_compen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it() {
     let env = TestEnv::new("gates-window").await;
-    // A one-off window opening 8 s from now (the clock is real here; the unit tests
-    // inject it), and a 3 s staging soak.
-    let opens = chrono::Utc::now() + chrono::Duration::seconds(8);
-    let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "3");
-    let (_api, _procs) = start(
-        &env,
-        &format!(
+    // A window that opens in an hour, and a 3 s staging soak (a lower bound: it
+    // can only make the run later).
+    let window = |start: chrono::DateTime<chrono::Utc>| {
+        format!(
             "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
-             once = [{{ start = \"{opens_text}\", duration_minutes = 30 }}]\n"
-        ),
-    )
-    .await;
+             once = [{{ start = \"{}\", duration_minutes = 30 }}]\n",
+            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    };
+    env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "3");
+    let t = configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let _api = Api::of(&scheduler, &t);
     let mut high = event("window", 1, &["src/app.ts"]);
     high["risk"] = json!("high");
     let run = env.enqueue(&high);
-    let v = env.wait_run_status(run, "blocked", RUN_TIMEOUT).await;
-    let hold = v.step("apply.production").unwrap().hold.clone().expect("apply waits");
-    assert!(
-        hold.gate == "staging-soak" || hold.gate == "maintenance-window",
-        "{hold:?}"
-    );
+    // The soak passes, then the closed window holds production apply.
+    env.wait_until("apply.production to wait for the window", RUN_TIMEOUT, async || {
+        env.run(run).await.is_some_and(|v| {
+            v.step("apply.production")
+                .and_then(|s| s.hold.as_ref())
+                .is_some_and(|h| h.gate == "maintenance-window")
+        })
+    })
+    .await;
+    assert!(env.starts(run, "apply.production", "execute").is_empty());
+
+    // An operator schedules a window that is open now and restarts the scheduler.
+    drop(scheduler);
+    let restarted = chrono::Utc::now();
+    let t = configure(&env, &window(restarted - chrono::Duration::minutes(5)));
+    let scheduler = env.scheduler("scheduler-2").await;
+    let _api = Api::of(&scheduler, &t);
     let v = env.wait_terminal(run, RUN_TIMEOUT).await;
     assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
     let verify = v.step("verify.staging").unwrap().started_at.unwrap();
     let apply = v.step("apply.production").unwrap().started_at.unwrap();
-    let opens_secs = opens.timestamp();
-    assert!(
-        apply.timestamp() >= opens_secs,
-        "apply started at {apply}, before the window opened at {opens}"
-    );
+    assert!(apply >= restarted, "apply started at {apply}, before the window opened");
     assert!(
         apply - verify >= chrono::Duration::seconds(3),
         "soak: verify {verify}, apply {apply}"
@@ -654,16 +661,14 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and_an_excepted_removal_warns() {
     let env = TestEnv::new("gates-destructive").await;
-    let opens = chrono::Utc::now() + chrono::Duration::seconds(6);
-    let opens_text = opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let t = configure(
-        &env,
-        &format!(
+    let window = |start: chrono::DateTime<chrono::Utc>| {
+        format!(
             "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
-             once = [{{ start = \"{opens_text}\", duration_minutes = 30 }}]\n"
-        ),
-    );
-    drop(t);
+             once = [{{ start = \"{}\", duration_minutes = 30 }}]\n",
+            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    };
+    configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
     // Scripted facts: staging reports what the db-migration daemon reports for a
     // destructive migration whose column the shipped code still names.
     env.script(json!({
@@ -674,7 +679,7 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
                           "name": "name", "used_by": ["src/app.ts"]}]
         }}}
     }));
-    let _scheduler = env.scheduler("scheduler").await;
+    let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     // Standard risk: only the destructive migration needs the window. The event
     // excepts the deploy from additive-first, with its reason.
@@ -699,10 +704,15 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
         "{hold:?}"
     );
     assert!(env.starts(run, "db.production", "execute").is_empty());
+    // The window opens (by configuration and a restart, not by waiting for it).
+    drop(scheduler);
+    let opened = chrono::Utc::now();
+    configure(&env, &window(opened - chrono::Duration::minutes(5)));
+    let _scheduler = env.scheduler("scheduler-2").await;
     let v = env.wait_terminal(run, RUN_TIMEOUT).await;
     assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
     let started = v.step("db.production").unwrap().started_at.unwrap();
-    assert!(started.timestamp() >= opens.timestamp(), "{started} before {opens}");
+    assert!(started >= opened, "{started} before the window opened at {opened}");
     let backup = gate_entries(&v, "backup-verified", "pass");
     let backup = backup
         .iter()

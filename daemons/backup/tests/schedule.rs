@@ -632,6 +632,8 @@ async fn a_daemon_killed_mid_check_leaves_its_scratch_database_to_its_successor(
         },
     )
     .await;
-    assert!(scratch_of(&admin, &zone).await.is_empty(), "the leftover is gone");
+    // (The successor's own scheduled pass may have a scratch database of its own by now.)
+    let left = scratch_of(&admin, &zone).await;
+    assert!(!left.contains(&scratch[0]), "the leftover is gone: {left:?}");
     let _ = successor.terminate(Duration::from_secs(30)).await;
 }
