@@ -203,6 +203,8 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
             StoreError::MergeGate(reason) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "merge_gate", reason),
+            e @ StoreError::Unfinished { .. } => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            e @ StoreError::Unplannable(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unplannable", e.to_string()),
             StoreError::Decision(e) => {
                 use crate::gates::DecisionError as D;
                 let (status, code) = match &e {
@@ -352,6 +354,7 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
         ("get", "/v1/runs/{id}", get(show_run)),
         ("get", "/v1/runs/{id}/events", get(run_events)),
         ("post", "/v1/runs/{id}/rollback", post(rollback)),
+        ("post", "/v1/runs/{id}/redeploy", post(redeploy)),
         ("post", "/v1/runs/{id}/cancel", post(cancel)),
         ("post", "/v1/runs/{id}/approve", post(approve)),
         ("post", "/v1/runs/{id}/reject", post(reject)),
@@ -1002,6 +1005,23 @@ async fn rollback(
         .await?;
     s.relay.send(out);
     Ok(Json(json!({"run_id": id, "rollback": "requested"})))
+}
+
+/// A new run of the run's merge event, linked to it (operator).
+async fn redeploy(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let who = s.authorize(&headers, Role::Operator)?.name.clone();
+    let id = parse_run_id(&id)?;
+    let req: RollbackRequest = self::body(&body)?;
+    non_empty("reason", &req.reason)?;
+    let (run_id, out) = s.store.redeploy(id, &who, &req.reason, &s.pipeline).await?;
+    s.relay.send(out);
+    tracing::info!(run_id = %run_id, redeploy_of = %id, by = %who, "redeploy created");
+    Ok((StatusCode::CREATED, Json(json!({"run_id": run_id, "redeploy_of": id}))).into_response())
 }
 
 /// The CI webhook: `X-Baton-Signature: sha256=<hex HMAC-SHA256 of the raw body>`.

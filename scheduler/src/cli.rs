@@ -85,6 +85,14 @@ enum Command {
         #[arg(long, default_value = "requested from the command line")]
         reason: String,
     },
+    /// Deploy a run's merge event again as a new run with its own id, linked to
+    /// the earlier one and through the same gates (after a rollback or a cancel).
+    Redeploy {
+        run: Uuid,
+        /// Why, for the audit log of both runs.
+        #[arg(long)]
+        reason: String,
+    },
     /// Follow a run until it ends: one line per transition (a live status line on a terminal).
     Watch { run: Uuid },
     /// Approve a step held for human approval; names the plan hash you reviewed.
@@ -728,6 +736,16 @@ async fn dispatch(cli: Cli) -> Outcome {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Redeploy { run, reason } => {
+            let v = post_reason(cli.config.as_deref(), &format!("/v1/runs/{run}/redeploy"), &reason).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                let new = v["run_id"].as_str().unwrap_or("?");
+                println!("run {new} deploys the merge event of run {run} again; `baton watch {new}` follows it");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Rollback { run, reason } => {
             let v = post_reason(cli.config.as_deref(), &format!("/v1/runs/{run}/rollback"), &reason).await?;

@@ -190,6 +190,10 @@ pub enum StoreError {
     Decision(#[from] crate::gates::DecisionError),
     #[error("{0}")]
     MergeGate(String),
+    #[error("run {run} of the same commit and environment is {status}; redeploy when it has ended")]
+    Unfinished { run: Uuid, status: String },
+    #[error("the run's merge event cannot be planned with this pipeline: {0}")]
+    Unplannable(String),
     #[error("dead letter {0} not found")]
     NoDeadLetter(i64),
     #[error(
@@ -377,6 +381,14 @@ pub enum Ingested {
     Duplicate(Uuid),
 }
 
+impl Ingested {
+    pub fn run_id(&self) -> Uuid {
+        match self {
+            Self::Created(id) | Self::Duplicate(id) => *id,
+        }
+    }
+}
+
 /// What applying a result did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultApplied {
@@ -561,10 +573,60 @@ impl Store {
 
     /// Records a merge event as a run (once) and admits it if its environment is free.
     pub async fn ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
-        self.retrying(|| self.try_ingest(event, plan)).await
+        self.retrying(|| self.try_ingest(event, plan, None)).await
     }
 
-    async fn try_ingest(&self, event: &MergeEvent, plan: &Plan) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
+    /// A new run of `earlier`'s merge event, with its own id and through the
+    /// same gates: after a rollback and a fix elsewhere, or after a cancel, the
+    /// same commit can be deployed again. Refused while `earlier` or another run
+    /// of the same commit and environment has not ended. Audited on both runs.
+    pub async fn redeploy(
+        &self,
+        earlier: Uuid,
+        who: &str,
+        reason: &str,
+        pipeline: &crate::pipeline::Pipeline,
+    ) -> Result<(Uuid, Vec<OutboxMsg>), StoreError> {
+        let row: Option<(Json<MergeEvent>, String)> = sqlx::query_as("select event, status from runs where id = $1")
+            .bind(earlier)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some((Json(event), status)) = row else {
+            return Err(StoreError::NotFound(earlier));
+        };
+        let unfinished: Option<(Uuid, String)> = sqlx::query_as(
+            "select id, status from runs
+              where service = $1 and environment = $2 and commit_sha = $3
+                and status not in ('succeeded', 'failed', 'rolled_back', 'rollback_failed', 'cancelled', 'superseded')
+              order by created_at limit 1",
+        )
+        .bind(&event.service)
+        .bind(&event.environment)
+        .bind(&event.commit_sha)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((id, status)) = unfinished {
+            return Err(StoreError::Unfinished { run: id, status });
+        }
+        let mut plan = crate::planner::plan(&event, pipeline).map_err(|e| StoreError::Unplannable(e.to_string()))?;
+        plan.run_id = Uuid::new_v4();
+        plan.hash = plan.computed_hash();
+        let link = Redeploy {
+            of: earlier,
+            of_status: status,
+            who,
+            reason,
+        };
+        let (ingested, out) = self.retrying(|| self.try_ingest(&event, &plan, Some(&link))).await?;
+        Ok((ingested.run_id(), out))
+    }
+
+    async fn try_ingest(
+        &self,
+        event: &MergeEvent,
+        plan: &Plan,
+        redeploy: Option<&Redeploy<'_>>,
+    ) -> Result<(Ingested, Vec<OutboxMsg>), StoreError> {
         let merge_gate = gates::merge_gate(event, &self.settings.gates.merge).map_err(StoreError::MergeGate)?;
         let mut tx = self.pool.begin().await?;
         let state = RunState::planned(event, plan);
@@ -588,8 +650,9 @@ impl Store {
             .collect();
         let inserted: bool = sqlx::query_scalar(
             "with run as (
-                 insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context)
-                 values ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) on conflict (id) do nothing
+                 insert into runs (id, service, environment, commit_sha, status, event, plan, plan_hash, trace_context,
+                                   redeploy_of)
+                 values ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $10) on conflict (id) do nothing
                  returning id
              ), steps as (
                  insert into steps (run_id, step_id, position, role, zone, action, compensate, needs, included, reason,
@@ -616,6 +679,7 @@ impl Store {
             rand::random::<f64>() < self.sample_ratio,
         ))
         .bind(Json(&steps))
+        .bind(redeploy.map(|r| r.of))
         .fetch_one(&mut *tx)
         .await?;
         if !inserted {
@@ -631,7 +695,21 @@ impl Store {
             tx.commit().await?;
             return Ok((Ingested::Duplicate(plan.run_id), Vec::new()));
         }
-        let created = json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()});
+        let mut created = json!({"plan_hash": plan.hash, "requested_by": event.requested_by, "included": plan.included().map(|s| s.id.clone()).collect::<Vec<_>>()});
+        if let Some(r) = redeploy {
+            created["redeploy_of"] = json!(r.of);
+            created["redeployed_by"] = json!(r.who);
+            created["reason"] = json!(r.reason);
+            self.history_as(
+                &mut tx,
+                r.who,
+                Some(r.of),
+                None,
+                "redeployed",
+                json!({"run_id": plan.run_id, "reason": r.reason, "status": r.of_status}),
+            )
+            .await?;
+        }
         let gate = json!({"gate": "merge", "verdict": "pass", "reason": merge_gate});
         let entry = |kind, detail| audit::Entry {
             run_id: Some(plan.run_id),
@@ -2216,6 +2294,14 @@ impl Store {
     }
 }
 
+/// What links a redeploy to the run it deploys again.
+struct Redeploy<'a> {
+    of: Uuid,
+    of_status: String,
+    who: &'a str,
+    reason: &'a str,
+}
+
 /// A run as `baton runs show` presents it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunView {
@@ -2226,6 +2312,9 @@ pub struct RunView {
     pub status: String,
     pub plan_hash: String,
     pub rollback_reason: Option<String>,
+    /// The run this one deploys again (`baton redeploy`), if it is a redeploy.
+    #[serde(default)]
+    pub redeploy_of: Option<Uuid>,
     /// The admission gate holding the run, if any.
     pub hold: Option<Hold>,
     /// The run's trace (W3C trace id), when tracing is on for it.
@@ -2335,7 +2424,7 @@ fn mark_clean(state: &mut RunState) {
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
     let Some(r) = sqlx::query(
         "select service, environment, commit_sha, status, plan_hash, rollback_reason, hold, trace_context, created_at,
-                started_at, finished_at
+                started_at, finished_at, redeploy_of
          from runs where id = $1",
     )
     .bind(run_id)
@@ -2417,6 +2506,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         status: r.try_get("status")?,
         plan_hash: r.try_get("plan_hash")?,
         rollback_reason: r.try_get("rollback_reason")?,
+        redeploy_of: r.try_get("redeploy_of")?,
         hold: r.try_get::<Option<Json<Hold>>, _>("hold")?.map(|Json(h)| h),
         trace_id: r
             .try_get::<Option<String>, _>("trace_context")?

@@ -962,3 +962,85 @@ async fn a_hand_resolved_alert_is_acknowledged_until_it_resolves_and_bad_input_i
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["code"], "would_be_refused", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_commit_is_deployed_again_by_an_operator_redeploy_through_the_same_gates() {
+    let env = TestEnv::new("gates-redeploy").await;
+    let (api, _procs) = start(&env, "").await;
+    // Production apply fails: the run is rolled back.
+    env.script(json!({
+        "default": {"delay_ms": 20},
+        "execute": {"apply.production": {"fail": {"code": "rollout_failed", "message": "pods crash", "retryable": false}}}
+    }));
+    let merge = event("redeploy", 1, &["src/app.ts"]);
+    let first = env.enqueue(&merge);
+    let v = env.wait_terminal(first, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rolled_back", "{}", env.diagnostics());
+    // CI sending the same event again is the same run, still rolled back.
+    assert_eq!(env.enqueue(&merge), first);
+    assert_eq!(env.run(first).await.unwrap().status, "rolled_back");
+
+    // The cause is fixed elsewhere (the cluster); production is held by an
+    // incident while the operator redeploys, so the new run waits at admission.
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.operator,
+        &[
+            "--json",
+            "incident",
+            "open",
+            "--environment",
+            "production",
+            "--title",
+            "node pool",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let incident = json_of(&out)[0]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/runs/{first}/redeploy");
+    // Viewers may not; a reason is required.
+    assert_eq!(
+        api.post(&api.viewer, &path, json!({"reason": "x"})).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, e) = api.post(&api.operator, &path, json!({"reason": ""})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.operator,
+        &[
+            "--json",
+            "redeploy",
+            &first.to_string(),
+            "--reason",
+            "node pool replaced",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let second: Uuid = json_of(&out)["run_id"].as_str().unwrap().parse().unwrap();
+    assert_ne!(second, first);
+    let v = env.wait_run_status(second, "blocked", RUN_TIMEOUT).await;
+    assert_eq!(v.hold.as_ref().unwrap().gate, "incident");
+    assert_eq!(v.redeploy_of, Some(first));
+    assert_eq!(v.commit_sha, env.run(first).await.unwrap().commit_sha);
+    // A second redeploy while this one has not ended is refused, naming it.
+    let (status, e) = api.post(&api.operator, &path, json!({"reason": "again"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{e}");
+    assert!(e["message"].as_str().unwrap().contains(&second.to_string()), "{e}");
+
+    let (code, out) = cli(&env, &api, &api.operator, &["--json", "incident", "resolve", &incident]);
+    assert_eq!(code, Some(0), "{out}");
+    let v = env.wait_terminal(second, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    // Through the same gates, and audited on both runs.
+    assert!(!gate_entries(&v, "image-match", "pass").is_empty());
+    let created = v.history.iter().find(|h| h.kind == "run_created").unwrap();
+    assert_eq!(created.detail["redeploy_of"], first.to_string());
+    assert_eq!(created.detail["reason"], "node pool replaced");
+    let earlier = env.run(first).await.unwrap();
+    let link = earlier.history.iter().find(|h| h.kind == "redeployed").unwrap();
+    assert_eq!((link.actor.as_str(), &link.detail["run_id"]), ("otto", &json!(second)));
+}
