@@ -197,6 +197,15 @@ impl StepState {
         }
     }
 
+    /// Whether this step failed or was cancelled after an execute attempt of
+    /// a role that may leave part of its work behind: its compensation undoes
+    /// that part when the run rolls back (docs/decisions.md, "Partial work").
+    pub fn partial_work(&self) -> bool {
+        matches!(self.status, StepStatus::Failed | StepStatus::Cancelled)
+            && self.attempt > 0
+            && baton_shared::roles::spec(&self.role).is_some_and(|r| r.partial_effects)
+    }
+
     fn in_flight(&self) -> bool {
         matches!(
             self.attempt_status,
@@ -501,6 +510,10 @@ impl RunState {
                     .error
                     .clone()
                     .unwrap_or_else(|| StepError::fatal("unknown", "failed without an error"));
+                // What a failed attempt says it did is kept for its compensation.
+                if r.kind == JobKind::Execute && !r.outputs.is_empty() {
+                    self.steps[i].outputs = r.outputs.clone();
+                }
                 self.attempt_failed(i, err, "failed", now, cfg, fx);
             }
         }
@@ -1202,11 +1215,14 @@ impl RunState {
         self.continue_rollback(now, cfg, fx);
     }
 
-    /// Compensates succeeded steps one at a time, latest completion first.
+    /// Compensates succeeded steps one at a time, latest completion first, and
+    /// before them the failed or cancelled steps whose role may leave partial
+    /// work behind and that were attempted (see [`StepState::partial_work`]).
     ///
     /// Strict reverse completion order also satisfies the dependency rule: a
     /// step always completes after everything it needs, so its compensation
-    /// runs before theirs.
+    /// runs before theirs; a step that was attempted and did not succeed ran
+    /// after everything it needs succeeded, so it goes first.
     fn continue_rollback(&mut self, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
         if self
             .steps
@@ -1223,9 +1239,18 @@ impl RunState {
             .steps
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.status == StepStatus::Succeeded && s.compensate.is_some())
-            .max_by_key(|(_, s)| s.completion)
-            .map(|(i, _)| i);
+            .filter(|(_, s)| s.compensate.is_some())
+            .filter_map(|(i, s)| {
+                if s.status == StepStatus::Succeeded {
+                    Some(((0, i64::from(s.completion.unwrap_or_default())), i))
+                } else if s.partial_work() {
+                    Some(((1, s.finished_at.map_or(0, |t| t.timestamp_millis())), i))
+                } else {
+                    None
+                }
+            })
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, i)| i);
         match next {
             Some(i) => self.dispatch(i, JobKind::Compensate, now, cfg, fx),
             None => {

@@ -28,6 +28,13 @@ pub struct RoleSpec {
     pub compensations: &'static [&'static str],
     /// Step parameters (`params` in a pipeline), each with its type.
     pub params: &'static [Param],
+    /// Whether an execute attempt that fails, times out or is cancelled may
+    /// leave part of its effect behind (half a rollout, part of a Terraform
+    /// apply, some DNS records). When the run rolls back, such a step is
+    /// compensated like a succeeded one; its compensation gets the failed
+    /// attempt's outputs, if it reported any, and must find the rest of what
+    /// changed in the system it manages (docs/decisions.md, "Partial work").
+    pub partial_effects: bool,
 }
 
 /// One step parameter a role reads.
@@ -88,6 +95,7 @@ pub const ALL: &[RoleSpec] = &[
             p("context", Kind::Text, "build context directory in the repository"),
             p("max_image_bytes", Kind::Count, "size limit of the built image"),
         ],
+        partial_effects: false,
     },
     RoleSpec {
         name: DB_MIGRATION,
@@ -105,6 +113,7 @@ pub const ALL: &[RoleSpec] = &[
                 "the input step carrying the pre-deploy backup",
             ),
         ],
+        partial_effects: false,
     },
     RoleSpec {
         name: INFRASTRUCTURE,
@@ -118,6 +127,7 @@ pub const ALL: &[RoleSpec] = &[
             ),
             p("dir", Kind::Text, "Terraform root module in the repository"),
         ],
+        partial_effects: true,
     },
     RoleSpec {
         name: STAGING_VERIFY,
@@ -131,6 +141,7 @@ pub const ALL: &[RoleSpec] = &[
             ),
             p("manifests_dir", Kind::Text, "kustomize directory in the repository"),
         ],
+        partial_effects: true,
     },
     RoleSpec {
         name: PRODUCTION_APPLY,
@@ -164,6 +175,7 @@ pub const ALL: &[RoleSpec] = &[
                 "the rollback to the previous ReplicaSet's budget",
             ),
         ],
+        partial_effects: true,
     },
     RoleSpec {
         name: NETWORK,
@@ -177,12 +189,14 @@ pub const ALL: &[RoleSpec] = &[
                 "how long every nameserver may take to answer",
             ),
         ],
+        partial_effects: true,
     },
     RoleSpec {
         name: CDN,
         actions: &["deploy"],
         compensations: &["restore-previous"],
         params: &[p("assets_dir", Kind::Text, "static assets folder in the repository")],
+        partial_effects: true,
     },
     RoleSpec {
         name: BACKUP,
@@ -203,6 +217,7 @@ pub const ALL: &[RoleSpec] = &[
             ),
             p("confirm_backup_id", Kind::Text, "restore: must repeat the backup id"),
         ],
+        partial_effects: false,
     },
 ];
 

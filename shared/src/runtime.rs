@@ -44,6 +44,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone)]
 pub struct ExecContext {
     /// Fires when the attempt is cancelled, times out, or the daemon stops.
+    /// The role's future is dropped at that moment too: work it left half
+    /// done is undone by the step's compensation if its role declares partial
+    /// effects (`baton_shared::roles`), not by cleanup code here.
     pub cancel: CancellationToken,
     /// This daemon instance's name.
     pub daemon: String,
@@ -610,7 +613,12 @@ async fn run_job(
             _ = token.cancelled() => Err(reason.get().cloned().unwrap_or_else(|| {
                 StepError::retryable(HANDED_BACK, "daemon stopped before the job finished; handed back")
             })),
-            _ = tokio::time::sleep(budget) => Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339()))),
+            _ = tokio::time::sleep(budget) => {
+                // Whatever the role started beside its future (child processes,
+                // tasks) hears it through `ctx.cancel`.
+                token.cancel();
+                Err(StepError::fatal("timeout", format!("deadline {} passed", job.deadline.to_rfc3339())))
+            }
         }
     };
     tokio::pin!(running);

@@ -165,14 +165,15 @@ async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
         "{:?}",
         view.rollback_reason
     );
-    assert_eq!(step(&view, "cdn").status, "failed");
+    // The failed upload and the cancelled rollout and network change may each
+    // have done part of their work: their roles declare partial effects, so
+    // they are compensated too, first (docs/decisions.md, "Partial work").
+    assert_eq!(step(&view, "cdn").status, "compensated");
     assert_eq!(step(&view, "cdn").error.as_ref().unwrap().code, "edge_headers_wrong");
     for id in ["apply.production", "network"] {
-        assert_eq!(
-            step(&view, id).status,
-            "cancelled",
-            "{id} was in flight and is cancelled"
-        );
+        let s = step(&view, id);
+        assert_eq!(s.status, "compensated", "{id} was in flight, cancelled, then undone");
+        assert_eq!(s.attempts[0].error.as_ref().unwrap().code, "cancelled", "{id}");
     }
     assert_eq!(step(&view, "backup.post").status, "cancelled", "never started");
 
@@ -190,6 +191,10 @@ async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
         .filter(|l| l.run_id == run && l.kind == "compensate" && l.event == "start")
         .map(|l| l.step_id)
         .collect();
+    let mut partial = compensated[..3].to_vec();
+    partial.sort();
+    assert_eq!(partial, ["apply.production", "cdn", "network"], "{compensated:?}");
+    let compensated = compensated[3..].to_vec();
     assert_eq!(compensated, expected, "compensations in reverse completion order");
     assert_eq!(
         expected.iter().map(String::as_str).collect::<BTreeSet<_>>(),

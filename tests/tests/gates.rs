@@ -1044,3 +1044,90 @@ async fn a_rolled_back_commit_is_deployed_again_by_an_operator_redeploy_through_
     let link = earlier.history.iter().find(|h| h.kind == "redeployed").unwrap();
     assert_eq!((link.actor.as_str(), &link.detail["run_id"]), ("otto", &json!(second)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rollout_is_undone_and_a_daemon_killed_while_undoing_it_leaves_that_to_its_successor() {
+    let env = TestEnv::new("gates-partial").await;
+    let t = configure(&env, "");
+    // Scripted: the rollout and its undo both take long, so both can be interrupted.
+    env.script(json!({
+        "default": {"delay_ms": 20},
+        "execute": {"apply.production": {"delay_ms": 600000}},
+        "compensate": {"apply.production": {"delay_ms": 600000}}
+    }));
+    let scheduler = env.scheduler("scheduler").await;
+    let api = Api::of(&scheduler, &t);
+    let others: Vec<&str> = SEED_BINDINGS
+        .iter()
+        .copied()
+        .filter(|b| *b != "production.production-apply")
+        .collect();
+    let _rest = env.daemon("rest", &others).await;
+    let mut first = env.daemon("apply-a", &["production.production-apply"]).await;
+    let run = env.enqueue(&event("partial", 1, &["src/app.ts"]));
+    env.wait_step(run, "apply.production", "running", RUN_TIMEOUT).await;
+
+    // The operator cancels mid-rollout: the rollout stops, and since a
+    // production-apply attempt may leave part of its work, it is undone.
+    let (code, out) = cli(
+        &env,
+        &api,
+        &api.operator,
+        &["--json", "cancel", &run.to_string(), "--reason", "wrong release"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    // (Waiting for `started` to be recorded: the delivery is then acknowledged, and
+    // only the lease can tell the scheduler the daemon died.)
+    env.wait_until(
+        "the undo of the cancelled rollout to be running",
+        RUN_TIMEOUT,
+        async || {
+            env.run(run).await.is_some_and(|v| {
+                v.step("apply.production")
+                    .unwrap()
+                    .attempts
+                    .iter()
+                    .any(|a| a.kind == baton_shared::protocol::JobKind::Compensate && a.status == "running")
+            })
+        },
+    )
+    .await;
+    // Its daemon dies while undoing it.
+    first.kill();
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let _second = env.daemon("apply-b", &["production.production-apply"]).await;
+
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rolled_back", "{}", env.diagnostics());
+    let apply = v.step("apply.production").unwrap();
+    assert_eq!(apply.status, "compensated");
+    let attempts: Vec<(&str, &str, Option<&str>)> = apply
+        .attempts
+        .iter()
+        .map(|a| {
+            (
+                if a.kind == baton_shared::protocol::JobKind::Execute {
+                    "execute"
+                } else {
+                    "compensate"
+                },
+                a.status.as_str(),
+                a.daemon.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("execute", "failed", Some("apply-a")),
+            ("compensate", "lost", Some("apply-a")),
+            ("compensate", "succeeded", Some("apply-b")),
+        ],
+        "{:?}",
+        apply.attempts
+    );
+    assert_eq!(apply.attempts[0].error.as_ref().unwrap().code, "cancelled");
+    let undos = env.starts(run, "apply.production", "compensate");
+    assert_eq!(undos.len(), 2, "{undos:?}");
+    assert_ne!(undos[0].pid, undos[1].pid, "the successor did it");
+}

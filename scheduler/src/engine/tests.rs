@@ -414,14 +414,24 @@ fn failure_cancels_in_flight_steps_then_compensates_in_reverse_completion_order(
         next = dispatched(&fx4);
         fx3 = fx4;
     }
+    // First the steps that were attempted and may have left part of their work
+    // (the failed CDN upload, the cancelled rollout and network change), then
+    // the succeeded ones, latest completion first.
+    let mut partial = order[..3].to_vec();
+    partial.sort();
+    assert_eq!(partial, ["apply.production", "cdn", "network"], "{order:?}");
     let mut expected: Vec<&StepState> = run
         .steps
         .iter()
-        .filter(|s| s.status == StepStatus::Compensated)
+        .filter(|s| s.status == StepStatus::Compensated && s.completion.is_some())
         .collect();
     expected.sort_by_key(|s| std::cmp::Reverse(s.completion));
-    assert_eq!(order, expected.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
-    assert_eq!(order.len(), 5, "{order:?}");
+    assert_eq!(order[3..], expected.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
+    assert_eq!(order.len(), 8, "{order:?}");
+    assert!(
+        run.steps.iter().find(|s| s.id == "cdn").unwrap().error.is_some(),
+        "a compensated failed step keeps its error"
+    );
     assert_eq!(run.status, RunStatus::RolledBack);
     assert_eq!(
         status(&run, "build"),
@@ -438,12 +448,13 @@ fn failed_compensation_stops_the_rollback_and_says_rollback_failed() {
     let (_, verify) = run_until(&mut run, "verify.staging");
     let mut fx = Vec::new();
     run.apply_result(&failed(&verify, false), now, &cfg, &mut fx);
+    // Staging verification may have deployed before it failed: it is undone first.
     let comp = dispatched(&fx);
-    assert_eq!(comp, [("infra.production".to_owned(), JobKind::Compensate, 2)]);
-    let j = job(&fx, "infra.production");
+    assert_eq!(comp, [("verify.staging".to_owned(), JobKind::Compensate, 2)]);
+    let j = job(&fx, "verify.staging");
     let mut fx2 = Vec::new();
     run.apply_result(&failed(&j, false), now, &cfg, &mut fx2);
-    assert_eq!(status(&run, "infra.production"), StepStatus::CompensationFailed);
+    assert_eq!(status(&run, "verify.staging"), StepStatus::CompensationFailed);
     assert_eq!(run.status, RunStatus::RollbackFailed);
     assert!(dispatched(&fx2).is_empty(), "nothing older is compensated");
 }
@@ -674,4 +685,34 @@ fn a_review_step_that_fails_while_others_run_lets_them_finish() {
         run.apply_result(&result(j, ResultStatus::Succeeded), now, &cfg, &mut fx3);
     }
     assert_eq!(run.status, RunStatus::Running, "backup.post still to run");
+}
+
+#[test]
+fn a_failed_attempt_of_a_role_with_partial_effects_is_compensated_with_what_it_reported() {
+    let mut run = run_for(EVERYTHING);
+    let cfg = settings();
+    let now = Utc::now();
+    let (_, apply) = run_until(&mut run, "apply.production");
+    let mut r = failed(&apply, false);
+    r.outputs = json!({"previous_revision": 41}).as_object().cloned().unwrap();
+    let mut fx = Vec::new();
+    run.apply_result(&r, now, &cfg, &mut fx);
+    let comp = job(&fx, "apply.production");
+    assert_eq!(
+        (comp.kind, comp.action.as_str()),
+        (JobKind::Compensate, "rollback-replicaset")
+    );
+    assert_eq!(comp.own_outputs["previous_revision"], 41);
+    // A role whose failed attempts change nothing is not compensated: a failed
+    // migration rolled its transaction back.
+    let mut run = run_for(&["drizzle/migrations/0001_x.sql"]);
+    let (_, db) = run_until(&mut run, "db.staging");
+    let mut fx = Vec::new();
+    run.apply_result(&failed(&db, false), now, &cfg, &mut fx);
+    assert!(
+        dispatched(&fx).iter().all(|(step, _, _)| step != "db.staging"),
+        "{fx:?}"
+    );
+    assert!(!run.steps.iter().find(|s| s.id == "db.staging").unwrap().partial_work());
+    assert_eq!(status(&run, "db.staging"), StepStatus::Failed);
 }
