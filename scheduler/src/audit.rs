@@ -19,8 +19,6 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::store::StoreError;
-
 /// The `prev_hash` of the first row of every chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -57,21 +55,21 @@ pub fn chain_hash(prev: &str, e: &Entry<'_>) -> String {
 }
 
 /// Appends an entry to its chain inside the caller's transaction.
-pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<(), StoreError> {
+pub async fn append(tx: &mut Transaction<'_, Postgres>, e: Entry<'_>) -> Result<(), sqlx::Error> {
     append_many(tx, vec![e]).await
 }
 
 /// Appends entries in order: one lock and one head lookup per chain, and one
 /// insert for all of them (a transition writes several rows; this keeps it to
 /// a few round trips).
-pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+pub async fn append_many(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), sqlx::Error> {
     link_and_insert(tx, entries, true).await
 }
 
 /// [`append_many`] for the rows of a run inserted by this transaction: its
 /// chain is locked and its head read as for any run, but the run's version
 /// is not bumped, since no transition can have read a run not yet committed.
-pub async fn append_to_new_run(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), StoreError> {
+pub async fn append_to_new_run(tx: &mut Transaction<'_, Postgres>, entries: Vec<Entry<'_>>) -> Result<(), sqlx::Error> {
     link_and_insert(tx, entries, false).await
 }
 
@@ -79,7 +77,7 @@ async fn link_and_insert(
     tx: &mut Transaction<'_, Postgres>,
     entries: Vec<Entry<'_>>,
     bump: bool,
-) -> Result<(), StoreError> {
+) -> Result<(), sqlx::Error> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -111,7 +109,7 @@ pub async fn chain(
     tx: &mut Transaction<'_, Postgres>,
     entries: Vec<Entry<'_>>,
     known: Option<(Uuid, String)>,
-) -> Result<Rows, StoreError> {
+) -> Result<Rows, sqlx::Error> {
     link_onto_heads(tx, entries, known, true).await
 }
 
@@ -123,7 +121,7 @@ async fn link_onto_heads(
     mut entries: Vec<Entry<'_>>,
     known: Option<(Uuid, String)>,
     bump: bool,
-) -> Result<Rows, StoreError> {
+) -> Result<Rows, sqlx::Error> {
     let mut heads: HashMap<Option<Uuid>, String> = known.into_iter().map(|(r, h)| (Some(r), h)).collect();
     let mut rows = Rows::default();
     for e in &mut entries {
@@ -214,7 +212,7 @@ impl Rows {
         hash
     }
 
-    async fn insert(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    async fn insert(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
         sqlx::query(
         "insert into audit (run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash)
          select a, b, c, d, e, f, g, h, i from unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[], $5::text[], $6::text[],
@@ -254,7 +252,7 @@ pub struct Report {
 }
 
 /// Walks every chain in order and reports the first broken link.
-pub async fn verify(pool: &PgPool) -> Result<Report, StoreError> {
+pub async fn verify(pool: &PgPool) -> Result<Report, sqlx::Error> {
     let rows = sqlx::query(
         "select id, run_id, step_id, attempt, at, actor, kind, detail, prev_hash, hash from audit order by id",
     )

@@ -6,6 +6,8 @@ use baton_shared::config::{AmqpConfig, ConfigError, LogConfig, SigningConfig};
 use baton_shared::secret::Secret;
 use serde::{Deserialize, Serialize};
 
+use std::net::SocketAddr;
+
 use crate::engine::Settings;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -15,7 +17,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub scheduler: SchedulerSettings,
     pub signing: SigningConfig,
-    pub api: crate::api::ApiConfig,
+    pub api: ApiConfig,
     pub gates: crate::gates::GatesConfig,
     /// Where operator commands reach the API.
     pub client: crate::client::ClientConfig,
@@ -180,6 +182,114 @@ impl Config {
         } else {
             self.scheduler.instance.clone()
         }
+    }
+}
+
+/// API settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiConfig {
+    /// Address to listen on; empty disables the API.
+    pub listen: String,
+    /// Bearer tokens, by SHA-256 (`baton token new` prints an entry).
+    pub tokens: Vec<TokenEntry>,
+    /// Shared secret for the CI webhook's HMAC-SHA256 signature (by reference: `file:` or `env:`).
+    pub webhook_secret: Option<Secret<String>>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Environment of an Alertmanager alert without an `environment` label.
+    pub alertmanager_environment: String,
+    /// Largest body of the Alertmanager webhook: one notification carries a
+    /// whole group (300 alerts are about 270 KB).
+    pub alertmanager_max_body_bytes: usize,
+    /// Alertmanager's base URL (e.g. `http://alertmanager:9093`); set, the
+    /// scheduler reads its active alerts every `alertmanager_reconcile_secs`
+    /// and closes incidents whose alert is gone. Empty: off.
+    pub alertmanager_url: String,
+    pub alertmanager_reconcile_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            tokens: Vec::new(),
+            webhook_secret: None,
+            max_body_bytes: 256 * 1024,
+            alertmanager_environment: "production".to_owned(),
+            alertmanager_max_body_bytes: 8 * 1024 * 1024,
+            alertmanager_url: String::new(),
+            alertmanager_reconcile_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds the token, for the audit log.
+    pub name: String,
+    pub role: Role,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Approver,
+}
+
+impl Role {
+    pub(crate) fn allows(self, needed: Role) -> bool {
+        self == needed || needed == Role::Viewer
+    }
+}
+
+impl ApiConfig {
+    pub fn validate(&self) -> Result<(), baton_shared::config::ConfigError> {
+        use baton_shared::config::ConfigError;
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "api.listen",
+                format!("{:?} is not host:port", self.listen),
+            ));
+        }
+        for t in &self.tokens {
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                return Err(ConfigError::invalid(
+                    "api.tokens",
+                    format!("token {:?}: sha256 must be 64 hex characters", t.name),
+                ));
+            }
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        if self.alertmanager_max_body_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if !(self.alertmanager_url.is_empty()
+            || self.alertmanager_url.starts_with("http://")
+            || self.alertmanager_url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_url",
+                format!("{:?} is not an http(s) URL", self.alertmanager_url),
+            ));
+        }
+        if self.alertmanager_reconcile_secs == 0 {
+            return Err(ConfigError::invalid(
+                "api.alertmanager_reconcile_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::engine::{RunState, StepState, StepStatus};
+pub use crate::state::{Approval, Decision, Facts, Incident};
+use crate::state::{RunState, StepState, StepStatus};
 use crate::window::{Overrun, Schedule, ScheduleConfig, WindowState};
 
 /// Gate configuration (`[gates]`).
@@ -154,41 +155,6 @@ impl GatesConfig {
             windows,
         })
     }
-}
-
-/// An open incident, as the gates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Incident {
-    pub id: Uuid,
-    pub environment: String,
-    pub title: String,
-    pub opened_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    Approve,
-    Reject,
-}
-
-/// An approval or rejection of a held step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Approval {
-    pub step_id: String,
-    pub plan_hash: String,
-    pub approver: String,
-    pub decision: Decision,
-    pub comment: String,
-    pub at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-}
-
-/// What the store loads with a run for its gates.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-pub struct Facts {
-    pub incidents: Vec<Incident>,
-    pub approvals: Vec<Approval>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

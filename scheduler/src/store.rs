@@ -1108,7 +1108,7 @@ impl Store {
             kind,
             detail: &detail,
         };
-        audit::append(tx, entry).await
+        Ok(audit::append(tx, entry).await?)
     }
 
     /// Records something that happened outside any transition (a refused message).
@@ -2290,7 +2290,7 @@ impl Store {
             kind,
             detail: &detail,
         };
-        audit::append(tx, entry).await
+        Ok(audit::append(tx, entry).await?)
     }
 }
 
@@ -2852,4 +2852,30 @@ pub async fn dead_letter_for_replay(
         r.try_get("message_id")?,
         r.try_get("body")?,
     ))
+}
+
+/// Retries a store operation while the database is unreachable.
+pub async fn patiently<T, F, Fut>(
+    what: &str,
+    stop: &tokio_util::sync::CancellationToken,
+    mut f: F,
+) -> Option<Result<T, StoreError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, what, retry_in_ms = delay.as_millis() as u64, "database unavailable; waiting");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return Some(other),
+        }
+    }
 }

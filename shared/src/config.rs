@@ -10,29 +10,9 @@ use figment::providers::{Env, Format, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config_error::ConfigError;
 use crate::secret::Secret;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("configuration file {path} does not exist")]
-    MissingFile { path: String },
-    #[error("invalid configuration: {0}")]
-    Figment(#[from] Box<figment::Error>),
-    #[error("invalid configuration: `{key}` {problem}")]
-    Invalid {
-        key: std::borrow::Cow<'static, str>,
-        problem: String,
-    },
-}
-
-impl ConfigError {
-    pub fn invalid(key: impl Into<std::borrow::Cow<'static, str>>, problem: impl Into<String>) -> Self {
-        Self::Invalid {
-            key: key.into(),
-            problem: problem.into(),
-        }
-    }
-}
+pub use crate::telemetry::LogConfig;
 
 /// Loads `T` from its defaults, `baton.toml` (or the explicit `file`, which must
 /// exist) and the environment.
@@ -190,25 +170,6 @@ impl SigningConfig {
         let trusted = crate::signing::Trusted::parse(&self.trusted)
             .map_err(|e| ConfigError::invalid("signing.trusted", e.to_string()))?;
         Ok((key, trusted))
-    }
-}
-
-/// How logs are written.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LogConfig {
-    /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
-    pub format: String,
-    /// A `tracing` filter such as `info` or `baton=debug,lapin=warn`; `RUST_LOG` wins.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: "auto".to_owned(),
-            level: "info,lapin=warn,sqlx=warn".to_owned(),
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod config_error;
 pub mod exit;
 pub mod facts;
 pub mod failpoint;

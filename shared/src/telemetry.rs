@@ -18,7 +18,26 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{ConfigError, LogConfig};
+use crate::config_error::ConfigError;
+
+/// How logs are written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `baton=debug,lapin=warn`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "auto".to_owned(),
+            level: "info,lapin=warn,sqlx=warn".to_owned(),
+        }
+    }
+}
 
 /// Where spans go.
 #[derive(Debug, Clone, Serialize, Deserialize)]

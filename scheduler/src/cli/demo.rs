@@ -687,7 +687,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         ev1.pull_request.title
     );
     let view1 = follow(&pool, &mut demo, run1, patience).await?;
-    print!("\n{}", crate::cli::render_run(&view1, false));
+    print!("\n{}", super::render_run(&view1, false));
 
     // Production has customers; staging (anonymised, here empty) has none.
     let mut prod = PgConnection::connect(&db_url(&server_url, &production_db)).await?;
@@ -711,7 +711,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         ev2.pull_request.title
     );
     let view2 = follow(&pool, &mut demo, run2, patience).await?;
-    print!("\n{}", crate::cli::render_run(&view2, false));
+    print!("\n{}", super::render_run(&view2, false));
 
     let ev3 = event(
         &repo,
@@ -727,7 +727,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         ev3.pull_request.title
     );
     let view3 = follow(&pool, &mut demo, run3, patience).await?;
-    print!("\n{}", crate::cli::render_run(&view3, false));
+    print!("\n{}", super::render_run(&view3, false));
     let lowered = emails(&mut prod).await?;
     println!("\n   production e-mails now: {}", lowered.join(", "));
     println!("   an operator rolls run 3 back: its migration has no down migration");
@@ -739,7 +739,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
     // Zero claim: the scheduler's sweeper publishes what the rollback caused.
     drop(out);
     let view3 = follow(&pool, &mut demo, run3, patience).await?;
-    print!("\n{}", crate::cli::render_run(&view3, false));
+    print!("\n{}", super::render_run(&view3, false));
     let restored = emails(&mut prod).await?;
     println!("\n   production e-mails after the rollback: {}", restored.join(", "));
 
