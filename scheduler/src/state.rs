@@ -199,12 +199,14 @@ impl StepState {
         }
     }
 
-    /// Whether this step failed or was cancelled after an execute attempt of
-    /// a role that may leave part of its work behind: its compensation undoes
-    /// that part when the run rolls back (docs/decisions.md, "Partial work").
+    /// Whether this step failed or was cancelled after a daemon started an
+    /// execute attempt of a role that may leave part of its work behind: its
+    /// compensation undoes that part when the run rolls back (docs/decisions.md,
+    /// "Partial work"). An attempt no daemon started (dead-lettered, expired,
+    /// refused) did nothing to undo.
     pub fn partial_work(&self) -> bool {
         matches!(self.status, StepStatus::Failed | StepStatus::Cancelled)
-            && self.attempt > 0
+            && self.started_at.is_some()
             && baton_shared::roles::spec(&self.role).is_some_and(|r| r.partial_effects)
     }
 

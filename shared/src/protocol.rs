@@ -233,8 +233,15 @@ pub struct RuleException {
     pub reason: String,
 }
 
-/// The one rule a deploy can be excepted from today.
+/// Rule: never rename or remove what the deployed code still uses.
 pub const ADDITIVE_FIRST: &str = "additive-first";
+
+/// Rule: journal entries older than the newest applied migration are refused
+/// (drizzle-orm would skip them for ever); excepted, the deploy applies them.
+pub const APPLY_OLDER_MIGRATIONS: &str = "apply-older-migrations";
+
+/// The rules a merge event may carry an exception to.
+pub const EXCEPTABLE_RULES: &[&str] = &[ADDITIVE_FIRST, APPLY_OLDER_MIGRATIONS];
 
 impl MergeEvent {
     /// The run this event becomes: the same (service, environment, commit) is always one run.

@@ -132,6 +132,79 @@ pub fn analyze(sql: &str) -> Vec<Finding> {
     out
 }
 
+/// A statement that cannot run inside the one transaction a deploy's
+/// migrations are applied in: transaction control would end that transaction
+/// early (what came before it would stay committed if a later migration
+/// failed), and some statements refuse to run in a transaction at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotTransactional {
+    /// The statement, whitespace collapsed and shortened.
+    pub statement: String,
+    pub why: &'static str,
+    /// The PostgreSQL version (`server_version_num`) from which it may run in
+    /// a transaction; `None`: never.
+    pub allowed_from: Option<i32>,
+}
+
+/// The statements of `sql` that cannot run inside Baton's migration
+/// transaction (see [`NotTransactional`]).
+pub fn not_transactional(sql: &str) -> Vec<NotTransactional> {
+    let tokens = tokenize(sql);
+    let mut out = Vec::new();
+    // A SQL-standard function body (`BEGIN ATOMIC … END`) holds semicolons
+    // that end no top-level statement.
+    let mut in_atomic_body = false;
+    for stmt in tokens.split(|t| t.kind == Kind::Punct(';')) {
+        let words: Vec<&str> = stmt
+            .iter()
+            .take_while(|t| t.kind == Kind::Word)
+            .map(|t| t.text.as_str())
+            .collect();
+        if in_atomic_body {
+            if words.first() == Some(&"END") {
+                in_atomic_body = false;
+            }
+            continue;
+        }
+        if stmt.windows(2).any(|w| {
+            w[0].kind == Kind::Word && w[0].text == "BEGIN" && w[1].kind == Kind::Word && w[1].text == "ATOMIC"
+        }) {
+            in_atomic_body = !stmt.last().is_some_and(|t| t.kind == Kind::Word && t.text == "END");
+            continue;
+        }
+        let Some(first) = words.first().copied() else {
+            continue;
+        };
+        let has = |w: &str| top_level_word(stmt, w).is_some();
+        let control = "transaction control, which would end the migration transaction early";
+        let found = match first {
+            "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Some((control, None)),
+            "START" if words.get(1) == Some(&"TRANSACTION") => Some((control, None)),
+            "PREPARE" if words.get(1) == Some(&"TRANSACTION") => Some((control, None)),
+            "CREATE" | "DROP" | "REINDEX" if has("CONCURRENTLY") => {
+                Some(("CONCURRENTLY, which cannot run inside a transaction", None))
+            }
+            "VACUUM" => Some(("VACUUM, which cannot run inside a transaction", None)),
+            "CREATE" | "DROP" | "ALTER" if matches!(words.get(1), Some(&("DATABASE" | "TABLESPACE" | "SYSTEM"))) => {
+                Some(("a statement that cannot run inside a transaction", None))
+            }
+            "ALTER" if words.get(1) == Some(&"TYPE") && has("ADD") && has("VALUE") => Some((
+                "ALTER TYPE … ADD VALUE, which PostgreSQL before 12 cannot run inside a transaction",
+                Some(120_000),
+            )),
+            _ => None,
+        };
+        if let Some((why, allowed_from)) = found {
+            out.push(NotTransactional {
+                statement: excerpt(sql, stmt),
+                why,
+                allowed_from,
+            });
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     /// Unquoted word; `text` holds it uppercased.
@@ -738,6 +811,29 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn transaction_control_and_statements_outside_transactions_are_found() {
+        let found = |sql: &str| -> Vec<String> { not_transactional(sql).into_iter().map(|n| n.statement).collect() };
+        assert_eq!(found("BEGIN;\nCREATE TABLE a (id int);\nCOMMIT;"), ["BEGIN", "COMMIT"]);
+        assert_eq!(found("start transaction; savepoint s; release s; rollback;").len(), 4);
+        assert_eq!(
+            found("CREATE UNIQUE INDEX CONCURRENTLY \"i\" ON \"t\" (\"c\");"),
+            ["CREATE UNIQUE INDEX CONCURRENTLY \"i\" ON \"t\" (\"c\")"]
+        );
+        let add = not_transactional("ALTER TYPE \"mood\" ADD VALUE 'meh';");
+        assert_eq!(add[0].allowed_from, Some(120_000));
+        // Not transaction control: words in strings, DO blocks, function bodies.
+        assert!(found("INSERT INTO t VALUES ('BEGIN; COMMIT;');").is_empty());
+        assert!(found("DO $$ BEGIN PERFORM 1; END $$;").is_empty());
+        assert!(
+            found(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END;\nCREATE TABLE b (id int);"
+            )
+            .is_empty()
+        );
+        assert!(found("CREATE INDEX \"i\" ON \"t\" (\"c\");").is_empty());
     }
 
     #[test]

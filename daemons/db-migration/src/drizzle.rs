@@ -228,6 +228,35 @@ impl MigrationSet {
             .collect()
     }
 
+    /// Journal entries drizzle-orm skips for ever: not applied, but no newer
+    /// than the newest applied `created_at`, so its rule never finds them
+    /// pending. Each with the tag (or `created_at`) of the newest applied entry.
+    pub fn older_than_applied(&self, history: &crate::db::History) -> Vec<(&Migration, String)> {
+        let Some(last) = history.last else {
+            return Vec::new();
+        };
+        let newest = history
+            .rows
+            .iter()
+            .filter(|r| r.created_at == Some(last))
+            .find_map(|r| self.migrations.iter().find(|m| m.hash == r.hash))
+            .map_or_else(|| format!("a migration created at {last}"), |m| m.tag.clone());
+        self.migrations
+            .iter()
+            .filter(|m| m.when <= last && !history.rows.iter().any(|r| r.created_at == Some(m.when)))
+            .map(|m| (m, newest.clone()))
+            .collect()
+    }
+
+    /// Entries whose file changed after they were applied: the history has a
+    /// row with their `created_at` but another hash.
+    pub fn changed_after_applied(&self, history: &crate::db::History) -> Vec<&Migration> {
+        self.migrations
+            .iter()
+            .filter(|m| history.rows.iter().any(|r| r.created_at == Some(m.when)) && !history.contains(&m.hash, m.when))
+            .collect()
+    }
+
     pub fn get(&self, tag: &str) -> Option<&Migration> {
         self.migrations.iter().find(|m| m.tag == tag)
     }

@@ -104,6 +104,30 @@ pub enum Error {
     IrreversibleWithoutProcedure { migrations: Vec<String>, dir: String },
 
     #[error(
+        "{}; a deploy's migrations are applied in one transaction so that a failure leaves nothing applied, \
+         and these statements would break that; nothing was applied. Remove the transaction control \
+         (drizzle-kit's migrations need none), or run such a statement outside the deploy",
+        statements.join("; ")
+    )]
+    NotTransactional { statements: Vec<String> },
+
+    #[error(
+        "journal entries older than the newest applied migration are not applied and drizzle-orm never would: {}; \
+         nothing was applied. Give the entry a `when` newer than the applied ones, or let this deploy apply it \
+         with the merge event's `apply-older-migrations` exception and a reason",
+        entries.join(", ")
+    )]
+    OlderThanApplied { entries: Vec<String> },
+
+    #[error(
+        "migration(s) changed after they were applied: {} in {dir} differ from what the database recorded \
+         (same `when`, another hash); nothing was applied. Restore the applied text and put the change in a \
+         new migration",
+        migrations.join(", ")
+    )]
+    ChangedAfterApplied { migrations: Vec<String>, dir: String },
+
+    #[error(
         "additive-first: {} in the same deploy as code that still names it; nothing was applied. Add the new \
          structure and deploy the code that stops using the old first, then remove it in a later deploy \
          (or give the merge event an `additive-first` exception with a reason)",
@@ -225,6 +249,9 @@ impl Error {
             Self::IrreversibleWithoutProcedure { .. } => "irreversible_without_procedure",
             Self::BackupNotVerified { .. } => "backup_not_verified",
             Self::AdditiveFirst { .. } => "additive_first",
+            Self::NotTransactional { .. } => "not_transactional",
+            Self::OlderThanApplied { .. } => "older_than_applied",
+            Self::ChangedAfterApplied { .. } => "changed_after_applied",
             Self::Connect { .. } => "database_unavailable",
             Self::Locked { .. } => "migration_locked",
             Self::MigrationFailed { .. } => "migration_failed",

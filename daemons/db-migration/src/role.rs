@@ -58,6 +58,10 @@ pub struct MigrateOutputs {
     /// applied (drizzle applies journal entries only), usually a mistake.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unjournaled_sql: Vec<String>,
+    /// Journal entries older than the newest applied one that this run
+    /// applied, under the merge event's `apply-older-migrations` exception.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_older: Vec<String>,
 }
 
 /// What `rollback` needs from the `migrate` outputs.
@@ -237,7 +241,36 @@ impl DbMigration {
 
         let history = db::history(&mut conn, service).await?;
         let earlier = db::applied_by(&mut conn, service, job.run_id, &job.step_id, &history).await?;
-        let pending = set.pending(history.last);
+        let mut pending = set.pending(history.last);
+        let changed = set.changed_after_applied(&history);
+        if !changed.is_empty() {
+            return Err(Error::ChangedAfterApplied {
+                migrations: changed.iter().map(|m| m.tag.clone()).collect(),
+                dir: params.migrations_dir.clone(),
+            });
+        }
+        let older = set.older_than_applied(&history);
+        let mut applied_older = Vec::new();
+        if !older.is_empty() {
+            let entries: Vec<String> = older
+                .iter()
+                .map(|(m, newest)| format!("{} (when {}, older than the applied {newest})", m.tag, m.when))
+                .collect();
+            let Some(exception) = job.deploy.exception(baton_shared::protocol::APPLY_OLDER_MIGRATIONS) else {
+                return Err(Error::OlderThanApplied { entries });
+            };
+            tracing::warn!(
+                run_id = %job.run_id,
+                step_id = %job.step_id,
+                service,
+                entries = ?entries,
+                reason = %exception.reason,
+                "applying journal entries older than the newest applied one, as the deploy's exception asks"
+            );
+            applied_older = older.iter().map(|(m, _)| m.tag.clone()).collect();
+            pending.extend(older.into_iter().map(|(m, _)| m));
+            pending.sort_by_key(|m| m.idx);
+        }
 
         // Refusals come before anything is written.
         let missing = without_procedure(pending.iter().copied());
@@ -247,6 +280,7 @@ impl DbMigration {
                 dir: params.migrations_dir.clone(),
             });
         }
+        self.transactional(&mut conn, service, &pending, &params).await?;
         let risk = assess(pending.iter().copied());
         let mut run_migrations: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
         for m in &pending {
@@ -345,8 +379,52 @@ impl DbMigration {
             last_created_at: after.last,
             verify: report.to_json(),
             unjournaled_sql: set.unjournaled.clone(),
+            applied_older,
         };
         baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
+    }
+
+    /// Refuses pending migrations with statements that cannot run inside the
+    /// one migration transaction on this server, before anything is applied:
+    /// the report "nothing was applied" after a failure must stay true.
+    async fn transactional(
+        &self,
+        conn: &mut PgConnection,
+        service: &str,
+        pending: &[&Migration],
+        params: &Params,
+    ) -> Result<(), Error> {
+        let server: i32 = sqlx::query_scalar::<_, String>("show server_version_num")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|source| Error::Database {
+                service: service.to_owned(),
+                doing: "reading the server version",
+                source,
+            })?
+            .parse()
+            .unwrap_or(0);
+        let statements: Vec<String> = pending
+            .iter()
+            .flat_map(|m| {
+                m.statements()
+                    .into_iter()
+                    .flat_map(analysis::not_transactional)
+                    .filter(|n| n.allowed_from.is_none_or(|from| server < from))
+                    .map(|n| {
+                        format!(
+                            "{}/{}.sql has `{}` ({})",
+                            params.migrations_dir, m.tag, n.statement, n.why
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if statements.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotTransactional { statements })
+        }
     }
 
     /// Renames and removals of `migrations`, each with the files of the deployed
@@ -414,7 +492,14 @@ impl DbMigration {
         let set = self.migrations(job, &params).await?;
         let mut conn = self.locked_connection(url, service).await?;
         let history = db::history(&mut conn, service).await?;
-        let pending: Vec<String> = set.pending(history.last).iter().map(|m| m.tag.clone()).collect();
+        // Entries drizzle skips (older than the newest applied) are pending too.
+        let mut pending: Vec<String> = set.pending(history.last).iter().map(|m| m.tag.clone()).collect();
+        pending.extend(set.older_than_applied(&history).into_iter().map(|(m, newest)| {
+            format!(
+                "{} (older than the applied {newest}: drizzle-orm never applies it)",
+                m.tag
+            )
+        }));
         let expected = verify::expected_snapshot(&self.config.admin_url, &set).await?;
         let db_err = |doing| {
             let service = service.to_owned();

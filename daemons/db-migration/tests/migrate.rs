@@ -654,3 +654,165 @@ async fn removing_a_column_the_code_still_names_is_refused_unless_the_event_exce
     .unwrap();
     assert_eq!(out["removals"][0]["used_by"], serde_json::Value::Null);
 }
+
+#[tokio::test]
+async fn a_migration_with_its_own_transaction_control_is_refused_before_anything_is_applied() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    // The first migration commits on its own; the second fails. Applied, the
+    // first would stay committed while the report said nothing was applied.
+    write_migrations(
+        &repo,
+        &[
+            Mig {
+                tag: "0000_own_tx",
+                sql: "BEGIN;\nCREATE TABLE \"a\" (\"id\" integer);\nCOMMIT;",
+                down: Some("DROP TABLE \"a\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0001_concurrent",
+                sql: "CREATE INDEX CONCURRENTLY \"a_id\" ON \"a\" (\"id\");",
+                down: Some("DROP INDEX \"a_id\";"),
+                recovery: None,
+            },
+            Mig {
+                tag: "0002_fails",
+                sql: "SELECT * FROM \"missing_table\";",
+                down: Some("SELECT 1;"),
+                recovery: None,
+            },
+        ],
+    );
+    let sha = repo.commit("own transaction control");
+    let err = run(&role(&db, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "not_transactional");
+    assert!(!err.retryable);
+    for named in [
+        "drizzle/migrations/0000_own_tx.sql has `BEGIN`",
+        "drizzle/migrations/0000_own_tx.sql has `COMMIT`",
+        "drizzle/migrations/0001_concurrent.sql has `CREATE INDEX CONCURRENTLY",
+        "nothing was applied",
+    ] {
+        assert!(err.message.contains(named), "{named}: {}", err.message);
+    }
+    assert!(db.tables().await.is_empty(), "nothing may be applied");
+    assert!(db.history().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_journal_entry_older_than_the_applied_ones_is_named_and_applied_only_when_excepted() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    let mig = |tag: &'static str, sql: &'static str| Mig {
+        tag,
+        sql,
+        down: Some("SELECT 1;"),
+        recovery: None,
+    };
+    write_migrations(
+        &repo,
+        &[
+            mig("0000_a", "CREATE TABLE \"a\" (\"id\" integer);"),
+            mig("0001_b", "CREATE TABLE \"b\" (\"id\" integer);"),
+        ],
+    );
+    let first = repo.commit("two migrations");
+    let role = role(&db, &cache);
+    run(&role, &migrate_job("staging", &repo, &first, Uuid::new_v4()))
+        .await
+        .unwrap();
+
+    // A branch merged late brings an entry whose `when` is older than 0001_b's.
+    let journal_path = format!("{DIR}/meta/_journal.json");
+    let mut journal: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.path().join(&journal_path)).unwrap()).unwrap();
+    let when_b = journal["entries"][1]["when"].as_i64().unwrap();
+    journal["entries"].as_array_mut().unwrap().push(serde_json::json!(
+        {"idx": 2, "version": "7", "when": when_b - 30_000, "tag": "0002_late", "breakpoints": true}
+    ));
+    repo.write(&journal_path, &serde_json::to_string_pretty(&journal).unwrap());
+    repo.write(
+        &format!("{DIR}/0002_late.sql"),
+        "CREATE TABLE \"late\" (\"id\" integer);",
+    );
+    repo.write(&format!("{DIR}/0002_late.down.sql"), "DROP TABLE \"late\";");
+    let late = repo.commit("late branch");
+
+    let run_id = Uuid::new_v4();
+    let err = run(&role, &migrate_job("staging", &repo, &late, run_id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "older_than_applied");
+    assert!(
+        err.message.contains(&format!(
+            "0002_late (when {}, older than the applied 0001_b)",
+            when_b - 30_000
+        )),
+        "{}",
+        err.message
+    );
+    assert_eq!(db.tables().await, ["a", "b"], "nothing applied");
+    // `verify` names it as pending, not as an unexplained schema difference.
+    let err = run(
+        &role,
+        &job(
+            baton_shared::protocol::JobKind::Execute,
+            "verify",
+            "staging",
+            &repo,
+            &late,
+            run_id,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message
+            .contains("0002_late (older than the applied 0001_b: drizzle-orm never applies it)"),
+        "{}",
+        err.message
+    );
+
+    // The merge event's exception, with its reason, lets this deploy apply it.
+    let mut excepted = migrate_job("staging", &repo, &late, run_id);
+    excepted.deploy.exceptions.push(baton_shared::protocol::RuleException {
+        rule: "apply-older-migrations".into(),
+        reason: "0002 was merged late from a long-lived branch".into(),
+    });
+    let out = run(&role, &excepted).await.unwrap();
+    assert_eq!(strings(&out["applied_older"]), ["0002_late"]);
+    assert_eq!(db.tables().await, ["a", "b", "late"]);
+    // And now nothing is pending or older for either bookkeeping.
+    let again = run(&role, &migrate_job("staging", &repo, &late, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert!(again.get("applied_older").is_none(), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_migration_changed_after_it_was_applied_is_refused_naming_it() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 2);
+    let sha = repo.commit("two");
+    let role = role(&db, &cache);
+    run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    let tag = &fixture_tags()[0];
+    let path = format!("{DIR}/{tag}.sql");
+    let text = std::fs::read_to_string(repo.path().join(&path)).unwrap();
+    repo.write(&path, &format!("{text}\n-- edited after it was applied\n"));
+    let edited = repo.commit("edit an applied migration");
+    let err = run(&role, &migrate_job("staging", &repo, &edited, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "changed_after_applied");
+    assert!(err.message.contains(tag.as_str()), "{}", err.message);
+}

@@ -617,8 +617,8 @@ fn a_step_running_when_its_window_closes_continues_or_is_cancelled_by_policy() {
         match overrun {
             Overrun::Continue => assert_eq!(r.steps[i].status, StepStatus::Dispatched),
             Overrun::Cancel => {
-                // Cancelled mid-rollout: its compensation undoes what it did.
-                assert_eq!(r.steps[i].status, StepStatus::Compensating);
+                // No daemon had started it: nothing to undo.
+                assert_eq!(r.steps[i].status, StepStatus::Failed);
                 assert_eq!(r.steps[i].error.as_ref().unwrap().code, "window_closed");
                 assert!(fx.iter().any(|e| matches!(e, Effect::Cancel(_))));
                 assert_eq!(r.status, RunStatus::RollingBack);
