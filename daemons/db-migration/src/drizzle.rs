@@ -118,7 +118,17 @@ pub struct MigrationSet {
     pub migrations: Vec<Migration>,
     /// `.sql` files (not `.down.sql`) the journal does not name, in name order.
     pub unjournaled: Vec<String>,
+    /// The newest migration of the history that predates Baton, from the
+    /// folder's `baton.baseline` file (see [`BASELINE_FILE`]).
+    pub baseline: Option<String>,
 }
+
+/// A file in the migrations folder naming, on its first line, the tag of the
+/// newest migration written before the repository adopted Baton. Migrations
+/// up to it are applied without `.down.sql` or `.recovery.md` companions (the
+/// rule is about changes deployed through Baton), and the step's outputs list
+/// those it applied that way.
+pub const BASELINE_FILE: &str = "baton.baseline";
 
 impl MigrationSet {
     /// Builds the set from the folder's files, keyed by path relative to the folder.
@@ -186,11 +196,34 @@ impl MigrationSet {
             .filter(|p| !migrations.iter().any(|m| format!("{}.sql", m.tag) == **p))
             .cloned()
             .collect();
+        let baseline = match files.get(BASELINE_FILE) {
+            None => None,
+            Some(bytes) => {
+                let text = decode(bytes);
+                let tag = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .unwrap_or_default()
+                    .to_owned();
+                if !migrations.iter().any(|m| m.tag == tag) {
+                    return Err(Error::InvalidJournal {
+                        origin,
+                        problem: format!(
+                            "{BASELINE_FILE} names {tag:?}, which is not a journal entry (it names the newest \
+                             migration written before the repository adopted Baton)"
+                        ),
+                    });
+                }
+                Some(tag)
+            }
+        };
         Ok(Self {
             origin,
             journal,
             migrations,
             unjournaled,
+            baseline,
         })
     }
 
@@ -255,6 +288,16 @@ impl MigrationSet {
             .iter()
             .filter(|m| history.rows.iter().any(|r| r.created_at == Some(m.when)) && !history.contains(&m.hash, m.when))
             .collect()
+    }
+
+    /// Whether `m` predates the repository's adoption of Baton (it is the
+    /// baseline or comes before it in the journal).
+    pub fn predates_adoption(&self, m: &Migration) -> bool {
+        self.baseline
+            .as_deref()
+            .and_then(|b| self.migrations.iter().position(|x| x.tag == b))
+            .zip(self.migrations.iter().position(|x| x.tag == m.tag))
+            .is_some_and(|(baseline, at)| at <= baseline)
     }
 
     pub fn get(&self, tag: &str) -> Option<&Migration> {

@@ -98,7 +98,7 @@ pub enum Error {
     InvalidJournal { origin: String, problem: String },
 
     #[error(
-        "irreversible migration(s) without a documented recovery procedure: {}; add <tag>.down.sql or a non-empty <tag>.recovery.md in {dir}; nothing was applied",
+        "irreversible migration(s) without a documented recovery procedure: {}; add <tag>.down.sql or a non-empty <tag>.recovery.md in {dir}; nothing was applied. (A history written before the repository adopted Baton is applied without them: name its newest migration in {dir}/baton.baseline)",
         migrations.join(", ")
     )]
     IrreversibleWithoutProcedure { migrations: Vec<String>, dir: String },

@@ -62,6 +62,11 @@ pub struct MigrateOutputs {
     /// applied, under the merge event's `apply-older-migrations` exception.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_older: Vec<String>,
+    /// Migrations of the history that predates Baton (up to the folder's
+    /// `baton.baseline`) this run applied without a down migration or a
+    /// recovery procedure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_before_adoption: Vec<String>,
 }
 
 /// What `rollback` needs from the `migrate` outputs.
@@ -272,8 +277,11 @@ impl DbMigration {
             pending.sort_by_key(|m| m.idx);
         }
 
-        // Refusals come before anything is written.
-        let missing = without_procedure(pending.iter().copied());
+        // Refusals come before anything is written. History that predates the
+        // repository's adoption of Baton needs no companions.
+        let (adopted, changes): (Vec<&Migration>, Vec<&Migration>) =
+            pending.iter().copied().partition(|m| set.predates_adoption(m));
+        let missing = without_procedure(changes.iter().copied());
         if !missing.is_empty() {
             return Err(Error::IrreversibleWithoutProcedure {
                 migrations: missing,
@@ -355,6 +363,21 @@ impl DbMigration {
         let _ = conn.close().await;
 
         let applied = run_migrations;
+        let applied_before_adoption: Vec<String> = adopted
+            .iter()
+            .filter(|m| !m.is_reversible() && m.recovery.is_none())
+            .map(|m| m.tag.clone())
+            .collect();
+        if !applied_before_adoption.is_empty() {
+            tracing::info!(
+                run_id = %job.run_id,
+                step_id = %job.step_id,
+                service,
+                migrations = applied_before_adoption.len(),
+                baseline = ?set.baseline,
+                "history that predates Baton applied without down migrations or recovery procedures"
+            );
+        }
         let risk = assess(applied.iter().copied());
         for w in &risk.warnings {
             tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, service, warning = %w, "additive-first rule");
@@ -380,6 +403,7 @@ impl DbMigration {
             verify: report.to_json(),
             unjournaled_sql: set.unjournaled.clone(),
             applied_older,
+            applied_before_adoption,
         };
         baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
     }

@@ -816,3 +816,76 @@ async fn a_migration_changed_after_it_was_applied_is_refused_naming_it() {
     assert_eq!(err.code, "changed_after_applied");
     assert!(err.message.contains(tag.as_str()), "{}", err.message);
 }
+
+#[tokio::test]
+async fn a_history_that_predates_baton_is_applied_without_companions_up_to_its_baseline() {
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    // Years of drizzle-kit history with no down files or recovery procedures,
+    // then a change written after the repository adopted Baton, also without one.
+    let bare = |tag: &'static str, sql: &'static str| Mig {
+        tag,
+        sql,
+        down: None,
+        recovery: None,
+    };
+    write_migrations(
+        &repo,
+        &[
+            bare("0000_users", "CREATE TABLE \"users\" (\"id\" integer);"),
+            bare("0001_orders", "CREATE TABLE \"orders\" (\"id\" integer);"),
+            bare("0002_drop_x", "ALTER TABLE \"users\" ADD COLUMN \"x\" text;"),
+            bare("0003_after", "CREATE TABLE \"after_adoption\" (\"id\" integer);"),
+        ],
+    );
+    let sha = repo.commit("history");
+    let role = role(&db, &cache);
+    // Without a baseline every migration is held to the rule.
+    let err = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "irreversible_without_procedure");
+    assert!(
+        err.message.contains("0000_users") && err.message.contains("baton.baseline"),
+        "{}",
+        err.message
+    );
+
+    // The repository adopts Baton: its newest migration before adoption is the baseline.
+    repo.write(&format!("{DIR}/baton.baseline"), "# adopted 2026-12-06\n0002_drop_x\n");
+    let sha = repo.commit("adopt baton");
+    let err = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "irreversible_without_procedure");
+    assert!(
+        err.message.contains("0003_after") && !err.message.contains("0000_users"),
+        "only the change after adoption is held to the rule: {}",
+        err.message
+    );
+    assert!(db.tables().await.is_empty());
+
+    repo.write(&format!("{DIR}/0003_after.down.sql"), "DROP TABLE \"after_adoption\";");
+    let sha = repo.commit("down for the new migration");
+    let out = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(strings(&out["applied"]).len(), 4);
+    assert_eq!(
+        strings(&out["applied_before_adoption"]),
+        ["0000_users", "0001_orders", "0002_drop_x"]
+    );
+
+    // A baseline that names no journal entry is refused, naming the file.
+    repo.write(&format!("{DIR}/baton.baseline"), "0009_missing\n");
+    let sha = repo.commit("bad baseline");
+    let err = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("baton.baseline names \"0009_missing\""),
+        "{}",
+        err.message
+    );
+}
