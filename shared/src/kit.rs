@@ -58,6 +58,13 @@ pub trait Daemon: Sized + 'static {
         None
     }
 
+    /// Whether these modes serve jobs from the broker (the default), which needs
+    /// `[amqp]` and `[signing]`. A one-shot mode that needs neither says `false`,
+    /// and only the daemon's section and `daemon.zone` are checked.
+    fn serves(_modes: &Self::Modes) -> bool {
+        true
+    }
+
     /// A mode that runs once with the role instead of serving (e.g. a scheduled
     /// pass): `Some` ends the process with the exit code it resolves to.
     fn one_shot<'a>(
@@ -173,7 +180,21 @@ pub fn main<D: Daemon>() -> ExitCode {
         // why it does not validate.
         print!("{}", render::<D>(&config));
     }
-    if let Err(e) = validate::<D>(&config) {
+    let valid = if D::serves(&cli.modes) {
+        validate::<D>(&config)
+    } else {
+        D::validate(&config.settings).and_then(|()| {
+            if config.common.daemon.zone.is_empty() {
+                Err(ConfigError::invalid(
+                    "daemon.zone",
+                    "is required (e.g. BATON_DAEMON__ZONE=staging)",
+                ))
+            } else {
+                Ok(())
+            }
+        })
+    };
+    if let Err(e) = valid {
         return fail(Exit::BadInput, &e);
     }
     if cli.print_config {

@@ -66,7 +66,9 @@ pub use error::Error;
 pub use role::{DbMigration, MigrateOutputs};
 
 use baton_shared::config::ConfigError;
+use baton_shared::exit::Exit;
 use baton_shared::kit;
+use baton_shared::protocol::{Deploy, JobKind, StepJob};
 use baton_shared::runtime::BoxFuture;
 
 /// `baton-db-migration`, as the daemon kit runs it.
@@ -78,7 +80,7 @@ impl kit::Daemon for Daemon {
     const SECTION: &'static str = "migration";
     type Settings = MigrationConfig;
     type Role = DbMigration;
-    type Modes = kit::NoModes;
+    type Modes = Modes;
 
     fn validate(settings: &MigrationConfig) -> Result<(), ConfigError> {
         settings.validate()
@@ -86,6 +88,19 @@ impl kit::Daemon for Daemon {
 
     fn build(config: &kit::Config<MigrationConfig>) -> Result<DbMigration, ConfigError> {
         Ok(DbMigration::new(config.settings.clone()))
+    }
+
+    fn serves(modes: &Modes) -> bool {
+        modes.once.is_none()
+    }
+
+    fn one_shot<'a>(
+        modes: &'a Modes,
+        role: &'a DbMigration,
+        config: &'a kit::Config<MigrationConfig>,
+    ) -> Option<BoxFuture<'a, baton_shared::exit::Exit>> {
+        let once = modes.once.as_ref()?;
+        Some(Box::pin(once.run(role, &config.common.daemon.zone)))
     }
 
     fn background(
@@ -102,5 +117,84 @@ impl kit::Daemon for Daemon {
             },
             stop,
         ))]
+    }
+}
+
+/// `baton-db-migration`'s one-shot modes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Modes {
+    #[command(subcommand)]
+    pub once: Option<Once>,
+}
+
+/// Run the code a job runs, once, without a broker, and print its outcome as
+/// JSON: to check a repository before its first deploy, or to adopt an
+/// existing database.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Once {
+    /// Say what `apply` would do, migration by migration; change nothing.
+    Check(Target),
+    /// Apply what is pending, exactly as a `migrate` job does.
+    Apply(Target),
+    /// Run the integrity checks, as a `verify` job does.
+    Verify(Target),
+}
+
+/// The deploy a one-shot mode works on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// The service, whose database `migration.databases` names.
+    #[arg(long)]
+    pub service: String,
+    /// The repository (an absolute path or a URL git can fetch).
+    #[arg(long)]
+    pub repository: String,
+    /// The full commit SHA.
+    #[arg(long)]
+    pub commit: String,
+    /// The migrations folder in the repository.
+    #[arg(long, default_value = role::DEFAULT_MIGRATIONS_DIR)]
+    pub migrations_dir: String,
+}
+
+impl Once {
+    /// Runs the mode and prints its outcome; the exit code follows the kit's table.
+    pub async fn run(&self, role: &DbMigration, zone: &str) -> Exit {
+        let (target, action) = match self {
+            Self::Check(t) => (t, "check"),
+            Self::Apply(t) => (t, "migrate"),
+            Self::Verify(t) => (t, "verify"),
+        };
+        let mut job = StepJob::example(zone, baton_shared::roles::DB_MIGRATION, action)
+            .with_param("migrations_dir", target.migrations_dir.clone());
+        job.kind = JobKind::Execute;
+        job.step_id = format!("one-shot.{action}");
+        job.deploy = Deploy {
+            service: target.service.clone(),
+            environment: zone.to_owned(),
+            repository: target.repository.clone(),
+            commit_sha: target.commit.clone(),
+            risk: baton_shared::protocol::Risk::Standard,
+            exceptions: Vec::new(),
+        };
+        let outcome = match self {
+            Self::Check(_) => role.check(&job).await.and_then(|report| {
+                baton_shared::protocol::to_fields(&report).map_err(|e| Error::InvalidJob { problem: e.message })
+            }),
+            _ => role.run(&job).await,
+        };
+        match outcome {
+            Ok(out) => {
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                let refused = out.get("would").and_then(|w| w.as_str()) == Some("refuse");
+                if refused { Exit::Failed } else { Exit::Success }
+            }
+            Err(e) => {
+                let error = e.to_step_error();
+                println!("{}", serde_json::json!({"error": error}));
+                eprintln!("baton-db-migration: {e}");
+                Exit::Failed
+            }
+        }
     }
 }

@@ -135,6 +135,49 @@ pub fn verified_backup(job: &StepJob, input: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// What `apply` (a `migrate` job) would do, migration by migration; made by
+/// `check`, which changes nothing.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub service: String,
+    pub commit: String,
+    /// `apply` (everything passes), `nothing` (nothing pending) or `refuse`.
+    pub would: &'static str,
+    /// Why `apply` would refuse, exactly as the job would fail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<baton_shared::protocol::StepError>,
+    pub migrations: Vec<CheckedMigration>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unjournaled_sql: Vec<String>,
+}
+
+/// One journal entry as `check` sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedMigration {
+    pub tag: String,
+    /// `applied`, `pending`, `older than applied` or `changed after applied`.
+    pub state: &'static str,
+    /// `down`, `recovery procedure`, `none` or `none, before adoption`.
+    pub undo: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destructive: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_transactional: Vec<String>,
+}
+
+/// What `migrate` decided before writing anything.
+struct Decided<'s> {
+    /// To apply now, in journal order.
+    pending: Vec<&'s Migration>,
+    /// Pending migrations up to the baseline: applied without companions.
+    adopted: Vec<&'s Migration>,
+    /// Entries older than the newest applied one, applied under the deploy's exception.
+    applied_older: Vec<String>,
+    /// Everything this run applied, earlier attempts included.
+    run_migrations: Vec<&'s Migration>,
+    removals: Vec<Removal>,
+}
+
 /// Job parameters (`baton_shared::roles`: db-migration).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -245,74 +288,13 @@ impl DbMigration {
         let mut conn = self.locked_connection(url, service).await?;
 
         let history = db::history(&mut conn, service).await?;
-        let earlier = db::applied_by(&mut conn, service, job.run_id, &job.step_id, &history).await?;
-        let mut pending = set.pending(history.last);
-        let changed = set.changed_after_applied(&history);
-        if !changed.is_empty() {
-            return Err(Error::ChangedAfterApplied {
-                migrations: changed.iter().map(|m| m.tag.clone()).collect(),
-                dir: params.migrations_dir.clone(),
-            });
-        }
-        let older = set.older_than_applied(&history);
-        let mut applied_older = Vec::new();
-        if !older.is_empty() {
-            let entries: Vec<String> = older
-                .iter()
-                .map(|(m, newest)| format!("{} (when {}, older than the applied {newest})", m.tag, m.when))
-                .collect();
-            let Some(exception) = job.deploy.exception(baton_shared::protocol::APPLY_OLDER_MIGRATIONS) else {
-                return Err(Error::OlderThanApplied { entries });
-            };
-            tracing::warn!(
-                run_id = %job.run_id,
-                step_id = %job.step_id,
-                service,
-                entries = ?entries,
-                reason = %exception.reason,
-                "applying journal entries older than the newest applied one, as the deploy's exception asks"
-            );
-            applied_older = older.iter().map(|(m, _)| m.tag.clone()).collect();
-            pending.extend(older.into_iter().map(|(m, _)| m));
-            pending.sort_by_key(|m| m.idx);
-        }
-
-        // Refusals come before anything is written. History that predates the
-        // repository's adoption of Baton needs no companions.
-        let (adopted, changes): (Vec<&Migration>, Vec<&Migration>) =
-            pending.iter().copied().partition(|m| set.predates_adoption(m));
-        let missing = without_procedure(changes.iter().copied());
-        if !missing.is_empty() {
-            return Err(Error::IrreversibleWithoutProcedure {
-                migrations: missing,
-                dir: params.migrations_dir.clone(),
-            });
-        }
-        self.transactional(&mut conn, service, &pending, &params).await?;
-        let risk = assess(pending.iter().copied());
-        let mut run_migrations: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
-        for m in &pending {
-            if !run_migrations.iter().any(|a| a.tag == m.tag) {
-                run_migrations.push(m);
-            }
-        }
-        let removals = self.removals(job, &params, &run_migrations).await?;
-        self.additive_first(job, &pending, &removals)?;
-        if risk.destructive() && self.config.backup_required_zones.contains(&job.zone) {
-            match verified_backup(job, &params.backup_step) {
-                Ok(backup) => {
-                    tracing::info!(run_id = %job.run_id, backup_id = %backup, "destructive migration covered by a verified backup")
-                }
-                Err(problem) => {
-                    return Err(Error::BackupNotVerified {
-                        zone: job.zone.clone(),
-                        input: params.backup_step.clone(),
-                        problem,
-                        findings: risk.describe(),
-                    });
-                }
-            }
-        }
+        let Decided {
+            pending,
+            adopted,
+            applied_older,
+            run_migrations,
+            removals,
+        } = self.decide(job, &params, &set, &mut conn, &history).await?;
 
         // The expected schema is built before the target's transaction opens, so the
         // target's tables are locked only while its own migrations run.
@@ -406,6 +388,173 @@ impl DbMigration {
             applied_before_adoption,
         };
         baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
+    }
+
+    /// What a `migrate` job would do at this commit, changing nothing: every
+    /// journal entry's state and undo, and the verdict of the same checks.
+    pub async fn check(&self, job: &StepJob) -> Result<CheckReport, Error> {
+        let service = job.deploy.service.as_str();
+        let url = self.database(job)?;
+        let params = Params::from_job(job)?;
+        let set = self.migrations(job, &params).await?;
+        let mut conn = self.locked_connection(url, service).await?;
+        let history = db::history(&mut conn, service).await?;
+        let decided = self.decide(job, &params, &set, &mut conn, &history).await;
+        let _ = conn.close().await;
+        let pending: Vec<&str> = set.pending(history.last).iter().map(|m| m.tag.as_str()).collect();
+        let older: Vec<&str> = set
+            .older_than_applied(&history)
+            .iter()
+            .map(|(m, _)| m.tag.as_str())
+            .collect();
+        let changed: Vec<&str> = set
+            .changed_after_applied(&history)
+            .iter()
+            .map(|m| m.tag.as_str())
+            .collect();
+        let migrations = set
+            .migrations
+            .iter()
+            .map(|m| {
+                let tag = m.tag.as_str();
+                let state = if changed.contains(&tag) {
+                    "changed after applied"
+                } else if older.contains(&tag) {
+                    "older than applied"
+                } else if pending.contains(&tag) {
+                    "pending"
+                } else {
+                    "applied"
+                };
+                let undo = if m.is_reversible() {
+                    "down"
+                } else if m.recovery.is_some() {
+                    "recovery procedure"
+                } else if set.predates_adoption(m) {
+                    "none, before adoption"
+                } else {
+                    "none"
+                };
+                let chunks = m.statements();
+                CheckedMigration {
+                    tag: m.tag.clone(),
+                    state,
+                    undo,
+                    destructive: chunks
+                        .iter()
+                        .flat_map(|c| analysis::analyze(c))
+                        .map(|f| f.to_string())
+                        .collect(),
+                    not_transactional: chunks
+                        .iter()
+                        .flat_map(|c| analysis::not_transactional(c))
+                        .map(|n| format!("{} ({})", n.statement, n.why))
+                        .collect(),
+                }
+            })
+            .collect();
+        let (would, refusal) = match decided {
+            Ok(d) if d.pending.is_empty() => ("nothing", None),
+            Ok(_) => ("apply", None),
+            Err(e) => ("refuse", Some(e.to_step_error())),
+        };
+        Ok(CheckReport {
+            service: service.to_owned(),
+            commit: job.deploy.commit_sha.clone(),
+            would,
+            refusal,
+            migrations,
+            unjournaled_sql: set.unjournaled.clone(),
+        })
+    }
+
+    /// Everything `migrate` decides before it writes anything: what is pending
+    /// (and why), and each refusal, in the order they are checked. `check` runs
+    /// exactly this and reports it instead of applying.
+    async fn decide<'s>(
+        &self,
+        job: &StepJob,
+        params: &Params,
+        set: &'s MigrationSet,
+        conn: &mut PgConnection,
+        history: &db::History,
+    ) -> Result<Decided<'s>, Error> {
+        let service = job.deploy.service.as_str();
+        let earlier = db::applied_by(&mut *conn, service, job.run_id, &job.step_id, history).await?;
+        let mut pending = set.pending(history.last);
+        let changed = set.changed_after_applied(history);
+        if !changed.is_empty() {
+            return Err(Error::ChangedAfterApplied {
+                migrations: changed.iter().map(|m| m.tag.clone()).collect(),
+                dir: params.migrations_dir.clone(),
+            });
+        }
+        let older = set.older_than_applied(history);
+        let mut applied_older = Vec::new();
+        if !older.is_empty() {
+            let entries: Vec<String> = older
+                .iter()
+                .map(|(m, newest)| format!("{} (when {}, older than the applied {newest})", m.tag, m.when))
+                .collect();
+            let Some(exception) = job.deploy.exception(baton_shared::protocol::APPLY_OLDER_MIGRATIONS) else {
+                return Err(Error::OlderThanApplied { entries });
+            };
+            tracing::warn!(
+                run_id = %job.run_id,
+                step_id = %job.step_id,
+                service,
+                entries = ?entries,
+                reason = %exception.reason,
+                "applying journal entries older than the newest applied one, as the deploy's exception asks"
+            );
+            applied_older = older.iter().map(|(m, _)| m.tag.clone()).collect();
+            pending.extend(older.into_iter().map(|(m, _)| m));
+            pending.sort_by_key(|m| m.idx);
+        }
+
+        // Refusals come before anything is written. History that predates the
+        // repository's adoption of Baton needs no companions.
+        let (adopted, changes): (Vec<&Migration>, Vec<&Migration>) =
+            pending.iter().copied().partition(|m| set.predates_adoption(m));
+        let missing = without_procedure(changes.iter().copied());
+        if !missing.is_empty() {
+            return Err(Error::IrreversibleWithoutProcedure {
+                migrations: missing,
+                dir: params.migrations_dir.clone(),
+            });
+        }
+        self.transactional(&mut *conn, service, &pending, params).await?;
+        let risk = assess(pending.iter().copied());
+        let mut run_migrations: Vec<&Migration> = earlier.iter().filter_map(|a| set.get(&a.tag)).collect();
+        for m in &pending {
+            if !run_migrations.iter().any(|a| a.tag == m.tag) {
+                run_migrations.push(m);
+            }
+        }
+        let removals = self.removals(job, params, &run_migrations).await?;
+        self.additive_first(job, &pending, &removals)?;
+        if risk.destructive() && self.config.backup_required_zones.contains(&job.zone) {
+            match verified_backup(job, &params.backup_step) {
+                Ok(backup) => {
+                    tracing::info!(run_id = %job.run_id, backup_id = %backup, "destructive migration covered by a verified backup")
+                }
+                Err(problem) => {
+                    return Err(Error::BackupNotVerified {
+                        zone: job.zone.clone(),
+                        input: params.backup_step.clone(),
+                        problem,
+                        findings: risk.describe(),
+                    });
+                }
+            }
+        }
+        Ok(Decided {
+            pending,
+            adopted,
+            applied_older,
+            run_migrations,
+            removals,
+        })
     }
 
     /// Refuses pending migrations with statements that cannot run inside the

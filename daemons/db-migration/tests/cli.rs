@@ -112,3 +112,66 @@ fn a_relative_repos_dir_is_refused_naming_the_key() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn check_apply_and_verify_run_once_without_a_broker_as_a_job_would() {
+    let db = common::TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = common::GitRepo::new();
+    common::write_fixture(&repo, 2);
+    let sha = repo.commit("two migrations");
+    let dir = TempDir::new("cli");
+    // No broker and no signing key: a one-shot mode needs neither.
+    let cfg = common::config(&db, &cache);
+    let path = dir.0.join("baton.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nzone = \"staging\"\n[migration]\nrepos_dir = {:?}\nadmin_url = {:?}\n[migration.databases]\n{} = {:?}\n",
+            cfg.repos_dir.display().to_string(),
+            cfg.admin_url.expose(),
+            common::SERVICE,
+            db.url()
+        ),
+    )
+    .unwrap();
+    let once = |mode: &str| {
+        let out = daemon()
+            .args(["--config", path.to_str().unwrap(), mode, "--service", common::SERVICE])
+            .args(["--repository", repo.path().to_str().unwrap(), "--commit", &sha])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "{mode}: not JSON ({e}): {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), json)
+    };
+
+    let (code, report) = once("check");
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["would"], "apply", "{report}");
+    let states: Vec<&str> = report["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "pending"]);
+    assert!(db.tables().await.is_empty(), "check changes nothing");
+
+    let (code, out) = once("apply");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(common::strings(&out["applied"]).len(), 2);
+    assert!(!db.tables().await.is_empty());
+
+    let (code, report) = once("check");
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["would"], "nothing", "{report}");
+    let (code, out) = once("verify");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out["schema_matches"], true, "{out}");
+}
