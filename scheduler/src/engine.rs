@@ -343,18 +343,21 @@ impl RunState {
         s.dirty = true;
         match kind {
             JobKind::Execute => {
+                // What the daemon warns about (its outputs' `warnings`) is kept
+                // in the run's history too, where operators read it.
+                let mut detail = json!({"completion": completion});
+                if let Some(w) = outputs
+                    .get("warnings")
+                    .filter(|w| w.as_array().is_some_and(|a| !a.is_empty()))
+                {
+                    detail["warnings"] = w.clone();
+                }
                 s.status = StepStatus::Succeeded;
                 s.outputs = outputs;
                 s.finished_at = Some(now);
                 s.completion = Some(completion);
                 s.error = None;
-                Self::history(
-                    fx,
-                    Some(&s.id),
-                    Some(s.attempt),
-                    "step_succeeded",
-                    json!({"completion": completion}),
-                );
+                Self::history(fx, Some(&s.id), Some(s.attempt), "step_succeeded", detail);
             }
             JobKind::Compensate => {
                 s.status = StepStatus::Compensated;

@@ -372,6 +372,17 @@ impl DbMigration {
             applied_by_run = applied.len(),
             "migrate done"
         );
+        let mut warnings = risk.warnings.clone();
+        warnings.extend(set.unjournaled.iter().map(|f| {
+            format!(
+                "{}/{f} is not in meta/_journal.json, so it is never applied (drizzle-kit writes the journal entry \
+                 with the file; a file added by hand needs one)",
+                params.migrations_dir
+            )
+        }));
+        warnings.extend(applied_before_adoption.iter().map(|t| {
+            format!("{t} was applied without a down migration or recovery procedure: it predates the repository's baton.baseline")
+        }));
         let out = MigrateOutputs {
             applied: applied.iter().map(|m| m.tag.clone()).collect(),
             hashes: applied.iter().map(|m| m.hash.clone()).collect(),
@@ -379,7 +390,7 @@ impl DbMigration {
                 destructive: risk.destructive(),
                 removals,
             },
-            warnings: risk.warnings,
+            warnings,
             database: service.to_owned(),
             last_created_at: after.last,
             verify: report.to_json(),

@@ -194,6 +194,13 @@ async fn sql_files_the_journal_does_not_name_are_reported_and_not_applied() {
         .unwrap();
     assert_eq!(strings(&out["applied"]).len(), 2);
     assert_eq!(strings(&out["unjournaled_sql"]), ["0009_forgotten.sql"]);
+    // A warning, which the scheduler copies into the run's history.
+    assert!(
+        strings(&out["warnings"])
+            .iter()
+            .any(|w| w.starts_with("drizzle/migrations/0009_forgotten.sql is not in meta/_journal.json")),
+        "{out:?}"
+    );
     assert!(!db.tables().await.contains(&"forgotten".to_owned()), "never applied");
 }
 

@@ -716,3 +716,27 @@ fn a_failed_attempt_of_a_role_with_partial_effects_is_compensated_with_what_it_r
     assert!(!run.steps.iter().find(|s| s.id == "db.staging").unwrap().partial_work());
     assert_eq!(status(&run, "db.staging"), StepStatus::Failed);
 }
+
+#[test]
+fn a_daemon_s_warnings_are_kept_in_the_run_s_history() {
+    let mut run = run_for(&["drizzle/migrations/0001_x.sql"]);
+    let cfg = settings();
+    let (_, db) = run_until(&mut run, "db.staging");
+    let mut r = result(&db, ResultStatus::Succeeded);
+    r.outputs
+        .insert("warnings".into(), json!(["0009_forgotten.sql is not in the journal"]));
+    let mut fx = Vec::new();
+    run.apply_result(&r, Utc::now(), &cfg, &mut fx);
+    let detail = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::History {
+                kind: "step_succeeded",
+                detail,
+                ..
+            } => Some(detail.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(detail["warnings"], json!(["0009_forgotten.sql is not in the journal"]));
+}

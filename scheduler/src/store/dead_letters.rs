@@ -51,7 +51,25 @@ pub struct DeadLetterView {
 
 /// Dead letters, newest first: not yet replayed unless `all`.
 pub async fn list_dead_letters(pool: &PgPool, all: bool, limit: i64) -> Result<Vec<DeadLetterView>, StoreError> {
-    let rows = sqlx::query(
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        message_id: Option<String>,
+        origin: String,
+        exchange: String,
+        routing_key: String,
+        reason: String,
+        refused_for: Option<String>,
+        verified: bool,
+        arrivals: i32,
+        run_id: Option<Uuid>,
+        received_at: DateTime<Utc>,
+        last_arrived_at: DateTime<Utc>,
+        replayed_at: Option<DateTime<Utc>>,
+        replayed_by: Option<String>,
+        body: Vec<u8>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
         "select id, message_id, origin, exchange, routing_key, reason, refused_for, verified, arrivals, run_id,
                 received_at, last_arrived_at, replayed_at, replayed_by, body
            from dead_letters where $1 or replayed_at is null order by id desc limit $2",
@@ -60,30 +78,27 @@ pub async fn list_dead_letters(pool: &PgPool, all: bool, limit: i64) -> Result<V
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let body: Vec<u8> = r.try_get("body")?;
-            Ok(DeadLetterView {
-                id: r.try_get("id")?,
-                message_id: r.try_get("message_id")?,
-                origin: r.try_get("origin")?,
-                exchange: r.try_get("exchange")?,
-                routing_key: r.try_get("routing_key")?,
-                reason: r.try_get("reason")?,
-                refused_for: r.try_get("refused_for")?,
-                verified: r.try_get("verified")?,
-                arrivals: r.try_get("arrivals")?,
-                run_id: r.try_get("run_id")?,
-                received_at: r.try_get("received_at")?,
-                last_arrived_at: r.try_get("last_arrived_at")?,
-                replayed_at: r.try_get("replayed_at")?,
-                replayed_by: r.try_get("replayed_by")?,
-                body: String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
-                bytes: body.len(),
-            })
+    Ok(rows
+        .into_iter()
+        .map(|r| DeadLetterView {
+            id: r.id,
+            message_id: r.message_id,
+            origin: r.origin,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            reason: r.reason,
+            refused_for: r.refused_for,
+            verified: r.verified,
+            arrivals: r.arrivals,
+            run_id: r.run_id,
+            received_at: r.received_at,
+            last_arrived_at: r.last_arrived_at,
+            replayed_at: r.replayed_at,
+            replayed_by: r.replayed_by,
+            body: String::from_utf8_lossy(&r.body[..r.body.len().min(2048)]).into_owned(),
+            bytes: r.body.len(),
         })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(Into::into)
+        .collect())
 }
 
 /// What replaying dead letter `id` publishes: exchange, routing key, message id and body.
@@ -91,7 +106,16 @@ pub async fn dead_letter_for_replay(
     pool: &PgPool,
     id: i64,
 ) -> Result<(String, String, Option<String>, Vec<u8>), StoreError> {
-    let r = sqlx::query(
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        exchange: String,
+        routing_key: String,
+        message_id: Option<String>,
+        body: Vec<u8>,
+        verified: bool,
+        why: String,
+    }
+    let r: Row = sqlx::query_as(
         "select exchange, routing_key, message_id, body, verified, coalesce(refused_for, reason) as why
            from dead_letters where id = $1",
     )
@@ -99,23 +123,17 @@ pub async fn dead_letter_for_replay(
     .fetch_optional(pool)
     .await?
     .ok_or(StoreError::NoDeadLetter(id))?;
-    if !r.try_get::<bool, _>("verified")? {
+    if !r.verified {
         return Err(StoreError::UnverifiedDeadLetter(id));
     }
     // Refused for what its bytes are: the same bytes would be refused again.
-    let why: String = r.try_get("why")?;
     if ["malformed", "unauthentic", "invalid"]
         .iter()
-        .any(|p| why.starts_with(p))
+        .any(|p| r.why.starts_with(p))
     {
-        return Err(StoreError::WouldBeRefused { id, reason: why });
+        return Err(StoreError::WouldBeRefused { id, reason: r.why });
     }
-    Ok((
-        r.try_get("exchange")?,
-        r.try_get("routing_key")?,
-        r.try_get("message_id")?,
-        r.try_get("body")?,
-    ))
+    Ok((r.exchange, r.routing_key, r.message_id, r.body))
 }
 
 impl Store {

@@ -11,7 +11,7 @@ pub enum IncidentKey<'a> {
 }
 
 /// An incident as the CLI and API show it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, sqlx::FromRow)]
 pub struct IncidentView {
     pub id: Uuid,
     pub environment: String,
@@ -47,48 +47,31 @@ macro_rules! select_incidents {
     };
 }
 
-pub(super) fn incident_row(r: &PgRow) -> Result<IncidentView, sqlx::Error> {
-    Ok(IncidentView {
-        id: r.try_get("id")?,
-        environment: r.try_get("environment")?,
-        title: r.try_get("title")?,
-        source: r.try_get("source")?,
-        fingerprint: r.try_get("fingerprint")?,
-        opened_by: r.try_get("opened_by")?,
-        opened_at: r.try_get("opened_at")?,
-        resolved_by: r.try_get("resolved_by")?,
-        resolved_at: r.try_get("resolved_at")?,
-        truncated_alerts: r.try_get("truncated_alerts")?,
-    })
-}
-
 pub(super) async fn incident_by(tx: &mut Tx<'_>, key: IncidentKey<'_>) -> Result<Option<IncidentView>, StoreError> {
-    let row = match key {
+    Ok(match key {
         IncidentKey::Id(id) => {
-            sqlx::query(select_incidents!("id = $1"))
+            sqlx::query_as(select_incidents!("id = $1"))
                 .bind(id)
                 .fetch_optional(&mut **tx)
                 .await?
         }
         IncidentKey::Fingerprint(f) => {
-            sqlx::query(select_incidents!("fingerprint = $1 and resolved_at is null"))
+            sqlx::query_as(select_incidents!("fingerprint = $1 and resolved_at is null"))
                 .bind(f)
                 .fetch_optional(&mut **tx)
                 .await?
         }
-    };
-    Ok(row.as_ref().map(incident_row).transpose()?)
+    })
 }
 
 /// Incidents, newest first: open ones only unless `all`.
 pub async fn list_incidents(pool: &PgPool, all: bool) -> Result<Vec<IncidentView>, StoreError> {
-    let rows = sqlx::query(select_incidents!(
+    Ok(sqlx::query_as(select_incidents!(
         "($1 or resolved_at is null) order by opened_at desc limit 500"
     ))
     .bind(all)
     .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(incident_row).collect::<Result<_, _>>()?)
+    .await?)
 }
 
 impl Store {

@@ -115,7 +115,7 @@ mod write;
 type Tx<'a> = Transaction<'a, Postgres>;
 
 /// A message the relay must publish, already committed to the outbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxMsg {
     pub id: i64,
     pub exchange: String,

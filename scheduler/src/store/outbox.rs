@@ -48,7 +48,7 @@ impl Store {
     /// Takes over unsent outbox rows whose claim lapsed (their publisher died or failed).
     pub async fn claim_unsent(&self, limit: i64) -> Result<Vec<OutboxMsg>, StoreError> {
         let claim = self.claim.as_millis() as f64 / 1000.0;
-        let rows = sqlx::query(
+        let mut msgs: Vec<OutboxMsg> = sqlx::query_as(
             "update outbox set claimed_until = now() + make_interval(secs => $2)
              where id in (select id from outbox where sent_at is null and claimed_until < now()
                           order by id limit $1 for update skip locked)
@@ -58,22 +58,6 @@ impl Store {
         .bind(claim)
         .fetch_all(&self.pool)
         .await?;
-        let mut msgs = rows
-            .into_iter()
-            .map(|r| {
-                Ok(OutboxMsg {
-                    id: r.try_get("id")?,
-                    exchange: r.try_get("exchange")?,
-                    routing_key: r.try_get("routing_key")?,
-                    message_id: r.try_get("message_id")?,
-                    body: r.try_get("body")?,
-                    best_effort: r.try_get("best_effort")?,
-                    run_id: r.try_get("run_id")?,
-                    step_id: r.try_get("step_id")?,
-                    attempt: r.try_get("attempt")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
         msgs.sort_by_key(|m| m.id);
         Ok(msgs)
     }

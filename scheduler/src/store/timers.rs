@@ -5,7 +5,15 @@ use super::*;
 impl Store {
     /// Timers due now, oldest first (candidates; each is re-checked under the run lock).
     pub async fn due_timers(&self, limit: i64) -> Result<Vec<DueTimer>, StoreError> {
-        let rows = sqlx::query(
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            run_id: Uuid,
+            step_id: String,
+            kind: String,
+            attempt: i32,
+            due_at: DateTime<Utc>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
             "select run_id, step_id, kind, attempt, due_at from timers where due_at <= now() order by due_at limit $1",
         )
         .bind(limit)
@@ -13,14 +21,12 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|r| {
-                let run_id: Uuid = r.try_get("run_id")?;
-                let kind: String = r.try_get("kind")?;
                 Ok(DueTimer {
-                    run_id,
-                    step_id: r.try_get("step_id")?,
-                    kind: parse(run_id, &kind)?,
-                    attempt: r.try_get("attempt")?,
-                    due_at: r.try_get("due_at")?,
+                    kind: parse(r.run_id, &r.kind)?,
+                    run_id: r.run_id,
+                    step_id: r.step_id,
+                    attempt: r.attempt,
+                    due_at: r.due_at,
                 })
             })
             .collect()
