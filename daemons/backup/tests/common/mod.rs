@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
 use baton_backup::{BackupRole, BackupSettings, LocationConfig};
-use baton_shared::protocol::{Deploy, Fields, JobKind, Risk, StepError, StepJob};
+use baton_shared::protocol::{Fields, StepError, StepJob};
 use baton_shared::runtime::{ExecContext, Role};
 use baton_shared::secret::Secret;
 use chrono::{Duration, Utc};
@@ -185,40 +185,19 @@ impl Drop for Env {
 
 /// A job for the backup role in the production zone, as the scheduler sends it.
 pub fn job(action: &str, step_id: &str, run_id: Uuid, params: serde_json::Value) -> StepJob {
-    let now = Utc::now();
-    StepJob {
-        v: 1,
-        message_id: Uuid::new_v4(),
-        run_id,
-        step_id: step_id.to_owned(),
-        attempt: 1,
-        kind: JobKind::Execute,
-        zone: ZONE.to_owned(),
-        role: "backup".to_owned(),
-        action: action.to_owned(),
-        params: match params {
-            serde_json::Value::Object(m) => m,
-            serde_json::Value::Null => Fields::new(),
-            other => panic!("params must be an object, not {other}"),
-        },
-        inputs: BTreeMap::new(),
-        own_outputs: Fields::new(),
-        deploy: Deploy {
-            service: SERVICE.to_owned(),
-            environment: "production".to_owned(),
-            repository: "git@example.org:shop/api.git".to_owned(),
-            commit_sha: "0123456789abcdef0123456789abcdef01234567".to_owned(),
-            risk: Risk::Standard,
-            exceptions: Vec::new(),
-        },
-        issued_at: now,
-        not_after: now + Duration::minutes(5),
-        deadline: now + Duration::minutes(30),
-        heartbeat_ms: 1000,
-        lease_ms: 0,
-        traceparent: None,
-        signature: None,
-    }
+    let mut job = StepJob::example(ZONE, baton_shared::roles::BACKUP, action);
+    job.run_id = run_id;
+    job.step_id = step_id.to_owned();
+    job.params = match params {
+        serde_json::Value::Object(m) => m,
+        serde_json::Value::Null => Fields::new(),
+        other => panic!("params must be an object, not {other}"),
+    };
+    job.deploy.service = SERVICE.to_owned();
+    job.deploy.environment = "production".to_owned();
+    job.deploy.repository = "git@example.org:shop/api.git".to_owned();
+    job.deadline = Utc::now() + Duration::minutes(30);
+    job
 }
 
 /// The seed pipeline's params of `backup.pre` / `backup.post`.

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::str::FromStr;
 
 use baton_db_migration::{DbMigration, MigrationConfig};
-use baton_shared::protocol::{Deploy, Fields, JobKind, PROTOCOL_VERSION, Risk, StepError, StepJob};
+use baton_shared::protocol::{Fields, JobKind, StepError, StepJob};
 use baton_shared::runtime::{ExecContext, Role};
 use baton_shared::secret::Secret;
 use chrono::Utc;
@@ -315,36 +315,15 @@ pub fn config(db: &TestDb, cache: &TempDir) -> MigrationConfig {
 
 /// A job as the scheduler sends it.
 pub fn job(kind: JobKind, action: &str, zone: &str, repo: &GitRepo, sha: &str, run_id: Uuid) -> StepJob {
-    let now = Utc::now();
-    StepJob {
-        v: PROTOCOL_VERSION,
-        message_id: Uuid::new_v4(),
-        run_id,
-        step_id: format!("db.{zone}"),
-        attempt: 1,
-        kind,
-        zone: zone.to_owned(),
-        role: "db-migration".to_owned(),
-        action: action.to_owned(),
-        params: Fields::new(),
-        inputs: BTreeMap::new(),
-        own_outputs: Fields::new(),
-        deploy: Deploy {
-            service: SERVICE.to_owned(),
-            environment: zone.to_owned(),
-            repository: repo.url(),
-            commit_sha: sha.to_owned(),
-            risk: Risk::Standard,
-            exceptions: Vec::new(),
-        },
-        issued_at: now,
-        not_after: now + chrono::Duration::minutes(5),
-        deadline: now + chrono::Duration::minutes(30),
-        heartbeat_ms: 5000,
-        lease_ms: 0,
-        traceparent: None,
-        signature: None,
-    }
+    let mut job = StepJob::example(zone, baton_shared::roles::DB_MIGRATION, action);
+    job.run_id = run_id;
+    job.step_id = format!("db.{zone}");
+    job.kind = kind;
+    job.deploy.service = SERVICE.to_owned();
+    job.deploy.repository = repo.url();
+    job.deploy.commit_sha = sha.to_owned();
+    job.deadline = Utc::now() + chrono::Duration::minutes(30);
+    job
 }
 
 pub fn migrate_job(zone: &str, repo: &GitRepo, sha: &str, run_id: Uuid) -> StepJob {
