@@ -165,6 +165,14 @@ pub struct CheckedMigration {
     pub not_transactional: Vec<String>,
 }
 
+/// A job's folder and database, opened by `DbMigration::open`.
+struct Opened {
+    params: Params,
+    set: MigrationSet,
+    conn: PgConnection,
+    history: db::History,
+}
+
 /// What `migrate` decided before writing anything.
 struct Decided<'s> {
     /// To apply now, in journal order.
@@ -282,12 +290,12 @@ impl DbMigration {
 
     async fn migrate(&self, job: &StepJob) -> Result<Fields, Error> {
         let service = job.deploy.service.as_str();
-        let url = self.database(job)?;
-        let params = Params::from_job(job)?;
-        let set = self.migrations(job, &params).await?;
-        let mut conn = self.locked_connection(url, service).await?;
-
-        let history = db::history(&mut conn, service).await?;
+        let Opened {
+            params,
+            set,
+            mut conn,
+            history,
+        } = self.open(job).await?;
         let Decided {
             pending,
             adopted,
@@ -401,15 +409,33 @@ impl DbMigration {
         baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
     }
 
-    /// What a `migrate` job would do at this commit, changing nothing: every
-    /// journal entry's state and undo, and the verdict of the same checks.
-    pub async fn check(&self, job: &StepJob) -> Result<CheckReport, Error> {
+    /// The job's migrations folder at its commit and its database, under the
+    /// migration lock, with drizzle's history as it is now.
+    async fn open(&self, job: &StepJob) -> Result<Opened, Error> {
         let service = job.deploy.service.as_str();
         let url = self.database(job)?;
         let params = Params::from_job(job)?;
         let set = self.migrations(job, &params).await?;
         let mut conn = self.locked_connection(url, service).await?;
         let history = db::history(&mut conn, service).await?;
+        Ok(Opened {
+            params,
+            set,
+            conn,
+            history,
+        })
+    }
+
+    /// What a `migrate` job would do at this commit, changing nothing: every
+    /// journal entry's state and undo, and the verdict of the same checks.
+    pub async fn check(&self, job: &StepJob) -> Result<CheckReport, Error> {
+        let service = job.deploy.service.as_str();
+        let Opened {
+            params,
+            set,
+            mut conn,
+            history,
+        } = self.open(job).await?;
         let decided = self.decide(job, &params, &set, &mut conn, &history).await;
         let _ = conn.close().await;
         let pending: Vec<&str> = set.pending(history.last).iter().map(|m| m.tag.as_str()).collect();
@@ -671,11 +697,12 @@ impl DbMigration {
 
     async fn verify(&self, job: &StepJob) -> Result<Fields, Error> {
         let service = job.deploy.service.as_str();
-        let url = self.database(job)?;
-        let params = Params::from_job(job)?;
-        let set = self.migrations(job, &params).await?;
-        let mut conn = self.locked_connection(url, service).await?;
-        let history = db::history(&mut conn, service).await?;
+        let Opened {
+            params: _,
+            set,
+            mut conn,
+            history,
+        } = self.open(job).await?;
         // Entries drizzle skips (older than the newest applied) are pending too.
         let mut pending: Vec<String> = set.pending(history.last).iter().map(|m| m.tag.clone()).collect();
         pending.extend(set.older_than_applied(&history).into_iter().map(|(m, newest)| {
