@@ -41,12 +41,44 @@ pub mod script {
         pub default: StepBehaviour,
         pub execute: BTreeMap<String, StepBehaviour>,
         pub compensate: BTreeMap<String, StepBehaviour>,
+        /// Facts a test declares for the gates to read, by step id: outputs the
+        /// step's execution reports (before its behaviour's `outputs`). In
+        /// strings, `{run_id}`, `{commit_sha}`, `{service}` and `{step_id}` are
+        /// the job's. The test daemon reports no fact a test did not declare.
+        pub facts: BTreeMap<String, Fields>,
     }
 
     impl Script {
         pub fn load(path: &Path) -> Self {
             let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read script {}: {e}", path.display()));
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse script {}: {e}", path.display()))
+        }
+
+        /// The facts declared for the job's step, with the job's values filled in.
+        pub fn facts_for(&self, job: &baton_shared::protocol::StepJob) -> Fields {
+            if job.kind != JobKind::Execute {
+                return Fields::new();
+            }
+            let fill = |v: &serde_json::Value| -> serde_json::Value {
+                fn walk(v: &serde_json::Value, job: &baton_shared::protocol::StepJob) -> serde_json::Value {
+                    match v {
+                        serde_json::Value::String(s) => serde_json::Value::String(
+                            s.replace("{run_id}", &job.run_id.to_string())
+                                .replace("{commit_sha}", &job.deploy.commit_sha)
+                                .replace("{service}", &job.deploy.service)
+                                .replace("{step_id}", &job.step_id),
+                        ),
+                        serde_json::Value::Array(a) => a.iter().map(|x| walk(x, job)).collect(),
+                        serde_json::Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), walk(x, job))).collect(),
+                        other => other.clone(),
+                    }
+                }
+                walk(v, job)
+            };
+            self.facts
+                .get(&job.step_id)
+                .map(|f| f.iter().map(|(k, v)| (k.clone(), fill(v))).collect())
+                .unwrap_or_default()
         }
 
         pub fn behaviour(&self, step: &str, kind: JobKind) -> StepBehaviour {
@@ -57,6 +89,48 @@ pub mod script {
             table.get(step).cloned().unwrap_or_else(|| self.default.clone())
         }
     }
+}
+
+/// The facts the seed pipeline's production gates read, as a test declares
+/// them for the scripted daemon (a script's `facts`): the build and staging
+/// report the same image digest (made from the commit), staging a regression of
+/// 0 %, and each pre-deploy backup a verified backup of the run. None of this is
+/// real work; a test whose gates should pass on these facts says so with
+/// [`with_seed_facts`].
+pub fn seed_facts() -> Value {
+    let digest = "sha256:{commit_sha}000000000000000000000000";
+    let backup = |step: &str| {
+        serde_json::json!({
+            "backup_id": format!("{{service}}.{step}.{{run_id}}"), "run_id": "{run_id}", "verified": true,
+            "sha256": "0".repeat(64), "location": format!("/scripted/primary/{step}"),
+            "copy_location": format!("/scripted/copy/{step}"), "region": "nl-ams1", "copy_region": "nl-ams2",
+            "tables": 0, "bytes": 0
+        })
+    };
+    serde_json::json!({
+        "build": {"image_digest": digest},
+        "verify.staging": {"image_digest": digest, "regression_percent": 0.0},
+        "backup.pre": backup("backup.pre"),
+        "backup.staging": backup("backup.staging"),
+    })
+}
+
+/// `script` with the seed pipeline's facts declared ([`seed_facts`]); facts it
+/// declares itself for the same step win, key by key.
+pub fn with_seed_facts(mut script: Value) -> Value {
+    let mut facts = seed_facts();
+    if let Some(own) = script.get("facts").and_then(Value::as_object) {
+        for (step, f) in own {
+            match (facts.get_mut(step).and_then(Value::as_object_mut), f.as_object()) {
+                (Some(base), Some(f)) => base.extend(f.clone()),
+                _ => {
+                    facts[step] = f.clone();
+                }
+            }
+        }
+    }
+    script["facts"] = facts;
+    script
 }
 
 /// Every (zone, role) the seed pipeline dispatches to.

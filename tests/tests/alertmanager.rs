@@ -147,6 +147,8 @@ async fn open_incidents(env: &TestEnv, like: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alertmanager_opens_an_incident_that_holds_a_run_resolves_it_and_sends_a_300_alert_group_whole() {
     let env = TestEnv::new("alertmanager").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let am_port = free_port();
     let scheduler = env.scheduler("scheduler").await;
     let am = Alertmanager::start(&env, am_port, scheduler.api.as_ref().unwrap(), &env.operator_token).await;
@@ -200,6 +202,8 @@ async fn alertmanager_opens_an_incident_that_holds_a_run_resolves_it_and_sends_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_silenced_before_it_resolved_is_closed_by_reconciliation() {
     let env = TestEnv::new("alertmanager-silence").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let am_port = free_port();
     env.scheduler_config(&format!(
         "[api]\nalertmanager_url = \"http://127.0.0.1:{am_port}\"\nalertmanager_reconcile_secs = 1\n"

@@ -52,7 +52,7 @@ fn sign(body: &[u8], secret: &str) -> String {
 async fn tokens_roles_and_errors() {
     let env = TestEnv::new("api").await;
     let tokens = configure(&env);
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let base = scheduler.api.clone().unwrap();
@@ -192,7 +192,7 @@ async fn tokens_roles_and_errors() {
 async fn ci_webhook_accepts_a_valid_hmac_and_refuses_a_wrong_one() {
     let env = TestEnv::new("webhook").await;
     configure(&env);
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let base = scheduler.api.clone().unwrap();

@@ -248,7 +248,7 @@ fn refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
 async fn a_pipeline_runs_with_least_privilege_users() {
     let env = TestEnv::new("least-privilege").await;
     let users = Users::import(&env);
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     env.set_scheduler_env("BATON_AMQP__URL", &users.url("baton-scheduler"));
     let _scheduler = env.scheduler("scheduler").await;
     let ci_env = least_privilege(users.url("baton-daemon-ci"));
@@ -358,7 +358,7 @@ async fn a_forged_dead_letter_changes_no_run_and_the_real_job_then_runs() {
     use lapin::types::{AMQPValue, LongString, ShortString};
     let env = TestEnv::new("forged-dead-letter").await;
     let users = Users::import(&env);
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     env.set_scheduler_env("BATON_AMQP__URL", &users.url("baton-scheduler"));
     let _scheduler = env.scheduler("scheduler").await;
     // Every role but staging's db-migration is served: its job waits, dispatched.

@@ -58,7 +58,7 @@ fn executed_once(env: &TestEnv, run: Uuid, view: &RunView) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_pipeline_runs_in_dependency_order_with_parallel_windows() {
     let env = TestEnv::new("order").await;
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 150},
         "execute": {
             "build": {"delay_ms": 1500},
@@ -66,7 +66,7 @@ async fn seed_pipeline_runs_in_dependency_order_with_parallel_windows() {
             "network": {"delay_ms": 400},
             "cdn": {"delay_ms": 400},
         }
-    }));
+    })));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("shop", 1, EVERYTHING));
@@ -104,7 +104,7 @@ async fn seed_pipeline_runs_in_dependency_order_with_parallel_windows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_whose_when_is_false_are_skipped_and_the_dag_still_flows() {
     let env = TestEnv::new("skip").await;
-    env.script(json!({"default": {"delay_ms": 50}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 50}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("shop", 2, &["src/app.ts"]));
@@ -146,14 +146,14 @@ async fn steps_whose_when_is_false_are_skipped_and_the_dag_still_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
     let env = TestEnv::new("cdn-fails").await;
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 60},
         "execute": {
             "apply.production": {"delay_ms": 20000},
             "network": {"delay_ms": 20000},
             "cdn": {"delay_ms": 300, "fail": {"code": "edge_headers_wrong", "message": "cache-control missing immutable", "retryable": false}},
         }
-    }));
+    })));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("shop", 3, EVERYTHING));
@@ -243,10 +243,10 @@ async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_post_deploy_backup_flags_the_run_for_rollback_review_instead_of_rolling_back() {
     let env = TestEnv::new("review").await;
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 10},
         "execute": {"backup.post": {"fail": {"code": "verification_failed", "message": "spot-check differs", "retryable": false}}}
-    }));
+    })));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("review", 5, &["src/app.ts"]));
@@ -279,11 +279,11 @@ async fn a_failed_post_deploy_backup_flags_the_run_for_rollback_review_instead_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_compensation_ends_in_rollback_failed() {
     let env = TestEnv::new("comp-fails").await;
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 40},
         "execute": {"cdn": {"fail": {"code": "boom", "message": "upload rejected", "retryable": false}}},
         "compensate": {"infra.production": {"fail": {"code": "state_locked", "message": "state lock held", "retryable": true}}}
-    }));
+    })));
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "2000");
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
@@ -318,7 +318,9 @@ async fn failing_compensation_ends_in_rollback_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failure_is_retried_with_backoff_then_succeeds() {
     let env = TestEnv::new("retry").await;
-    env.script(json!({"default": {"delay_ms": 30}, "execute": {"db.staging": {"fail_first": 2}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 30}, "execute": {"db.staging": {"fail_first": 2}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("shop", 5, &["drizzle/migrations/0002_x.sql"]));
@@ -376,7 +378,9 @@ fn close_connections_of(env: &TestEnv, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
     let env = TestEnv::new("lease").await;
-    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 5000}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 5000}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
@@ -454,7 +458,7 @@ async fn silent_daemon_loses_its_lease_and_its_late_result_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_killed_mid_run_finishes_without_executing_a_step_twice() {
     let env = TestEnv::new("kill-scheduler").await;
-    env.script(json!({"default": {"delay_ms": 400}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 400}})));
     let mut scheduler = env.scheduler("scheduler-1").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("shop", 7, EVERYTHING));
@@ -483,7 +487,7 @@ async fn scheduler_killed_mid_run_finishes_without_executing_a_step_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run() {
     let env = TestEnv::new("fifo").await;
-    env.script(json!({"default": {"delay_ms": 80}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 80}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let first = env.enqueue(&event("fifo", 8, &["src/app.ts"]));
@@ -516,7 +520,7 @@ async fn second_merge_event_waits_for_the_environment_and_a_duplicate_is_one_run
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_s_runs_take_turns_whatever_environment_they_target() {
     let env = TestEnv::new("per-service").await;
-    env.script(json!({"default": {"delay_ms": 10}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 10}})));
     // No daemon yet: the production run holds the service while the rest arrive.
     let _broker = seed_job_queues(&env).await;
     let _scheduler = env.scheduler("scheduler").await;
@@ -569,7 +573,7 @@ async fn a_service_s_runs_take_turns_whatever_environment_they_target() {
 async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_deploys_next() {
     let env = TestEnv::new("newest").await;
     env.set_scheduler_env("BATON_SCHEDULER__QUEUE_POLICY", "newest");
-    env.script(json!({"default": {"delay_ms": 10}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 10}})));
     // No daemon yet: the first run holds the environment while the rest arrive.
     let _broker = seed_job_queues(&env).await;
     let _scheduler = env.scheduler("scheduler").await;
@@ -615,6 +619,8 @@ async fn with_the_newest_policy_a_newer_merge_supersedes_the_waiting_run_and_dep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environment() {
     let env = TestEnv::new("ingest-order").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     // Jobs wait in their queues: no daemon takes them, and runs stay running.
     let _broker = seed_job_queues(&env).await;
     // Everything is waiting in the queue when the scheduler starts, so it
@@ -663,6 +669,8 @@ async fn merge_events_waiting_together_are_queued_in_arrival_order_per_environme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_queue_one_environment_s_merge_events_in_publish_order_and_one_takes_over() {
     let env = TestEnv::new("ingest-order-two").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     // No daemon: each environment's first run holds its lock, the rest wait.
     let _broker = seed_job_queues(&env).await;
     let (mut first, second) = env.two_schedulers("first", "second").await;
@@ -775,6 +783,8 @@ async fn a_merge_events_queue_declared_by_an_older_baton_stops_the_scheduler_wit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_executes() {
     let env = TestEnv::new("dead-letters").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let (_conn, ch) = core_channel(&env).await;
     let _daemon = env.daemon("daemon", &["staging.db-migration"]).await;
 
@@ -852,7 +862,7 @@ async fn malformed_misrouted_and_expired_jobs_are_dead_lettered_and_nothing_exec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_share_one_database_without_double_dispatching() {
     let env = TestEnv::new("two-schedulers").await;
-    env.script(json!({"default": {"delay_ms": 100}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 100}})));
     let _schedulers = env.two_schedulers("scheduler-a", "scheduler-b").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (10..14)
@@ -885,7 +895,7 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one_of_them() {
     let env = TestEnv::new("affinity").await;
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let (mut a, _b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
     // Both have seen each other and taken their half of the shards.
     env.wait_shards_shared("scheduler-a", 2).await;
@@ -954,7 +964,9 @@ async fn two_schedulers_split_the_result_shards_and_each_run_s_results_reach_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
     let env = TestEnv::new("sigterm").await;
-    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 1500}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 1500}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
@@ -971,7 +983,9 @@ async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
 
     // Past the grace period: the job is handed back and retried elsewhere, without
     // using up one of the step's attempts.
-    env.script(json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 30000}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 30}, "execute": {"verify.staging": {"delay_ms": 30000}}}),
+    ));
     let mut b = env
         .daemon_with(
             "verify-b",
@@ -981,7 +995,7 @@ async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
         .await;
     let run2 = env.enqueue(&event("term", 21, &["src/app.ts"]));
     env.wait_step(run2, "verify.staging", "running", RUN_TIMEOUT).await;
-    env.script(json!({"default": {"delay_ms": 30}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 30}})));
     assert!(
         b.terminate(Duration::from_secs(20)),
         "daemon exits 0 after handing back"
@@ -997,7 +1011,7 @@ async fn sigterm_lets_a_daemon_finish_its_step_or_hand_it_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_can_roll_back_a_finished_run() {
     let env = TestEnv::new("rollback").await;
-    env.script(json!({"default": {"delay_ms": 30}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 30}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("rb", 30, &["src/app.ts"]));
@@ -1171,7 +1185,9 @@ async fn probe_results(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_job_reports_only_its_outcome_and_a_slow_one_reports_started_first() {
     let env = TestEnv::new("started-report").await;
-    env.script(json!({"default": {"delay_ms": 0}, "execute": {"slow": {"delay_ms": 500}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 0}, "execute": {"slow": {"delay_ms": 500}}}),
+    ));
     let (_conn, ch) = core_channel(&env).await;
     // The default (10 ms) in staging; `started` always first in production.
     let quiet_daemon = env.daemon("daemon-quiet", &["staging.db-migration"]).await;
@@ -1254,7 +1270,7 @@ async fn sigterm_during_a_quick_job_finishes_it_without_giving_it_back_to_the_br
     let env = TestEnv::new("quiet-sigterm").await;
     // 300 ms of work inside a 1,000 ms quiet start: the job's delivery is
     // unacknowledged while it runs.
-    env.script(json!({"default": {"delay_ms": 300}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
     let (_conn, ch) = core_channel(&env).await;
     let mut daemon = env
         .daemon_with(
@@ -1291,7 +1307,7 @@ async fn a_job_past_its_quiet_start_that_cannot_report_started_is_stopped_and_ha
     let env = TestEnv::new("started-unsent").await;
     // 400 ms of work, well past the 10 ms quiet start: the daemon must say
     // `started` before the work may finish.
-    env.script(json!({"default": {"delay_ms": 400}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 400}})));
     let (_conn, ch) = core_channel(&env).await;
     // A delivery limit high enough that the job keeps coming back while the
     // broker cannot route its results.

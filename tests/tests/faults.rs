@@ -125,10 +125,10 @@ async fn slow_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     // The production apply is slow, so the run is still going when the broker
     // stops: `rabbitmqctl` itself can take seconds on a loaded machine, and a
     // run that ended first would leave nothing for the restart to disturb.
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 400},
         "execute": {"apply.production": {"delay_ms": 4000}}
-    }));
+    })));
     // The lease must outlast a reconnect (production: 30 s); the tests' 2 s does not.
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
     let mut scheduler = env.scheduler("scheduler").await;
@@ -165,7 +165,7 @@ async fn slow_broker_memory_alarm_blocks_publishers_without_open_transactions_th
     let broker = PrivateBroker::start(false);
     let mut env = TestEnv::new("fault-broker-alarm").await;
     env.amqp_url = broker.url();
-    env.script(json!({"default": {"delay_ms": 300}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
     // Production-like lease and accept timeout (the tests' 2 s / 5 s are shorter than
     // a loaded CI machine takes to drain the backlog the alarm leaves).
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
@@ -248,7 +248,7 @@ async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
     admin.close().await;
     env.db_url = pg.url("baton");
     env.pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
-    env.script(json!({"default": {"delay_ms": 300}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
@@ -283,7 +283,7 @@ async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_one_of_two_schedulers_killed_mid_run_exactly_one_dispatch_per_attempt() {
     let env = TestEnv::new("fault-replica").await;
-    env.script(json!({"default": {"delay_ms": 300}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
     let (mut a, _b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let runs: Vec<Uuid> = (0..6)
@@ -322,7 +322,7 @@ async fn wait_exit(env: &TestEnv, p: &mut baton_tests::Proc, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_scheduler_killed_between_a_result_commit_and_the_next_dispatch() {
     let env = TestEnv::new("fault-after-commit").await;
-    env.script(json!({"default": {"delay_ms": 100}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 100}})));
     let mut first = scheduler_crashing_at(&env, "scheduler-after-result-commit").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("crash-commit", 1, &["src/app.ts"]));
@@ -339,7 +339,7 @@ async fn slow_scheduler_killed_between_a_result_commit_and_the_next_dispatch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_scheduler_killed_after_publishing_before_marking_the_outbox_sent() {
     let env = TestEnv::new("fault-before-mark").await;
-    env.script(json!({"default": {"delay_ms": 100}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 100}})));
     let mut first = scheduler_crashing_at(&env, "scheduler-after-publish-before-mark-sent").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("crash-publish", 1, &["src/app.ts"]));
@@ -354,10 +354,10 @@ async fn slow_scheduler_killed_after_publishing_before_marking_the_outbox_sent()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_scheduler_killed_during_compensation() {
     let env = TestEnv::new("fault-compensation").await;
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 100},
         "execute": {"apply.production": {"fail": {"code": "rollout_failed", "message": "pods crash", "retryable": false}}}
-    }));
+    })));
     let mut first = scheduler_crashing_at(&env, "scheduler-compensation-published").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("crash-compensate", 1, &["src/app.ts"]));
@@ -371,7 +371,7 @@ async fn slow_scheduler_killed_during_compensation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_daemon_killed_after_publishing_its_outcome() {
     let env = TestEnv::new("fault-daemon-outcome").await;
-    env.script(json!({"default": {"delay_ms": 100}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 100}})));
     let _scheduler = env.scheduler("scheduler").await;
     let dir = env.dir.to_str().unwrap().to_owned();
     // One job at a time: the crash then interrupts no other job between its side
@@ -398,7 +398,7 @@ async fn slow_daemon_killed_after_a_quick_job_s_work_before_acking_it_the_broker
     // here, not the default 10 ms, so that a loaded machine (CI) cannot make
     // a job without work look slow: one that did reported `started`, was
     // acked, and its attempt was left to the lease.
-    env.script(json!({"default": {"delay_ms": 0}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 0}})));
     let _scheduler = env.scheduler("scheduler").await;
     let dir = env.dir.to_str().unwrap().to_owned();
     let crash = [
@@ -447,7 +447,7 @@ async fn slow_daemon_killed_after_a_quick_job_s_work_before_acking_it_the_broker
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_daemon_killed_before_acking_a_job_the_job_is_redelivered_and_runs_once() {
     let env = TestEnv::new("fault-daemon-before-ack").await;
-    env.script(json!({"default": {"delay_ms": 50}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 50}})));
     let _scheduler = env.scheduler("scheduler").await;
     let dir = env.dir.to_str().unwrap().to_owned();
     // The daemon dies once, on the build job's delivery, before reporting or acking it.
@@ -476,7 +476,7 @@ async fn slow_daemon_killed_before_acking_a_job_the_job_is_redelivered_and_runs_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_poison_job_reaches_the_delivery_limit_and_fails_its_step_while_others_flow() {
     let env = TestEnv::new("fault-poison").await;
-    env.script(json!({"default": {"delay_ms": 50}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 50}})));
     let _scheduler = env.scheduler("scheduler").await;
     let others = baton_tests::seed_bindings_except("production.cdn");
     let _daemon = env.daemon("daemon", &others).await;
@@ -517,7 +517,7 @@ async fn slow_poison_job_reaches_the_delivery_limit_and_fails_its_step_while_oth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_burst_of_200_merge_events_for_20_services_while_a_daemon_is_killed_and_restarted() {
     let env = TestEnv::new("fault-burst").await;
-    env.script(json!({"default": {"delay_ms": 5}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 5}})));
     let _scheduler = env.scheduler("scheduler").await;
     let mut daemon = env.daemon("daemon-1", SEED_BINDINGS).await;
     let mut killed_pid = 0;
@@ -568,7 +568,7 @@ async fn slow_burst_of_200_merge_events_for_20_services_while_a_daemon_is_killed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_sigterm_mid_run_stops_cleanly_and_a_successor_finishes() {
     let env = TestEnv::new("fault-sched-sigterm").await;
-    env.script(json!({"default": {"delay_ms": 300}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
     let mut first = env.scheduler("scheduler-1").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("sigterm", 1, EVERYTHING));
@@ -606,7 +606,9 @@ async fn slow_a_replica_restarting_every_two_seconds_does_not_delay_lease_expiry
     let lease = Duration::from_secs(5);
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", &lease.as_millis().to_string());
     env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "1000");
-    env.script(json!({"default": {"delay_ms": 20}, "execute": {"build": {"delay_ms": 600000}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 20}, "execute": {"build": {"delay_ms": 600000}}}),
+    ));
     let (_a, mut b) = env.two_schedulers("scheduler-a", "scheduler-b").await;
     let mut daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("lease-restarts", 1, EVERYTHING));
@@ -776,6 +778,8 @@ async fn leaked_scratch(prefix: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behind() {
     let env = TestEnv::new("fault-storm").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
     env.scheduler_config(&format!(
         "[scheduler]\npipeline = {:?}\n",

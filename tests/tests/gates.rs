@@ -91,7 +91,7 @@ fn configure(env: &TestEnv, extra: &str) -> Vec<(String, Role)> {
 
 async fn start(env: &TestEnv, extra: &str) -> (Api, Vec<baton_tests::Proc>) {
     let t = configure(env, extra);
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let scheduler = env.scheduler("scheduler").await;
     let daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let api = Api::of(&scheduler, &t);
@@ -435,7 +435,7 @@ async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it
     };
     env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "3");
     let t = configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let _api = Api::of(&scheduler, &t);
@@ -534,7 +534,7 @@ async fn merge_events_without_required_approvers_are_refused_with_their_names() 
 async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the_cli() {
     let env = TestEnv::new("gates-dlq").await;
     let t = configure(&env, "");
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let scheduler = env.scheduler("scheduler").await;
     // The staging db-migration daemon trusts another key: it refuses every job it is sent.
     let stranger = baton_shared::signing::Keypair::generate();
@@ -671,14 +671,14 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
     configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
     // Scripted facts: staging reports what the db-migration daemon reports for a
     // destructive migration whose column the shipped code still names.
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 20},
         "execute": {"db.staging": {"outputs": {
             "destructive": true,
             "removals": [{"tag": "0002_drop_name", "change": "drops column name of customers",
                           "name": "name", "used_by": ["src/app.ts"]}]
         }}}
-    }));
+    })));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     // Standard risk: only the destructive migration needs the window. The event
@@ -740,11 +740,11 @@ async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and
 async fn a_failed_rollback_holds_the_environment_until_an_operator_releases_it() {
     let env = TestEnv::new("held-env").await;
     let t = configure(&env, "");
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 20},
         "execute": {"cdn": {"fail": {"code": "boom", "message": "upload rejected", "retryable": false}}},
         "compensate": {"infra.production": {"fail": {"code": "state_locked", "message": "state lock held", "retryable": false}}}
-    }));
+    })));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let api = Api::of(&scheduler, &t);
@@ -968,10 +968,10 @@ async fn a_rolled_back_commit_is_deployed_again_by_an_operator_redeploy_through_
     let env = TestEnv::new("gates-redeploy").await;
     let (api, _procs) = start(&env, "").await;
     // Production apply fails: the run is rolled back.
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 20},
         "execute": {"apply.production": {"fail": {"code": "rollout_failed", "message": "pods crash", "retryable": false}}}
-    }));
+    })));
     let merge = event("redeploy", 1, &["src/app.ts"]);
     let first = env.enqueue(&merge);
     let v = env.wait_terminal(first, RUN_TIMEOUT).await;
@@ -982,7 +982,7 @@ async fn a_rolled_back_commit_is_deployed_again_by_an_operator_redeploy_through_
 
     // The cause is fixed elsewhere (the cluster); production is held by an
     // incident while the operator redeploys, so the new run waits at admission.
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let (code, out) = cli(
         &env,
         &api,
@@ -1050,11 +1050,11 @@ async fn a_cancelled_rollout_is_undone_and_a_daemon_killed_while_undoing_it_leav
     let env = TestEnv::new("gates-partial").await;
     let t = configure(&env, "");
     // Scripted: the rollout and its undo both take long, so both can be interrupted.
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 20},
         "execute": {"apply.production": {"delay_ms": 600000}},
         "compensate": {"apply.production": {"delay_ms": 600000}}
-    }));
+    })));
     let scheduler = env.scheduler("scheduler").await;
     let api = Api::of(&scheduler, &t);
     let others: Vec<&str> = SEED_BINDINGS
@@ -1094,7 +1094,7 @@ async fn a_cancelled_rollout_is_undone_and_a_daemon_killed_while_undoing_it_leav
     .await;
     // Its daemon dies while undoing it.
     first.kill();
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let _second = env.daemon("apply-b", &["production.production-apply"]).await;
 
     let v = env.wait_terminal(run, RUN_TIMEOUT).await;

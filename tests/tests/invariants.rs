@@ -17,7 +17,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_out_of_order_and_unknown_run_results_change_nothing_and_are_audited() {
     let env = TestEnv::new("dup-results").await;
-    env.script(json!({"default": {"delay_ms": 20}, "execute": {"build": {"fail_first": 1}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 20}, "execute": {"build": {"fail_first": 1}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("dups", 90, &["src/app.ts"]));
@@ -110,7 +112,9 @@ async fn duplicate_out_of_order_and_unknown_run_results_change_nothing_and_are_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_the_step() {
     let env = TestEnv::new("kill-daemon").await;
-    env.script(json!({"default": {"delay_ms": 20}, "execute": {"verify.staging": {"delay_ms": 3000}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 20}, "execute": {"verify.staging": {"delay_ms": 3000}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let others = seed_bindings_except("staging.staging-verify");
     let _rest = env.daemon("rest", &others).await;
@@ -142,7 +146,9 @@ async fn a_daemon_killed_mid_step_loses_its_lease_and_another_daemon_finishes_th
 /// outcome is the run's next result.
 async fn build_running_for_a_while(name: &str, commit: u8) -> (TestEnv, Vec<baton_tests::Proc>, Uuid) {
     let env = TestEnv::new(name).await;
-    env.script(json!({"execute": {"build": {"delay_ms": 1500}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"execute": {"build": {"delay_ms": 1500}}}),
+    ));
     env.set_scheduler_env("BATON_SCHEDULER__HEARTBEAT_MS", "5000");
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "30000");
     let procs = vec![

@@ -16,7 +16,9 @@ async fn scrape(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_a_run_progresses() {
     let env = TestEnv::new("metrics").await;
-    env.script(json!({"default": {"delay_ms": 20}, "execute": {"build": {"fail_first": 1}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 20}, "execute": {"build": {"fail_first": 1}}}),
+    ));
     let scheduler = env.scheduler("scheduler").await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -106,6 +108,8 @@ async fn metrics_move_as_a_run_progresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_runs_at_once_share_write_statements_and_run_each_step_once() {
     let env = TestEnv::new("combined").await;
+    // Scripted facts: the seed pipeline's production gates read them.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let scheduler = env.scheduler("scheduler").await;
     let sched = format!("{}/metrics", scheduler.api.clone().unwrap());
     // A daemon declares the job queues and leaves: the runs' first jobs wait

@@ -59,7 +59,7 @@ async fn audit_verify_of_a_database_no_scheduler_initialised_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_chain_of_a_real_run_verifies_and_names_a_tampered_row() {
     let env = TestEnv::new("audit").await;
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("audited", 40, &["src/app.ts"]));
@@ -168,7 +168,7 @@ async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8], me
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_lettered_and_audited() {
     let env = TestEnv::new("refusals").await;
-    env.script(json!({"default": {"delay_ms": 10}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 10}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", &["staging.db-migration"]).await;
     let conn = env.amqp().await;
@@ -259,7 +259,9 @@ async fn forged_unsigned_expired_replayed_and_unknown_key_jobs_are_refused_dead_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsigned_or_forged_results_change_nothing_and_are_audited() {
     let env = TestEnv::new("forged-results").await;
-    env.script(json!({"default": {"delay_ms": 10}, "execute": {"build": {"delay_ms": 60000}}}));
+    env.script(baton_tests::with_seed_facts(
+        json!({"default": {"delay_ms": 10}, "execute": {"build": {"delay_ms": 60000}}}),
+    ));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("forged", 41, &["src/app.ts"]));
@@ -341,7 +343,7 @@ async fn a_sentinel_secret_never_appears_in_logs_messages_or_dead_letters() {
         "BATON_DATABASE__URL",
         &env.db_url.replace("postgres@", &format!("postgres:{sentinel}@")),
     );
-    env.script(json!({"default": {"delay_ms": 20}, "execute": {"cdn": {"fail": {"code": "x", "message": "boom", "retryable": false}}}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}, "execute": {"cdn": {"fail": {"code": "x", "message": "boom", "retryable": false}}}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env
         .daemon_with(
@@ -534,7 +536,7 @@ async fn the_scheduler_reaches_postgresql_over_verified_tls_and_refuses_a_server
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_is_refused_by_every_replica_and_after_a_restart() {
     let env = TestEnv::new("replay-ledger").await;
-    env.script(json!({"default": {"delay_ms": 10}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 10}})));
     let _scheduler = env.scheduler("scheduler").await;
     // The zone's daemons share a replay ledger (here in the test's database).
     let ledger = [("BATON_DAEMON__LEDGER_URL", env.db_url.as_str())];

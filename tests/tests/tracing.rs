@@ -91,7 +91,7 @@ async fn a_run_is_one_trace_across_a_scheduler_restart_and_a_compensation() {
         "BATON_DATABASE__URL",
         &env.db_url.replace("postgres@", &format!("postgres:{sentinel}@")),
     );
-    env.script(json!({
+    env.script(baton_tests::with_seed_facts(json!({
         "default": {"delay_ms": 150},
         "execute": {
             // Long enough that the test sees it running (a 150 ms window can
@@ -101,7 +101,7 @@ async fn a_run_is_one_trace_across_a_scheduler_restart_and_a_compensation() {
             "cdn": {"delay_ms": 300, "fail": {"code": "purge_failed", "message": "purge incomplete", "retryable": false}},
             "build": {"fail_first": 1}
         }
-    }));
+    })));
     let mut first = env.scheduler("scheduler-1").await;
     let _daemon = env
         .daemon_with(
@@ -195,7 +195,7 @@ async fn a_gate_wait_is_a_span_under_the_run() {
     let (endpoint, spans) = receiver().await;
     env.set_scheduler_env("BATON_TELEMETRY__OTLP_ENDPOINT", &endpoint);
     env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "2");
-    env.script(json!({"default": {"delay_ms": 20}}));
+    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("soaked", 81, &["src/app.ts"]));

@@ -194,6 +194,8 @@ async fn baton(name: &str, schedulers: usize) -> Baton {
         procs.push(env.spawn_scheduler(&format!("scheduler-{i}")));
     }
     env.wait_replicas(schedulers as u32).await;
+    // The noop daemon reports the facts the seed's production gates read, as declared here.
+    env.script(baton_tests::with_seed_facts(serde_json::json!({})));
     let daemon = env.spawn_noop_daemon(
         "daemon",
         SEED_BINDINGS,
@@ -691,7 +693,7 @@ async fn main() {
     }
     if let Some(bad) = args.iter().find(|a| !known(a)) {
         eprintln!("baton-bench: unknown argument {bad:?}\n\n{USAGE}");
-        std::process::exit(2);
+        std::process::exit(baton_shared::exit::Exit::BadInput.code().into());
     }
     let as_json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
@@ -714,7 +716,7 @@ async fn main() {
                 Ok(c) if c > 0.0 && c.is_finite() => c,
                 _ => {
                     eprintln!("baton-bench: --scheduler-cpu must be a positive number of cores, not {c:?}");
-                    std::process::exit(2);
+                    std::process::exit(baton_shared::exit::Exit::BadInput.code().into());
                 }
             });
         let t = throughput(runs, schedulers, cap).await;

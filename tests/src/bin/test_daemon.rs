@@ -1,6 +1,7 @@
 //! A daemon for end-to-end tests: the real runtime, with a role whose outcome
 //! per step a test controls through a JSON script, and which logs every
-//! execution to a file so tests can count side effects.
+//! execution to a file so tests can count side effects. It reports only the
+//! facts the script declares (`baton_tests::script::Script::facts`).
 //!
 //! Usage: `baton-test-daemon --script FILE --log FILE --serve ZONE.ROLE ...`
 //! (broker settings from `BATON_AMQP__URL` as for any daemon).
@@ -21,8 +22,9 @@ struct ScriptedRole {
     script: PathBuf,
     log: PathBuf,
     counts: Mutex<HashMap<(uuid::Uuid, String, JobKind), u32>>,
-    /// Succeed at once without reading the script or logging (benchmarks).
-    noop: bool,
+    /// Succeed at once with the script's declared facts, read once at start,
+    /// without logging (benchmarks).
+    noop: Option<Script>,
 }
 
 impl ScriptedRole {
@@ -47,8 +49,8 @@ impl ScriptedRole {
     }
 
     async fn work(&self, job: &StepJob) -> Outcome {
-        if self.noop {
-            return Ok(facts(job));
+        if let Some(script) = &self.noop {
+            return Ok(script.facts_for(job));
         }
         let n = {
             let mut counts = self.counts.lock().expect("lock");
@@ -71,32 +73,11 @@ impl ScriptedRole {
             return Err(e);
         }
         self.log("end", job, serde_json::json!({"outcome": "succeeded"}));
-        let mut out = facts(job);
+        let mut out = Script::load(&self.script).facts_for(job);
         out.extend(b.outputs.unwrap_or_default());
         out.insert("done_by".into(), format!("{}:{}", job.step_id, job.attempt).into());
         Ok(out)
     }
-}
-
-/// The facts the real daemons of each role report and the scheduler's gates read
-/// (a verified pre-deploy backup, the image digest built and verified on
-/// staging, the performance regression); a script's `outputs` override them.
-fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
-    if job.kind != JobKind::Execute {
-        return Default::default();
-    }
-    let digest = format!("sha256:{}{}", job.deploy.commit_sha, &job.deploy.commit_sha[..24]);
-    let v = match (job.role.as_str(), job.action.as_str()) {
-        ("backup", "pre-deploy") => {
-            let id = format!("{}.{}.{}", job.deploy.service, job.step_id, job.run_id);
-            let backup = baton_shared::facts::BackupRef::example(&id, job.run_id);
-            serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&backup))
-        }
-        ("container-build", _) => serde_json::json!({"image_digest": digest}),
-        ("staging-verify", _) => serde_json::json!({"image_digest": digest, "regression_percent": 0.0}),
-        _ => serde_json::json!({}),
-    };
-    v.as_object().cloned().unwrap_or_default()
 }
 
 impl Role for ScriptedRole {
@@ -144,7 +125,7 @@ fn main() -> anyhow::Result<()> {
                     script: script.clone(),
                     log: log.clone(),
                     counts: Mutex::new(HashMap::new()),
-                    noop,
+                    noop: noop.then(|| Script::load(&script)),
                 }),
             })
         })
