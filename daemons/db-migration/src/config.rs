@@ -217,6 +217,17 @@ mod tests {
     }
 
     #[test]
+    fn a_wrong_type_in_the_section_names_the_key_from_the_top_of_the_file() {
+        let path = write(
+            "type",
+            "[daemon]\nzone = \"staging\"\n[migration]\nlock_timeout_secs = \"many\"\n",
+        );
+        let err = kit::load::<Daemon>(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("migration.lock_timeout_secs"), "{err}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
     fn missing_zone_is_named() {
         let path = write("nozone", "[migration]\nlock_timeout_secs = 5\n");
         let cfg = kit::load::<Daemon>(Some(&path)).unwrap();
