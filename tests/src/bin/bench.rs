@@ -5,7 +5,9 @@
 //!
 //! For profiling: `--latency-only` (floor and latency, as JSON), `--throughput-only=<runs>`
 //! (that many runs, as JSON; `--schedulers=<n>`, default 1), and `BENCH_KEEP_LOGS=<dir>` to
-//! keep the scheduler's and daemon's logs of those measurements.
+//! keep the scheduler's and daemon's logs of those measurements. `--migrations-only` times
+//! `baton-db-migration apply` against drizzle-orm's `migrate()` on the same folder (it needs
+//! `cargo build -p baton-db-migration` in the same profile and the interop npm packages).
 //!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
 //! and database. Daemons are the scripted test daemon in `--noop` mode (every job
@@ -676,13 +678,15 @@ Measures Baton against this machine's RabbitMQ and PostgreSQL (see BENCHMARKS.md
   --latency-only         the floor and latency phases, as JSON
   --throughput-only=N    one throughput phase with N runs, as JSON
   --schedulers=M         scheduler processes for --throughput-only (default 1)
-  --scheduler-cpu=C      limit each scheduler to C cores (a cgroup CPU quota; needs root)";
+  --scheduler-cpu=C      limit each scheduler to C cores (a cgroup CPU quota; needs root)
+  --migrations-only      baton-db-migration apply against drizzle-orm's migrate() on the same
+                         35-migration folder, each on a fresh database, as JSON";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let known = |a: &str| {
-        ["--json", "--quick", "--latency-only"].contains(&a)
+        ["--json", "--quick", "--latency-only", "--migrations-only"].contains(&a)
             || ["--throughput-only=", "--schedulers=", "--scheduler-cpu="]
                 .iter()
                 .any(|p| a.starts_with(p))
@@ -703,6 +707,11 @@ async fn main() {
         (500, 50, vec![100, 1000])
     };
 
+    if args.iter().any(|a| a == "--migrations-only") {
+        let m = migrations(if quick { 3 } else { 7 }).await;
+        println!("{}", serde_json::to_string_pretty(&m).unwrap());
+        return;
+    }
     if let Some(runs) = args.iter().find_map(|a| a.strip_prefix("--throughput-only=")) {
         let runs = runs.parse().expect("--throughput-only=<runs>");
         let schedulers = args
@@ -876,4 +885,147 @@ async fn main() {
     println!();
     println!("recovery: replacement scheduler start → next dispatch: {recovery_ms:.0} ms");
     println!("idle daemon RSS: {idle_daemon:.1} MiB");
+}
+
+/// A Drizzle folder of `n` migrations as drizzle-kit writes them (tables,
+/// columns, indexes, foreign keys), committed to a new git repository in
+/// `dir`; returns the commit. The folder's `baton.baseline` names the last one,
+/// so Baton applies the history as an adopted one (no down files needed).
+fn migration_repo(dir: &std::path::Path, n: usize) -> String {
+    let folder = dir.join("drizzle/migrations");
+    std::fs::create_dir_all(folder.join("meta")).expect("folder");
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let tag = format!("{i:04}_step{i}");
+        let sql = match i % 3 {
+            _ if i == 0 => {
+                "CREATE TABLE \"t0\" (\"id\" serial PRIMARY KEY NOT NULL, \"name\" text NOT NULL);".to_owned()
+            }
+            0 => format!(
+                "CREATE TABLE \"t{i}\" (\"id\" serial PRIMARY KEY NOT NULL, \"ref\" integer);\n--> statement-breakpoint\n\
+                 ALTER TABLE \"t{i}\" ADD CONSTRAINT \"t{i}_ref_fk\" FOREIGN KEY (\"ref\") REFERENCES \"public\".\"t0\"(\"id\");"
+            ),
+            1 => format!(
+                "ALTER TABLE \"t0\" ADD COLUMN \"c{i}\" text;\n--> statement-breakpoint\n\
+                 CREATE INDEX \"t0_c{i}_idx\" ON \"t0\" USING btree (\"c{i}\");"
+            ),
+            _ => {
+                format!("CREATE TABLE \"u{i}\" (\"id\" serial PRIMARY KEY NOT NULL, \"v\" integer DEFAULT 0 NOT NULL);")
+            }
+        };
+        std::fs::write(folder.join(format!("{tag}.sql")), sql).expect("migration");
+        entries.push(
+            json!({"idx": i, "version": "7", "when": 1_700_000_000_000_i64 + i as i64 * 60_000,
+                            "tag": tag, "breakpoints": true}),
+        );
+    }
+    let journal = json!({"version": "7", "dialect": "postgresql", "entries": entries});
+    std::fs::write(folder.join("meta/_journal.json"), journal.to_string()).expect("journal");
+    std::fs::write(folder.join("baton.baseline"), format!("{:04}_step{}\n", n - 1, n - 1)).expect("baseline");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(["-c", "user.email=bench@baton", "-c", "user.name=bench"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "history"]);
+    git(&["rev-parse", "HEAD"])
+}
+
+/// `baton-db-migration apply` (one-shot: process start, reading the folder
+/// from git, the scratch replay, applying, verifying) against drizzle-orm's
+/// `migrate()` (node: process start, reading the folder, applying) on the same
+/// 35-migration folder, each round on two fresh databases; medians in ms.
+async fn migrations(rounds: usize) -> serde_json::Value {
+    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemons/db-migration/interop");
+    assert!(
+        interop.join("node_modules/drizzle-orm").exists(),
+        "drizzle-orm is not installed: npm ci --prefix daemons/db-migration/interop"
+    );
+    let dir = std::env::temp_dir().join(format!("baton-bench-migrations-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).expect("repo dir");
+    let commit = migration_repo(&repo, 35);
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let pool = sqlx::PgPool::connect(admin).await.expect("postgres");
+    let (baton_db, drizzle_db) = (
+        format!("bench_mig_baton_{}", std::process::id()),
+        format!("bench_mig_drizzle_{}", std::process::id()),
+    );
+    let config = dir.join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nzone = \"staging\"\n[migration]\nrepos_dir = {:?}\nadmin_url = {admin:?}\n\
+             [migration.databases]\nbench = \"postgres://postgres@127.0.0.1:5432/{baton_db}\"\n",
+            dir.join("cache").display().to_string()
+        ),
+    )
+    .expect("config");
+    let fresh = async |name: &str| {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {name} with (force)"
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&pool)
+            .await
+            .expect("create");
+    };
+    let (mut baton_ms, mut drizzle_ms) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        fresh(&baton_db).await;
+        let started = Instant::now();
+        let out = std::process::Command::new(baton_tests::bin("baton-db-migration"))
+            .args(["--config", config.to_str().unwrap(), "apply", "--service", "bench"])
+            .args(["--repository", repo.to_str().unwrap(), "--commit", &commit])
+            .env("BATON_LOG__LEVEL", "warn")
+            .output()
+            .expect("baton-db-migration");
+        baton_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        fresh(&drizzle_db).await;
+        let started = Instant::now();
+        let out = std::process::Command::new("node")
+            .current_dir(&interop)
+            .arg("migrate.mjs")
+            .arg(repo.join("drizzle/migrations"))
+            .env(
+                "DATABASE_URL",
+                format!("postgres://postgres@127.0.0.1:5432/{drizzle_db}"),
+            )
+            .output()
+            .expect("node");
+        drizzle_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for name in [&baton_db, &drizzle_db] {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {name} with (force)"
+        )))
+        .execute(&pool)
+        .await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, d) = (median(&mut baton_ms), median(&mut drizzle_ms));
+    json!({"migrations": 35, "rounds": rounds, "baton_apply_ms_p50": b, "drizzle_migrate_ms_p50": d,
+           "ratio": b / d, "target_ratio": 1.5})
 }
