@@ -945,30 +945,18 @@ impl BackupRole {
         tracing::info!(run_id = %job.run_id, step_id = %job.step_id, action = %job.action, service, "backup action");
         match job.action.as_str() {
             "pre-deploy" => {
-                check_params(job, &["retention"])?;
-                retention_param(job)?;
+                params::<Retention>(job)?;
                 let r = self
                     .take_backup(zone, service, job.run_id, &job.step_id, BackupKind::PreDeploy)
                     .await?;
                 Ok(r.to_fields())
             }
             "post-deploy" => {
-                check_params(job, &["retention", "require_pre_deploy"])?;
-                retention_param(job)?;
-                let require_pre = match job.params.get("require_pre_deploy") {
-                    None => true,
-                    Some(Value::Bool(b)) => *b,
-                    Some(other) => {
-                        return Err(Error::invalid(
-                            &job.action,
-                            format!("param `require_pre_deploy` must be true or false, not {other}"),
-                        ));
-                    }
-                };
+                let p = params::<PostDeploy>(job)?;
                 let r = self
                     .take_backup(zone, service, job.run_id, &job.step_id, BackupKind::PostDeploy)
                     .await?;
-                if require_pre {
+                if p.require_pre_deploy {
                     // "Pre-deploy backup exists — taken before step 6" (seed, step 9).
                     let pre = self.pre_deploy_of_run(zone, service, job.run_id).await?;
                     tracing::info!(backup_id = %r.backup_id, pre_deploy_backup_id = %pre.backup_id, "pre-deploy backup of the run confirmed");
@@ -976,30 +964,23 @@ impl BackupRole {
                 Ok(r.to_fields())
             }
             "verify" => {
-                check_params(job, &["backup_id", "backup_step"])?;
-                let id = backup_id_param(job)?;
+                let p = params::<Which>(job)?;
+                let id = backup_id_param(job, &p)?;
                 Ok(self.verify(zone, &id).await?.to_fields())
             }
             "prune" => {
-                check_params(job, &["retention"])?;
-                let policy = retention_param(job)?.unwrap_or_default();
+                let policy = params::<Retention>(job)?.retention.unwrap_or_default();
                 let report = self.prune(zone, policy, Utc::now()).await?;
                 to_fields(&report)
             }
             "restore" => {
-                check_params(job, &["backup_id", "backup_step", "confirm_backup_id"])?;
-                let id = backup_id_param(job)?;
-                let confirm = match job.params.get("confirm_backup_id") {
-                    None => None,
-                    Some(Value::String(s)) => Some(s.as_str()),
-                    Some(other) => {
-                        return Err(Error::invalid(
-                            "restore",
-                            format!("param `confirm_backup_id` must be a string, not {other}"),
-                        ));
-                    }
+                let p = params::<Restore>(job)?;
+                let which = Which {
+                    backup_id: p.backup_id,
+                    backup_step: p.backup_step,
                 };
-                let report = self.restore(zone, service, &id, confirm).await?;
+                let id = backup_id_param(job, &which)?;
+                let report = self.restore(zone, service, &id, p.confirm_backup_id.as_deref()).await?;
                 to_fields(&report)
             }
             other => Err(Error::invalid(
@@ -1154,51 +1135,71 @@ fn stats_problems(expected: &[TableStats], actual: &[TableStats]) -> Vec<String>
         .collect()
 }
 
-/// Refuses parameters the action does not know: a misspelt `confirm_backup_id`
-/// must fail loudly, not be ignored.
-fn check_params(job: &StepJob, known: &[&str]) -> Result<(), Error> {
-    match job.params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(Error::invalid(
-            &job.action,
-            format!("unknown param `{k}` (known: {})", known.join(", ")),
-        )),
-        None => Ok(()),
+/// The step parameters of each action (`baton_shared::roles`: backup). Each
+/// refuses what its action does not take: a misspelt `confirm_backup_id` must
+/// fail loudly, not be ignored.
+fn params<T: serde::de::DeserializeOwned>(job: &StepJob) -> Result<T, Error> {
+    job.params().map_err(|e| Error::invalid(&job.action, e.to_string()))
+}
+
+/// `pre-deploy`, `prune`: the retention policy (`{daily, monthly, yearly}` counts).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Retention {
+    retention: Option<Policy>,
+}
+
+/// `post-deploy`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PostDeploy {
+    /// Accepted and checked (the seed gives both backup steps their retention);
+    /// the daily prune is what applies a retention policy.
+    #[allow(dead_code, reason = "only checked: the prune applies retention")]
+    retention: Option<Policy>,
+    /// The run must have a pre-deploy backup (default true).
+    require_pre_deploy: bool,
+}
+
+impl Default for PostDeploy {
+    fn default() -> Self {
+        Self {
+            retention: None,
+            require_pre_deploy: true,
+        }
     }
 }
 
-fn retention_param(job: &StepJob) -> Result<Option<Policy>, Error> {
-    job.params
-        .get("retention")
-        .map(|v| {
-            serde_json::from_value::<Policy>(v.clone()).map_err(|e| {
-                Error::invalid(
-                    &job.action,
-                    format!("param `retention` must be {{daily, monthly, yearly}} counts: {e}"),
-                )
-            })
-        })
-        .transpose()
+/// `verify`: which backup (see [`backup_id_param`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Which {
+    backup_id: Option<String>,
+    backup_step: Option<String>,
+}
+
+/// `restore`: which backup, and its id again as confirmation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Restore {
+    backup_id: Option<String>,
+    backup_step: Option<String>,
+    confirm_backup_id: Option<String>,
 }
 
 /// The backup an action is about: param `backup_id`, else the `backup_id`
 /// output of the input step named by `backup_step`, else of the only input
 /// that has one.
-fn backup_id_param(job: &StepJob) -> Result<String, Error> {
+fn backup_id_param(job: &StepJob, which: &Which) -> Result<String, Error> {
     let invalid = |p: String| Error::invalid(&job.action, p);
     let from_outputs = |step: &str, out: &Fields| match out.get("backup_id") {
         Some(Value::String(s)) => Ok(s.clone()),
         _ => Err(invalid(format!("input step {step} has no `backup_id` output"))),
     };
-    if let Some(v) = job.params.get("backup_id") {
-        return match v {
-            Value::String(s) => Ok(s.clone()),
-            other => Err(invalid(format!("param `backup_id` must be a string, not {other}"))),
-        };
+    if let Some(id) = &which.backup_id {
+        return Ok(id.clone());
     }
-    if let Some(v) = job.params.get("backup_step") {
-        let Value::String(step) = v else {
-            return Err(invalid(format!("param `backup_step` must be a string, not {v}")));
-        };
+    if let Some(step) = &which.backup_step {
         let out = job
             .inputs
             .get(step)
