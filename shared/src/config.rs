@@ -236,14 +236,7 @@ impl DaemonConfig {
         self.amqp.validate()?;
         self.signing.validate()?;
         self.telemetry.validate()?;
-        if self.daemon.zone.is_empty() {
-            return Err(ConfigError::invalid(
-                "daemon.zone",
-                "is required (e.g. BATON_DAEMON__ZONE=staging)",
-            ));
-        }
-        crate::protocol::check_name("config", "daemon.zone", &self.daemon.zone)
-            .map_err(|e| ConfigError::invalid("daemon.zone", e.to_string()))?;
+        self.validate_zone()?;
         if self.daemon.concurrency == 0 {
             return Err(ConfigError::invalid("daemon.concurrency", "must be at least 1"));
         }
@@ -268,6 +261,19 @@ impl DaemonConfig {
             ));
         }
         Ok(())
+    }
+
+    /// `daemon.zone`: set, and a name a queue can carry. All a daemon's
+    /// one-shot modes need of the shared sections.
+    pub fn validate_zone(&self) -> Result<(), ConfigError> {
+        if self.daemon.zone.is_empty() {
+            return Err(ConfigError::invalid(
+                "daemon.zone",
+                "is required (e.g. BATON_DAEMON__ZONE=staging)",
+            ));
+        }
+        crate::protocol::check_name("config", "daemon.zone", &self.daemon.zone)
+            .map_err(|e| ConfigError::invalid("daemon.zone", e.to_string()))
     }
 
     /// The instance name, filled in from host and pid when not configured.

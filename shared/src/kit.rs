@@ -183,16 +183,7 @@ pub fn main<D: Daemon>() -> ExitCode {
     let valid = if D::serves(&cli.modes) {
         validate::<D>(&config)
     } else {
-        D::validate(&config.settings).and_then(|()| {
-            if config.common.daemon.zone.is_empty() {
-                Err(ConfigError::invalid(
-                    "daemon.zone",
-                    "is required (e.g. BATON_DAEMON__ZONE=staging)",
-                ))
-            } else {
-                Ok(())
-            }
-        })
+        D::validate(&config.settings).and_then(|()| config.common.validate_zone())
     };
     if let Err(e) = valid {
         return fail(Exit::BadInput, &e);

@@ -48,6 +48,22 @@ pub mod script {
         pub facts: BTreeMap<String, Fields>,
     }
 
+    /// `v` with the job's values in place of `{run_id}`, `{commit_sha}`,
+    /// `{service}` and `{step_id}` in every string.
+    fn fill(v: &serde_json::Value, job: &baton_shared::protocol::StepJob) -> serde_json::Value {
+        match v {
+            serde_json::Value::String(s) => serde_json::Value::String(
+                s.replace("{run_id}", &job.run_id.to_string())
+                    .replace("{commit_sha}", &job.deploy.commit_sha)
+                    .replace("{service}", &job.deploy.service)
+                    .replace("{step_id}", &job.step_id),
+            ),
+            serde_json::Value::Array(a) => a.iter().map(|x| fill(x, job)).collect(),
+            serde_json::Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), fill(x, job))).collect(),
+            other => other.clone(),
+        }
+    }
+
     impl Script {
         pub fn load(path: &Path) -> Self {
             let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read script {}: {e}", path.display()));
@@ -59,25 +75,9 @@ pub mod script {
             if job.kind != JobKind::Execute {
                 return Fields::new();
             }
-            let fill = |v: &serde_json::Value| -> serde_json::Value {
-                fn walk(v: &serde_json::Value, job: &baton_shared::protocol::StepJob) -> serde_json::Value {
-                    match v {
-                        serde_json::Value::String(s) => serde_json::Value::String(
-                            s.replace("{run_id}", &job.run_id.to_string())
-                                .replace("{commit_sha}", &job.deploy.commit_sha)
-                                .replace("{service}", &job.deploy.service)
-                                .replace("{step_id}", &job.step_id),
-                        ),
-                        serde_json::Value::Array(a) => a.iter().map(|x| walk(x, job)).collect(),
-                        serde_json::Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), walk(x, job))).collect(),
-                        other => other.clone(),
-                    }
-                }
-                walk(v, job)
-            };
             self.facts
                 .get(&job.step_id)
-                .map(|f| f.iter().map(|(k, v)| (k.clone(), fill(v))).collect())
+                .map(|f| f.iter().map(|(k, v)| (k.clone(), fill(v, job))).collect())
                 .unwrap_or_default()
         }
 

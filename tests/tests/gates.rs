@@ -112,6 +112,35 @@ fn cli(env: &TestEnv, api: &Api, token: &str, args: &[&str]) -> (Option<i32>, St
     (out.status.code(), stdout)
 }
 
+/// A production maintenance window of 30 minutes from `start`, as configuration.
+fn window(start: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
+         once = [{{ start = \"{}\", duration_minutes = 30 }}]\n",
+        start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
+}
+
+/// An operator opens an incident through the CLI; returns its id.
+fn open_incident(env: &TestEnv, api: &Api, environment: &str, title: &str) -> String {
+    let (code, out) = cli(
+        env,
+        api,
+        &api.operator,
+        &[
+            "--json",
+            "incident",
+            "open",
+            "--environment",
+            environment,
+            "--title",
+            title,
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    json_of(&out)[0]["id"].as_str().unwrap().to_owned()
+}
+
 fn json_of(stdout: &str) -> Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
@@ -137,23 +166,7 @@ async fn incidents_from_operators_and_alertmanager_hold_runs_until_resolved() {
     let (api, _procs) = start(&env, "").await;
 
     // An operator opens an incident through the CLI; a new run is held at admission.
-    let (code, out) = cli(
-        &env,
-        &api,
-        &api.operator,
-        &[
-            "--json",
-            "incident",
-            "open",
-            "--environment",
-            "production",
-            "--title",
-            "checkout 500s",
-        ],
-    );
-    assert_eq!(code, Some(0), "{out}");
-    let opened = json_of(&out);
-    let incident = opened[0]["id"].as_str().unwrap().to_owned();
+    let incident = open_incident(&env, &api, "production", "checkout 500s");
     // Alertmanager reports a firing alert for production too (its real payload shape).
     let alert = |status: &str| {
         json!({
@@ -426,13 +439,6 @@ async fn maintenance_window_and_staging_soak_hold_production_until_they_allow_it
     let env = TestEnv::new("gates-window").await;
     // A window that opens in an hour, and a 3 s staging soak (a lower bound: it
     // can only make the run later).
-    let window = |start: chrono::DateTime<chrono::Utc>| {
-        format!(
-            "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
-             once = [{{ start = \"{}\", duration_minutes = 30 }}]\n",
-            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-        )
-    };
     env.set_scheduler_env("BATON_GATES__STAGING_SOAK_SECS", "3");
     let t = configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
     env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
@@ -661,13 +667,6 @@ async fn dead_letters_fail_their_attempt_and_are_listed_and_replayed_through_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destructive_migration_waits_for_the_window_with_a_verified_backup_and_an_excepted_removal_warns() {
     let env = TestEnv::new("gates-destructive").await;
-    let window = |start: chrono::DateTime<chrono::Utc>| {
-        format!(
-            "[gates.maintenance_windows.production]\ntime_zone = \"Europe/Amsterdam\"\n\
-             once = [{{ start = \"{}\", duration_minutes = 30 }}]\n",
-            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-        )
-    };
     configure(&env, &window(chrono::Utc::now() + chrono::Duration::hours(1)));
     // Scripted facts: staging reports what the db-migration daemon reports for a
     // destructive migration whose column the shipped code still names.
@@ -983,22 +982,7 @@ async fn a_rolled_back_commit_is_deployed_again_by_an_operator_redeploy_through_
     // The cause is fixed elsewhere (the cluster); production is held by an
     // incident while the operator redeploys, so the new run waits at admission.
     env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 20}})));
-    let (code, out) = cli(
-        &env,
-        &api,
-        &api.operator,
-        &[
-            "--json",
-            "incident",
-            "open",
-            "--environment",
-            "production",
-            "--title",
-            "node pool",
-        ],
-    );
-    assert_eq!(code, Some(0), "{out}");
-    let incident = json_of(&out)[0]["id"].as_str().unwrap().to_owned();
+    let incident = open_incident(&env, &api, "production", "node pool");
     let path = format!("/v1/runs/{first}/redeploy");
     // Viewers may not; a reason is required.
     assert_eq!(

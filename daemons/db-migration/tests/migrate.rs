@@ -672,24 +672,17 @@ async fn a_migration_with_its_own_transaction_control_is_refused_before_anything
     write_migrations(
         &repo,
         &[
-            Mig {
-                tag: "0000_own_tx",
-                sql: "BEGIN;\nCREATE TABLE \"a\" (\"id\" integer);\nCOMMIT;",
-                down: Some("DROP TABLE \"a\";"),
-                recovery: None,
-            },
-            Mig {
-                tag: "0001_concurrent",
-                sql: "CREATE INDEX CONCURRENTLY \"a_id\" ON \"a\" (\"id\");",
-                down: Some("DROP INDEX \"a_id\";"),
-                recovery: None,
-            },
-            Mig {
-                tag: "0002_fails",
-                sql: "SELECT * FROM \"missing_table\";",
-                down: Some("SELECT 1;"),
-                recovery: None,
-            },
+            Mig::reversible(
+                "0000_own_tx",
+                "BEGIN;\nCREATE TABLE \"a\" (\"id\" integer);\nCOMMIT;",
+                "DROP TABLE \"a\";",
+            ),
+            Mig::reversible(
+                "0001_concurrent",
+                "CREATE INDEX CONCURRENTLY \"a_id\" ON \"a\" (\"id\");",
+                "DROP INDEX \"a_id\";",
+            ),
+            Mig::reversible("0002_fails", "SELECT * FROM \"missing_table\";", "SELECT 1;"),
         ],
     );
     let sha = repo.commit("own transaction control");
@@ -715,12 +708,7 @@ async fn a_journal_entry_older_than_the_applied_ones_is_named_and_applied_only_w
     let db = TestDb::create().await;
     let cache = TempDir::new("cache");
     let repo = GitRepo::new();
-    let mig = |tag: &'static str, sql: &'static str| Mig {
-        tag,
-        sql,
-        down: Some("SELECT 1;"),
-        recovery: None,
-    };
+    let mig = |tag, sql| Mig::reversible(tag, sql, "SELECT 1;");
     write_migrations(
         &repo,
         &[
@@ -831,19 +819,13 @@ async fn a_history_that_predates_baton_is_applied_without_companions_up_to_its_b
     let repo = GitRepo::new();
     // Years of drizzle-kit history with no down files or recovery procedures,
     // then a change written after the repository adopted Baton, also without one.
-    let bare = |tag: &'static str, sql: &'static str| Mig {
-        tag,
-        sql,
-        down: None,
-        recovery: None,
-    };
     write_migrations(
         &repo,
         &[
-            bare("0000_users", "CREATE TABLE \"users\" (\"id\" integer);"),
-            bare("0001_orders", "CREATE TABLE \"orders\" (\"id\" integer);"),
-            bare("0002_drop_x", "ALTER TABLE \"users\" ADD COLUMN \"x\" text;"),
-            bare("0003_after", "CREATE TABLE \"after_adoption\" (\"id\" integer);"),
+            Mig::bare("0000_users", "CREATE TABLE \"users\" (\"id\" integer);"),
+            Mig::bare("0001_orders", "CREATE TABLE \"orders\" (\"id\" integer);"),
+            Mig::bare("0002_drop_x", "ALTER TABLE \"users\" ADD COLUMN \"x\" text;"),
+            Mig::bare("0003_after", "CREATE TABLE \"after_adoption\" (\"id\" integer);"),
         ],
     );
     let sha = repo.commit("history");

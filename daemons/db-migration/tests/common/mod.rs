@@ -272,6 +272,28 @@ pub struct Mig<'a> {
     pub recovery: Option<&'a str>,
 }
 
+impl<'a> Mig<'a> {
+    /// A migration with a down migration.
+    pub fn reversible(tag: &'a str, sql: &'a str, down: &'a str) -> Self {
+        Self {
+            tag,
+            sql,
+            down: Some(down),
+            recovery: None,
+        }
+    }
+
+    /// A migration with neither a down migration nor a recovery procedure.
+    pub fn bare(tag: &'a str, sql: &'a str) -> Self {
+        Self {
+            tag,
+            sql,
+            down: None,
+            recovery: None,
+        }
+    }
+}
+
 /// Writes a Drizzle folder with these migrations (`when` one minute apart).
 pub fn write_migrations(repo: &GitRepo, migs: &[Mig<'_>]) {
     let entries: Vec<serde_json::Value> = migs
