@@ -11,6 +11,7 @@ pub mod config_error;
 pub mod exit;
 pub mod facts;
 pub mod failpoint;
+pub mod git;
 pub mod kit;
 pub mod ledger;
 pub mod metrics;
@@ -23,4 +24,6 @@ pub mod secret;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;

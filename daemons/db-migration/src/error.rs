@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use baton_shared::git::GitError;
 use baton_shared::protocol::{JobKind, StepError};
 
 /// A problem `verify` found.
@@ -232,6 +233,26 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+}
+
+impl From<GitError> for Error {
+    fn from(e: GitError) -> Self {
+        match e {
+            GitError::InvalidJob { problem } => Self::InvalidJob { problem },
+            GitError::InvalidParam { name, problem } => Self::InvalidParam { name, problem },
+            GitError::Git {
+                operation,
+                repository,
+                detail,
+            } => Self::Git {
+                operation,
+                repository,
+                detail,
+            },
+            GitError::UnknownCommit { commit, repository } => Self::UnknownCommit { commit, repository },
+            GitError::FolderNotFound { dir, commit } => Self::MigrationsNotFound { dir, commit },
+        }
+    }
 }
 
 impl Error {

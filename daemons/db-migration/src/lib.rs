@@ -58,7 +58,6 @@ pub mod db;
 pub mod drizzle;
 pub mod error;
 pub mod role;
-pub mod source;
 pub mod verify;
 
 pub use config::MigrationConfig;

@@ -26,8 +26,8 @@ use crate::config::MigrationConfig;
 use crate::db::{self, Direction};
 use crate::drizzle::{Migration, MigrationSet};
 use crate::error::{Error, Problem};
-use crate::source::{self, GitCache};
 use crate::verify;
+use baton_shared::git::{self as source, GitCache};
 
 /// Default `migrations_dir` job parameter.
 pub const DEFAULT_MIGRATIONS_DIR: &str = "drizzle/migrations";
@@ -209,7 +209,7 @@ impl Params {
             name: e.key,
             problem: e.problem,
         })?;
-        p.migrations_dir = source::check_folder(&p.migrations_dir)?;
+        p.migrations_dir = source::check_folder("migrations_dir", &p.migrations_dir)?;
         Ok(p)
     }
 }

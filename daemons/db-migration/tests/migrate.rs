@@ -213,7 +213,7 @@ async fn concurrent_migrations_of_one_database_apply_exactly_once() {
     let sha = repo.commit("migrations");
     let role = std::sync::Arc::new(role(&db, &cache));
     // Warm the repository cache so both jobs reach the database at the same time.
-    baton_db_migration::source::GitCache::new(cache.0.clone())
+    baton_shared::git::GitCache::new(cache.0.clone())
         .read_folder(&repo.url(), &sha, DIR)
         .await
         .unwrap();

@@ -3,7 +3,7 @@
 mod common;
 
 use baton_db_migration::drizzle::MigrationSet;
-use baton_db_migration::source::GitCache;
+use baton_shared::git::GitCache;
 use common::*;
 use uuid::Uuid;
 

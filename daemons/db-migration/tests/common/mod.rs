@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::str::FromStr;
 
 use baton_db_migration::{DbMigration, MigrationConfig};
@@ -158,74 +157,7 @@ pub async fn scratch_databases() -> Vec<String> {
 }
 
 /// A directory removed when the value goes away.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(what: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("baton-dbm-{what}-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A real git repository in a temporary directory.
-pub struct GitRepo {
-    pub dir: TempDir,
-}
-
-impl GitRepo {
-    pub fn new() -> Self {
-        let repo = Self {
-            dir: TempDir::new("repo"),
-        };
-        repo.git(&["init", "--quiet", "--initial-branch=main"]);
-        repo.git(&["config", "user.email", "dev@example.org"]);
-        repo.git(&["config", "user.name", "Dev"]);
-        repo.git(&["config", "commit.gpgsign", "false"]);
-        repo
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.dir.0
-    }
-
-    pub fn url(&self) -> String {
-        self.path().display().to_string()
-    }
-
-    pub fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .current_dir(self.path())
-            .args(args)
-            .output()
-            .expect("run git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    pub fn write(&self, rel: &str, contents: &str) {
-        let p = self.path().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, contents).unwrap();
-    }
-
-    /// Commits everything and returns the commit SHA.
-    pub fn commit(&self, message: &str) -> String {
-        self.git(&["add", "-A"]);
-        self.git(&["commit", "--quiet", "--allow-empty", "-m", message]);
-        self.git(&["rev-parse", "HEAD"])
-    }
-}
+pub use baton_shared::testing::{GitRepo, TempDir};
 
 pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/migrations")

@@ -1,5 +1,5 @@
-//! Reads the migrations folder of a repository at exactly one commit, with the real
-//! `git` CLI.
+//! Reads a repository at exactly one commit, with the real `git` CLI: a folder's
+//! files into memory ([`GitCache::read_folder`]) or onto disk ([`GitCache::export`]).
 //!
 //! Each repository gets a bare cache repository under `repos_dir`, named after a hash
 //! of its URL or path. A commit that is already there is never fetched again (commits
@@ -17,12 +17,51 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use baton_shared::secret::redact_url;
+use crate::secret::redact_url;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::error::Error;
+/// Why a repository could not be read at a commit.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("invalid job: {problem}")]
+    InvalidJob { problem: String },
+
+    #[error("invalid parameter `{name}`: {problem}")]
+    InvalidParam { name: String, problem: String },
+
+    #[error("git {operation} of {repository} failed: {detail}")]
+    Git {
+        operation: &'static str,
+        repository: String,
+        detail: String,
+    },
+
+    #[error("commit {commit} does not exist in {repository}")]
+    UnknownCommit { commit: String, repository: String },
+
+    #[error("folder {dir} does not exist at commit {commit}")]
+    FolderNotFound { dir: String, commit: String },
+}
+
+impl GitError {
+    /// The step error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJob { .. } => "invalid_job",
+            Self::InvalidParam { .. } => "invalid_params",
+            Self::Git { .. } => "source_unavailable",
+            Self::UnknownCommit { .. } => "unknown_commit",
+            Self::FolderNotFound { .. } => "source_not_found",
+        }
+    }
+
+    /// Only git itself failing (network, a busy server) may pass on a retry.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Git { .. })
+    }
+}
 
 /// A cache of bare clones.
 #[derive(Debug, Clone)]
@@ -41,18 +80,18 @@ pub fn display_repository(repository: &str) -> String {
 }
 
 /// A commit SHA as git writes it: 40 lowercase hex digits.
-pub fn check_commit(sha: &str) -> Result<(), Error> {
+pub fn check_commit(sha: &str) -> Result<(), GitError> {
     if sha.len() == 40 && sha.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
         Ok(())
     } else {
-        Err(Error::InvalidJob {
+        Err(GitError::InvalidJob {
             problem: format!("deploy.commit_sha is {sha:?}; expected 40 lowercase hexadecimal characters"),
         })
     }
 }
 
 /// A folder path inside the repository: relative, no `..`, no empty segments.
-pub fn check_folder(dir: &str) -> Result<String, Error> {
+pub fn check_folder(param: &str, dir: &str) -> Result<String, GitError> {
     let trimmed = dir.trim_end_matches('/');
     let ok = !trimmed.is_empty()
         && !trimmed.starts_with('/')
@@ -61,8 +100,8 @@ pub fn check_folder(dir: &str) -> Result<String, Error> {
     if ok {
         Ok(trimmed.to_owned())
     } else {
-        Err(Error::InvalidParam {
-            name: "migrations_dir".to_owned(),
+        Err(GitError::InvalidParam {
+            name: param.to_owned(),
             problem: format!("is {dir:?}; expected a relative path inside the repository without '..'"),
         })
     }
@@ -79,9 +118,9 @@ impl GitCache {
         repository: &str,
         commit: &str,
         folder: &str,
-    ) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+    ) -> Result<BTreeMap<String, Vec<u8>>, GitError> {
         check_commit(commit)?;
-        let folder = check_folder(folder)?;
+        let folder = check_folder("folder", folder)?;
         let repo = self.ensure_commit(repository, commit).await?;
         let shown = display_repository(repository);
 
@@ -98,7 +137,7 @@ impl GitCache {
             ],
         )
         .await
-        .map_err(|detail| Error::Git {
+        .map_err(|detail| GitError::Git {
             operation: "ls-tree",
             repository: shown.clone(),
             detail,
@@ -122,14 +161,14 @@ impl GitCache {
             }
         }
         if entries.is_empty() {
-            return Err(Error::MigrationsNotFound {
+            return Err(GitError::FolderNotFound {
                 dir: folder,
                 commit: commit.to_owned(),
             });
         }
         let blobs = cat_blobs(&repo, entries.iter().map(|(_, oid)| oid.as_str()))
             .await
-            .map_err(|detail| Error::Git {
+            .map_err(|detail| GitError::Git {
                 operation: "cat-file",
                 repository: shown.clone(),
                 detail,
@@ -137,10 +176,75 @@ impl GitCache {
         Ok(entries.into_iter().map(|(p, _)| p).zip(blobs).collect())
     }
 
+    /// Writes the files under `folder` (`.` for the whole tree) at `commit` into
+    /// `dest`, which must be empty or absent: modes and symbolic links as git
+    /// keeps them, paths relative to `folder`. Returns how many files it wrote.
+    pub async fn export(&self, repository: &str, commit: &str, folder: &str, dest: &Path) -> Result<usize, GitError> {
+        check_commit(commit)?;
+        let folder = if folder.trim_end_matches('/') == "." {
+            ".".to_owned()
+        } else {
+            check_folder("folder", folder)?
+        };
+        let repo = self.ensure_commit(repository, commit).await?;
+        let shown = display_repository(repository);
+        let fail = |operation: &'static str| {
+            let shown = shown.clone();
+            move |detail: String| GitError::Git {
+                operation,
+                repository: shown,
+                detail,
+            }
+        };
+        let tree = if folder == "." {
+            commit.to_owned()
+        } else {
+            format!("{commit}:{folder}")
+        };
+        // A folder that is not a tree at this commit is named as such, not as a git failure.
+        if git(&repo, &["cat-file", "-e", &format!("{tree}^{{tree}}")])
+            .await
+            .is_err()
+        {
+            return Err(GitError::FolderNotFound {
+                dir: folder,
+                commit: commit.to_owned(),
+            });
+        }
+        let archive = git(&repo, &["archive", "--format=tar", &tree])
+            .await
+            .map_err(fail("archive"))?;
+        let dest = dest.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<usize, String> {
+            std::fs::create_dir_all(&dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+            let mut tar = tar::Archive::new(archive.as_slice());
+            tar.set_preserve_permissions(true);
+            let mut files = 0;
+            for entry in tar.entries().map_err(|e| e.to_string())? {
+                let mut entry = entry.map_err(|e| e.to_string())?;
+                // git archive's pax header carries the commit id, not a file.
+                if entry.header().entry_type().is_pax_global_extensions() {
+                    continue;
+                }
+                if entry.header().entry_type().is_file() {
+                    files += 1;
+                }
+                // unpack_in refuses paths that would leave `dest`.
+                entry
+                    .unpack_in(&dest)
+                    .map_err(|e| format!("cannot write into {}: {e}", dest.display()))?;
+            }
+            Ok(files)
+        })
+        .await
+        .map_err(|e| fail("archive")(e.to_string()))?
+        .map_err(fail("archive"))
+    }
+
     /// The cache repository of `repository`, holding `commit`.
-    async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, Error> {
+    async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, GitError> {
         if is_relative_path(repository) {
-            return Err(Error::InvalidJob {
+            return Err(GitError::InvalidJob {
                 problem: format!(
                     "repository {repository:?} is a relative path: give an absolute path or a URL \
                      (git would look for it in the daemon's cache directory)"
@@ -150,7 +254,7 @@ impl GitCache {
         let shown = display_repository(repository);
         let git_err = |operation: &'static str| {
             let shown = shown.clone();
-            move |detail: String| Error::Git {
+            move |detail: String| GitError::Git {
                 operation,
                 repository: shown,
                 detail,
@@ -202,7 +306,7 @@ impl GitCache {
             }
         }
         if !has_commit(&repo, commit).await {
-            return Err(Error::UnknownCommit {
+            return Err(GitError::UnknownCommit {
                 commit: commit.to_owned(),
                 repository: shown,
             });
@@ -244,7 +348,7 @@ impl GitCache {
         commit: &str,
         name: &str,
         excluded: &[&str],
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<Vec<String>, GitError> {
         check_commit(commit)?;
         let repo = self.ensure_commit(repository, commit).await?;
         let escaped: String = name
@@ -262,14 +366,14 @@ impl GitCache {
         for dir in excluded.iter().chain(&["docs", "*.md"]) {
             args.push(format!(":(exclude){dir}"));
         }
-        let out = command(&repo).args(&args).output().await.map_err(|e| Error::Git {
+        let out = command(&repo).args(&args).output().await.map_err(|e| GitError::Git {
             operation: "grep",
             repository: display_repository(repository),
             detail: spawn_error(&repo, &e),
         })?;
         // git grep exits 1 when nothing matches.
         if !out.status.success() && out.status.code() != Some(1) {
-            return Err(Error::Git {
+            return Err(GitError::Git {
                 operation: "grep",
                 repository: display_repository(repository),
                 detail: redact_stderr(String::from_utf8_lossy(&out.stderr).trim()),
@@ -438,9 +542,12 @@ mod tests {
         assert!(check_commit("0123456789abcdef0123456789abcdef01234567").is_ok());
         assert!(check_commit("--upload-pack=evil").is_err());
         assert!(check_commit("0123456789ABCDEF0123456789abcdef01234567").is_err());
-        assert_eq!(check_folder("drizzle/migrations/").unwrap(), "drizzle/migrations");
+        assert_eq!(
+            check_folder("dir", "drizzle/migrations/").unwrap(),
+            "drizzle/migrations"
+        );
         for bad in ["", "/etc", "../x", "a/../b", "-x", "a//b"] {
-            assert!(check_folder(bad).is_err(), "{bad}");
+            assert!(check_folder("dir", bad).is_err(), "{bad}");
         }
     }
 
