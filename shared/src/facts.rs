@@ -161,6 +161,22 @@ pub struct TerraformPlanned {
     pub change: u64,
     #[serde(default)]
     pub destroy: u64,
+    /// Each resource that changes and how, in the plan's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<ResourceChange>,
+    /// SHA-256 (hex) of the saved plan file: what an approval approves and
+    /// the apply applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_sha256: Option<String>,
+}
+
+/// One resource a Terraform plan changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceChange {
+    /// `module.db.terraform_data.schema[0]`.
+    pub address: String,
+    /// `create`, `update`, `replace` or `delete`.
+    pub action: String,
 }
 
 impl FactSet for TerraformPlanned {

@@ -56,6 +56,8 @@ pub enum Kind {
     Bool,
     /// A table (JSON object) the role reads further.
     Table,
+    /// A list of strings.
+    TextList,
 }
 
 impl Kind {
@@ -66,6 +68,7 @@ impl Kind {
             Self::Text => v.is_string(),
             Self::Bool => v.is_boolean(),
             Self::Table => v.is_object(),
+            Self::TextList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
         }
     }
 
@@ -76,6 +79,7 @@ impl Kind {
             Self::Text => "a string",
             Self::Bool => "true or false",
             Self::Table => "a table",
+            Self::TextList => "a list of strings",
         }
     }
 }
@@ -126,6 +130,21 @@ pub const ALL: &[RoleSpec] = &[
                 "resources a change may touch without approval",
             ),
             p("dir", Kind::Text, "Terraform root module in the repository"),
+            p(
+                "protected",
+                Kind::TextList,
+                "resource addresses (globs) a plan must not replace or delete",
+            ),
+            p(
+                "lock_timeout_secs",
+                Kind::Count,
+                "how long to wait for a held state lock",
+            ),
+            p(
+                "plan_step",
+                Kind::Text,
+                "apply: the plan step whose saved plan it applies",
+            ),
         ],
         partial_effects: true,
     },

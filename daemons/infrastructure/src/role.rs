@@ -1,0 +1,590 @@
+//! The `infrastructure` role: `plan`, `apply` and the `reapply-previous`
+//! compensation (see the crate documentation).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_shared::facts::{FactSet, TerraformPlanned};
+use baton_shared::git::{self, GitCache};
+use baton_shared::protocol::{self, Fields, JobKind, StepJob};
+use baton_shared::roles;
+use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::PgConnection;
+
+use crate::config::InfraConfig;
+use crate::error::Error;
+use crate::history::{self, StateVersion};
+use crate::terraform::{Failure, Terraform};
+
+/// The step's parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// The Terraform root module, relative to the repository root.
+    pub dir: String,
+    /// More changed resources than this need an approval (the scheduler's
+    /// blast-radius gate asks for it between the plan and the apply step).
+    pub blast_radius_limit: u64,
+    /// Resource addresses (globs) a plan must not replace or delete.
+    pub protected: Vec<String>,
+    /// How long to wait for a held state lock (default: the daemon's).
+    pub lock_timeout_secs: Option<u64>,
+    /// apply: the plan step whose saved plan it applies (default: the one
+    /// input step that reported a saved plan).
+    pub plan_step: Option<String>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            dir: ".".to_owned(),
+            blast_radius_limit: 5,
+            protected: Vec::new(),
+            lock_timeout_secs: None,
+            plan_step: None,
+        }
+    }
+}
+
+/// What `plan` reports: the facts contract's [`TerraformPlanned`] and more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanOutputs {
+    #[serde(flatten)]
+    pub facts: TerraformPlanned,
+    pub blast_radius_limit: u64,
+    /// Whether applying needs an approval.
+    pub over_limit: bool,
+    pub state_schema: String,
+    /// The state the plan was made against.
+    pub state: Option<StateVersion>,
+}
+
+/// What `apply` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyOutputs {
+    #[serde(flatten)]
+    pub facts: TerraformPlanned,
+    pub state_schema: String,
+    pub commit: String,
+    /// The commit whose configuration made the state this apply replaced (what
+    /// `reapply-previous` goes back to); none before Baton's first apply.
+    pub previous_commit: Option<String>,
+    pub state_before: Option<StateVersion>,
+    pub state_after: Option<StateVersion>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// What `reapply-previous` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevertOutputs {
+    /// Whether anything was re-applied (nothing, if the step never applied).
+    pub reverted: bool,
+    /// The commit re-applied; none: the step's resources were destroyed, as
+    /// there was no earlier configuration.
+    pub commit: Option<String>,
+    #[serde(flatten)]
+    pub facts: TerraformPlanned,
+    pub state_after: Option<StateVersion>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// The infrastructure role, built from `[infrastructure]`.
+#[derive(Debug, Clone)]
+pub struct Infrastructure {
+    config: InfraConfig,
+    git: GitCache,
+}
+
+/// A job's checkout, removed when dropped (also when the job is cancelled).
+struct Checkout {
+    scratch: PathBuf,
+    /// The root module.
+    dir: PathBuf,
+    /// Terraform for the job's state schema.
+    tf: Terraform,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Io {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
+    protocol::to_fields(value).map_err(|e| Error::Io {
+        what: "outputs".into(),
+        detail: e.message,
+    })
+}
+
+fn protected_set(patterns: &[String]) -> Result<GlobSet, Error> {
+    let mut set = GlobSetBuilder::new();
+    for p in patterns {
+        let glob = GlobBuilder::new(p)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| Error::InvalidParam {
+                name: "protected".into(),
+                problem: format!("{p:?}: {e}"),
+            })?;
+        set.add(glob);
+    }
+    set.build().map_err(|e| Error::InvalidParam {
+        name: "protected".into(),
+        problem: e.to_string(),
+    })
+}
+
+impl Infrastructure {
+    pub fn new(config: InfraConfig) -> Self {
+        Self {
+            git: GitCache::new(config.repos_dir.clone()),
+            config,
+        }
+    }
+
+    /// Runs a job to its outputs; the `Role` methods wrap this.
+    pub async fn run(&self, job: &StepJob) -> Result<Fields, Error> {
+        match (job.kind, job.action.as_str()) {
+            (JobKind::Execute, "plan") => outputs(&self.plan(job).await?),
+            (JobKind::Execute, "apply") => self.apply(job).await,
+            (JobKind::Compensate, "reapply-previous") => self.reapply_previous(job).await,
+            (kind, action) => Err(Error::UnknownAction {
+                kind,
+                action: action.to_owned(),
+            }),
+        }
+    }
+
+    fn params(job: &StepJob) -> Result<Params, Error> {
+        let mut p: Params = job.params().map_err(|e| Error::InvalidParam {
+            name: e.key,
+            problem: e.problem,
+        })?;
+        if p.dir.trim_end_matches('/') != "." {
+            p.dir = git::check_folder("dir", &p.dir)?;
+        }
+        protected_set(&p.protected)?;
+        Ok(p)
+    }
+
+    fn schema(&self, job: &StepJob) -> String {
+        self.config.schema(&job.zone, &job.deploy.service)
+    }
+
+    fn lock_timeout(&self, p: &Params) -> Duration {
+        Duration::from_secs(p.lock_timeout_secs.unwrap_or(self.config.lock_timeout_secs))
+    }
+
+    async fn connect(&self) -> Result<PgConnection, Error> {
+        Ok(history::connect(self.config.state_url.expose()).await?)
+    }
+
+    /// The repository at `commit`, initialised against the zone's state.
+    async fn checkout(&self, job: &StepJob, commit: &str, p: &Params) -> Result<Checkout, Error> {
+        git::check_commit(commit)?;
+        let tf = self.terraform(job)?;
+        let scratch =
+            self.config
+                .work_dir
+                .join("jobs")
+                .join(format!("{}-{}-{}", job.run_id, job.step_id, &commit[..12]));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(io(format!("cannot create {}", scratch.display())))?;
+        let checkout = Checkout {
+            dir: if p.dir == "." {
+                scratch.join("source")
+            } else {
+                scratch.join("source").join(&p.dir)
+            },
+            scratch,
+            tf,
+        };
+        self.git
+            .export(&job.deploy.repository, commit, ".", &checkout.scratch.join("source"))
+            .await?;
+        if !checkout.dir.is_dir() {
+            return Err(Error::Source(git::GitError::FolderNotFound {
+                dir: p.dir.clone(),
+                commit: commit.to_owned(),
+            }));
+        }
+        let backend = checkout.tf.init(&checkout.dir).await.map_err(Error::Terraform)?;
+        if backend.as_deref() != Some("pg") {
+            return Err(Error::Backend {
+                dir: p.dir.clone(),
+                commit: commit.to_owned(),
+                zone: job.zone.clone(),
+                found: match backend {
+                    None => "in a local file (no backend block)".to_owned(),
+                    Some(b) => format!("in backend {b:?}"),
+                },
+            });
+        }
+        Ok(checkout)
+    }
+
+    fn terraform(&self, job: &StepJob) -> Result<Terraform, Error> {
+        Terraform::new(&self.config, &self.schema(job)).map_err(io("cannot write the Terraform CLI configuration"))
+    }
+
+    /// A Terraform failure, with the lock's holder named when it was the lock.
+    async fn explain(&self, conn: &mut PgConnection, job: &StepJob, p: &Params, f: Failure) -> Error {
+        let Failure::Locked(detail) = f else {
+            return Error::Terraform(f);
+        };
+        let schema = self.schema(job);
+        let holders = match history::lock_holders(conn, &schema).await {
+            Ok(h) if !h.is_empty() => h.join("; "),
+            Ok(_) => "another session (it has released the lock since)".to_owned(),
+            Err(e) => format!("another session (not identified: {e})"),
+        };
+        Error::Locked {
+            schema,
+            holders,
+            waited_secs: self.lock_timeout(p).as_secs(),
+            detail,
+        }
+    }
+
+    /// Plans `checkout` into `file`; the summary, checked against protected resources.
+    async fn make_plan(
+        &self,
+        conn: &mut PgConnection,
+        job: &StepJob,
+        p: &Params,
+        checkout: &Checkout,
+        file: &Path,
+        destroy: bool,
+    ) -> Result<TerraformPlanned, Error> {
+        let tf = &checkout.tf;
+        if let Err(f) = tf.plan(&checkout.dir, file, self.lock_timeout(p), destroy).await {
+            return Err(self.explain(conn, job, p, f).await);
+        }
+        let summary = tf.show(&checkout.dir, file).await.map_err(Error::Terraform)?;
+        let protected = protected_set(&p.protected)?;
+        let hits: Vec<String> = summary
+            .changes
+            .iter()
+            .filter(|c| matches!(c.action.as_str(), "replace" | "delete") && protected.is_match(&c.address))
+            .map(|c| format!("{} ({})", c.address, c.action))
+            .collect();
+        if !hits.is_empty() && !destroy {
+            return Err(Error::Unintended { changes: hits });
+        }
+        Ok(summary)
+    }
+
+    async fn plan(&self, job: &StepJob) -> Result<PlanOutputs, Error> {
+        let p = Self::params(job)?;
+        let mut conn = self.connect().await?;
+        let checkout = self.checkout(job, &job.deploy.commit_sha, &p).await?;
+        let file = checkout.scratch.join("plan.tfplan");
+        let state = history::current_state(&mut conn, &self.schema(job)).await?;
+        let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+        let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
+        let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
+        let sha = history::save_plan(
+            &mut conn,
+            job.run_id,
+            &job.step_id,
+            &self.schema(job),
+            &job.deploy.commit_sha,
+            &bytes,
+            &summary,
+        )
+        .await?;
+        facts.plan_sha256 = Some(sha);
+        tracing::info!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            resources_changed = facts.resources_changed,
+            limit = p.blast_radius_limit,
+            "terraform plan saved"
+        );
+        Ok(PlanOutputs {
+            over_limit: facts.resources_changed > p.blast_radius_limit,
+            blast_radius_limit: p.blast_radius_limit,
+            facts,
+            state_schema: self.schema(job),
+            state,
+        })
+    }
+
+    /// The approved plan from the plan step among the inputs: (step, facts).
+    fn plan_input(job: &StepJob, p: &Params) -> Result<Option<(String, TerraformPlanned)>, Error> {
+        let candidates: Vec<(&String, TerraformPlanned)> = job
+            .inputs
+            .iter()
+            .filter(|(step, _)| p.plan_step.as_ref().is_none_or(|want| want == *step))
+            .filter_map(|(step, out)| {
+                TerraformPlanned::read(step, out)
+                    .ok()
+                    .filter(|f| f.plan_sha256.is_some())
+                    .map(|f| (step, f))
+            })
+            .collect();
+        match (candidates.as_slice(), &p.plan_step) {
+            ([], Some(want)) => Err(Error::PlanMissing {
+                step: want.clone(),
+                problem: "the step is not among this job's inputs, or reported no saved plan".into(),
+            }),
+            ([], None) => Ok(None),
+            ([(step, facts)], _) => Ok(Some(((*step).clone(), facts.clone()))),
+            (many, _) => Err(Error::InvalidParam {
+                name: "plan_step".into(),
+                problem: format!(
+                    "several inputs reported saved plans ({}): name the one to apply",
+                    many.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+
+    async fn apply(&self, job: &StepJob) -> Result<Fields, Error> {
+        let p = Self::params(job)?;
+        let schema = self.schema(job);
+        let mut conn = self.connect().await?;
+        // A redelivered job that already applied reports what it did.
+        if let Some(row) = history::apply_row(&mut conn, job.run_id, &job.step_id).await?
+            && row.status == "applied"
+            && let Some(Value::Object(out)) = row.outputs
+        {
+            return Ok(out);
+        }
+        let checkout = self.checkout(job, &job.deploy.commit_sha, &p).await?;
+        let tf = &checkout.tf;
+        let file = checkout.scratch.join("plan.tfplan");
+        let mut warnings = Vec::new();
+        let approved = match Self::plan_input(job, &p)? {
+            Some((step, facts)) => {
+                let want = facts.plan_sha256.clone().unwrap_or_default();
+                let Some((bytes, sha)) = history::load_plan(&mut conn, job.run_id, &step).await? else {
+                    return Err(Error::PlanMissing {
+                        step,
+                        problem: "no plan of this run is saved under it".into(),
+                    });
+                };
+                if sha != want {
+                    return Err(Error::PlanMissing {
+                        step,
+                        problem: format!("the saved plan is {sha}, not the reported {want}"),
+                    });
+                }
+                std::fs::write(&file, &bytes).map_err(io("cannot write the saved plan"))?;
+                facts
+            }
+            None => {
+                let facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+                if facts.resources_changed > p.blast_radius_limit {
+                    return Err(Error::NeedsApproval {
+                        changed: facts.resources_changed,
+                        limit: p.blast_radius_limit,
+                    });
+                }
+                facts
+            }
+        };
+        let before = history::current_state(&mut conn, &schema).await?;
+        let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
+        history::start_apply(
+            &mut conn,
+            job.run_id,
+            &job.step_id,
+            &schema,
+            &job.deploy.commit_sha,
+            previous.as_deref(),
+            before.as_ref(),
+        )
+        .await?;
+        match tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await {
+            Ok(()) => {}
+            Err(Failure::Stale(_)) => {
+                // The state changed after the plan: plan again; the same changes
+                // are what was approved, different ones need a new approval.
+                let fresh = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+                if fresh.changes != approved.changes {
+                    return Err(Error::PlanChanged {
+                        difference: describe_difference(&approved, &fresh),
+                    });
+                }
+                warnings.push(format!(
+                    "the approved plan went stale (the state changed since); re-planned with the same {} change(s) and applied that",
+                    fresh.resources_changed
+                ));
+                if let Err(f) = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await {
+                    return Err(self.explain(&mut conn, job, &p, f).await);
+                }
+            }
+            Err(f) => return Err(self.explain(&mut conn, job, &p, f).await),
+        }
+        let after = history::current_state(&mut conn, &schema).await?;
+        let out = ApplyOutputs {
+            facts: approved,
+            state_schema: schema,
+            commit: job.deploy.commit_sha.clone(),
+            previous_commit: previous,
+            state_before: before,
+            state_after: after.clone(),
+            warnings,
+        };
+        let fields = outputs(&out)?;
+        history::finish(
+            &mut conn,
+            job.run_id,
+            &job.step_id,
+            "applied",
+            after.as_ref(),
+            &Value::Object(fields.clone()),
+        )
+        .await?;
+        tracing::info!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            resources_changed = out.facts.resources_changed,
+            serial = out.state_after.as_ref().map(|s| s.serial),
+            "terraform applied"
+        );
+        Ok(fields)
+    }
+
+    async fn reapply_previous(&self, job: &StepJob) -> Result<Fields, Error> {
+        let p = Self::params(job)?;
+        let schema = self.schema(job);
+        let mut conn = self.connect().await?;
+        let Some(row) = history::apply_row(&mut conn, job.run_id, &job.step_id).await? else {
+            return outputs(&RevertOutputs {
+                reverted: false,
+                commit: None,
+                facts: TerraformPlanned::default(),
+                state_after: history::current_state(&mut conn, &schema).await?,
+                note: "this step applied nothing: there is nothing to re-apply".into(),
+            });
+        };
+        if row.status == "reverted"
+            && let Some(Value::Object(out)) = row.outputs
+        {
+            return Ok(out);
+        }
+        let now = history::current_state(&mut conn, &schema).await?;
+        if row.status == "applied"
+            && let (Some(applied), Some(now)) = (&row.state_after, &now)
+            && applied.sha256 != now.sha256
+        {
+            return Err(Error::StateMoved {
+                schema,
+                applied: applied.serial,
+                now: now.serial,
+                previous: row.previous_commit.unwrap_or_else(|| "(none)".into()),
+            });
+        }
+        // Without an earlier apply the previous state is no resources at all:
+        // destroy what this commit's configuration made.
+        let (commit, destroy) = match &row.previous_commit {
+            Some(c) => (c.clone(), false),
+            None => (row.commit_sha.clone(), true),
+        };
+        let checkout = self.checkout(job, &commit, &p).await?;
+        let file = checkout.scratch.join("revert.tfplan");
+        let facts = self.make_plan(&mut conn, job, &p, &checkout, &file, destroy).await?;
+        if let Err(f) = checkout.tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await {
+            return Err(self.explain(&mut conn, job, &p, f).await);
+        }
+        let after = history::current_state(&mut conn, &schema).await?;
+        let out = RevertOutputs {
+            reverted: true,
+            commit: (!destroy).then_some(commit),
+            facts,
+            state_after: after.clone(),
+            note: if destroy {
+                "no earlier apply is recorded: the resources of this step's configuration were destroyed".into()
+            } else {
+                String::new()
+            },
+        };
+        let fields = outputs(&out)?;
+        history::finish(
+            &mut conn,
+            job.run_id,
+            &job.step_id,
+            "reverted",
+            after.as_ref(),
+            &Value::Object(fields.clone()),
+        )
+        .await?;
+        Ok(fields)
+    }
+}
+
+/// What a fresh plan changes that the approved one did not, and the other way round.
+fn describe_difference(approved: &TerraformPlanned, fresh: &TerraformPlanned) -> String {
+    let fmt = |c: &baton_shared::facts::ResourceChange| format!("{} ({})", c.address, c.action);
+    let added: Vec<String> = fresh
+        .changes
+        .iter()
+        .filter(|c| !approved.changes.contains(c))
+        .map(fmt)
+        .collect();
+    let gone: Vec<String> = approved
+        .changes
+        .iter()
+        .filter(|c| !fresh.changes.contains(c))
+        .map(fmt)
+        .collect();
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("now also {}", added.join(", ")));
+    }
+    if !gone.is_empty() {
+        parts.push(format!("no longer {}", gone.join(", ")));
+    }
+    if parts.is_empty() {
+        "the same changes in another order".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+impl Role for Infrastructure {
+    fn name(&self) -> &str {
+        roles::INFRASTRUCTURE
+    }
+
+    fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        // Cancellation drops this future: terraform is killed, its connection
+        // closes and PostgreSQL releases the state lock. What it applied so far
+        // is undone by `reapply-previous` (the role declares partial effects).
+        Box::pin(outcome(self, job))
+    }
+
+    fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(outcome(self, job))
+    }
+}
+
+async fn outcome(role: &Infrastructure, job: &StepJob) -> Outcome {
+    role.run(job).await.map_err(|e| {
+        tracing::warn!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            action = %job.action,
+            code = e.code(),
+            error = %e,
+            "infrastructure job failed"
+        );
+        e.to_step_error()
+    })
+}
