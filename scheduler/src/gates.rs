@@ -389,17 +389,30 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
         .unwrap_or(5);
     let reported = succeeded(run, |s| step.needs.contains(&s.id))
         .chain(std::iter::once(step))
-        .find_map(|s| TerraformPlanned::read(&s.id, &s.outputs).ok())
-        .map(|p| p.resources_changed);
+        .find_map(|s| {
+            TerraformPlanned::read(&s.id, &s.outputs)
+                .ok()
+                .map(|p| (s.id.as_str(), p))
+        });
     match reported {
-        Some(n) if n <= limit => Verdict::pass(format!("{n} resources change (limit {limit})")),
-        Some(n) => approval(
+        Some((from, p)) if p.resources_changed <= limit => Verdict::pass(format!(
+            "{} resources change (limit {limit}){}",
+            p.resources_changed,
+            plan_of(from, &p)
+        )),
+        // What an approver approves: the addresses and actions of the saved plan
+        // and its hash; the apply applies exactly that plan.
+        Some((from, p)) => approval(
             run,
             step,
             facts,
             policy,
             now,
-            &format!("{n} resources change, above the blast radius limit of {limit}"),
+            &format!(
+                "{} resources change, above the blast radius limit of {limit}{}",
+                p.resources_changed,
+                plan_of(from, &p)
+            ),
         ),
         // Before the first plan of the run nobody knows the change's size: the
         // infrastructure daemon plans, checks the same limit and refuses a larger
@@ -410,6 +423,30 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
                  changing more than {limit} resources without approval"
             ),
         },
+    }
+}
+
+/// `: <changes> (plan <hash> from <step>)`, the changes shortened past 20.
+fn plan_of(step: &str, p: &TerraformPlanned) -> String {
+    const SHOWN: usize = 20;
+    let mut changes: Vec<String> = p
+        .changes
+        .iter()
+        .take(SHOWN)
+        .map(|c| format!("{} ({})", c.address, c.action))
+        .collect();
+    if p.changes.len() > SHOWN {
+        changes.push(format!("and {} more", p.changes.len() - SHOWN));
+    }
+    let hash = p
+        .plan_sha256
+        .as_deref()
+        .map(|h| format!("saved plan sha256:{} of {step}", &h[..h.len().min(16)]))
+        .unwrap_or_else(|| format!("plan of {step}"));
+    if changes.is_empty() {
+        format!(" ({hash})")
+    } else {
+        format!(": {} ({hash})", changes.join(", "))
     }
 }
 

@@ -955,7 +955,9 @@ mod tests {
                 "backup.pre",
                 "db.staging",
                 "db.production",
+                "infra.staging.plan",
                 "infra.staging",
+                "infra.production.plan",
                 "infra.production",
                 "verify.staging",
                 "apply.production",
@@ -969,15 +971,19 @@ mod tests {
         assert!(needs("backup.pre").is_empty());
         assert!(needs("db.staging").is_empty());
         assert_eq!(needs("db.production"), ["backup.pre", "db.staging"]);
-        assert_eq!(needs("infra.staging"), ["db.production"]);
-        assert_eq!(needs("infra.production"), ["infra.staging"]);
+        assert_eq!(needs("infra.staging.plan"), ["db.production"]);
+        assert_eq!(needs("infra.staging"), ["infra.staging.plan"]);
+        assert_eq!(needs("infra.production.plan"), ["infra.staging"]);
+        assert_eq!(needs("infra.production"), ["infra.production.plan"]);
         assert_eq!(
             needs("verify.staging"),
             [
                 "build",
                 "db.staging",
                 "db.production",
+                "infra.staging.plan",
                 "infra.staging",
+                "infra.production.plan",
                 "infra.production"
             ]
         );
@@ -998,6 +1004,7 @@ mod tests {
         assert_eq!(at("backup.pre"), "backup@production");
         assert_eq!(at("db.staging"), "db-migration@staging");
         assert_eq!(at("db.production"), "db-migration@production");
+        assert_eq!(at("infra.staging.plan"), "infrastructure@staging");
         assert_eq!(at("infra.staging"), "infrastructure@staging");
         assert_eq!(at("infra.production"), "infrastructure@production");
         assert_eq!(at("verify.staging"), "staging-verify@staging");
@@ -1022,6 +1029,7 @@ mod tests {
         assert_eq!(comp("backup.post"), None);
         assert_eq!(comp("db.staging").as_deref(), Some("rollback"));
         assert_eq!(comp("db.production").as_deref(), Some("rollback"));
+        assert_eq!(comp("infra.staging.plan"), None, "a plan changes nothing");
         assert_eq!(comp("infra.staging").as_deref(), Some("reapply-previous"));
         assert_eq!(comp("infra.production").as_deref(), Some("reapply-previous"));
         assert_eq!(comp("verify.staging").as_deref(), Some("redeploy-previous"));

@@ -444,7 +444,9 @@ mod tests {
         for id in [
             "db.staging",
             "db.production",
+            "infra.staging.plan",
             "infra.staging",
+            "infra.production.plan",
             "infra.production",
             "network",
             "cdn",
@@ -505,18 +507,28 @@ mod tests {
             included(&p),
             [
                 "backup.pre",
+                "infra.staging.plan",
                 "infra.staging",
+                "infra.production.plan",
                 "infra.production",
                 "verify.staging",
                 "backup.post"
             ]
         );
-        // infra.staging needs the skipped db.production, which needed the backup.
-        assert_eq!(needs(&p, "infra.staging"), ["backup.pre"]);
-        assert_eq!(needs(&p, "infra.production"), ["infra.staging"]);
+        // The staging plan needs the skipped db.production, which needed the backup.
+        assert_eq!(needs(&p, "infra.staging.plan"), ["backup.pre"]);
+        assert_eq!(needs(&p, "infra.staging"), ["infra.staging.plan"]);
+        assert_eq!(needs(&p, "infra.production.plan"), ["infra.staging"]);
+        assert_eq!(needs(&p, "infra.production"), ["infra.production.plan"]);
         assert_eq!(
             needs(&p, "verify.staging"),
-            ["backup.pre", "infra.staging", "infra.production"]
+            [
+                "backup.pre",
+                "infra.staging.plan",
+                "infra.staging",
+                "infra.production.plan",
+                "infra.production"
+            ]
         );
         assert_eq!(needs(&p, "backup.post"), ["backup.pre", "verify.staging"]);
     }
@@ -531,7 +543,7 @@ mod tests {
             "network/dns.yaml",
             "assets/logo.svg",
         ]);
-        assert_eq!(p.included().count(), 11);
+        assert_eq!(p.included().count(), 13);
         // Nothing is skipped, so effective needs are exactly the declared ones.
         for step in &pipeline.steps {
             assert_eq!(p.step(&step.id).unwrap().needs, step.needs, "{}", step.id);

@@ -1103,3 +1103,66 @@ impl Drop for PrivateDatabase {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real role daemon (`baton-db-migration`, `baton-infrastructure`, …) on the
+/// test's broker with the test's signing keys, logging to `<label>.log`;
+/// killed when dropped, restartable.
+pub struct RealDaemon {
+    label: String,
+    bin: &'static str,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    child: Child,
+}
+
+impl RealDaemon {
+    fn spawn(test: &TestEnv, label: &str, bin: &str, config: &Path, env: &[(String, String)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(test.dir.join(format!("{label}.log")))
+            .expect("open the daemon's log");
+        Command::new(crate::bin(bin))
+            .arg("--config")
+            .arg(config)
+            .env("BATON_AMQP__URL", &test.amqp_url)
+            .env("BATON_LOG__FORMAT", "json")
+            .env("RUST_LOG", "info,lapin=warn,sqlx=warn")
+            .env("BATON_DAEMON__INSTANCE", label)
+            .env("BATON_SIGNING__KEY_FILE", test.dir.join("daemon.key"))
+            .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", test.scheduler_key.public()))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {bin} (build every binary first: cargo build --workspace --bins): {e}"))
+    }
+
+    /// Starts `bin --config config` with extra environment `env`.
+    pub fn start(test: &TestEnv, label: &str, bin: &'static str, config: PathBuf, env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let child = Self::spawn(test, label, bin, &config, &env);
+        Self {
+            label: label.to_owned(),
+            bin,
+            config,
+            env,
+            child,
+        }
+    }
+
+    /// SIGKILL, then a new process in its place.
+    pub fn kill_and_restart(&mut self, test: &TestEnv) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(test, &self.label, self.bin, &self.config, &self.env);
+    }
+}
+
+impl Drop for RealDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

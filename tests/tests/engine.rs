@@ -114,7 +114,9 @@ async fn steps_whose_when_is_false_are_skipped_and_the_dag_still_flows() {
     for id in [
         "db.staging",
         "db.production",
+        "infra.staging.plan",
         "infra.staging",
+        "infra.production.plan",
         "infra.production",
         "network",
         "cdn",
@@ -209,9 +211,10 @@ async fn failed_cdn_step_cancels_in_flight_and_compensates_in_reverse_order() {
     for id in &expected {
         assert_eq!(step(&view, id).status, "compensated", "{id}");
     }
-    // Build and backup have nothing to undo and stay as they were.
-    assert_eq!(step(&view, "build").status, "succeeded");
-    assert_eq!(step(&view, "backup.pre").status, "succeeded");
+    // Build, backup and the Terraform plans have nothing to undo and stay as they were.
+    for id in ["build", "backup.pre", "infra.staging.plan", "infra.production.plan"] {
+        assert_eq!(step(&view, id).status, "succeeded", "{id}");
+    }
     // No compensation began before the cancelled steps had stopped.
     let first_comp = view
         .steps
@@ -882,7 +885,7 @@ async fn two_schedulers_share_one_database_without_double_dispatching() {
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(jobs, 4 * 11, "exactly one job per step and run");
+    assert_eq!(jobs, 4 * 13, "exactly one job per step and run");
     let actors: Vec<String> = sqlx::query_scalar("select distinct actor from audit where kind = 'dispatched'")
         .fetch_all(&env.pool)
         .await

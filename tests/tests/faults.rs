@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use baton_scheduler::store::RunView;
-use baton_tests::{EVERYTHING, ExecLine, PrivateBroker, SEED_BINDINGS, TestEnv, event};
+use baton_tests::{EVERYTHING, ExecLine, PrivateBroker, RealDaemon, SEED_BINDINGS, TestEnv, event};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -644,67 +644,6 @@ async fn slow_a_replica_restarting_every_two_seconds_does_not_delay_lease_expiry
     eprintln!("lease {lease:?}: the attempt was lost {lost_after:?} after its daemon died, across {restarts} restarts");
 }
 
-/// A real daemon process of the crash storm, restarted on demand.
-struct RealDaemon {
-    label: String,
-    bin: &'static str,
-    config: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl RealDaemon {
-    fn spawn(env: &TestEnv, label: &str, bin: &'static str, config: &std::path::Path) -> std::process::Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(env.dir.join(format!("{label}.log")))
-            .unwrap();
-        std::process::Command::new(baton_tests::bin(bin))
-            .arg("--config")
-            .arg(config)
-            .env("BATON_AMQP__URL", &env.amqp_url)
-            .env("BATON_LOG__FORMAT", "json")
-            .env("RUST_LOG", "info,lapin=warn,sqlx=warn")
-            .env("BATON_DAEMON__INSTANCE", label)
-            // Every verification lingers with its scratch database, so kills land mid-check.
-            .env(
-                "BATON_PAUSEPOINTS",
-                "db-migration-scratch-created:3000,backup-scratch-created:3000",
-            )
-            .env("BATON_SIGNING__KEY_FILE", env.dir.join("daemon.key"))
-            .env("BATON_SIGNING__TRUSTED", format!("[{:?}]", env.scheduler_key.public()))
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    fn start(env: &TestEnv, label: &str, bin: &'static str, config: std::path::PathBuf) -> Self {
-        let child = Self::spawn(env, label, bin, &config);
-        Self {
-            label: label.to_owned(),
-            bin,
-            config,
-            child,
-        }
-    }
-
-    /// SIGKILL, then a new process in its place.
-    fn kill_and_restart(&mut self, env: &TestEnv) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = Self::spawn(env, &self.label, self.bin, &self.config);
-    }
-}
-
-impl Drop for RealDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn git(repo: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .arg("-C")
@@ -826,6 +765,11 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
         .unwrap();
     assert!(age.status.success());
     let recipient = String::from_utf8_lossy(&age.stdout).trim().to_owned();
+    // Every verification lingers with its scratch database, so kills land mid-check.
+    const PAUSES: &[(&str, &str)] = &[(
+        "BATON_PAUSEPOINTS",
+        "db-migration-scratch-created:3000,backup-scratch-created:3000",
+    )];
     let mut daemons = Vec::new();
     for zone in ["staging", "production"] {
         for i in 1..=2 {
@@ -841,7 +785,7 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
                 ),
             )
             .unwrap();
-            daemons.push(RealDaemon::start(&env, &label, "baton-db-migration", config));
+            daemons.push(RealDaemon::start(&env, &label, "baton-db-migration", config, PAUSES));
         }
         let label = format!("backup-{zone}");
         let config = env.dir.join(format!("{label}.toml"));
@@ -859,7 +803,7 @@ async fn slow_crash_storm_with_real_daemons_loses_no_run_and_leaves_nothing_behi
             ),
         )
         .unwrap();
-        daemons.push(RealDaemon::start(&env, &label, "baton-backup", config));
+        daemons.push(RealDaemon::start(&env, &label, "baton-backup", config, PAUSES));
     }
     let mut schedulers = [env.scheduler("scheduler-a").await, env.spawn_scheduler("scheduler-b")];
 

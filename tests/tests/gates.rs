@@ -1115,3 +1115,130 @@ async fn a_cancelled_rollout_is_undone_and_a_daemon_killed_while_undoing_it_leav
     assert_eq!(undos.len(), 2, "{undos:?}");
     assert_ne!(undos[0].pid, undos[1].pid, "the successor did it");
 }
+
+const INFRA_PIPELINE: &str = r#"
+[pipeline]
+name = "infra"
+promotion = ["staging", "production"]
+
+[[step]]
+id = "infra.staging.plan"
+role = "infrastructure"
+zone = "staging"
+action = "plan"
+params = { blast_radius_limit = 5, dir = "infra" }
+
+[[step]]
+id = "infra.staging"
+role = "infrastructure"
+zone = "staging"
+action = "apply"
+needs = ["infra.staging.plan"]
+gates = ["blast-radius"]
+compensate = "reapply-previous"
+params = { blast_radius_limit = 5, dir = "infra" }
+"#;
+
+/// The blast-radius gate on real facts: the real infrastructure daemon plans a
+/// Terraform change of 7 resources (real Terraform, state in PostgreSQL), the
+/// run waits for an approval that shows the addresses and the saved plan's
+/// hash, and after it the apply applies exactly that plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terraform_change_over_the_blast_radius_waits_for_approval_of_its_plan() {
+    use baton_shared::testing::GitRepo;
+
+    let env = TestEnv::new("gates-blast").await;
+    let pipeline = env.dir.join("infra.toml");
+    std::fs::write(&pipeline, INFRA_PIPELINE).unwrap();
+    env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
+    let t = configure(&env, "");
+    let scheduler = env.scheduler("scheduler").await;
+    let api = Api::of(&scheduler, &t);
+
+    // The zone's Terraform state database, and the daemon.
+    let state_db = format!("{}_tf", env.db_name);
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {state_db}")))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let state_url = format!("postgres://postgres@127.0.0.1:5432/{state_db}?sslmode=disable");
+    let config = env.dir.join("infra-staging.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nzone = \"staging\"\n\n[infrastructure]\nrepos_dir = {:?}\nwork_dir = {:?}\nstate_url = {state_url:?}\n",
+            env.dir.join("infra-repos").display().to_string(),
+            env.dir.join("infra-work").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let daemon = baton_tests::RealDaemon::start(&env, "infra-staging", "baton-infrastructure", config, &[]);
+
+    let repo = GitRepo::new();
+    repo.write(
+        "infra/main.tf",
+        "terraform {\n  backend \"pg\" {}\n}\nresource \"terraform_data\" \"r\" {\n  count = 7\n  input = \"r-${count.index}\"\n}\n",
+    );
+    let commit = repo.commit("seven resources");
+    let mut ev = event("infra", 1, &["infra/main.tf"]);
+    ev["repository"] = json!(repo.url());
+    ev["commit_sha"] = json!(commit);
+    let run = env.enqueue(&ev);
+
+    let v = env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
+    let hold = v.step("infra.staging").unwrap().hold.clone().expect("the apply waits");
+    assert!(hold.approval && hold.gate == "blast-radius", "{hold:?}");
+    let plan_sha = v.step("infra.staging.plan").unwrap().outputs["plan_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for want in [
+        "7 resources change, above the blast radius limit of 5",
+        "terraform_data.r[0] (create)",
+        "terraform_data.r[6] (create)",
+        &format!("saved plan sha256:{} of infra.staging.plan", &plan_sha[..16]),
+    ] {
+        assert!(hold.reason.contains(want), "{want:?} not in {}", hold.reason);
+    }
+    // Nothing is applied while it waits.
+    let applied: Option<i64> = sqlx::query_scalar("select count(*) from baton_terraform.applies")
+        .fetch_one(
+            &mut <sqlx::PgConnection as sqlx::Connection>::connect(&state_url)
+                .await
+                .unwrap(),
+        )
+        .await
+        .ok();
+    assert_eq!(applied, Some(0));
+
+    let (status, e) = api
+        .post(
+            &api.alice,
+            &format!("/v1/runs/{run}/approve"),
+            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "comment": "seven new resources, expected"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "succeeded", "{}", env.diagnostics());
+    let applied = &v.step("infra.staging").unwrap().outputs;
+    assert_eq!(
+        applied["plan_sha256"],
+        json!(plan_sha),
+        "the apply applied the approved plan"
+    );
+    assert_eq!(applied["resources_changed"], 7);
+    assert_eq!(applied["state_after"]["serial"], 1);
+    assert!(
+        gate_entries(&v, "blast-radius", "pass")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("approved by alice")
+    );
+
+    drop(daemon);
+    sqlx::query(sqlx::AssertSqlSafe(format!("drop database {state_db} with (force)")))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}

@@ -730,7 +730,7 @@ async fn a_journal_entry_older_than_the_applied_ones_is_named_and_applied_only_w
     journal["entries"].as_array_mut().unwrap().push(serde_json::json!(
         {"idx": 2, "version": "7", "when": when_b - 30_000, "tag": "0002_late", "breakpoints": true}
     ));
-    repo.write(&journal_path, &serde_json::to_string_pretty(&journal).unwrap());
+    repo.write(&journal_path, serde_json::to_string_pretty(&journal).unwrap());
     repo.write(
         &format!("{DIR}/0002_late.sql"),
         "CREATE TABLE \"late\" (\"id\" integer);",
@@ -803,7 +803,7 @@ async fn a_migration_changed_after_it_was_applied_is_refused_naming_it() {
     let tag = &fixture_tags()[0];
     let path = format!("{DIR}/{tag}.sql");
     let text = std::fs::read_to_string(repo.path().join(&path)).unwrap();
-    repo.write(&path, &format!("{text}\n-- edited after it was applied\n"));
+    repo.write(&path, format!("{text}\n-- edited after it was applied\n"));
     let edited = repo.commit("edit an applied migration");
     let err = run(&role, &migrate_job("staging", &repo, &edited, Uuid::new_v4()))
         .await

@@ -831,7 +831,11 @@ async fn main() {
         lat.step_overhead.p50_ms / floor.round_trip.p50_ms,
         lat.step_overhead.p99_ms / floor.round_trip.p50_ms
     );
-    println!("{:<44} {}", "seed pipeline, 11 steps, enqueue → end", f(&lat.pipeline));
+    println!(
+        "{:<44} {}",
+        "seed pipeline, every step, enqueue → end",
+        f(&lat.pipeline)
+    );
     println!(
         "{:<44} {}",
         "  enqueue → first job in its daemon",

@@ -184,13 +184,13 @@ pub fn write_fixture(repo: &GitRepo, n: usize) {
     journal["entries"].as_array_mut().unwrap().truncate(n);
     repo.write(
         &format!("{DIR}/meta/_journal.json"),
-        &serde_json::to_string_pretty(&journal).unwrap(),
+        serde_json::to_string_pretty(&journal).unwrap(),
     );
     for tag in fixture_tags().into_iter().take(n) {
         for suffix in [".sql", ".down.sql", ".recovery.md"] {
             let src = fixture_dir().join(format!("{tag}{suffix}"));
             if src.exists() {
-                repo.write(&format!("{DIR}/{tag}{suffix}"), &std::fs::read_to_string(src).unwrap());
+                repo.write(&format!("{DIR}/{tag}{suffix}"), std::fs::read_to_string(src).unwrap());
             }
         }
     }
@@ -239,7 +239,7 @@ pub fn write_migrations(repo: &GitRepo, migs: &[Mig<'_>]) {
     let journal = serde_json::json!({"version": "7", "dialect": "postgresql", "entries": entries});
     repo.write(
         &format!("{DIR}/meta/_journal.json"),
-        &serde_json::to_string_pretty(&journal).unwrap(),
+        serde_json::to_string_pretty(&journal).unwrap(),
     );
     for m in migs {
         repo.write(&format!("{DIR}/{}.sql", m.tag), m.sql);
