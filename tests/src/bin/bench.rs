@@ -8,6 +8,9 @@
 //! keep the scheduler's and daemon's logs of those measurements. `--migrations-only` times
 //! `baton-db-migration apply` against drizzle-orm's `migrate()` on the same folder (it needs
 //! `cargo build -p baton-db-migration` in the same profile and the interop npm packages).
+//! `--daemons-only` times the container-build and infrastructure roles against their
+//! tools alone: a cached rebuild of an unchanged commit against `buildah bud`, and a
+//! no-change Terraform plan against `terraform plan`.
 //!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
 //! and database. Daemons are the scripted test daemon in `--noop` mode (every job
@@ -680,13 +683,22 @@ Measures Baton against this machine's RabbitMQ and PostgreSQL (see BENCHMARKS.md
   --schedulers=M         scheduler processes for --throughput-only (default 1)
   --scheduler-cpu=C      limit each scheduler to C cores (a cgroup CPU quota; needs root)
   --migrations-only      baton-db-migration apply against drizzle-orm's migrate() on the same
-                         35-migration folder, each on a fresh database, as JSON";
+                         35-migration folder, each on a fresh database, as JSON
+  --daemons-only         container-build's cached rebuild against `buildah bud` alone, and
+                         infrastructure's no-change plan against `terraform plan` alone, as JSON";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let known = |a: &str| {
-        ["--json", "--quick", "--latency-only", "--migrations-only"].contains(&a)
+        [
+            "--json",
+            "--quick",
+            "--latency-only",
+            "--migrations-only",
+            "--daemons-only",
+        ]
+        .contains(&a)
             || ["--throughput-only=", "--schedulers=", "--scheduler-cpu="]
                 .iter()
                 .any(|p| a.starts_with(p))
@@ -707,6 +719,11 @@ async fn main() {
         (500, 50, vec![100, 1000])
     };
 
+    if args.iter().any(|a| a == "--daemons-only") {
+        let m = daemons(if quick { 3 } else { 7 }).await;
+        println!("{}", serde_json::to_string_pretty(&m).unwrap());
+        return;
+    }
     if args.iter().any(|a| a == "--migrations-only") {
         let m = migrations(if quick { 3 } else { 7 }).await;
         println!("{}", serde_json::to_string_pretty(&m).unwrap());
@@ -1032,4 +1049,230 @@ async fn migrations(rounds: usize) -> serde_json::Value {
     let (b, d) = (median(&mut baton_ms), median(&mut drizzle_ms));
     json!({"migrations": 35, "rounds": rounds, "baton_apply_ms_p50": b, "drizzle_migrate_ms_p50": d,
            "ratio": b / d, "target_ratio": 1.5})
+}
+
+fn median_ms(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn timed_ms(f: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    f();
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The daemons' own overhead over their tools, in process (no broker): the
+/// container-build role's cached rebuild of an unchanged commit (export from
+/// git, the Dockerfile rules, `buildah bud`, `buildah push` to an archive, the
+/// file list and size, the import into containerd and the read-back; the
+/// scanner is a recorded empty report, so its own time is not counted) against
+/// `buildah bud` alone on the same context; and the infrastructure role's
+/// no-change plan (export, `init`, `plan -out`, `show -json`, the plan saved in
+/// PostgreSQL) against `terraform plan` alone in an initialised directory.
+async fn daemons(rounds: usize) -> serde_json::Value {
+    use baton_shared::testing::{GitRepo, TempDir};
+
+    let work = TempDir::new("bench-daemons");
+    let w = work.path();
+    let buildah = |args: &[&str]| {
+        let out = std::process::Command::new("buildah")
+            .arg("--root")
+            .arg(w.join("storage"))
+            .arg("--runroot")
+            .arg(w.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .expect("buildah");
+        assert!(
+            out.status.success(),
+            "buildah {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // The base image, from Debian's busybox-static, and containerd.
+    let base = w.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy("/bin/busybox", base.join("busybox")).expect("busybox-static");
+    std::fs::write(base.join("Dockerfile"), "FROM scratch\nCOPY busybox /bin/busybox\n").unwrap();
+    buildah(&[
+        "bud",
+        "--isolation",
+        "chroot",
+        "-t",
+        "localhost/busybox:base",
+        base.to_str().unwrap(),
+    ]);
+    let digest = buildah(&["images", "--format", "{{.Digest}}", "localhost/busybox:base"]);
+    let socket = w.join("containerd.sock");
+    std::fs::write(
+        w.join("containerd.toml"),
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = {:?}\n",
+            w.join("ctd-root").display().to_string(),
+            w.join("ctd-state").display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut containerd = std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(w.join("containerd.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("containerd");
+    let ready = Instant::now();
+    while !std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&socket)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(ready.elapsed() < Duration::from_secs(120), "containerd did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let repo = GitRepo::new();
+    repo.write("src/app.txt", "hello\n");
+    repo.write(
+        "Dockerfile",
+        format!(
+            "FROM localhost/busybox@{digest} AS build\nCOPY src /src\nRUN [\"/bin/busybox\", \"cp\", \"/src/app.txt\", \"/app\"]\n\
+             FROM localhost/busybox@{digest}\nCOPY --from=build /app /app\n"
+        ),
+    );
+    let commit = repo.commit("app");
+    let empty_report = w.join("empty-report.json");
+    std::fs::write(&empty_report, r#"{"SchemaVersion": 2}"#).unwrap();
+    let mut config = baton_container_build::BuildConfig {
+        repos_dir: w.join("repos"),
+        work_dir: w.to_owned(),
+        ..Default::default()
+    };
+    config.buildah.storage_root = w.join("storage");
+    config.buildah.run_root = w.join("run");
+    config.containerd.address = socket.clone();
+    config.scan.command = vec!["cat".into(), empty_report.display().to_string()];
+    config.scan.sbom_command = Vec::new();
+    config.scan.config_command = Vec::new();
+    let role = baton_container_build::ContainerBuild::new(config).unwrap();
+    let mut job = baton_shared::protocol::StepJob::example("ci", "container-build", "build");
+    job.deploy.repository = repo.url();
+    job.deploy.commit_sha = commit.clone();
+    role.run(&job).await.expect("the first build");
+    let context = w.join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(repo.path().join("Dockerfile"), context.join("Dockerfile")).unwrap();
+    std::fs::create_dir_all(context.join("src")).unwrap();
+    std::fs::copy(repo.path().join("src/app.txt"), context.join("src/app.txt")).unwrap();
+    let (mut role_ms, mut bud_ms) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let started = Instant::now();
+        role.run(&job).await.expect("a cached rebuild");
+        role_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        bud_ms.push(timed_ms(|| {
+            buildah(&[
+                "bud",
+                "--isolation",
+                "chroot",
+                "--layers",
+                "--timestamp",
+                "0",
+                "--pull=never",
+                "-t",
+                "localhost/bench:bud",
+                context.to_str().unwrap(),
+            ]);
+        }));
+    }
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+    let (b_role, b_bud) = (median_ms(&mut role_ms), median_ms(&mut bud_ms));
+
+    // Terraform: a database of its own, ten resources applied once.
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    let pool = sqlx::PgPool::connect(admin).await.expect("postgres");
+    let db = format!("bench_tf_{}", std::process::id());
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&pool)
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {db}")))
+        .execute(&pool)
+        .await
+        .expect("create database");
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}?sslmode=disable");
+    let infra = GitRepo::new();
+    let tf = "terraform {\n  backend \"pg\" {}\n}\nresource \"terraform_data\" \"r\" {\n  count = 10\n  input = \"r-${count.index}\"\n}\n";
+    infra.write("main.tf", tf);
+    let tf_commit = infra.commit("ten resources");
+    let role = baton_infrastructure::Infrastructure::new(baton_infrastructure::InfraConfig {
+        repos_dir: w.join("tf-repos"),
+        work_dir: w.join("tf-work"),
+        state_url: baton_shared::secret::Secret::new(url.clone()),
+        ..Default::default()
+    });
+    let tf_job = |action: &str, run: Uuid| {
+        let mut j = baton_shared::protocol::StepJob::example("staging", "infrastructure", action)
+            .with_param("blast_radius_limit", 20);
+        j.run_id = run;
+        j.step_id = format!("infra.{action}");
+        j.deploy.repository = infra.url();
+        j.deploy.commit_sha = tf_commit.clone();
+        j
+    };
+    role.run(&tf_job("apply", Uuid::new_v4()))
+        .await
+        .expect("the first apply");
+    // `terraform plan` alone, in a directory initialised once.
+    let plain = w.join("tf-plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("main.tf"), tf).unwrap();
+    let terraform = |args: &[&str]| {
+        let out = std::process::Command::new("terraform")
+            .current_dir(&plain)
+            .args(args)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_IN_AUTOMATION", "1")
+            .env("PG_CONN_STR", &url)
+            .env("PG_SCHEMA_NAME", "tf_staging_shop_api")
+            .output()
+            .expect("terraform");
+        assert!(
+            out.status.success(),
+            "terraform {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    terraform(&["init", "-input=false", "-no-color"]);
+    let (mut plan_ms, mut tf_ms) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let out = role
+            .run(&tf_job("plan", Uuid::new_v4()))
+            .await
+            .expect("a no-change plan");
+        plan_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(out["resources_changed"], 0);
+        tf_ms.push(timed_ms(|| {
+            terraform(&["plan", "-input=false", "-no-color", "-lock-timeout=60s"])
+        }));
+    }
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {db} with (force)"
+    )))
+    .execute(&pool)
+    .await;
+    let (t_role, t_plain) = (median_ms(&mut plan_ms), median_ms(&mut tf_ms));
+    json!({
+        "rounds": rounds,
+        "container_build": {"role_cached_rebuild_ms_p50": b_role, "buildah_bud_cached_ms_p50": b_bud,
+                            "ratio": b_role / b_bud, "target_ratio": 1.2},
+        "infrastructure": {"role_no_change_plan_ms_p50": t_role, "terraform_plan_ms_p50": t_plain,
+                           "ratio": t_role / t_plain, "target_ratio": 1.2},
+    })
 }
