@@ -316,9 +316,11 @@ impl GitCache {
 }
 
 /// Holds an exclusive `flock` on a file until dropped.
-struct FileLock(#[allow(dead_code)] std::fs::File);
+pub struct FileLock(#[allow(dead_code)] std::fs::File);
 
-async fn lock_file(path: PathBuf) -> Result<FileLock, String> {
+/// Waits for an exclusive lock on `path` (created if missing), across threads
+/// and processes; the error says why it could not be taken.
+pub async fn lock_file(path: PathBuf) -> Result<FileLock, String> {
     tokio::task::spawn_blocking(move || {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;

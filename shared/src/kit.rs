@@ -86,6 +86,33 @@ pub trait Daemon: Sized + 'static {
     }
 }
 
+/// A role's error: its display for logs, and what the scheduler is told.
+pub trait JobError: std::fmt::Display {
+    fn step_error(&self) -> crate::protocol::StepError;
+}
+
+/// A job's result as the runtime's outcome; a failure is logged with the job's
+/// ids, its code and whether it may pass on a retry.
+pub fn outcome<E: JobError>(
+    job: &crate::protocol::StepJob,
+    result: Result<crate::protocol::Fields, E>,
+) -> runtime::Outcome {
+    result.map_err(|e| {
+        let error = e.step_error();
+        tracing::warn!(
+            run_id = %job.run_id,
+            step_id = %job.step_id,
+            role = %job.role,
+            action = %job.action,
+            code = %error.code,
+            retryable = error.retryable,
+            error = %e,
+            "job failed"
+        );
+        error
+    })
+}
+
 /// No one-shot modes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NoModes {}

@@ -233,19 +233,6 @@ impl Default for ScanConfig {
 /// Trivy's severities.
 pub const SEVERITIES: &[&str] = &["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"];
 
-fn absolute(key: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
-    if path.as_os_str().is_empty() || path.is_relative() {
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "{:?} is not an absolute path (a relative one would depend on the daemon's working directory)",
-                path.display().to_string()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn command(key: &'static str, argv: &[String], allowed: &[&str], required: bool) -> Result<(), ConfigError> {
     if argv.is_empty() {
         return if required {
@@ -283,11 +270,11 @@ fn command(key: &'static str, argv: &[String], allowed: &[&str], required: bool)
 
 impl BuildConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        absolute("build.repos_dir", &self.repos_dir)?;
-        absolute("build.work_dir", &self.work_dir)?;
-        absolute("build.buildah.storage_root", &self.buildah.storage_root)?;
-        absolute("build.buildah.run_root", &self.buildah.run_root)?;
-        absolute("build.containerd.address", &self.containerd.address)?;
+        ConfigError::check_absolute("build.repos_dir", &self.repos_dir)?;
+        ConfigError::check_absolute("build.work_dir", &self.work_dir)?;
+        ConfigError::check_absolute("build.buildah.storage_root", &self.buildah.storage_root)?;
+        ConfigError::check_absolute("build.buildah.run_root", &self.buildah.run_root)?;
+        ConfigError::check_absolute("build.containerd.address", &self.containerd.address)?;
         crate::image::check_prefix(&self.image_prefix).map_err(|e| ConfigError::invalid("build.image_prefix", e))?;
         if self.max_image_bytes == 0 {
             return Err(ConfigError::invalid("build.max_image_bytes", "must be at least 1"));

@@ -197,16 +197,6 @@ fn apply_layer(files: &mut BTreeSet<String>, reader: impl Read) -> Result<(), St
     Ok(())
 }
 
-/// Files of the image that the forbidden-path globs match.
-pub fn forbidden_files(contents: &Contents, set: &GlobSet) -> Vec<String> {
-    contents
-        .files
-        .iter()
-        .filter(|f| set.is_match(f.as_str()))
-        .cloned()
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,19 +233,9 @@ mod tests {
     #[test]
     fn forbidden_globs_stay_within_segments() {
         let set = forbidden_set(&["usr/bin/gcc*".into(), "root/.cache/**".into()]).unwrap();
-        let contents = Contents {
-            digest: String::new(),
-            layers: 0,
-            size_bytes: 0,
-            files: ["usr/bin/gcc-12", "usr/bin/gcc/x", "root/.cache/pip/a/b", "usr/bin/sh"]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-        };
-        assert_eq!(
-            forbidden_files(&contents, &set),
-            ["root/.cache/pip/a/b", "usr/bin/gcc-12"]
-        );
+        let files = ["usr/bin/gcc-12", "usr/bin/gcc/x", "root/.cache/pip/a/b", "usr/bin/sh"];
+        let hits: Vec<&str> = files.into_iter().filter(|f| set.is_match(f)).collect();
+        assert_eq!(hits, ["usr/bin/gcc-12", "root/.cache/pip/a/b"]);
     }
 
     #[test]

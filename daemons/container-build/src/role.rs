@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use baton_shared::facts::ImageBuilt;
 use baton_shared::git::{self, GitCache};
+use baton_shared::kit;
 use baton_shared::protocol::{self, Fields, JobKind, StepJob};
 use baton_shared::roles;
 use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
@@ -58,6 +59,10 @@ pub struct BuildOutputs {
     pub base_images: Vec<String>,
     /// Whether every build step came from the layer cache.
     pub cache_hit: bool,
+    /// Whether containerd already held this image from an earlier job of the
+    /// same commit (nothing was exported or imported again).
+    #[serde(default)]
+    pub already_imported: bool,
     /// Where the SBOM of this image is kept, if one is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sbom: Option<String>,
@@ -65,6 +70,69 @@ pub struct BuildOutputs {
     /// configuration check: recorded in the run's history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// What this daemon shipped for a commit (`work_dir/built/<service>/<commit>.json`):
+/// enough to judge the image again without reading it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Shipped {
+    /// buildah's image id (the config digest): the same for a rebuild from the cache.
+    image_id: String,
+    /// The manifest digest containerd holds.
+    digest: String,
+    size_bytes: u64,
+    layers: usize,
+    files: Vec<String>,
+    findings: Vec<scan::Finding>,
+    sbom: Option<String>,
+}
+
+impl Shipped {
+    fn read(path: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// Written whole or not at all (a rename over the old record).
+    fn write(&self, path: &Path) -> Result<(), Error> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let text = serde_json::to_vec(self).map_err(|e| Error::Io {
+            what: "the build record".into(),
+            detail: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text).map_err(io(format!("cannot write {}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn outputs(
+        self,
+        name: String,
+        tag: String,
+        checked: dockerfile::Checked,
+        cache_hit: bool,
+        verdict: scan::Verdict,
+        warnings: Vec<String>,
+        already_imported: bool,
+    ) -> BuildOutputs {
+        BuildOutputs {
+            facts: ImageBuilt {
+                image: Some(format!("{name}@{}", self.digest)),
+                image_digest: self.digest,
+                size_bytes: Some(self.size_bytes),
+                scan: Some(verdict.summary),
+            },
+            tag,
+            layers: self.layers,
+            stages: checked.stages,
+            base_images: checked.images.into_iter().map(|i| i.reference).collect(),
+            cache_hit,
+            already_imported,
+            sbom: self.sbom,
+            warnings,
+        }
+    }
 }
 
 /// The container-build role, built from `[build]`.
@@ -197,7 +265,10 @@ impl ContainerBuild {
             "source exported, Dockerfile checked"
         );
 
-        // 2. Build, export as the archive containerd imports.
+        // 2. Build. The same commit builds the same image id from the cache: an
+        // image this daemon already shipped (its record, and containerd still
+        // holding the tag at that digest) is judged again under today's rules
+        // and reported, without exporting and importing it again.
         let context = if params.context == "." {
             source.clone()
         } else {
@@ -208,6 +279,31 @@ impl ContainerBuild {
             .build(&context, &dockerfile_path, &tag, &scratch.0.join("iid"))
             .await
             .map_err(|tool| Error::Build { tool })?;
+        let record_path = self
+            .config
+            .work_dir
+            .join("built")
+            .join(&job.deploy.service)
+            .join(format!("{commit}.json"));
+        if let Some(record) = Shipped::read(&record_path).filter(|r| r.image_id == built.image_id) {
+            let held = self
+                .ctr
+                .digest_of(&tag)
+                .await
+                .map_err(|tool| Error::Containerd { tool })?;
+            if held.as_deref() == Some(record.digest.as_str()) {
+                let verdict = self.judge(&record, limit)?;
+                warnings.extend(verdict.allowed.iter().cloned());
+                tracing::info!(
+                    run_id = %job.run_id,
+                    step_id = %job.step_id,
+                    image = %tag,
+                    digest = %record.digest,
+                    "image already built and imported"
+                );
+                return Ok(record.outputs(name, tag, checked, built.all_cached, verdict, warnings, true));
+            }
+        }
         let archive = scratch.0.join("image.tar");
         let digest = self
             .buildah
@@ -215,7 +311,7 @@ impl ContainerBuild {
             .await
             .map_err(|tool| Error::Build { tool })?;
 
-        // 3. What ships: the file list and the size.
+        // 3. What ships (the file list and the size) and what the scanner finds.
         let layout = scratch.0.join("layout");
         let contents = {
             let (archive, layout, digest) = (archive.clone(), layout.clone(), digest.clone());
@@ -233,29 +329,23 @@ impl ContainerBuild {
                 detail,
             })?
         };
-        let tools_found = image::forbidden_files(&contents, &self.forbidden);
-        if !tools_found.is_empty() {
-            return Err(Error::BuildToolsInImage { files: tools_found });
-        }
-        if contents.size_bytes > limit {
-            return Err(Error::TooLarge {
-                size: contents.size_bytes,
-                limit,
-            });
-        }
-
-        // 4. The scan, and the SBOM kept with the build.
-        let verdict = self.scan(&layout, &archive).await?;
+        let mut record = Shipped {
+            image_id: built.image_id.clone(),
+            digest: digest.clone(),
+            size_bytes: contents.size_bytes,
+            layers: contents.layers,
+            files: contents.files.into_iter().collect(),
+            findings: Vec::new(),
+            sbom: None,
+        };
+        // Build tools and size refuse before the scanner runs.
+        self.judge(&record, limit)?;
+        record.findings = self.scan(&layout, &archive).await?;
+        let verdict = self.judge(&record, limit)?;
         warnings.extend(verdict.allowed.iter().cloned());
-        if !verdict.blocking.is_empty() {
-            return Err(Error::ScanBlocked {
-                findings: verdict.blocking.iter().map(ToString::to_string).collect(),
-                expired: verdict.expired,
-            });
-        }
-        let sbom = self.sbom(&layout, &archive, &job.deploy.service, commit).await?;
+        record.sbom = self.sbom(&layout, &archive, &job.deploy.service, commit).await?;
 
-        // 5. Into the cluster's image store, confirmed by reading it back.
+        // 4. Into the cluster's image store, confirmed by reading it back.
         self.ctr
             .import(&archive)
             .await
@@ -272,30 +362,52 @@ impl ContainerBuild {
                 found: found.unwrap_or_else(|| "nothing".into()),
             });
         }
+        record.write(&record_path)?;
         tracing::info!(
             run_id = %job.run_id,
             step_id = %job.step_id,
             image = %tag,
             digest = %digest,
-            size_bytes = contents.size_bytes,
+            size_bytes = record.size_bytes,
             cache_hit = built.all_cached,
             "image built, scanned and imported"
         );
-        Ok(BuildOutputs {
-            facts: ImageBuilt {
-                image: Some(format!("{name}@{digest}")),
-                image_digest: digest,
-                size_bytes: Some(contents.size_bytes),
-                scan: Some(verdict.summary),
-            },
-            tag,
-            layers: contents.layers,
-            stages: checked.stages,
-            base_images: checked.images.into_iter().map(|i| i.reference).collect(),
-            cache_hit: built.all_cached,
-            sbom,
-            warnings,
-        })
+        Ok(record.outputs(name, tag, checked, built.all_cached, verdict, warnings, false))
+    }
+
+    /// The seed's rules on what ships, under today's configuration: build tools
+    /// in the file list, the size limit, and the scanner's findings against the
+    /// allow-list as it is today.
+    fn judge(&self, shipped: &Shipped, limit: u64) -> Result<scan::Verdict, Error> {
+        let tools_found: Vec<String> = shipped
+            .files
+            .iter()
+            .filter(|f| self.forbidden.is_match(f.as_str()))
+            .cloned()
+            .collect();
+        if !tools_found.is_empty() {
+            return Err(Error::BuildToolsInImage { files: tools_found });
+        }
+        if shipped.size_bytes > limit {
+            return Err(Error::TooLarge {
+                size: shipped.size_bytes,
+                limit,
+            });
+        }
+        let today = chrono::Utc::now().date_naive();
+        let verdict = scan::judge(
+            &shipped.findings,
+            &self.config.scan.blocking,
+            &self.config.scan.allow,
+            today,
+        );
+        if !verdict.blocking.is_empty() {
+            return Err(Error::ScanBlocked {
+                findings: verdict.blocking.iter().map(ToString::to_string).collect(),
+                expired: verdict.expired,
+            });
+        }
+        Ok(verdict)
     }
 
     /// The Dockerfile check's findings, as warnings (a check that cannot run is one too).
@@ -321,19 +433,13 @@ impl ContainerBuild {
         )]
     }
 
-    async fn scan(&self, layout: &Path, archive: &Path) -> Result<scan::Verdict, Error> {
+    /// The scanner's findings on the image.
+    async fn scan(&self, layout: &Path, archive: &Path) -> Result<Vec<scan::Finding>, Error> {
         let (program, args) = tools::fill(&self.config.scan.command, &[("layout", layout), ("archive", archive)]);
         let report = tools::run("the vulnerability scan", &program, &args, &self.scanner_env())
             .await
             .map_err(|e| Error::Scanner { detail: e.to_string() })?;
-        let findings = scan::findings(&report).map_err(|detail| Error::Scanner { detail })?;
-        let today = chrono::Utc::now().date_naive();
-        Ok(scan::judge(
-            &findings,
-            &self.config.scan.blocking,
-            &self.config.scan.allow,
-            today,
-        ))
+        scan::findings(&report).map_err(|detail| Error::Scanner { detail })
     }
 
     async fn sbom(&self, layout: &Path, archive: &Path, service: &str, commit: &str) -> Result<Option<String>, Error> {
@@ -363,24 +469,10 @@ impl Role for ContainerBuild {
     fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
         // Cancellation drops this future: buildah, ctr and the scanner are killed
         // (kill_on_drop) and the job's scratch directory goes with it.
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
 
     fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
-}
-
-async fn outcome(role: &ContainerBuild, job: &StepJob) -> Outcome {
-    role.run(job).await.map_err(|e| {
-        tracing::warn!(
-            run_id = %job.run_id,
-            step_id = %job.step_id,
-            action = %job.action,
-            code = e.code(),
-            error = %e,
-            "container-build job failed"
-        );
-        e.to_step_error()
-    })
 }

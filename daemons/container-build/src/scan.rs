@@ -65,7 +65,7 @@ struct Misconfiguration {
 }
 
 /// One finding, as reported to operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     pub id: String,
     pub severity: String,

@@ -268,9 +268,20 @@ async fn a_two_stage_image_is_built_scanned_and_imported_by_digest_and_rebuilt_f
     assert_eq!(sbom["bomFormat"], "CycloneDX");
 
     // Another run of the same commit (a redelivery, a redeploy): the cache, the same digest.
+    assert!(!first.already_imported);
     let second = build(&role, &job(&repo, &commit)).await;
-    assert!(second.cache_hit);
+    assert!(second.cache_hit && second.already_imported);
     assert_eq!(second.facts.image_digest, digest);
+    assert_eq!(
+        (second.facts.size_bytes, second.layers),
+        (first.facts.size_bytes, first.layers)
+    );
+    // Removed from containerd, it is exported and imported again.
+    assert!(env.containerd.ctr(&["images", "rm", &tag]).status.success());
+    let third = build(&role, &job(&repo, &commit)).await;
+    assert!(third.cache_hit && !third.already_imported);
+    assert_eq!(third.facts.image_digest, digest);
+    assert!(env.containerd.images().contains(&digest));
     // The job's scratch directories are gone.
     assert_eq!(std::fs::read_dir(env.work.path().join("jobs")).unwrap().count(), 0);
 }
@@ -356,7 +367,7 @@ async fn the_seed_rules_refuse_with_their_reason_and_nothing_is_imported() {
         "nothing imported yet: {}",
         env.containerd.images()
     );
-    let allowed = build(&env.role(critical), &job(&repo, &c)).await;
+    let allowed = build(&env.role(critical.clone()), &job(&repo, &c)).await;
     assert_eq!(allowed.facts.scan.as_ref().unwrap().allowed, ["CVE-2019-14697"]);
     assert!(
         allowed
@@ -370,6 +381,11 @@ async fn the_seed_rules_refuse_with_their_reason_and_nothing_is_imported() {
     let images = env.containerd.images();
     assert_eq!(images.lines().skip(1).count(), 1, "{images}");
     assert!(images.contains(&allowed.facts.image_digest));
+    // The same commit again, already in containerd, is judged under today's rules:
+    // without the allow-list entry the finding refuses it.
+    critical.scan.allow.clear();
+    let e = refused(&repo, &c, &env.role(critical)).await;
+    assert_eq!(e.code, "scan_blocked", "{}", e.message);
 }
 
 #[tokio::test]

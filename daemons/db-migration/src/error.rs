@@ -326,3 +326,9 @@ pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
         _ => None,
     }
 }
+
+impl baton_shared::kit::JobError for Error {
+    fn step_error(&self) -> StepError {
+        self.to_step_error()
+    }
+}

@@ -12,6 +12,7 @@
 //! migrations still in drizzle's history, so running it again does nothing.
 
 use baton_shared::facts::{self, MigrationsApplied, Removal};
+use baton_shared::kit;
 use baton_shared::protocol::{Fields, JobKind, StepJob};
 use baton_shared::roles;
 use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
@@ -871,29 +872,14 @@ impl Role for DbMigration {
     }
 
     fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
 
     fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
         // Cancellation drops this future: the connection closes, PostgreSQL rolls the
         // open transaction back and releases the lock, and git children are killed.
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
-}
-
-async fn outcome(role: &DbMigration, job: &StepJob) -> Outcome {
-    role.run(job).await.map_err(|e| {
-        tracing::warn!(
-            run_id = %job.run_id,
-            step_id = %job.step_id,
-            action = %job.action,
-            code = e.code(),
-            retryable = e.retryable(),
-            error = %e,
-            "db-migration job failed"
-        );
-        e.to_step_error()
-    })
 }
 
 #[cfg(test)]

@@ -61,19 +61,6 @@ impl Default for InfraConfig {
     }
 }
 
-fn absolute(key: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
-    if path.as_os_str().is_empty() || path.is_relative() {
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "{:?} is not an absolute path (a relative one would depend on the daemon's working directory)",
-                path.display().to_string()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 impl InfraConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.terraform.as_os_str().is_empty() {
@@ -82,10 +69,10 @@ impl InfraConfig {
                 "must name the terraform binary",
             ));
         }
-        absolute("infrastructure.repos_dir", &self.repos_dir)?;
-        absolute("infrastructure.work_dir", &self.work_dir)?;
+        ConfigError::check_absolute("infrastructure.repos_dir", &self.repos_dir)?;
+        ConfigError::check_absolute("infrastructure.work_dir", &self.work_dir)?;
         if let Some(m) = &self.provider_mirror {
-            absolute("infrastructure.provider_mirror", m)?;
+            ConfigError::check_absolute("infrastructure.provider_mirror", m)?;
         }
         let url = self.state_url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {

@@ -115,3 +115,9 @@ impl Error {
         StepError::new(self.code(), self.to_string(), self.retryable())
     }
 }
+
+impl baton_shared::kit::JobError for Error {
+    fn step_error(&self) -> StepError {
+        self.to_step_error()
+    }
+}

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_shared::facts::{FactSet, TerraformPlanned};
-use baton_shared::git::{self, GitCache};
+use baton_shared::git::{self, FileLock, GitCache};
+use baton_shared::kit;
 use baton_shared::protocol::{self, Fields, JobKind, StepJob};
 use baton_shared::roles;
 use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
@@ -107,6 +108,10 @@ struct Checkout {
     dir: PathBuf,
     /// Terraform for the job's state schema.
     tf: Terraform,
+    /// The commit checked out.
+    commit: String,
+    /// The schema's data directory is this job's until dropped.
+    _data_dir: FileLock,
 }
 
 impl Drop for Checkout {
@@ -197,6 +202,13 @@ impl Infrastructure {
     async fn checkout(&self, job: &StepJob, commit: &str, p: &Params) -> Result<Checkout, Error> {
         git::check_commit(commit)?;
         let tf = self.terraform(job)?;
+        let data_dir = Terraform::data_dir_of(&self.config, &self.schema(job));
+        let lock = git::lock_file(data_dir.with_extension("lock"))
+            .await
+            .map_err(|detail| Error::Io {
+                what: format!("cannot lock {}", data_dir.display()),
+                detail,
+            })?;
         let scratch =
             self.config
                 .work_dir
@@ -212,6 +224,8 @@ impl Infrastructure {
             },
             scratch,
             tf,
+            commit: commit.to_owned(),
+            _data_dir: lock,
         };
         self.git
             .export(&job.deploy.repository, commit, ".", &checkout.scratch.join("source"))
@@ -222,9 +236,20 @@ impl Infrastructure {
                 commit: commit.to_owned(),
             }));
         }
-        let backend = checkout.tf.init(&checkout.dir).await.map_err(Error::Terraform)?;
-        if backend.as_deref() != Some("pg") {
-            return Err(Error::Backend {
+        // The data directory of an earlier job on this schema is reused: `init`
+        // only when it was never initialised, or when Terraform asks for it.
+        let backend = match checkout.tf.backend() {
+            Some(b) => Some(b),
+            None => checkout.tf.init(&checkout.dir).await.map_err(Error::Terraform)?,
+        };
+        Self::require_pg(backend, job, p, commit)?;
+        Ok(checkout)
+    }
+
+    fn require_pg(backend: Option<String>, job: &StepJob, p: &Params, commit: &str) -> Result<(), Error> {
+        match backend.as_deref() {
+            Some("pg") => Ok(()),
+            _ => Err(Error::Backend {
                 dir: p.dir.clone(),
                 commit: commit.to_owned(),
                 zone: job.zone.clone(),
@@ -232,9 +257,8 @@ impl Infrastructure {
                     None => "in a local file (no backend block)".to_owned(),
                     Some(b) => format!("in backend {b:?}"),
                 },
-            });
+            }),
         }
-        Ok(checkout)
     }
 
     fn terraform(&self, job: &StepJob) -> Result<Terraform, Error> {
@@ -271,10 +295,18 @@ impl Infrastructure {
         destroy: bool,
     ) -> Result<TerraformPlanned, Error> {
         let tf = &checkout.tf;
-        if let Err(f) = tf.plan(&checkout.dir, file, self.lock_timeout(p), destroy).await {
-            return Err(self.explain(conn, job, p, f).await);
+        let mut planned = tf.plan(&checkout.dir, file, self.lock_timeout(p), destroy).await;
+        if let Err(Failure::NeedsInit(_)) = planned {
+            // The configuration's backend, modules or providers changed since
+            // this data directory was initialised.
+            let backend = tf.init(&checkout.dir).await.map_err(Error::Terraform)?;
+            Self::require_pg(backend, job, p, &checkout.commit)?;
+            planned = tf.plan(&checkout.dir, file, self.lock_timeout(p), destroy).await;
         }
-        let summary = tf.show(&checkout.dir, file).await.map_err(Error::Terraform)?;
+        let summary = match planned {
+            Ok(s) => s,
+            Err(f) => return Err(self.explain(conn, job, p, f).await),
+        };
         let protected = protected_set(&p.protected)?;
         let hits: Vec<String> = summary
             .changes
@@ -567,24 +599,10 @@ impl Role for Infrastructure {
         // Cancellation drops this future: terraform is killed, its connection
         // closes and PostgreSQL releases the state lock. What it applied so far
         // is undone by `reapply-previous` (the role declares partial effects).
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
 
     fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
-        Box::pin(outcome(self, job))
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
     }
-}
-
-async fn outcome(role: &Infrastructure, job: &StepJob) -> Outcome {
-    role.run(job).await.map_err(|e| {
-        tracing::warn!(
-            run_id = %job.run_id,
-            step_id = %job.step_id,
-            action = %job.action,
-            code = e.code(),
-            error = %e,
-            "infrastructure job failed"
-        );
-        e.to_step_error()
-    })
 }

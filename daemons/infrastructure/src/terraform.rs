@@ -22,6 +22,8 @@ pub enum Failure {
     Locked(String),
     /// `apply` of a saved plan whose state has changed since.
     Stale(String),
+    /// The working directory must be (re)initialised first.
+    NeedsInit(String),
     /// Anything else: the configuration, a provider, the backend.
     Failed { command: String, detail: String },
 }
@@ -29,7 +31,7 @@ pub enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotStarted(d) | Self::Locked(d) | Self::Stale(d) => f.write_str(d),
+            Self::NotStarted(d) | Self::Locked(d) | Self::Stale(d) | Self::NeedsInit(d) => f.write_str(d),
             Self::Failed { command, detail } => write!(f, "terraform {command} failed: {detail}"),
         }
     }
@@ -40,6 +42,9 @@ impl std::fmt::Display for Failure {
 pub struct Terraform {
     bin: PathBuf,
     env: Vec<(String, String)>,
+    /// `TF_DATA_DIR`: kept per state schema between jobs, so an unchanged
+    /// configuration needs no `init` (see [`Terraform::backend`]).
+    data_dir: PathBuf,
 }
 
 /// The last `n` non-empty lines of `text`.
@@ -57,6 +62,7 @@ impl Terraform {
     /// daemon's CLI configuration (plugin cache, provider mirror) once.
     pub fn new(config: &InfraConfig, schema: &str) -> std::io::Result<Self> {
         let rc = config.work_dir.join("terraformrc");
+        let data_dir = Self::data_dir_of(config, schema);
         let cache = config.work_dir.join("plugin-cache");
         std::fs::create_dir_all(&cache)?;
         let mut text = format!("plugin_cache_dir = {:?}\n", cache.display().to_string());
@@ -76,6 +82,7 @@ impl Terraform {
             // line (visible to every process) or in `.terraform/` (on disk).
             ("PG_CONN_STR", config.state_url.expose().clone()),
             ("PG_SCHEMA_NAME", schema.to_owned()),
+            ("TF_DATA_DIR", data_dir.display().to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -83,7 +90,32 @@ impl Terraform {
         Ok(Self {
             bin: config.terraform.clone(),
             env,
+            data_dir,
         })
+    }
+
+    /// Where `schema`'s working data lives; one job at a time uses it (the
+    /// caller holds `<data dir>.lock`).
+    pub fn data_dir_of(config: &InfraConfig, schema: &str) -> PathBuf {
+        config.work_dir.join("data").join(schema)
+    }
+
+    /// The backend the data directory was initialised with, if it was.
+    pub fn backend(&self) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Local {
+            backend: Option<Backend>,
+        }
+        #[derive(Deserialize)]
+        struct Backend {
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        std::fs::read(self.data_dir.join("terraform.tfstate"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Local>(&b).ok())
+            .and_then(|l| l.backend)
+            .map(|b| b.kind)
     }
 
     /// Runs `terraform args` in `dir`: exit code and output.
@@ -109,16 +141,34 @@ impl Terraform {
     }
 
     fn failed(command: &str, stderr: &str, stdout: &[u8]) -> Failure {
-        let said = if stderr.trim().is_empty() {
-            String::from_utf8_lossy(stdout).into_owned()
-        } else {
-            stderr.to_owned()
-        };
+        // With -json the diagnostics are JSON lines on stdout: their summaries
+        // and details are the message.
+        let stdout = String::from_utf8_lossy(stdout);
+        let mut said = String::new();
+        for line in stdout.lines() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) if v["type"] == "diagnostic" && v["diagnostic"]["severity"] == "error" => {
+                    said.push_str(v["diagnostic"]["summary"].as_str().unwrap_or_default());
+                    said.push_str(": ");
+                    said.push_str(v["diagnostic"]["detail"].as_str().unwrap_or_default());
+                    said.push('\n');
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    said.push_str(line);
+                    said.push('\n');
+                }
+            }
+        }
+        said.push_str(stderr);
         if said.contains("Error acquiring the state lock") {
             return Failure::Locked(tail(&said, 3));
         }
         if said.contains("Saved plan is stale") {
             return Failure::Stale(tail(&said, 3));
+        }
+        if said.contains("terraform init") {
+            return Failure::NeedsInit(tail(&said, 6));
         }
         Failure::Failed {
             command: command.to_owned(),
@@ -128,31 +178,27 @@ impl Terraform {
 
     /// `terraform init`, then the backend it configured (`None`: local state).
     pub async fn init(&self, dir: &Path) -> Result<Option<String>, Failure> {
+        // A backend recorded by an earlier init would survive `-reconfigure` when
+        // the configuration no longer declares one; what init records is read after.
+        let _ = std::fs::remove_file(self.data_dir.join("terraform.tfstate"));
         let args = ["init", "-input=false", "-no-color", "-reconfigure"].map(str::to_owned);
         let (code, stdout, stderr) = self.run(dir, &args).await?;
         if code != 0 {
             return Err(Self::failed("init", &stderr, &stdout));
         }
-        #[derive(Deserialize)]
-        struct Local {
-            backend: Option<Backend>,
-        }
-        #[derive(Deserialize)]
-        struct Backend {
-            #[serde(rename = "type")]
-            kind: String,
-        }
-        let backend = std::fs::read(dir.join(".terraform/terraform.tfstate"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Local>(&b).ok())
-            .and_then(|l| l.backend)
-            .map(|b| b.kind);
-        Ok(backend)
+        Ok(self.backend())
     }
 
-    /// `terraform plan -out=plan` (or `-destroy`); whether anything changes.
-    pub async fn plan(&self, dir: &Path, out: &Path, lock_timeout: Duration, destroy: bool) -> Result<bool, Failure> {
-        let mut args: Vec<String> = ["plan", "-input=false", "-no-color", "-detailed-exitcode"]
+    /// `terraform plan -out=plan` (or `-destroy`): the changes, from its
+    /// machine-readable output (one process, no `show`).
+    pub async fn plan(
+        &self,
+        dir: &Path,
+        out: &Path,
+        lock_timeout: Duration,
+        destroy: bool,
+    ) -> Result<TerraformPlanned, Failure> {
+        let mut args: Vec<String> = ["plan", "-input=false", "-json", "-detailed-exitcode"]
             .map(str::to_owned)
             .to_vec();
         args.push(format!("-lock-timeout={}s", lock_timeout.as_secs()));
@@ -161,28 +207,12 @@ impl Terraform {
             args.push("-destroy".to_owned());
         }
         match self.run(dir, &args).await? {
-            (0, ..) => Ok(false),
-            (2, ..) => Ok(true),
+            (0 | 2, stdout, _) => summarize(&stdout).map_err(|detail| Failure::Failed {
+                command: "plan".into(),
+                detail,
+            }),
             (_, stdout, stderr) => Err(Self::failed("plan", &stderr, &stdout)),
         }
-    }
-
-    /// The saved plan's changes (`terraform show -json`).
-    pub async fn show(&self, dir: &Path, plan: &Path) -> Result<TerraformPlanned, Failure> {
-        let args = vec![
-            "show".to_owned(),
-            "-json".to_owned(),
-            "-no-color".to_owned(),
-            plan.display().to_string(),
-        ];
-        let (code, stdout, stderr) = self.run(dir, &args).await?;
-        if code != 0 {
-            return Err(Self::failed("show", &stderr, &stdout));
-        }
-        summarize(&stdout).map_err(|detail| Failure::Failed {
-            command: "show".into(),
-            detail,
-        })
     }
 
     /// `terraform apply` of exactly the saved plan.
@@ -201,52 +231,56 @@ impl Terraform {
     }
 }
 
-/// Reads `terraform show -json` of a plan: every resource that changes.
-pub fn summarize(json: &[u8]) -> Result<TerraformPlanned, String> {
+/// Reads `terraform plan -json` (Terraform's machine-readable UI, one JSON
+/// object per line): every `planned_change` that changes something, sorted by
+/// address (Terraform prints them as they are decided, in no fixed order).
+pub fn summarize(lines: &[u8]) -> Result<TerraformPlanned, String> {
     #[derive(Deserialize)]
-    struct Plan {
+    struct Line {
+        #[serde(rename = "type")]
+        kind: String,
         #[serde(default)]
-        resource_changes: Vec<Change>,
+        change: Option<Change>,
     }
     #[derive(Deserialize)]
     struct Change {
-        address: String,
-        change: Actions,
+        resource: Resource,
+        action: String,
     }
     #[derive(Deserialize)]
-    struct Actions {
-        actions: Vec<String>,
+    struct Resource {
+        addr: String,
     }
-    let plan: Plan = serde_json::from_slice(json).map_err(|e| format!("terraform show -json: {e}"))?;
     let mut s = TerraformPlanned::default();
-    for c in plan.resource_changes {
-        let a: Vec<&str> = c.change.actions.iter().map(String::as_str).collect();
-        let action = match a.as_slice() {
-            ["create"] => {
-                s.add += 1;
-                "create"
+    let mut summary_seen = false;
+    for line in String::from_utf8_lossy(lines).lines().filter(|l| l.starts_with('{')) {
+        let line: Line = serde_json::from_str(line).map_err(|e| format!("terraform plan -json: {e}: {line}"))?;
+        match (line.kind.as_str(), line.change) {
+            ("planned_change", Some(c)) => {
+                match c.action.as_str() {
+                    "create" => s.add += 1,
+                    "update" => s.change += 1,
+                    "delete" => s.destroy += 1,
+                    "replace" => {
+                        s.add += 1;
+                        s.destroy += 1;
+                    }
+                    // noop, read, move, remove (forget): nothing in the infrastructure changes.
+                    _ => continue,
+                }
+                s.changes.push(ResourceChange {
+                    address: c.resource.addr,
+                    action: c.action,
+                });
             }
-            ["update"] => {
-                s.change += 1;
-                "update"
-            }
-            ["delete"] => {
-                s.destroy += 1;
-                "delete"
-            }
-            ["delete", "create"] | ["create", "delete"] => {
-                s.add += 1;
-                s.destroy += 1;
-                "replace"
-            }
-            // no-op, read, forget: nothing in the infrastructure changes.
-            _ => continue,
-        };
-        s.changes.push(ResourceChange {
-            address: c.address,
-            action: action.to_owned(),
-        });
+            ("change_summary", _) => summary_seen = true,
+            _ => {}
+        }
     }
+    if !summary_seen {
+        return Err("terraform plan -json printed no change summary".to_owned());
+    }
+    s.changes.sort_by(|a, b| a.address.cmp(&b.address));
     s.resources_changed = s.changes.len() as u64;
     Ok(s)
 }
@@ -256,16 +290,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plans_are_summarized_by_action() {
-        let json = br#"{"resource_changes": [
-            {"address": "terraform_data.a", "change": {"actions": ["create"]}},
-            {"address": "terraform_data.b", "change": {"actions": ["no-op"]}},
-            {"address": "terraform_data.c", "change": {"actions": ["delete", "create"]}},
-            {"address": "module.m.terraform_data.d[0]", "change": {"actions": ["update"]}},
-            {"address": "terraform_data.e", "change": {"actions": ["delete"]}},
-            {"address": "data.x.y", "change": {"actions": ["read"]}}
-        ]}"#;
-        let s = summarize(json).unwrap();
+    fn plans_are_summarized_by_action_in_address_order() {
+        let line = |addr: &str, action: &str| {
+            format!(
+                "{{\"type\":\"planned_change\",\"change\":{{\"resource\":{{\"addr\":\"{addr}\"}},\"action\":\"{action}\"}}}}\n"
+            )
+        };
+        let mut out = String::from("{\"type\":\"version\",\"terraform\":\"1.11.4\"}\n");
+        for (a, act) in [
+            ("terraform_data.e", "delete"),
+            ("terraform_data.a", "create"),
+            ("terraform_data.b", "noop"),
+            ("terraform_data.c", "replace"),
+            ("module.m.terraform_data.d[0]", "update"),
+            ("data.x.y", "read"),
+        ] {
+            out.push_str(&line(a, act));
+        }
+        assert!(summarize(out.as_bytes()).unwrap_err().contains("no change summary"));
+        out.push_str("{\"type\":\"change_summary\",\"changes\":{\"add\":2}}\n");
+        let s = summarize(out.as_bytes()).unwrap();
         assert_eq!((s.resources_changed, s.add, s.change, s.destroy), (4, 2, 1, 2));
         let actions: Vec<_> = s
             .changes
@@ -275,9 +319,9 @@ mod tests {
         assert_eq!(
             actions,
             [
+                ("module.m.terraform_data.d[0]", "update"),
                 ("terraform_data.a", "create"),
                 ("terraform_data.c", "replace"),
-                ("module.m.terraform_data.d[0]", "update"),
                 ("terraform_data.e", "delete")
             ]
         );
