@@ -74,11 +74,19 @@ fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError { what, source }
 }
 
-/// Connects and makes sure Baton's tables exist (one creator at a time).
+/// State databases whose tables this process has made sure of.
+static READY: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Connects and makes sure Baton's tables exist (once per process and
+/// database; one creator at a time).
 pub async fn connect(url: &str) -> Result<PgConnection, DbError> {
     let mut conn = PgConnection::connect(url)
         .await
         .map_err(db("connecting to the state database"))?;
+    let key = hex::encode(Sha256::digest(url.as_bytes()));
+    if READY.lock().is_ok_and(|r| r.contains(&key)) {
+        return Ok(conn);
+    }
     let mut tx = conn.begin().await.map_err(db("creating baton_terraform"))?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('baton_terraform.schema'))")
         .execute(&mut *tx)
@@ -89,6 +97,9 @@ pub async fn connect(url: &str) -> Result<PgConnection, DbError> {
         .await
         .map_err(db("creating baton_terraform"))?;
     tx.commit().await.map_err(db("creating baton_terraform"))?;
+    if let Ok(mut r) = READY.lock() {
+        r.push(key);
+    }
     Ok(conn)
 }
 
