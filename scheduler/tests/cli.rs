@@ -156,7 +156,7 @@ fn the_shipped_seed_pipeline_validates() {
     let out = baton(&["pipeline", "validate", seed, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["steps"].as_array().unwrap().len(), 11);
+    assert_eq!(v["steps"].as_array().unwrap().len(), 13);
 }
 
 #[test]

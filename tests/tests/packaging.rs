@@ -1195,6 +1195,8 @@ fn dockerfile_pins_bases_runs_as_non_root_and_ships_every_binary() {
         ("scheduler", vec!["baton"]),
         ("db-migration", vec!["baton-db-migration"]),
         ("backup", vec!["baton-backup"]),
+        ("container-build", vec!["baton-container-build"]),
+        ("infrastructure", vec!["baton-infrastructure"]),
         ("baton", binaries.iter().map(String::as_str).collect()),
     ];
     for (target, shipped) in &roles {

@@ -13,6 +13,11 @@
 //!   enums, outside `pg_catalog`, `information_schema`, `drizzle` and
 //!   `baton_migrations`. `NOT VALID` is ignored in the comparison. The scratch
 //!   database is dropped afterwards, also when the job is cancelled.
+//! - The expected schema depends only on the migrations' texts (and the scratch
+//!   server's version), so it is cached by their hash in the admin database
+//!   (`baton_migration_cache.expected`, entries unused for 90 days deleted): a
+//!   folder is replayed once, on its first deploy, and every later zone, replica
+//!   or redeploy of the same folder compares against that result.
 //!
 //! The foreign key check reads whole child tables; on very large tables it takes as
 //! long as a sequential scan of each.
@@ -21,6 +26,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use baton_shared::secret::Secret;
+use sha2::Digest;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
@@ -44,6 +50,8 @@ pub struct Report {
     pub validated: Vec<String>,
     pub foreign_keys_checked: usize,
     pub problems: Vec<Problem>,
+    /// Whether the expected schema came from the cache (see [`expected_snapshot`]).
+    pub expected_cached: bool,
 }
 
 impl Report {
@@ -56,6 +64,7 @@ impl Report {
             "validated_constraints": self.validated,
             "foreign_keys_checked": self.foreign_keys_checked,
             "schema_matches": !self.problems.iter().any(|p| matches!(p, Problem::SchemaDifference(_))),
+            "expected_schema": if self.expected_cached { "cached" } else { "replayed on a scratch database" },
         })
     }
 }
@@ -65,8 +74,11 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 /// Runs every check on `conn`, which must be inside a transaction (checks use savepoints).
-pub async fn check(conn: &mut PgConnection, service: &str, expected: &Snapshot) -> Result<Report, Error> {
-    let mut report = Report::default();
+pub async fn check(conn: &mut PgConnection, service: &str, expected: &Expected) -> Result<Report, Error> {
+    let mut report = Report {
+        expected_cached: expected.cached,
+        ..Report::default()
+    };
     validate_constraints(conn, service, &mut report).await?;
     check_foreign_keys(conn, service, &mut report).await?;
     let actual = snapshot(conn).await.map_err(|source| Error::Database {
@@ -76,7 +88,7 @@ pub async fn check(conn: &mut PgConnection, service: &str, expected: &Snapshot) 
     })?;
     report
         .problems
-        .extend(actual.diff(expected).into_iter().map(Problem::SchemaDifference));
+        .extend(actual.diff(&expected.schema).into_iter().map(Problem::SchemaDifference));
     Ok(report)
 }
 
@@ -464,18 +476,110 @@ async fn drop_database(admin: &PgConnectOptions, name: &str) -> Result<(), Error
     Ok(())
 }
 
-/// The schema the folder's migrations produce on an empty database.
-pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Snapshot, Error> {
+/// The schema a folder's migrations produce on an empty database, and where
+/// it came from.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub schema: Snapshot,
+    /// From the cache rather than replayed now.
+    pub cached: bool,
+}
+
+/// Expected schemas by what determines them (the scratch server's version and
+/// every migration's tag and text, in order), in the admin database: every
+/// daemon using that server shares them, so a folder is replayed once — on its
+/// first deploy, usually to staging — and later zones and replicas compare
+/// against the same result.
+const CACHE: &str = "
+CREATE SCHEMA IF NOT EXISTS baton_migration_cache;
+CREATE TABLE IF NOT EXISTS baton_migration_cache.expected (
+    key text PRIMARY KEY,
+    migrations integer NOT NULL,
+    snapshot jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    used_at timestamptz NOT NULL DEFAULT now()
+);
+";
+
+/// Entries unused this long are deleted.
+const CACHE_KEEP_DAYS: i32 = 90;
+
+async fn cache_key(conn: &mut PgConnection, set: &MigrationSet) -> Result<String, sqlx::Error> {
+    let version: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut h = sha2::Sha256::new();
+    h.update(version.as_bytes());
+    for m in &set.migrations {
+        h.update([0]);
+        h.update(m.tag.as_bytes());
+        h.update([0]);
+        h.update(m.sql.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+async fn cached(conn: &mut PgConnection, key: &str) -> Result<Option<Snapshot>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('baton_migration_cache'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(CACHE).execute(&mut *tx).await?;
+    tx.commit().await?;
+    let found: Option<serde_json::Value> = sqlx::query_scalar(
+        "UPDATE baton_migration_cache.expected SET used_at = now() WHERE key = $1 RETURNING snapshot",
+    )
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.and_then(|v| serde_json::from_value(v).ok()).map(Snapshot))
+}
+
+async fn remember(conn: &mut PgConnection, key: &str, set: &MigrationSet, snap: &Snapshot) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO baton_migration_cache.expected (key, migrations, snapshot) VALUES ($1, $2, $3) \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(i32::try_from(set.migrations.len()).unwrap_or(i32::MAX))
+    .bind(serde_json::to_value(&snap.0).unwrap_or_default())
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM baton_migration_cache.expected WHERE used_at < now() - make_interval(days => $1)")
+        .bind(CACHE_KEEP_DAYS)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The schema the folder's migrations produce on an empty database: from the
+/// cache, or replayed on a scratch database (and then cached).
+pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Expected, Error> {
     let admin = db::options(admin_url).map_err(|source| Error::Scratch {
         doing: "reading migration.admin_url".into(),
         source,
     })?;
+    let cache_err = |source| Error::Scratch {
+        doing: "reading the expected-schema cache".into(),
+        source,
+    };
+    let mut conn = db::connect_with(&admin).await.map_err(cache_err)?;
+    let key = cache_key(&mut conn, set).await.map_err(cache_err)?;
+    if let Some(schema) = cached(&mut conn, &key).await.map_err(cache_err)? {
+        let _ = conn.close().await;
+        return Ok(Expected { schema, cached: true });
+    }
     let scratch = Scratch::create(admin.clone()).await?;
     let result = replay(&admin.clone().database(&scratch.name), set).await;
     let dropped = scratch.drop_now().await;
-    let snap = result?;
+    let schema = result?;
     dropped?;
-    Ok(snap)
+    remember(&mut conn, &key, set, &schema).await.map_err(|source| Error::Scratch {
+        doing: "writing the expected-schema cache".into(),
+        source,
+    })?;
+    let _ = conn.close().await;
+    Ok(Expected { schema, cached: false })
 }
 
 async fn replay(opts: &PgConnectOptions, set: &MigrationSet) -> Result<Snapshot, Error> {

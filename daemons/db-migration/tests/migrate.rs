@@ -51,6 +51,31 @@ async fn pending_migrations_are_applied_in_one_go_and_recorded_as_drizzle_record
 }
 
 #[tokio::test]
+async fn a_folder_is_replayed_once_and_its_expected_schema_reused() {
+    let (a, b) = (TestDb::create().await, TestDb::create().await);
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 4);
+    // Migrations no other test has: the expected-schema cache has no entry for them.
+    let first = format!("{DIR}/{}.sql", fixture_tags()[0]);
+    let text = std::fs::read_to_string(repo.path().join(&first)).unwrap();
+    repo.write(&first, format!("{text}\n-- {}\n", Uuid::new_v4()));
+    let sha = repo.commit("migrations");
+
+    let out = run(&role(&a, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(out["verify"]["expected_schema"], "replayed on a scratch database");
+    // Another database (another zone, a recreated environment): no replay.
+    let out = run(&role(&b, &cache), &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(out["verify"]["expected_schema"], "cached");
+    assert_eq!(out["verify"]["schema_matches"], true);
+    assert_eq!(b.columns("orders").await, ["id", "user_id", "total_cents"]);
+}
+
+#[tokio::test]
 async fn reapplying_is_a_no_op_that_reports_what_the_run_applied() {
     let db = TestDb::create().await;
     let cache = TempDir::new("cache");
