@@ -574,10 +574,12 @@ pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -
     let dropped = scratch.drop_now().await;
     let schema = result?;
     dropped?;
-    remember(&mut conn, &key, set, &schema).await.map_err(|source| Error::Scratch {
-        doing: "writing the expected-schema cache".into(),
-        source,
-    })?;
+    remember(&mut conn, &key, set, &schema)
+        .await
+        .map_err(|source| Error::Scratch {
+            doing: "writing the expected-schema cache".into(),
+            source,
+        })?;
     let _ = conn.close().await;
     Ok(Expected { schema, cached: false })
 }

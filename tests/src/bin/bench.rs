@@ -993,9 +993,11 @@ async fn migrations(rounds: usize) -> serde_json::Value {
     // empty, so the first round replays the folder (a first deploy) and the
     // others find it cached (every later zone, replica or redeploy).
     let admin = format!("postgres://postgres@127.0.0.1:5432/{admin_db}");
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop database if exists {admin_db} with (force)")))
-        .execute(&pool)
-        .await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {admin_db} with (force)"
+    )))
+    .execute(&pool)
+    .await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {admin_db}")))
         .execute(&pool)
         .await
