@@ -395,6 +395,26 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
                 .map(|p| (s.id.as_str(), p))
         });
     match reported {
+        // Changes in modules the merge did not touch need an approval whatever
+        // their number (the seed: "plan shows unintended changes").
+        Some((from, p)) if !p.unintended.is_empty() => approval(
+            run,
+            step,
+            facts,
+            policy,
+            now,
+            &format!(
+                "the plan changes {} resource(s) in modules this merge did not touch ({}); {} resources change in all{}",
+                p.unintended.len(),
+                p.unintended
+                    .iter()
+                    .map(|c| format!("{} ({})", c.address, c.action))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.resources_changed,
+                plan_of(from, &p)
+            ),
+        ),
         Some((from, p)) if p.resources_changed <= limit => Verdict::pass(format!(
             "{} resources change (limit {limit}){}",
             p.resources_changed,

@@ -168,6 +168,12 @@ pub struct TerraformPlanned {
     /// the apply applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_sha256: Option<String>,
+    /// Changes in modules the merge did not touch (neither the module's files
+    /// nor a module that calls it changed since the last apply): drift or a
+    /// side effect nobody asked for. The blast-radius gate wants an approval
+    /// for them whatever their number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unintended: Vec<ResourceChange>,
 }
 
 /// One resource a Terraform plan changes.

@@ -241,6 +241,43 @@ impl GitCache {
         .map_err(fail("archive"))
     }
 
+    /// Paths under `folder` (`.` for all) that differ between commits `from`
+    /// and `to`, relative to `folder`.
+    pub async fn changed_paths(
+        &self,
+        repository: &str,
+        from: &str,
+        to: &str,
+        folder: &str,
+    ) -> Result<Vec<String>, GitError> {
+        check_commit(from)?;
+        check_commit(to)?;
+        let folder = if folder.trim_end_matches('/') == "." {
+            String::new()
+        } else {
+            format!("{}/", check_folder("folder", folder)?)
+        };
+        self.ensure_commit(repository, from).await?;
+        let repo = self.ensure_commit(repository, to).await?;
+        let mut args = vec!["diff", "--name-only", "-z", "--no-renames", from, to];
+        if !folder.is_empty() {
+            args.extend(["--", folder.as_str()]);
+        }
+        let out = git(&repo, &args).await.map_err(|detail| GitError::Git {
+            operation: "diff",
+            repository: display_repository(repository),
+            detail,
+        })?;
+        Ok(out
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let p = String::from_utf8_lossy(p);
+                p.strip_prefix(&folder).unwrap_or(&p).to_owned()
+            })
+            .collect())
+    }
+
     /// The cache repository of `repository`, holding `commit`.
     async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, GitError> {
         if is_relative_path(repository) {

@@ -327,6 +327,16 @@ impl Infrastructure {
         let file = checkout.scratch.join("plan.tfplan");
         let state = history::current_state(&mut conn, &self.schema(job)).await?;
         let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+        // What the merge touched: the paths changed since the commit of the last
+        // apply (a first apply touches everything).
+        let schema = self.schema(job);
+        if let Some(previous) = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await? {
+            let changed = self
+                .git
+                .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, &p.dir)
+                .await?;
+            facts.unintended = untouched(&facts.changes, &checkout.tf.modules(), &changed);
+        }
         let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
         let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
         let sha = history::save_plan(
@@ -561,6 +571,59 @@ impl Infrastructure {
     }
 }
 
+/// The changes in modules the merge did not touch: a module is touched when a
+/// file directly in its directory changed, or the module calling it is
+/// touched (the root module is touched when a file directly in it changed).
+/// A module from outside the repository (its directory under `.terraform/`)
+/// is touched only through its caller.
+pub fn untouched(
+    changes: &[baton_shared::facts::ResourceChange],
+    modules: &std::collections::BTreeMap<String, String>,
+    changed: &[String],
+) -> Vec<baton_shared::facts::ResourceChange> {
+    let parent = |path: &str| path.rsplit_once('/').map_or(String::new(), |(d, _)| d.to_owned());
+    let changed_dirs: std::collections::BTreeSet<String> = changed.iter().map(|p| parent(p)).collect();
+    let dir_changed = |dir: &str| {
+        let dir = dir.trim_start_matches("./").trim_end_matches('/');
+        let dir = if dir == "." { "" } else { dir };
+        changed_dirs.contains(dir)
+    };
+    let touched = |key: &str| {
+        if dir_changed(".") {
+            return true;
+        }
+        let mut prefix = String::new();
+        for part in key.split('.').filter(|p| !p.is_empty()) {
+            if !prefix.is_empty() {
+                prefix.push('.');
+            }
+            prefix.push_str(part);
+            if modules.get(&prefix).is_some_and(|d| dir_changed(d)) {
+                return true;
+            }
+        }
+        false
+    };
+    changes
+        .iter()
+        .filter(|c| !touched(&module_key(&c.address)))
+        .cloned()
+        .collect()
+}
+
+/// `module.db.module.inner["a"].terraform_data.y` -> `db.inner`.
+fn module_key(address: &str) -> String {
+    let mut keys = Vec::new();
+    let mut rest = address;
+    while let Some(after) = rest.strip_prefix("module.") {
+        let end = after.find('.').unwrap_or(after.len());
+        let name = &after[..end];
+        keys.push(name.split('[').next().unwrap_or(name).to_owned());
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    keys.join(".")
+}
+
 /// What a fresh plan changes that the approved one did not, and the other way round.
 fn describe_difference(approved: &TerraformPlanned, fresh: &TerraformPlanned) -> String {
     let fmt = |c: &baton_shared::facts::ResourceChange| format!("{} ({})", c.address, c.action);
@@ -604,5 +667,69 @@ impl Role for Infrastructure {
 
     fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
         Box::pin(async move { kit::outcome(job, self.run(job).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use baton_shared::facts::ResourceChange;
+
+    use super::*;
+
+    fn change(address: &str) -> ResourceChange {
+        ResourceChange {
+            address: address.to_owned(),
+            action: "update".to_owned(),
+        }
+    }
+
+    #[test]
+    fn changes_outside_the_touched_modules_are_named() {
+        let modules = std::collections::BTreeMap::from([
+            (String::new(), ".".to_owned()),
+            ("db".to_owned(), "modules/db".to_owned()),
+            ("db.inner".to_owned(), "modules/db/inner".to_owned()),
+            ("cdn".to_owned(), "modules/cdn".to_owned()),
+            ("remote".to_owned(), ".terraform/modules/remote".to_owned()),
+        ]);
+        let changes = [
+            change("terraform_data.a"),
+            change("module.db.terraform_data.x"),
+            change("module.db.module.inner.terraform_data.y"),
+            change("module.cdn[\"eu\"].terraform_data.z"),
+            change("module.remote.terraform_data.r"),
+        ];
+        let names = |changed: &[&str]| -> Vec<String> {
+            let changed: Vec<String> = changed.iter().map(|s| (*s).to_owned()).collect();
+            untouched(&changes, &modules, &changed)
+                .into_iter()
+                .map(|c| c.address)
+                .collect()
+        };
+        // The db module's own file: db and the module it calls are touched.
+        assert_eq!(
+            names(&["modules/db/main.tf"]),
+            [
+                "terraform_data.a",
+                "module.cdn[\"eu\"].terraform_data.z",
+                "module.remote.terraform_data.r"
+            ]
+        );
+        // Only the inner module: db's own resources changing are unintended.
+        assert_eq!(
+            names(&["modules/db/inner/main.tf"]),
+            [
+                "terraform_data.a",
+                "module.db.terraform_data.x",
+                "module.cdn[\"eu\"].terraform_data.z",
+                "module.remote.terraform_data.r"
+            ]
+        );
+        // A root file (the call sites): everything is touched.
+        assert!(names(&["main.tf"]).is_empty());
+        // Nothing changed (a redeploy of the same commit): all of it is drift.
+        assert_eq!(names(&[]).len(), 5);
+        assert_eq!(module_key("module.a[0].module.b[\"x\"].t.n"), "a.b");
+        assert_eq!(module_key("terraform_data.a"), "");
     }
 }

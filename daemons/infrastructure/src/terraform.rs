@@ -118,6 +118,28 @@ impl Terraform {
             .map(|b| b.kind)
     }
 
+    /// Module key (`db`, `db.inner`; `""` the root) -> its directory relative
+    /// to the root module, as the last `init` recorded them.
+    pub fn modules(&self) -> std::collections::BTreeMap<String, String> {
+        #[derive(Deserialize)]
+        struct Manifest {
+            #[serde(rename = "Modules", default)]
+            modules: Vec<Module>,
+        }
+        #[derive(Deserialize)]
+        struct Module {
+            #[serde(rename = "Key")]
+            key: String,
+            #[serde(rename = "Dir")]
+            dir: String,
+        }
+        std::fs::read(self.data_dir.join("modules/modules.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .map(|m| m.modules.into_iter().map(|m| (m.key, m.dir)).collect())
+            .unwrap_or_default()
+    }
+
     /// Runs `terraform args` in `dir`: exit code and output.
     async fn run(&self, dir: &Path, args: &[String]) -> Result<(i32, Vec<u8>, String), Failure> {
         let mut cmd = Command::new(&self.bin);

@@ -372,3 +372,64 @@ async fn protected_replacements_and_local_state_are_refused() {
         e.message
     );
 }
+
+/// A change the merge did not ask for — here drift made outside Baton in a
+/// module the merge does not touch — is named in the plan's `unintended`.
+#[tokio::test]
+async fn changes_in_modules_the_merge_did_not_touch_are_reported_as_unintended() {
+    let env = Env::new().await;
+    let role = env.role();
+    let repo = GitRepo::new();
+    let module = |input: &str| format!("resource \"terraform_data\" \"x\" {{\n  input = \"{input}\"\n}}\n");
+    repo.write(
+        "infra/main.tf",
+        "terraform {\n  backend \"pg\" {}\n}\nmodule \"db\" {\n  source = \"./modules/db\"\n}\nmodule \"cdn\" {\n  source = \"./modules/cdn\"\n}\n",
+    );
+    repo.write("infra/modules/db/main.tf", module("db-1"));
+    repo.write("infra/modules/cdn/main.tf", module("cdn-1"));
+    let first = repo.commit("two modules");
+    plan_and_apply(&role, &repo, &first, Uuid::new_v4()).await;
+
+    // Someone applies another db input by hand, outside Baton.
+    let by_hand = TempDir::new("infra-by-hand");
+    for (path, text) in [
+        (
+            "main.tf",
+            std::fs::read_to_string(repo.path().join("infra/main.tf")).unwrap(),
+        ),
+        ("modules/db/main.tf", module("db-by-hand")),
+        ("modules/cdn/main.tf", module("cdn-1")),
+    ] {
+        let p = by_hand.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    for args in [
+        &["init", "-input=false"][..],
+        &["apply", "-input=false", "-auto-approve"][..],
+    ] {
+        let out = std::process::Command::new("terraform")
+            .current_dir(by_hand.path())
+            .args(args)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_CLI_CONFIG_FILE", "/dev/null")
+            .env("PG_CONN_STR", env.url())
+            .env("PG_SCHEMA_NAME", SCHEMA)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "terraform {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The merge changes only the cdn module: its change is intended, putting the
+    // db input back is not.
+    repo.write("infra/modules/cdn/main.tf", module("cdn-2"));
+    let second = repo.commit("cdn only");
+    let (p, _) = plan(&role, &repo, &second, Uuid::new_v4()).await;
+    assert_eq!(p.facts.resources_changed, 2, "{p:?}");
+    let unintended: Vec<_> = p.facts.unintended.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(unintended, ["module.db.terraform_data.x"]);
+}

@@ -709,3 +709,52 @@ fn backup(id: &str, run_id: Uuid, verified: bool) -> serde_json::Value {
     b.verified = verified;
     serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&b))
 }
+
+#[test]
+fn the_blast_radius_wants_an_approval_over_the_limit_and_for_unintended_changes() {
+    let mut r = run(&["infra/main.tf"], "standard");
+    let now = t("2026-12-01T10:00:00Z");
+    let p = policy(|_| {});
+    let facts = Facts::default();
+    let changes = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"address": format!("terraform_data.r[{i}]"), "action": "create"}))
+            .collect()
+    };
+    let plan = |n: usize, unintended: serde_json::Value| json!({"resources_changed": n, "changes": changes(n), "plan_sha256": "ab".repeat(32), "unintended": unintended});
+
+    succeed(&mut r, "infra.staging.plan", plan(3, json!([])), now);
+    match verdict(&r, "infra.staging", "blast-radius", &facts, &p, now) {
+        Verdict::Pass { reason } => assert!(reason.contains("3 resources change (limit 5)"), "{reason}"),
+        v => panic!("{v:?}"),
+    }
+
+    succeed(&mut r, "infra.staging.plan", plan(7, json!([])), now);
+    match verdict(&r, "infra.staging", "blast-radius", &facts, &p, now) {
+        Verdict::Hold { reason, approval, .. } => {
+            assert!(approval);
+            for want in [
+                "7 resources change, above the blast radius limit of 5",
+                "terraform_data.r[6] (create)",
+                "saved plan sha256:abababababababab of infra.staging.plan",
+            ] {
+                assert!(reason.contains(want), "{want:?} not in {reason}");
+            }
+        }
+        v => panic!("{v:?}"),
+    }
+
+    // One change, under the limit, but in a module the merge did not touch.
+    let drift = json!([{"address": "module.db.terraform_data.x", "action": "update"}]);
+    succeed(&mut r, "infra.staging.plan", plan(1, drift), now);
+    match verdict(&r, "infra.staging", "blast-radius", &facts, &p, now) {
+        Verdict::Hold { reason, approval, .. } => {
+            assert!(approval);
+            assert!(
+                reason.contains("in modules this merge did not touch (module.db.terraform_data.x (update))"),
+                "{reason}"
+            );
+        }
+        v => panic!("{v:?}"),
+    }
+}
