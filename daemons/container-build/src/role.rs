@@ -96,7 +96,9 @@ impl Shipped {
     fn write(&self, path: &Path) -> Result<(), Error> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
         let text = serde_json::to_vec(self).map_err(|e| Error::Io {
             what: "the build record".into(),
             detail: e.to_string(),

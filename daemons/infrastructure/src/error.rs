@@ -46,10 +46,10 @@ pub enum Error {
     Unintended { changes: Vec<String> },
 
     #[error(
-        "{changed} resources change, over the blast radius limit of {limit}, and no plan step of this run was approved for it: \
-         give the apply a `plan` step to need (the scheduler asks for approval between them); nothing was applied"
+        "{why}, and no plan step of this run was approved for it: give the apply a `plan` step to need \
+         (the scheduler asks for approval between them); nothing was applied"
     )]
-    NeedsApproval { changed: u64, limit: u64 },
+    NeedsApproval { why: String },
 
     #[error("no saved plan from {step}: {problem}")]
     PlanMissing { step: String, problem: String },

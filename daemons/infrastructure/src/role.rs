@@ -320,6 +320,28 @@ impl Infrastructure {
         Ok(summary)
     }
 
+    /// The plan's changes in modules the merge did not touch: what it touched
+    /// is the paths changed since the commit of the last apply to this state (a
+    /// first apply touches everything).
+    async fn unintended(
+        &self,
+        conn: &mut PgConnection,
+        job: &StepJob,
+        p: &Params,
+        checkout: &Checkout,
+        facts: &TerraformPlanned,
+    ) -> Result<Vec<baton_shared::facts::ResourceChange>, Error> {
+        let schema = self.schema(job);
+        let Some(previous) = history::previous_commit(conn, &schema, job.run_id, &job.step_id).await? else {
+            return Ok(Vec::new());
+        };
+        let changed = self
+            .git
+            .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, &p.dir)
+            .await?;
+        Ok(untouched(&facts.changes, &checkout.tf.modules(), &changed))
+    }
+
     async fn plan(&self, job: &StepJob) -> Result<PlanOutputs, Error> {
         let p = Self::params(job)?;
         let mut conn = self.connect().await?;
@@ -327,16 +349,7 @@ impl Infrastructure {
         let file = checkout.scratch.join("plan.tfplan");
         let state = history::current_state(&mut conn, &self.schema(job)).await?;
         let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
-        // What the merge touched: the paths changed since the commit of the last
-        // apply (a first apply touches everything).
-        let schema = self.schema(job);
-        if let Some(previous) = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await? {
-            let changed = self
-                .git
-                .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, &p.dir)
-                .await?;
-            facts.unintended = untouched(&facts.changes, &checkout.tf.modules(), &changed);
-        }
+        facts.unintended = self.unintended(&mut conn, job, &p, &checkout, &facts).await?;
         let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
         let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
         let sha = history::save_plan(
@@ -430,11 +443,27 @@ impl Infrastructure {
                 facts
             }
             None => {
-                let facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+                let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
+                facts.unintended = self.unintended(&mut conn, job, &p, &checkout, &facts).await?;
                 if facts.resources_changed > p.blast_radius_limit {
                     return Err(Error::NeedsApproval {
-                        changed: facts.resources_changed,
-                        limit: p.blast_radius_limit,
+                        why: format!(
+                            "{} resources change, over the blast radius limit of {}",
+                            facts.resources_changed, p.blast_radius_limit
+                        ),
+                    });
+                }
+                if !facts.unintended.is_empty() {
+                    return Err(Error::NeedsApproval {
+                        why: format!(
+                            "the plan changes resources in modules this merge did not touch ({})",
+                            facts
+                                .unintended
+                                .iter()
+                                .map(|c| format!("{} ({})", c.address, c.action))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     });
                 }
                 facts

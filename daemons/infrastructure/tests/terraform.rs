@@ -432,4 +432,16 @@ async fn changes_in_modules_the_merge_did_not_touch_are_reported_as_unintended()
     assert_eq!(p.facts.resources_changed, 2, "{p:?}");
     let unintended: Vec<_> = p.facts.unintended.iter().map(|c| c.address.as_str()).collect();
     assert_eq!(unintended, ["module.db.terraform_data.x"]);
+    // An apply without a plan step refuses what would need that approval.
+    let e = role
+        .run(&job(&repo, &second, Uuid::new_v4(), "infra.staging", "apply"))
+        .await
+        .unwrap_err()
+        .to_step_error();
+    assert_eq!(e.code, "approval_required");
+    assert!(
+        e.message.contains("module.db.terraform_data.x (update)"),
+        "{}",
+        e.message
+    );
 }
