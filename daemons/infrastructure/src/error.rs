@@ -69,6 +69,12 @@ pub enum Error {
         previous: String,
     },
 
+    #[error(
+        "no earlier apply by Baton is recorded for {schema}, and the state it replaced (serial {serial}) was made outside Baton: \
+         there is no configuration to re-apply and Baton never destroys what it did not make; reconcile by hand"
+    )]
+    NoPreviousConfiguration { schema: String, serial: u64 },
+
     #[error("{0}")]
     Terraform(Failure),
 
@@ -92,6 +98,7 @@ impl Error {
             Self::PlanMissing { .. } => "plan_missing",
             Self::PlanChanged { .. } => "plan_changed",
             Self::StateMoved { .. } => "state_moved",
+            Self::NoPreviousConfiguration { .. } => "no_previous_configuration",
             Self::Terraform(Failure::NotStarted(_)) => "terraform_unavailable",
             Self::Terraform(_) => "terraform_failed",
             Self::Db(_) => "state_database_error",

@@ -224,18 +224,36 @@ pub async fn save_plan(
     Ok(sha)
 }
 
-/// The saved plan of (run, step) and its recorded hash.
-pub async fn load_plan(
-    conn: &mut PgConnection,
-    run_id: Uuid,
-    step_id: &str,
-) -> Result<Option<(Vec<u8>, String)>, DbError> {
-    sqlx::query_as("SELECT plan, sha256 FROM baton_terraform.plans WHERE run_id = $1 AND step_id = $2")
+/// A saved plan and what it was made from.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SavedPlan {
+    pub plan: Vec<u8>,
+    pub sha256: String,
+    pub state_schema: String,
+    pub commit_sha: String,
+}
+
+/// The saved plan of (run, step).
+pub async fn load_plan(conn: &mut PgConnection, run_id: Uuid, step_id: &str) -> Result<Option<SavedPlan>, DbError> {
+    sqlx::query_as(
+        "SELECT plan, sha256, state_schema, commit_sha FROM baton_terraform.plans WHERE run_id = $1 AND step_id = $2",
+    )
+    .bind(run_id)
+    .bind(step_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("loading the plan"))
+}
+
+/// Forgets (run, step)'s record if it is only `started`: the attempt applied nothing.
+pub async fn forget_started(conn: &mut PgConnection, run_id: Uuid, step_id: &str) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM baton_terraform.applies WHERE run_id = $1 AND step_id = $2 AND status = 'started'")
         .bind(run_id)
         .bind(step_id)
-        .fetch_optional(&mut *conn)
+        .execute(&mut *conn)
         .await
-        .map_err(db("loading the plan"))
+        .map_err(db("recording the apply"))?;
+    Ok(())
 }
 
 /// The apply row of (run, step).
@@ -283,7 +301,8 @@ pub async fn previous_commit(
     .map_err(db("reading the apply history"))
 }
 
-/// Records that (run, step) starts applying `commit` over `before`.
+/// Records that (run, step) starts applying `commit` over `before`; false if
+/// an earlier attempt's record is there (kept: it may have applied part).
 pub async fn start_apply(
     conn: &mut PgConnection,
     run_id: Uuid,
@@ -292,8 +311,8 @@ pub async fn start_apply(
     commit: &str,
     previous_commit: Option<&str>,
     before: Option<&StateVersion>,
-) -> Result<(), DbError> {
-    sqlx::query(
+) -> Result<bool, DbError> {
+    let done = sqlx::query(
         "INSERT INTO baton_terraform.applies (run_id, step_id, state_schema, commit_sha, previous_commit, state_before, status) \
          VALUES ($1, $2, $3, $4, $5, $6, 'started') \
          ON CONFLICT (run_id, step_id) DO NOTHING",
@@ -307,7 +326,7 @@ pub async fn start_apply(
     .execute(&mut *conn)
     .await
     .map_err(db("recording the apply"))?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Records how (run, step) ended: `applied` or `reverted`, the state after, the outputs.

@@ -13,6 +13,7 @@ use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Digest;
 use sqlx::postgres::PgConnection;
 
 use crate::config::InfraConfig;
@@ -421,23 +422,45 @@ impl Infrastructure {
             return Ok(out);
         }
         let checkout = self.checkout(job, &job.deploy.commit_sha, &p).await?;
+        // Again under the schema's lock: an earlier attempt may have finished
+        // while this one waited for it.
+        if let Some(row) = history::apply_row(&mut conn, job.run_id, &job.step_id).await?
+            && row.status == "applied"
+            && let Some(Value::Object(out)) = row.outputs
+        {
+            return Ok(out);
+        }
         let tf = &checkout.tf;
         let file = checkout.scratch.join("plan.tfplan");
         let mut warnings = Vec::new();
         let approved = match Self::plan_input(job, &p)? {
             Some((step, facts)) => {
                 let want = facts.plan_sha256.clone().unwrap_or_default();
-                let Some((bytes, sha)) = history::load_plan(&mut conn, job.run_id, &step).await? else {
+                let Some(saved) = history::load_plan(&mut conn, job.run_id, &step).await? else {
                     return Err(Error::PlanMissing {
                         step,
                         problem: "no plan of this run is saved under it".into(),
                     });
                 };
-                if sha != want {
-                    return Err(Error::PlanMissing {
-                        step,
-                        problem: format!("the saved plan is {sha}, not the reported {want}"),
-                    });
+                let bytes = saved.plan;
+                let sha = hex::encode(sha2::Sha256::digest(&bytes));
+                let problem = if sha != want || saved.sha256 != want {
+                    Some(format!("the saved plan is {sha}, not the reported {want}"))
+                } else if saved.state_schema != schema {
+                    Some(format!(
+                        "it was made for state {}, and this step applies to {schema}",
+                        saved.state_schema
+                    ))
+                } else if saved.commit_sha != job.deploy.commit_sha {
+                    Some(format!(
+                        "it was made from commit {}, not this run's {}",
+                        saved.commit_sha, job.deploy.commit_sha
+                    ))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(Error::PlanMissing { step, problem });
                 }
                 std::fs::write(&file, &bytes).map_err(io("cannot write the saved plan"))?;
                 facts
@@ -471,7 +494,7 @@ impl Infrastructure {
         };
         let before = history::current_state(&mut conn, &schema).await?;
         let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
-        history::start_apply(
+        let recorded = history::start_apply(
             &mut conn,
             job.run_id,
             &job.step_id,
@@ -481,24 +504,38 @@ impl Infrastructure {
             before.as_ref(),
         )
         .await?;
-        match tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await {
+        let mut applied = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await;
+        if let Err(Failure::NeedsInit(_)) = applied {
+            let backend = tf.init(&checkout.dir).await.map_err(Error::Terraform)?;
+            Self::require_pg(backend, job, &p, &checkout.commit)?;
+            applied = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await;
+        }
+        if let Err(Failure::Stale(_)) = applied {
+            // The state changed after the plan: plan again; the same changes
+            // are what was approved, different ones need a new approval.
+            let fresh = match self.make_plan(&mut conn, job, &p, &checkout, &file, false).await {
+                Ok(f) => f,
+                Err(e) => return Err(self.nothing_applied(&mut conn, job, recorded, e).await),
+            };
+            if fresh.changes != approved.changes {
+                let e = Error::PlanChanged {
+                    difference: describe_difference(&approved, &fresh),
+                };
+                return Err(self.nothing_applied(&mut conn, job, recorded, e).await);
+            }
+            warnings.push(format!(
+                "the approved plan went stale (the state changed since); re-planned with the same {} change(s) and applied that",
+                fresh.resources_changed
+            ));
+            applied = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await;
+        }
+        match applied {
             Ok(()) => {}
-            Err(Failure::Stale(_)) => {
-                // The state changed after the plan: plan again; the same changes
-                // are what was approved, different ones need a new approval.
-                let fresh = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
-                if fresh.changes != approved.changes {
-                    return Err(Error::PlanChanged {
-                        difference: describe_difference(&approved, &fresh),
-                    });
-                }
-                warnings.push(format!(
-                    "the approved plan went stale (the state changed since); re-planned with the same {} change(s) and applied that",
-                    fresh.resources_changed
-                ));
-                if let Err(f) = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await {
-                    return Err(self.explain(&mut conn, job, &p, f).await);
-                }
+            // Terraform applied nothing: the record of this attempt goes, so a
+            // retry records the state it then finds.
+            Err(f @ (Failure::Locked(_) | Failure::Stale(_) | Failure::NeedsInit(_) | Failure::NotStarted(_))) => {
+                let e = self.explain(&mut conn, job, &p, f).await;
+                return Err(self.nothing_applied(&mut conn, job, recorded, e).await);
             }
             Err(f) => return Err(self.explain(&mut conn, job, &p, f).await),
         }
@@ -532,6 +569,18 @@ impl Infrastructure {
         Ok(fields)
     }
 
+    /// `e`, after forgetting this attempt's `started` record (if it made it):
+    /// it applied nothing.
+    async fn nothing_applied(&self, conn: &mut PgConnection, job: &StepJob, recorded: bool, e: Error) -> Error {
+        if !recorded {
+            return e;
+        }
+        if let Err(db) = history::forget_started(conn, job.run_id, &job.step_id).await {
+            tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, error = %db, "cannot forget the attempt's record");
+        }
+        e
+    }
+
     async fn reapply_previous(&self, job: &StepJob) -> Result<Fields, Error> {
         let p = Self::params(job)?;
         let schema = self.schema(job);
@@ -551,6 +600,17 @@ impl Infrastructure {
             return Ok(out);
         }
         let now = history::current_state(&mut conn, &schema).await?;
+        // An attempt that stopped mid-apply: if the state is still the one it
+        // found, it changed nothing.
+        if row.status == "started" && now.as_ref().map(|v| &v.sha256) == row.state_before.as_ref().map(|v| &v.sha256) {
+            return outputs(&RevertOutputs {
+                reverted: false,
+                commit: None,
+                facts: TerraformPlanned::default(),
+                state_after: now,
+                note: "the step's attempt stopped before it changed the state: there is nothing to re-apply".into(),
+            });
+        }
         if row.status == "applied"
             && let (Some(applied), Some(now)) = (&row.state_after, &now)
             && applied.sha256 != now.sha256
@@ -562,11 +622,18 @@ impl Infrastructure {
                 previous: row.previous_commit.unwrap_or_else(|| "(none)".into()),
             });
         }
-        // Without an earlier apply the previous state is no resources at all:
-        // destroy what this commit's configuration made.
-        let (commit, destroy) = match &row.previous_commit {
-            Some(c) => (c.clone(), false),
-            None => (row.commit_sha.clone(), true),
+        // Without an earlier apply by Baton there is no configuration to go back
+        // to. If there was no state either, everything in it now is this step's
+        // and is destroyed; a state made outside Baton is never destroyed.
+        let (commit, destroy) = match (&row.previous_commit, &row.state_before) {
+            (Some(c), _) => (c.clone(), false),
+            (None, None) => (row.commit_sha.clone(), true),
+            (None, Some(before)) => {
+                return Err(Error::NoPreviousConfiguration {
+                    schema,
+                    serial: before.serial,
+                });
+            }
         };
         let checkout = self.checkout(job, &commit, &p).await?;
         let file = checkout.scratch.join("revert.tfplan");

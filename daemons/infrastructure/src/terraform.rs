@@ -203,6 +203,10 @@ impl Terraform {
 
     /// `terraform init`, then the backend it configured (`None`: local state).
     pub async fn init(&self, dir: &Path) -> Result<Option<String>, Failure> {
+        // The plugin cache is shared by every schema and is not safe for
+        // concurrent inits.
+        static INIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = INIT.lock().await;
         // A backend recorded by an earlier init would survive `-reconfigure` when
         // the configuration no longer declares one; what init records is read after.
         let _ = std::fs::remove_file(self.data_dir.join("terraform.tfstate"));

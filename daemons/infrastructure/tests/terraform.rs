@@ -294,6 +294,14 @@ async fn a_stale_plan_is_re_planned_and_applied_only_with_the_approved_changes()
     assert_eq!(e.code, "plan_changed");
     assert!(e.message.contains("terraform_data.r[0] (update)"), "{}", e.message);
     assert_eq!(env.resources().await.len(), 3);
+    // It applied nothing, so its compensation re-applies nothing either (and
+    // does not undo the other deploy's change).
+    let mut undo = job(&repo, &wanted, run, "infra.staging", "reapply-previous");
+    undo.kind = JobKind::Compensate;
+    let r: RevertOutputs = parse(role.run(&undo).await.unwrap());
+    assert!(!r.reverted, "{r:?}");
+    let inputs: Vec<_> = env.resources().await.into_iter().map(|(_, i)| i).collect();
+    assert!(inputs.contains(&Value::String("changed-0".into())), "{inputs:?}");
 }
 
 #[tokio::test]
@@ -404,25 +412,7 @@ async fn changes_in_modules_the_merge_did_not_touch_are_reported_as_unintended()
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
-    for args in [
-        &["init", "-input=false"][..],
-        &["apply", "-input=false", "-auto-approve"][..],
-    ] {
-        let out = std::process::Command::new("terraform")
-            .current_dir(by_hand.path())
-            .args(args)
-            .env("CHECKPOINT_DISABLE", "1")
-            .env("TF_CLI_CONFIG_FILE", "/dev/null")
-            .env("PG_CONN_STR", env.url())
-            .env("PG_SCHEMA_NAME", SCHEMA)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "terraform {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    apply_by_hand(&env, by_hand.path());
 
     // The merge changes only the cdn module: its change is intended, putting the
     // db input back is not.
@@ -444,4 +434,51 @@ async fn changes_in_modules_the_merge_did_not_touch_are_reported_as_unintended()
         "{}",
         e.message
     );
+}
+
+/// `terraform apply` of the configuration in `dir` to the test's state, as an
+/// operator would, outside Baton.
+fn apply_by_hand(env: &Env, dir: &std::path::Path) {
+    for args in [
+        &["init", "-input=false"][..],
+        &["apply", "-input=false", "-auto-approve"][..],
+    ] {
+        let out = std::process::Command::new("terraform")
+            .current_dir(dir)
+            .args(args)
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_CLI_CONFIG_FILE", "/dev/null")
+            .env("PG_CONN_STR", env.url())
+            .env("PG_SCHEMA_NAME", SCHEMA)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "terraform {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Baton's first apply to a state made outside Baton cannot be undone by a
+/// configuration it never had, and is never undone by destroying.
+#[tokio::test]
+async fn a_first_apply_over_a_state_made_outside_baton_is_not_compensated_by_destroying() {
+    let env = Env::new().await;
+    let role = env.role();
+    let by_hand = TempDir::new("infra-by-hand");
+    std::fs::write(by_hand.path().join("main.tf"), config(2, "hand", "v1", "one")).unwrap();
+    apply_by_hand(&env, by_hand.path());
+
+    let repo = GitRepo::new();
+    let c = commit(&repo, &config(3, "a", "v1", "one"));
+    let run = Uuid::new_v4();
+    let a = plan_and_apply(&role, &repo, &c, run).await;
+    assert_eq!(a.previous_commit, None);
+    assert!(a.state_before.is_some());
+    let mut undo = job(&repo, &c, run, "infra.staging", "reapply-previous");
+    undo.kind = JobKind::Compensate;
+    let e = role.run(&undo).await.unwrap_err().to_step_error();
+    assert_eq!(e.code, "no_previous_configuration", "{}", e.message);
+    assert_eq!(env.resources().await.len(), 4, "nothing was destroyed");
 }
