@@ -177,12 +177,14 @@ impl GitCache {
     }
 
     /// Writes the files under `folder` (`.` for the whole tree) at `commit` into
-    /// `dest`, which must be empty or absent: modes and symbolic links as git
-    /// keeps them, paths relative to `folder`. Returns how many files it wrote.
+    /// `dest`, which must be empty or absent, byte for byte as the commit holds
+    /// them (no `.gitattributes` export rules or filters apply): executable bits
+    /// kept, symbolic links made as links — refused if absolute or leaving the
+    /// exported tree —, submodules left out. Returns how many files it wrote.
     pub async fn export(&self, repository: &str, commit: &str, folder: &str, dest: &Path) -> Result<usize, GitError> {
         check_commit(commit)?;
         let folder = if folder.trim_end_matches('/') == "." {
-            ".".to_owned()
+            String::new()
         } else {
             check_folder("folder", folder)?
         };
@@ -196,49 +198,49 @@ impl GitCache {
                 detail,
             }
         };
-        let tree = if folder == "." {
-            commit.to_owned()
-        } else {
-            format!("{commit}:{folder}")
-        };
-        // A folder that is not a tree at this commit is named as such, not as a git failure.
-        if git(&repo, &["cat-file", "-e", &format!("{tree}^{{tree}}")])
-            .await
-            .is_err()
-        {
+        let mut args = vec!["ls-tree", "-r", "-z", "--full-tree", commit];
+        let prefix = format!("{folder}/");
+        if !folder.is_empty() {
+            args.extend(["--", prefix.as_str()]);
+        }
+        let listing = git(&repo, &args).await.map_err(fail("ls-tree"))?;
+        // (path relative to the folder, mode, object id)
+        let mut entries: Vec<(String, String, String)> = Vec::new();
+        for record in listing.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            let record = String::from_utf8_lossy(record);
+            let Some((meta, path)) = record.split_once('\t') else {
+                continue;
+            };
+            let mut parts = meta.split(' ');
+            let (Some(mode), Some(kind), Some(oid)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if kind != "blob" {
+                continue; // a submodule's commit
+            }
+            let rel = if folder.is_empty() {
+                path.to_owned()
+            } else {
+                match path.strip_prefix(&prefix) {
+                    Some(r) => r.to_owned(),
+                    None => continue,
+                }
+            };
+            entries.push((rel, mode.to_owned(), oid.to_owned()));
+        }
+        if entries.is_empty() && !folder.is_empty() {
             return Err(GitError::FolderNotFound {
                 dir: folder,
                 commit: commit.to_owned(),
             });
         }
-        let archive = git(&repo, &["archive", "--format=tar", &tree])
+        let blobs = cat_blobs(&repo, entries.iter().map(|(_, _, oid)| oid.as_str()))
             .await
-            .map_err(fail("archive"))?;
+            .map_err(fail("cat-file"))?;
         let dest = dest.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<usize, String> {
-            std::fs::create_dir_all(&dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-            let mut tar = tar::Archive::new(archive.as_slice());
-            tar.set_preserve_permissions(true);
-            let mut files = 0;
-            for entry in tar.entries().map_err(|e| e.to_string())? {
-                let mut entry = entry.map_err(|e| e.to_string())?;
-                // git archive's pax header carries the commit id, not a file.
-                if entry.header().entry_type().is_pax_global_extensions() {
-                    continue;
-                }
-                if entry.header().entry_type().is_file() {
-                    files += 1;
-                }
-                // unpack_in refuses paths that would leave `dest`.
-                entry
-                    .unpack_in(&dest)
-                    .map_err(|e| format!("cannot write into {}: {e}", dest.display()))?;
-            }
-            Ok(files)
-        })
-        .await
-        .map_err(|e| fail("archive")(e.to_string()))?
-        .map_err(fail("archive"))
+        tokio::task::spawn_blocking(move || write_tree(&dest, entries, blobs))
+            .await
+            .map_err(|e| fail("export")(e.to_string()))?
     }
 
     /// Paths under `folder` (`.` for all) that differ between commits `from`
@@ -426,6 +428,71 @@ impl GitCache {
     }
 }
 
+/// Writes exported entries under `dest`.
+fn write_tree(dest: &Path, entries: Vec<(String, String, String)>, blobs: Vec<Vec<u8>>) -> Result<usize, GitError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: String| {
+        move |e: std::io::Error| GitError::Git {
+            operation: "export",
+            repository: String::new(),
+            detail: format!("{what}: {e}"),
+        }
+    };
+    std::fs::create_dir_all(dest).map_err(io(format!("cannot create {}", dest.display())))?;
+    let mut files = 0;
+    for ((rel, mode, _), contents) in entries.into_iter().zip(blobs) {
+        if rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(GitError::InvalidJob {
+                problem: format!("the repository holds a path Baton does not write: {rel:?}"),
+            });
+        }
+        let path = dest.join(&rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("cannot create {}", parent.display())))?;
+        }
+        if mode == "120000" {
+            let target = String::from_utf8_lossy(&contents).into_owned();
+            if !link_stays_inside(&rel, &target) {
+                return Err(GitError::InvalidJob {
+                    problem: format!(
+                        "the repository has a symbolic link {rel} -> {target} that leads outside it; Baton refuses such links"
+                    ),
+                });
+            }
+            std::os::unix::fs::symlink(&target, &path).map_err(io(format!("cannot link {}", path.display())))?;
+            continue;
+        }
+        std::fs::write(&path, &contents).map_err(io(format!("cannot write {}", path.display())))?;
+        let bits = if mode == "100755" { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bits))
+            .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+        files += 1;
+    }
+    Ok(files)
+}
+
+/// Whether a link at `rel` (relative to the exported root) pointing to
+/// `target` stays inside the root.
+fn link_stays_inside(rel: &str, target: &str) -> bool {
+    if target.starts_with('/') {
+        return false;
+    }
+    let mut depth: i64 = rel.split('/').count() as i64 - 1;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
 async fn has_commit(repo: &Path, commit: &str) -> bool {
     git(repo, &["cat-file", "-e", &format!("{commit}^{{commit}}")])
         .await
@@ -588,6 +655,16 @@ mod tests {
         for bad in ["", "/etc", "../x", "a/../b", "-x", "a//b"] {
             assert!(check_folder("dir", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn links_must_stay_inside_the_export() {
+        assert!(link_stays_inside("a/b", "c"));
+        assert!(link_stays_inside("a/b", "../c"));
+        assert!(!link_stays_inside("a/b", "../../c"));
+        assert!(!link_stays_inside("a", "/etc/passwd"));
+        assert!(!link_stays_inside("ctx", ".."));
+        assert!(link_stays_inside("x/y/z", "../../w/./v"));
     }
 
     #[test]

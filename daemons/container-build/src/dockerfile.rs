@@ -224,7 +224,30 @@ pub fn check(text: &str) -> Result<Checked, Refusal> {
                     reference: image,
                 });
             }
-            "COPY" | "ADD" => {
+            // `RUN --mount=type=bind,from=<image>,…` (and cache mounts) read an image too.
+            "RUN" if stage_count > 0 => {
+                for word in ins.args.split_whitespace() {
+                    let Some(options) = word.strip_prefix("--mount=") else {
+                        if !word.starts_with("--") {
+                            break;
+                        }
+                        continue;
+                    };
+                    for from in options.split(',').filter_map(|o| o.strip_prefix("from=")) {
+                        let from = from.trim_matches('"');
+                        let is_stage = stages.contains(&from.to_ascii_lowercase())
+                            || from.parse::<usize>().is_ok_and(|i| i < stages.len());
+                        if !is_stage {
+                            check_reference(from).map_err(|r| refuse(ins.line, r))?;
+                            images.push(ImageUse {
+                                line: ins.line,
+                                reference: from.to_owned(),
+                            });
+                        }
+                    }
+                }
+            }
+            "COPY" | "ADD" if stage_count > 0 => {
                 for word in ins.args.split_whitespace() {
                     let Some(from) = word.strip_prefix("--from=") else {
                         if !word.starts_with("--") {
@@ -316,6 +339,11 @@ mod tests {
             ("ARG V\nFROM busybox@${V}\n", 2, "base_not_pinned"),
             ("FROM busybox@sha256:abc\n", 1, "base_not_pinned"),
             ("RUN echo\nFROM scratch\n", 1, "invalid_dockerfile"),
+            (
+                &format!("FROM busybox@{PIN} AS a\nRUN --mount=type=bind,from=gcc:latest,target=/t true\n"),
+                2,
+                "latest_tag",
+            ),
             ("# only a comment\n", 1, "invalid_dockerfile"),
             (&format!("FROM busybox@{PIN} AS a b\n"), 1, "invalid_dockerfile"),
         ];

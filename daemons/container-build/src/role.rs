@@ -238,7 +238,7 @@ impl ContainerBuild {
             .config
             .work_dir
             .join("jobs")
-            .join(format!("{}-{}", job.run_id, job.step_id));
+            .join(format!("{}-{}-{}", job.run_id, job.step_id, job.attempt));
         let _ = std::fs::remove_dir_all(&scratch_dir);
         std::fs::create_dir_all(&scratch_dir).map_err(io(format!("cannot create {}", scratch_dir.display())))?;
         let scratch = Scratch(scratch_dir);

@@ -399,6 +399,15 @@ async fn a_missing_dockerfile_and_an_unreachable_containerd_are_told_apart() {
     assert_eq!(e.code, "dockerfile_missing");
     assert!(!e.retryable);
 
+    // A link out of the repository (to the daemon's host) is refused before
+    // anything is read through it.
+    std::os::unix::fs::symlink("/etc", repo.path().join("ctx")).unwrap();
+    repo.write("Dockerfile", format!("FROM {}\nCOPY ctx/hostname /x\n", env.base));
+    let c = repo.commit("a link to the host");
+    let e = role.run(&job(&repo, &c)).await.unwrap_err().to_step_error();
+    assert_eq!(e.code, "invalid_job", "{}", e.message);
+    assert!(e.message.contains("ctx -> /etc"), "{}", e.message);
+
     let repo = app_repo(&env.base, "");
     let c = repo.commit("app");
     let mut config = env.config();
