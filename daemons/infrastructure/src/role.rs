@@ -336,11 +336,27 @@ impl Infrastructure {
         let Some(previous) = history::previous_commit(conn, &schema, job.run_id, &job.step_id).await? else {
             return Ok(Vec::new());
         };
-        let changed = self
+        // The whole repository: a module may live outside the root module's folder.
+        let changed = match self
             .git
-            .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, &p.dir)
-            .await?;
-        Ok(untouched(&facts.changes, &checkout.tf.modules(), &changed))
+            .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, ".")
+            .await
+        {
+            Ok(c) => c,
+            // The last applied commit is gone (a force-push): nothing can be
+            // shown to be touched, so every change counts as unintended.
+            Err(git::GitError::UnknownCommit { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        // Module folders as paths in the repository.
+        let modules = checkout
+            .tf
+            .modules()
+            .into_iter()
+            .map(|(key, dir)| (key, repo_path(&p.dir, &dir)))
+            .chain(std::iter::once((String::new(), repo_path(&p.dir, "."))))
+            .collect();
+        Ok(untouched(&facts.changes, &modules, &changed))
     }
 
     async fn plan(&self, job: &StepJob) -> Result<PlanOutputs, Error> {
@@ -685,7 +701,7 @@ pub fn untouched(
         changed_dirs.contains(dir)
     };
     let touched = |key: &str| {
-        if dir_changed(".") {
+        if dir_changed(modules.get("").map_or(".", String::as_str)) {
             return true;
         }
         let mut prefix = String::new();
@@ -705,6 +721,26 @@ pub fn untouched(
         .filter(|c| !touched(&module_key(&c.address)))
         .cloned()
         .collect()
+}
+
+/// `dir` (relative to the root module `root`, itself relative to the
+/// repository) as a path in the repository, `.` and `..` resolved.
+fn repo_path(root: &str, dir: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in root.split('/').chain(dir.split('/')) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        ".".to_owned()
+    } else {
+        parts.join("/")
+    }
 }
 
 /// `module.db.module.inner["a"].terraform_data.y` -> `db.inner`.
@@ -827,5 +863,9 @@ mod tests {
         assert_eq!(names(&[]).len(), 5);
         assert_eq!(module_key("module.a[0].module.b[\"x\"].t.n"), "a.b");
         assert_eq!(module_key("terraform_data.a"), "");
+        assert_eq!(repo_path("infra", "../modules/db"), "modules/db");
+        assert_eq!(repo_path(".", "."), ".");
+        assert_eq!(repo_path("infra", "."), "infra");
+        assert_eq!(repo_path("infra", "modules/x/"), "infra/modules/x");
     }
 }
