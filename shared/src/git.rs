@@ -188,7 +188,6 @@ impl GitCache {
         } else {
             check_folder("folder", folder)?
         };
-        let repo = self.ensure_commit(repository, commit).await?;
         let shown = display_repository(repository);
         let fail = |operation: &'static str| {
             let shown = shown.clone();
@@ -203,7 +202,19 @@ impl GitCache {
         if !folder.is_empty() {
             args.extend(["--", prefix.as_str()]);
         }
-        let listing = git(&repo, &args).await.map_err(fail("ls-tree"))?;
+        // A commit already in the cache is read at once; otherwise fetched first.
+        let found = match self.cached(repository) {
+            Some(repo) => git(&repo, &args).await.ok().map(|listing| (repo, listing)),
+            None => None,
+        };
+        let (repo, listing) = match found {
+            Some(found) => found,
+            None => {
+                let repo = self.ensure_commit(repository, commit).await?;
+                let listing = git(&repo, &args).await.map_err(fail("ls-tree"))?;
+                (repo, listing)
+            }
+        };
         // (path relative to the folder, mode, object id)
         let mut entries: Vec<(String, String, String)> = Vec::new();
         for record in listing.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -259,17 +270,27 @@ impl GitCache {
         } else {
             format!("{}/", check_folder("folder", folder)?)
         };
-        self.ensure_commit(repository, from).await?;
-        let repo = self.ensure_commit(repository, to).await?;
         let mut args = vec!["diff", "--name-only", "-z", "--no-renames", from, to];
         if !folder.is_empty() {
             args.extend(["--", folder.as_str()]);
         }
-        let out = git(&repo, &args).await.map_err(|detail| GitError::Git {
-            operation: "diff",
-            repository: display_repository(repository),
-            detail,
-        })?;
+        // Both commits already in the cache: one git process; otherwise fetched first.
+        let found = match self.cached(repository) {
+            Some(repo) => git(&repo, &args).await.ok(),
+            None => None,
+        };
+        let out = match found {
+            Some(out) => out,
+            None => {
+                self.ensure_commit(repository, from).await?;
+                let repo = self.ensure_commit(repository, to).await?;
+                git(&repo, &args).await.map_err(|detail| GitError::Git {
+                    operation: "diff",
+                    repository: display_repository(repository),
+                    detail,
+                })?
+            }
+        };
         Ok(out
             .split(|b| *b == 0)
             .filter(|p| !p.is_empty())
@@ -281,6 +302,17 @@ impl GitCache {
     }
 
     /// The cache repository of `repository`, holding `commit`.
+    /// The cache repository of `repository` if it is there (holding the
+    /// commits or not): reads try it first and fetch only when they fail.
+    fn cached(&self, repository: &str) -> Option<PathBuf> {
+        if is_relative_path(repository) {
+            return None;
+        }
+        let name = hex::encode(&Sha256::digest(repository.as_bytes())[..12]);
+        let repo = self.dir.join(format!("{name}.git"));
+        repo.join("HEAD").exists().then_some(repo)
+    }
+
     async fn ensure_commit(&self, repository: &str, commit: &str) -> Result<PathBuf, GitError> {
         if is_relative_path(repository) {
             return Err(GitError::InvalidJob {
