@@ -174,6 +174,20 @@ pub fn check_reference(reference: &str) -> Result<(), (&'static str, String)> {
     }
 }
 
+/// What an instruction's flags (the `--` words before its arguments) read
+/// from: `--from=X` of COPY and ADD, `from=X` of RUN's `--mount=` options.
+fn from_references<'a>(keyword: &str, args: &'a str) -> Vec<&'a str> {
+    let flags = args.split_whitespace().take_while(|w| w.starts_with("--"));
+    let froms: Vec<&str> = match keyword {
+        "RUN" => flags
+            .filter_map(|w| w.strip_prefix("--mount="))
+            .flat_map(|options| options.split(',').filter_map(|o| o.strip_prefix("from=")))
+            .collect(),
+        _ => flags.filter_map(|w| w.strip_prefix("--from=")).collect(),
+    };
+    froms.into_iter().map(|f| f.trim_matches('"')).collect()
+}
+
 /// Applies the rules to a Dockerfile's text.
 pub fn check(text: &str) -> Result<Checked, Refusal> {
     let instructions = logical_lines(text);
@@ -224,38 +238,10 @@ pub fn check(text: &str) -> Result<Checked, Refusal> {
                     reference: image,
                 });
             }
-            // `RUN --mount=type=bind,from=<image>,…` (and cache mounts) read an image too.
-            "RUN" if stage_count > 0 => {
-                for word in ins.args.split_whitespace() {
-                    let Some(options) = word.strip_prefix("--mount=") else {
-                        if !word.starts_with("--") {
-                            break;
-                        }
-                        continue;
-                    };
-                    for from in options.split(',').filter_map(|o| o.strip_prefix("from=")) {
-                        let from = from.trim_matches('"');
-                        let is_stage = stages.contains(&from.to_ascii_lowercase())
-                            || from.parse::<usize>().is_ok_and(|i| i < stages.len());
-                        if !is_stage {
-                            check_reference(from).map_err(|r| refuse(ins.line, r))?;
-                            images.push(ImageUse {
-                                line: ins.line,
-                                reference: from.to_owned(),
-                            });
-                        }
-                    }
-                }
-            }
-            "COPY" | "ADD" if stage_count > 0 => {
-                for word in ins.args.split_whitespace() {
-                    let Some(from) = word.strip_prefix("--from=") else {
-                        if !word.starts_with("--") {
-                            break;
-                        }
-                        continue;
-                    };
-                    let from = from.trim_matches('"');
+            // `COPY --from=`, `ADD --from=` and `RUN --mount=…,from=` may name an
+            // earlier stage (by name or index) or an image.
+            "RUN" | "COPY" | "ADD" if stage_count > 0 => {
+                for from in from_references(&ins.keyword, &ins.args) {
                     let is_stage = stages.contains(&from.to_ascii_lowercase())
                         || from.parse::<usize>().is_ok_and(|i| i < stages.len());
                     if !is_stage {
