@@ -6,6 +6,8 @@
 //! report to gates and later steps (`facts`).
 
 pub mod amqp;
+#[cfg(feature = "kube")]
+pub mod cluster;
 pub mod config;
 pub mod config_error;
 pub mod exit;
@@ -24,6 +26,8 @@ pub mod secret;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+#[cfg(all(feature = "testing", feature = "kube"))]
+pub mod test_cluster;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;

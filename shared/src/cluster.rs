@@ -1,0 +1,661 @@
+//! Kubernetes for the roles that deploy (staging-verify, production-apply): a
+//! client from a kubeconfig, manifests read and applied with server-side apply,
+//! a Deployment's rollout judged as `kubectl rollout status` judges it, pods
+//! diagnosed (crash loops, failing readiness) and a rollout undone to an
+//! earlier revision (`kubectl rollout undo`).
+//!
+//! Only APIs stable from Kubernetes 1.20 to today's k3s are used: `apps/v1`,
+//! `batch/v1`, `core/v1`, `networking.k8s.io/v1`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::discovery::Scope;
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The annotation a Deployment's controller keeps its revision in (on the
+/// Deployment and on each of its ReplicaSets).
+pub const REVISION: &str = "deployment.kubernetes.io/revision";
+/// The label that ties a ReplicaSet's pods to its pod template.
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
+/// What went wrong talking to the cluster or reading manifests.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot use kubeconfig {path}: {detail}")]
+    Config { path: String, detail: String },
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: {problem}")]
+    Manifest { what: String, problem: String },
+}
+
+impl ClusterError {
+    /// Wraps an API error with what was being done.
+    pub fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Api { what, source }
+    }
+
+    /// Transient: the API server unreachable, overloaded or a write conflict.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Api { source, .. } => match source {
+                kube::Error::Api(s) => s.code >= 500 || s.code == 409 || s.code == 429,
+                kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Whether the API answered 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Api { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+}
+
+/// A client for the cluster a kubeconfig names (its current context).
+pub async fn connect(kubeconfig: &Path) -> Result<Client, ClusterError> {
+    let err = |detail: String| ClusterError::Config {
+        path: kubeconfig.display().to_string(),
+        detail,
+    };
+    let file = Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// The objects of a multi-document YAML stream (empty documents skipped); each
+/// must name its `apiVersion`, `kind` and `metadata.name`.
+pub fn parse_manifests(what: &str, yaml: &str) -> Result<Vec<DynamicObject>, ClusterError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ClusterError::Manifest {
+        what: what.to_owned(),
+        problem: e.to_string(),
+    })?;
+    let mut objects = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let bad = |problem: String| ClusterError::Manifest {
+            what: format!("{what}, document {}", i + 1),
+            problem,
+        };
+        let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| bad(e.to_string()))?;
+        let Some(types) = &obj.types else {
+            return Err(bad("no apiVersion and kind".to_owned()));
+        };
+        if types.api_version.is_empty() || types.kind.is_empty() {
+            return Err(bad("no apiVersion or kind".to_owned()));
+        }
+        if obj.metadata.name.as_deref().unwrap_or("").is_empty() {
+            return Err(bad(format!("a {} without metadata.name", types.kind)));
+        }
+        objects.push(obj);
+    }
+    Ok(objects)
+}
+
+/// `kind/name` of an object, as messages name it.
+pub fn describe(obj: &DynamicObject) -> String {
+    let kind = obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("object");
+    format!("{kind}/{}", obj.name_any())
+}
+
+/// The group, version and kind of a manifest.
+pub fn gvk(obj: &DynamicObject) -> Result<GroupVersionKind, ClusterError> {
+    let types = obj.types.as_ref().ok_or_else(|| ClusterError::Manifest {
+        what: obj.name_any(),
+        problem: "no apiVersion and kind".to_owned(),
+    })?;
+    GroupVersionKind::try_from(types).map_err(|e| ClusterError::Manifest {
+        what: describe(obj),
+        problem: e.to_string(),
+    })
+}
+
+/// The object as it can be applied again: without what the server keeps
+/// (status, uid, resource version, managed fields, timestamps).
+pub fn applicable(obj: &DynamicObject) -> DynamicObject {
+    let mut out = obj.clone();
+    let m = &mut out.metadata;
+    m.uid = None;
+    m.resource_version = None;
+    m.managed_fields = None;
+    m.creation_timestamp = None;
+    m.generation = None;
+    m.deletion_timestamp = None;
+    m.deletion_grace_period_seconds = None;
+    m.owner_references = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        a.remove(REVISION);
+        if a.is_empty() {
+            m.annotations = None;
+        }
+    }
+    if let Some(map) = out.data.as_object_mut() {
+        map.remove("status");
+    }
+    out
+}
+
+/// Applies objects to one namespace with server-side apply under one field
+/// manager, finding each kind's API once.
+pub struct Applier {
+    client: Client,
+    namespace: String,
+    manager: String,
+    kinds: BTreeMap<String, (ApiResource, bool)>,
+}
+
+impl Applier {
+    pub fn new(client: Client, namespace: &str, manager: &str) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_owned(),
+            manager: manager.to_owned(),
+            kinds: BTreeMap::new(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn api(&mut self, obj: &DynamicObject) -> Result<Api<DynamicObject>, ClusterError> {
+        let gvk = gvk(obj)?;
+        let key = format!("{}/{}/{}", gvk.group, gvk.version, gvk.kind);
+        if !self.kinds.contains_key(&key) {
+            let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .map_err(ClusterError::api(format!("the cluster does not serve {key}")))?;
+            self.kinds.insert(key.clone(), (resource, caps.scope == Scope::Namespaced));
+        }
+        let (resource, namespaced) = &self.kinds[&key];
+        Ok(if *namespaced {
+            Api::namespaced_with(self.client.clone(), &self.namespace, resource)
+        } else {
+            Api::all_with(self.client.clone(), resource)
+        })
+    }
+
+    /// The live object of a manifest, if it exists.
+    pub async fn get(&mut self, obj: &DynamicObject) -> Result<Option<DynamicObject>, ClusterError> {
+        let api = self.api(obj).await?;
+        api.get_opt(&obj.name_any())
+            .await
+            .map_err(ClusterError::api(format!("cannot read {}", describe(obj))))
+    }
+
+    /// Server-side apply, taking over fields other managers own (the pipeline
+    /// is the only writer of what it deploys).
+    pub async fn apply(&mut self, obj: &DynamicObject) -> Result<DynamicObject, ClusterError> {
+        let api = self.api(obj).await?;
+        let mut obj = obj.clone();
+        obj.metadata.namespace = None;
+        obj.metadata.managed_fields = None;
+        obj.metadata.resource_version = None;
+        api.patch(
+            &obj.name_any(),
+            &PatchParams::apply(&self.manager).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .map_err(ClusterError::api(format!("cannot apply {}", describe(&obj))))
+    }
+
+    /// Deletes the object a manifest names; gone already is fine.
+    pub async fn delete(&mut self, obj: &DynamicObject) -> Result<(), ClusterError> {
+        let api = self.api(obj).await?;
+        match api.delete(&obj.name_any(), &DeleteParams::foreground()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(ClusterError::api(format!("cannot delete {}", describe(obj)))(e)),
+        }
+    }
+}
+
+/// Where a Deployment's rollout stands, as `kubectl rollout status` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollout {
+    /// Still going, and why.
+    Waiting(String),
+    Complete,
+    /// The controller gave up (`ProgressDeadlineExceeded`).
+    Failed(String),
+}
+
+/// The revision annotation of an object (0 if none).
+pub fn revision_of(annotations: &BTreeMap<String, String>) -> u64 {
+    annotations.get(REVISION).and_then(|r| r.parse().ok()).unwrap_or(0)
+}
+
+/// The rollout state of `d`.
+pub fn rollout(d: &Deployment) -> Rollout {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let Some(status) = &d.status else {
+        return Rollout::Waiting("no status yet".to_owned());
+    };
+    if status.observed_generation.unwrap_or(0) < generation {
+        return Rollout::Waiting("the controller has not seen the new spec yet".to_owned());
+    }
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+    {
+        return Rollout::Failed(format!(
+            "ProgressDeadlineExceeded: {}",
+            c.message.as_deref().unwrap_or("no progress within the deadline")
+        ));
+    }
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let total = status.replicas.unwrap_or(0);
+    let ready = status.ready_replicas.unwrap_or(0);
+    let available = status.available_replicas.unwrap_or(0);
+    if updated < desired {
+        return Rollout::Waiting(format!("{updated} of {desired} replicas updated"));
+    }
+    if total > updated {
+        return Rollout::Waiting(format!("{} old replicas pending termination", total - updated));
+    }
+    if ready < updated || available < updated {
+        return Rollout::Waiting(format!(
+            "{available} of {updated} updated replicas available ({ready} ready)"
+        ));
+    }
+    Rollout::Complete
+}
+
+/// The ReplicaSets a Deployment owns, by revision (ascending).
+pub async fn replica_sets(client: &Client, namespace: &str, d: &Deployment) -> Result<Vec<ReplicaSet>, ClusterError> {
+    let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    let uid = d.metadata.uid.clone().unwrap_or_default();
+    let mut owned: Vec<ReplicaSet> = api
+        .list(&ListParams::default())
+        .await
+        .map_err(ClusterError::api(format!("cannot list the ReplicaSets of {}", d.name_any())))?
+        .items
+        .into_iter()
+        .filter(|rs| rs.owner_references().iter().any(|o| o.uid == uid))
+        .collect();
+    owned.sort_by_key(|rs| revision_of(rs.annotations()));
+    Ok(owned)
+}
+
+/// The pods of the Deployment's current ReplicaSet.
+pub async fn current_pods(client: &Client, namespace: &str, d: &Deployment) -> Result<Vec<Pod>, ClusterError> {
+    let revision = revision_of(d.annotations());
+    let sets = replica_sets(client, namespace, d).await?;
+    let Some(hash) = sets
+        .iter()
+        .find(|rs| revision_of(rs.annotations()) == revision)
+        .and_then(|rs| rs.labels().get(POD_TEMPLATE_HASH).cloned())
+    else {
+        return Ok(Vec::new());
+    };
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(api
+        .list(&ListParams::default().labels(&format!("{POD_TEMPLATE_HASH}={hash}")))
+        .await
+        .map_err(ClusterError::api(format!("cannot list the pods of {}", d.name_any())))?
+        .items)
+}
+
+/// The limits within which a pod counts as healthy.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthLimits {
+    /// A container restarted this often is crash-looping.
+    pub max_restarts: i32,
+    /// A running pod not ready this long after it started fails its readiness.
+    pub readiness_grace: Duration,
+}
+
+/// Waiting reasons that never resolve by themselves.
+const STUCK: &[&str] = &[
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// What is wrong with a pod, naming it, the container and the reason; `None`
+/// if nothing is (yet).
+pub fn pod_problem(pod: &Pod, limits: HealthLimits, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    let name = pod.name_any();
+    let status = pod.status.as_ref()?;
+    for c in status.container_statuses.iter().flatten() {
+        let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+        if let Some(reason) = waiting.and_then(|w| w.reason.as_deref())
+            && STUCK.contains(&reason)
+        {
+            let message = waiting.and_then(|w| w.message.as_deref()).unwrap_or("");
+            return Some(format!(
+                "pod {name} container {}: {reason} (restarted {} times){}{message}",
+                c.name,
+                c.restart_count,
+                if message.is_empty() { "" } else { ": " },
+            ));
+        }
+        if c.restart_count >= limits.max_restarts {
+            let last = c
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .map(|t| {
+                    format!(
+                        ", last exit code {} ({})",
+                        t.exit_code,
+                        t.reason.as_deref().unwrap_or("no reason given")
+                    )
+                })
+                .unwrap_or_default();
+            return Some(format!(
+                "pod {name} container {}: restarted {} times{last}",
+                c.name, c.restart_count
+            ));
+        }
+    }
+    if status.phase.as_deref() == Some("Running") {
+        let ready = status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let started = status
+            .start_time
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.0.as_second(), 0));
+        if !ready
+            && let Some(started) = started
+        {
+            let waited = now.signed_duration_since(started).to_std().unwrap_or_default();
+            if waited >= limits.readiness_grace {
+                let unready: Vec<&str> = status
+                    .container_statuses
+                    .iter()
+                    .flatten()
+                    .filter(|c| !c.ready)
+                    .map(|c| c.name.as_str())
+                    .collect();
+                return Some(format!(
+                    "pod {name} container {}: not ready {} s after it started (readiness probe failing)",
+                    if unready.is_empty() { "?".to_owned() } else { unready.join(", ") },
+                    waited.as_secs()
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Restarts summed over the containers of `pods`.
+pub fn restarts(pods: &[Pod]) -> i64 {
+    pods.iter()
+        .filter_map(|p| p.status.as_ref())
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .map(|c| i64::from(c.restart_count))
+        .sum()
+}
+
+/// A revision a rollout can go back to.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    pub number: u64,
+    pub replica_set: String,
+    pub template: PodTemplateSpec,
+}
+
+/// The pod template of revision `number` of `d` (`None`: the revision before
+/// the current one), with the ReplicaSet's `pod-template-hash` label removed,
+/// as `kubectl rollout undo` takes it.
+pub async fn revision(
+    client: &Client,
+    namespace: &str,
+    d: &Deployment,
+    number: Option<u64>,
+) -> Result<Option<Revision>, ClusterError> {
+    let current = revision_of(d.annotations());
+    let sets = replica_sets(client, namespace, d).await?;
+    let found = match number {
+        Some(n) => sets.iter().find(|rs| revision_of(rs.annotations()) == n),
+        None => sets
+            .iter()
+            .rev()
+            .find(|rs| revision_of(rs.annotations()) < current && revision_of(rs.annotations()) > 0),
+    };
+    Ok(found.and_then(|rs| {
+        let mut template = rs.spec.as_ref()?.template.clone()?;
+        if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+            labels.remove(POD_TEMPLATE_HASH);
+        }
+        Some(Revision {
+            number: revision_of(rs.annotations()),
+            replica_set: rs.name_any(),
+            template,
+        })
+    }))
+}
+
+/// Sets `d`'s pod template to `to`'s (a rollout undo), optionally with a
+/// rollout strategy for the way back; returns the Deployment as written.
+/// A conflicting write in between fails retryably (409).
+pub async fn undo(
+    client: &Client,
+    namespace: &str,
+    d: &Deployment,
+    to: &Revision,
+    strategy: Option<&Value>,
+) -> Result<Deployment, ClusterError> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let mut next = d.clone();
+    next.metadata.managed_fields = None;
+    if let Some(spec) = next.spec.as_mut() {
+        spec.template = to.template.clone();
+    }
+    let mut value = serde_json::to_value(&next).map_err(|e| ClusterError::Manifest {
+        what: d.name_any(),
+        problem: e.to_string(),
+    })?;
+    if let Some(strategy) = strategy
+        && let Some(spec) = value.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        for (k, v) in strategy.as_object().into_iter().flatten() {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    let next: Deployment = serde_json::from_value(value).map_err(|e| ClusterError::Manifest {
+        what: d.name_any(),
+        problem: e.to_string(),
+    })?;
+    api.replace(&d.name_any(), &PostParams::default(), &next)
+        .await
+        .map_err(ClusterError::api(format!(
+            "cannot roll {} back to revision {}",
+            d.name_any(),
+            to.number
+        )))
+}
+
+/// Figures of one watched rollout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutFigures {
+    pub deployment: String,
+    pub revision: u64,
+    pub replicas: i32,
+    pub seconds: f64,
+}
+
+/// Why watching a rollout ended without it completing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutFailure {
+    /// A pod failed (crash loop, readiness), named.
+    Pod(String),
+    /// The controller's progress deadline passed.
+    Deadline(String),
+    /// The daemon's own wait ran out.
+    Timeout(String),
+}
+
+impl std::fmt::Display for RolloutFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pod(s) | Self::Deadline(s) | Self::Timeout(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Watches `name`'s rollout until it completes, a pod of the new revision
+/// fails, the controller reports the deadline passed, or `wait` ends.
+pub async fn watch_rollout(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    limits: HealthLimits,
+    wait: Duration,
+    poll: Duration,
+) -> Result<Result<RolloutFigures, RolloutFailure>, ClusterError> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let started = tokio::time::Instant::now();
+    loop {
+        let d = api
+            .get(name)
+            .await
+            .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+        match rollout(&d) {
+            Rollout::Complete => {
+                return Ok(Ok(RolloutFigures {
+                    deployment: name.to_owned(),
+                    revision: revision_of(d.annotations()),
+                    replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+                    seconds: started.elapsed().as_secs_f64(),
+                }));
+            }
+            Rollout::Failed(why) => {
+                return Ok(Err(RolloutFailure::Deadline(format!("Deployment/{name}: {why}"))));
+            }
+            Rollout::Waiting(why) => {
+                // Until the controller has seen the spec, the revision on the
+                // Deployment is the old one, and so are its pods.
+                let seen = d.status.as_ref().and_then(|s| s.observed_generation).unwrap_or(0)
+                    >= d.metadata.generation.unwrap_or(0);
+                let pods = if seen {
+                    current_pods(client, namespace, &d).await?
+                } else {
+                    Vec::new()
+                };
+                let now = chrono::Utc::now();
+                if let Some(problem) = pods.iter().find_map(|p| pod_problem(p, limits, now)) {
+                    return Ok(Err(RolloutFailure::Pod(format!("Deployment/{name}: {problem}"))));
+                }
+                if started.elapsed() >= wait {
+                    return Ok(Err(RolloutFailure::Timeout(format!(
+                        "Deployment/{name} did not complete its rollout within {} s: {why}",
+                        wait.as_secs()
+                    ))));
+                }
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_name_what_they_lack() {
+        let objs = parse_manifests(
+            "render",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n",
+        )
+        .unwrap();
+        assert_eq!(objs.iter().map(describe).collect::<Vec<_>>(), ["ConfigMap/a", "Deployment/web"]);
+        let e = parse_manifests("render", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "render, document 1: a ConfigMap without metadata.name"
+        );
+        let e = parse_manifests("render", "kind: ConfigMap\nmetadata:\n  name: a\n").unwrap_err();
+        assert!(e.to_string().starts_with("render, document 1:"), "{e}");
+    }
+
+    #[test]
+    fn a_rollout_is_complete_only_when_every_replica_is_updated_and_available() {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "generation": 2},
+            "spec": {"replicas": 3, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 2, "replicas": 4, "updatedReplicas": 3,
+                       "readyReplicas": 3, "availableReplicas": 3}
+        }))
+        .unwrap();
+        assert_eq!(rollout(&d), Rollout::Waiting("1 old replicas pending termination".into()));
+        d.status.as_mut().unwrap().replicas = Some(3);
+        assert_eq!(rollout(&d), Rollout::Complete);
+        d.metadata.generation = Some(3);
+        assert!(matches!(rollout(&d), Rollout::Waiting(_)));
+        d.status.as_mut().unwrap().observed_generation = Some(3);
+        d.status.as_mut().unwrap().conditions = Some(vec![serde_json::from_value(serde_json::json!({
+            "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+            "message": "ReplicaSet \"web-1\" has timed out progressing."
+        }))
+        .unwrap()]);
+        assert!(matches!(rollout(&d), Rollout::Failed(m) if m.contains("timed out")));
+    }
+
+    #[test]
+    fn crash_loops_and_unready_pods_are_named() {
+        let limits = HealthLimits {
+            max_restarts: 3,
+            readiness_grace: Duration::from_secs(30),
+        };
+        let now = chrono::Utc::now();
+        let pod = |status: Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "web-1"}, "status": status})).unwrap()
+        };
+        let looping = pod(serde_json::json!({"phase": "Running", "containerStatuses": [{
+            "name": "app", "ready": false, "restartCount": 1, "image": "x", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}}]}));
+        assert_eq!(
+            pod_problem(&looping, limits, now).unwrap(),
+            "pod web-1 container app: CrashLoopBackOff (restarted 1 times): back-off 10s"
+        );
+        let started = (now - chrono::Duration::seconds(45)).to_rfc3339();
+        let unready = pod(serde_json::json!({"phase": "Running", "startTime": started,
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "app", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"running": {}}}]}));
+        assert!(pod_problem(&unready, limits, now).unwrap().contains("container app: not ready 45 s"));
+        let young = Duration::from_secs(60);
+        assert_eq!(
+            pod_problem(&unready, HealthLimits { readiness_grace: young, ..limits }, now),
+            None
+        );
+    }
+}
