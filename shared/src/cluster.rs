@@ -189,7 +189,8 @@ impl Applier {
             let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
                 .await
                 .map_err(ClusterError::api(format!("the cluster does not serve {key}")))?;
-            self.kinds.insert(key.clone(), (resource, caps.scope == Scope::Namespaced));
+            self.kinds
+                .insert(key.clone(), (resource, caps.scope == Scope::Namespaced));
         }
         let (resource, namespaced) = &self.kinds[&key];
         Ok(if *namespaced {
@@ -296,7 +297,10 @@ pub async fn replica_sets(client: &Client, namespace: &str, d: &Deployment) -> R
     let mut owned: Vec<ReplicaSet> = api
         .list(&ListParams::default())
         .await
-        .map_err(ClusterError::api(format!("cannot list the ReplicaSets of {}", d.name_any())))?
+        .map_err(ClusterError::api(format!(
+            "cannot list the ReplicaSets of {}",
+            d.name_any()
+        )))?
         .items
         .into_iter()
         .filter(|rs| rs.owner_references().iter().any(|o| o.uid == uid))
@@ -391,9 +395,7 @@ pub fn pod_problem(pod: &Pod, limits: HealthLimits, now: chrono::DateTime<chrono
             .start_time
             .as_ref()
             .and_then(|t| chrono::DateTime::from_timestamp(t.0.as_second(), 0));
-        if !ready
-            && let Some(started) = started
-        {
+        if !ready && let Some(started) = started {
             let waited = now.signed_duration_since(started).to_std().unwrap_or_default();
             if waited >= limits.readiness_grace {
                 let unready: Vec<&str> = status
@@ -405,7 +407,11 @@ pub fn pod_problem(pod: &Pod, limits: HealthLimits, now: chrono::DateTime<chrono
                     .collect();
                 return Some(format!(
                     "pod {name} container {}: not ready {} s after it started (readiness probe failing)",
-                    if unready.is_empty() { "?".to_owned() } else { unready.join(", ") },
+                    if unready.is_empty() {
+                        "?".to_owned()
+                    } else {
+                        unready.join(", ")
+                    },
                     waited.as_secs()
                 ));
             }
@@ -596,12 +602,12 @@ mod tests {
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  k: v\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n",
         )
         .unwrap();
-        assert_eq!(objs.iter().map(describe).collect::<Vec<_>>(), ["ConfigMap/a", "Deployment/web"]);
-        let e = parse_manifests("render", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
         assert_eq!(
-            e.to_string(),
-            "render, document 1: a ConfigMap without metadata.name"
+            objs.iter().map(describe).collect::<Vec<_>>(),
+            ["ConfigMap/a", "Deployment/web"]
         );
+        let e = parse_manifests("render", "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n").unwrap_err();
+        assert_eq!(e.to_string(), "render, document 1: a ConfigMap without metadata.name");
         let e = parse_manifests("render", "kind: ConfigMap\nmetadata:\n  name: a\n").unwrap_err();
         assert!(e.to_string().starts_with("render, document 1:"), "{e}");
     }
@@ -615,17 +621,22 @@ mod tests {
                        "readyReplicas": 3, "availableReplicas": 3}
         }))
         .unwrap();
-        assert_eq!(rollout(&d), Rollout::Waiting("1 old replicas pending termination".into()));
+        assert_eq!(
+            rollout(&d),
+            Rollout::Waiting("1 old replicas pending termination".into())
+        );
         d.status.as_mut().unwrap().replicas = Some(3);
         assert_eq!(rollout(&d), Rollout::Complete);
         d.metadata.generation = Some(3);
         assert!(matches!(rollout(&d), Rollout::Waiting(_)));
         d.status.as_mut().unwrap().observed_generation = Some(3);
-        d.status.as_mut().unwrap().conditions = Some(vec![serde_json::from_value(serde_json::json!({
-            "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-            "message": "ReplicaSet \"web-1\" has timed out progressing."
-        }))
-        .unwrap()]);
+        d.status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"web-1\" has timed out progressing."
+            }))
+            .unwrap(),
+        ]);
         assert!(matches!(rollout(&d), Rollout::Failed(m) if m.contains("timed out")));
     }
 
@@ -651,10 +662,21 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "False"}],
             "containerStatuses": [{"name": "app", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
             "state": {"running": {}}}]}));
-        assert!(pod_problem(&unready, limits, now).unwrap().contains("container app: not ready 45 s"));
+        assert!(
+            pod_problem(&unready, limits, now)
+                .unwrap()
+                .contains("container app: not ready 45 s")
+        );
         let young = Duration::from_secs(60);
         assert_eq!(
-            pod_problem(&unready, HealthLimits { readiness_grace: young, ..limits }, now),
+            pod_problem(
+                &unready,
+                HealthLimits {
+                    readiness_grace: young,
+                    ..limits
+                },
+                now
+            ),
             None
         );
     }

@@ -136,6 +136,24 @@ pub struct StagingVerified {
     /// p95 latency against the previous verification's baseline, in percent
     /// slower (negative: faster).
     pub regression_percent: f64,
+    /// The image reference production deploys (`<name>@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// How long staging was watched after the checks without degrading (the
+    /// staging-soak gate wants at least its minimum).
+    #[serde(default)]
+    pub soak_seconds: u64,
+    /// Whether staging was rolled back to the previous revision and forward
+    /// again (the rollback-tested gate).
+    #[serde(default)]
+    pub rollback_tested: bool,
+    /// How long that rollback took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_seconds: Option<f64>,
+    /// The service's first deployment to staging: there is no earlier
+    /// revision to roll back to.
+    #[serde(default)]
+    pub first_deployment: bool,
 }
 
 impl FactSet for StagingVerified {

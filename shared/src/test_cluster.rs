@@ -156,7 +156,10 @@ fn start() -> Result<ControlPlane, String> {
         .env("ETCD_PEER_PORT", free_port()?.to_string())
         .env("KCM_PORT", free_port()?.to_string())
         .stdin(Stdio::null());
-    run(&mut cmd, "start-control-plane.sh (needs Debian's etcd-server and etcd-client)")?;
+    run(
+        &mut cmd,
+        "start-control-plane.sh (needs Debian's etcd-server and etcd-client)",
+    )?;
     Ok(ControlPlane {
         kubeconfig: run_dir.join("admin.kubeconfig"),
     })
@@ -230,7 +233,14 @@ impl Drop for TestNamespace {
         let _ = Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["delete", "--wait=false", "--grace-period=0", "--force", "namespace", &self.name])
+            .args([
+                "delete",
+                "--wait=false",
+                "--grace-period=0",
+                "--force",
+                "namespace",
+                &self.name,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -265,7 +275,9 @@ async fn register_node(client: &Client, name: &str) {
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
     }))
     .unwrap();
-    api.create(&PostParams::default(), &node).await.expect("register the test node");
+    api.create(&PostParams::default(), &node)
+        .await
+        .expect("register the test node");
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(node_status()))
         .await
         .expect("set the test node ready");
@@ -362,7 +374,8 @@ async fn tend(pods: &Api<Pod>, node: &str, pod: &Pod, agent: &Arc<Mutex<Agent>>)
                                     "started": !matches!(behaviour, Behaviour::CrashLoop),
                                     "restartCount": restarts, "state": state});
             if behaviour == Behaviour::CrashLoop {
-                status["lastState"] = json!({"terminated": {"exitCode": 1, "reason": "Error", "startedAt": started, "finishedAt": t}});
+                status["lastState"] =
+                    json!({"terminated": {"exitCode": 1, "reason": "Error", "startedAt": started, "finishedAt": t}});
             }
             status
         })
@@ -378,5 +391,7 @@ async fn tend(pods: &Api<Pod>, node: &str, pod: &Pod, agent: &Arc<Mutex<Agent>>)
                        cond("ContainersReady", wanted_ready), cond("PodScheduled", true)],
         "containerStatuses": containers,
     }});
-    let _ = pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await;
+    let _ = pods
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
 }

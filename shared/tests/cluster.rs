@@ -58,8 +58,14 @@ async fn a_rollout_completes_a_crash_loop_is_named_and_undo_goes_back() {
 
     let api: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
     let d = api.get("web").await.unwrap();
-    assert_eq!(cluster::revision_of(&d.metadata.annotations.clone().unwrap_or_default()), 2);
-    let previous = cluster::revision(&ns.client, &ns.name, &d, None).await.unwrap().unwrap();
+    assert_eq!(
+        cluster::revision_of(&d.metadata.annotations.clone().unwrap_or_default()),
+        2
+    );
+    let previous = cluster::revision(&ns.client, &ns.name, &d, None)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(previous.number, 1);
     cluster::undo(&ns.client, &ns.name, &d, &previous, None).await.unwrap();
     let back = watch(&ns).await.expect("the undo completes");
