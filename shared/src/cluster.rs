@@ -12,14 +12,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplateSpec};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The annotation a Deployment's controller keeps its revision in (on the
 /// Deployment and on each of its ReplicaSets).
@@ -40,6 +40,10 @@ pub enum ClusterError {
     },
     #[error("{what}: {problem}")]
     Manifest { what: String, problem: String },
+    #[error(
+        "{object} was deployed over by run {run} since: putting the earlier version back would undo that; reconcile by hand"
+    )]
+    Moved { object: String, run: String },
 }
 
 impl ClusterError {
@@ -155,6 +159,78 @@ pub fn applicable(obj: &DynamicObject) -> DynamicObject {
     out
 }
 
+/// `registry/name` of `registry/name:tag` or `registry/name@sha256:…`.
+pub fn repository(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or(image);
+    match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => &image[..i],
+        _ => image,
+    }
+}
+
+/// Pod templates of workload manifests, as mutable JSON.
+pub fn pod_specs(obj: &mut DynamicObject) -> Vec<&mut Value> {
+    let kind = obj.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
+    let spec = match kind.as_str() {
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            obj.data.pointer_mut("/spec/template/spec")
+        }
+        "CronJob" => obj.data.pointer_mut("/spec/jobTemplate/spec/template/spec"),
+        _ => None,
+    };
+    spec.into_iter().collect()
+}
+
+/// Sets every container running `repo` to `repo@digest`; how many it set.
+pub fn set_image(objects: &mut [DynamicObject], repo: &str, digest: &str) -> usize {
+    let mut set = 0;
+    for obj in objects.iter_mut() {
+        for spec in pod_specs(obj) {
+            for list in ["containers", "initContainers"] {
+                for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+                    let matches = c
+                        .get("image")
+                        .and_then(Value::as_str)
+                        .is_some_and(|i| repository(i) == repo);
+                    if matches {
+                        c["image"] = json!(format!("{repo}@{digest}"));
+                        set += 1;
+                    }
+                }
+            }
+        }
+    }
+    set
+}
+
+pub fn kind_of(obj: &DynamicObject) -> &str {
+    obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("")
+}
+
+/// The names of the Deployments among `objects`.
+pub fn deployments(objects: &[DynamicObject]) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| kind_of(o) == "Deployment")
+        .map(|o| o.name_any())
+        .collect()
+}
+
+/// `kubectl kustomize <dir>`: the rendered manifests, or why not.
+pub async fn kustomize(kubectl: &Path, dir: &Path) -> Result<String, String> {
+    let out = tokio::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", kubectl.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    String::from_utf8(out.stdout).map_err(|e| e.to_string())
+}
+
 /// Applies objects to one namespace with server-side apply under one field
 /// manager, finding each kind's API once.
 pub struct Applier {
@@ -234,6 +310,178 @@ impl Applier {
             Err(e) => Err(ClusterError::api(format!("cannot delete {}", describe(obj)))(e)),
         }
     }
+}
+
+/// One object's state before a deploy changed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordEntry {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    /// As it was, ready to apply again; none: the deploy created it.
+    pub previous: Option<Value>,
+}
+
+impl RecordEntry {
+    /// A manifest naming the entry's object (for reading or deleting it).
+    pub fn target(&self) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": self.api_version, "kind": self.kind, "metadata": {"name": self.name}
+        }))
+        .expect("apiVersion, kind and name make an object")
+    }
+
+    /// `kind/name`.
+    pub fn describe(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+}
+
+/// What a deploy found before it changed anything, kept in a ConfigMap of the
+/// namespace so that a redelivered job finds the first record and a
+/// compensation (or an operator) can put everything back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub commit: String,
+    pub entries: Vec<RecordEntry>,
+}
+
+const RECORD_KEY: &str = "record.json";
+
+/// The record in ConfigMap `name`, if there is one.
+pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result<Option<Record>, ClusterError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = api
+        .get_opt(name)
+        .await
+        .map_err(ClusterError::api(format!("cannot read ConfigMap/{name}")))?;
+    cm.map(|cm| {
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(RECORD_KEY))
+            .ok_or_else(|| ClusterError::Manifest {
+                what: format!("ConfigMap/{name}"),
+                problem: format!("has no {RECORD_KEY}"),
+            })?;
+        serde_json::from_str(text).map_err(|e| ClusterError::Manifest {
+            what: format!("ConfigMap/{name} {RECORD_KEY}"),
+            problem: e.to_string(),
+        })
+    })
+    .transpose()
+}
+
+/// The record of `objects` as they are before a deploy: the one an earlier
+/// delivery of the same job made, else a new one in ConfigMap `name` with
+/// `labels`.
+pub async fn record_before(
+    applier: &mut Applier,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    commit: &str,
+    objects: &[DynamicObject],
+) -> Result<Record, ClusterError> {
+    let (client, namespace) = (applier.client().clone(), applier.namespace().to_owned());
+    if let Some(record) = read_record(&client, &namespace, name).await? {
+        return Ok(record);
+    }
+    let mut entries = Vec::new();
+    for obj in objects {
+        let live = applier.get(obj).await?;
+        let types = obj.types.clone().unwrap_or_default();
+        entries.push(RecordEntry {
+            api_version: types.api_version,
+            kind: types.kind,
+            name: obj.name_any(),
+            previous: live.map(|l| serde_json::to_value(applicable(&l)).unwrap_or(Value::Null)),
+        });
+    }
+    let record = Record {
+        commit: commit.to_owned(),
+        entries,
+    };
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": labels},
+        "data": {RECORD_KEY: serde_json::to_string(&record).unwrap_or_default()},
+    }))
+    .map_err(|e| ClusterError::Manifest {
+        what: format!("ConfigMap/{name}"),
+        problem: e.to_string(),
+    })?;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    match api.create(&PostParams::default(), &cm).await {
+        Ok(_) => Ok(record),
+        // Another delivery of the job recorded first: its record stands.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read_record(&client, &namespace, name)
+                .await?
+                .ok_or_else(|| ClusterError::Manifest {
+                    what: format!("ConfigMap/{name}"),
+                    problem: "was created and is gone again".to_owned(),
+                })
+        }
+        Err(e) => Err(ClusterError::api(format!(
+            "cannot record the previous state in ConfigMap/{name}"
+        ))(e)),
+    }
+}
+
+/// The annotation naming the run that last deployed an object.
+pub const RUN_ANNOTATION: &str = "baton.dev/run";
+
+/// What [`restore`] put back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Restored {
+    pub restored: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// Puts the recorded objects back as they were (deleting those the deploy
+/// created), except the kinds in `skip`. Refuses before changing anything if
+/// another run has deployed over one of them since (its run annotation).
+pub async fn restore(
+    applier: &mut Applier,
+    record: &Record,
+    run: &str,
+    skip: &[&str],
+) -> Result<Restored, ClusterError> {
+    let entries: Vec<&RecordEntry> = record
+        .entries
+        .iter()
+        .filter(|e| !skip.contains(&e.kind.as_str()))
+        .collect();
+    for entry in &entries {
+        if let Some(live) = applier.get(&entry.target()).await?
+            && let Some(by) = live.annotations().get(RUN_ANNOTATION)
+            && by != run
+        {
+            return Err(ClusterError::Moved {
+                object: entry.describe(),
+                run: by.clone(),
+            });
+        }
+    }
+    let mut out = Restored::default();
+    for entry in entries {
+        match &entry.previous {
+            Some(previous) => {
+                let obj: DynamicObject =
+                    serde_json::from_value(previous.clone()).map_err(|e| ClusterError::Manifest {
+                        what: format!("the recorded {}", entry.describe()),
+                        problem: e.to_string(),
+                    })?;
+                applier.apply(&obj).await?;
+                out.restored.push(entry.describe());
+            }
+            None => {
+                applier.delete(&entry.target()).await?;
+                out.deleted.push(entry.describe());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Where a Deployment's rollout stands, as `kubectl rollout status` says.
@@ -594,6 +842,27 @@ pub async fn watch_rollout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_are_matched_by_repository() {
+        assert_eq!(repository("registry:5000/shop/web:abc"), "registry:5000/shop/web");
+        assert_eq!(repository("registry:5000/shop/web"), "registry:5000/shop/web");
+        assert_eq!(repository("shop/web@sha256:00"), "shop/web");
+        let mut objs = parse_manifests(
+            "t",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: app, image: 'shop/web:dev'}\n      - {name: side, image: 'envoy:1'}\n",
+        )
+        .unwrap();
+        assert_eq!(set_image(&mut objs, "shop/web", "sha256:ab"), 1);
+        assert_eq!(
+            objs[0].data.pointer("/spec/template/spec/containers/0/image"),
+            Some(&json!("shop/web@sha256:ab"))
+        );
+        assert_eq!(
+            objs[0].data.pointer("/spec/template/spec/containers/1/image"),
+            Some(&json!("envoy:1"))
+        );
+    }
 
     #[test]
     fn manifests_name_what_they_lack() {

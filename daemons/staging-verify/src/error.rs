@@ -67,11 +67,6 @@ pub enum Error {
     #[error("rollback rehearsal failed: {0}")]
     Rehearsal(String),
 
-    #[error(
-        "{object} was changed by {by} since this step deployed it: redeploying the previous version would undo that; reconcile by hand"
-    )]
-    Moved { object: String, by: String },
-
     #[error("{what}: {detail}")]
     Io { what: String, detail: String },
 }
@@ -86,6 +81,7 @@ impl Error {
             Self::Render { .. } => "render_failed",
             Self::Manifests(_) => "invalid_manifests",
             Self::NoImage(_) => "image_missing",
+            Self::Cluster(ClusterError::Moved { .. }) => "state_moved",
             Self::Cluster(_) => "cluster_error",
             Self::Rollout(RolloutFailure::Pod(_)) => "pod_unhealthy",
             Self::Rollout(RolloutFailure::Deadline(_)) => "progress_deadline_exceeded",
@@ -96,7 +92,6 @@ impl Error {
             Self::Regression { .. } => "performance_regression",
             Self::Soak { .. } => "soak_failed",
             Self::Rehearsal(_) => "rollback_rehearsal_failed",
-            Self::Moved { .. } => "state_moved",
             Self::Io { .. } => "io_error",
         }
     }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use baton_shared::cluster::{self, Applier, ClusterError, Rollout, RolloutFigures};
+use baton_shared::cluster::{
+    self, Applier, ClusterError, Record, Rollout, RolloutFigures, deployments, kind_of, repository, set_image,
+};
 use baton_shared::facts::{FactSet, ImageBuilt, StagingVerified};
 use baton_shared::git::{self, GitCache};
 use baton_shared::kit;
@@ -123,22 +125,6 @@ pub struct RedeployOutputs {
     pub note: String,
 }
 
-/// One object's state before the deploy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RecordEntry {
-    api_version: String,
-    kind: String,
-    name: String,
-    /// None: the deploy created it.
-    previous: Option<Value>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    commit: String,
-    entries: Vec<RecordEntry>,
-}
-
 /// The baseline of a service's performance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Baseline {
@@ -176,63 +162,6 @@ fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
         what: "outputs".into(),
         detail: e.message,
     })
-}
-
-/// `registry/name` of `registry/name:tag` or `registry/name@sha256:…`.
-pub fn repository(image: &str) -> &str {
-    let image = image.split('@').next().unwrap_or(image);
-    match image.rfind(':') {
-        Some(i) if !image[i..].contains('/') => &image[..i],
-        _ => image,
-    }
-}
-
-/// Pod templates of workload manifests, as mutable JSON.
-fn pod_specs(obj: &mut DynamicObject) -> Vec<&mut Value> {
-    let kind = obj.types.as_ref().map(|t| t.kind.clone()).unwrap_or_default();
-    let spec = match kind.as_str() {
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
-            obj.data.pointer_mut("/spec/template/spec")
-        }
-        "CronJob" => obj.data.pointer_mut("/spec/jobTemplate/spec/template/spec"),
-        _ => None,
-    };
-    spec.into_iter().collect()
-}
-
-/// Sets every container running `repo` to `repo@digest`; how many it set.
-pub fn set_image(objects: &mut [DynamicObject], repo: &str, digest: &str) -> usize {
-    let mut set = 0;
-    for obj in objects.iter_mut() {
-        for spec in pod_specs(obj) {
-            for list in ["containers", "initContainers"] {
-                for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
-                    let matches = c
-                        .get("image")
-                        .and_then(Value::as_str)
-                        .is_some_and(|i| repository(i) == repo);
-                    if matches {
-                        c["image"] = json!(format!("{repo}@{digest}"));
-                        set += 1;
-                    }
-                }
-            }
-        }
-    }
-    set
-}
-
-fn kind_of(obj: &DynamicObject) -> &str {
-    obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("")
-}
-
-/// The names of the Deployments among `objects`.
-fn deployments(objects: &[DynamicObject]) -> Vec<String> {
-    objects
-        .iter()
-        .filter(|o| kind_of(o) == "Deployment")
-        .map(|o| o.name_any())
-        .collect()
 }
 
 /// What differs between the recorded previous objects and the new ones.
@@ -451,31 +380,7 @@ impl StagingVerify {
         )))
     }
 
-    async fn render(&self, dir: &std::path::Path, shown: &str) -> Result<String, Error> {
-        let out = tokio::process::Command::new(&self.config.kubectl)
-            .arg("kustomize")
-            .arg(dir)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| Error::Render {
-                dir: shown.to_owned(),
-                detail: format!("cannot run {}: {e}", self.config.kubectl.display()),
-            })?;
-        if !out.status.success() {
-            return Err(Error::Render {
-                dir: shown.to_owned(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        String::from_utf8(out.stdout).map_err(|e| Error::Render {
-            dir: shown.to_owned(),
-            detail: e.to_string(),
-        })
-    }
-
-    /// The record of the objects' state before this step's deploy: the one
-    /// an earlier delivery of the job made, else a new one.
+    /// The record of the objects' state before this step's deploy.
     async fn record(
         &self,
         applier: &mut Applier,
@@ -483,39 +388,12 @@ impl StagingVerify {
         objects: &[DynamicObject],
     ) -> Result<(String, Record), Error> {
         let name = record_name(job);
-        let api: Api<ConfigMap> = Api::namespaced(applier.client().clone(), applier.namespace());
-        let read = ClusterError::api(format!("cannot read ConfigMap/{name}"));
-        if let Some(cm) = api.get_opt(&name).await.map_err(read)? {
-            return Ok((name, cm_value(&cm, "record.json")?));
-        }
-        let mut entries = Vec::new();
-        for obj in objects {
-            let live = applier.get(obj).await?;
-            let types = obj.types.clone().unwrap_or_default();
-            entries.push(RecordEntry {
-                api_version: types.api_version,
-                kind: types.kind,
-                name: obj.name_any(),
-                previous: live.map(|l| serde_json::to_value(cluster::applicable(&l)).unwrap_or(Value::Null)),
-            });
-        }
-        let record = Record {
-            commit: job.deploy.commit_sha.clone(),
-            entries,
-        };
-        let cm = bookkeeping(&name, &job.deploy.service, "record.json", &record);
-        match api.create(&PostParams::default(), &cm).await {
-            Ok(_) => Ok((name, record)),
-            // Another delivery of this job recorded first: its record stands.
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                let cm = api
-                    .get(&name)
-                    .await
-                    .map_err(ClusterError::api(format!("cannot read ConfigMap/{name}")))?;
-                Ok((name, cm_value(&cm, "record.json")?))
-            }
-            Err(e) => Err(ClusterError::api(format!("cannot record the previous state in ConfigMap/{name}"))(e).into()),
-        }
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+            ("baton.dev/service".to_owned(), job.deploy.service.clone()),
+        ]);
+        let record = cluster::record_before(applier, &name, &labels, &job.deploy.commit_sha, objects).await?;
+        Ok((name, record))
     }
 
     async fn watch(&self, client: &Client, ns: &str, names: &[String]) -> Result<Vec<RolloutFigures>, Error> {
@@ -561,7 +439,12 @@ impl StagingVerify {
                 commit: commit.clone(),
             }));
         }
-        let yaml = self.render(&dir, &p.manifests_dir).await?;
+        let yaml = cluster::kustomize(&self.config.kubectl, &dir)
+            .await
+            .map_err(|detail| Error::Render {
+                dir: p.manifests_dir.clone(),
+                detail,
+            })?;
         let mut objects =
             cluster::parse_manifests(&p.manifests_dir, &yaml).map_err(|e| Error::Manifests(e.to_string()))?;
         if objects.is_empty() {
@@ -586,7 +469,7 @@ impl StagingVerify {
         }
         for obj in &mut objects {
             let a = obj.metadata.annotations.get_or_insert_with(Default::default);
-            a.insert("baton.dev/run".into(), job.run_id.to_string());
+            a.insert(cluster::RUN_ANNOTATION.into(), job.run_id.to_string());
             a.insert("baton.dev/step".into(), job.step_id.clone());
             a.insert("baton.dev/commit".into(), commit.clone());
         }
@@ -928,13 +811,7 @@ impl StagingVerify {
     async fn redeploy_previous(&self, job: &StepJob) -> Result<RedeployOutputs, Error> {
         let ns = self.config.namespace(&job.deploy.service);
         let client = cluster::connect(&self.config.kubeconfig).await?;
-        let name = record_name(job);
-        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-        let Some(cm) = api
-            .get_opt(&name)
-            .await
-            .map_err(ClusterError::api(format!("cannot read ConfigMap/{name}")))?
-        else {
+        let Some(record) = cluster::read_record(&client, &ns, &record_name(job)).await? else {
             return Ok(RedeployOutputs {
                 reverted: false,
                 restored: Vec::new(),
@@ -943,52 +820,19 @@ impl StagingVerify {
                 note: "the step recorded nothing, so it deployed nothing".to_owned(),
             });
         };
-        let record: Record = cm_value(&cm, "record.json")?;
         let mut applier = Applier::new(client.clone(), &ns, MANAGER);
-        let (mut restored, mut deleted, mut names) = (Vec::new(), Vec::new(), Vec::new());
-        for entry in &record.entries {
-            let target: DynamicObject = serde_json::from_value(json!({
-                "apiVersion": entry.api_version, "kind": entry.kind, "metadata": {"name": entry.name}
-            }))
-            .map_err(|e| Error::Io {
-                what: format!("record entry {}/{}", entry.kind, entry.name),
-                detail: e.to_string(),
-            })?;
-            let what = cluster::describe(&target);
-            if let Some(live) = applier.get(&target).await? {
-                let by = live.annotations().get("baton.dev/run").cloned();
-                if let Some(by) = by
-                    && by != job.run_id.to_string()
-                {
-                    return Err(Error::Moved {
-                        object: what,
-                        by: format!("run {by}"),
-                    });
-                }
-            }
-            match &entry.previous {
-                Some(previous) => {
-                    let obj: DynamicObject = serde_json::from_value(previous.clone()).map_err(|e| Error::Io {
-                        what: format!("the recorded {what}"),
-                        detail: e.to_string(),
-                    })?;
-                    applier.apply(&obj).await?;
-                    if entry.kind == "Deployment" {
-                        names.push(entry.name.clone());
-                    }
-                    restored.push(what);
-                }
-                None => {
-                    applier.delete(&target).await?;
-                    deleted.push(what);
-                }
-            }
-        }
+        let done = cluster::restore(&mut applier, &record, &job.run_id.to_string(), &[]).await?;
+        let names: Vec<String> = record
+            .entries
+            .iter()
+            .filter(|e| e.kind == "Deployment" && e.previous.is_some())
+            .map(|e| e.name.clone())
+            .collect();
         let rollouts = self.watch(&client, &ns, &names).await?;
         Ok(RedeployOutputs {
             reverted: true,
-            restored,
-            deleted,
+            restored: done.restored,
+            deleted: done.deleted,
             rollouts,
             note: String::new(),
         })
@@ -1020,27 +864,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn images_are_matched_by_repository() {
-        assert_eq!(repository("registry:5000/shop/web:abc"), "registry:5000/shop/web");
-        assert_eq!(repository("registry:5000/shop/web"), "registry:5000/shop/web");
-        assert_eq!(repository("shop/web@sha256:00"), "shop/web");
-        let mut objs = cluster::parse_manifests(
-            "t",
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: app, image: 'shop/web:dev'}\n      - {name: side, image: 'envoy:1'}\n",
-        )
-        .unwrap();
-        assert_eq!(set_image(&mut objs, "shop/web", "sha256:ab"), 1);
-        assert_eq!(
-            objs[0].data.pointer("/spec/template/spec/containers/0/image"),
-            Some(&json!("shop/web@sha256:ab"))
-        );
-        assert_eq!(
-            objs[0].data.pointer("/spec/template/spec/containers/1/image"),
-            Some(&json!("envoy:1"))
-        );
-    }
-
-    #[test]
     fn differences_name_keys_resources_and_policies() {
         let objs = cluster::parse_manifests(
             "t",
@@ -1050,13 +873,13 @@ mod tests {
         let record = Record {
             commit: "x".into(),
             entries: vec![
-                RecordEntry {
+                cluster::RecordEntry {
                     api_version: "v1".into(),
                     kind: "ConfigMap".into(),
                     name: "cfg".into(),
                     previous: Some(json!({"data": {"a": "0", "b": "2"}})),
                 },
-                RecordEntry {
+                cluster::RecordEntry {
                     api_version: "networking.k8s.io/v1".into(),
                     kind: "NetworkPolicy".into(),
                     name: "allow".into(),

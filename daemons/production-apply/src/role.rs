@@ -1,0 +1,821 @@
+//! The `production-apply` role: `apply` and the `rollback-replicaset`
+//! compensation (see the crate documentation).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use baton_shared::cluster::{self, Applier, ClusterError, Rollout, RolloutFigures, deployments, repository, set_image};
+use baton_shared::facts::{FactSet, StagingVerified};
+use baton_shared::git::{self, GitCache};
+use baton_shared::kit;
+use baton_shared::protocol::{self, Fields, JobKind, StepJob};
+use baton_shared::roles;
+use baton_shared::runtime::{BoxFuture, ExecContext, Outcome, Role};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::ApplyConfig;
+use crate::error::Error;
+use crate::monitor;
+
+/// The field manager of everything this role applies.
+pub const MANAGER: &str = "baton";
+const MANAGED_BY: &str = "baton-production-apply";
+/// The revision a Deployment had before this step applied it.
+const PREVIOUS_REVISION: &str = "baton.dev/previous-revision";
+
+/// The step's parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    pub manifests_dir: String,
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    pub min_ready_seconds: u32,
+    pub progress_deadline_seconds: u32,
+    pub monitor_minutes: u64,
+    /// Overrides the minutes (short demos and tests).
+    pub monitor_seconds: Option<u64>,
+    pub rollback_max_seconds: u64,
+    /// Failed requests in percent (from Prometheus) above which it rolls back.
+    pub max_error_percent: f64,
+    /// p95 latency in milliseconds (from Prometheus) above which it rolls back.
+    pub max_p95_ms: Option<f64>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            manifests_dir: "deploy/production".to_owned(),
+            max_surge: 1,
+            max_unavailable: 0,
+            min_ready_seconds: 30,
+            progress_deadline_seconds: 300,
+            monitor_minutes: 15,
+            monitor_seconds: None,
+            rollback_max_seconds: 60,
+            max_error_percent: 1.0,
+            max_p95_ms: None,
+        }
+    }
+}
+
+impl Params {
+    fn monitor(&self) -> Duration {
+        Duration::from_secs(self.monitor_seconds.unwrap_or(self.monitor_minutes * 60))
+    }
+}
+
+/// A Deployment this step changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentChange {
+    pub name: String,
+    /// 0: the step created it.
+    pub revision_before: u64,
+    pub revision_after: u64,
+    pub replica_set_before: Option<String>,
+    pub replica_set_after: Option<String>,
+}
+
+/// What the monitoring period saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MonitorFigures {
+    pub seconds: u64,
+    pub polls: u64,
+    /// Whether metrics were watched (`[apply.prometheus]`) or only the API.
+    pub metrics: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent_seen: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p95_ms_seen: Option<f64>,
+    /// Polls at which a query had no data yet.
+    pub no_data: u64,
+}
+
+/// The rolling update the step enforced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    pub min_ready_seconds: u32,
+    pub progress_deadline_seconds: u32,
+}
+
+/// What `apply` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyOutputs {
+    pub image: String,
+    pub image_digest: String,
+    pub namespace: String,
+    pub commit: String,
+    pub record: String,
+    pub deployments: Vec<DeploymentChange>,
+    pub rollouts: Vec<RolloutFigures>,
+    pub strategy: Strategy,
+    pub monitoring: MonitorFigures,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One Deployment's way back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub name: String,
+    pub from_revision: u64,
+    /// 0: the step created the Deployment, and it was deleted.
+    pub to_revision: u64,
+    pub seconds: f64,
+}
+
+/// What a rollback did (the compensation's outputs, and the figures a failed
+/// apply names in its error).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RollbackOutputs {
+    pub rolled_back: bool,
+    pub deployments: Vec<RolledBack>,
+    pub restored: Vec<String>,
+    pub deleted: Vec<String>,
+    pub seconds: f64,
+    pub budget_seconds: u64,
+    pub over_budget: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+impl RollbackOutputs {
+    fn summary(&self) -> String {
+        if self.deployments.is_empty() && self.restored.is_empty() && self.deleted.is_empty() {
+            return "nothing needed rolling back".to_owned();
+        }
+        let each: Vec<String> = self
+            .deployments
+            .iter()
+            .map(|d| match d.to_revision {
+                0 => format!("Deployment/{} (new) deleted", d.name),
+                to => format!(
+                    "Deployment/{} rolled back from revision {} to {to}",
+                    d.name, d.from_revision
+                ),
+            })
+            .collect();
+        format!(
+            "rolled back in {:.1} s ({} the {} s budget): {}",
+            self.seconds,
+            if self.over_budget { "over" } else { "within" },
+            self.budget_seconds,
+            each.join(", ")
+        )
+    }
+}
+
+/// The production-apply role, built from `[apply]`.
+#[derive(Debug, Clone)]
+pub struct ProductionApply {
+    config: ApplyConfig,
+    git: GitCache,
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
+    protocol::to_fields(value).map_err(|e| Error::Io {
+        what: "outputs".into(),
+        detail: e.message,
+    })
+}
+
+fn record_name(job: &StepJob) -> String {
+    let step: String = job
+        .step_id
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("baton-apply.{}.{step}", job.run_id)
+}
+
+/// Sets the pipeline's rolling update on every Deployment; a warning for each
+/// value a manifest set otherwise.
+pub fn enforce_strategy(objects: &mut [DynamicObject], s: &Strategy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for obj in objects.iter_mut().filter(|o| cluster::kind_of(o) == "Deployment") {
+        let what = cluster::describe(obj);
+        let spec = obj
+            .data
+            .as_object_mut()
+            .and_then(|d| d.entry("spec").or_insert_with(|| json!({})).as_object_mut());
+        let Some(spec) = spec else { continue };
+        let wanted = [
+            ("/strategy/type", json!("RollingUpdate")),
+            ("/strategy/rollingUpdate/maxSurge", json!(s.max_surge)),
+            ("/strategy/rollingUpdate/maxUnavailable", json!(s.max_unavailable)),
+            ("/minReadySeconds", json!(s.min_ready_seconds)),
+            ("/progressDeadlineSeconds", json!(s.progress_deadline_seconds)),
+        ];
+        let current = Value::Object(spec.clone());
+        for (pointer, value) in &wanted {
+            if let Some(found) = current.pointer(pointer)
+                && found != value
+            {
+                warnings.push(format!(
+                    "{what}: spec{} is {found} in the manifest; set to {value}, the pipeline's rolling update",
+                    pointer.replace('/', ".")
+                ));
+            }
+        }
+        spec.insert(
+            "strategy".into(),
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": s.max_surge, "maxUnavailable": s.max_unavailable}}),
+        );
+        spec.insert("minReadySeconds".into(), json!(s.min_ready_seconds));
+        spec.insert("progressDeadlineSeconds".into(), json!(s.progress_deadline_seconds));
+    }
+    warnings
+}
+
+/// The strategy a rollback uses: every replica of the known-good revision at
+/// once, counted available as soon as it is ready.
+fn rollback_strategy() -> Value {
+    json!({
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "100%", "maxUnavailable": 0}},
+        "minReadySeconds": 0,
+    })
+}
+
+impl ProductionApply {
+    pub fn new(config: ApplyConfig) -> Self {
+        Self {
+            git: GitCache::new(config.repos_dir.clone()),
+            config,
+        }
+    }
+
+    /// Runs a job to its outputs; the `Role` methods wrap this.
+    pub async fn run(&self, job: &StepJob) -> Result<Fields, Error> {
+        match (job.kind, job.action.as_str()) {
+            (JobKind::Execute, "apply") => outputs(&self.apply(job).await?),
+            (JobKind::Compensate, "rollback-replicaset") => outputs(&self.rollback_replicaset(job).await?),
+            (kind, action) => Err(Error::UnknownAction {
+                kind,
+                action: action.to_owned(),
+            }),
+        }
+    }
+
+    fn params(job: &StepJob) -> Result<Params, Error> {
+        let mut p: Params = job.params().map_err(|e| Error::InvalidParam {
+            name: e.key,
+            problem: e.problem,
+        })?;
+        p.manifests_dir = git::check_folder("manifests_dir", &p.manifests_dir)?;
+        let bad = |name: &str, problem: &str| Error::InvalidParam {
+            name: name.to_owned(),
+            problem: problem.to_owned(),
+        };
+        if p.max_surge == 0 && p.max_unavailable == 0 {
+            return Err(bad(
+                "max_surge",
+                "and max_unavailable cannot both be 0: the rollout could not move",
+            ));
+        }
+        if p.progress_deadline_seconds <= p.min_ready_seconds {
+            return Err(bad(
+                "progress_deadline_seconds",
+                "must be greater than min_ready_seconds (Kubernetes refuses it otherwise)",
+            ));
+        }
+        if p.rollback_max_seconds == 0 {
+            return Err(bad("rollback_max_seconds", "must be at least 1"));
+        }
+        if !(p.max_error_percent.is_finite() && (0.0..=100.0).contains(&p.max_error_percent)) {
+            return Err(bad("max_error_percent", "must be between 0 and 100"));
+        }
+        if p.max_p95_ms.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            return Err(bad("max_p95_ms", "must be a positive number"));
+        }
+        Ok(p)
+    }
+
+    /// The image staging verified, from the staging-verify input step.
+    fn verified(job: &StepJob) -> Result<(String, String), Error> {
+        for (step, fields) in &job.inputs {
+            if let Ok(v) = StagingVerified::read(step, fields) {
+                let Some(image) = v.image else {
+                    return Err(Error::NoImage(format!(
+                        "{step} verified digest {} without naming the image",
+                        v.image_digest
+                    )));
+                };
+                return Ok((repository(&image).to_owned(), v.image_digest));
+            }
+        }
+        Err(Error::NoImage(
+            "production deploys only an image staging verified, and no input step reported one (does this step need the staging verification?)"
+                .to_owned(),
+        ))
+    }
+
+    async fn apply(&self, job: &StepJob) -> Result<ApplyOutputs, Error> {
+        let p = Self::params(job)?;
+        let (repo, digest) = Self::verified(job)?;
+        let commit = job.deploy.commit_sha.clone();
+        git::check_commit(&commit)?;
+        let service = &job.deploy.service;
+        let ns = self.config.namespace(service);
+        let client = cluster::connect(&self.config.kubeconfig).await?;
+
+        let scratch = Scratch(
+            self.config
+                .work_dir
+                .join("jobs")
+                .join(format!("{}-{}-{}", job.run_id, job.step_id, job.attempt)),
+        );
+        let _ = std::fs::remove_dir_all(&scratch.0);
+        let source = scratch.0.join("source");
+        self.git.export(&job.deploy.repository, &commit, ".", &source).await?;
+        let dir = source.join(&p.manifests_dir);
+        if !dir.is_dir() {
+            return Err(Error::Source(git::GitError::FolderNotFound {
+                dir: p.manifests_dir.clone(),
+                commit: commit.clone(),
+            }));
+        }
+        let yaml = cluster::kustomize(&self.config.kubectl, &dir)
+            .await
+            .map_err(|detail| Error::Render {
+                dir: p.manifests_dir.clone(),
+                detail,
+            })?;
+        let mut objects =
+            cluster::parse_manifests(&p.manifests_dir, &yaml).map_err(|e| Error::Manifests(e.to_string()))?;
+        for obj in &objects {
+            if let Some(other) = obj.metadata.namespace.as_deref()
+                && other != ns
+            {
+                return Err(Error::Manifests(format!(
+                    "{} names namespace {other}; production deploys {service} to {ns}",
+                    cluster::describe(obj)
+                )));
+            }
+        }
+        let image = format!("{repo}@{digest}");
+        if set_image(&mut objects, &repo, &digest) == 0 {
+            return Err(Error::Manifests(format!(
+                "no container in {} runs {repo}: the image staging verified would not be deployed",
+                p.manifests_dir
+            )));
+        }
+        let strategy = Strategy {
+            max_surge: p.max_surge,
+            max_unavailable: p.max_unavailable,
+            min_ready_seconds: p.min_ready_seconds,
+            progress_deadline_seconds: p.progress_deadline_seconds,
+        };
+        let mut warnings = enforce_strategy(&mut objects, &strategy);
+        let names = deployments(&objects);
+
+        let mut applier = Applier::new(client.clone(), &ns, MANAGER);
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+            ("baton.dev/service".to_owned(), service.clone()),
+        ]);
+        let record_name = record_name(job);
+        cluster::record_before(&mut applier, &record_name, &labels, &commit, &objects).await?;
+
+        // The revision each Deployment replaces: from a redelivered job's own
+        // annotation, else what runs now.
+        let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let run = job.run_id.to_string();
+        let mut before = BTreeMap::new();
+        for name in &names {
+            let live = api
+                .get_opt(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            let revision = match &live {
+                Some(d) if d.annotations().get(cluster::RUN_ANNOTATION) == Some(&run) => d
+                    .annotations()
+                    .get(PREVIOUS_REVISION)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
+                Some(d) => cluster::revision_of(d.annotations()),
+                None => 0,
+            };
+            before.insert(name.clone(), revision);
+        }
+        for obj in &mut objects {
+            let previous = (cluster::kind_of(obj) == "Deployment").then(|| before[&obj.name_any()].to_string());
+            let a = obj.metadata.annotations.get_or_insert_with(Default::default);
+            a.insert(cluster::RUN_ANNOTATION.into(), run.clone());
+            a.insert("baton.dev/step".into(), job.step_id.clone());
+            a.insert("baton.dev/commit".into(), commit.clone());
+            if let Some(previous) = previous {
+                a.insert(PREVIOUS_REVISION.into(), previous);
+            }
+        }
+        for obj in &objects {
+            applier.apply(obj).await?;
+        }
+        tracing::info!(run_id = %job.run_id, namespace = %ns, image = %image, "production applied");
+
+        // What runs is what staging verified (a mutating webhook or another
+        // writer could have changed it).
+        for name in &names {
+            let d = api
+                .get(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            let wrong: Vec<String> = d
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|s| s.containers)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|c| c.image)
+                .filter(|i| repository(i) == repo && *i != image)
+                .collect();
+            if !wrong.is_empty() {
+                let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
+                return Err(Error::ImageMismatch(format!(
+                    "Deployment/{name} runs {} after the apply, not {image} which staging verified; {}",
+                    wrong.join(", "),
+                    rollback.summary()
+                )));
+            }
+        }
+
+        let mut rollouts = Vec::new();
+        let wait = Duration::from_secs(u64::from(p.progress_deadline_seconds) + 60);
+        for name in &names {
+            match cluster::watch_rollout(&client, &ns, name, self.config.limits(), wait, self.config.poll()).await? {
+                Ok(f) => rollouts.push(f),
+                Err(failure) => {
+                    let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
+                    return Err(Error::Rollout {
+                        failure,
+                        rollback: rollback.summary(),
+                    });
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        for name in &names {
+            let d = api
+                .get(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            let sets = cluster::replica_sets(&client, &ns, &d).await?;
+            let rs = |rev: u64| {
+                sets.iter()
+                    .find(|rs| cluster::revision_of(rs.annotations()) == rev)
+                    .map(|rs| rs.name_any())
+            };
+            let after = cluster::revision_of(d.annotations());
+            changes.push(DeploymentChange {
+                name: name.clone(),
+                revision_before: before[name],
+                revision_after: after,
+                replica_set_before: rs(before[name]),
+                replica_set_after: rs(after),
+            });
+        }
+
+        let monitoring = match self.monitor(&client, &ns, &names, &p, service).await? {
+            Ok(figures) => figures,
+            Err((after_secs, why)) => {
+                let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
+                return Err(Error::Monitoring {
+                    after_secs,
+                    why,
+                    rollback: rollback.summary(),
+                });
+            }
+        };
+        if !monitoring.metrics {
+            warnings.push(
+                "no metrics were watched while monitoring (no [apply.prometheus]): only rollout, readiness and restarts"
+                    .to_owned(),
+            );
+        }
+        Ok(ApplyOutputs {
+            image,
+            image_digest: digest,
+            namespace: ns,
+            commit,
+            record: record_name,
+            deployments: changes,
+            rollouts,
+            strategy,
+            monitoring,
+            warnings,
+        })
+    }
+
+    /// Watches the new revision for the monitoring period; `Err` is a breach
+    /// (after how long, and what).
+    async fn monitor(
+        &self,
+        client: &Client,
+        ns: &str,
+        names: &[String],
+        p: &Params,
+        service: &str,
+    ) -> Result<Result<MonitorFigures, (u64, String)>, Error> {
+        let duration = p.monitor();
+        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let mut base = BTreeMap::new();
+        for name in names {
+            let d = api
+                .get(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            base.insert(
+                name.clone(),
+                cluster::restarts(&cluster::current_pods(client, ns, &d).await?),
+            );
+        }
+        let http = reqwest::Client::new();
+        let mut figures = MonitorFigures {
+            metrics: self.config.prometheus.is_some(),
+            ..MonitorFigures::default()
+        };
+        let started = Instant::now();
+        let breach = |why: String, started: Instant| Ok(Err((started.elapsed().as_secs(), why)));
+        while started.elapsed() < duration {
+            tokio::time::sleep(self.config.poll().min(duration.saturating_sub(started.elapsed()))).await;
+            figures.polls += 1;
+            for name in names {
+                let d = api
+                    .get(name)
+                    .await
+                    .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+                if let Rollout::Waiting(why) | Rollout::Failed(why) = cluster::rollout(&d) {
+                    return breach(format!("Deployment/{name} degraded: {why}"), started);
+                }
+                let pods = cluster::current_pods(client, ns, &d).await?;
+                if let Some(problem) = pods
+                    .iter()
+                    .find_map(|pod| cluster::pod_problem(pod, self.config.limits(), chrono::Utc::now()))
+                {
+                    return breach(problem, started);
+                }
+                let restarts = cluster::restarts(&pods) - base[name];
+                if restarts > 0 {
+                    return breach(format!("Deployment/{name}: {restarts} container restarts"), started);
+                }
+            }
+            if let Some(prom) = &self.config.prometheus {
+                let fill = |q: &str| q.replace("{namespace}", ns).replace("{service}", service);
+                match monitor::query(&http, &prom.url, &fill(&prom.error_percent)).await {
+                    Ok(Some(v)) => {
+                        figures.max_error_percent_seen = Some(figures.max_error_percent_seen.unwrap_or(v).max(v));
+                        if v > p.max_error_percent {
+                            return breach(
+                                format!("error rate {v:.2} % above {} % (Prometheus)", p.max_error_percent),
+                                started,
+                            );
+                        }
+                    }
+                    Ok(None) => figures.no_data += 1,
+                    // Monitoring that cannot see is not a pass: the rollout is
+                    // not vouched for, so it rolls back.
+                    Err(e) => return breach(format!("the error rate cannot be read: {e}"), started),
+                }
+                if let Some(limit) = p.max_p95_ms {
+                    match monitor::query(&http, &prom.url, &fill(&prom.p95_ms)).await {
+                        Ok(Some(v)) => {
+                            figures.max_p95_ms_seen = Some(figures.max_p95_ms_seen.unwrap_or(v).max(v));
+                            if v > limit {
+                                return breach(format!("p95 latency {v:.1} ms above {limit} ms (Prometheus)"), started);
+                            }
+                        }
+                        Ok(None) => figures.no_data += 1,
+                        Err(e) => return breach(format!("the p95 latency cannot be read: {e}"), started),
+                    }
+                }
+            }
+        }
+        figures.seconds = duration.as_secs();
+        Ok(Ok(figures))
+    }
+
+    /// Takes every Deployment back to the revision it had before this step
+    /// (deleting those it created), then the other recorded objects.
+    async fn undo(
+        &self,
+        job: &StepJob,
+        client: &Client,
+        ns: &str,
+        before: &BTreeMap<String, u64>,
+        budget: u64,
+    ) -> Result<RollbackOutputs, Error> {
+        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let run = job.run_id.to_string();
+        let started = Instant::now();
+        let mut out = RollbackOutputs {
+            rolled_back: true,
+            budget_seconds: budget,
+            ..RollbackOutputs::default()
+        };
+        // Refuse before touching anything when another run deployed since.
+        let mut live = BTreeMap::new();
+        for name in before.keys() {
+            let Some(d) = api
+                .get_opt(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?
+            else {
+                continue;
+            };
+            if let Some(by) = d.annotations().get(cluster::RUN_ANNOTATION)
+                && *by != run
+            {
+                return Err(ClusterError::Moved {
+                    object: format!("Deployment/{name}"),
+                    run: by.clone(),
+                }
+                .into());
+            }
+            live.insert(name.clone(), d);
+        }
+        for (name, d) in &live {
+            let from = cluster::revision_of(d.annotations());
+            let to = before[name];
+            let one = Instant::now();
+            if to == 0 {
+                api.delete(name, &DeleteParams::foreground())
+                    .await
+                    .map_err(ClusterError::api(format!("cannot delete Deployment/{name}")))?;
+                out.deployments.push(RolledBack {
+                    name: name.clone(),
+                    from_revision: from,
+                    to_revision: 0,
+                    seconds: one.elapsed().as_secs_f64(),
+                });
+                continue;
+            }
+            if from == to {
+                continue;
+            }
+            let Some(target) = cluster::revision(client, ns, d, Some(to)).await? else {
+                return Err(Error::Rollback(format!(
+                    "Deployment/{name}: the ReplicaSet of revision {to} is gone (revisionHistoryLimit)"
+                )));
+            };
+            let pipeline = json!({
+                "strategy": d.spec.as_ref().and_then(|s| s.strategy.clone()),
+                "minReadySeconds": d.spec.as_ref().and_then(|s| s.min_ready_seconds),
+            });
+            let written = cluster::undo(client, ns, d, &target, Some(&rollback_strategy())).await?;
+            let wait = Duration::from_secs(budget.max(1) * 5);
+            let result =
+                cluster::watch_rollout(client, ns, name, self.config.limits(), wait, self.config.poll()).await?;
+            // The pipeline's strategy again, for the next rollout (the pod
+            // template is unchanged: no new rollout).
+            api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": pipeline})))
+                .await
+                .map_err(ClusterError::api(format!(
+                    "cannot restore the strategy of Deployment/{name}"
+                )))?;
+            if let Err(failure) = result {
+                return Err(Error::Rollback(format!(
+                    "Deployment/{name} back to revision {to} (as revision {}): {failure}",
+                    cluster::revision_of(written.annotations()) + 1
+                )));
+            }
+            out.deployments.push(RolledBack {
+                name: name.clone(),
+                from_revision: from,
+                to_revision: to,
+                seconds: round(one.elapsed().as_secs_f64()),
+            });
+        }
+        if let Some(record) = cluster::read_record(client, ns, &record_name(job)).await? {
+            let mut applier = Applier::new(client.clone(), ns, MANAGER);
+            let done = cluster::restore(&mut applier, &record, &run, &["Deployment"]).await?;
+            out.restored = done.restored;
+            out.deleted = done.deleted;
+        }
+        out.seconds = round(started.elapsed().as_secs_f64());
+        out.over_budget = out.seconds > budget as f64;
+        if out.over_budget {
+            tracing::warn!(run_id = %job.run_id, seconds = out.seconds, budget, "rollback over its budget");
+        }
+        Ok(out)
+    }
+
+    async fn rollback_replicaset(&self, job: &StepJob) -> Result<RollbackOutputs, Error> {
+        let p = Self::params(job)?;
+        let ns = self.config.namespace(&job.deploy.service);
+        let client = cluster::connect(&self.config.kubeconfig).await?;
+        // The revisions replaced: from the outputs, else (a failed attempt)
+        // from the annotations this step put on the Deployments.
+        let mut before = BTreeMap::new();
+        if let Some(list) = job.own_outputs.get("deployments").and_then(Value::as_array) {
+            for d in list {
+                let change: DeploymentChange = serde_json::from_value(d.clone()).map_err(|e| Error::Io {
+                    what: "the step's outputs".into(),
+                    detail: e.to_string(),
+                })?;
+                before.insert(change.name, change.revision_before);
+            }
+        } else if let Some(record) = cluster::read_record(&client, &ns, &record_name(job)).await? {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            for e in record.entries.iter().filter(|e| e.kind == "Deployment") {
+                let Some(d) = api
+                    .get_opt(&e.name)
+                    .await
+                    .map_err(ClusterError::api(format!("cannot read Deployment/{}", e.name)))?
+                else {
+                    continue;
+                };
+                if d.annotations().get(cluster::RUN_ANNOTATION) == Some(&job.run_id.to_string()) {
+                    let rev = d
+                        .annotations()
+                        .get(PREVIOUS_REVISION)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0);
+                    before.insert(e.name.clone(), rev);
+                }
+            }
+        } else {
+            return Ok(RollbackOutputs {
+                budget_seconds: p.rollback_max_seconds,
+                note: "the step recorded nothing, so it changed nothing".to_owned(),
+                ..RollbackOutputs::default()
+            });
+        }
+        self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await
+    }
+}
+
+fn round(secs: f64) -> f64 {
+    (secs * 100.0).round() / 100.0
+}
+
+impl Role for ProductionApply {
+    fn name(&self) -> &str {
+        roles::PRODUCTION_APPLY
+    }
+
+    fn execute<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        // A cancelled attempt's partial rollout is undone by
+        // `rollback-replicaset` (the role declares partial effects), from the
+        // annotations and record made before anything changed.
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
+    }
+
+    fn compensate<'a>(&'a self, job: &'a StepJob, _ctx: &'a ExecContext) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { kit::outcome(job, self.run(job).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pipeline_rolling_update_replaces_what_a_manifest_says() {
+        let mut objs = cluster::parse_manifests(
+            "t",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  minReadySeconds: 5\n  strategy:\n    type: RollingUpdate\n    rollingUpdate: {maxSurge: 25%, maxUnavailable: 0}\n",
+        )
+        .unwrap();
+        let s = Strategy {
+            max_surge: 1,
+            max_unavailable: 0,
+            min_ready_seconds: 30,
+            progress_deadline_seconds: 300,
+        };
+        let w = enforce_strategy(&mut objs, &s);
+        assert_eq!(
+            w,
+            [
+                "Deployment/web: spec.strategy.rollingUpdate.maxSurge is \"25%\" in the manifest; set to 1, the pipeline's rolling update",
+                "Deployment/web: spec.minReadySeconds is 5 in the manifest; set to 30, the pipeline's rolling update"
+            ]
+        );
+        assert_eq!(objs[0].data.pointer("/spec/progressDeadlineSeconds"), Some(&json!(300)));
+        assert_eq!(
+            objs[0].data.pointer("/spec/strategy/rollingUpdate/maxSurge"),
+            Some(&json!(1))
+        );
+    }
+}
