@@ -327,7 +327,8 @@ pub fn evaluate_step(run: &RunState, i: usize, facts: &Facts, policy: &Policy, n
         let verdict = match gate.as_str() {
             "backup-verified" => backup_verified(run, step),
             "blast-radius" => blast_radius(run, step, facts, policy, now),
-            "staging-soak" => staging_soak(run, policy, now),
+            "staging-soak" => staging_soak(run, policy),
+            "rollback-tested" => rollback_tested(run),
             "performance-regression" => performance_regression(run),
             "image-match" => image_match(run),
             "maintenance-window" => {
@@ -470,36 +471,59 @@ fn plan_of(step: &str, p: &TerraformPlanned) -> String {
     }
 }
 
-fn staging_soak(run: &RunState, policy: &Policy, now: DateTime<Utc>) -> Verdict {
+fn staging_soak(run: &RunState, policy: &Policy) -> Verdict {
     let Some(v) = succeeded(run, |s| s.role == STAGING_VERIFY).next() else {
         return Verdict::fail("no staging verification succeeded in this run");
     };
-    let Some(since) = v.started_at else {
-        return Verdict::fail(format!("{} has no start time", v.id));
-    };
     let minimum = policy.staging_soak_for(run.event.risk);
-    let soak = chrono::Duration::from_std(minimum).unwrap_or(chrono::Duration::MAX);
-    let ends = since + soak;
     let minutes = minimum.as_secs_f64() / 60.0;
     let critical = if run.event.risk == Risk::Critical {
         ", critical risk"
     } else {
         ""
     };
-    if now >= ends {
-        Verdict::pass(format!(
-            "staging has run this change since {} (minimum {minutes} min{critical})",
-            since.format("%H:%M:%S UTC")
-        ))
-    } else {
-        Verdict::hold(
-            format!(
-                "staging soak minimum {minutes} min{critical}: staging has run this change since {}, ends at {}",
-                since.format("%H:%M:%S UTC"),
-                ends.format("%H:%M:%S UTC")
+    // The soak is what staging-verify watched and reports, not time that
+    // passed: a change nobody watched has not soaked.
+    match StagingVerified::read(&v.id, &v.outputs) {
+        Ok(f) if f.soak_seconds >= minimum.as_secs() => Verdict::pass(format!(
+            "{} watched staging run this change for {} s without it degrading (minimum {minutes} min{critical})",
+            v.id, f.soak_seconds
+        )),
+        Ok(f) => Verdict::fail(format!(
+            "{} watched staging run this change for {} s; the minimum is {minutes} min{critical} \
+             (the step's soak must cover gates.staging_soak_secs)",
+            v.id, f.soak_seconds
+        )),
+        Err(e) => Verdict::fail(e.to_string()),
+    }
+}
+
+/// "No rollback procedure documented": staging rolled the change back and
+/// forward again, or there is nothing earlier to roll back to.
+fn rollback_tested(run: &RunState) -> Verdict {
+    let Some(v) = succeeded(run, |s| s.role == STAGING_VERIFY).next() else {
+        return Verdict::fail("no staging verification succeeded in this run");
+    };
+    match StagingVerified::read(&v.id, &v.outputs) {
+        Ok(f) if f.rollback_tested => Verdict::pass(match f.rollback_seconds {
+            Some(secs) => format!(
+                "{} rolled staging back to the previous revision in {secs} s and forward again",
+                v.id
             ),
-            Some(ends),
-        )
+            None => format!(
+                "{} rolled staging back to the previous revision and forward again",
+                v.id
+            ),
+        }),
+        Ok(f) if f.first_deployment => Verdict::pass(format!(
+            "the service's first deployment: {} had no earlier revision to roll back to (undoing it removes it)",
+            v.id
+        )),
+        Ok(_) => Verdict::fail(format!(
+            "{} did not rehearse the rollback on staging: production apply needs a tested rollback",
+            v.id
+        )),
+        Err(e) => Verdict::fail(e.to_string()),
     }
 }
 

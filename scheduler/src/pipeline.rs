@@ -63,6 +63,7 @@ pub const KNOWN_GATES: &[&str] = &[
     "backup-verified",
     "blast-radius",
     "staging-soak",
+    "rollback-tested",
     "performance-regression",
     "image-match",
     "maintenance-window",
@@ -1042,8 +1043,10 @@ mod tests {
     fn seed_numbers_are_step_params() {
         let p = Pipeline::seed();
         let param = |id: &str, key: &str| p.step(id).unwrap().params.get(key).cloned();
-        // The soak is the staging-soak gate's policy (gates.staging_soak_secs), not a param.
-        assert_eq!(param("verify.staging", "soak_minutes"), None);
+        // staging-verify soaks; the staging-soak gate checks the soak covered
+        // gates.staging_soak_secs (critical: critical_staging_soak_secs).
+        assert_eq!(param("verify.staging", "soak_minutes"), Some(15.into()));
+        assert_eq!(param("verify.staging", "critical_soak_minutes"), Some(60.into()));
         assert_eq!(param("verify.staging", "max_regression_percent"), Some(20.into()));
         for (key, value) in [
             ("max_surge", 1),

@@ -94,7 +94,7 @@ pub mod script {
 /// The facts the seed pipeline's production gates read, as a test declares
 /// them for the scripted daemon (a script's `facts`): the build and staging
 /// report the same image digest (made from the commit), staging a regression of
-/// 0 %, and each pre-deploy backup a verified backup of the run. None of this is
+/// 0 %, a 900 s soak and a rehearsed rollback, and each pre-deploy backup a verified backup of the run. None of this is
 /// real work; a test whose gates should pass on these facts says so with
 /// [`with_seed_facts`].
 pub fn seed_facts() -> Value {
@@ -109,7 +109,8 @@ pub fn seed_facts() -> Value {
     };
     serde_json::json!({
         "build": {"image_digest": digest},
-        "verify.staging": {"image_digest": digest, "regression_percent": 0.0},
+        "verify.staging": {"image_digest": digest, "regression_percent": 0.0, "soak_seconds": 900,
+                           "rollback_tested": true, "rollback_seconds": 1.0},
         "backup.pre": backup("backup.pre"),
         "backup.staging": backup("backup.staging"),
     })

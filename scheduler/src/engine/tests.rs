@@ -80,7 +80,9 @@ fn facts(job: &StepJob) -> baton_shared::protocol::Fields {
             serde_json::Value::Object(baton_shared::facts::FactSet::to_fields(&backup))
         }
         ("container-build", _) => json!({"image_digest": digest}),
-        ("staging-verify", _) => json!({"image_digest": digest, "regression_percent": 3.5}),
+        ("staging-verify", _) => {
+            json!({"image_digest": digest, "regression_percent": 3.5, "soak_seconds": 900, "rollback_tested": true})
+        }
         _ => json!({}),
     };
     v.as_object().cloned().unwrap_or_default()

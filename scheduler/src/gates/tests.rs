@@ -140,40 +140,36 @@ fn an_open_incident_holds_admission_and_steps_in_its_environment_only() {
     ));
 }
 
+fn verified(soak_seconds: u64, rollback: serde_json::Value) -> serde_json::Value {
+    let mut v = json!({"image_digest": format!("sha256:{}", "a".repeat(64)), "regression_percent": 0.0,
+                       "soak_seconds": soak_seconds});
+    v.as_object_mut()
+        .unwrap()
+        .extend(rollback.as_object().cloned().unwrap_or_default());
+    v
+}
+
 #[test]
-fn staging_soak_holds_until_the_minimum_has_passed() {
+fn staging_soak_wants_a_watched_soak_not_elapsed_time() {
     let mut r = run(&["src/a.ts"], "standard");
     let p = policy(|c| c.staging_soak_secs = 900);
     let since = t("2026-11-26T10:00:00Z");
     let f = Facts::default();
     let v = verdict(&r, "apply.production", "staging-soak", &f, &p, since);
     assert!(matches!(v, Verdict::Fail { .. }), "no verification yet: {v:?}");
-    succeed(&mut r, "verify.staging", json!({}), since);
-    let v = verdict(
-        &r,
-        "apply.production",
-        "staging-soak",
-        &f,
-        &p,
-        since + Chrono::minutes(10),
-    );
+    // Hours after a verification that watched only 10 minutes: still too short.
+    succeed(&mut r, "verify.staging", verified(600, json!({})), since);
+    let v = verdict(&r, "apply.production", "staging-soak", &f, &p, since + Chrono::hours(5));
     assert_eq!(
         v,
-        Verdict::Hold {
-            reason: "staging soak minimum 15 min: staging has run this change since 10:00:00 UTC, ends at 10:15:00 UTC"
-                .into(),
-            until: Some(since + Chrono::minutes(15)),
-            approval: false
+        Verdict::Fail {
+            reason: "verify.staging watched staging run this change for 600 s; the minimum is 15 min \
+                     (the step's soak must cover gates.staging_soak_secs)"
+                .into()
         }
     );
-    let v = verdict(
-        &r,
-        "apply.production",
-        "staging-soak",
-        &f,
-        &p,
-        since + Chrono::minutes(15),
-    );
+    succeed(&mut r, "verify.staging", verified(900, json!({})), since);
+    let v = verdict(&r, "apply.production", "staging-soak", &f, &p, since);
     assert!(matches!(v, Verdict::Pass { .. }), "{v:?}");
 }
 
@@ -187,40 +183,65 @@ fn critical_changes_soak_longer_and_never_shorter_than_the_rest() {
     assert_eq!(p.staging_soak_for(Risk::Critical).as_secs(), 3600);
     let mut critical = run(&["src/a.ts"], "critical");
     let mut high = run(&["src/a.ts"], "high");
-    succeed(&mut critical, "verify.staging", json!({}), since);
-    succeed(&mut high, "verify.staging", json!({}), since);
-    let later = since + Chrono::minutes(20);
-    let v = verdict(&high, "apply.production", "staging-soak", &f, &p, later);
+    succeed(&mut critical, "verify.staging", verified(900, json!({})), since);
+    succeed(&mut high, "verify.staging", verified(900, json!({})), since);
+    let v = verdict(&high, "apply.production", "staging-soak", &f, &p, since);
     assert!(
         matches!(v, Verdict::Pass { .. }),
         "a high-risk change soaks 15 min: {v:?}"
     );
-    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, later);
-    assert_eq!(
-        v,
-        Verdict::Hold {
-            reason: "staging soak minimum 60 min, critical risk: staging has run this change since 10:00:00 UTC, \
-                     ends at 11:00:00 UTC"
-                .into(),
-            until: Some(since + Chrono::minutes(60)),
-            approval: false
-        }
+    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, since);
+    assert!(
+        matches!(&v, Verdict::Fail { reason } if reason.contains("for 900 s; the minimum is 60 min, critical risk")),
+        "{v:?}"
     );
-    let v = verdict(
-        &critical,
-        "apply.production",
-        "staging-soak",
-        &f,
-        &p,
-        since + Chrono::minutes(60),
-    );
+    succeed(&mut critical, "verify.staging", verified(3600, json!({})), since);
+    let v = verdict(&critical, "apply.production", "staging-soak", &f, &p, since);
     assert!(matches!(v, Verdict::Pass { .. }), "{v:?}");
-    // A longer general soak also holds critical changes that long.
+    // A longer general soak also holds critical changes to it.
     let p = policy(|c| {
         c.staging_soak_secs = 7200;
         c.critical_staging_soak_secs = 3600;
     });
     assert_eq!(p.staging_soak_for(Risk::Critical).as_secs(), 7200);
+}
+
+#[test]
+fn production_needs_a_rehearsed_rollback_unless_nothing_came_before() {
+    let since = t("2026-11-26T10:00:00Z");
+    let (f, p) = (Facts::default(), Policy::default());
+    let mut r = run(&["src/a.ts"], "standard");
+    succeed(&mut r, "verify.staging", verified(900, json!({})), since);
+    let v = verdict(&r, "apply.production", "rollback-tested", &f, &p, since);
+    assert_eq!(
+        v,
+        Verdict::Fail {
+            reason: "verify.staging did not rehearse the rollback on staging: production apply needs a tested rollback"
+                .into()
+        }
+    );
+    succeed(
+        &mut r,
+        "verify.staging",
+        verified(900, json!({"rollback_tested": true, "rollback_seconds": 4.2})),
+        since,
+    );
+    let v = verdict(&r, "apply.production", "rollback-tested", &f, &p, since);
+    assert!(
+        matches!(&v, Verdict::Pass { reason } if reason.contains("in 4.2 s and forward again")),
+        "{v:?}"
+    );
+    succeed(
+        &mut r,
+        "verify.staging",
+        verified(900, json!({"first_deployment": true})),
+        since,
+    );
+    let v = verdict(&r, "apply.production", "rollback-tested", &f, &p, since);
+    assert!(
+        matches!(&v, Verdict::Pass { reason } if reason.starts_with("the service's first deployment")),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -433,7 +454,8 @@ fn drive(run: &mut RunState, cfg: &Settings, now: DateTime<Utc>, stop: &[&str]) 
             let v = match j.role.as_str() {
                 "backup" => backup("b", j.run_id, true),
                 "container-build" => json!({"image_digest": digest}),
-                "staging-verify" => json!({"image_digest": digest, "regression_percent": 0}),
+                "staging-verify" => json!({"image_digest": digest, "regression_percent": 0, "soak_seconds": 900,
+                                           "rollback_tested": true}),
                 _ => json!({}),
             };
             r.outputs = v.as_object().cloned().unwrap_or_default();
@@ -676,8 +698,9 @@ fn a_pass_that_fails_a_gate_and_begins_the_rollback_dispatches_nothing_else() {
 fn network_and_cdn_wait_for_the_production_gates_of_production_apply() {
     for risk in ["standard", "high"] {
         let mut r = run(&["src/a.ts", "network/ingress.yaml", "assets/logo.svg"], risk);
-        // A soak of 15 minutes (and, for a high-risk change, no maintenance window configured).
-        let cfg = settings(policy(|c| c.staging_soak_secs = 900));
+        // A soak minimum of an hour, which staging's 15 minutes do not meet (and,
+        // for a high-risk change, no maintenance window configured).
+        let cfg = settings(policy(|c| c.staging_soak_secs = 3600));
         let now = Utc::now();
         let fx = drive(&mut r, &cfg, now, &[]);
         let sent: Vec<&str> = fx
@@ -694,11 +717,15 @@ fn network_and_cdn_wait_for_the_production_gates_of_production_apply() {
             let s = &r.steps[idx(&r, step)];
             assert_eq!(s.attempt, 0, "{risk}: {step} was not sent");
         }
-        if risk == "standard" {
-            for step in ["apply.production", "network", "cdn"] {
-                let hold = r.steps[idx(&r, step)].hold.clone().expect("held");
-                assert_eq!(hold.gate, "staging-soak", "{step}: {hold:?}");
-            }
+        for step in ["apply.production", "network", "cdn"] {
+            let s = &r.steps[idx(&r, step)];
+            let error = s.error.as_ref().expect("the gate failed the step");
+            assert!(
+                error
+                    .message
+                    .starts_with("gate staging-soak: verify.staging watched staging run this change for 900 s"),
+                "{risk} {step}: {error:?}"
+            );
         }
     }
 }
