@@ -1197,6 +1197,8 @@ fn dockerfile_pins_bases_runs_as_non_root_and_ships_every_binary() {
         ("backup", vec!["baton-backup"]),
         ("container-build", vec!["baton-container-build"]),
         ("infrastructure", vec!["baton-infrastructure"]),
+        ("staging-verify", vec!["baton-staging-verify"]),
+        ("production-apply", vec!["baton-production-apply"]),
         ("baton", binaries.iter().map(String::as_str).collect()),
     ];
     for (target, shipped) in &roles {

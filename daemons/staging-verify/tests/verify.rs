@@ -144,7 +144,7 @@ impl Fixture {
         self.role
             .run(&self.job(commit, run, digest))
             .await
-            .map(|f| parse(f))
+            .map(parse)
             .map_err(|e| format!("{}: {e}", e.code()))
     }
 
