@@ -106,6 +106,18 @@ pub struct Strategy {
     pub progress_deadline_seconds: u32,
 }
 
+/// Where an apply's time went, in milliseconds: the daemon's own work before
+/// the first object is applied (git, rendering, the record), the rollout, the
+/// monitoring period, and the daemon's own work from the rollout's completion
+/// to the result (less the monitoring period it is configured to wait).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub to_first_apply_ms: f64,
+    pub rollout_ms: f64,
+    pub monitor_ms: f64,
+    pub after_ms: f64,
+}
+
 /// What `apply` reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApplyOutputs {
@@ -118,6 +130,7 @@ pub struct ApplyOutputs {
     pub rollouts: Vec<RolloutFigures>,
     pub strategy: Strategy,
     pub monitoring: MonitorFigures,
+    pub timings: Timings,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -333,6 +346,9 @@ impl ProductionApply {
     }
 
     async fn apply(&self, job: &StepJob) -> Result<ApplyOutputs, Error> {
+        let started = Instant::now();
+        let ms = |since: Instant| since.elapsed().as_secs_f64() * 1000.0;
+        let mut timings = Timings::default();
         let p = Self::params(job)?;
         let (repo, digest) = Self::verified(job)?;
         let commit = job.deploy.commit_sha.clone();
@@ -430,7 +446,10 @@ impl ProductionApply {
                 a.insert(PREVIOUS_REVISION.into(), previous);
             }
         }
-        for obj in &objects {
+        for (i, obj) in objects.iter().enumerate() {
+            if i == 0 {
+                timings.to_first_apply_ms = ms(started);
+            }
             applier.apply(obj).await?;
         }
         tracing::info!(run_id = %job.run_id, namespace = %ns, image = %image, "production applied");
@@ -462,6 +481,7 @@ impl ProductionApply {
         }
 
         let mut rollouts = Vec::new();
+        let rollout_started = Instant::now();
         let wait = Duration::from_secs(u64::from(p.progress_deadline_seconds) + 60);
         for name in &names {
             match cluster::watch_rollout(&client, &ns, name, self.config.limits(), wait, self.config.poll()).await? {
@@ -475,6 +495,8 @@ impl ProductionApply {
                 }
             }
         }
+        timings.rollout_ms = ms(rollout_started);
+        let rollout_done = Instant::now();
         let mut changes = Vec::new();
         for name in &names {
             let d = api
@@ -497,6 +519,7 @@ impl ProductionApply {
             });
         }
 
+        let monitor_started = Instant::now();
         let monitoring = match self.monitor(&client, &ns, &names, &p, service).await? {
             Ok(figures) => figures,
             Err((after_secs, why)) => {
@@ -508,13 +531,18 @@ impl ProductionApply {
                 });
             }
         };
+        timings.monitor_ms = ms(monitor_started);
         if !monitoring.metrics {
             warnings.push(
                 "no metrics were watched while monitoring (no [apply.prometheus]): only rollout, readiness and restarts"
                     .to_owned(),
             );
         }
+        // From the rollout's completion to the result, less the monitoring
+        // period the step is configured to wait.
+        timings.after_ms = (ms(rollout_done) - monitoring.seconds as f64 * 1000.0).max(0.0);
         Ok(ApplyOutputs {
+            timings,
             image,
             image_digest: digest,
             namespace: ns,

@@ -10,7 +10,9 @@
 //! `cargo build -p baton-db-migration` in the same profile and the interop npm packages).
 //! `--daemons-only` times the container-build and infrastructure roles against their
 //! tools alone: a cached rebuild of an unchanged commit against `buildah bud`, and a
-//! no-change Terraform plan against `terraform plan`.
+//! no-change Terraform plan against `terraform plan`. `--kube-only` times production-apply
+//! around its rollout on the Kubernetes control plane of the daemons' tests (`../shared/k8s`),
+//! and its rollback with the seed's strategy against the 60-second budget.
 //!
 //! Uses the machine's RabbitMQ and PostgreSQL, each measurement in its own vhost
 //! and database. Daemons are the scripted test daemon in `--noop` mode (every job
@@ -685,7 +687,9 @@ Measures Baton against this machine's RabbitMQ and PostgreSQL (see BENCHMARKS.md
   --migrations-only      baton-db-migration apply against drizzle-orm's migrate() on the same
                          35-migration folder, each on a fresh database, as JSON
   --daemons-only         container-build's cached rebuild against `buildah bud` alone, and
-                         infrastructure's no-change plan against `terraform plan` alone, as JSON";
+                         infrastructure's no-change plan against `terraform plan` alone, as JSON
+  --kube-only            production-apply's own time around a rollout on a real control plane,
+                         and a rollback with the seed's strategy against its 60 s budget, as JSON";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -697,6 +701,7 @@ async fn main() {
             "--latency-only",
             "--migrations-only",
             "--daemons-only",
+            "--kube-only",
         ]
         .contains(&a)
             || ["--throughput-only=", "--schedulers=", "--scheduler-cpu="]
@@ -719,6 +724,11 @@ async fn main() {
         (500, 50, vec![100, 1000])
     };
 
+    if args.iter().any(|a| a == "--kube-only") {
+        let m = kube(if quick { 3 } else { 7 }).await;
+        println!("{}", serde_json::to_string_pretty(&m).unwrap());
+        return;
+    }
     if args.iter().any(|a| a == "--daemons-only") {
         let m = daemons(if quick { 3 } else { 7 }).await;
         println!("{}", serde_json::to_string_pretty(&m).unwrap());
@@ -1080,6 +1090,104 @@ fn timed_ms(f: impl FnOnce()) -> f64 {
     let started = Instant::now();
     f();
     started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// production-apply against a real control plane (kube-apiserver and
+/// kube-controller-manager, a simulated node: `baton_shared::test_cluster`):
+/// its own time before the first object is applied and after the rollout
+/// completes, against the rollout itself (three replicas, `maxSurge` 1, no
+/// `minReadySeconds`, no monitoring); then a release with the seed's strategy
+/// (`minReadySeconds` 30) and its `rollback-replicaset`, against the seed's
+/// 60-second budget.
+async fn kube(rounds: usize) -> serde_json::Value {
+    use baton_production_apply::{ApplyConfig, ApplyOutputs, ProductionApply, RollbackOutputs};
+    use baton_shared::facts::{FactSet, StagingVerified};
+    use baton_shared::protocol::{JobKind, StepJob};
+    use baton_shared::test_cluster::TestNamespace;
+    use baton_shared::testing::{GitRepo, TempDir};
+
+    const REPO: &str = "registry.bench/shop/web";
+    let ns = TestNamespace::new("bench").await;
+    let dirs = TempDir::new("bench-kube");
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/production/kustomization.yaml",
+        "resources:\n- deployment.yaml\n",
+    );
+    repo.write(
+        "deploy/production/deployment.yaml",
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: app\n        image: {REPO}:dev\n"
+        ),
+    );
+    let commit = repo.commit("web");
+    let role = ProductionApply::new(ApplyConfig {
+        kubeconfig: ns.kubeconfig.clone(),
+        namespace: ns.name.clone(),
+        repos_dir: dirs.path().join("repos"),
+        work_dir: dirs.path().join("work"),
+        poll_ms: 50,
+        ..ApplyConfig::default()
+    });
+    let job = |n: usize, min_ready: u32| {
+        let digest = format!("sha256:{:064x}", n + 1);
+        let verified = StagingVerified {
+            image_digest: digest.clone(),
+            regression_percent: 0.0,
+            image: Some(format!("{REPO}@{digest}")),
+            soak_seconds: 900,
+            rollback_tested: true,
+            rollback_seconds: None,
+            first_deployment: false,
+        };
+        let mut j = StepJob::example("production", "production-apply", "apply")
+            .with_param("min_ready_seconds", min_ready)
+            .with_param("progress_deadline_seconds", 300)
+            .with_param("monitor_seconds", 0)
+            .with_input("verify.staging", verified.to_fields());
+        j.run_id = Uuid::new_v4();
+        j.step_id = "apply.production".to_owned();
+        j.deploy.repository = repo.url();
+        j.deploy.commit_sha = commit.clone();
+        j
+    };
+    let apply = async |j: &StepJob| -> ApplyOutputs {
+        let out = role.run(j).await.unwrap_or_else(|e| panic!("apply: {e}"));
+        serde_json::from_value(serde_json::Value::Object(out)).unwrap()
+    };
+    apply(&job(0, 0)).await;
+    let (mut before, mut rollout, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 1..=rounds {
+        let out = apply(&job(n, 0)).await;
+        before.push(out.timings.to_first_apply_ms);
+        rollout.push(out.timings.rollout_ms);
+        after.push(out.timings.after_ms);
+    }
+    // The seed's strategy forward, then the compensation back.
+    let seed = job(rounds + 1, 30);
+    let released = apply(&seed).await;
+    let mut undo = seed.clone();
+    undo.kind = JobKind::Compensate;
+    undo.action = "rollback-replicaset".to_owned();
+    undo.own_outputs = baton_shared::protocol::to_fields(&released).unwrap();
+    let back: RollbackOutputs = serde_json::from_value(serde_json::Value::Object(
+        role.run(&undo).await.unwrap_or_else(|e| panic!("rollback: {e}")),
+    ))
+    .unwrap();
+    let (before, rollout, after) = (median_ms(&mut before), median_ms(&mut rollout), median_ms(&mut after));
+    json!({
+        "rounds": rounds,
+        "replicas": 3,
+        "production_apply": {
+            "to_first_apply_ms_p50": before, "rollout_ms_p50": rollout, "after_rollout_ms_p50": after,
+            "overhead_ms_p50": before + after,
+        },
+        "seed_strategy": {
+            "release_rollout_ms": released.timings.rollout_ms,
+            "rollback_seconds": back.seconds, "rollback_budget_seconds": back.budget_seconds,
+            "over_budget": back.over_budget,
+        },
+    })
 }
 
 /// The daemons' own overhead over their tools, in process (no broker): the
