@@ -13,6 +13,8 @@ pub mod config_error;
 pub mod exit;
 pub mod facts;
 pub mod failpoint;
+#[cfg(feature = "testing")]
+pub mod fake_bunny;
 pub mod git;
 pub mod kit;
 pub mod ledger;

@@ -255,7 +255,21 @@ pub const ALL: &[RoleSpec] = &[
         name: CDN,
         actions: &["deploy"],
         compensations: &["restore-previous"],
-        params: &[p("assets_dir", Kind::Text, "static assets folder in the repository")],
+        params: &[
+            p("assets_dir", Kind::Text, "static assets folder in the repository"),
+            p(
+                "entry_documents",
+                Kind::TextList,
+                "files that are not content-hashed and may change (globs)",
+            ),
+            p("edge_rules_file", Kind::Text, "edge rules in the repository"),
+            p(
+                "fix_zone_settings",
+                Kind::Bool,
+                "correct the pull zone's routing and shield instead of refusing",
+            ),
+            p("shield_zone", Kind::Text, "the origin shield location"),
+        ],
         partial_effects: true,
     },
     RoleSpec {

@@ -89,6 +89,11 @@ impl GitRepo {
         let _ = std::fs::remove_file(self.path().join(rel));
     }
 
+    /// Removes the folder `rel` from the work tree.
+    pub fn remove_all(&self, rel: &str) {
+        let _ = std::fs::remove_dir_all(self.path().join(rel));
+    }
+
     /// Commits everything and returns the commit SHA.
     pub fn commit(&self, message: &str) -> String {
         self.git(&["add", "-A"]);
