@@ -46,6 +46,9 @@ pub struct ApplyConfig {
     /// Metrics for the monitoring period; without it only the API's health
     /// (rollout, readiness, restarts) is watched, and the outputs say so.
     pub prometheus: Option<PrometheusConfig>,
+    /// For demos and tests only: the monitoring period in seconds whatever
+    /// the step says. Production leaves it unset.
+    pub monitor_seconds: Option<u64>,
 }
 
 /// `[apply.prometheus]`: the query API and two PromQL queries, each with
@@ -72,6 +75,7 @@ impl Default for ApplyConfig {
             readiness_grace_secs: 120,
             max_restarts: 3,
             prometheus: None,
+            monitor_seconds: None,
         }
     }
 }

@@ -566,7 +566,11 @@ impl ProductionApply {
         p: &Params,
         service: &str,
     ) -> Result<Result<MonitorFigures, (u64, String)>, Error> {
-        let duration = p.monitor();
+        let duration = self
+            .config
+            .monitor_seconds
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| p.monitor());
         let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
         let mut base = BTreeMap::new();
         for name in names {

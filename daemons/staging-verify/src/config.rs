@@ -50,6 +50,10 @@ pub struct VerifyConfig {
     pub noise_floor_ms: f64,
     /// One HTTP request's time limit.
     pub request_timeout_secs: u64,
+    /// For demos and tests only: the soak in seconds whatever the step says.
+    /// Production leaves it unset; the staging-soak gate refuses a soak
+    /// shorter than its policy anyway.
+    pub soak_seconds: Option<u64>,
 }
 
 impl Default for VerifyConfig {
@@ -67,6 +71,7 @@ impl Default for VerifyConfig {
             max_restarts: 3,
             noise_floor_ms: 10.0,
             request_timeout_secs: 10,
+            soak_seconds: None,
         }
     }
 }

@@ -519,7 +519,19 @@ impl StagingVerify {
         }
 
         let soak = self
-            .soak(&client, &ns, &names, &http, &base, &checks, &p, p.soak(job.deploy.risk))
+            .soak(
+                &client,
+                &ns,
+                &names,
+                &http,
+                &base,
+                &checks,
+                &p,
+                self.config
+                    .soak_seconds
+                    .map(Duration::from_secs)
+                    .unwrap_or_else(|| p.soak(job.deploy.risk)),
+            )
             .await?;
         let (rollback_seconds, roll_forward_seconds, first_deployment) = self.rehearse(&client, &ns, &names).await?;
 
