@@ -6,8 +6,10 @@
 //! The node is the only thing simulated: it registers a Node, binds the
 //! namespace's pending pods to it, and sets their status as the test declares
 //! per container image ([`Behaviour`]): ready, never ready, crash-looping, or
-//! (Job pods) exiting with a code. Deployments, ReplicaSets, rollouts, their
-//! deadlines, Jobs and everything else are the real controllers' work.
+//! (Job pods) exiting with a code after writing a log, which the API server
+//! reads from the node's kubelet endpoint (HTTPS, as from a real kubelet).
+//! Deployments, ReplicaSets, rollouts, their deadlines, Jobs and everything
+//! else are the real controllers' work.
 //!
 //! The control plane stops when the test process is gone (a watcher process
 //! polls it), and its data directory goes with it.
@@ -165,6 +167,123 @@ fn start() -> Result<ControlPlane, String> {
     })
 }
 
+/// The simulated kubelet's HTTPS endpoint, where the API server reads
+/// container logs (`GET /containerLogs/{namespace}/{pod}/{container}`): one
+/// per test process, on a thread of its own (each test has its own runtime).
+struct Kubelet {
+    port: u16,
+    /// Log text by `namespace/pod/container`.
+    logs: Arc<Mutex<HashMap<String, String>>>,
+}
+
+static KUBELET: OnceLock<Kubelet> = OnceLock::new();
+
+fn kubelet() -> &'static Kubelet {
+    KUBELET.get_or_init(|| start_kubelet().unwrap_or_else(|e| panic!("cannot start the simulated kubelet: {e}")))
+}
+
+fn start_kubelet() -> Result<Kubelet, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = std::env::temp_dir().join(format!("baton-kubelet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (cert, key) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+    run(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        "openssl (the kubelet's certificate)",
+    )?;
+    let certs = CertificateDer::pem_file_iter(&cert)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let logs: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let served = logs.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, logs) = (acceptor.clone(), served.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let logs = logs.clone();
+                        async move { Ok::<_, std::convert::Infallible>(container_log(&logs, req.uri())) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+    });
+    Ok(Kubelet { port, logs })
+}
+
+fn container_log(
+    logs: &Mutex<HashMap<String, String>>,
+    uri: &hyper::Uri,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    let text = uri
+        .path()
+        .strip_prefix("/containerLogs/")
+        .and_then(|key| logs.lock().unwrap().get(key).cloned());
+    let Some(text) = text else {
+        return hyper::Response::builder()
+            .status(404)
+            .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
+                b"no such container log",
+            )))
+            .expect("a response");
+    };
+    let tail = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("tailLines=").and_then(|n| n.parse::<usize>().ok()));
+    let lines: Vec<&str> = text.lines().collect();
+    let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+    let body = lines[from..].iter().map(|l| format!("{l}\n")).collect::<String>();
+    hyper::Response::builder()
+        .header("content-type", "text/plain")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .expect("a response")
+}
+
 /// What the simulated node makes of a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Behaviour {
@@ -174,8 +293,9 @@ pub enum Behaviour {
     Unready,
     /// Restarting over and over (`CrashLoopBackOff`, restart count rising).
     CrashLoop,
-    /// Runs, then exits with this code (Job pods; `restartPolicy: Never`).
-    Exit(i32),
+    /// Runs, then exits with this code (Job pods; `restartPolicy: Never`),
+    /// having written this log (served as the kubelet serves container logs).
+    Exit(i32, String),
 }
 
 #[derive(Default)]
@@ -264,6 +384,7 @@ fn node_status() -> Value {
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                         "message": "simulated node", "lastHeartbeatTime": t, "lastTransitionTime": t}],
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet().port}},
         "capacity": {"cpu": "16", "memory": "64Gi", "pods": "250"},
         "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "250"},
     }})
@@ -345,7 +466,7 @@ async fn tend(pods: &Api<Pod>, node: &str, pod: &Pod, agent: &Arc<Mutex<Agent>>)
     };
     let wanted_ready = behaviour == Behaviour::Ready;
     let settled = phase == "Running" && current_ready == wanted_ready;
-    let exits = matches!(behaviour, Behaviour::Exit(_)) && phase == "Running";
+    let exits = matches!(behaviour, Behaviour::Exit(..)) && phase == "Running";
     if settled && behaviour != Behaviour::CrashLoop && !exits {
         return;
     }
@@ -366,9 +487,9 @@ async fn tend(pods: &Api<Pod>, node: &str, pod: &Pod, agent: &Arc<Mutex<Agent>>)
                 Behaviour::Ready | Behaviour::Unready => json!({"running": {"startedAt": started}}),
                 Behaviour::CrashLoop => json!({"waiting": {"reason": "CrashLoopBackOff",
                     "message": format!("back-off restarting failed container {}", c.name)}}),
-                Behaviour::Exit(code) if exits => json!({"terminated": {"exitCode": code,
+                Behaviour::Exit(code, _) if exits => json!({"terminated": {"exitCode": code,
                     "reason": if *code == 0 { "Completed" } else { "Error" }, "startedAt": started, "finishedAt": t}}),
-                Behaviour::Exit(_) => json!({"running": {"startedAt": started}}),
+                Behaviour::Exit(..) => json!({"running": {"startedAt": started}}),
             };
             let mut status = json!({"name": c.name, "image": image, "imageID": "", "ready": wanted_ready,
                                     "started": !matches!(behaviour, Behaviour::CrashLoop),
@@ -381,10 +502,18 @@ async fn tend(pods: &Api<Pod>, node: &str, pod: &Pod, agent: &Arc<Mutex<Agent>>)
         })
         .collect();
     let new_phase = match &behaviour {
-        Behaviour::Exit(0) if exits => "Succeeded",
-        Behaviour::Exit(_) if exits => "Failed",
+        Behaviour::Exit(0, _) if exits => "Succeeded",
+        Behaviour::Exit(..) if exits => "Failed",
         _ => "Running",
     };
+    if let Behaviour::Exit(_, log) = &behaviour
+        && exits
+    {
+        let mut logs = kubelet().logs.lock().unwrap();
+        for c in &spec.containers {
+            logs.insert(format!("{node}/{name}/{}", c.name), log.clone());
+        }
+    }
     let patch = json!({"status": {
         "phase": new_phase, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
         "conditions": [cond("Initialized", true), cond("Ready", wanted_ready),

@@ -263,7 +263,13 @@ async fn a_failing_smoke_test_fails_the_step() {
 async fn failing_integration_tests_fail_the_step_with_their_job() {
     let fx = Fixture::new("verify-it", 120).await;
     let tests = "registry.test/shop/web-tests@sha256:".to_owned() + &"9".repeat(64);
-    fx.ns.behave(&tests, Behaviour::Exit(1));
+    fx.ns.behave(
+        &tests,
+        Behaviour::Exit(
+            1,
+            "checkout.spec.ts\n  expected 200, got 502 on POST /api/orders\n1 failing\n".into(),
+        ),
+    );
     fx.repo.write(
         "deploy/verify.toml",
         format!(
@@ -277,13 +283,18 @@ async fn failing_integration_tests_fail_the_step_with_their_job() {
         "{e}"
     );
     assert!(e.contains("(npm test) failed: BackoffLimitExceeded"), "{e}");
+    // The tail of the tests' log, read through the API server from the node.
+    assert!(
+        e.contains("log tail: checkout.spec.ts") && e.contains("1 failing"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn passing_integration_tests_are_reported() {
     let fx = Fixture::new("verify-it-ok", 120).await;
     let tests = "registry.test/shop/web-tests@sha256:".to_owned() + &"8".repeat(64);
-    fx.ns.behave(&tests, Behaviour::Exit(0));
+    fx.ns.behave(&tests, Behaviour::Exit(0, "12 passing\n".into()));
     fx.repo.write(
         "deploy/verify.toml",
         format!(
