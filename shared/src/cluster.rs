@@ -677,6 +677,79 @@ pub fn restarts(pods: &[Pod]) -> i64 {
         .sum()
 }
 
+/// Whether a namespace name (or any DNS label) is valid.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Watches Deployments that completed their rollout: each must stay
+/// complete, its pods healthy and their restart count where it was when the
+/// watch began.
+pub struct HealthWatch {
+    client: Client,
+    namespace: String,
+    limits: HealthLimits,
+    restarts: BTreeMap<String, i64>,
+}
+
+impl HealthWatch {
+    /// Starts watching `names`, taking their restart counts now.
+    pub async fn start(
+        client: &Client,
+        namespace: &str,
+        names: &[String],
+        limits: HealthLimits,
+    ) -> Result<Self, ClusterError> {
+        let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+        let mut restarts = BTreeMap::new();
+        for name in names {
+            let d = api
+                .get(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            restarts.insert(
+                name.clone(),
+                self::restarts(&current_pods(client, namespace, &d).await?),
+            );
+        }
+        Ok(Self {
+            client: client.clone(),
+            namespace: namespace.to_owned(),
+            limits,
+            restarts,
+        })
+    }
+
+    /// The first degradation seen now, if any.
+    pub async fn check(&self) -> Result<Option<String>, ClusterError> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        for (name, before) in &self.restarts {
+            let d = api
+                .get(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
+            if let Rollout::Waiting(why) | Rollout::Failed(why) = rollout(&d) {
+                return Ok(Some(format!("Deployment/{name} degraded: {why}")));
+            }
+            let pods = current_pods(&self.client, &self.namespace, &d).await?;
+            let now = chrono::Utc::now();
+            if let Some(problem) = pods.iter().find_map(|pod| pod_problem(pod, self.limits, now)) {
+                return Ok(Some(problem));
+            }
+            let restarted = restarts(&pods) - before;
+            if restarted > 0 {
+                return Ok(Some(format!("Deployment/{name}: {restarted} container restarts")));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// A revision a rollout can go back to.
 #[derive(Debug, Clone)]
 pub struct Revision {

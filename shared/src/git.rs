@@ -655,6 +655,30 @@ fn parse_batch(mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(blobs)
 }
 
+/// A job attempt's own directory (`<work_dir>/jobs/<run>.<step>-<attempt>`),
+/// emptied when made and removed when dropped (also when the job is
+/// cancelled).
+pub struct JobDir(PathBuf);
+
+impl JobDir {
+    pub fn new(work_dir: &Path, job: &crate::protocol::StepJob) -> std::io::Result<Self> {
+        let dir = work_dir.join("jobs").join(format!("{}-{}", job.key(), job.attempt));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -443,6 +443,25 @@ pub struct ParamError {
 }
 
 impl StepJob {
+    /// A name for the job's (run, step), usable in Kubernetes object names
+    /// and file names: `<run id>.<step id>`, lowercase, any character other
+    /// than letters, digits, `.` and `-` as `-`.
+    pub fn key(&self) -> String {
+        let step: String = self
+            .step_id
+            .to_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("{}.{step}", self.run_id)
+    }
+
     /// The job's parameters as the role's typed parameter struct. Give `T`
     /// `#[serde(deny_unknown_fields)]` so a misspelt parameter is refused, and
     /// `#[serde(default)]` for the optional ones. The error names the step and key.

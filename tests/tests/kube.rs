@@ -71,7 +71,7 @@ async fn a_seed_run_deploys_through_real_staging_and_production_daemons_and_a_ro
         &verify_config,
         format!(
             "[daemon]\nzone = \"staging\"\n\n[verify]\nkubeconfig = {:?}\nnamespace = {:?}\nbase_url = {base:?}\n\
-             repos_dir = {:?}\nwork_dir = {:?}\npoll_ms = 100\nsoak_seconds = 1\n",
+             repos_dir = {:?}\nwork_dir = {:?}\npoll_ms = 100\nsoak_seconds = 1\nnoise_floor_ms = 1000.0\n",
             staging.kubeconfig.display().to_string(),
             staging.name,
             env.dir.join("verify-repos").display().to_string(),

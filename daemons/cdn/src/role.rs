@@ -2,7 +2,6 @@
 //! crate documentation).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_shared::git::{self, GitCache};
@@ -142,14 +141,6 @@ pub struct Cdn {
     bunny: Bunny,
 }
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
     protocol::to_fields(value).map_err(|e| Error::Io {
         what: "outputs".into(),
@@ -162,18 +153,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 fn record_path(job: &StepJob) -> String {
-    let step: String = job
-        .step_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("{OWN}/runs/{}-{step}.json", job.run_id)
+    format!("{OWN}/runs/{}.json", job.key())
 }
 
 fn copy_path(sha: &str) -> String {
@@ -320,14 +300,11 @@ impl Cdn {
         let commit = job.deploy.commit_sha.clone();
         git::check_commit(&commit)?;
 
-        let scratch = Scratch(
-            self.config
-                .work_dir
-                .join("jobs")
-                .join(format!("{}-{}-{}", job.run_id, job.step_id, job.attempt)),
-        );
-        let _ = std::fs::remove_dir_all(&scratch.0);
-        let source = scratch.0.join("source");
+        let scratch = git::JobDir::new(&self.config.work_dir, job).map_err(|e| Error::Io {
+            what: "cannot create the job's directory".into(),
+            detail: e.to_string(),
+        })?;
+        let source = scratch.path().join("source");
         self.git.export(&job.deploy.repository, &commit, ".", &source).await?;
         let dir = source.join(&p.assets_dir);
         if !dir.is_dir() {

@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_shared::cluster::HealthLimits;
+use baton_shared::cluster::{HealthLimits, is_dns_label};
 use baton_shared::config::ConfigError;
 use serde::{Deserialize, Serialize};
 
@@ -85,15 +85,7 @@ impl ApplyConfig {
         ConfigError::check_absolute("apply.kubeconfig", &self.kubeconfig)?;
         ConfigError::check_absolute("apply.repos_dir", &self.repos_dir)?;
         ConfigError::check_absolute("apply.work_dir", &self.work_dir)?;
-        let ns = self.namespace("shop-api");
-        let label = !ns.is_empty()
-            && ns.len() <= 63
-            && ns
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !ns.starts_with('-')
-            && !ns.ends_with('-');
-        if !label {
+        if !is_dns_label(&self.namespace("shop-api")) {
             return Err(ConfigError::invalid(
                 "apply.namespace",
                 format!("{:?} does not make a namespace name (a DNS label)", self.namespace),

@@ -2,10 +2,9 @@
 //! compensation (see the crate documentation).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use baton_shared::cluster::{self, Applier, ClusterError, Rollout, RolloutFigures, deployments, repository, set_image};
+use baton_shared::cluster::{self, Applier, ClusterError, RolloutFigures, deployments, repository, set_image};
 use baton_shared::facts::{FactSet, StagingVerified};
 use baton_shared::git::{self, GitCache};
 use baton_shared::kit;
@@ -193,14 +192,6 @@ pub struct ProductionApply {
     git: GitCache,
 }
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
     protocol::to_fields(value).map_err(|e| Error::Io {
         what: "outputs".into(),
@@ -209,19 +200,7 @@ fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
 }
 
 fn record_name(job: &StepJob) -> String {
-    let step: String = job
-        .step_id
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("baton-apply.{}.{step}", job.run_id)
+    format!("baton-apply.{}", job.key())
 }
 
 /// Sets the pipeline's rolling update on every Deployment; a warning for each
@@ -357,14 +336,11 @@ impl ProductionApply {
         let ns = self.config.namespace(service);
         let client = cluster::connect(&self.config.kubeconfig).await?;
 
-        let scratch = Scratch(
-            self.config
-                .work_dir
-                .join("jobs")
-                .join(format!("{}-{}-{}", job.run_id, job.step_id, job.attempt)),
-        );
-        let _ = std::fs::remove_dir_all(&scratch.0);
-        let source = scratch.0.join("source");
+        let scratch = git::JobDir::new(&self.config.work_dir, job).map_err(|e| Error::Io {
+            what: "cannot create the job's directory".into(),
+            detail: e.to_string(),
+        })?;
+        let source = scratch.path().join("source");
         self.git.export(&job.deploy.repository, &commit, ".", &source).await?;
         let dir = source.join(&p.manifests_dir);
         if !dir.is_dir() {
@@ -532,6 +508,12 @@ impl ProductionApply {
             }
         };
         timings.monitor_ms = ms(monitor_started);
+        if monitoring.metrics && monitoring.max_error_percent_seen.is_none() {
+            warnings.push(format!(
+                "Prometheus had no error-rate data during the {} s of monitoring: only rollout, readiness and restarts were watched",
+                monitoring.seconds
+            ));
+        }
         if !monitoring.metrics {
             warnings.push(
                 "no metrics were watched while monitoring (no [apply.prometheus]): only rollout, readiness and restarts"
@@ -571,18 +553,7 @@ impl ProductionApply {
             .monitor_seconds
             .map(Duration::from_secs)
             .unwrap_or_else(|| p.monitor());
-        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let mut base = BTreeMap::new();
-        for name in names {
-            let d = api
-                .get(name)
-                .await
-                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
-            base.insert(
-                name.clone(),
-                cluster::restarts(&cluster::current_pods(client, ns, &d).await?),
-            );
-        }
+        let watch = cluster::HealthWatch::start(client, ns, names, self.config.limits()).await?;
         let http = reqwest::Client::new();
         let mut figures = MonitorFigures {
             metrics: self.config.prometheus.is_some(),
@@ -593,25 +564,8 @@ impl ProductionApply {
         while started.elapsed() < duration {
             tokio::time::sleep(self.config.poll().min(duration.saturating_sub(started.elapsed()))).await;
             figures.polls += 1;
-            for name in names {
-                let d = api
-                    .get(name)
-                    .await
-                    .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
-                if let Rollout::Waiting(why) | Rollout::Failed(why) = cluster::rollout(&d) {
-                    return breach(format!("Deployment/{name} degraded: {why}"), started);
-                }
-                let pods = cluster::current_pods(client, ns, &d).await?;
-                if let Some(problem) = pods
-                    .iter()
-                    .find_map(|pod| cluster::pod_problem(pod, self.config.limits(), chrono::Utc::now()))
-                {
-                    return breach(problem, started);
-                }
-                let restarts = cluster::restarts(&pods) - base[name];
-                if restarts > 0 {
-                    return breach(format!("Deployment/{name}: {restarts} container restarts"), started);
-                }
+            if let Some(problem) = watch.check().await? {
+                return breach(problem, started);
             }
             if let Some(prom) = &self.config.prometheus {
                 let fill = |q: &str| q.replace("{namespace}", ns).replace("{service}", service);

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_shared::cluster::HealthLimits;
+use baton_shared::cluster::{HealthLimits, is_dns_label};
 use baton_shared::config::ConfigError;
 use serde::{Deserialize, Serialize};
 
@@ -74,16 +74,6 @@ impl Default for VerifyConfig {
             soak_seconds: None,
         }
     }
-}
-
-/// A DNS label, as namespace names are.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 impl VerifyConfig {

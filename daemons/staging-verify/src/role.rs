@@ -2,11 +2,10 @@
 //! compensation (see the crate documentation).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_shared::cluster::{
-    self, Applier, ClusterError, Record, Rollout, RolloutFigures, deployments, kind_of, repository, set_image,
+    self, Applier, ClusterError, Record, RolloutFigures, deployments, kind_of, repository, set_image,
 };
 use baton_shared::facts::{FactSet, ImageBuilt, StagingVerified};
 use baton_shared::git::{self, GitCache};
@@ -140,15 +139,6 @@ pub struct StagingVerify {
     git: GitCache,
 }
 
-/// A job's checkout, removed when dropped (also when the job is cancelled).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |e| Error::Io {
@@ -243,19 +233,7 @@ fn differences(record: &Record, objects: &[DynamicObject]) -> Vec<String> {
 }
 
 fn record_name(job: &StepJob) -> String {
-    let step: String = job
-        .step_id
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("baton-verify.{}.{step}", job.run_id)
+    format!("baton-verify.{}", job.key())
 }
 
 fn baseline_name(service: &str) -> String {
@@ -416,15 +394,8 @@ impl StagingVerify {
         let ns = self.config.namespace(service);
         let client = cluster::connect(&self.config.kubeconfig).await?;
 
-        let scratch = Scratch(
-            self.config
-                .work_dir
-                .join("jobs")
-                .join(format!("{}-{}-{}", job.run_id, job.step_id, job.attempt)),
-        );
-        let _ = std::fs::remove_dir_all(&scratch.0);
-        std::fs::create_dir_all(&scratch.0).map_err(io(format!("cannot create {}", scratch.0.display())))?;
-        let source = scratch.0.join("source");
+        let scratch = git::JobDir::new(&self.config.work_dir, job).map_err(io("cannot create the job's directory"))?;
+        let source = scratch.path().join("source");
         self.git.export(&job.deploy.repository, &commit, ".", &source).await?;
         let checks_path = source.join(&p.checks_file);
         let text = std::fs::read_to_string(&checks_path).map_err(|e| Error::Checks {
@@ -705,18 +676,7 @@ impl StagingVerify {
         p: &Params,
         duration: Duration,
     ) -> Result<SoakFigures, Error> {
-        let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        let mut before = BTreeMap::new();
-        for name in names {
-            let d = api
-                .get(name)
-                .await
-                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
-            before.insert(
-                name.clone(),
-                cluster::restarts(&cluster::current_pods(client, ns, &d).await?),
-            );
-        }
+        let watch = cluster::HealthWatch::start(client, ns, names, self.config.limits()).await?;
         let probe = &checks.smoke[0];
         let url = format!("{base}{}", probe.path);
         let started = Instant::now();
@@ -728,40 +688,28 @@ impl StagingVerify {
         };
         while started.elapsed() < duration {
             tokio::time::sleep(self.config.poll().min(duration.saturating_sub(started.elapsed()))).await;
-            for name in names {
-                let d = api
-                    .get(name)
-                    .await
-                    .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
-                if let Rollout::Waiting(why) | Rollout::Failed(why) = cluster::rollout(&d) {
-                    return Err(fail(format!("Deployment/{name} degraded: {why}"), started));
-                }
-                let pods = cluster::current_pods(client, ns, &d).await?;
-                if let Some(problem) = pods
-                    .iter()
-                    .find_map(|pod| cluster::pod_problem(pod, self.config.limits(), chrono::Utc::now()))
-                {
-                    return Err(fail(problem, started));
-                }
-                let restarts = cluster::restarts(&pods) - before[name];
-                if restarts > 0 {
-                    return Err(fail(
-                        format!("Deployment/{name}: {restarts} container restarts"),
-                        started,
-                    ));
-                }
+            if let Some(problem) = watch.check().await? {
+                return Err(fail(problem, started));
             }
             figures.requests += 1;
             let ok = matches!(checks::request(http, &probe.method, &url).await, Ok((s, _, _)) if s == probe.status);
             if !ok {
                 figures.errors += 1;
             }
-            let percent = figures.errors as f64 * 100.0 / figures.requests as f64;
-            if figures.requests >= 10 && percent > p.max_error_percent {
+            // Judged once ten requests give the rate some meaning, and at
+            // the end whatever their number: errors are never waved through
+            // because the soak was short or the machine slow.
+            let over = figures.errors as f64 * 100.0 / figures.requests as f64 > p.max_error_percent;
+            let last = started.elapsed() >= duration;
+            if over && (figures.requests >= 10 || last) {
                 return Err(fail(
                     format!(
-                        "{} of {} requests to {} {url} failed ({percent:.1} %, limit {} %)",
-                        figures.errors, figures.requests, probe.method, p.max_error_percent
+                        "{} of {} requests to {} {url} failed ({:.1} %, limit {} %)",
+                        figures.errors,
+                        figures.requests,
+                        probe.method,
+                        figures.errors as f64 * 100.0 / figures.requests as f64,
+                        p.max_error_percent
                     ),
                     started,
                 ));

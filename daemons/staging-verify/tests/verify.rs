@@ -93,7 +93,10 @@ fn manifests(repo: &GitRepo, setting: &str) {
 }
 
 impl Fixture {
-    async fn new(prefix: &str, readiness_grace_secs: u64) -> Self {
+    /// `noise_floor_ms`: latencies below it are equal; the tests that are not
+    /// about performance set it high, so a busy machine's slow request is not
+    /// taken for a regression.
+    async fn new(prefix: &str, readiness_grace_secs: u64, noise_floor_ms: f64) -> Self {
         let ns = TestNamespace::new(prefix).await;
         let service = Arc::new(Service::default());
         let addr = serve(service.clone()).await;
@@ -107,6 +110,7 @@ impl Fixture {
             poll_ms: 100,
             rollout_timeout_secs: 300,
             readiness_grace_secs,
+            noise_floor_ms,
             ..VerifyConfig::default()
         };
         config.validate().unwrap();
@@ -178,7 +182,7 @@ fn parse<T: serde::de::DeserializeOwned>(fields: Fields) -> T {
 
 #[tokio::test]
 async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
-    let fx = Fixture::new("verify-ok", 120).await;
+    let fx = Fixture::new("verify-ok", 120, 1000.0).await;
     let first = fx.repo.commit("first");
     let out = fx.verify(&first, Uuid::new_v4(), &digest(1)).await.unwrap();
     assert_eq!(out.facts.image_digest, digest(1));
@@ -220,7 +224,7 @@ async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
 
 #[tokio::test]
 async fn a_crash_looping_pod_fails_the_step_naming_pod_and_container() {
-    let fx = Fixture::new("verify-crash", 120).await;
+    let fx = Fixture::new("verify-crash", 120, 1000.0).await;
     fx.ns.behave(&format!("{REPO}@{}", digest(3)), Behaviour::CrashLoop);
     let commit = fx.repo.commit("crash");
     let e = fx.verify(&commit, Uuid::new_v4(), &digest(3)).await.unwrap_err();
@@ -232,7 +236,7 @@ async fn a_crash_looping_pod_fails_the_step_naming_pod_and_container() {
 
 #[tokio::test]
 async fn a_pod_that_never_gets_ready_fails_its_readiness() {
-    let fx = Fixture::new("verify-unready", 1).await;
+    let fx = Fixture::new("verify-unready", 1, 1000.0).await;
     fx.ns.behave(&format!("{REPO}@{}", digest(4)), Behaviour::Unready);
     let commit = fx.repo.commit("unready");
     let e = fx.verify(&commit, Uuid::new_v4(), &digest(4)).await.unwrap_err();
@@ -245,7 +249,7 @@ async fn a_pod_that_never_gets_ready_fails_its_readiness() {
 
 #[tokio::test]
 async fn a_failing_smoke_test_fails_the_step() {
-    let fx = Fixture::new("verify-smoke", 120).await;
+    let fx = Fixture::new("verify-smoke", 120, 1000.0).await;
     fx.repo.write(
         "deploy/verify.toml",
         "[[smoke]]\npath = \"/healthz\"\nbody_contains = \"healthy\"\n",
@@ -261,7 +265,7 @@ async fn a_failing_smoke_test_fails_the_step() {
 
 #[tokio::test]
 async fn failing_integration_tests_fail_the_step_with_their_job() {
-    let fx = Fixture::new("verify-it", 120).await;
+    let fx = Fixture::new("verify-it", 120, 1000.0).await;
     let tests = "registry.test/shop/web-tests@sha256:".to_owned() + &"9".repeat(64);
     fx.ns.behave(
         &tests,
@@ -292,7 +296,7 @@ async fn failing_integration_tests_fail_the_step_with_their_job() {
 
 #[tokio::test]
 async fn passing_integration_tests_are_reported() {
-    let fx = Fixture::new("verify-it-ok", 120).await;
+    let fx = Fixture::new("verify-it-ok", 120, 1000.0).await;
     let tests = "registry.test/shop/web-tests@sha256:".to_owned() + &"8".repeat(64);
     fx.ns.behave(&tests, Behaviour::Exit(0, "12 passing\n".into()));
     fx.repo.write(
@@ -310,11 +314,12 @@ async fn passing_integration_tests_are_reported() {
 
 #[tokio::test]
 async fn a_regression_over_the_limit_fails_against_the_last_baseline() {
-    let fx = Fixture::new("verify-perf", 120).await;
+    let fx = Fixture::new("verify-perf", 120, 10.0).await;
     let first = fx.repo.commit("fast");
     fx.verify(&first, Uuid::new_v4(), &digest(8)).await.unwrap();
-    // The new version answers 60 ms slower than the noise floor allows for.
-    fx.service.delay_ms.store(60, Ordering::SeqCst);
+    // The new version answers 300 ms later: far beyond the 10 ms noise floor
+    // and what a busy machine adds.
+    fx.service.delay_ms.store(300, Ordering::SeqCst);
     let second = fx.repo.commit("slow");
     let e = fx.verify(&second, Uuid::new_v4(), &digest(9)).await.unwrap_err();
     assert!(
@@ -326,7 +331,7 @@ async fn a_regression_over_the_limit_fails_against_the_last_baseline() {
 
 #[tokio::test]
 async fn errors_during_the_soak_fail_it() {
-    let fx = Fixture::new("verify-soak", 120).await;
+    let fx = Fixture::new("verify-soak", 120, 1000.0).await;
     // The smoke test and the 20 measured requests pass; then the service fails.
     fx.service.fail_after.store(21, Ordering::SeqCst);
     let commit = fx.repo.commit("soak");
@@ -337,7 +342,7 @@ async fn errors_during_the_soak_fail_it() {
 
 #[tokio::test]
 async fn manifests_that_do_not_run_the_built_image_are_refused() {
-    let fx = Fixture::new("verify-image", 120).await;
+    let fx = Fixture::new("verify-image", 120, 1000.0).await;
     let commit = fx.repo.commit("first");
     let mut job = fx.job(&commit, Uuid::new_v4(), &digest(11));
     let other = ImageBuilt {
