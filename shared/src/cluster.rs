@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
@@ -40,9 +40,7 @@ pub enum ClusterError {
     },
     #[error("{what}: {problem}")]
     Manifest { what: String, problem: String },
-    #[error(
-        "{object} was deployed over by run {run} since: putting the earlier version back would undo that; reconcile by hand"
-    )]
+    #[error("{object} was changed by {run} since: putting the earlier version back would undo that; reconcile by hand")]
     Moved { object: String, run: String },
 }
 
@@ -216,6 +214,27 @@ pub fn deployments(objects: &[DynamicObject]) -> Vec<String> {
         .collect()
 }
 
+/// The Deployments among `objects` that run `image` (a full reference):
+/// only Deployments are watched, monitored and rolled back, so a release
+/// whose image runs in nothing else is refused by the daemons that deploy.
+pub fn deployments_running(objects: &[DynamicObject], image: &str) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| kind_of(o) == "Deployment")
+        .filter(|o| {
+            ["containers", "initContainers"].iter().any(|list| {
+                o.data
+                    .pointer(&format!("/spec/template/spec/{list}"))
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.get("image").and_then(Value::as_str) == Some(image))
+            })
+        })
+        .map(|o| o.name_any())
+        .collect()
+}
+
 /// `kubectl kustomize <dir>`: the rendered manifests, or why not.
 pub async fn kustomize(kubectl: &Path, dir: &Path) -> Result<String, String> {
     let out = tokio::process::Command::new(kubectl)
@@ -350,31 +369,37 @@ const RECORD_KEY: &str = "record.json";
 
 /// The record in ConfigMap `name`, if there is one.
 pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result<Option<Record>, ClusterError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let cm = api
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
         .get_opt(name)
         .await
-        .map_err(ClusterError::api(format!("cannot read ConfigMap/{name}")))?;
-    cm.map(|cm| {
-        let text = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(RECORD_KEY))
-            .ok_or_else(|| ClusterError::Manifest {
-                what: format!("ConfigMap/{name}"),
-                problem: format!("has no {RECORD_KEY}"),
-            })?;
-        serde_json::from_str(text).map_err(|e| ClusterError::Manifest {
-            what: format!("ConfigMap/{name} {RECORD_KEY}"),
-            problem: e.to_string(),
+        .map_err(ClusterError::api(format!("cannot read Secret/{name}")))?;
+    secret
+        .map(|secret| {
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(RECORD_KEY))
+                .ok_or_else(|| ClusterError::Manifest {
+                    what: format!("Secret/{name}"),
+                    problem: format!("has no {RECORD_KEY}"),
+                })?;
+            serde_json::from_slice(&bytes.0).map_err(|e| ClusterError::Manifest {
+                what: format!("Secret/{name} {RECORD_KEY}"),
+                problem: e.to_string(),
+            })
         })
-    })
-    .transpose()
+        .transpose()
 }
 
+/// A record larger than this would not fit in one object (etcd's limit is
+/// about 1.5 MiB, the API server's request limit 3 MiB; a Secret is meant to
+/// stay under 1 MiB).
+const RECORD_MAX_BYTES: usize = 900 * 1024;
+
 /// The record of `objects` as they are before a deploy: the one an earlier
-/// delivery of the same job made, else a new one in ConfigMap `name` with
-/// `labels`.
+/// delivery of the same job made, else a new one in Secret `name` with
+/// `labels` (a Secret: the previous objects may be Secrets themselves).
 pub async fn record_before(
     applier: &mut Applier,
     name: &str,
@@ -401,29 +426,40 @@ pub async fn record_before(
         commit: commit.to_owned(),
         entries,
     };
-    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
+    let text = serde_json::to_string(&record).unwrap_or_default();
+    if text.len() > RECORD_MAX_BYTES {
+        return Err(ClusterError::Manifest {
+            what: format!("the record of what {} objects were before", objects.len()),
+            problem: format!(
+                "{} KiB, more than one object holds ({} KiB): deploy fewer or smaller objects per service",
+                text.len() / 1024,
+                RECORD_MAX_BYTES / 1024
+            ),
+        });
+    }
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": name, "labels": labels},
-        "data": {RECORD_KEY: serde_json::to_string(&record).unwrap_or_default()},
+        "stringData": {RECORD_KEY: text},
     }))
     .map_err(|e| ClusterError::Manifest {
-        what: format!("ConfigMap/{name}"),
+        what: format!("Secret/{name}"),
         problem: e.to_string(),
     })?;
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    match api.create(&PostParams::default(), &cm).await {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(record),
         // Another delivery of the job recorded first: its record stands.
         Err(kube::Error::Api(s)) if s.code == 409 => {
             read_record(&client, &namespace, name)
                 .await?
                 .ok_or_else(|| ClusterError::Manifest {
-                    what: format!("ConfigMap/{name}"),
+                    what: format!("Secret/{name}"),
                     problem: "was created and is gone again".to_owned(),
                 })
         }
         Err(e) => Err(ClusterError::api(format!(
-            "cannot record the previous state in ConfigMap/{name}"
+            "cannot record the previous state in Secret/{name}"
         ))(e)),
     }
 }
@@ -438,33 +474,66 @@ pub struct Restored {
     pub deleted: Vec<String>,
 }
 
+/// The run that last deployed an object, by its annotation.
+fn deployed_by(obj: &Value) -> Option<&str> {
+    obj.pointer("/metadata/annotations")
+        .and_then(|a| a.get(RUN_ANNOTATION))
+        .and_then(Value::as_str)
+}
+
+/// Checks that every recorded object (except the kinds in `skip`) can go back:
+/// an object another run has deployed since refuses the whole restore
+/// (`ClusterError::Moved`) before anything changes. An object still as
+/// recorded (the deploy never reached it, or it was restored already) needs
+/// nothing.
+pub async fn check_restore(
+    applier: &mut Applier,
+    record: &Record,
+    run: &str,
+    skip: &[&str],
+) -> Result<Vec<(RecordEntry, bool)>, ClusterError> {
+    let mut plan = Vec::new();
+    for entry in record.entries.iter().filter(|e| !skip.contains(&e.kind.as_str())) {
+        let live = applier.get(&entry.target()).await?;
+        let live_by = live.as_ref().and_then(|l| l.annotations().get(RUN_ANNOTATION).cloned());
+        let recorded_by = entry.previous.as_ref().and_then(deployed_by).map(str::to_owned);
+        let needed = match (&live, &entry.previous) {
+            (None, None) => false,
+            (Some(_), _) if live_by.as_deref() == Some(run) => true,
+            (Some(_), Some(_)) if live_by == recorded_by => false,
+            (None, Some(_)) => {
+                return Err(ClusterError::Moved {
+                    object: entry.describe(),
+                    run: "someone (it was deleted)".to_owned(),
+                });
+            }
+            (Some(_), _) => {
+                return Err(ClusterError::Moved {
+                    object: entry.describe(),
+                    run: live_by.map_or_else(|| "someone outside Baton".to_owned(), |b| format!("run {b}")),
+                });
+            }
+        };
+        plan.push((entry.clone(), needed));
+    }
+    Ok(plan)
+}
+
 /// Puts the recorded objects back as they were (deleting those the deploy
-/// created), except the kinds in `skip`. Refuses before changing anything if
-/// another run has deployed over one of them since (its run annotation).
+/// created), except the kinds in `skip`, after [`check_restore`] found
+/// nothing in the way.
 pub async fn restore(
     applier: &mut Applier,
     record: &Record,
     run: &str,
     skip: &[&str],
 ) -> Result<Restored, ClusterError> {
-    let entries: Vec<&RecordEntry> = record
-        .entries
-        .iter()
-        .filter(|e| !skip.contains(&e.kind.as_str()))
-        .collect();
-    for entry in &entries {
-        if let Some(live) = applier.get(&entry.target()).await?
-            && let Some(by) = live.annotations().get(RUN_ANNOTATION)
-            && by != run
-        {
-            return Err(ClusterError::Moved {
-                object: entry.describe(),
-                run: by.clone(),
-            });
-        }
-    }
+    let plan = check_restore(applier, record, run, skip).await?;
     let mut out = Restored::default();
-    for entry in entries {
+    for (entry, needed) in plan {
+        if !needed {
+            continue;
+        }
         match &entry.previous {
             Some(previous) => {
                 let obj: DynamicObject =
@@ -555,6 +624,39 @@ pub async fn replica_sets(client: &Client, namespace: &str, d: &Deployment) -> R
         .collect();
     owned.sort_by_key(|rs| revision_of(rs.annotations()));
     Ok(owned)
+}
+
+/// The `pod-template-hash` of the Deployment's current revision (its
+/// ReplicaSet's), which stays the same when a rollback renumbers it.
+pub async fn current_template_hash(
+    client: &Client,
+    namespace: &str,
+    d: &Deployment,
+) -> Result<Option<String>, ClusterError> {
+    let revision = revision_of(d.annotations());
+    Ok(replica_sets(client, namespace, d)
+        .await?
+        .iter()
+        .find(|rs| revision_of(rs.annotations()) == revision)
+        .and_then(|rs| rs.labels().get(POD_TEMPLATE_HASH).cloned()))
+}
+
+/// The revision whose ReplicaSet has pod template hash `hash`.
+pub async fn revision_by_hash(
+    client: &Client,
+    namespace: &str,
+    d: &Deployment,
+    hash: &str,
+) -> Result<Option<Revision>, ClusterError> {
+    let number = replica_sets(client, namespace, d)
+        .await?
+        .iter()
+        .find(|rs| rs.labels().get(POD_TEMPLATE_HASH).map(String::as_str) == Some(hash))
+        .map(|rs| revision_of(rs.annotations()));
+    match number {
+        Some(n) => revision(client, namespace, d, Some(n)).await,
+        None => Ok(None),
+    }
 }
 
 /// The pods of the Deployment's current ReplicaSet.
@@ -738,7 +840,13 @@ impl HealthWatch {
             }
             let pods = current_pods(&self.client, &self.namespace, &d).await?;
             let now = chrono::Utc::now();
-            if let Some(problem) = pods.iter().find_map(|pod| pod_problem(pod, self.limits, now)) {
+            // Restarts count from the watch's start (below): a pod that
+            // restarted before it is not failing now.
+            let limits = HealthLimits {
+                max_restarts: i32::MAX,
+                ..self.limits
+            };
+            if let Some(problem) = pods.iter().find_map(|pod| pod_problem(pod, limits, now)) {
                 return Ok(Some(problem));
             }
             let restarted = restarts(&pods) - before;

@@ -74,6 +74,16 @@ pub fn scan(dir: &Path, shown: &str, entries: &GlobSet) -> Result<Vec<Asset>, Er
     let mut problems = Vec::new();
     walk(dir, dir, &mut |rel, bytes| {
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        // Names go into storage and edge URLs as they are: characters that
+        // would need encoding (or change a URL's meaning) are refused.
+        if let Some(bad) = rel
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-._~/@+".contains(*c)))
+        {
+            problems.push(format!(
+                "{shown}/{rel}: {bad:?} in its name; asset names use letters, digits and - . _ ~ @ +"
+            ));
+        }
         let name = rel.rsplit('/').next().unwrap_or(&rel);
         let hashed = match name_hash(name) {
             Some(h) if sha256.starts_with(h) => true,

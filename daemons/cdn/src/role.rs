@@ -475,7 +475,13 @@ impl Cdn {
         }
 
         let live_zone = self.bunny.pull_zone(z.pull_zone_id).await?;
-        let mut rules_changed = false;
+        // Whether this step changes rules is the record's to say (the rules
+        // before it), not the live zone's: a redelivery after the rules were
+        // saved must still purge what was cached under the old ones.
+        let rules_changed = wanted_rules
+            .iter()
+            .zip(&record.rules)
+            .any(|(rule, change)| change.previous.as_ref().map(rule_identity) != Some(rule_identity(&rule.body)));
         for (rule, change) in wanted_rules.iter().zip(record.rules.iter_mut()) {
             let live = live_zone["EdgeRules"]
                 .as_array()
@@ -495,7 +501,6 @@ impl Cdn {
             }
             let saved = self.bunny.put_edge_rule(z.pull_zone_id, &body).await?;
             change.guid = saved["Guid"].as_str().unwrap_or_default().to_owned();
-            rules_changed = true;
         }
         if rules_changed {
             // Cached objects keep the headers of the rules they were served with.

@@ -25,8 +25,18 @@ use crate::monitor;
 /// The field manager of everything this role applies.
 pub const MANAGER: &str = "baton";
 const MANAGED_BY: &str = "baton-production-apply";
-/// The revision a Deployment had before this step applied it.
+/// The revision a Deployment had before this step applied it (for people),
+/// and its pod template hash (what a rollback finds it by: a rollback gives
+/// the old ReplicaSet a new revision number).
 const PREVIOUS_REVISION: &str = "baton.dev/previous-revision";
+const PREVIOUS_HASH: &str = "baton.dev/previous-template-hash";
+
+/// What a Deployment ran before this step: none, it created it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Previous {
+    pub revision: u64,
+    pub template_hash: Option<String>,
+}
 
 /// The step's parameters.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +86,9 @@ pub struct DeploymentChange {
     pub name: String,
     /// 0: the step created it.
     pub revision_before: u64,
+    /// The pod template hash of the revision before (none: created).
+    #[serde(default)]
+    pub template_hash_before: Option<String>,
     pub revision_after: u64,
     pub replica_set_before: Option<String>,
     pub replica_set_after: Option<String>,
@@ -374,6 +387,13 @@ impl ProductionApply {
                 p.manifests_dir
             )));
         }
+        if cluster::deployments_running(&objects, &format!("{repo}@{digest}")).is_empty() {
+            return Err(Error::Manifests(format!(
+                "no Deployment in {} runs {repo}: only Deployments' rollouts are watched and rolled back, \
+                 so the image must run in one",
+                p.manifests_dir
+            )));
+        }
         let strategy = Strategy {
             max_surge: p.max_surge,
             max_unavailable: p.max_unavailable,
@@ -395,31 +415,38 @@ impl ProductionApply {
         // annotation, else what runs now.
         let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let run = job.run_id.to_string();
-        let mut before = BTreeMap::new();
+        let mut before: BTreeMap<String, Previous> = BTreeMap::new();
         for name in &names {
             let live = api
                 .get_opt(name)
                 .await
                 .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?;
-            let revision = match &live {
-                Some(d) if d.annotations().get(cluster::RUN_ANNOTATION) == Some(&run) => d
-                    .annotations()
-                    .get(PREVIOUS_REVISION)
-                    .and_then(|r| r.parse().ok())
-                    .unwrap_or(0),
-                Some(d) => cluster::revision_of(d.annotations()),
-                None => 0,
+            let previous = match &live {
+                Some(d) if d.annotations().get(cluster::RUN_ANNOTATION) == Some(&run) => Previous {
+                    revision: d
+                        .annotations()
+                        .get(PREVIOUS_REVISION)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0),
+                    template_hash: d.annotations().get(PREVIOUS_HASH).filter(|h| !h.is_empty()).cloned(),
+                },
+                Some(d) => Previous {
+                    revision: cluster::revision_of(d.annotations()),
+                    template_hash: cluster::current_template_hash(&client, &ns, d).await?,
+                },
+                None => Previous::default(),
             };
-            before.insert(name.clone(), revision);
+            before.insert(name.clone(), previous);
         }
         for obj in &mut objects {
-            let previous = (cluster::kind_of(obj) == "Deployment").then(|| before[&obj.name_any()].to_string());
+            let previous = (cluster::kind_of(obj) == "Deployment").then(|| before[&obj.name_any()].clone());
             let a = obj.metadata.annotations.get_or_insert_with(Default::default);
             a.insert(cluster::RUN_ANNOTATION.into(), run.clone());
             a.insert("baton.dev/step".into(), job.step_id.clone());
             a.insert("baton.dev/commit".into(), commit.clone());
             if let Some(previous) = previous {
-                a.insert(PREVIOUS_REVISION.into(), previous);
+                a.insert(PREVIOUS_REVISION.into(), previous.revision.to_string());
+                a.insert(PREVIOUS_HASH.into(), previous.template_hash.unwrap_or_default());
             }
         }
         for (i, obj) in objects.iter().enumerate() {
@@ -447,11 +474,12 @@ impl ProductionApply {
                 .filter(|i| repository(i) == repo && *i != image)
                 .collect();
             if !wrong.is_empty() {
-                let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
+                let rollback = self
+                    .undo_after_failure(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
+                    .await;
                 return Err(Error::ImageMismatch(format!(
-                    "Deployment/{name} runs {} after the apply, not {image} which staging verified; {}",
+                    "Deployment/{name} runs {} after the apply, not {image} which staging verified; {rollback}",
                     wrong.join(", "),
-                    rollback.summary()
                 )));
             }
         }
@@ -463,11 +491,10 @@ impl ProductionApply {
             match cluster::watch_rollout(&client, &ns, name, self.config.limits(), wait, self.config.poll()).await? {
                 Ok(f) => rollouts.push(f),
                 Err(failure) => {
-                    let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
-                    return Err(Error::Rollout {
-                        failure,
-                        rollback: rollback.summary(),
-                    });
+                    let rollback = self
+                        .undo_after_failure(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
+                        .await;
+                    return Err(Error::Rollout { failure, rollback });
                 }
             }
         }
@@ -486,11 +513,17 @@ impl ProductionApply {
                     .map(|rs| rs.name_any())
             };
             let after = cluster::revision_of(d.annotations());
+            let hash = before[name].template_hash.clone();
             changes.push(DeploymentChange {
                 name: name.clone(),
-                revision_before: before[name],
+                revision_before: before[name].revision,
+                replica_set_before: hash.as_ref().and_then(|h| {
+                    sets.iter()
+                        .find(|rs| rs.labels().get(cluster::POD_TEMPLATE_HASH) == Some(h))
+                        .map(|rs| rs.name_any())
+                }),
+                template_hash_before: hash,
                 revision_after: after,
-                replica_set_before: rs(before[name]),
                 replica_set_after: rs(after),
             });
         }
@@ -499,11 +532,13 @@ impl ProductionApply {
         let monitoring = match self.monitor(&client, &ns, &names, &p, service).await? {
             Ok(figures) => figures,
             Err((after_secs, why)) => {
-                let rollback = self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await?;
+                let rollback = self
+                    .undo_after_failure(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
+                    .await;
                 return Err(Error::Monitoring {
                     after_secs,
                     why,
-                    rollback: rollback.summary(),
+                    rollback,
                 });
             }
         };
@@ -603,13 +638,17 @@ impl ProductionApply {
     }
 
     /// Takes every Deployment back to the revision it had before this step
-    /// (deleting those it created), then the other recorded objects.
+    /// (deleting those it created) and the other recorded objects back as
+    /// they were — the configuration first, so the old pods start with it —
+    /// after checking that no other run has deployed over any of them.
+    /// Idempotent: a Deployment already on its previous revision is left.
     async fn undo(
         &self,
         job: &StepJob,
         client: &Client,
         ns: &str,
-        before: &BTreeMap<String, u64>,
+        before: &BTreeMap<String, Previous>,
+        strategy: &Strategy,
         budget: u64,
     ) -> Result<RollbackOutputs, Error> {
         let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -620,9 +659,37 @@ impl ProductionApply {
             budget_seconds: budget,
             ..RollbackOutputs::default()
         };
-        // Refuse before touching anything when another run deployed since.
-        let mut live = BTreeMap::new();
+        // Everything is checked before anything changes.
         for name in before.keys() {
+            if let Some(d) = api
+                .get_opt(name)
+                .await
+                .map_err(ClusterError::api(format!("cannot read Deployment/{name}")))?
+                && let Some(by) = d.annotations().get(cluster::RUN_ANNOTATION)
+                && *by != run
+            {
+                return Err(ClusterError::Moved {
+                    object: format!("Deployment/{name}"),
+                    run: format!("run {by}"),
+                }
+                .into());
+            }
+        }
+        let record = cluster::read_record(client, ns, &record_name(job)).await?;
+        let mut applier = Applier::new(client.clone(), ns, MANAGER);
+        if let Some(record) = &record {
+            cluster::check_restore(&mut applier, record, &run, &["Deployment"]).await?;
+            let done = cluster::restore(&mut applier, record, &run, &["Deployment"]).await?;
+            out.restored = done.restored;
+            out.deleted = done.deleted;
+        }
+        let pipeline = json!({
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": strategy.max_surge, "maxUnavailable": strategy.max_unavailable}},
+            "minReadySeconds": strategy.min_ready_seconds,
+        });
+        for (name, previous) in before {
+            let one = Instant::now();
             let Some(d) = api
                 .get_opt(name)
                 .await
@@ -630,22 +697,8 @@ impl ProductionApply {
             else {
                 continue;
             };
-            if let Some(by) = d.annotations().get(cluster::RUN_ANNOTATION)
-                && *by != run
-            {
-                return Err(ClusterError::Moved {
-                    object: format!("Deployment/{name}"),
-                    run: by.clone(),
-                }
-                .into());
-            }
-            live.insert(name.clone(), d);
-        }
-        for (name, d) in &live {
             let from = cluster::revision_of(d.annotations());
-            let to = before[name];
-            let one = Instant::now();
-            if to == 0 {
+            let Some(hash) = &previous.template_hash else {
                 api.delete(name, &DeleteParams::foreground())
                     .await
                     .map_err(ClusterError::api(format!("cannot delete Deployment/{name}")))?;
@@ -653,51 +706,42 @@ impl ProductionApply {
                     name: name.clone(),
                     from_revision: from,
                     to_revision: 0,
-                    seconds: one.elapsed().as_secs_f64(),
+                    seconds: round(one.elapsed().as_secs_f64()),
                 });
                 continue;
-            }
-            if from == to {
+            };
+            if cluster::current_template_hash(client, ns, &d).await?.as_deref() == Some(hash.as_str()) {
+                // On the previous revision already (an earlier delivery rolled it back).
                 continue;
             }
-            let Some(target) = cluster::revision(client, ns, d, Some(to)).await? else {
+            let Some(target) = cluster::revision_by_hash(client, ns, &d, hash).await? else {
                 return Err(Error::Rollback(format!(
-                    "Deployment/{name}: the ReplicaSet of revision {to} is gone (revisionHistoryLimit)"
+                    "Deployment/{name}: the ReplicaSet of its previous revision {} (pod template {hash}) is gone (revisionHistoryLimit)",
+                    previous.revision
                 )));
             };
-            let pipeline = json!({
-                "strategy": d.spec.as_ref().and_then(|s| s.strategy.clone()),
-                "minReadySeconds": d.spec.as_ref().and_then(|s| s.min_ready_seconds),
-            });
-            let written = cluster::undo(client, ns, d, &target, Some(&rollback_strategy())).await?;
+            cluster::undo(client, ns, &d, &target, Some(&rollback_strategy())).await?;
             let wait = Duration::from_secs(budget.max(1) * 5);
-            let result =
-                cluster::watch_rollout(client, ns, name, self.config.limits(), wait, self.config.poll()).await?;
-            // The pipeline's strategy again, for the next rollout (the pod
+            let result = cluster::watch_rollout(client, ns, name, self.config.limits(), wait, self.config.poll()).await;
+            // The pipeline's strategy again, whatever the watch found (the pod
             // template is unchanged: no new rollout).
             api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": pipeline})))
                 .await
                 .map_err(ClusterError::api(format!(
                     "cannot restore the strategy of Deployment/{name}"
                 )))?;
-            if let Err(failure) = result {
+            if let Err(failure) = result? {
                 return Err(Error::Rollback(format!(
-                    "Deployment/{name} back to revision {to} (as revision {}): {failure}",
-                    cluster::revision_of(written.annotations()) + 1
+                    "Deployment/{name} back to revision {} (pod template {hash}): {failure}",
+                    target.number
                 )));
             }
             out.deployments.push(RolledBack {
                 name: name.clone(),
                 from_revision: from,
-                to_revision: to,
+                to_revision: target.number,
                 seconds: round(one.elapsed().as_secs_f64()),
             });
-        }
-        if let Some(record) = cluster::read_record(client, ns, &record_name(job)).await? {
-            let mut applier = Applier::new(client.clone(), ns, MANAGER);
-            let done = cluster::restore(&mut applier, &record, &run, &["Deployment"]).await?;
-            out.restored = done.restored;
-            out.deleted = done.deleted;
         }
         out.seconds = round(started.elapsed().as_secs_f64());
         out.over_budget = out.seconds > budget as f64;
@@ -707,12 +751,35 @@ impl ProductionApply {
         Ok(out)
     }
 
+    /// The rollback after a failed apply, as the failure's message tells it
+    /// (a failed rollback does not hide the failure that called for it).
+    async fn undo_after_failure(
+        &self,
+        job: &StepJob,
+        client: &Client,
+        ns: &str,
+        before: &BTreeMap<String, Previous>,
+        strategy: &Strategy,
+        budget: u64,
+    ) -> String {
+        match self.undo(job, client, ns, before, strategy, budget).await {
+            Ok(r) => r.summary(),
+            Err(e) => format!("and rolling back failed too ({}): {e}", e.code()),
+        }
+    }
+
     async fn rollback_replicaset(&self, job: &StepJob) -> Result<RollbackOutputs, Error> {
         let p = Self::params(job)?;
+        let strategy = Strategy {
+            max_surge: p.max_surge,
+            max_unavailable: p.max_unavailable,
+            min_ready_seconds: p.min_ready_seconds,
+            progress_deadline_seconds: p.progress_deadline_seconds,
+        };
         let ns = self.config.namespace(&job.deploy.service);
         let client = cluster::connect(&self.config.kubeconfig).await?;
-        // The revisions replaced: from the outputs, else (a failed attempt)
-        // from the annotations this step put on the Deployments.
+        // What each Deployment ran before: from the outputs, else (a failed
+        // attempt) from the annotations this step put on the Deployments.
         let mut before = BTreeMap::new();
         if let Some(list) = job.own_outputs.get("deployments").and_then(Value::as_array) {
             for d in list {
@@ -720,7 +787,13 @@ impl ProductionApply {
                     what: "the step's outputs".into(),
                     detail: e.to_string(),
                 })?;
-                before.insert(change.name, change.revision_before);
+                before.insert(
+                    change.name,
+                    Previous {
+                        revision: change.revision_before,
+                        template_hash: change.template_hash_before,
+                    },
+                );
             }
         } else if let Some(record) = cluster::read_record(&client, &ns, &record_name(job)).await? {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -733,12 +806,14 @@ impl ProductionApply {
                     continue;
                 };
                 if d.annotations().get(cluster::RUN_ANNOTATION) == Some(&job.run_id.to_string()) {
-                    let rev = d
-                        .annotations()
-                        .get(PREVIOUS_REVISION)
-                        .and_then(|r| r.parse().ok())
-                        .unwrap_or(0);
-                    before.insert(e.name.clone(), rev);
+                    let a = d.annotations();
+                    before.insert(
+                        e.name.clone(),
+                        Previous {
+                            revision: a.get(PREVIOUS_REVISION).and_then(|r| r.parse().ok()).unwrap_or(0),
+                            template_hash: a.get(PREVIOUS_HASH).filter(|h| !h.is_empty()).cloned(),
+                        },
+                    );
                 }
             }
         } else {
@@ -748,7 +823,8 @@ impl ProductionApply {
                 ..RollbackOutputs::default()
             });
         }
-        self.undo(job, &client, &ns, &before, p.rollback_max_seconds).await
+        self.undo(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
+            .await
     }
 }
 

@@ -181,6 +181,11 @@ async fn a_verified_image_rolls_out_with_the_seed_strategy_and_the_compensation_
     assert_eq!(back.budget_seconds, 60);
     assert_eq!(back.over_budget, back.seconds > 60.0);
     assert_eq!(fx.live_image().await, format!("{REPO}@{}", digest(1)));
+    // Delivered again (the daemon died before reporting): nothing left to do,
+    // though the old ReplicaSet now has a new revision number.
+    let again: RollbackOutputs = parse(fx.role.run(&undo).await.unwrap());
+    assert!(again.deployments.is_empty(), "{again:?}");
+    assert_eq!(fx.live_image().await, format!("{REPO}@{}", digest(1)));
     // The rollback's own strategy is gone again.
     let spec = fx.live().await.spec.unwrap();
     assert_eq!(spec.min_ready_seconds, Some(1));

@@ -104,7 +104,10 @@ pub struct VerifyOutputs {
     /// None: the checks file declares no integration tests.
     pub integration: Option<IntegrationOutcome>,
     pub performance: BTreeMap<String, Latency>,
-    /// The commit whose verification is the baseline; none on the first.
+    /// The commit whose figures the latencies were compared with; none when
+    /// there was nothing to compare (the first verification, or no endpoint
+    /// in common), and then `regression_percent` is 0 by default, not by
+    /// measurement.
     pub baseline_commit: Option<String>,
     /// What differs from what ran before (configuration keys, resources,
     /// network policies, new objects).
@@ -348,8 +351,8 @@ impl StagingVerify {
                 .map(|s| s.containers)
                 .unwrap_or_default();
             for c in containers {
-                if let Some((repo, digest)) = c.image.as_deref().and_then(|i| i.split_once('@')) {
-                    return Ok((repo.to_owned(), digest.to_owned()));
+                if let Some((image, digest)) = c.image.as_deref().and_then(|i| i.split_once('@')) {
+                    return Ok((repository(image).to_owned(), digest.to_owned()));
                 }
             }
         }
@@ -438,6 +441,13 @@ impl StagingVerify {
                 p.manifests_dir
             )));
         }
+        if cluster::deployments_running(&objects, &format!("{repo}@{digest}")).is_empty() {
+            return Err(Error::Manifests(format!(
+                "no Deployment in {} runs {repo}: only Deployments' rollouts are watched and rolled back, \
+                 so the image must run in one",
+                p.manifests_dir
+            )));
+        }
         for obj in &mut objects {
             let a = obj.metadata.annotations.get_or_insert_with(Default::default);
             a.insert(cluster::RUN_ANNOTATION.into(), job.run_id.to_string());
@@ -472,11 +482,13 @@ impl StagingVerify {
         let performance = checks::measure(&http, &base, &checks.endpoints(), requests).await?;
         let baseline = self.baseline(&client, &ns, service).await?;
         let mut regression_percent = 0.0;
+        let mut compared_with = None;
         if let Some(b) = &baseline
             && let Some((endpoint, percent)) =
                 checks::regression(&performance, &b.endpoints, self.config.noise_floor_ms)
         {
             regression_percent = percent;
+            compared_with = Some(b.commit.clone());
             if percent > p.max_regression_percent {
                 return Err(Error::Regression {
                     now_ms: performance[&endpoint].p95_ms,
@@ -504,12 +516,16 @@ impl StagingVerify {
                     .unwrap_or_else(|| p.soak(job.deploy.risk)),
             )
             .await?;
-        let (rollback_seconds, roll_forward_seconds, first_deployment) = self.rehearse(&client, &ns, &names).await?;
+        let (rollback_seconds, roll_forward_seconds, first_deployment) =
+            self.rehearse(&client, &ns, &names, &record).await?;
 
+        // Endpoints measured now replace their figures; the others keep theirs.
+        let mut endpoints = baseline.as_ref().map(|b| b.endpoints.clone()).unwrap_or_default();
+        endpoints.extend(performance.clone());
         let new_baseline = Baseline {
             commit: commit.clone(),
             run_id: job.run_id.to_string(),
-            endpoints: performance.clone(),
+            endpoints,
         };
         let cm = bookkeeping(&baseline_name(service), service, "baseline.json", &new_baseline);
         Api::<ConfigMap>::namespaced(client.clone(), &ns)
@@ -539,7 +555,7 @@ impl StagingVerify {
             smoke,
             integration,
             performance,
-            baseline_commit: baseline.map(|b| b.commit),
+            baseline_commit: compared_with,
             differences,
             soak,
             roll_forward_seconds,
@@ -726,6 +742,7 @@ impl StagingVerify {
         client: &Client,
         ns: &str,
         names: &[String],
+        record: &Record,
     ) -> Result<(Option<f64>, Option<f64>, bool), Error> {
         let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
         let (mut back_max, mut forward_max) = (0.0f64, 0.0f64);
@@ -738,8 +755,19 @@ impl StagingVerify {
             };
             let d = read().await?;
             let current = cluster::revision_of(d.annotations());
+            // Only a Deployment this deploy created has nothing to go back to.
+            let created = record
+                .entries
+                .iter()
+                .any(|e| e.kind == "Deployment" && e.name == *name && e.previous.is_none());
             let Some(previous) = cluster::revision(client, ns, &d, None).await? else {
-                continue;
+                if created {
+                    continue;
+                }
+                return Err(Error::Rehearsal(format!(
+                    "Deployment/{name} existed before this deploy but has no earlier revision to roll back to \
+                     (its revisionHistoryLimit is 0, or its history was lost): the rollback cannot be rehearsed"
+                )));
             };
             let Some(now) = cluster::revision(client, ns, &d, Some(current)).await? else {
                 return Err(Error::Rehearsal(format!(

@@ -220,6 +220,9 @@ async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
     assert_eq!(back.restored.len(), 3, "{back:?}");
     assert_eq!(fx.live_image().await, format!("{REPO}@{}", digest(1)));
     assert_eq!(fx.setting().await, "one");
+    // Delivered again: everything is as recorded, nothing to do, no refusal.
+    let again: RedeployOutputs = parse(fx.role.run(&undo).await.unwrap());
+    assert!(again.reverted && again.restored.is_empty(), "{again:?}");
 }
 
 #[tokio::test]
