@@ -6,7 +6,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use baton_production_apply::config::PrometheusConfig;
 use baton_production_apply::{ApplyConfig, ApplyOutputs, ProductionApply, RollbackOutputs};
@@ -286,24 +285,31 @@ async fn prometheus(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
         ),
     )
     .unwrap();
-    let child = Command::new("prometheus")
+    let mut child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("Debian's prometheus (.ci/run installs it)");
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/-/ready")).send().await
-            && r.status().is_success()
-        {
-            break;
+    // Ready when it says so in its log; the rest of the log is drained so
+    // that it never blocks on a full pipe.
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (ready, said) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut ready = Some(ready);
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("Server is ready to receive web requests")
+                && let Some(tx) = ready.take()
+            {
+                let _ = tx.send(());
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    });
+    said.await.expect("prometheus exited before it was ready");
+    let url = format!("http://127.0.0.1:{port}");
     Prometheus { child, url }
 }
 
