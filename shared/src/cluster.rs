@@ -339,6 +339,9 @@ pub struct RecordEntry {
     pub name: String,
     /// As it was, ready to apply again; none: the deploy created it.
     pub previous: Option<Value>,
+    /// Its revision then, for objects that have one (Deployments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 impl RecordEntry {
@@ -419,6 +422,7 @@ pub async fn record_before(
             api_version: types.api_version,
             kind: types.kind,
             name: obj.name_any(),
+            revision: live.as_ref().map(|l| revision_of(l.annotations())).filter(|r| *r > 0),
             previous: live.map(|l| serde_json::to_value(applicable(&l)).unwrap_or(Value::Null)),
         });
     }
@@ -486,7 +490,7 @@ fn deployed_by(obj: &Value) -> Option<&str> {
 /// (`ClusterError::Moved`) before anything changes. An object still as
 /// recorded (the deploy never reached it, or it was restored already) needs
 /// nothing.
-pub async fn check_restore(
+async fn check_restore(
     applier: &mut Applier,
     record: &Record,
     run: &str,

@@ -678,7 +678,7 @@ impl ProductionApply {
         let record = cluster::read_record(client, ns, &record_name(job)).await?;
         let mut applier = Applier::new(client.clone(), ns, MANAGER);
         if let Some(record) = &record {
-            cluster::check_restore(&mut applier, record, &run, &["Deployment"]).await?;
+            // `restore` checks every object before it changes one.
             let done = cluster::restore(&mut applier, record, &run, &["Deployment"]).await?;
             out.restored = done.restored;
             out.deleted = done.deleted;

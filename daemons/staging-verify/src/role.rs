@@ -96,8 +96,11 @@ pub struct VerifyOutputs {
     pub facts: StagingVerified,
     pub namespace: String,
     pub commit: String,
-    /// The ConfigMap holding each object's state before the deploy.
+    /// The Secret holding each object's state before the deploy.
     pub record: String,
+    /// Each object the step applied, as it was before: `created`, `existed`,
+    /// or a Deployment's revision (what `redeploy-previous` goes back to).
+    pub previous: Vec<PreviousObject>,
     pub applied: Vec<String>,
     pub rollouts: Vec<RolloutFigures>,
     pub smoke: Vec<SmokeResult>,
@@ -114,6 +117,16 @@ pub struct VerifyOutputs {
     pub differences: Vec<String>,
     pub soak: SoakFigures,
     pub roll_forward_seconds: Option<f64>,
+}
+
+/// An object as the deploy found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviousObject {
+    pub object: String,
+    /// Whether it existed (false: the deploy created it).
+    pub existed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 /// What `redeploy-previous` reports.
@@ -549,6 +562,15 @@ impl StagingVerify {
             },
             namespace: ns,
             commit,
+            previous: record
+                .entries
+                .iter()
+                .map(|e| PreviousObject {
+                    object: e.describe(),
+                    existed: e.previous.is_some(),
+                    revision: e.revision,
+                })
+                .collect(),
             record: record_name,
             applied,
             rollouts,
@@ -866,12 +888,14 @@ mod tests {
                     kind: "ConfigMap".into(),
                     name: "cfg".into(),
                     previous: Some(json!({"data": {"a": "0", "b": "2"}})),
+                    revision: None,
                 },
                 cluster::RecordEntry {
                     api_version: "networking.k8s.io/v1".into(),
                     kind: "NetworkPolicy".into(),
                     name: "allow".into(),
                     previous: None,
+                    revision: None,
                 },
             ],
         };

@@ -207,6 +207,8 @@ async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
     assert!(out.facts.rollback_seconds.unwrap() > 0.0);
     assert_eq!(out.baseline_commit.as_deref(), Some(first.as_str()));
     assert_eq!(out.differences, ["ConfigMap/web: key SETTING changed"]);
+    let web = out.previous.iter().find(|p| p.object == "Deployment/web").unwrap();
+    assert!(web.existed && web.revision == Some(1), "{:?}", out.previous);
     // Rolled back and forward again: the new image runs.
     assert_eq!(fx.live_image().await, format!("{REPO}@{}", digest(2)));
     assert_eq!(fx.setting().await, "two");
