@@ -359,7 +359,7 @@ impl RecordEntry {
     }
 }
 
-/// What a deploy found before it changed anything, kept in a ConfigMap of the
+/// What a deploy found before it changed anything, kept in a Secret of the
 /// namespace so that a redelivered job finds the first record and a
 /// compensation (or an operator) can put everything back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,8 +370,17 @@ pub struct Record {
 
 const RECORD_KEY: &str = "record.json";
 
-/// The record in ConfigMap `name`, if there is one.
-pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result<Option<Record>, ClusterError> {
+/// A record larger than this would not fit in one object (etcd's limit is
+/// about 1.5 MiB, the API server's request limit 3 MiB; a Secret is meant to
+/// stay under 1 MiB).
+const RECORD_MAX_BYTES: usize = 900 * 1024;
+
+/// The JSON kept in Secret `name` by [`keep_json`], if the Secret exists.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<T>, ClusterError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = api
         .get_opt(name)
@@ -395,47 +404,22 @@ pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result
         .transpose()
 }
 
-/// A record larger than this would not fit in one object (etcd's limit is
-/// about 1.5 MiB, the API server's request limit 3 MiB; a Secret is meant to
-/// stay under 1 MiB).
-const RECORD_MAX_BYTES: usize = 900 * 1024;
-
-/// The record of `objects` as they are before a deploy: the one an earlier
-/// delivery of the same job made, else a new one in Secret `name` with
-/// `labels` (a Secret: the previous objects may be Secrets themselves).
-pub async fn record_before(
-    applier: &mut Applier,
+/// Keeps `value` as JSON in a new Secret `name` (a Secret: what a deploy
+/// records may hold Secrets itself). When the Secret exists already (an
+/// earlier delivery of the same job), that one stands and is returned.
+pub async fn keep_json<T: Serialize + serde::de::DeserializeOwned>(
+    client: &Client,
+    namespace: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
-    commit: &str,
-    objects: &[DynamicObject],
-) -> Result<Record, ClusterError> {
-    let (client, namespace) = (applier.client().clone(), applier.namespace().to_owned());
-    if let Some(record) = read_record(&client, &namespace, name).await? {
-        return Ok(record);
-    }
-    let mut entries = Vec::new();
-    for obj in objects {
-        let live = applier.get(obj).await?;
-        let types = obj.types.clone().unwrap_or_default();
-        entries.push(RecordEntry {
-            api_version: types.api_version,
-            kind: types.kind,
-            name: obj.name_any(),
-            revision: live.as_ref().map(|l| revision_of(l.annotations())).filter(|r| *r > 0),
-            previous: live.map(|l| serde_json::to_value(applicable(&l)).unwrap_or(Value::Null)),
-        });
-    }
-    let record = Record {
-        commit: commit.to_owned(),
-        entries,
-    };
-    let text = serde_json::to_string(&record).unwrap_or_default();
+    value: T,
+) -> Result<T, ClusterError> {
+    let text = serde_json::to_string(&value).unwrap_or_default();
     if text.len() > RECORD_MAX_BYTES {
         return Err(ClusterError::Manifest {
-            what: format!("the record of what {} objects were before", objects.len()),
+            what: format!("the record in Secret/{name}"),
             problem: format!(
-                "{} KiB, more than one object holds ({} KiB): deploy fewer or smaller objects per service",
+                "{} KiB, more than one object holds ({} KiB): deploy fewer or smaller objects per step",
                 text.len() / 1024,
                 RECORD_MAX_BYTES / 1024
             ),
@@ -450,12 +434,12 @@ pub async fn record_before(
         what: format!("Secret/{name}"),
         problem: e.to_string(),
     })?;
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(record),
+        Ok(_) => Ok(value),
         // Another delivery of the job recorded first: its record stands.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            read_record(&client, &namespace, name)
+            read_json(client, namespace, name)
                 .await?
                 .ok_or_else(|| ClusterError::Manifest {
                     what: format!("Secret/{name}"),
@@ -466,6 +450,49 @@ pub async fn record_before(
             "cannot record the previous state in Secret/{name}"
         ))(e)),
     }
+}
+
+/// The record in Secret `name`, if there is one.
+pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result<Option<Record>, ClusterError> {
+    read_json(client, namespace, name).await
+}
+
+/// What `obj`'s live object is now, as a record entry.
+pub async fn entry_before(applier: &mut Applier, obj: &DynamicObject) -> Result<RecordEntry, ClusterError> {
+    let live = applier.get(obj).await?;
+    let types = obj.types.clone().unwrap_or_default();
+    Ok(RecordEntry {
+        api_version: types.api_version,
+        kind: types.kind,
+        name: obj.name_any(),
+        revision: live.as_ref().map(|l| revision_of(l.annotations())).filter(|r| *r > 0),
+        previous: live.map(|l| serde_json::to_value(applicable(&l)).unwrap_or(Value::Null)),
+    })
+}
+
+/// The record of `objects` as they are before a deploy: the one an earlier
+/// delivery of the same job made, else a new one in Secret `name` with
+/// `labels`.
+pub async fn record_before(
+    applier: &mut Applier,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    commit: &str,
+    objects: &[DynamicObject],
+) -> Result<Record, ClusterError> {
+    let (client, namespace) = (applier.client().clone(), applier.namespace().to_owned());
+    if let Some(record) = read_record(&client, &namespace, name).await? {
+        return Ok(record);
+    }
+    let mut entries = Vec::new();
+    for obj in objects {
+        entries.push(entry_before(applier, obj).await?);
+    }
+    let record = Record {
+        commit: commit.to_owned(),
+        entries,
+    };
+    keep_json(&client, &namespace, name, labels, record).await
 }
 
 /// The annotation naming the run that last deployed an object.

@@ -15,11 +15,17 @@ pub mod facts;
 pub mod failpoint;
 #[cfg(feature = "testing")]
 pub mod fake_bunny;
+#[cfg(feature = "testing")]
+pub mod fake_transip;
 pub mod git;
+#[cfg(feature = "https")]
+pub mod https;
 pub mod kit;
 pub mod ledger;
 pub mod metrics;
 pub mod nodelay;
+#[cfg(feature = "testing")]
+pub mod pebble;
 pub mod protocol;
 pub mod roles;
 pub mod runtime;

@@ -248,6 +248,11 @@ pub const ALL: &[RoleSpec] = &[
                 Kind::Count,
                 "how long every nameserver may take to answer",
             ),
+            p(
+                "renew_before_days",
+                Kind::Count,
+                "renew a certificate with fewer days left than this",
+            ),
         ],
         partial_effects: true,
     },

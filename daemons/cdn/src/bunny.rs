@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::http::{Answer, Http, encode};
+use baton_shared::https::{Answer, Http, encode};
 
 /// What a call to bunny.net came to when it did not succeed.
 #[derive(Debug, thiserror::Error)]

@@ -40,7 +40,6 @@ pub mod assets;
 pub mod bunny;
 pub mod config;
 pub mod error;
-pub mod http;
 pub mod role;
 pub mod rules;
 
