@@ -185,9 +185,10 @@ async fn get(addr: SocketAddr, ca: &Path, path: &str) -> std::io::Result<Vec<u8>
 }
 
 impl Pebble {
-    /// Starts pebble looking up challenges at `dns` and refusing to issue for
-    /// `blocked` domains; returns once it serves its directory.
-    pub async fn start(dns: SocketAddr, blocked: &[&str]) -> Self {
+    /// Starts pebble looking up names at `dns`, validating HTTP-01 on
+    /// `http_port` of the address a host resolves to, and refusing to issue
+    /// for `blocked` domains; returns once it serves its directory.
+    pub async fn start(dns: SocketAddr, http_port: Option<u16>, blocked: &[&str]) -> Self {
         let dir = TempDir::new("pebble");
         test_ca(dir.path(), "listener", &["localhost", "127.0.0.1"]);
         let (port, management) = (free_port(), free_port());
@@ -196,7 +197,7 @@ impl Pebble {
             "managementListenAddress": format!("127.0.0.1:{management}"),
             "certificate": dir.path().join("listener.pem"),
             "privateKey": dir.path().join("listener.key"),
-            "httpPort": free_port(),
+            "httpPort": http_port.unwrap_or_else(free_port),
             "tlsPort": free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,

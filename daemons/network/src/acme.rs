@@ -3,6 +3,9 @@
 //! authoritative nameserver, validated by the CA, and removed again. The
 //! certificate and its key land in a `kubernetes.io/tls` Secret.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use instant_acme::{
@@ -95,11 +98,70 @@ pub fn needs_issuing(chain_pem: Option<&[u8]>, hosts: &[String], renew_before: D
     }
 }
 
-/// Publishes and withdraws a DNS-01 challenge's TXT value, and waits until
-/// the authoritative servers answer it.
+/// Publishes and withdraws challenge responses: for DNS-01 a TXT value at
+/// `_acme-challenge.<host>` (waiting until the authoritative servers answer
+/// it), for HTTP-01 a key authorization by token.
 pub trait Challenges: Send + Sync {
+    fn kind(&self) -> ChallengeType;
     fn publish(&self, name: &str, value: &str) -> impl Future<Output = Result<(), String>> + Send;
     fn withdraw(&self, name: &str, value: &str) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// HTTP-01: the daemon answers `/.well-known/acme-challenge/<token>` on its
+/// solver address while it issues; the zone's load balancer routes that path
+/// of every host, on port 80, to it.
+pub struct Http01 {
+    tokens: Arc<Mutex<BTreeMap<String, String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Http01 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Http01 {
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let tokens: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let served = tokens.clone();
+        let app = axum::Router::new().route(
+            "/.well-known/acme-challenge/{token}",
+            axum::routing::get(move |axum::extract::Path(token): axum::extract::Path<String>| {
+                let answer = served.lock().expect("solver tokens").get(&token).cloned();
+                async move {
+                    match answer {
+                        Some(a) => (axum::http::StatusCode::OK, a),
+                        None => (axum::http::StatusCode::NOT_FOUND, String::new()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { tokens, task })
+    }
+}
+
+impl Challenges for Http01 {
+    fn kind(&self) -> ChallengeType {
+        ChallengeType::Http01
+    }
+
+    async fn publish(&self, token: &str, key_authorization: &str) -> Result<(), String> {
+        self.tokens
+            .lock()
+            .expect("solver tokens")
+            .insert(token.to_owned(), key_authorization.to_owned());
+        Ok(())
+    }
+
+    async fn withdraw(&self, token: &str, _: &str) -> Result<(), String> {
+        self.tokens.lock().expect("solver tokens").remove(token);
+        Ok(())
+    }
 }
 
 /// An ACME account and how to issue with it.
@@ -175,14 +237,17 @@ impl Acme {
                     AuthorizationStatus::Valid => continue,
                     s => return Err(fail(format!("an authorization is {s:?}"))),
                 }
+                let kind = dns.kind();
                 let mut ch = authz
-                    .challenge(ChallengeType::Dns01)
-                    .ok_or_else(|| fail("the CA offers no dns-01 challenge".into()))?;
+                    .challenge(kind.clone())
+                    .ok_or_else(|| fail(format!("the CA offers no {kind:?} challenge")))?;
                 let Identifier::Dns(domain) = ch.identifier().identifier.clone() else {
                     return Err(fail("an identifier is not a DNS name".into()));
                 };
-                let name = format!("_acme-challenge.{domain}");
-                let value = ch.key_authorization().dns_value();
+                let (name, value) = match kind {
+                    ChallengeType::Http01 => (ch.token.clone(), ch.key_authorization().as_str().to_owned()),
+                    _ => (format!("_acme-challenge.{domain}"), ch.key_authorization().dns_value()),
+                };
                 dns.publish(&name, &value)
                     .await
                     .map_err(|e| fail(format!("publishing {name}: {e}")))?;

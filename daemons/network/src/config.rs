@@ -91,6 +91,10 @@ pub struct AcmeConfig {
     pub renew_before_days: u32,
     /// How long one issuance may take.
     pub timeout_secs: u64,
+    /// HTTP-01 instead of DNS-01: where the daemon answers challenges while it
+    /// issues; the load balancer routes `/.well-known/acme-challenge/` of
+    /// every host, on port 80, here. None: DNS-01 through TransIP.
+    pub http01_listen: Option<SocketAddr>,
 }
 
 /// `[network.load_balancer]`: where hosts are reached for the health check.
@@ -149,6 +153,7 @@ impl Default for AcmeConfig {
             root_ca_file: None,
             renew_before_days: 30,
             timeout_secs: 300,
+            http01_listen: None,
         }
     }
 }

@@ -137,10 +137,25 @@ mod tests {
             status,
             location: location.into(),
         };
-        assert!(redirects_to_tls(&c(308, "https://www.example.test/healthz"), "www.example.test"));
-        assert!(redirects_to_tls(&c(301, "https://www.example.test"), "www.example.test"));
-        assert!(!redirects_to_tls(&c(200, ""), "www.example.test"), "served over plain HTTP");
-        assert!(!redirects_to_tls(&c(302, "http://www.example.test/"), "www.example.test"));
-        assert!(!redirects_to_tls(&c(302, "https://www.example.test.evil/"), "www.example.test"));
+        assert!(redirects_to_tls(
+            &c(308, "https://www.example.test/healthz"),
+            "www.example.test"
+        ));
+        assert!(redirects_to_tls(
+            &c(301, "https://www.example.test"),
+            "www.example.test"
+        ));
+        assert!(
+            !redirects_to_tls(&c(200, ""), "www.example.test"),
+            "served over plain HTTP"
+        );
+        assert!(!redirects_to_tls(
+            &c(302, "http://www.example.test/"),
+            "www.example.test"
+        ));
+        assert!(!redirects_to_tls(
+            &c(302, "https://www.example.test.evil/"),
+            "www.example.test"
+        ));
     }
 }

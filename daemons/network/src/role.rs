@@ -187,6 +187,10 @@ impl AcmeDns<'_> {
 }
 
 impl Challenges for AcmeDns<'_> {
+    fn kind(&self) -> instant_acme::ChallengeType {
+        instant_acme::ChallengeType::Dns01
+    }
+
     async fn publish(&self, fqdn: &str, value: &str) -> Result<(), String> {
         self.net
             .transip
@@ -635,16 +639,25 @@ impl Network {
                             i.name, i.at, hosts[0], other
                         )));
                     }
-                    let challenges = AcmeDns {
-                        net: self,
-                        domain: domain.clone(),
-                        servers: servers[domain].clone(),
-                        deadline,
+                    let account = account.as_ref().expect("set above");
+                    let (chain, key) = match self.config.acme.http01_listen {
+                        Some(addr) => {
+                            let solver = acme::Http01::start(addr).await.map_err(|e| Error::Io {
+                                what: format!("cannot serve HTTP-01 challenges on {addr}"),
+                                detail: e.to_string(),
+                            })?;
+                            self.acme.issue(account, &hosts, &solver).await?
+                        }
+                        None => {
+                            let challenges = AcmeDns {
+                                net: self,
+                                domain: domain.clone(),
+                                servers: servers[domain].clone(),
+                                deadline,
+                            };
+                            self.acme.issue(account, &hosts, &challenges).await?
+                        }
                     };
-                    let (chain, key) = self
-                        .acme
-                        .issue(account.as_ref().expect("set above"), &hosts, &challenges)
-                        .await?;
                     let mut applier = Applier::new(client.clone(), &i.namespace, MANAGER);
                     applier
                         .apply(&object(json!({

@@ -39,15 +39,13 @@ struct Lb {
     status: Arc<Mutex<BTreeMap<String, u16>>>,
 }
 
-async fn respond<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    mut s: S,
-    answer: impl Fn(&str, &str) -> String,
-) {
+/// A request's host and path.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
@@ -59,12 +57,45 @@ async fn respond<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         .unwrap_or("")
         .trim()
         .to_owned();
-    let _ = s.write_all(answer(&host, &path).as_bytes()).await;
+    Some((host, path))
+}
+
+async fn respond<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, status: u16) {
+    if read_head(&mut s).await.is_none() {
+        return;
+    }
+    let _ = s
+        .write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").as_bytes())
+        .await;
+    let _ = s.shutdown().await;
+}
+
+/// Plain HTTP: ACME challenges go to the solver, everything else redirects.
+async fn plain_http(mut s: tokio::net::TcpStream, solver: Option<SocketAddr>) {
+    let Some((host, path)) = read_head(&mut s).await else {
+        return;
+    };
+    let answer = match solver {
+        Some(solver) if path.starts_with("/.well-known/acme-challenge/") => {
+            let mut up = tokio::net::TcpStream::connect(solver).await.unwrap();
+            up.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let _ = up.read_to_end(&mut out).await;
+            out
+        }
+        _ => format!(
+            "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+    };
+    let _ = s.write_all(&answer).await;
     let _ = s.shutdown().await;
 }
 
 impl Lb {
-    async fn start(client: Client, namespace: String, secret: &str) -> Self {
+    async fn start(client: Client, namespace: String, secret: &str, solver: Option<SocketAddr>) -> Self {
         let status: Arc<Mutex<BTreeMap<String, u16>>> = Arc::default();
         let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,21 +134,14 @@ impl Lb {
                         return;
                     };
                     let code = by_host.lock().unwrap().get(&host).copied().unwrap_or(200);
-                    respond(stream, move |_, _| {
-                        format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                    })
-                    .await;
+                    respond(stream, code).await;
                 });
             }
         });
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = plain.accept().await else { continue };
-                tokio::spawn(respond(tcp, |host, path| {
-                    format!(
-                        "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-                }));
+                tokio::spawn(plain_http(tcp, solver));
             }
         });
         Self { https, http, status }
@@ -196,6 +220,11 @@ fn entry(name: &str, ttl: u32, kind: &str, content: &str) -> Entry {
 
 impl Fixture {
     async fn new(prefix: &str) -> Self {
+        Self::with(prefix, false).await
+    }
+
+    /// `http01`: certificates by HTTP-01 through the load balancer.
+    async fn with(prefix: &str, http01: bool) -> Self {
         let ns = TestNamespace::new(prefix).await;
         let dirs = TempDir::new("network");
         let out = std::process::Command::new("openssl")
@@ -210,8 +239,12 @@ impl Fixture {
             DOMAIN,
             vec![entry("www", 3600, "A", "192.0.2.1"), entry("@", 3600, "MX", "10 mail")],
         );
-        let pebble = Pebble::start(transip.nameservers[0], &["blocked.example.test"]).await;
-        let lb = Lb::start(ns.client.clone(), ns.name.clone(), "web-tls").await;
+        let solver = http01.then(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        });
+        let lb = Lb::start(ns.client.clone(), ns.name.clone(), "web-tls", solver).await;
+        let pebble = Pebble::start(transip.nameservers[0], Some(lb.http.port()), &["blocked.example.test"]).await;
         let config = NetworkConfig {
             kubeconfig: ns.kubeconfig.clone(),
             namespaces: vec![ns.name.clone()],
@@ -231,6 +264,7 @@ impl Fixture {
                 directory_url: pebble.directory_url.clone(),
                 root_ca_file: Some(pebble.listener_ca.clone()),
                 timeout_secs: 300,
+                http01_listen: solver,
                 ..AcmeConfig::default()
             },
             load_balancer: LoadBalancerConfig {
@@ -575,4 +609,28 @@ async fn a_mistake_in_the_folder_names_file_and_line() {
     );
     assert!(f.transip.changes().is_empty());
     let _ = &f.dirs;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_01_issues_through_the_load_balancer() {
+    let f = Fixture::with("net-http01", true).await;
+    // Pebble reaches the host where its record points: this machine, where
+    // the load balancer hands challenges to the daemon's solver.
+    let commit = f.commit("127.0.0.1", 300, 8080, &format!("\"{HOST}\""));
+    let out = f
+        .apply(&f.job(&commit, Uuid::new_v4()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", f.pebble.log()));
+    assert!(out.certificates[0].issued);
+    assert!(f.pebble.log().contains("validate w/ HTTP"), "{}", f.pebble.log());
+    // No challenge went through DNS.
+    assert!(!f.transip.changes().iter().any(|c| c.contains("_acme-challenge")));
+    assert_eq!(
+        out.health
+            .iter()
+            .find(|c| c.url.starts_with("https://"))
+            .unwrap()
+            .status,
+        200
+    );
 }
