@@ -1199,6 +1199,7 @@ fn dockerfile_pins_bases_runs_as_non_root_and_ships_every_binary() {
         ("infrastructure", vec!["baton-infrastructure"]),
         ("staging-verify", vec!["baton-staging-verify"]),
         ("production-apply", vec!["baton-production-apply"]),
+        ("network", vec!["baton-network"]),
         ("cdn", vec!["baton-cdn"]),
         ("baton", binaries.iter().map(String::as_str).collect()),
     ];
