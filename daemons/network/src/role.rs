@@ -558,12 +558,7 @@ impl Network {
             if now == change.after {
                 continue;
             }
-            for e in change.after.iter().filter(|e| !now.contains(e)) {
-                self.transip.add(&change.domain, e).await?;
-            }
-            for e in now.iter().filter(|e| !change.after.contains(e)) {
-                self.transip.remove(&change.domain, e).await?;
-            }
+            self.converge(&change.domain, &now, &change.after).await?;
             changed.push(change.describe());
             tracing::info!(run_id = %job.run_id, domain = %change.domain, name = %change.name, kind = %change.kind, "DNS set changed");
         }
@@ -730,6 +725,26 @@ impl Network {
         })
     }
 
+    /// Makes a DNS set `want` from `now`: one entry whose content changes is
+    /// changed in place (a name never has two CNAMEs, not even for a moment);
+    /// otherwise what is missing is added before what is not wanted goes, so
+    /// the name always answers.
+    async fn converge(&self, domain: &str, now: &[DnsEntry], want: &[DnsEntry]) -> Result<(), Error> {
+        if let ([old], [new]) = (now, want)
+            && old.expire == new.expire
+        {
+            self.transip.update(domain, new).await?;
+            return Ok(());
+        }
+        for e in want.iter().filter(|e| !now.contains(e)) {
+            self.transip.add(domain, e).await?;
+        }
+        for e in now.iter().filter(|e| !want.contains(e)) {
+            self.transip.remove(domain, e).await?;
+        }
+        Ok(())
+    }
+
     /// The ACME account, kept in a Secret of the record namespace.
     async fn account(&self, client: &Client) -> Result<instant_acme::Account, Error> {
         let ns = &self.config.record_namespace;
@@ -821,13 +836,10 @@ impl Network {
             if now == c.before {
                 continue;
             }
-            for e in c.before.iter().filter(|e| !now.contains(e)) {
-                self.transip.add(&c.domain, e).await?;
-            }
             for e in now.iter().filter(|e| !c.before.contains(e)) {
-                self.transip.remove(&c.domain, e).await?;
                 out.caches_may_hold_seconds = out.caches_may_hold_seconds.max(e.expire);
             }
+            self.converge(&c.domain, &now, &c.before).await?;
             out.records_restored.push(c.describe());
         }
         tracing::info!(run_id = %job.run_id, records = out.records_restored.len(), objects = out.objects_restored.len() + out.objects_deleted.len(), "network reverted");

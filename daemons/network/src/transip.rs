@@ -231,6 +231,22 @@ impl Transip {
         .map(drop)
     }
 
+    /// Changes the content of the one entry with `entry`'s name, TTL and type.
+    pub async fn update(&self, domain: &str, entry: &DnsEntry) -> Result<(), TransipError> {
+        let what = format!(
+            "changing {} {} to {} in {domain}",
+            entry.kind, entry.name, entry.content
+        );
+        self.send(
+            "PATCH",
+            &format!("/domains/{domain}/dns"),
+            Some(json!({"dnsEntry": entry})),
+            &what,
+        )
+        .await
+        .map(drop)
+    }
+
     /// Removes one entry (matched by all its fields).
     pub async fn remove(&self, domain: &str, entry: &DnsEntry) -> Result<(), TransipError> {
         let what = format!("removing {} {} {} from {domain}", entry.kind, entry.name, entry.content);

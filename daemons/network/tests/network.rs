@@ -490,6 +490,16 @@ async fn revert_restores_records_and_objects_and_reports_the_ttl() {
         .unwrap_or_else(|e| panic!("{e}\n{}", f.pebble.log()));
     assert_eq!(f.www(1).await, ["192.0.2.20"]);
 
+    // A content change of a one-entry set with the same TTL is one PATCH.
+    let commit = f.commit("192.0.2.21", 600, 8080, &format!("\"{HOST}\""));
+    let later = f.job(&commit, Uuid::new_v4());
+    f.apply(&later).await.unwrap();
+    assert_eq!(f.transip.changes().last().unwrap(), "PATCH www 600 A 192.0.2.21");
+    assert_eq!(f.www(1).await, ["192.0.2.21"]);
+    let back = f.revert(&later).await;
+    assert_eq!(back.records_restored, ["A www in example.test"]);
+    assert_eq!(f.www(0).await, ["192.0.2.20"]);
+
     let back = f.revert(&job).await;
     assert!(back.reverted);
     assert_eq!(back.records_restored, ["A www in example.test"]);
