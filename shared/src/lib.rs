@@ -15,6 +15,8 @@ pub mod facts;
 pub mod failpoint;
 #[cfg(feature = "testing")]
 pub mod fake_bunny;
+#[cfg(all(feature = "testing", feature = "kube"))]
+pub mod fake_lb;
 #[cfg(feature = "testing")]
 pub mod fake_transip;
 pub mod git;

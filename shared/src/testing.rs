@@ -2,7 +2,8 @@
 //! real git repositories in them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A directory of its own under the system's temporary directory, removed when
 /// the value goes away (also when the test panics).
@@ -100,4 +101,119 @@ impl GitRepo {
         self.git(&["commit", "--quiet", "--allow-empty", "-m", message]);
         self.git(&["rev-parse", "HEAD"])
     }
+}
+
+/// A containerd of the test's own, killed and removed when dropped.
+pub struct Containerd {
+    child: Child,
+    pub socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Containerd {
+    pub fn start() -> Self {
+        let dir = TempDir::new("containerd");
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
+            d.join("root").display().to_string(),
+            d.join("state").display().to_string(),
+            socket.display().to_string(),
+            d.join("containerd.sock.ttrpc").display().to_string(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd (Debian's containerd package)");
+        let c = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        // Ready when ctr gets an answer; a generous bound for a busy machine.
+        let until = Instant::now() + Duration::from_secs(120);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < until, "containerd did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    pub fn images(&self) -> String {
+        String::from_utf8_lossy(&self.ctr(&["images", "ls"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `buildah` with vfs storage under `work` (`storage`, `run`).
+pub fn buildah(work: &Path, args: &[&str]) -> String {
+    let out = Command::new("buildah")
+        .arg("--root")
+        .arg(work.join("storage"))
+        .arg("--runroot")
+        .arg(work.join("run"))
+        .args(["--storage-driver", "vfs"])
+        .args(args)
+        .output()
+        .expect("run buildah");
+    assert!(
+        out.status.success(),
+        "buildah {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A base image made from Debian's busybox-static (`FROM scratch`) in the
+/// buildah storage under `work`: `localhost/busybox@sha256:…`, for builds that
+/// may not pull (no registry is reachable here).
+pub fn busybox_base(work: &Path) -> String {
+    let base_dir = work.join("base");
+    std::fs::create_dir_all(&base_dir).expect("create the base image's folder");
+    std::fs::copy("/bin/busybox", base_dir.join("busybox")).expect("Debian's busybox-static at /bin/busybox");
+    std::fs::write(
+        base_dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    )
+    .expect("write the base Dockerfile");
+    let base_path = base_dir.display().to_string();
+    buildah(
+        work,
+        &[
+            "bud",
+            "--isolation",
+            "chroot",
+            "--timestamp",
+            "0",
+            "-t",
+            "localhost/busybox:base",
+            &base_path,
+        ],
+    );
+    let digest = buildah(work, &["images", "--format", "{{.Digest}}", "localhost/busybox:base"]);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    format!("localhost/busybox@{digest}")
 }

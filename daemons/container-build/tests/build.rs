@@ -3,81 +3,12 @@
 //! the trivy binary for what works offline, and recorded Trivy reports for what
 //! needs a vulnerability database.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use baton_container_build::config::{Allowance, BuildConfig};
 use baton_container_build::{BuildOutputs, ContainerBuild, image};
 use baton_shared::protocol::StepJob;
-use baton_shared::testing::{GitRepo, TempDir};
+use baton_shared::testing::{Containerd, GitRepo, TempDir, busybox_base};
 
 const SERVICE: &str = "shop-api";
-
-/// A containerd of the test's own, killed and removed when dropped.
-struct Containerd {
-    child: Child,
-    socket: PathBuf,
-    _dir: TempDir,
-}
-
-impl Containerd {
-    fn start() -> Self {
-        let dir = TempDir::new("containerd");
-        let d = dir.path();
-        let socket = d.join("containerd.sock");
-        let config = format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
-            d.join("root").display().to_string(),
-            d.join("state").display().to_string(),
-            socket.display().to_string(),
-            d.join("containerd.sock.ttrpc").display().to_string(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd (Debian's containerd package)");
-        let c = Self {
-            child,
-            socket,
-            _dir: dir,
-        };
-        // Ready when ctr gets an answer; a generous bound for a busy machine.
-        let until = Instant::now() + Duration::from_secs(120);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < until, "containerd did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr")
-    }
-
-    fn images(&self) -> String {
-        String::from_utf8_lossy(&self.ctr(&["images", "ls"]).stdout).into_owned()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Everything a build needs: the daemon's directories, containerd, and a base
 /// image made from Debian's busybox-static in the daemon's buildah storage.
@@ -87,56 +18,12 @@ struct Env {
     base: String,
 }
 
-fn buildah(work: &Path, args: &[&str]) -> String {
-    let out = Command::new("buildah")
-        .arg("--root")
-        .arg(work.join("storage"))
-        .arg("--runroot")
-        .arg(work.join("run"))
-        .args(["--storage-driver", "vfs"])
-        .args(args)
-        .output()
-        .expect("run buildah");
-    assert!(
-        out.status.success(),
-        "buildah {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 impl Env {
     fn new() -> Self {
         let work = TempDir::new("cb-work");
-        let base_dir = work.path().join("base");
-        std::fs::create_dir_all(&base_dir).unwrap();
-        std::fs::copy("/bin/busybox", base_dir.join("busybox")).expect("Debian's busybox-static at /bin/busybox");
-        std::fs::write(
-            base_dir.join("Dockerfile"),
-            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
-        )
-        .unwrap();
-        let base_path = base_dir.display().to_string();
-        buildah(
-            work.path(),
-            &[
-                "bud",
-                "--isolation",
-                "chroot",
-                "--timestamp",
-                "0",
-                "-t",
-                "localhost/busybox:base",
-                &base_path,
-            ],
-        );
-        let digest = buildah(
-            work.path(),
-            &["images", "--format", "{{.Digest}}", "localhost/busybox:base"],
-        );
-        assert!(digest.starts_with("sha256:"), "{digest}");
+        let base = busybox_base(work.path());
         Self {
-            base: format!("localhost/busybox@{digest}"),
+            base,
             containerd: Containerd::start(),
             work,
         }

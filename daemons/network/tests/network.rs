@@ -1,18 +1,17 @@
 //! The network role against real parts: a Kubernetes control plane (policies,
 //! Services, ingresses, Secrets), pebble issuing real certificates by DNS-01,
 //! and the TransIP stand-in (`baton_shared::fake_transip`), whose API checks
-//! the key-pair login and whose nameservers answer real DNS queries. A small
-//! load balancer here serves each host with the certificate its ingress
-//! names (read from the cluster at each handshake, as an ingress controller
-//! does) and redirects plain HTTP.
+//! the key-pair login and whose nameservers answer real DNS queries. The load
+//! balancer (`baton_shared::fake_lb`) serves each host with the certificate
+//! its ingress names, read from the cluster at each handshake as an ingress
+//! controller does, and redirects plain HTTP.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use baton_network::config::{AcmeConfig, DnsConfig, LoadBalancerConfig, TransipConfig};
 use baton_network::transip::DnsEntry;
 use baton_network::{ApplyOutputs, Network, NetworkConfig, RevertOutputs};
+use baton_shared::fake_lb::LoadBalancer;
 use baton_shared::fake_transip::{Entry, FakeTransip};
 use baton_shared::pebble::Pebble;
 use baton_shared::protocol::{Fields, JobKind, StepJob};
@@ -21,138 +20,18 @@ use baton_shared::test_cluster::TestNamespace;
 use baton_shared::testing::{GitRepo, TempDir};
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const DOMAIN: &str = "example.test";
 const HOST: &str = "www.example.test";
 
-/// The load balancer in front of the ingress controller, as far as the health
-/// check sees it: TLS by SNI with the certificate of the host's ingress
-/// Secret, the health path answered with a status per host, plain HTTP
-/// redirected.
-struct Lb {
-    https: SocketAddr,
-    http: SocketAddr,
-    status: Arc<Mutex<BTreeMap<String, u16>>>,
-}
-
-/// A request's host and path.
-async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let host = text
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
-        .unwrap_or("")
-        .trim()
-        .to_owned();
-    Some((host, path))
-}
-
-async fn respond<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, status: u16) {
-    if read_head(&mut s).await.is_none() {
-        return;
-    }
-    let _ = s
-        .write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").as_bytes())
-        .await;
-    let _ = s.shutdown().await;
-}
-
-/// Plain HTTP: ACME challenges go to the solver, everything else redirects.
-async fn plain_http(mut s: tokio::net::TcpStream, solver: Option<SocketAddr>) {
-    let Some((host, path)) = read_head(&mut s).await else {
-        return;
-    };
-    let answer = match solver {
-        Some(solver) if path.starts_with("/.well-known/acme-challenge/") => {
-            let mut up = tokio::net::TcpStream::connect(solver).await.unwrap();
-            up.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = Vec::new();
-            let _ = up.read_to_end(&mut out).await;
-            out
-        }
-        _ => format!(
-            "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .into_bytes(),
-    };
-    let _ = s.write_all(&answer).await;
-    let _ = s.shutdown().await;
-}
-
-impl Lb {
-    async fn start(client: Client, namespace: String, secret: &str, solver: Option<SocketAddr>) -> Self {
-        let status: Arc<Mutex<BTreeMap<String, u16>>> = Arc::default();
-        let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (https, http) = (tls.local_addr().unwrap(), plain.local_addr().unwrap());
-        let secret = secret.to_owned();
-        let by_host = status.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = tls.accept().await else { continue };
-                let (client, namespace, secret, by_host) =
-                    (client.clone(), namespace.clone(), secret.clone(), by_host.clone());
-                tokio::spawn(async move {
-                    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-                    let Ok(start) = acceptor.await else { return };
-                    let host = start.client_hello().server_name().unwrap_or("").to_owned();
-                    let Ok(s) = Api::<KubeSecret>::namespaced(client, &namespace).get(&secret).await else {
-                        return;
-                    };
-                    let data = s.data.unwrap_or_default();
-                    let (Some(crt), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) else {
-                        return;
-                    };
-                    use rustls::pki_types::pem::PemObject;
-                    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&crt.0)
-                        .filter_map(Result::ok)
-                        .collect();
-                    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key.0).unwrap();
-                    let config =
-                        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                            .with_safe_default_protocol_versions()
-                            .unwrap()
-                            .with_no_client_auth()
-                            .with_single_cert(chain, key)
-                            .unwrap();
-                    let Ok(stream) = start.into_stream(Arc::new(config)).await else {
-                        return;
-                    };
-                    let code = by_host.lock().unwrap().get(&host).copied().unwrap_or(200);
-                    respond(stream, code).await;
-                });
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = plain.accept().await else { continue };
-                tokio::spawn(plain_http(tcp, solver));
-            }
-        });
-        Self { https, http, status }
-    }
-}
-
 struct Fixture {
     ns: TestNamespace,
     transip: FakeTransip,
     pebble: Pebble,
-    lb: Lb,
+    lb: LoadBalancer,
     repo: GitRepo,
     dirs: TempDir,
     network: Network,
@@ -243,7 +122,7 @@ impl Fixture {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         });
-        let lb = Lb::start(ns.client.clone(), ns.name.clone(), "web-tls", solver).await;
+        let lb = LoadBalancer::start(ns.client.clone(), vec![ns.name.clone()], solver).await;
         let pebble = Pebble::start(transip.nameservers[0], Some(lb.http.port()), &["blocked.example.test"]).await;
         let config = NetworkConfig {
             kubeconfig: ns.kubeconfig.clone(),
@@ -590,7 +469,7 @@ async fn a_refused_issuance_fails_the_step_with_the_cas_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_health_check_fails_the_step_and_revert_restores() {
     let f = Fixture::new("net-health").await;
-    f.lb.status.lock().unwrap().insert(HOST.to_owned(), 503);
+    f.lb.answer(HOST, 503);
     let commit = f.commit("192.0.2.40", 300, 8080, &format!("\"{HOST}\""));
     let job = f.job(&commit, Uuid::new_v4());
     let e = f.apply(&job).await.unwrap_err();
