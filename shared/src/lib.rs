@@ -31,6 +31,8 @@ pub mod pebble;
 pub mod protocol;
 pub mod roles;
 pub mod runtime;
+#[cfg(all(feature = "testing", feature = "kube"))]
+pub mod sandbox;
 pub mod scratch;
 pub mod secret;
 pub mod shutdown;

@@ -833,13 +833,23 @@ impl Drop for TestEnv {
             return;
         }
         let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.vhost]).output();
-        let _ = Command::new("psql")
+        // The test's database and those it made beside it (`<db_name>_…`).
+        let listed = Command::new("psql")
             .args([
                 ADMIN_DB,
-                "-qc",
-                &format!("drop database if exists {} with (force)", self.db_name),
+                "-Atc",
+                &format!("select datname from pg_database where datname like '{}\\_%'", self.db_name),
             ])
             .output();
+        let mut dbs = vec![self.db_name.clone()];
+        if let Ok(out) = listed {
+            dbs.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
+        }
+        for db in dbs.iter().filter(|d| !d.is_empty()) {
+            let _ = Command::new("psql")
+                .args([ADMIN_DB, "-qc", &format!("drop database if exists {db} with (force)")])
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
