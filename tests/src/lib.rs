@@ -838,7 +838,10 @@ impl Drop for TestEnv {
             .args([
                 ADMIN_DB,
                 "-Atc",
-                &format!("select datname from pg_database where datname like '{}\\_%'", self.db_name),
+                &format!(
+                    "select datname from pg_database where datname like '{}\\_%'",
+                    self.db_name
+                ),
             ])
             .output();
         let mut dbs = vec![self.db_name.clone()];

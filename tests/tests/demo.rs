@@ -62,10 +62,11 @@ impl Drop for DropVhost {
     }
 }
 
-/// `baton demo` as a user runs it (the built binary), with extra environment.
+/// `baton demo --migrations` as a user runs it (the built binary), with extra
+/// environment.
 fn demo(env: &TestEnv, prefix: &str, args: &[&str], extra: &[(&str, &str)]) -> Output {
     Command::new(bin("baton-e2e"))
-        .args(["demo", "--prefix", prefix])
+        .args(["demo", "--migrations", "--prefix", prefix])
         .args(args)
         .arg("--examples")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))
@@ -293,4 +294,49 @@ fn stdout_dir(stdout: &str) -> std::path::PathBuf {
         .find(|l| l.contains("files and logs in"))
         .expect("demo prints its directory");
     std::path::PathBuf::from(line.rsplit(' ').next().unwrap())
+}
+
+/// `baton demo` itself: the seed pipeline on the eight real daemons, three
+/// runs (all nine steps; a failed production rollout compensated across every
+/// role; a Terraform change over the blast radius approved through the API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_demo_deploys_everything_compensates_a_failed_rollout_and_applies_an_approved_plan() {
+    let env = TestEnv::new("demo-seed").await;
+    let prefix = format!("{}_", env.db_name);
+    let dbs = ["baton_demo", "shop_staging", "shop_production", "shop_terraform"].map(|d| format!("{prefix}{d}"));
+    let _cleanup = DropDatabases(dbs.to_vec());
+    let vhost = format!("baton-demo-{}", env.db_name);
+    let _vhost = DropVhost(vhost.clone());
+    let out = Command::new(bin("baton-e2e"))
+        .args(["demo", "--prefix", &prefix])
+        .env("BATON_AMQP__URL", &env.amqp_url)
+        .env("BATON_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Demo finished as expected"), "{stdout}");
+    for want in [
+        "network          succeeded",
+        "cdn              succeeded",
+        "apply.production step failed: Deployment/web: pod",
+        "cdn              compensated (undone)",
+        "network          compensated (undone)",
+        "db.staging       compensated (undone)",
+        "run is rolled_back",
+        "infra.staging waits for approval: 7 resources change, above the blast radius limit of 5",
+        "infra.production waits for approval",
+    ] {
+        assert!(stdout.contains(want), "{want:?} not in:\n{stdout}");
+    }
+    assert_eq!(stdout.matches("marta (approver) approves plan").count(), 2, "{stdout}");
+    // Release 2's column was rolled back in both zones.
+    for db in [&dbs[1], &dbs[2]] {
+        assert_eq!(columns(db).await, ["id", "email", "created_at"], "{db}");
+    }
+    let vhosts = String::from_utf8_lossy(&rabbitmqctl(&["-q", "list_vhosts"]).stdout).into_owned();
+    assert!(!vhosts.lines().any(|v| v.trim() == vhost), "vhost removed: {vhosts}");
 }

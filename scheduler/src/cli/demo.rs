@@ -44,14 +44,14 @@ pub struct Options {
 }
 
 /// Where the demo's processes and files live for one invocation.
-struct Demo {
-    dir: PathBuf,
-    bin_dir: PathBuf,
-    examples: PathBuf,
-    amqp_url: String,
-    children: Vec<(String, Child)>,
+pub(super) struct Demo {
+    pub(super) dir: PathBuf,
+    pub(super) bin_dir: PathBuf,
+    pub(super) examples: PathBuf,
+    pub(super) amqp_url: String,
+    pub(super) children: Vec<(String, Child)>,
     /// The demo's own RabbitMQ vhost, removed when the demo ends.
-    vhost: Option<String>,
+    pub(super) vhost: Option<String>,
 }
 
 impl Drop for Demo {
@@ -74,7 +74,7 @@ impl Drop for Demo {
 }
 
 /// Runs `rabbitmqctl` (the demo runs on the broker's machine, as the README says).
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+pub(super) fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("rabbitmqctl").args(args).output().map_err(|e| {
         anyhow::anyhow!(
             "cannot run rabbitmqctl ({e}): baton demo makes a RabbitMQ vhost of its own with it, \
@@ -93,7 +93,7 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
 
 /// `amqp://user:pw@host:port/vhost?query` with its vhost replaced, and the user
 /// it names (`guest` when none, as AMQP's default).
-fn with_vhost(url: &str, vhost: &str) -> anyhow::Result<(String, String)> {
+pub(super) fn with_vhost(url: &str, vhost: &str) -> anyhow::Result<(String, String)> {
     let (scheme, rest) = url
         .split_once("://")
         .with_context(|| format!("amqp.url {} has no scheme", baton_shared::secret::redact_url(url)))?;
@@ -109,26 +109,26 @@ fn with_vhost(url: &str, vhost: &str) -> anyhow::Result<(String, String)> {
 
 /// A process the demo started and what it must be consuming before the demo
 /// sends it work.
-struct Readiness {
-    label: String,
-    queues: Vec<String>,
+pub(super) struct Readiness {
+    pub(super) label: String,
+    pub(super) queues: Vec<String>,
     /// The scheduler must also have initialised its database.
-    database: bool,
+    pub(super) database: bool,
 }
 
-fn db_url(server: &str, db: &str) -> String {
+pub(super) fn db_url(server: &str, db: &str) -> String {
     format!("{server}/{db}")
 }
 
 /// `postgres://user@host:port/db` → `postgres://user@host:port`.
-fn server_of(url: &str) -> String {
+pub(super) fn server_of(url: &str) -> String {
     match url.rsplit_once('/') {
         Some((server, _)) if server.contains("://") && !server.ends_with('/') => server.to_owned(),
         _ => url.trim_end_matches('/').to_owned(),
     }
 }
 
-fn git(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(super) fn git(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(repo)
@@ -145,7 +145,7 @@ fn git(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+pub(super) fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
         let target = to.join(entry.file_name());
@@ -159,7 +159,7 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn changed_paths(repo: &Path, from: Option<&str>, to: &str) -> anyhow::Result<Vec<String>> {
+pub(super) fn changed_paths(repo: &Path, from: Option<&str>, to: &str) -> anyhow::Result<Vec<String>> {
     let listing = match from {
         Some(f) => git(repo, &["diff", "--name-only", f, to])?,
         None => git(repo, &["ls-tree", "-r", "--name-only", to])?,
@@ -168,7 +168,7 @@ fn changed_paths(repo: &Path, from: Option<&str>, to: &str) -> anyhow::Result<Ve
 }
 
 /// A connection to the server's `postgres` database.
-async fn admin_connection(server: &str) -> anyhow::Result<PgConnection> {
+pub(super) async fn admin_connection(server: &str) -> anyhow::Result<PgConnection> {
     PgConnection::connect(&db_url(server, "postgres"))
         .await
         .with_context(|| {
@@ -179,7 +179,7 @@ async fn admin_connection(server: &str) -> anyhow::Result<PgConnection> {
         })
 }
 
-async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
+pub(super) async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
     let mut admin = admin_connection(server).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "drop database if exists {name} with (force)"
@@ -193,7 +193,13 @@ async fn recreate_database(server: &str, name: &str) -> anyhow::Result<()> {
 }
 
 impl Demo {
-    fn spawn(&mut self, label: &str, bin: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
+    pub(super) fn spawn(
+        &mut self,
+        label: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         let path = self.bin_dir.join(bin);
         if !path.exists() {
             bail!(
@@ -217,7 +223,7 @@ impl Demo {
         Ok(())
     }
 
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(super) fn check_alive(&mut self) -> anyhow::Result<()> {
         for (label, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = self.dir.join(format!("{label}.log"));
@@ -234,7 +240,7 @@ impl Demo {
     /// Waits until every process is ready: consuming each of its queues (and
     /// for the scheduler, its database initialised), or names the first that
     /// is not, with the end of its log.
-    async fn wait_ready(
+    pub(super) async fn wait_ready(
         &mut self,
         broker: &baton_shared::amqp::Broker,
         pool: &sqlx::PgPool,
@@ -302,7 +308,7 @@ async fn not_ready(
 }
 
 /// The last `n` lines of a log file (or why it cannot be read).
-fn log_tail(path: &Path, n: usize) -> String {
+pub(super) fn log_tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();
@@ -317,10 +323,22 @@ fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
-fn event(repo: &Path, sha: &str, paths: Vec<String>, title: &str, number: u64) -> MergeEvent {
+pub(super) fn event(repo: &Path, sha: &str, paths: Vec<String>, title: &str, number: u64) -> MergeEvent {
+    service_event("shop-api", repo, sha, paths, title, number)
+}
+
+/// A merge event of `service` as CI sends it for pull request `number`.
+pub(super) fn service_event(
+    service: &str,
+    repo: &Path,
+    sha: &str,
+    paths: Vec<String>,
+    title: &str,
+    number: u64,
+) -> MergeEvent {
     MergeEvent {
         v: PROTOCOL_VERSION,
-        service: "shop-api".into(),
+        service: service.into(),
         environment: "production".into(),
         repository: repo.display().to_string(),
         commit_sha: sha.to_owned(),
@@ -337,26 +355,38 @@ fn event(repo: &Path, sha: &str, paths: Vec<String>, title: &str, number: u64) -
         flags: vec![],
         risk: Risk::Standard,
         requested_by: "baton demo".into(),
-        ci_run_url: format!("https://ci.example.org/shop-api/runs/{number}"),
+        ci_run_url: format!("https://ci.example.org/{service}/runs/{number}"),
         exceptions: Vec::new(),
     }
 }
 
 /// Prints audit rows of the run as they appear, until the run ends.
 async fn follow(pool: &sqlx::PgPool, demo: &mut Demo, run: Uuid, patience: Duration) -> anyhow::Result<RunView> {
+    follow_until(pool, demo, run, patience, &mut 0, |v| v.is_terminal()).await
+}
+
+/// Prints audit rows of the run after `seen` as they appear, until `stop`
+/// holds for the run (or it ends); `seen` is where the next call goes on.
+pub(super) async fn follow_until(
+    pool: &sqlx::PgPool,
+    demo: &mut Demo,
+    run: Uuid,
+    patience: Duration,
+    seen: &mut i64,
+    stop: impl Fn(&RunView) -> bool,
+) -> anyhow::Result<RunView> {
     let start = Instant::now();
-    let mut seen = 0i64;
     loop {
         demo.check_alive()?;
         let rows = sqlx::query(
             "select id, at, step_id, attempt, kind, detail from audit where run_id = $1 and id > $2 order by id",
         )
         .bind(run)
-        .bind(seen)
+        .bind(*seen)
         .fetch_all(pool)
         .await?;
         for r in rows {
-            seen = r.try_get("id")?;
+            *seen = r.try_get("id")?;
             let step: Option<String> = r.try_get("step_id")?;
             let attempt: Option<i32> = r.try_get("attempt")?;
             let kind: String = r.try_get("kind")?;
@@ -382,17 +412,17 @@ async fn follow(pool: &sqlx::PgPool, demo: &mut Demo, run: Uuid, patience: Durat
                     "no down migration: restoring backup {}",
                     detail["backup_id"].as_str().unwrap_or("?")
                 ),
-                "lock_acquired" => "holds the shop-api/production lock".to_owned(),
+                "lock_acquired" => "holds the environment's lock".to_owned(),
                 "run_created" => "planned".to_owned(),
                 _ => continue,
             };
             let step = step
-                .map(|s| format!("{s:<14}"))
-                .unwrap_or_else(|| format!("{:<14}", "run"));
-            println!("  {t:>6.1}s  {step} {}", truncate(&what, 54));
+                .map(|s| format!("{s:<16}"))
+                .unwrap_or_else(|| format!("{:<16}", "run"));
+            println!("  {t:>6.1}s  {step} {}", truncate(&what, 52));
         }
         if let Some(view) = store::run_view(pool, run).await?
-            && view.is_terminal()
+            && (view.is_terminal() || stop(&view))
         {
             return Ok(view);
         }
@@ -406,7 +436,7 @@ async fn follow(pool: &sqlx::PgPool, demo: &mut Demo, run: Uuid, patience: Durat
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(super) fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
     } else {
@@ -414,7 +444,7 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-async fn describe_schema(server: &str, db: &str) -> anyhow::Result<String> {
+pub(super) async fn describe_schema(server: &str, db: &str) -> anyhow::Result<String> {
     let mut conn = PgConnection::connect(&db_url(server, db)).await?;
     let cols: Vec<String> = sqlx::query_scalar(
         "select column_name::text from information_schema.columns
@@ -449,7 +479,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
 /// Takes the lock that lets one demo with a given prefix run at a time on a
 /// PostgreSQL server (a session advisory lock: it ends with the connection,
 /// so a killed demo leaves no lock behind).
-async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgConnection> {
+pub(super) async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgConnection> {
     let mut conn = admin_connection(server).await?;
     let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock(hashtextextended($1, 0))")
         .bind(format!("baton demo/{prefix}"))
@@ -771,7 +801,7 @@ async fn emails(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
         .await
 }
 
-async fn enqueue(broker: &baton_shared::amqp::Broker, ev: &MergeEvent) -> anyhow::Result<Uuid> {
+pub(super) async fn enqueue(broker: &baton_shared::amqp::Broker, ev: &MergeEvent) -> anyhow::Result<Uuid> {
     let out = baton_shared::amqp::Outgoing {
         message_id: Some(ev.run_id()),
         ..Default::default()

@@ -6,8 +6,13 @@ use super::*;
 pub(super) enum LocalCommand {
     /// Serve: consume merge events and results, dispatch jobs, fire timers.
     Scheduler,
-    /// Run the db-migration and backup roles end to end on this machine.
+    /// Run the seed pipeline on the eight real role daemons on this machine
+    /// (`--migrations`: only the db-migration and backup roles, with their
+    /// down migrations and backup restores).
     Demo {
+        /// The db-migration and backup demo instead.
+        #[arg(long)]
+        migrations: bool,
         /// Folder with the demo repository's commits and pipeline.
         #[arg(long)]
         examples: Option<PathBuf>,
@@ -89,6 +94,7 @@ pub(super) async fn run(cli: &Ctx, command: LocalCommand) -> Outcome {
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Demo {
+            migrations,
             examples,
             prefix,
             ready_timeout,
@@ -99,7 +105,12 @@ pub(super) async fn run(cli: &Ctx, command: LocalCommand) -> Outcome {
                 prefix,
                 ready_timeout: std::time::Duration::from_secs(ready_timeout),
             };
-            match demo::run(&cfg, &opts).await {
+            let result = if migrations {
+                demo::run(&cfg, &opts).await
+            } else {
+                demo_seed::run(&cfg, &opts).await
+            };
+            match result {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => Ok(ExitCode::from(Exit::Failed)),
                 Err(e) => Err(unavailable(e)),

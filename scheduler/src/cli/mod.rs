@@ -34,6 +34,7 @@ use crate::planner;
 use crate::store::{self, RunView};
 
 mod demo;
+mod demo_seed;
 mod local;
 mod operate;
 mod runs;
