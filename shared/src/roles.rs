@@ -160,6 +160,11 @@ pub const ALL: &[RoleSpec] = &[
             ),
             p("manifests_dir", Kind::Text, "kustomize directory in the repository"),
             p(
+                "production_manifests_dir",
+                Kind::Text,
+                "production's kustomize directory, which staging must mirror (empty: not compared)",
+            ),
+            p(
                 "checks_file",
                 Kind::Text,
                 "smoke, integration and performance checks in the repository",

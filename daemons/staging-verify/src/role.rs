@@ -1,7 +1,7 @@
 //! The `staging-verify` role: `verify` and the `redeploy-previous`
 //! compensation (see the crate documentation).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use baton_shared::cluster::{
@@ -38,6 +38,10 @@ const MANAGED_BY: &str = "baton-staging-verify";
 pub struct Params {
     /// The kustomize directory, relative to the repository root.
     pub manifests_dir: String,
+    /// Production's kustomize directory: staging mirrors its topology (the
+    /// seed: same services, same configuration structure, same network
+    /// policies). Empty: not compared.
+    pub production_manifests_dir: String,
     /// The checks file, relative to the repository root.
     pub checks_file: String,
     pub max_regression_percent: f64,
@@ -53,6 +57,7 @@ impl Default for Params {
     fn default() -> Self {
         Self {
             manifests_dir: "deploy/staging".to_owned(),
+            production_manifests_dir: "deploy/production".to_owned(),
             checks_file: "deploy/verify.toml".to_owned(),
             max_regression_percent: 20.0,
             soak_minutes: 15,
@@ -115,6 +120,9 @@ pub struct VerifyOutputs {
     /// What differs from what ran before (configuration keys, resources,
     /// network policies, new objects).
     pub differences: Vec<String>,
+    /// Where staging does not mirror production's topology (services,
+    /// configuration keys, network policies), or why it was not compared.
+    pub topology: Vec<String>,
     pub soak: SoakFigures,
     pub roll_forward_seconds: Option<f64>,
 }
@@ -168,6 +176,70 @@ fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
         what: "outputs".into(),
         detail: e.message,
     })
+}
+
+/// The kinds that make a zone's topology: its services and what routes to them.
+const SERVICES: &[&str] = &[
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "Service",
+    "Ingress",
+    "CronJob",
+];
+
+fn config_keys(v: &Value) -> BTreeSet<String> {
+    ["data", "stringData", "binaryData"]
+        .iter()
+        .filter_map(|k| v.get(k).and_then(Value::as_object))
+        .flat_map(|m| m.keys().cloned())
+        .collect()
+}
+
+/// Where staging's objects do not mirror production's (the seed: "same
+/// services, same configuration structure (different values), same network
+/// policies").
+pub fn topology_differences(staging: &[DynamicObject], production: &[DynamicObject]) -> Vec<String> {
+    let mut out = Vec::new();
+    let index = |objs: &[DynamicObject]| -> BTreeMap<(String, String), Value> {
+        objs.iter()
+            .map(|o| {
+                (
+                    (kind_of(o).to_owned(), o.name_any()),
+                    serde_json::to_value(o).unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let (stg, prd) = (index(staging), index(production));
+    let relevant = |k: &str| SERVICES.contains(&k) || matches!(k, "ConfigMap" | "Secret" | "NetworkPolicy");
+    for (key @ (kind, name), p) in prd.iter().filter(|((k, _), _)| relevant(k)) {
+        let Some(s) = stg.get(key) else {
+            out.push(format!("{kind}/{name} is in production, not in staging"));
+            continue;
+        };
+        match kind.as_str() {
+            "ConfigMap" | "Secret" => {
+                let (sk, pk) = (config_keys(s), config_keys(p));
+                for k in pk.difference(&sk) {
+                    out.push(format!("{kind}/{name}: key {k} is in production, not in staging"));
+                }
+                for k in sk.difference(&pk) {
+                    out.push(format!("{kind}/{name}: key {k} is in staging, not in production"));
+                }
+            }
+            "NetworkPolicy" if s.get("spec") != p.get("spec") => {
+                out.push(format!("NetworkPolicy/{name} differs between staging and production"));
+            }
+            _ => {}
+        }
+    }
+    for (kind, name) in stg.keys().filter(|(k, _)| relevant(k)) {
+        if !prd.contains_key(&(kind.clone(), name.clone())) {
+            out.push(format!("{kind}/{name} is in staging, not in production"));
+        }
+    }
+    out
 }
 
 /// What differs between the recorded previous objects and the new ones.
@@ -303,6 +375,9 @@ impl StagingVerify {
             problem: e.problem,
         })?;
         p.manifests_dir = git::check_folder("manifests_dir", &p.manifests_dir)?;
+        if !p.production_manifests_dir.is_empty() {
+            p.production_manifests_dir = git::check_folder("production_manifests_dir", &p.production_manifests_dir)?;
+        }
         p.checks_file = git::check_folder("checks_file", &p.checks_file)?;
         if !(p.max_regression_percent.is_finite() && p.max_regression_percent >= 0.0) {
             return Err(Error::InvalidParam {
@@ -390,6 +465,30 @@ impl StagingVerify {
         Ok((name, record))
     }
 
+    /// Staging's objects against production's manifests at the same commit.
+    async fn topology(&self, p: &Params, source: &std::path::Path, staging: &[DynamicObject]) -> Vec<String> {
+        if p.production_manifests_dir.is_empty() {
+            return Vec::new();
+        }
+        let dir = source.join(&p.production_manifests_dir);
+        if !dir.is_dir() {
+            return vec![format!(
+                "not compared with production: {} is not in the repository",
+                p.production_manifests_dir
+            )];
+        }
+        match cluster::kustomize(&self.config.kubectl, &dir).await {
+            Err(detail) => vec![format!(
+                "not compared with production: {} does not render: {detail}",
+                p.production_manifests_dir
+            )],
+            Ok(yaml) => match cluster::parse_manifests(&p.production_manifests_dir, &yaml) {
+                Ok(production) => topology_differences(staging, &production),
+                Err(e) => vec![format!("not compared with production: {e}")],
+            },
+        }
+    }
+
     async fn watch(&self, client: &Client, ns: &str, names: &[String]) -> Result<Vec<RolloutFigures>, Error> {
         let mut figures = Vec::new();
         for name in names {
@@ -471,6 +570,10 @@ impl StagingVerify {
         let mut applier = Applier::new(client.clone(), &ns, MANAGER);
         let (record_name, record) = self.record(&mut applier, job, &objects).await?;
         let differences = differences(&record, &objects);
+        let topology = self.topology(&p, &source, &objects).await;
+        if !topology.is_empty() {
+            tracing::warn!(run_id = %job.run_id, differences = ?topology, "staging does not mirror production's topology");
+        }
         let mut applied = Vec::new();
         for obj in &objects {
             applier.apply(obj).await?;
@@ -579,6 +682,7 @@ impl StagingVerify {
             performance,
             baseline_commit: compared_with,
             differences,
+            topology,
             soak,
             roll_forward_seconds,
         })
@@ -872,6 +976,30 @@ impl Role for StagingVerify {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_must_mirror_productions_services_keys_and_policies() {
+        let staging = cluster::parse_manifests(
+            "s",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {A: 'staging', DEBUG: '1'}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+        )
+        .unwrap();
+        let production = cluster::parse_manifests(
+            "p",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: worker}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {A: 'production'}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            topology_differences(&staging, &production),
+            [
+                "ConfigMap/cfg: key DEBUG is in staging, not in production",
+                "Deployment/worker is in production, not in staging",
+                "NetworkPolicy/deny differs between staging and production",
+            ]
+        );
+        // Different values are expected: only the structure is compared.
+        assert!(topology_differences(&production, &production).is_empty());
+    }
 
     #[test]
     fn differences_name_keys_resources_and_policies() {

@@ -198,8 +198,23 @@ async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
     assert_eq!(out.smoke.len(), 1);
     assert_eq!(out.performance["/api/items"].requests, 20);
     assert_eq!(fx.live_image().await, format!("{REPO}@{}", digest(1)));
+    assert_eq!(
+        out.topology,
+        ["not compared with production: deploy/production is not in the repository"]
+    );
 
     manifests(&fx.repo, "two");
+    // Production's manifests: one more configuration key, no network policy.
+    fx.repo.write(
+        "deploy/production/kustomization.yaml",
+        "resources:\n- deployment.yaml\n- config.yaml\n",
+    );
+    let deployment = std::fs::read_to_string(fx.repo.path().join("deploy/staging/deployment.yaml")).unwrap();
+    fx.repo.write("deploy/production/deployment.yaml", deployment);
+    fx.repo.write(
+        "deploy/production/config.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  SETTING: \"prod\"\n  REGION: \"eu\"\n",
+    );
     let second = fx.repo.commit("second");
     let run = Uuid::new_v4();
     let out = fx.verify(&second, run, &digest(2)).await.unwrap();
@@ -207,6 +222,13 @@ async fn a_change_is_deployed_checked_soaked_rehearsed_and_redeployed_back() {
     assert!(out.facts.rollback_seconds.unwrap() > 0.0);
     assert_eq!(out.baseline_commit.as_deref(), Some(first.as_str()));
     assert_eq!(out.differences, ["ConfigMap/web: key SETTING changed"]);
+    assert_eq!(
+        out.topology,
+        [
+            "ConfigMap/web: key REGION is in production, not in staging",
+            "NetworkPolicy/default-deny is in staging, not in production",
+        ]
+    );
     let web = out.previous.iter().find(|p| p.object == "Deployment/web").unwrap();
     assert!(web.existed && web.revision == Some(1), "{:?}", out.previous);
     // Rolled back and forward again: the new image runs.
