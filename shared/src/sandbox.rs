@@ -147,9 +147,18 @@ impl Sandbox {
                 "baton-db-migration",
                 if zone == "staging" { "staging" } else { "production" },
                 format!(
-                    "[migration]\nrepos_dir = {:?}\nadmin_url = {admin_url:?}\n\n[migration.databases]\n{SERVICE} = {:?}\n",
+                    "[migration]\nrepos_dir = {:?}\nadmin_url = {admin_url:?}\n\n[migration.databases]\n{SERVICE} = {:?}\n{}",
                     path(&dir.join(format!("migration-repos-{zone}"))),
                     dbs.url(db),
+                    if zone == "staging" {
+                        // The seed: staging's data is an anonymised snapshot of production's.
+                        format!(
+                            "\n[[migration.data_checks.{SERVICE}]]\nname = \"no customer e-mail in production's domain\"\n\
+                             query = \"select count(*) from customers where email like '%@shop.example'\"\n"
+                        )
+                    } else {
+                        String::new()
+                    },
                 ),
             );
         }

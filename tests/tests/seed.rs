@@ -210,6 +210,11 @@ async fn the_seed_pipeline_runs_on_the_eight_real_daemons_and_a_failed_productio
         .map(|d| d.count())
         .unwrap_or(0);
     assert!(backups > 0, "no backup in the primary location");
+    // Staging's data passed its anonymisation check.
+    assert_eq!(
+        v.step("db.staging").unwrap().outputs["data_checks"],
+        json!(["no customer e-mail in production's domain"])
+    );
     // Staging mirrors production's topology (the same manifests here).
     assert_eq!(v.step("verify.staging").unwrap().outputs["topology"], json!([]));
     // The gates decided on real facts.

@@ -44,6 +44,23 @@ pub struct MigrationConfig {
     pub databases: BTreeMap<String, Secret<String>>,
     /// Zones where a destructive migration needs a verified pre-deploy backup.
     pub backup_required_zones: Vec<String>,
+    /// Checks a service's database in this zone must pass before any migration
+    /// runs: each query counts offending rows, and must count none (the seed:
+    /// staging holds an anonymised snapshot of production's data, so e.g. no
+    /// customer e-mail address in production's domain). A table that does not
+    /// exist yet has nothing to check.
+    pub data_checks: BTreeMap<String, Vec<DataCheck>>,
+}
+
+/// One of `data_checks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataCheck {
+    /// What it checks, as reports name it.
+    pub name: String,
+    /// A read-only query returning one count (e.g. `select count(*) from
+    /// customers where email like '%@shop.example'`).
+    pub query: String,
 }
 
 impl Default for MigrationConfig {
@@ -54,6 +71,7 @@ impl Default for MigrationConfig {
             lock_timeout_secs: 300,
             databases: BTreeMap::new(),
             backup_required_zones: vec!["production".to_owned()],
+            data_checks: BTreeMap::new(),
         }
     }
 }
@@ -108,11 +126,30 @@ impl MigrationConfig {
             }
             check_url("migration.databases", &format!("entry {service:?} "), url.expose())?;
         }
+        for (service, checks) in &self.data_checks {
+            for c in checks {
+                if c.name.trim().is_empty() || c.query.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "migration.data_checks",
+                        format!("a check of {service:?} needs a name and a query"),
+                    ));
+                }
+            }
+        }
         for zone in &self.backup_required_zones {
             baton_shared::protocol::check_name("config", "migration.backup_required_zones", zone)
                 .map_err(|e| ConfigError::invalid("migration.backup_required_zones", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The data checks of `service` in this zone.
+    pub fn data_checks(&self, service: &str) -> &[DataCheck] {
+        let want = normalize_service(service);
+        self.data_checks
+            .iter()
+            .find(|(s, _)| normalize_service(s) == want)
+            .map_or(&[], |(_, c)| c.as_slice())
     }
 
     /// The database of `service`, if this zone has one.

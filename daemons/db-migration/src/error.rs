@@ -71,6 +71,9 @@ pub enum Error {
     )]
     UnknownAction { kind: JobKind, action: String },
 
+    #[error("the {service} database in this zone fails its data checks: {}; no migration was applied", failures.join("; "))]
+    DataChecks { service: String, failures: Vec<String> },
+
     #[error(
         "no database configured for service {service:?} in zone {zone}: add it under [migration.databases] of this daemon's configuration"
     )]
@@ -260,6 +263,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Self::UnknownAction { .. } => "unknown_action",
+            Self::DataChecks { .. } => "data_checks_failed",
             Self::NoDatabase { .. } => "no_database",
             Self::InvalidParam { .. } => "invalid_params",
             Self::InvalidJob { .. } => "invalid_job",

@@ -68,6 +68,9 @@ pub struct MigrateOutputs {
     /// recovery procedure.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_before_adoption: Vec<String>,
+    /// The data checks this zone's database passed before anything ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_checks: Vec<String>,
 }
 
 /// What `rollback` needs from the `migrate` outputs.
@@ -297,6 +300,7 @@ impl DbMigration {
             mut conn,
             history,
         } = self.open(job).await?;
+        let data_checks = self.data_checks(service, &mut conn).await?;
         let Decided {
             pending,
             adopted,
@@ -406,8 +410,57 @@ impl DbMigration {
             unjournaled_sql: set.unjournaled.clone(),
             applied_older,
             applied_before_adoption,
+            data_checks,
         };
         baton_shared::protocol::to_fields(&out).map_err(|e| Error::InvalidJob { problem: e.message })
+    }
+
+    /// Runs `service`'s data checks in a read-only transaction: the names of
+    /// those passed, or every failure.
+    async fn data_checks(&self, service: &str, conn: &mut sqlx::PgConnection) -> Result<Vec<String>, Error> {
+        let checks = self.config.data_checks(service);
+        if checks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db_err = |doing| {
+            let service = service.to_owned();
+            move |source| Error::Database { service, doing, source }
+        };
+        let mut tx = conn.begin().await.map_err(db_err("starting the data checks"))?;
+        sqlx::query("set transaction read only")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("making the data checks read-only"))?;
+        let (mut passed, mut failures) = (Vec::new(), Vec::new());
+        for c in checks {
+            sqlx::query("savepoint data_check")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("a data check"))?;
+            match sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(c.query.clone()))
+                .fetch_one(&mut *tx)
+                .await
+            {
+                Ok(0) => passed.push(c.name.clone()),
+                Ok(n) => failures.push(format!("{}: {n} rows", c.name)),
+                // A table the migrations have not created yet holds no data.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => passed.push(c.name.clone()),
+                Err(e) => failures.push(format!("{} could not run: {e}", c.name)),
+            }
+            sqlx::query("rollback to savepoint data_check")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("a data check"))?;
+        }
+        tx.rollback().await.map_err(db_err("ending the data checks"))?;
+        if failures.is_empty() {
+            Ok(passed)
+        } else {
+            Err(Error::DataChecks {
+                service: service.to_owned(),
+                failures,
+            })
+        }
     }
 
     /// The job's migrations folder at its commit and its database, under the

@@ -903,3 +903,49 @@ async fn a_history_that_predates_baton_is_applied_without_companions_up_to_its_b
         err.message
     );
 }
+
+/// The seed's zone rule "staging uses an anonymised snapshot": a configured
+/// check the database must pass before anything is applied. A table the
+/// migrations have not created yet passes; rows with production's customer
+/// domain fail the step, naming the check and the count.
+#[tokio::test]
+async fn a_database_failing_its_data_checks_is_refused_before_any_migration_runs() {
+    use baton_db_migration::config::DataCheck;
+    let db = TestDb::create().await;
+    let cache = TempDir::new("cache");
+    let repo = GitRepo::new();
+    write_fixture(&repo, 1);
+    let sha = repo.commit("users");
+    let mut config = config(&db, &cache);
+    config.data_checks.insert(
+        SERVICE.to_owned(),
+        vec![DataCheck {
+            name: "no production customer e-mail".into(),
+            query: "select count(*) from users where email like '%@shop.example'".into(),
+        }],
+    );
+    config.validate().unwrap();
+    let role = baton_db_migration::DbMigration::new(config);
+    // First deploy: no users table yet, nothing to check.
+    let out = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(strings(&out["data_checks"]), ["no production customer e-mail"]);
+
+    // A copy of production that was not anonymised.
+    db.exec("insert into users (email) values ('ada@shop.example'), ('x@anon.invalid')")
+        .await;
+    write_fixture(&repo, 2);
+    let sha = repo.commit("more");
+    let e = run(&role, &migrate_job("staging", &repo, &sha, Uuid::new_v4()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "data_checks_failed");
+    assert!(
+        e.message
+            .contains("no production customer e-mail: 1 rows; no migration was applied"),
+        "{}",
+        e.message
+    );
+    assert_eq!(db.history().await.len(), 1, "nothing more applied");
+}

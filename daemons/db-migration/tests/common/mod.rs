@@ -264,6 +264,7 @@ pub fn config(db: &TestDb, cache: &TempDir) -> MigrationConfig {
         lock_timeout_secs: 60,
         databases: BTreeMap::from([(SERVICE.to_owned(), Secret::new(db.url()))]),
         backup_required_zones: vec!["production".to_owned()],
+        data_checks: BTreeMap::new(),
     }
 }
 
