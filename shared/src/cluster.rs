@@ -452,6 +452,35 @@ pub async fn keep_json<T: Serialize + serde::de::DeserializeOwned>(
     }
 }
 
+/// Writes `value` as JSON into Secret `name`, replacing what it held (for
+/// state that moves on, unlike a record: the last state a step applied).
+pub async fn put_json<T: Serialize>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    value: &T,
+    manager: &str,
+) -> Result<(), ClusterError> {
+    let text = serde_json::to_string(value).unwrap_or_default();
+    if text.len() > RECORD_MAX_BYTES {
+        return Err(ClusterError::Manifest {
+            what: format!("Secret/{name}"),
+            problem: format!("{} KiB, more than one object holds", text.len() / 1024),
+        });
+    }
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": name, "labels": labels},
+        "stringData": {RECORD_KEY: text},
+    });
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    api.patch(name, &PatchParams::apply(manager).force(), &Patch::Apply(&secret))
+        .await
+        .map_err(ClusterError::api(format!("cannot write Secret/{name}")))?;
+    Ok(())
+}
+
 /// The record in Secret `name`, if there is one.
 pub async fn read_record(client: &Client, namespace: &str, name: &str) -> Result<Option<Record>, ClusterError> {
     read_json(client, namespace, name).await
@@ -493,6 +522,72 @@ pub async fn record_before(
         entries,
     };
     keep_json(&client, &namespace, name, labels, record).await
+}
+
+/// An object as a step left it, to find later what changed outside the
+/// pipeline ("production changes only through the pipeline").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeftAs {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// Spec changes bump it (status updates do not); 0 for kinds without one.
+    pub generation: i64,
+    /// For kinds without a generation (ConfigMaps, Secrets, Services).
+    pub resource_version: String,
+}
+
+impl LeftAs {
+    /// `obj` as read back from namespace `namespace`.
+    pub fn of(obj: &DynamicObject, namespace: &str) -> Self {
+        let types = obj.types.clone().unwrap_or_default();
+        Self {
+            api_version: types.api_version,
+            kind: types.kind,
+            namespace: namespace.to_owned(),
+            name: obj.name_any(),
+            generation: obj.metadata.generation.unwrap_or_default(),
+            resource_version: obj.resource_version().unwrap_or_default(),
+        }
+    }
+
+    /// `namespace/Kind/name`.
+    pub fn describe(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.kind, self.name)
+    }
+}
+
+/// Each object of `left` (what run `run` left) that was changed or deleted
+/// since, by name.
+pub async fn changed_since(client: &Client, left: &[LeftAs], run: &str) -> Result<Vec<String>, ClusterError> {
+    let mut out = Vec::new();
+    for l in left {
+        let target: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": l.api_version, "kind": l.kind, "metadata": {"name": l.name}
+        }))
+        .map_err(|e| ClusterError::Manifest {
+            what: l.describe(),
+            problem: e.to_string(),
+        })?;
+        let mut applier = Applier::new(client.clone(), &l.namespace, "baton");
+        match applier.get(&target).await? {
+            None => out.push(format!("{} was deleted since run {run} left it", l.describe())),
+            Some(o) => {
+                let generation = o.metadata.generation.unwrap_or_default();
+                if l.generation > 0 && generation != l.generation {
+                    out.push(format!(
+                        "{} was changed since run {run} left it (generation {generation}, then {})",
+                        l.describe(),
+                        l.generation
+                    ));
+                } else if l.generation == 0 && o.resource_version().unwrap_or_default() != l.resource_version {
+                    out.push(format!("{} was changed since run {run} left it", l.describe()));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The annotation naming the run that last deployed an object.

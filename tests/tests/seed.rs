@@ -215,6 +215,10 @@ async fn the_seed_pipeline_runs_on_the_eight_real_daemons_and_a_failed_productio
         v.step("db.staging").unwrap().outputs["data_checks"],
         json!(["no customer e-mail in production's domain"])
     );
+    // Nothing changed production outside the pipeline.
+    for step in ["apply.production", "network"] {
+        assert_eq!(v.step(step).unwrap().outputs["drift"], json!([]), "{step}");
+    }
     // Staging mirrors production's topology (the same manifests here).
     assert_eq!(v.step("verify.staging").unwrap().outputs["topology"], json!([]));
     // The gates decided on real facts.

@@ -79,11 +79,49 @@ struct StepRecord {
     objects: BTreeMap<String, Vec<RecordEntry>>,
 }
 
+/// What the last step that changed this service's network left: each DNS set
+/// it managed and each object's generation. The next apply compares the live
+/// state with it ("production changes only through the pipeline": anything
+/// else is drift, reported by name).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct LastApplied {
+    run: String,
+    commit: String,
+    dns: Vec<DnsSet>,
+    objects: Vec<cluster::LeftAs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DnsSet {
+    domain: String,
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    entries: Vec<DnsEntry>,
+}
+
+fn last_applied_name(service: &str) -> String {
+    format!("baton-network-applied.{service}")
+}
+
+fn show(entries: &[DnsEntry]) -> String {
+    if entries.is_empty() {
+        return "nothing".to_owned();
+    }
+    entries
+        .iter()
+        .map(|e| format!("{} (ttl {})", e.content, e.expire))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// An object the step applied, with the version it got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub object: String,
     pub resource_version: String,
+    #[serde(default)]
+    pub generation: i64,
 }
 
 /// What `apply` reports.
@@ -103,6 +141,9 @@ pub struct ApplyOutputs {
     pub default_deny: Vec<String>,
     pub flows_checked: Vec<String>,
     pub health: Vec<Checked>,
+    /// What changed outside the pipeline since the last step that applied
+    /// this service's network (found before this one changed anything).
+    pub drift: Vec<String>,
 }
 
 /// What `revert` reports.
@@ -505,6 +546,11 @@ impl Network {
             servers.insert(d.clone(), self.nameservers(d).await?);
         }
 
+        let drift = self.drift(&client, job, &mut live).await?;
+        if !drift.is_empty() {
+            tracing::warn!(run_id = %job.run_id, drift = ?drift, "changed outside the pipeline since the last apply");
+        }
+
         // The record: the first delivery's stands.
         let mut record = StepRecord {
             commit: commit.clone(),
@@ -680,13 +726,16 @@ impl Network {
 
         // Objects: default-deny and allow rules, pools, ingresses.
         let mut applied = Vec::new();
+        let mut left = Vec::new();
         for (ns, objs) in &objects {
             let mut applier = Applier::new(client.clone(), ns, MANAGER);
             for o in objs {
                 let live = applier.apply(o).await?;
+                left.push(cluster::LeftAs::of(&live, ns));
                 applied.push(Applied {
                     object: describe(ns, o),
                     resource_version: live.resource_version().unwrap_or_default(),
+                    generation: live.metadata.generation.unwrap_or_default(),
                 });
             }
         }
@@ -709,6 +758,22 @@ impl Network {
         }
 
         let health = self.health(&spec).await?;
+        let last = LastApplied {
+            run: job.run_id.to_string(),
+            commit: commit.clone(),
+            dns: record
+                .dns
+                .iter()
+                .map(|c| DnsSet {
+                    domain: c.domain.clone(),
+                    name: c.name.clone(),
+                    kind: c.kind.clone(),
+                    entries: c.after.clone(),
+                })
+                .collect(),
+            objects: left,
+        };
+        self.save_last_applied(&client, job, &last).await?;
         tracing::info!(run_id = %job.run_id, records = changed.len(), certificates = certificates.len(), objects = applied.len(), "network applied");
         Ok(ApplyOutputs {
             commit,
@@ -722,7 +787,62 @@ impl Network {
             default_deny,
             flows_checked,
             health,
+            drift,
         })
+    }
+
+    async fn save_last_applied(&self, client: &Client, job: &StepJob, last: &LastApplied) -> Result<(), Error> {
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned()),
+            ("baton.dev/service".to_owned(), job.deploy.service.clone()),
+        ]);
+        let name = last_applied_name(&job.deploy.service);
+        cluster::put_json(client, &self.config.record_namespace, &name, &labels, last, MANAGER).await?;
+        Ok(())
+    }
+
+    /// The live DNS sets and objects against what the last step that applied
+    /// this service's network left; `live` holds the entries read so far by
+    /// domain (more are read as needed).
+    async fn drift(
+        &self,
+        client: &Client,
+        job: &StepJob,
+        live: &mut BTreeMap<String, Vec<DnsEntry>>,
+    ) -> Result<Vec<String>, Error> {
+        let Some(last): Option<LastApplied> = cluster::read_json(
+            client,
+            &self.config.record_namespace,
+            &last_applied_name(&job.deploy.service),
+        )
+        .await?
+        else {
+            return Ok(Vec::new());
+        };
+        if last.run == job.run_id.to_string() {
+            // A redelivery of the step that wrote it.
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for set in &last.dns {
+            if !live.contains_key(&set.domain) {
+                live.insert(set.domain.clone(), self.transip.entries(&set.domain).await?);
+            }
+            let now = entries_of(&live[&set.domain], &set.name, &set.kind);
+            if now != set.entries {
+                out.push(format!(
+                    "DNS {} {} in {} is {}, not what run {} left ({})",
+                    set.kind,
+                    set.name,
+                    set.domain,
+                    show(&now),
+                    last.run,
+                    show(&set.entries)
+                ));
+            }
+        }
+        out.extend(cluster::changed_since(client, &last.objects, &last.run).await?);
+        Ok(out)
     }
 
     /// Makes a DNS set `want` from `now`: one entry whose content changes is
@@ -842,6 +962,32 @@ impl Network {
             self.converge(&c.domain, &now, &c.before).await?;
             out.records_restored.push(c.describe());
         }
+        // What the pipeline left is now what the step found.
+        let mut objects = Vec::new();
+        for (ns, entries) in &record.objects {
+            let mut applier = Applier::new(client.clone(), ns, MANAGER);
+            for e in entries {
+                if let Some(o) = applier.get(&e.target()).await? {
+                    objects.push(cluster::LeftAs::of(&o, ns));
+                }
+            }
+        }
+        let last = LastApplied {
+            run: job.run_id.to_string(),
+            commit: record.commit.clone(),
+            dns: record
+                .dns
+                .iter()
+                .map(|c| DnsSet {
+                    domain: c.domain.clone(),
+                    name: c.name.clone(),
+                    kind: c.kind.clone(),
+                    entries: c.before.clone(),
+                })
+                .collect(),
+            objects,
+        };
+        self.save_last_applied(&client, job, &last).await?;
         tracing::info!(run_id = %job.run_id, records = out.records_restored.len(), objects = out.objects_restored.len() + out.objects_deleted.len(), "network reverted");
         Ok(out)
     }

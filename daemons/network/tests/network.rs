@@ -523,3 +523,50 @@ async fn http_01_issues_through_the_load_balancer() {
         200
     );
 }
+
+/// "Production changes only through the pipeline": a record or object changed
+/// by hand since the last apply is reported, by name, before the next apply
+/// changes anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_outside_the_pipeline_are_reported_before_the_next_apply() {
+    let f = Fixture::new("net-drift").await;
+    let commit = f.commit("192.0.2.50", 300, 8080, &format!("\"{HOST}\""));
+    let first = f.apply(&f.job(&commit, Uuid::new_v4())).await.unwrap();
+    assert!(first.drift.is_empty(), "{:?}", first.drift);
+
+    // Someone edits DNS in TransIP's panel and the ingress with kubectl.
+    let mut entries = f.transip.entries(DOMAIN);
+    entries.retain(|e| e.name != "www");
+    entries.push(entry("www", 300, "A", "198.51.100.7"));
+    f.transip.set_entries(DOMAIN, entries);
+    let ingresses = Api::<Ingress>::namespaced(f.ns.client.clone(), &f.ns.name);
+    ingresses
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"rules": [{"host": "www.example.test",
+                "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                    "backend": {"service": {"name": "other", "port": {"number": 80}}}}]}}]}})),
+        )
+        .await
+        .unwrap();
+
+    let second = f.apply(&f.job(&commit, Uuid::new_v4())).await.unwrap();
+    let ns = &f.ns.name;
+    assert_eq!(second.drift.len(), 2, "{:?}", second.drift);
+    assert!(
+        second.drift[0].starts_with("DNS A www in example.test is 198.51.100.7 (ttl 300), not what run ")
+            && second.drift[0].ends_with("left (192.0.2.50 (ttl 300))"),
+        "{:?}",
+        second.drift
+    );
+    assert!(
+        second.drift[1].starts_with(&format!("{ns}/Ingress/web was changed since run ")),
+        "{:?}",
+        second.drift
+    );
+    // The apply then brought the declared state back.
+    assert_eq!(www_entries(&f.transip), [entry("www", 300, "A", "192.0.2.50")]);
+    let third = f.apply(&f.job(&commit, Uuid::new_v4())).await.unwrap();
+    assert!(third.drift.is_empty(), "{:?}", third.drift);
+}

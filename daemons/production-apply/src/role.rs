@@ -145,6 +145,11 @@ pub struct ApplyOutputs {
     pub timings: Timings,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What changed in production outside the pipeline since the last apply
+    /// or rollback of this service, found before this one changed anything
+    /// (the seed: production changes only through the pipeline).
+    #[serde(default)]
+    pub drift: Vec<String>,
 }
 
 /// One Deployment's way back.
@@ -214,6 +219,19 @@ fn outputs<T: Serialize>(value: &T) -> Result<Fields, Error> {
 
 fn record_name(job: &StepJob) -> String {
     format!("baton-apply.{}", job.key())
+}
+
+/// The Secret holding what the last apply or rollback of `service` left.
+fn left_name(service: &str) -> String {
+    format!("baton-production-applied.{service}")
+}
+
+/// What the last apply or rollback of a service left in production, to find
+/// what changed outside the pipeline before the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Left {
+    run: String,
+    objects: Vec<cluster::LeftAs>,
 }
 
 /// Sets the pipeline's rolling update on every Deployment; a warning for each
@@ -409,6 +427,15 @@ impl ProductionApply {
             ("baton.dev/service".to_owned(), service.clone()),
         ]);
         let record_name = record_name(job);
+        let drift = match cluster::read_json::<Left>(&client, &ns, &left_name(service)).await? {
+            Some(left) if left.run != job.run_id.to_string() => {
+                cluster::changed_since(&client, &left.objects, &left.run).await?
+            }
+            _ => Vec::new(),
+        };
+        for d in &drift {
+            warnings.push(format!("changed outside the pipeline: {d}"));
+        }
         cluster::record_before(&mut applier, &record_name, &labels, &commit, &objects).await?;
 
         // The revision each Deployment replaces: from a redelivered job's own
@@ -558,6 +585,7 @@ impl ProductionApply {
         // From the rollout's completion to the result, less the monitoring
         // period the step is configured to wait.
         timings.after_ms = (ms(rollout_done) - monitoring.seconds as f64 * 1000.0).max(0.0);
+        self.save_left(&client, &ns, job, &objects).await?;
         Ok(ApplyOutputs {
             timings,
             image,
@@ -570,7 +598,35 @@ impl ProductionApply {
             strategy,
             monitoring,
             warnings,
+            drift,
         })
+    }
+
+    /// Keeps what `objects` are now as what this run left.
+    async fn save_left(
+        &self,
+        client: &Client,
+        ns: &str,
+        job: &StepJob,
+        objects: &[DynamicObject],
+    ) -> Result<(), Error> {
+        let mut applier = Applier::new(client.clone(), ns, MANAGER);
+        let mut left = Vec::new();
+        for o in objects {
+            if let Some(live) = applier.get(o).await? {
+                left.push(cluster::LeftAs::of(&live, ns));
+            }
+        }
+        let labels = BTreeMap::from([
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+            ("baton.dev/service".to_owned(), job.deploy.service.clone()),
+        ]);
+        let value = Left {
+            run: job.run_id.to_string(),
+            objects: left,
+        };
+        cluster::put_json(client, ns, &left_name(&job.deploy.service), &labels, &value, MANAGER).await?;
+        Ok(())
     }
 
     /// Watches the new revision for the monitoring period; `Err` is a breach
@@ -823,8 +879,14 @@ impl ProductionApply {
                 ..RollbackOutputs::default()
             });
         }
-        self.undo(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
-            .await
+        let out = self
+            .undo(job, &client, &ns, &before, &strategy, p.rollback_max_seconds)
+            .await?;
+        if let Some(record) = cluster::read_record(&client, &ns, &record_name(job)).await? {
+            let targets: Vec<DynamicObject> = record.entries.iter().map(cluster::RecordEntry::target).collect();
+            self.save_left(&client, &ns, job, &targets).await?;
+        }
+        Ok(out)
     }
 }
 

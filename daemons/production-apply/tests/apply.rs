@@ -147,6 +147,7 @@ async fn a_verified_image_rolls_out_with_the_seed_strategy_and_the_compensation_
         out.warnings
     );
     assert_eq!(out.monitoring.seconds, 1);
+    assert!(out.drift.is_empty(), "{:?}", out.drift);
     let spec = fx.live().await.spec.unwrap();
     let rolling = spec.strategy.unwrap().rolling_update.unwrap();
     assert_eq!(
@@ -158,9 +159,24 @@ async fn a_verified_image_rolls_out_with_the_seed_strategy_and_the_compensation_
         (Some(1), Some(120))
     );
 
+    // Someone scales production by hand: the next apply names it first.
+    kube::Api::<Deployment>::namespaced(fx.ns.client.clone(), &fx.ns.name)
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
     let run = Uuid::new_v4();
     let job = fx.job(&commit, run, &digest(2));
     let out = fx.apply(&job).await.unwrap();
+    assert_eq!(out.drift.len(), 1, "{:?}", out.drift);
+    assert!(
+        out.drift[0].starts_with(&format!("{}/Deployment/web was changed since run ", fx.ns.name)),
+        "{:?}",
+        out.drift
+    );
     let change = &out.deployments[0];
     assert_eq!((change.revision_before, change.revision_after), (1, 2));
     assert_ne!(change.replica_set_before, change.replica_set_after);
@@ -190,6 +206,9 @@ async fn a_verified_image_rolls_out_with_the_seed_strategy_and_the_compensation_
     assert_eq!(spec.min_ready_seconds, Some(1));
     let rolling = spec.strategy.unwrap().rolling_update.unwrap();
     assert_eq!(serde_json::to_value(&rolling.max_surge).unwrap(), serde_json::json!(1));
+    // What the rollback left is what the pipeline left: no drift next time.
+    let next = fx.apply(&fx.job(&commit, Uuid::new_v4(), &digest(3))).await.unwrap();
+    assert!(next.drift.is_empty(), "{:?}", next.drift);
 }
 
 #[tokio::test]
