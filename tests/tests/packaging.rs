@@ -389,10 +389,22 @@ fn check_zone(objects: &[Value], zone: &str, namespaces: &[&str]) {
         }
     }
 
-    // The daemons of this zone: the two that exist, configured for this zone,
-    // with a termination grace period covering their shutdown grace.
+    // The daemons of this zone: exactly the roles the seed runs there (dev: no
+    // pipeline, only the database roles), configured for this zone, with a
+    // termination grace period covering their shutdown grace.
     let daemon_ns = format!("baton-{zone}");
-    for role in ["db-migration", "backup"] {
+    let roles: &[&str] = match zone {
+        "staging" => &["db-migration", "backup", "infrastructure", "staging-verify"],
+        "production" => &["db-migration", "backup", "infrastructure", "production-apply", "network", "cdn"],
+        _ => &["db-migration", "backup"],
+    };
+    let deployed: BTreeSet<&str> = objects
+        .iter()
+        .filter(|o| kind(o) == "Deployment" && namespace(o) == daemon_ns)
+        .map(name)
+        .collect();
+    assert_eq!(deployed, roles.iter().copied().collect(), "{zone}: the zone's daemons");
+    for &role in roles {
         let d = objects
             .iter()
             .find(|o| kind(o) == "Deployment" && namespace(o) == daemon_ns && name(o) == role)
