@@ -395,7 +395,14 @@ fn check_zone(objects: &[Value], zone: &str, namespaces: &[&str]) {
     let daemon_ns = format!("baton-{zone}");
     let roles: &[&str] = match zone {
         "staging" => &["db-migration", "backup", "infrastructure", "staging-verify"],
-        "production" => &["db-migration", "backup", "infrastructure", "production-apply", "network", "cdn"],
+        "production" => &[
+            "db-migration",
+            "backup",
+            "infrastructure",
+            "production-apply",
+            "network",
+            "cdn",
+        ],
         _ => &["db-migration", "backup"],
     };
     let deployed: BTreeSet<&str> = objects

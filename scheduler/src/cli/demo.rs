@@ -116,6 +116,25 @@ pub(super) struct Readiness {
     pub(super) database: bool,
 }
 
+impl Readiness {
+    /// The scheduler: its database initialised, consuming its queues.
+    pub(super) fn scheduler() -> Self {
+        Self {
+            label: "scheduler".to_owned(),
+            queues: [
+                topology::MERGE_EVENTS_QUEUE,
+                topology::DEAD_QUEUE,
+                topology::NOTICES_QUEUE,
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(topology::result_queues())
+            .collect(),
+            database: true,
+        }
+    }
+}
+
 pub(super) fn db_url(server: &str, db: &str) -> String {
     format!("{server}/{db}")
 }
@@ -494,14 +513,16 @@ pub(super) async fn demo_lock(server: &str, prefix: &str) -> anyhow::Result<PgCo
     Ok(conn)
 }
 
-async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
-    let prefix = opts.prefix.as_str();
-    let _lock = demo_lock(&server_of(cfg.database.url.expose()), prefix).await?;
-    let (sched_db, staging_db, production_db) = (
-        format!("{prefix}baton_demo"),
-        format!("{prefix}shop_staging"),
-        format!("{prefix}shop_production"),
-    );
+/// What both demos do first: find the examples (a folder holding `marker`),
+/// make the demo's directory, its own RabbitMQ vhost (nothing an earlier,
+/// interrupted demo left in the broker reaches this one; the lock the caller
+/// holds makes it this invocation's) and a connection to it; prints `title`.
+pub(super) async fn begin(
+    cfg: &Config,
+    opts: &Options,
+    marker: &str,
+    title: &str,
+) -> anyhow::Result<(Demo, baton_shared::amqp::Broker)> {
     let exe = std::env::current_exe()?;
     let bin_dir = exe.parent().context("binary directory")?.to_path_buf();
     let examples = match opts.examples.clone() {
@@ -512,36 +533,50 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         ]
         .iter()
         .map(PathBuf::from)
-        .find(|p| p.join("pipeline.toml").exists())
+        .find(|p| p.join(marker).exists())
         .context("examples/demo not found; run from the repository root or pass --examples DIR")?,
     };
     let dir = std::env::temp_dir().join(format!("baton-demo-{}", &Uuid::new_v4().simple().to_string()[..8]));
     std::fs::create_dir_all(&dir)?;
-    let server_url = server_of(cfg.database.url.expose());
-    // A vhost of its own: nothing an earlier, interrupted demo left in the
-    // broker (merge events, results, notices) reaches this demo's scheduler.
-    let vhost = format!("baton-demo-{prefix}").trim_end_matches(['-', '_']).to_owned();
+    let vhost = format!("baton-demo-{}", opts.prefix)
+        .trim_end_matches(['-', '_'])
+        .to_owned();
     let (amqp_url, amqp_user) = with_vhost(cfg.amqp.url.expose(), &vhost)?;
     let mut demo = Demo {
         dir: dir.clone(),
         bin_dir,
-        examples: examples.clone(),
+        examples,
         amqp_url: amqp_url.clone(),
         children: Vec::new(),
         vhost: None,
     };
-    println!("Baton demo — files and logs in {}", dir.display());
-    // The lock makes the vhost this invocation's: one left by a killed demo goes.
+    println!("{title} — files and logs in {}", dir.display());
     let _ = rabbitmqctl(&["delete_vhost", &vhost]);
     rabbitmqctl(&["add_vhost", &vhost])?;
     demo.vhost = Some(vhost.clone());
     rabbitmqctl(&["set_permissions", "-p", &vhost, &amqp_user, ".*", ".*", ".*"])?;
     println!("  RabbitMQ vhost {vhost} (removed at the end)");
-    let broker = {
-        let mut amqp = cfg.amqp.clone();
-        amqp.url = baton_shared::secret::Secret::new(amqp_url);
-        baton_shared::amqp::Broker::connect_config(&amqp, "baton demo").await?
-    };
+    let mut amqp = cfg.amqp.clone();
+    amqp.url = baton_shared::secret::Secret::new(amqp_url);
+    let broker = baton_shared::amqp::Broker::connect_config(&amqp, "baton demo").await?;
+    Ok((demo, broker))
+}
+
+async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
+    let prefix = opts.prefix.as_str();
+    let _lock = demo_lock(&server_of(cfg.database.url.expose()), prefix).await?;
+    let (sched_db, staging_db, production_db) = (
+        format!("{prefix}baton_demo"),
+        format!("{prefix}shop_staging"),
+        format!("{prefix}shop_production"),
+    );
+    let (mut demo, broker) = begin(cfg, opts, "pipeline.toml", "Baton demo").await?;
+    let (exe, dir, examples, server_url) = (
+        std::env::current_exe()?,
+        demo.dir.clone(),
+        demo.examples.clone(),
+        server_of(cfg.database.url.expose()),
+    );
 
     // Databases: the scheduler's, and the shop's staging and production.
     for db in [&sched_db, &staging_db, &production_db] {
@@ -673,19 +708,7 @@ async fn run_demo(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
     }
     println!("  started the scheduler and daemons:");
     println!("    db-migration and backup, each for staging and production");
-    let mut expected = vec![Readiness {
-        label: "scheduler".to_owned(),
-        queues: [
-            topology::MERGE_EVENTS_QUEUE,
-            topology::DEAD_QUEUE,
-            topology::NOTICES_QUEUE,
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain(topology::result_queues())
-        .collect(),
-        database: true,
-    }];
+    let mut expected = vec![Readiness::scheduler()];
     for zone in ["staging", "production"] {
         for role in [baton_shared::roles::DB_MIGRATION, baton_shared::roles::BACKUP] {
             expected.push(Readiness {

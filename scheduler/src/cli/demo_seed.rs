@@ -25,11 +25,10 @@ use anyhow::{Context, bail};
 use baton_shared::sandbox::{self, Databases, Sandbox};
 use baton_shared::signing::Keypair;
 use baton_shared::topology;
-use uuid::Uuid;
 
 use super::demo::{
-    Demo, Options, Readiness, changed_paths, db_url, demo_lock, enqueue, follow_until, git, rabbitmqctl,
-    recreate_database, server_of, service_event, with_vhost,
+    Options, Readiness, begin, changed_paths, db_url, demo_lock, enqueue, follow_until, git, recreate_database,
+    server_of, service_event,
 };
 use crate::config::Config;
 use crate::store::{self, RunView};
@@ -149,46 +148,15 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         production: format!("{prefix}shop_production"),
         terraform: format!("{prefix}shop_terraform"),
     };
-    let exe = std::env::current_exe()?;
-    let bin_dir = exe.parent().context("binary directory")?.to_path_buf();
-    let examples = match opts.examples.clone() {
-        Some(e) => e,
-        None => [
-            "examples/demo",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"),
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("commit-1").exists())
-        .context("examples/demo not found; run from the repository root or pass --examples DIR")?,
-    };
+    let (mut demo, broker) = begin(
+        cfg,
+        opts,
+        "commit-1",
+        "Baton demo: the seed pipeline on the eight real role daemons",
+    )
+    .await?;
+    let (exe, dir, examples) = (std::env::current_exe()?, demo.dir.clone(), demo.examples.clone());
     let pipeline = seed_pipeline(&examples)?;
-    let dir = std::env::temp_dir().join(format!("baton-demo-{}", &Uuid::new_v4().simple().to_string()[..8]));
-    std::fs::create_dir_all(&dir)?;
-    let vhost = format!("baton-demo-{prefix}").trim_end_matches(['-', '_']).to_owned();
-    let (amqp_url, amqp_user) = with_vhost(cfg.amqp.url.expose(), &vhost)?;
-    let mut demo = Demo {
-        dir: dir.clone(),
-        bin_dir,
-        examples: examples.clone(),
-        amqp_url: amqp_url.clone(),
-        children: Vec::new(),
-        vhost: None,
-    };
-    println!(
-        "Baton demo: the seed pipeline on the eight real role daemons — files and logs in {}",
-        dir.display()
-    );
-    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
-    rabbitmqctl(&["add_vhost", &vhost])?;
-    demo.vhost = Some(vhost.clone());
-    rabbitmqctl(&["set_permissions", "-p", &vhost, &amqp_user, ".*", ".*", ".*"])?;
-    println!("  RabbitMQ vhost {vhost} (removed at the end)");
-    let broker = {
-        let mut amqp = cfg.amqp.clone();
-        amqp.url = baton_shared::secret::Secret::new(amqp_url);
-        baton_shared::amqp::Broker::connect_config(&amqp, "baton demo").await?
-    };
     for db in [&sched_db, &dbs.staging, &dbs.production, &dbs.terraform] {
         recreate_database(&server_url, db).await?;
     }
@@ -263,19 +231,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         &["--config", &config_arg, "scheduler"],
         &scheduler_env,
     )?;
-    let mut expected = vec![Readiness {
-        label: "scheduler".to_owned(),
-        queues: [
-            topology::MERGE_EVENTS_QUEUE,
-            topology::DEAD_QUEUE,
-            topology::NOTICES_QUEUE,
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain(topology::result_queues())
-        .collect(),
-        database: true,
-    }];
+    let mut expected = vec![Readiness::scheduler()];
     for d in &sb.daemons {
         let config = d.config.display().to_string();
         let env = vec![
