@@ -248,12 +248,22 @@ async fn slow_database_crash_mid_run_the_scheduler_waits_and_resumes() {
     admin.close().await;
     env.db_url = pg.url("baton");
     env.pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
-    env.script(baton_tests::with_seed_facts(json!({"default": {"delay_ms": 300}})));
+    // The production migration takes long enough that the crash lands while
+    // it runs, however loaded the machine: the test waits for it to start.
+    env.script(baton_tests::with_seed_facts(json!({
+        "default": {"delay_ms": 300},
+        "execute": {"db.production": {"delay_ms": 4000}}
+    })));
     env.set_scheduler_env("BATON_SCHEDULER__LEASE_MS", "10000");
     let _scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
     let run = env.enqueue(&event("pg-crash", 1, EVERYTHING));
-    wait_mid_run(&env, run).await;
+    env.wait_until("db.production to start", RUN_TIMEOUT, async || {
+        env.exec_log()
+            .iter()
+            .any(|l| l.event == "start" && l.step_id == "db.production")
+    })
+    .await;
     env.pool.close().await;
     pg.crash();
     let crashed = chrono::Utc::now();
