@@ -6,9 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -204,18 +203,19 @@ impl Pebble {
             "domainBlocklist": blocked,
         }});
         std::fs::write(dir.path().join("pebble.json"), config.to_string()).expect("write pebble's config");
-        let log = std::fs::File::create(dir.path().join("pebble.log")).expect("pebble's log");
-        let child = Command::new("pebble")
-            .args(["-config", "pebble.json", "-dnsserver", &dns.to_string(), "-strict"])
-            .current_dir(dir.path())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("pebble runs (Debian's pebble package)");
-        let mut pebble = Self {
+        // Pebble makes its keys and root at start and says when it serves
+        // its directory (after its management interface).
+        let child = crate::testing::start_logged(
+            Command::new("pebble")
+                .args(["-config", "pebble.json", "-dnsserver", &dns.to_string(), "-strict"])
+                .current_dir(dir.path())
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_AUTHZREUSE", "0"),
+            &dir.path().join("pebble.log"),
+            "ACME directory available at",
+        );
+        let pebble = Self {
             directory_url: format!("https://127.0.0.1:{port}/dir"),
             listener_ca: dir.path().join("ca.pem"),
             issuing_root: dir.path().join("root.pem"),
@@ -223,23 +223,19 @@ impl Pebble {
             _dir: dir,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], management).into();
-        // Pebble makes its keys and root at start; it is ready when its
-        // management port serves the root.
-        let mut root = None;
-        for _ in 0..600 {
-            if let Some(status) = pebble.child.try_wait().expect("pebble's status") {
-                let log = std::fs::read_to_string(pebble._dir.path().join("pebble.log")).unwrap_or_default();
-                panic!("pebble exited ({status}): {log}");
-            }
-            match get(addr, &pebble.listener_ca, "/roots/0").await {
-                Ok(body) => {
-                    root = Some(body);
-                    break;
+        // Its servers start listening right after it logs: a connection
+        // refused in that instant is tried again at once.
+        let mut root = get(addr, &pebble.listener_ca, "/roots/0").await;
+        for _ in 0..1000 {
+            match &root {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tokio::task::yield_now().await;
+                    root = get(addr, &pebble.listener_ca, "/roots/0").await;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => break,
             }
         }
-        let root = root.expect("pebble serves its root within a minute");
+        let root = root.unwrap_or_else(|e| panic!("pebble's root: {e}\n{}", pebble.log()));
         std::fs::write(&pebble.issuing_root, root).expect("write pebble's root");
         // The directory answers too.
         let dir_addr: SocketAddr = ([127, 0, 0, 1], port).into();

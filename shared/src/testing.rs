@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A directory of its own under the system's temporary directory, removed when
 /// the value goes away (also when the test panics).
@@ -124,25 +124,23 @@ impl Containerd {
             d.join("containerd.sock.ttrpc").display().to_string(),
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd (Debian's containerd package)");
+        // Ready when it says so, after its servers are up.
+        let child = start_logged(
+            Command::new("containerd").arg("--config").arg(d.join("config.toml")),
+            &d.join("containerd.log"),
+            "containerd successfully booted",
+        );
         let c = Self {
             child,
             socket,
             _dir: dir,
         };
-        // Ready when ctr gets an answer; a generous bound for a busy machine.
-        let until = Instant::now() + Duration::from_secs(120);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < until, "containerd did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let version = c.ctr(&["version"]);
+        assert!(
+            version.status.success(),
+            "containerd booted but does not answer: {}",
+            String::from_utf8_lossy(&version.stderr)
+        );
         c
     }
 
@@ -166,6 +164,50 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `cmd` with its output (stdout and stderr) appended to `log`, and
+/// returns once a line of it contains `ready`: the process says when it is
+/// ready instead of being polled. Panics with the log when the process exits
+/// first, or says nothing ready within five minutes (a hung start).
+pub fn start_logged(cmd: &mut Command, log: &Path, ready: &str) -> Child {
+    use std::io::{BufRead, Write};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let file = std::sync::Arc::new(std::sync::Mutex::new(
+        std::fs::File::create(log).expect("create the process's log"),
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let streams: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("piped stdout")),
+        Box::new(child.stderr.take().expect("piped stderr")),
+    ];
+    for stream in streams {
+        let (file, tx, ready) = (file.clone(), tx.clone(), ready.to_owned());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = writeln!(file.lock().expect("the log"), "{line}");
+                if line.contains(&ready) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    }
+    // The readers end with the process: then the channel closes.
+    drop(tx);
+    if rx.recv_timeout(Duration::from_secs(300)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} exited or hung before saying {ready:?}; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    child
 }
 
 /// `buildah` with vfs storage under `work` (`storage`, `run`).

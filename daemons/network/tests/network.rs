@@ -236,13 +236,23 @@ impl Fixture {
     /// Whether the ingress is gone once the garbage collector has finished a
     /// foreground deletion (it keeps the object, marked deleted, until then).
     async fn ingress_gone(&self) -> bool {
-        for _ in 0..600 {
-            match self.ingress().await {
-                None => return true,
-                Some(i) if i.metadata.deletion_timestamp.is_some() => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
-                }
-                Some(_) => return false,
+        use futures_util::TryStreamExt;
+        let api = Api::<Ingress>::namespaced(self.ns.client.clone(), &self.ns.name);
+        let Some(live) = api.get_opt("web").await.unwrap() else {
+            return true;
+        };
+        if live.metadata.deletion_timestamp.is_none() {
+            return false;
+        }
+        // Watch from the version read: the deletion is an event after it.
+        let version = live.metadata.resource_version.unwrap_or_default();
+        let params = kube::api::WatchParams::default()
+            .fields("metadata.name=web")
+            .timeout(290);
+        let mut events = Box::pin(api.watch(&params, &version).await.unwrap());
+        while let Some(event) = events.try_next().await.unwrap() {
+            if let kube::api::WatchEvent::Deleted(_) = event {
+                return true;
             }
         }
         false
