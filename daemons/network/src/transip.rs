@@ -259,10 +259,11 @@ impl Transip {
             )
             .await
         {
-            // Gone already (a redelivered job, or removed by hand): fine.
+            // The entry is gone already (a redelivered job, or removed by
+            // hand): fine. A missing domain is an error.
             Err(TransipError::Status {
                 status: 404, message, ..
-            }) if message.contains("not found") && !message.contains("omain") => Ok(()),
+            }) if !message.starts_with("Domain with name") => Ok(()),
             other => other.map(drop),
         }
     }

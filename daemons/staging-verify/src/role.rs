@@ -188,12 +188,17 @@ const SERVICES: &[&str] = &[
     "CronJob",
 ];
 
-fn config_keys(v: &Value) -> BTreeSet<String> {
+/// A ConfigMap's or Secret's entries, whichever field holds them.
+fn config_data(v: &Value) -> BTreeMap<String, Value> {
     ["data", "stringData", "binaryData"]
         .iter()
         .filter_map(|k| v.get(k).and_then(Value::as_object))
-        .flat_map(|m| m.keys().cloned())
+        .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
         .collect()
+}
+
+fn config_keys(v: &Value) -> BTreeSet<String> {
+    config_data(v).into_keys().collect()
 }
 
 /// Where staging's objects do not mirror production's (the seed: "same
@@ -260,14 +265,7 @@ fn differences(record: &Record, objects: &[DynamicObject]) -> Vec<String> {
         };
         match kind_of(obj) {
             "ConfigMap" | "Secret" => {
-                let keys = |v: &Value| -> BTreeMap<String, Value> {
-                    ["data", "stringData", "binaryData"]
-                        .iter()
-                        .filter_map(|k| v.get(k).and_then(Value::as_object))
-                        .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
-                        .collect()
-                };
-                let (old, new) = (keys(before), keys(&obj.data));
+                let (old, new) = (config_data(before), config_data(&obj.data));
                 for k in new.keys().filter(|k| !old.contains_key(*k)) {
                     out.push(format!("{what}: key {k} added"));
                 }
