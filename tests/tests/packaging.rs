@@ -540,10 +540,51 @@ fn kubernetes_checks_catch_what_they_claim_to() {
 // ---------------------------------------------------------------------------
 // compose.yaml
 
-fn compose() -> Value {
-    let docs = yaml_docs(&read("compose.yaml"));
+/// compose.yaml with `${VAR:-default}` and `${VAR}` replaced as compose does,
+/// from `vars` (what the shell or `.env` would set).
+fn compose_with(vars: &BTreeMap<&str, String>) -> Value {
+    let text = read("compose.yaml");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find("${") {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}').expect("unclosed ${ in compose.yaml") + open;
+        let inner = &rest[open + 2..close];
+        let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+        out.push_str(vars.get(name).map(String::as_str).unwrap_or(default));
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    let docs = yaml_docs(&out);
     assert_eq!(docs.len(), 1, "compose.yaml is one document");
     docs.into_iter().next().unwrap()
+}
+
+fn compose() -> Value {
+    compose_with(&BTreeMap::new())
+}
+
+/// Each (role, zone) of the shipped seed pipeline's steps.
+fn seed_daemons() -> BTreeSet<(String, String)> {
+    let text = read("scheduler/pipelines/seed.toml");
+    let mut pairs = BTreeSet::new();
+    let mut role = None;
+    for line in text.lines() {
+        let value = |l: &str, key: &str| {
+            l.strip_prefix(key)
+                .and_then(|r| r.trim_start().strip_prefix('='))
+                .map(|v| v.trim().trim_matches('"').to_owned())
+        };
+        if line.starts_with("[[") {
+            role = None;
+        } else if let Some(r) = value(line, "role") {
+            role = Some(r);
+        } else if let (Some(z), Some(r)) = (value(line, "zone"), role.as_ref()) {
+            pairs.insert((r.clone(), z));
+        }
+    }
+    assert!(pairs.len() >= 8, "seed.toml: read only {pairs:?}");
+    pairs
 }
 
 fn services(compose: &Value) -> Vec<(&str, &Value)> {
@@ -583,6 +624,18 @@ fn baton_services(compose: &Value) -> Vec<(&str, &Value, &str)> {
         })
         .collect()
 }
+
+/// The eight role daemons, as their Dockerfile targets and `baton-<role>` binaries.
+const ROLES: [&str; 8] = [
+    "db-migration",
+    "backup",
+    "container-build",
+    "infrastructure",
+    "staging-verify",
+    "production-apply",
+    "network",
+    "cdn",
+];
 
 /// One-shot or unprobeable services whose health check is switched off on purpose.
 const NO_HEALTHCHECK: &[(&str, &str)] = &[
@@ -665,6 +718,8 @@ fn compose_services_have_images_health_checks_env_and_conditions() {
                     root().join(source).exists(),
                     "service {n}: bind mount {source} does not exist"
                 );
+            } else if source.starts_with('/') {
+                // A host path (the node's containerd socket): nothing to check here.
             } else {
                 assert!(
                     compose.pointer(&format!("/volumes/{source}")).is_some(),
@@ -748,7 +803,8 @@ fn compose_services_have_images_health_checks_env_and_conditions() {
                     "service {n}: API reachable"
                 );
             }
-            "db-migration" | "backup" => {
+            "baton" => {}
+            _ => {
                 let zone = env
                     .get("BATON_DAEMON__ZONE")
                     .unwrap_or_else(|| panic!("service {n}: zone"));
@@ -762,17 +818,25 @@ fn compose_services_have_images_health_checks_env_and_conditions() {
                         .is_some_and(|l| l.starts_with("0.0.0.0:")),
                     "service {n}: BATON_DAEMON__HTTP_LISTEN"
                 );
-                let needs: &[&str] = if *target == "db-migration" {
-                    &["BATON_MIGRATION__ADMIN_URL"]
-                } else {
-                    &[
+                let needs: &[&str] = match *target {
+                    "db-migration" => &["BATON_MIGRATION__ADMIN_URL"],
+                    "backup" => &[
                         "BATON_BACKUP__ADMIN_URL",
                         "BATON_BACKUP__PRIMARY__PATH",
                         "BATON_BACKUP__PRIMARY__REGION",
                         "BATON_BACKUP__COPY__PATH",
                         "BATON_BACKUP__COPY__REGION",
-                    ]
+                    ],
+                    "infrastructure" => &["BATON_INFRASTRUCTURE__STATE_URL"],
+                    _ => &[],
                 };
+                // Only the database roles run without profile `seed`.
+                let profiles: Vec<&str> = arr(svc, "/profiles").iter().filter_map(Value::as_str).collect();
+                if ["db-migration", "backup"].contains(target) {
+                    assert!(profiles.is_empty(), "service {n}: runs without a profile");
+                } else {
+                    assert_eq!(profiles, ["seed"], "service {n}: profile seed");
+                }
                 for var in needs {
                     assert!(env.contains_key(*var), "service {n}: {var}");
                 }
@@ -788,15 +852,13 @@ fn compose_services_have_images_health_checks_env_and_conditions() {
                 );
                 daemons.insert((target.to_string(), zone.clone()));
             }
-            "baton" => {}
-            other => panic!("service {n}: unexpected target {other}"),
         }
     }
-    let want: BTreeSet<(String, String)> = ["db-migration", "backup"]
-        .iter()
-        .flat_map(|r| ["staging", "production"].map(|z| (r.to_string(), z.to_owned())))
-        .collect();
-    assert_eq!(daemons, want, "one daemon per existing role and zone");
+    // Every role and zone the seed pipeline sends jobs to has its daemon, and the
+    // staging database is backed up daily besides.
+    let mut want = seed_daemons();
+    want.insert(("backup".into(), "staging".into()));
+    assert_eq!(daemons, want, "one daemon per role and zone of the seed pipeline");
     assert!(
         baton.iter().any(|(_, _, t)| *t == "scheduler"),
         "compose runs the scheduler"
@@ -845,19 +907,36 @@ fn host_path(mounts: &[(String, PathBuf)], container_path: &str) -> Option<PathB
 
 #[test]
 fn compose_init_and_every_baton_service_configuration_load() {
-    let compose = compose();
     let dir = std::env::temp_dir().join(format!("baton-packaging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let secrets = dir.join("volumes/baton-secrets");
     let path_dir = dir.join("bin");
     std::fs::create_dir_all(&secrets).unwrap();
     std::fs::create_dir_all(&path_dir).unwrap();
+    // The site folder of profile `seed`, with every file its README lists.
+    let site = dir.join("site");
+    std::fs::create_dir_all(site.join("bin")).unwrap();
+    for f in [
+        "kubeconfig-staging",
+        "kubeconfig-production",
+        "transip.key",
+        "bunny-api-key",
+        "bunny-storage-password",
+        "bin/terraform",
+        "bin/trivy",
+    ] {
+        assert!(
+            read("ops/compose/site/README.md").contains(&format!("`{f}`")),
+            "ops/compose/site/README.md does not list {f}"
+        );
+        std::fs::write(site.join(f), "site file\n").unwrap();
+    }
+    let compose = compose_with(&BTreeMap::from([("BATON_SITE", site.display().to_string())]));
     // The images' binaries under their real names.
-    let binaries = [
-        ("baton", bin("baton-e2e")),
-        ("baton-db-migration", bin("baton-db-migration")),
-        ("baton-backup", bin("baton-backup")),
-    ];
+    let mut binaries = vec![("baton".to_owned(), bin("baton-e2e"))];
+    for role in ROLES {
+        binaries.push((format!("baton-{role}"), bin(&format!("baton-{role}"))));
+    }
     for (name, path) in &binaries {
         std::os::unix::fs::symlink(path, path_dir.join(name)).unwrap();
     }
@@ -871,7 +950,17 @@ fn compose_init_and_every_baton_service_configuration_load() {
                 .env("PATH", &search_path)
                 .env("OUT", &secrets)
                 .env("BATON_UID", uid.trim())
-                .env("RABBITMQ_UID", uid.trim()),
+                .env("RABBITMQ_UID", uid.trim())
+                .env("SITE", &site)
+                .envs([
+                    ("SITE_TRANSIP_LOGIN", "shop-ops"),
+                    ("SITE_ACME_CONTACT", "mailto:ops@shop.example"),
+                    ("SITE_LB_HTTPS", "203.0.113.10:443"),
+                    ("SITE_LB_HTTP", "203.0.113.10:80"),
+                    ("SITE_CDN_STORAGE_ZONE", "shop-assets"),
+                    ("SITE_CDN_PULL_ZONE_ID", "123456"),
+                    ("SITE_CDN_EDGE", "https://assets.shop.example"),
+                ]),
         )
     };
     let (code, out, err) = run_init();
@@ -901,6 +990,7 @@ fn compose_init_and_every_baton_service_configuration_load() {
     for user in [
         "baton-scheduler",
         "baton-ci",
+        "baton-daemon-ci",
         "baton-daemon-staging",
         "baton-daemon-production",
     ] {
@@ -918,6 +1008,10 @@ fn compose_init_and_every_baton_service_configuration_load() {
         );
     }
 
+    let daemon_count = baton_services(&compose)
+        .iter()
+        .filter(|(_, _, t)| ROLES.contains(t))
+        .count();
     for (n, svc, target) in baton_services(&compose) {
         if target == "baton" {
             continue;
@@ -929,6 +1023,8 @@ fn compose_init_and_every_baton_service_configuration_load() {
             let (source, dest) = (parts.next().unwrap(), parts.next().unwrap());
             let host = if let Some(rel) = source.strip_prefix("./") {
                 root().join(rel)
+            } else if source.starts_with('/') {
+                PathBuf::from(source)
             } else {
                 let p = dir.join("volumes").join(source);
                 std::fs::create_dir_all(&p).unwrap();
@@ -967,11 +1063,11 @@ fn compose_init_and_every_baton_service_configuration_load() {
         );
 
         let program = match target {
-            "scheduler" => "baton",
-            "db-migration" => "baton-db-migration",
-            "backup" => "baton-backup",
+            "scheduler" => "baton".to_owned(),
+            role if ROLES.contains(&role) => format!("baton-{role}"),
             other => panic!("unexpected target {other}"),
         };
+        let program = program.as_str();
         let mut cmd = Command::new(path_dir.join(program));
         cmd.env_clear()
             .env("PATH", &search_path)
@@ -1006,7 +1102,7 @@ fn compose_init_and_every_baton_service_configuration_load() {
             "service {n}: a broker URL was printed:\n{out}"
         );
         let trusted = printed.get("signing.trusted").cloned().unwrap_or_default();
-        let expected_keys = if target == "scheduler" { 4 } else { 1 };
+        let expected_keys = if target == "scheduler" { daemon_count } else { 1 };
         assert_eq!(
             trusted.matches(':').count(),
             expected_keys,
