@@ -35,6 +35,8 @@ use crate::planner;
 use crate::relay::Relay;
 use crate::store::{self, Ingested, Store, StoreError};
 
+mod web;
+
 /// A new random token and the config entry that admits it.
 pub fn new_token(name: &str, role: Role) -> (String, TokenEntry) {
     let raw: [u8; 32] = rand::random();
@@ -62,6 +64,9 @@ struct AppState {
     alertmanager_environment: String,
     /// The OpenAPI document as served: this scheduler's environments filled in.
     openapi: String,
+    /// The web view's trace link template and cookie flag.
+    trace_url: String,
+    secure_cookies: bool,
 }
 
 /// An API error: a status, a stable code and a message.
@@ -160,6 +165,12 @@ impl AppState {
                     "a bearer token is required",
                 )
             })?;
+        self.authorize_token(presented, needed)
+    }
+
+    /// The entry of a presented token (a bearer token or the web view's
+    /// session), if it holds at least `needed`.
+    fn authorize_token(&self, presented: &str, needed: Role) -> ApiResult<&TokenEntry> {
         let digest = Sha256::digest(presented.trim().as_bytes());
         // Check every entry, so the time taken does not reveal which one matched.
         let mut found = None;
@@ -205,6 +216,8 @@ pub async fn serve(
         webhook_secret: cfg.webhook_secret.clone(),
         alertmanager_environment: cfg.alertmanager_environment.clone(),
         openapi: String::new(),
+        trace_url: cfg.trace_url.clone(),
+        secure_cookies: cfg.secure_cookies,
     };
     state.openapi = served_openapi(&state.environments());
     let state = Arc::new(state);
@@ -277,6 +290,9 @@ fn router(state: Arc<AppState>, max_body: usize, alertmanager_max_body: usize) -
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate_first))
         .layer(axum::middleware::map_response(json_errors))
+        // The web view: HTML, with layers of its own (added after the API's, so
+        // its errors stay pages rather than JSON).
+        .merge(web::routes())
         .with_state(state)
 }
 
@@ -468,9 +484,19 @@ async fn run_events(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(id)
     if store::run_status(s.store.pool(), id).await?.is_none() {
         return Err(StoreError::NotFound(id).into());
     }
+    Ok(Sse::new(history_events(s.store.pool().clone(), id))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// A run's history as server-sent events: each entry as it is recorded
+/// (`history`), then `end` with the final status.
+fn history_events(
+    pool: sqlx::PgPool,
+    id: Uuid,
+) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static {
     use futures_util::StreamExt;
-    let pool = s.store.pool().clone();
-    let stream = futures_util::stream::unfold((0i64, false), move |(after, ended)| {
+    futures_util::stream::unfold((0i64, false), move |(after, ended)| {
         let pool = pool.clone();
         async move {
             if ended {
@@ -506,8 +532,7 @@ async fn run_events(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(id)
             }
         }
     })
-    .flatten();
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    .flatten()
 }
 
 #[derive(Debug, Deserialize)]
@@ -862,7 +887,7 @@ async fn show_run(
     let view = store::run_view(s.store.pool(), id)
         .await?
         .ok_or(StoreError::NotFound(id))?;
-    Ok(Json(view))
+    Ok(Json(view.with_timing(&s.pipeline)))
 }
 
 fn parse_run_id(id: &str) -> ApiResult<Uuid> {

@@ -207,6 +207,12 @@ pub struct ApiConfig {
     /// and closes incidents whose alert is gone. Empty: off.
     pub alertmanager_url: String,
     pub alertmanager_reconcile_secs: u64,
+    /// The web view's link to a run's trace: a URL with `{trace_id}` (e.g.
+    /// Jaeger's `http://jaeger:16686/trace/{trace_id}`). Empty: no link.
+    pub trace_url: String,
+    /// Mark the web view's session cookie `Secure` (sent over HTTPS only): set it
+    /// whenever the API is reached through TLS.
+    pub secure_cookies: bool,
 }
 
 impl Default for ApiConfig {
@@ -220,6 +226,8 @@ impl Default for ApiConfig {
             alertmanager_max_body_bytes: 8 * 1024 * 1024,
             alertmanager_url: String::new(),
             alertmanager_reconcile_secs: 60,
+            trace_url: String::new(),
+            secure_cookies: false,
         }
     }
 }
@@ -255,6 +263,15 @@ impl ApiConfig {
             return Err(ConfigError::invalid(
                 "api.listen",
                 format!("{:?} is not host:port", self.listen),
+            ));
+        }
+        if !self.trace_url.is_empty()
+            && (!self.trace_url.contains("{trace_id}")
+                || !(self.trace_url.starts_with("http://") || self.trace_url.starts_with("https://")))
+        {
+            return Err(ConfigError::invalid(
+                "api.trace_url",
+                format!("{:?} must be an http(s) URL with {{trace_id}} in it", self.trace_url),
             ));
         }
         for t in &self.tokens {

@@ -17,5 +17,6 @@ pub mod relay;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod timing;
 pub mod traces;
 pub mod window;

@@ -96,6 +96,58 @@ pub async fn render(pool: &PgPool, broker: &Broker, pipeline: &Pipeline) -> Resu
         );
     }
 
+    // Against the pipeline's typical durations (`typical_minutes`), as the web
+    // view and `baton runs show` mark them.
+    let (ids, limits): (Vec<String>, Vec<f64>) = pipeline
+        .steps
+        .iter()
+        .filter_map(|s| {
+            s.typical_minutes
+                .map(|[_, high]| (s.id.clone(), f64::from(high) * 60.0))
+        })
+        .unzip();
+    t.header(
+        "baton_steps_over_typical_total",
+        "Finished steps that took longer than the pipeline's typical range, by step and role",
+        "counter",
+    );
+    for r in sqlx::query(
+        "select s.step_id, s.role, count(*) as n
+           from steps s join unnest($1::text[], $2::float8[]) as t(step_id, limit_secs) using (step_id)
+          where s.started_at is not null and s.finished_at is not null
+            and extract(epoch from s.finished_at - s.started_at) > t.limit_secs
+          group by 1, 2 order by 1",
+    )
+    .bind(&ids)
+    .bind(&limits)
+    .fetch_all(pool)
+    .await?
+    {
+        let labels = l(&[("step", r.try_get("step_id")?), ("role", r.try_get("role")?)]);
+        t.sample(
+            "baton_steps_over_typical_total",
+            &labels,
+            r.try_get::<i64, _>("n")? as f64,
+        );
+    }
+    let budget = |risk: &str| pipeline.budget_minutes(risk).map(|m| f64::from(m) * 60.0);
+    let over_budget: i64 = sqlx::query_scalar(
+        "select count(*) from runs
+          where started_at is not null and finished_at is not null
+            and extract(epoch from finished_at - started_at) >
+                case when event->>'risk' = 'critical' then $2::float8 else $1::float8 end",
+    )
+    .bind(budget("standard"))
+    .bind(budget("critical"))
+    .fetch_one(pool)
+    .await?;
+    t.header(
+        "baton_runs_over_budget_total",
+        "Finished runs that took longer than the pipeline's budget for their risk",
+        "counter",
+    );
+    t.sample("baton_runs_over_budget_total", &[], over_budget as f64);
+
     let lost: i64 = sqlx::query_scalar("select count(*) from attempts where status = 'lost'")
         .fetch_one(pool)
         .await?;

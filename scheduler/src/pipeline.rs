@@ -10,6 +10,9 @@
 //! # environment after it; zones not listed here (e.g. "ci") are not environments and
 //! # always take part.
 //! promotion = ["staging", "production"]
+//! typical_minutes = [30, 60]  # optional: how long a standard run usually takes; the web
+//!                             # view and `baton runs show` mark a run over the upper bound
+//! critical_minutes = 120      # optional: the budget of a run whose risk is critical
 //!
 //! [defaults]                  # optional; applies to every step that does not say otherwise
 //! timeout_secs = 1800         # built-in default 1800
@@ -24,6 +27,8 @@
 //! when = { paths = ["drizzle/migrations/**"], except = [], flags = ["destructive_migration"] }
 //! gates = ["backup-verified"] # step gates, one of KNOWN_GATES
 //! timeout_secs = 600          # optional, else [defaults]
+//! typical_minutes = [2, 10]   # optional: the step's usual duration, shown against the actual
+//!                             # one; a step over the upper bound is marked and counted
 //! retry = { max_attempts = 5 } # optional; fields left out come from [defaults]
 //! compensate = "rollback"     # optional: the action that undoes the step
 //! on_failure = "review"       # optional, default "rollback": if the step fails for good, the run
@@ -224,6 +229,9 @@ pub struct StepDef {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub review_on_failure: bool,
     pub params: Fields,
+    /// The step's usual duration in minutes, `[low, high]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typical_minutes: Option<[u32; 2]>,
 }
 
 /// A validated pipeline definition.
@@ -233,6 +241,12 @@ pub struct Pipeline {
     /// Environments in promotion order.
     pub promotion: Vec<String>,
     pub steps: Vec<StepDef>,
+    /// How long a standard run usually takes, in minutes, `[low, high]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typical_minutes: Option<[u32; 2]>,
+    /// The budget of a run whose risk is critical, in minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical_minutes: Option<u32>,
 }
 
 impl Pipeline {
@@ -268,6 +282,17 @@ impl Pipeline {
         self.steps.iter().find(|s| s.id == id)
     }
 
+    /// How long a run of this risk should take at most: `critical_minutes` for a
+    /// critical change (else the standard bound), the upper `typical_minutes` otherwise.
+    pub fn budget_minutes(&self, risk: &str) -> Option<u32> {
+        let standard = self.typical_minutes.map(|[_, high]| high);
+        if risk == "critical" {
+            self.critical_minutes.or(standard)
+        } else {
+            standard
+        }
+    }
+
     /// Every `(zone, role)` pair a run of this pipeline may send jobs to; each needs a queue
     /// and a daemon.
     pub fn zone_roles(&self) -> BTreeSet<(String, String)> {
@@ -296,6 +321,13 @@ impl Pipeline {
                     environment: env.clone(),
                 });
             }
+        }
+        check_typical("[pipeline]", self.typical_minutes)?;
+        if self.critical_minutes == Some(0) {
+            return Err(PipelineError::Invalid {
+                at: "[pipeline]".to_owned(),
+                message: "critical_minutes must be at least 1".to_owned(),
+            });
         }
         if self.steps.is_empty() {
             return Err(PipelineError::Empty);
@@ -406,6 +438,7 @@ impl StepDef {
     fn validate(&self) -> Result<(), PipelineError> {
         let at = step_at(&self.id);
         check_name(&at, "step id", &self.id, NameKind::Dotted)?;
+        check_typical(&at, self.typical_minutes)?;
         let Some(role) = baton_shared::roles::spec(&self.role) else {
             return Err(PipelineError::UnknownRole {
                 step: self.id.clone(),
@@ -621,7 +654,7 @@ fn step_at_raw(step: &toml::Value, index: usize) -> String {
 // Key lists for `check_keys`. The raw structs below carry `deny_unknown_fields` as well, so
 // if a list and its struct ever disagree the key is refused loudly, never ignored.
 const TOP_KEYS: &[&str] = &["pipeline", "defaults", "step"];
-const PIPELINE_KEYS: &[&str] = &["name", "promotion"];
+const PIPELINE_KEYS: &[&str] = &["name", "promotion", "typical_minutes", "critical_minutes"];
 const DEFAULTS_KEYS: &[&str] = &["timeout_secs", "retry"];
 const RETRY_KEYS: &[&str] = &["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier"];
 const STEP_KEYS: &[&str] = &[
@@ -638,6 +671,7 @@ const STEP_KEYS: &[&str] = &[
     "restore_from_backup",
     "on_failure",
     "params",
+    "typical_minutes",
 ];
 const WHEN_KEYS: &[&str] = &["paths", "except", "flags"];
 
@@ -703,6 +737,8 @@ struct RawHeader {
     name: String,
     #[serde(default)]
     promotion: Vec<String>,
+    typical_minutes: Option<[u32; 2]>,
+    critical_minutes: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -754,6 +790,7 @@ struct RawStep {
     on_failure: Option<String>,
     #[serde(default)]
     params: toml::Table,
+    typical_minutes: Option<[u32; 2]>,
 }
 
 #[derive(Deserialize)]
@@ -833,6 +870,7 @@ impl RawPipeline {
                     compensate: raw.compensate,
                     restore_from_backup: raw.restore_from_backup,
                     review_on_failure: review,
+                    typical_minutes: raw.typical_minutes,
                 })
             })
             .collect::<Result<Vec<_>, PipelineError>>()?;
@@ -840,7 +878,20 @@ impl RawPipeline {
             name: self.pipeline.name,
             promotion: self.pipeline.promotion,
             steps,
+            typical_minutes: self.pipeline.typical_minutes,
+            critical_minutes: self.pipeline.critical_minutes,
         })
+    }
+}
+
+/// A `typical_minutes = [low, high]`: high at least 1 and not below low.
+fn check_typical(at: &str, typical: Option<[u32; 2]>) -> Result<(), PipelineError> {
+    match typical {
+        Some([low, high]) if high == 0 || low > high => Err(PipelineError::Invalid {
+            at: at.to_owned(),
+            message: format!("typical_minutes [{low}, {high}] must be [low, high] with 0 <= low <= high and high >= 1"),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -355,9 +355,17 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
         let _ = writeln!(s, "{}", truncate(&format!("  rollback: {r}"), 80));
     }
     let t0 = view.started_at.unwrap_or(view.created_at);
+    // As wide as the longest step id, so columns stay aligned.
+    let w = view
+        .steps
+        .iter()
+        .map(|st| st.id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(17);
     let _ = writeln!(
         s,
-        "\n  {:<17} {:<28} {:>8} {:>8}  status",
+        "\n  {:<w$} {:<28} {:>8} {:>8}  status",
         "step", "role@zone", "start", "took"
     );
     for st in &view.steps {
@@ -372,7 +380,7 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
         let role = format!("{}@{}", st.role, st.zone);
         let _ = writeln!(
             s,
-            "  {:<17} {:<28} {:>8} {:>8}  {}",
+            "  {:<w$} {:<28} {:>8} {:>8}  {}",
             st.id,
             role,
             start,
@@ -441,6 +449,56 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
             let line = format!("      attempt {} {} {}{}", a.attempt, a.kind, a.status, err);
             let _ = writeln!(s, "{}", truncate(&line, 80));
         }
+    }
+    s.push_str(&render_timing(view, chrono::Utc::now()));
+    s
+}
+
+/// The timing table: each step's typical duration from the pipeline against
+/// its actual one, the steps it ran beside, and the run against its budget.
+pub fn render_timing(view: &RunView, now: chrono::DateTime<chrono::Utc>) -> String {
+    use std::fmt::Write;
+    let t = crate::timing::of(view, now);
+    let mut s = String::new();
+    let w = t
+        .steps
+        .iter()
+        .map(|st| st.step.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let _ = writeln!(
+        s,
+        "\n  {:<w$} {:<16} {:>11} {:>9}  parallel with",
+        "step", "role", "typical", "actual"
+    );
+    for st in &t.steps {
+        let actual = match st.actual_secs {
+            Some(a) if st.running => format!("{}…", crate::timing::duration_text(a)),
+            Some(a) => crate::timing::duration_text(a),
+            None => "—".to_owned(),
+        };
+        let mark = if st.over { "  OVER" } else { "" };
+        let line = format!(
+            "  {:<w$} {:<16} {:>11} {:>9}  {}{mark}",
+            st.step,
+            st.role,
+            crate::timing::typical_text(st.typical_minutes),
+            actual,
+            if st.parallel.is_empty() {
+                "—".to_owned()
+            } else {
+                st.parallel.join(", ")
+            },
+        );
+        let _ = writeln!(s, "{}", line.trim_end());
+    }
+    if let Some(a) = t.actual_secs {
+        let budget = t
+            .budget_minutes
+            .map(|b| format!(" of a {b} min budget{}", if t.over { ": OVER" } else { "" }))
+            .unwrap_or_default();
+        let _ = writeln!(s, "  run {}{budget}", crate::timing::duration_text(a));
     }
     s
 }

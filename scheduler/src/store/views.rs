@@ -9,8 +9,18 @@ pub struct RunView {
     pub service: String,
     pub environment: String,
     pub commit_sha: String,
+    /// The pull request's title (written by whoever opened it: display it escaped).
+    #[serde(default)]
+    pub title: String,
+    /// The merge event's risk: `standard`, `high` or `critical`.
+    #[serde(default)]
+    pub risk: String,
     pub status: String,
     pub plan_hash: String,
+    /// How long the run should take at most, from the pipeline (`typical_minutes`,
+    /// or `critical_minutes` for a critical change).
+    #[serde(default)]
+    pub budget_minutes: Option<u32>,
     pub rollback_reason: Option<String>,
     /// The run this one deploys again (`baton redeploy`), if it is a redeploy.
     #[serde(default)]
@@ -37,6 +47,9 @@ pub struct StepView {
     pub reason: String,
     pub needs: Vec<String>,
     pub gates: Vec<String>,
+    /// The step's usual duration in minutes, `[low, high]`, from the pipeline.
+    #[serde(default)]
+    pub typical_minutes: Option<[u32; 2]>,
     /// The gate holding the step, while it waits.
     pub hold: Option<Hold>,
     pub status: String,
@@ -82,6 +95,16 @@ impl RunView {
     pub fn is_terminal(&self) -> bool {
         self.status.parse::<RunStatus>().is_ok_and(RunStatus::is_terminal)
     }
+
+    /// Fills in what the pipeline says about timing: each step's typical
+    /// duration and the run's budget.
+    pub fn with_timing(mut self, pipeline: &crate::pipeline::Pipeline) -> Self {
+        for st in &mut self.steps {
+            st.typical_minutes = pipeline.step(&st.id).and_then(|d| d.typical_minutes);
+        }
+        self.budget_minutes = pipeline.budget_minutes(&self.risk);
+        self
+    }
 }
 
 /// The `runs` columns [`run_view`] reads.
@@ -90,6 +113,8 @@ struct RunRow {
     service: String,
     environment: String,
     commit_sha: String,
+    title: Option<String>,
+    risk: Option<String>,
     status: String,
     plan_hash: String,
     rollback_reason: Option<String>,
@@ -142,8 +167,8 @@ struct AttemptRow {
 /// Reads a whole run for display.
 pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, StoreError> {
     let Some(r) = sqlx::query_as::<_, RunRow>(
-        "select service, environment, commit_sha, status, plan_hash, rollback_reason, hold, trace_context, created_at,
-                started_at, finished_at, redeploy_of
+        "select service, environment, commit_sha, event->'pull_request'->>'title' as title, event->>'risk' as risk,
+                status, plan_hash, rollback_reason, hold, trace_context, created_at, started_at, finished_at, redeploy_of
          from runs where id = $1",
     )
     .bind(run_id)
@@ -197,6 +222,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         reason: s.reason,
         needs: s.needs,
         gates: s.gates,
+        typical_minutes: None,
         hold: s.hold.map(|Json(h)| h),
         status: s.status,
         completion: s.completion,
@@ -214,8 +240,11 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         service: r.service,
         environment: r.environment,
         commit_sha: r.commit_sha,
+        title: r.title.unwrap_or_default(),
+        risk: r.risk.unwrap_or_default(),
         status: r.status,
         plan_hash: r.plan_hash,
+        budget_minutes: None,
         rollback_reason: r.rollback_reason,
         redeploy_of: r.redeploy_of,
         hold: r.hold.map(|Json(h)| h),
