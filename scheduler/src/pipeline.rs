@@ -995,6 +995,35 @@ mod tests {
     }
 
     #[test]
+    fn typical_durations_and_budgets() {
+        let p = parse(&step("a", "typical_minutes = [2, 10]")).unwrap();
+        assert_eq!(p.steps[0].typical_minutes, Some([2, 10]));
+        assert_eq!(
+            p.budget_minutes("standard"),
+            None,
+            "no run budget unless the pipeline says"
+        );
+        let e = error(&step("a", "typical_minutes = [10, 2]"));
+        assert!(e.contains("step \"a\"") && e.contains("typical_minutes [10, 2]"), "{e}");
+        assert!(error(&step("a", "typical_minutes = [0, 0]")).contains("typical_minutes"));
+        assert!(error(&step("a", "typical_minutes = [1, 2, 3]")).contains("typical_minutes"));
+        let p = Pipeline::from_toml(&format!(
+            "[pipeline]\nname = \"t\"\npromotion = [\"production\"]\ntypical_minutes = [30, 60]\n\
+             critical_minutes = 120\n{}",
+            step("a", "")
+        ))
+        .unwrap();
+        assert_eq!(p.budget_minutes("standard"), Some(60));
+        assert_eq!(p.budget_minutes("high"), Some(60));
+        assert_eq!(p.budget_minutes("critical"), Some(120));
+        // The seed's timing table, as shipped.
+        let seed = Pipeline::seed();
+        assert_eq!(seed.budget_minutes("critical"), Some(120));
+        assert_eq!(seed.step("verify.staging").unwrap().typical_minutes, Some([15, 30]));
+        assert!(seed.steps.iter().all(|s| s.typical_minutes.is_some()));
+    }
+
+    #[test]
     fn seed_pipeline_is_valid() {
         let p = Pipeline::seed();
         assert_eq!(p.name, "seed");

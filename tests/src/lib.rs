@@ -148,6 +148,51 @@ pub const SEED_BINDINGS: &[&str] = &[
     "production.cdn",
 ];
 
+/// Debian's Chromium, when it and playwright-core (`tests/web/node_modules`)
+/// are installed; None outside CI when they are not (`.ci/run` installs both,
+/// and in CI their absence fails the test).
+pub fn browser_tools() -> Option<PathBuf> {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    let playwright = workspace_root().join("tests/web/node_modules/playwright-core");
+    match chromium {
+        Some(c) if playwright.is_dir() => Some(c),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI needs Debian's chromium and `npm ci --prefix tests/web` (.ci/run installs both)")
+        }
+        _ => {
+            eprintln!("no browser test: no chromium or tests/web/node_modules (run .ci/run --setup)");
+            None
+        }
+    }
+}
+
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs `tests/web/browser.mjs` with `input` (its `chromium` filled in) and
+/// returns its output; it exits 0 when every check it makes passed.
+pub async fn browser(chromium: &Path, mut input: Value) -> Output {
+    input["chromium"] = json!(chromium);
+    tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(workspace_root().join("tests/web/browser.mjs"))
+            .env("BATON_WEB_TEST", input.to_string())
+            .current_dir(workspace_root().join("tests/web"))
+            .output()
+            .expect("run node")
+    })
+    .await
+    .expect("browser task")
+}
+
 /// Where cargo put the workspace's binaries (next to this test's executable).
 pub fn bin(name: &str) -> PathBuf {
     // Tests run from target/<profile>/deps, binaries such as baton-bench from target/<profile>.

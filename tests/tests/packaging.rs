@@ -161,7 +161,9 @@ fn container_env(objects: &[Value], ns: &str, container: &Value, var: &str) -> O
 
 /// Names of environment variables that hold secrets, which must be references.
 fn is_secret_var(var: &str) -> bool {
-    var.ends_with("_URL") && !var.contains("OTLP") || var.ends_with("SECRET") || var.ends_with("PASSWORD")
+    var.ends_with("_URL") && !var.contains("OTLP") && !var.ends_with("TRACE_URL")
+        || var.ends_with("SECRET")
+        || var.ends_with("PASSWORD")
 }
 
 fn check_zone(objects: &[Value], zone: &str, namespaces: &[&str]) {

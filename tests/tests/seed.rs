@@ -139,12 +139,13 @@ fn entry(name: &str, ttl: u32, kind: &str, content: &str) -> Entry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_pipeline_runs_on_the_eight_real_daemons_and_a_failed_production_rollout_is_compensated_everywhere() {
     let w = World::new().await;
-    let _scheduler = w.env.scheduler("scheduler").await;
+    let scheduler = w.env.scheduler("scheduler").await;
     let repo = GitRepo::new();
 
     // Release 1: all nine steps.
     let first = w.release(&repo, 1);
     let run = w.enqueue(&repo, &first, 1, None);
+    let run1 = run;
     let v = w.env.wait_terminal(run, RUN_TIMEOUT).await;
     assert_eq!(v.status, "succeeded", "{}", w.env.diagnostics());
     let mut steps: Vec<(&str, &str)> = v
@@ -297,4 +298,16 @@ async fn the_seed_pipeline_runs_on_the_eight_real_daemons_and_a_failed_productio
     assert_eq!(w.sandbox.bunny.file(STORAGE_ZONE, "index.html"), Some(index1));
     // The image of release 2 was built and stays (no compensation for a build).
     assert!(w.sandbox.containerd.images().contains(&digest2));
+
+    // Both runs as the web view shows them (the README's screenshots).
+    if let Some(chromium) = baton_tests::browser_tools() {
+        let shots = baton_tests::workspace_root().join("target/web-screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        let input = serde_json::json!({
+            "mode": "shots", "base": scheduler.api, "viewer": w.env.operator_token, "shots": shots,
+            "pages": [["seed-succeeded", format!("/ui/runs/{run1}")], ["seed-rolled-back", format!("/ui/runs/{run}")]],
+        });
+        let out = baton_tests::browser(&chromium, input).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }

@@ -8,12 +8,10 @@
 //! renders as text. Screenshots of the list and of runs (waiting for approval,
 //! succeeded, rolled back) are saved under `target/web-screenshots/`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use baton_scheduler::api::{Role, new_token};
-use baton_tests::{SEED_BINDINGS, TestEnv, event};
+use baton_tests::{SEED_BINDINGS, TestEnv, browser, browser_tools, event, workspace_root};
 use serde_json::json;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -42,33 +40,6 @@ gates = ["human-approval"]
 compensate = "rollback-replicaset"
 typical_minutes = [5, 10]
 "#;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Chromium and playwright-core, or None outside CI when they are not
-/// installed (`.ci/run` installs both, and in CI their absence fails the test).
-fn browser_tools() -> Option<PathBuf> {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file());
-    let playwright = root().join("tests/web/node_modules/playwright-core");
-    match chromium {
-        Some(c) if playwright.is_dir() => Some(c),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("CI needs Debian's chromium and `npm ci --prefix tests/web` (.ci/run installs both)")
-        }
-        _ => {
-            eprintln!("skipped: no chromium or tests/web/node_modules (run .ci/run --setup)");
-            None
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_view_in_a_real_browser() {
@@ -104,22 +75,13 @@ async fn the_web_view_in_a_real_browser() {
         env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
     }
 
-    let shots = root().join("target/web-screenshots");
+    let shots = workspace_root().join("target/web-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let input = json!({
         "base": base, "viewer": tokens[0], "approver": tokens[1],
-        "runA": run_a, "runB": run_b, "shots": shots, "chromium": chromium,
+        "runA": run_a, "runB": run_b, "shots": shots,
     });
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(root().join("tests/web/browser.mjs"))
-            .env("BATON_WEB_TEST", input.to_string())
-            .current_dir(root().join("tests/web"))
-            .output()
-            .expect("run node")
-    })
-    .await
-    .unwrap();
+    let out = browser(&chromium, input).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -149,6 +111,57 @@ async fn the_web_view_in_a_real_browser() {
         .unwrap();
     let expected = [("approve", "marta"), ("reject", "marta")].map(|(d, a)| (d.to_owned(), a.to_owned()));
     assert_eq!(decisions, expected, "only the page's decisions were recorded");
+
+    // Timing against the pipeline: a migration that took 20 minutes (made so
+    // in the database: the test does not wait for it) is over its typical
+    // 2-10 minutes, in `baton runs show` and in /metrics; the run, now 20
+    // minutes long, is still within its 60-minute budget.
+    let metrics = || async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let over = r#"baton_steps_over_typical_total{step="migrate",role="db-migration"}"#;
+    assert_eq!(
+        baton_tests::metric_sample(&metrics().await, over),
+        None,
+        "nothing is over yet"
+    );
+    for sql in [
+        "update steps set started_at = finished_at - interval '20 minutes' where run_id = $1 and step_id = 'migrate'",
+        "update runs set started_at = started_at - interval '20 minutes' where id = $1",
+    ] {
+        sqlx::query(sql).bind(run_a).execute(&env.pool).await.unwrap();
+    }
+    let text = metrics().await;
+    assert_eq!(baton_tests::metric_sample(&text, over), Some(1.0), "{text}");
+    assert_eq!(
+        baton_tests::metric_sample(&text, "baton_runs_over_budget_total"),
+        Some(0.0)
+    );
+    let out = env.baton(&["runs", "show", &run_a.to_string()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let line = |step: &str| {
+        shown
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with(&format!("{step} ")))
+            .unwrap_or_else(|| panic!("no timing line for {step}:\n{shown}"))
+            .to_owned()
+    };
+    assert!(
+        line("migrate").contains("2–10 min") && line("migrate").ends_with("OVER"),
+        "{shown}"
+    );
+    assert!(
+        line("apply").contains("5–10 min") && !line("apply").contains("OVER"),
+        "{shown}"
+    );
+    assert!(shown.contains("of a 60 min budget\n"), "{shown}");
+
     for shot in ["runs", "run-waiting-for-approval", "run-succeeded", "run-rolled-back"] {
         let p = shots.join(format!("{shot}.png"));
         assert!(

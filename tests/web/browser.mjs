@@ -2,7 +2,9 @@
 // tests/tests/web.rs, which starts the scheduler, daemons and runs, then reads
 // what happened from the database. Input: one JSON object in BATON_WEB_TEST
 // ({base, viewer, approver, runA, runB, shots, chromium}). Each check prints a
-// line; the first that fails throws, and the process exits 1 naming it.
+// line; the first that fails throws, and the process exits 1 naming it. With
+// {mode: "shots", base, viewer, shots, pages: [[name, path]]} it only logs in
+// and takes a screenshot of each page.
 import { chromium } from "playwright-core";
 
 const cfg = JSON.parse(process.env.BATON_WEB_TEST);
@@ -32,6 +34,23 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
 });
 const errors = [];
+if (cfg.mode === "shots") {
+  // Screenshots only: log in and photograph each [name, path].
+  try {
+    const { page } = await login(browser, cfg.viewer);
+    await page.setViewportSize({ width: 1280, height: 1400 });
+    for (const [name, path] of cfg.pages) {
+      await page.goto(`${cfg.base}${path}`);
+      await page.waitForSelector("svg.gantt");
+      // The top of the page: the run, its timeline and timing (the history below is long).
+      await page.screenshot({ path: `${cfg.shots}/${name}.png` });
+      console.log(`ok: screenshot ${name}`);
+    }
+  } finally {
+    await browser.close();
+  }
+  process.exit(0);
+}
 try {
   // --- a viewer -------------------------------------------------------------
   const viewer = await login(browser, cfg.viewer);
