@@ -171,3 +171,239 @@ async fn the_web_view_in_a_real_browser() {
         );
     }
 }
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// `application/x-www-form-urlencoded`, as a browser sends a form.
+fn form_body(pairs: &[(&'static str, String)]) -> String {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => (b as char).to_string(),
+                b' ' => "+".to_owned(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The web view's forms without a browser: log-in, roles, CSRF and each
+/// operator action (cancel, redeploy, incidents), with their errors as pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_and_refusals_through_the_web_view() {
+    let env = TestEnv::new("web-actions").await;
+    let pipeline = env.dir.join("web.toml");
+    std::fs::write(&pipeline, PIPELINE).unwrap();
+    env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
+    let mut toml = String::from("[api]\n");
+    let mut tokens = Vec::new();
+    for (name, role) in [("vera", Role::Viewer), ("otto", Role::Operator)] {
+        let (token, e) = new_token(name, role);
+        toml.push_str(&format!(
+            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
+            e.name,
+            serde_json::to_value(e.role).unwrap(),
+            e.sha256
+        ));
+        tokens.push(token);
+    }
+    env.scheduler_config(&toml);
+    env.script(json!({"default": {"delay_ms": 20}}));
+    let scheduler = env.scheduler("scheduler").await;
+    let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
+    let base = scheduler.api.clone().unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Log-in: an unknown token is refused; a known one gets the session cookie.
+    let login = |token: String| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            http.post(format!("{base}/ui/login"))
+                .header("content-type", FORM)
+                .body(form_body(&[("token", token)]))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = login("baton_0000".into()).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let session = |r: &reqwest::Response| {
+        let c = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+            assert!(c.contains(flag), "{c}");
+        }
+        c.split(';').next().unwrap().to_owned()
+    };
+    let viewer = session(&login(tokens[0].clone()).await);
+    let r = login(tokens[1].clone()).await;
+    assert_eq!(r.status(), 303);
+    let operator = session(&r);
+
+    let get = |cookie: &str, path: &str| {
+        let req = http.get(format!("{base}{path}")).header("cookie", cookie);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let csp = r
+                .headers()
+                .get("content-security-policy")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, csp, r.text().await.unwrap())
+        }
+    };
+    let post = |cookie: &str, path: &str, form: Vec<(&'static str, String)>| {
+        let req = http
+            .post(format!("{base}{path}"))
+            .header("cookie", cookie)
+            .header("content-type", FORM)
+            .body(form_body(&form));
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let location = r.headers().get("location").map(|v| v.to_str().unwrap().to_owned());
+            (status, location, r.text().await.unwrap())
+        }
+    };
+    let csrf = |html: &str| {
+        let at = html.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
+        html[at..at + 64].to_owned()
+    };
+
+    let run = env.enqueue(&event("shop-web", 3, &["src/app.ts"]));
+    env.wait_run_status(run, "awaiting_approval", RUN_TIMEOUT).await;
+    let (status, csp, page) = get(&operator, &format!("/ui/runs/{run}")).await;
+    assert_eq!(status, 200);
+    assert!(csp.unwrap().contains("default-src 'none'"));
+    assert!(page.contains("Cancel the run") && !page.contains("button class=\"approve\""));
+    let op_csrf = csrf(&page);
+    let (_, _, page) = get(&viewer, &format!("/ui/runs/{run}")).await;
+    assert!(!page.contains("Cancel the run"), "a viewer gets no operator buttons");
+    let viewer_csrf = csrf(&page);
+
+    // A viewer with a valid session and token still may not cancel; an operator
+    // must say why; then the cancel goes through.
+    let cancel = format!("/ui/runs/{run}/cancel");
+    let (status, _, page) = post(
+        &viewer,
+        &cancel,
+        vec![("csrf", viewer_csrf.clone()), ("reason", "no".into())],
+    )
+    .await;
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("it needs operator"), "{page}");
+    let (status, _, page) = post(&operator, &cancel, vec![("reason", "no".into())]).await;
+    assert_eq!(status, 403, "no CSRF token: {page}");
+    let (status, _, page) = post(&operator, &cancel, vec![("csrf", op_csrf.clone())]).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("reason must not be empty"), "{page}");
+    assert_eq!(env.run(run).await.unwrap().status, "awaiting_approval");
+    let (status, location, _) = post(
+        &operator,
+        &cancel,
+        vec![("csrf", op_csrf.clone()), ("reason", "wrong week".into())],
+    )
+    .await;
+    assert_eq!((status.as_u16(), location), (303, Some(format!("/ui/runs/{run}"))));
+    // What had succeeded is compensated: the cancelled run ends rolled back.
+    let v = env.wait_terminal(run, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rolled_back");
+    assert!(
+        v.history.iter().any(|h| h.actor == "otto" && h.kind.contains("cancel")),
+        "{:?}",
+        v.history
+    );
+
+    // Redeploy: a new run of the same merge event, linked to this one.
+    let (status, location, _) = post(
+        &operator,
+        &format!("/ui/runs/{run}/redeploy"),
+        vec![("csrf", op_csrf.clone()), ("reason", "next week came".into())],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let again: uuid::Uuid = location.unwrap().trim_start_matches("/ui/runs/").parse().unwrap();
+    let v = env.wait_run_status(again, "awaiting_approval", RUN_TIMEOUT).await;
+    assert_eq!(v.redeploy_of, Some(run));
+    let (_, _, page) = get(&operator, &format!("/ui/runs/{again}")).await;
+    assert!(
+        page.contains(&format!("href=\"/ui/runs/{run}\"")),
+        "links the run it redeploys"
+    );
+
+    // Incidents: a viewer may not open one; an operator opens and resolves one.
+    let title = "<b>checkout errors</b>";
+    let form = |csrf: &str| {
+        vec![
+            ("csrf", csrf.to_owned()),
+            ("environment", "production".into()),
+            ("title", title.into()),
+        ]
+    };
+    let (status, _, _) = post(&viewer, "/ui/incidents", form(&viewer_csrf)).await;
+    assert_eq!(status, 403);
+    let (status, _, page) = post(
+        &operator,
+        "/ui/incidents",
+        vec![
+            ("csrf", op_csrf.clone()),
+            ("environment", "moon".into()),
+            ("title", "x".into()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        page.contains("environment &quot;moon&quot; is not one the pipeline deploys to"),
+        "{page}"
+    );
+    let (status, _, _) = post(&operator, "/ui/incidents", form(&op_csrf)).await;
+    assert_eq!(status, 303);
+    let (_, _, page) = get(&operator, "/ui/runs").await;
+    assert!(
+        page.contains("&lt;b&gt;checkout errors&lt;/b&gt;"),
+        "the title is escaped: {page}"
+    );
+    let (id,): (uuid::Uuid,) = sqlx::query_as("select id from incidents where resolved_at is null")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let (status, _, _) = post(
+        &operator,
+        &format!("/ui/incidents/{id}/resolve"),
+        vec![("csrf", op_csrf.clone())],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let open: i64 = sqlx::query_scalar("select count(*) from incidents where resolved_at is null")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(open, 0);
+
+    // A filter that names no status is refused, naming it; the list filters.
+    let (status, _, page) = get(&viewer, "/ui/runs?status=sideways").await;
+    assert_eq!(status, 400);
+    assert!(page.contains("status:"), "{page}");
+    let (_, _, page) = get(&viewer, "/ui/runs?status=rolled_back&since=24h").await;
+    assert!(page.contains(&run.to_string()[..8]) && !page.contains(&again.to_string()[..8]));
+
+    // Log-out ends the session's cookie; without one, pages send you to log in.
+    let (status, _, _) = post(&viewer, "/ui/logout", vec![("csrf", viewer_csrf)]).await;
+    assert_eq!(status, 303);
+    let r = http.get(format!("{base}/ui/runs")).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["location"].to_str().unwrap()),
+        (303, "/ui/login")
+    );
+}
