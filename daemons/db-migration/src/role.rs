@@ -178,6 +178,29 @@ struct Opened {
 }
 
 /// What `migrate` decided before writing anything.
+/// The folder's expected schema, cached or replayed on a scratch database; a
+/// pending migration that fails there is a failed migration, found before the
+/// target was touched.
+async fn replay_expected(
+    admin_url: &baton_shared::secret::Secret<String>,
+    set: &MigrationSet,
+    pending: &[&Migration],
+) -> Result<verify::Expected, Error> {
+    verify::expected_snapshot(admin_url, set).await.map_err(|e| match e {
+        Error::ScratchMigration { tag, statement, source } if pending.iter().any(|m| m.tag == tag) => {
+            let total = set.get(&tag).map_or(statement, |m| m.statements().len());
+            Error::MigrationFailed {
+                tag,
+                statement,
+                total,
+                on_scratch: true,
+                source,
+            }
+        }
+        other => other,
+    })
+}
+
 struct Decided<'s> {
     /// To apply now, in journal order.
     pending: Vec<&'s Migration>,
@@ -309,25 +332,28 @@ impl DbMigration {
             removals,
         } = self.decide(job, &params, &set, &mut conn, &history).await?;
 
-        // The expected schema is built before the target's transaction opens, so the
-        // target's tables are locked only while its own migrations run.
-        let expected = verify::expected_snapshot(&self.config.admin_url, &set)
-            .await
-            .map_err(|e| match e {
-                // A pending migration that fails on an empty database is a failed
-                // migration, found before the target was touched.
-                Error::ScratchMigration { tag, statement, source } if pending.iter().any(|m| m.tag == tag) => {
-                    let total = set.get(&tag).map_or(statement, |m| m.statements().len());
-                    Error::MigrationFailed {
-                        tag,
-                        statement,
-                        total,
-                        on_scratch: true,
-                        source,
-                    }
-                }
-                other => other,
-            })?;
+        // The expected schema: derived from the target when the schema of the
+        // migrations it already has is known and it matches it (checked below,
+        // in the migration's transaction, before anything is applied); else
+        // built before the target's transaction opens, so the target's tables
+        // are locked only while its own migrations run.
+        let applied_count = set.migrations.len() - pending.len();
+        let pending_are_the_rest = !pending.is_empty()
+            && pending
+                .iter()
+                .zip(&set.migrations[applied_count..])
+                .all(|(p, m)| p.tag == m.tag);
+        let cached = verify::cached_expected(&self.config.admin_url, &set).await?;
+        let prefix = if pending_are_the_rest && cached.is_none() {
+            verify::known_prefix(&self.config.admin_url, &set, applied_count, &mut conn).await?
+        } else {
+            None
+        };
+        let mut expected = match (cached, &prefix) {
+            (Some(c), _) => Some(c),
+            (None, Some(_)) => None,
+            (None, None) => Some(replay_expected(&self.config.admin_url, &set, &pending).await?),
+        };
         let db_err = |doing| {
             let service = service.to_owned();
             move |source| Error::Database { service, doing, source }
@@ -336,6 +362,21 @@ impl DbMigration {
             .begin()
             .await
             .map_err(db_err("starting the migration transaction"))?;
+        let mut derived = false;
+        if let Some(prefix) = &prefix {
+            let before = verify::snapshot(&mut tx)
+                .await
+                .map_err(db_err("reading the schema before applying"))?;
+            if &before == prefix {
+                derived = true;
+            } else {
+                // It differs from what its migrations made: the replay's
+                // comparison after applying names how.
+                tracing::info!(run_id = %job.run_id, step_id = %job.step_id, service,
+                    "the database differs from its applied migrations' schema; replaying the folder to compare");
+                expected = Some(replay_expected(&self.config.admin_url, &set, &pending).await?);
+            }
+        }
         if !pending.is_empty() {
             db::ensure_tables(&mut tx, service).await?;
             for m in &pending {
@@ -344,6 +385,16 @@ impl DbMigration {
                 db::log(&mut tx, service, m, Direction::Up, job.run_id, &job.step_id).await?;
             }
         }
+        let expected = match expected {
+            Some(e) => e,
+            None => verify::Expected {
+                schema: verify::snapshot(&mut tx)
+                    .await
+                    .map_err(db_err("reading the schema the migrations produced"))?,
+                cached: false,
+                derived,
+            },
+        };
         let report = verify::check(&mut tx, service, &expected).await?;
         if !report.ok() {
             tx.rollback().await.map_err(db_err("rolling back"))?;
@@ -354,6 +405,13 @@ impl DbMigration {
             });
         }
         tx.commit().await.map_err(db_err("committing the migrations"))?;
+        if expected.derived {
+            // For the next zone and replica; a failure here costs them a replay, not this deploy.
+            if let Err(e) = verify::remember_derived(&self.config.admin_url, &set, &expected.schema).await {
+                tracing::warn!(run_id = %job.run_id, step_id = %job.step_id, service, error = %e,
+                    "could not cache the derived expected schema");
+            }
+        }
         let after = db::history(&mut conn, service).await?;
         let _ = conn.close().await;
 

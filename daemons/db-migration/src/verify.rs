@@ -18,6 +18,14 @@
 //!   (`baton_migration_cache.expected`, entries unused for 90 days deleted): a
 //!   folder is replayed once, on its first deploy, and every later zone, replica
 //!   or redeploy of the same folder compares against that result.
+//! - A folder's first deploy need not replay it either when the expected schema
+//!   of the migrations the target already has is known: none (an empty
+//!   database) or cached (the previous folder). The target is compared with it
+//!   inside the migration's transaction *before* anything is applied, and the
+//!   new migrations then run on exactly that schema, so what they produce is
+//!   the new folder's expected schema: it is read from the target and cached
+//!   (see [`Expected::derived`]). A target that differs from its applied
+//!   migrations falls back to the scratch replay, which names the differences.
 //!
 //! The foreign key check reads whole child tables; on very large tables it takes as
 //! long as a sequential scan of each.
@@ -52,6 +60,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Whether the expected schema came from the cache (see [`expected_snapshot`]).
     pub expected_cached: bool,
+    /// Whether it was derived from the target (see [`Expected::derived`]).
+    pub expected_derived: bool,
 }
 
 impl Report {
@@ -64,7 +74,13 @@ impl Report {
             "validated_constraints": self.validated,
             "foreign_keys_checked": self.foreign_keys_checked,
             "schema_matches": !self.problems.iter().any(|p| matches!(p, Problem::SchemaDifference(_))),
-            "expected_schema": if self.expected_cached { "cached" } else { "replayed on a scratch database" },
+            "expected_schema": if self.expected_derived {
+                "derived: before applying, the database matched the schema of the migrations it had; the new ones ran on it"
+            } else if self.expected_cached {
+                "cached"
+            } else {
+                "replayed on a scratch database"
+            },
         })
     }
 }
@@ -77,6 +93,7 @@ pub fn quote_ident(name: &str) -> String {
 pub async fn check(conn: &mut PgConnection, service: &str, expected: &Expected) -> Result<Report, Error> {
     let mut report = Report {
         expected_cached: expected.cached,
+        expected_derived: expected.derived,
         ..Report::default()
     };
     validate_constraints(conn, service, &mut report).await?;
@@ -483,6 +500,9 @@ pub struct Expected {
     pub schema: Snapshot,
     /// From the cache rather than replayed now.
     pub cached: bool,
+    /// Read from the target after its new migrations ran on a schema that
+    /// matched its applied ones: what the migrations produce, without a replay.
+    pub derived: bool,
 }
 
 /// Expected schemas by what determines them (the scratch server's version and
@@ -504,13 +524,24 @@ CREATE TABLE IF NOT EXISTS baton_migration_cache.expected (
 /// Entries unused this long are deleted.
 const CACHE_KEEP_DAYS: i32 = 90;
 
-async fn cache_key(conn: &mut PgConnection, set: &MigrationSet) -> Result<String, sqlx::Error> {
-    let version: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+async fn server_version(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT current_setting('server_version_num')")
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+}
+
+async fn cache_key(conn: &mut PgConnection, set: &MigrationSet) -> Result<String, sqlx::Error> {
+    cache_key_of(conn, &set.migrations).await
+}
+
+async fn cache_key_of(
+    conn: &mut PgConnection,
+    migrations: &[crate::drizzle::Migration],
+) -> Result<String, sqlx::Error> {
+    let version = server_version(conn).await?;
     let mut h = sha2::Sha256::new();
     h.update(version.as_bytes());
-    for m in &set.migrations {
+    for m in migrations {
         h.update([0]);
         h.update(m.tag.as_bytes());
         h.update([0]);
@@ -552,6 +583,82 @@ async fn remember(conn: &mut PgConnection, key: &str, set: &MigrationSet, snap: 
     Ok(())
 }
 
+/// The expected schema of the folder's first `applied` migrations, when it is
+/// known without a replay: empty for none, else from the cache. None too when
+/// the target's server is not the admin server's version (schemas read on two
+/// versions may differ in how they print).
+pub async fn known_prefix(
+    admin_url: &Secret<String>,
+    set: &MigrationSet,
+    applied: usize,
+    target: &mut PgConnection,
+) -> Result<Option<Snapshot>, Error> {
+    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
+        doing: "reading migration.admin_url".into(),
+        source,
+    })?;
+    let err = |source| Error::Scratch {
+        doing: "reading the expected-schema cache".into(),
+        source,
+    };
+    let mut conn = db::connect_with(&admin).await.map_err(err)?;
+    let same_server = server_version(&mut conn).await.map_err(err)? == server_version(target).await.map_err(err)?;
+    let found = if !same_server {
+        None
+    } else if applied == 0 {
+        Some(Snapshot::default())
+    } else {
+        let key = cache_key_of(&mut conn, &set.migrations[..applied.min(set.migrations.len())])
+            .await
+            .map_err(err)?;
+        cached(&mut conn, &key).await.map_err(err)?
+    };
+    let _ = conn.close().await;
+    Ok(found)
+}
+
+/// Caches `schema` as what the whole folder produces (see [`Expected::derived`]).
+pub async fn remember_derived(admin_url: &Secret<String>, set: &MigrationSet, schema: &Snapshot) -> Result<(), Error> {
+    let err = |source| Error::Scratch {
+        doing: "writing the expected-schema cache".into(),
+        source,
+    };
+    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
+        doing: "reading migration.admin_url".into(),
+        source,
+    })?;
+    let mut conn = db::connect_with(&admin).await.map_err(err)?;
+    let key = cache_key(&mut conn, set).await.map_err(err)?;
+    // `cached` creates the cache table (under its lock) and says whether
+    // another deploy of the same folder got there first.
+    if cached(&mut conn, &key).await.map_err(err)?.is_none() {
+        remember(&mut conn, &key, set, schema).await.map_err(err)?;
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// The folder's expected schema if it is cached (nothing is replayed).
+pub async fn cached_expected(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Option<Expected>, Error> {
+    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
+        doing: "reading migration.admin_url".into(),
+        source,
+    })?;
+    let err = |source| Error::Scratch {
+        doing: "reading the expected-schema cache".into(),
+        source,
+    };
+    let mut conn = db::connect_with(&admin).await.map_err(err)?;
+    let key = cache_key(&mut conn, set).await.map_err(err)?;
+    let found = cached(&mut conn, &key).await.map_err(err)?;
+    let _ = conn.close().await;
+    Ok(found.map(|schema| Expected {
+        schema,
+        cached: true,
+        derived: false,
+    }))
+}
+
 /// The schema the folder's migrations produce on an empty database: from the
 /// cache, or replayed on a scratch database (and then cached).
 pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Expected, Error> {
@@ -567,7 +674,11 @@ pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -
     let key = cache_key(&mut conn, set).await.map_err(cache_err)?;
     if let Some(schema) = cached(&mut conn, &key).await.map_err(cache_err)? {
         let _ = conn.close().await;
-        return Ok(Expected { schema, cached: true });
+        return Ok(Expected {
+            schema,
+            cached: true,
+            derived: false,
+        });
     }
     let scratch = Scratch::create(admin.clone()).await?;
     let result = replay(&admin.clone().database(&scratch.name), set).await;
@@ -581,7 +692,11 @@ pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -
             source,
         })?;
     let _ = conn.close().await;
-    Ok(Expected { schema, cached: false })
+    Ok(Expected {
+        schema,
+        cached: false,
+        derived: false,
+    })
 }
 
 async fn replay(opts: &PgConnectOptions, set: &MigrationSet) -> Result<Snapshot, Error> {
