@@ -343,16 +343,20 @@ impl DbMigration {
                 .iter()
                 .zip(&set.migrations[applied_count..])
                 .all(|(p, m)| p.tag == m.tag);
-        let cached = verify::cached_expected(&self.config.admin_url, &set).await?;
-        let prefix = if pending_are_the_rest && cached.is_none() {
-            verify::known_prefix(&self.config.admin_url, &set, applied_count, &mut conn).await?
-        } else {
-            None
-        };
-        let mut expected = match (cached, &prefix) {
-            (Some(c), _) => Some(c),
-            (None, Some(_)) => None,
-            (None, None) => Some(replay_expected(&self.config.admin_url, &set, &pending).await?),
+        let known = verify::known(
+            &self.config.admin_url,
+            &set,
+            pending_are_the_rest.then_some(applied_count),
+            &mut conn,
+        )
+        .await?;
+        let (mut expected, prefix) = match known {
+            verify::Known::Cached(e) => (Some(e), None),
+            verify::Known::Prefix(p) => (None, Some(p)),
+            verify::Known::Neither => (
+                Some(replay_expected(&self.config.admin_url, &set, &pending).await?),
+                None,
+            ),
         };
         let db_err = |doing| {
             let service = service.to_owned();

@@ -583,16 +583,27 @@ async fn remember(conn: &mut PgConnection, key: &str, set: &MigrationSet, snap: 
     Ok(())
 }
 
-/// The expected schema of the folder's first `applied` migrations, when it is
-/// known without a replay: empty for none, else from the cache. None too when
-/// the target's server is not the admin server's version (schemas read on two
-/// versions may differ in how they print).
-pub async fn known_prefix(
+/// What is known of a folder's expected schema without a replay.
+pub enum Known {
+    /// The whole folder's, from the cache.
+    Cached(Expected),
+    /// That of the migrations the target already has: empty for none, else
+    /// from the cache (see [`Expected::derived`]).
+    Prefix(Snapshot),
+    Neither,
+}
+
+/// Looks the folder up in the cache (one connection to the admin database);
+/// failing that, and with `applied` (the number of the folder's first
+/// migrations the target has, when the pending ones are exactly the rest),
+/// the schema of those. No prefix when the target's server is not the admin
+/// server's version: schemas read on two versions may print differently.
+pub async fn known(
     admin_url: &Secret<String>,
     set: &MigrationSet,
-    applied: usize,
+    applied: Option<usize>,
     target: &mut PgConnection,
-) -> Result<Option<Snapshot>, Error> {
+) -> Result<Known, Error> {
     let admin = db::options(admin_url).map_err(|source| Error::Scratch {
         doing: "reading migration.admin_url".into(),
         source,
@@ -602,19 +613,32 @@ pub async fn known_prefix(
         source,
     };
     let mut conn = db::connect_with(&admin).await.map_err(err)?;
-    let same_server = server_version(&mut conn).await.map_err(err)? == server_version(target).await.map_err(err)?;
-    let found = if !same_server {
-        None
-    } else if applied == 0 {
-        Some(Snapshot::default())
+    let key = cache_key(&mut conn, set).await.map_err(err)?;
+    let known = if let Some(schema) = cached(&mut conn, &key).await.map_err(err)? {
+        Known::Cached(Expected {
+            schema,
+            cached: true,
+            derived: false,
+        })
+    } else if let Some(applied) = applied {
+        if server_version(&mut conn).await.map_err(err)? != server_version(target).await.map_err(err)? {
+            Known::Neither
+        } else if applied == 0 {
+            Known::Prefix(Snapshot::default())
+        } else {
+            let key = cache_key_of(&mut conn, &set.migrations[..applied.min(set.migrations.len())])
+                .await
+                .map_err(err)?;
+            cached(&mut conn, &key)
+                .await
+                .map_err(err)?
+                .map_or(Known::Neither, Known::Prefix)
+        }
     } else {
-        let key = cache_key_of(&mut conn, &set.migrations[..applied.min(set.migrations.len())])
-            .await
-            .map_err(err)?;
-        cached(&mut conn, &key).await.map_err(err)?
+        Known::Neither
     };
     let _ = conn.close().await;
-    Ok(found)
+    Ok(known)
 }
 
 /// Caches `schema` as what the whole folder produces (see [`Expected::derived`]).
@@ -636,27 +660,6 @@ pub async fn remember_derived(admin_url: &Secret<String>, set: &MigrationSet, sc
     }
     let _ = conn.close().await;
     Ok(())
-}
-
-/// The folder's expected schema if it is cached (nothing is replayed).
-pub async fn cached_expected(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Option<Expected>, Error> {
-    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
-        doing: "reading migration.admin_url".into(),
-        source,
-    })?;
-    let err = |source| Error::Scratch {
-        doing: "reading the expected-schema cache".into(),
-        source,
-    };
-    let mut conn = db::connect_with(&admin).await.map_err(err)?;
-    let key = cache_key(&mut conn, set).await.map_err(err)?;
-    let found = cached(&mut conn, &key).await.map_err(err)?;
-    let _ = conn.close().await;
-    Ok(found.map(|schema| Expected {
-        schema,
-        cached: true,
-        derived: false,
-    }))
 }
 
 /// The schema the folder's migrations produce on an empty database: from the
