@@ -347,26 +347,31 @@ impl GitCache {
             return Ok(repo);
         }
         let by_sha = format!("+{commit}:refs/baton/commits/{commit}");
-        let fetched_by_sha = git(
+        // Credentials in the URL go to git through its environment, never its
+        // command line, which every user of the machine can read.
+        let (remote, env) = remote_and_credentials(repository);
+        let fetched_by_sha = git_env(
             &repo,
-            &["fetch", "--quiet", "--no-tags", "--end-of-options", repository, &by_sha],
+            &["fetch", "--quiet", "--no-tags", "--end-of-options", &remote, &by_sha],
+            &env,
         )
         .await
         .is_ok();
         if !fetched_by_sha {
             // Servers that refuse unadvertised SHAs still serve their branches and tags;
             // a failure here is the repository being unreachable, not the commit unknown.
-            git(
+            git_env(
                 &repo,
                 &[
                     "fetch",
                     "--quiet",
                     "--force",
                     "--end-of-options",
-                    repository,
+                    &remote,
                     "+refs/heads/*:refs/baton/heads/*",
                     "+refs/tags/*:refs/baton/tags/*",
                 ],
+                &env,
             )
             .await
             .map_err(git_err("fetch"))?;
@@ -568,8 +573,67 @@ fn spawn_error(cwd: &Path, e: &std::io::Error) -> String {
 
 /// Runs git and returns its stdout, or its stderr (trimmed) as the error.
 async fn git(cwd: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    git_env(cwd, args, &[]).await
+}
+
+/// An http(s) repository URL without its userinfo, and the environment that
+/// gives git its credentials as an `Authorization: Basic` header (git's
+/// `GIT_CONFIG_COUNT` configuration, readable only by this user, unlike the
+/// command line). Any other repository is returned as it is.
+fn remote_and_credentials(repository: &str) -> (String, Vec<(String, String)>) {
+    use base64::Engine;
+    let Some((scheme, rest)) = repository.split_once("://") else {
+        return (repository.to_owned(), Vec::new());
+    };
+    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
+        return (repository.to_owned(), Vec::new());
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (repository.to_owned(), Vec::new());
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        percent_decode(user),
+        percent_decode(password)
+    ));
+    (
+        format!("{scheme}://{host}{tail}"),
+        vec![
+            ("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()),
+            ("GIT_CONFIG_KEY_0".to_owned(), "http.extraHeader".to_owned()),
+            ("GIT_CONFIG_VALUE_0".to_owned(), format!("Authorization: Basic {basic}")),
+        ],
+    )
+}
+
+/// `%XX` escapes decoded (as in a URL's userinfo); anything else kept.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn git_env(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Result<Vec<u8>, String> {
     let out = command(cwd)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
         .await
         .map_err(|e| spawn_error(cwd, &e))?;
@@ -681,6 +745,57 @@ impl Drop for JobDir {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_leave_the_url_for_a_header() {
+        let (remote, env) = super::remote_and_credentials("https://ci%2Bbot:p%40ss:w@git.example/shop/api.git");
+        assert_eq!(remote, "https://git.example/shop/api.git");
+        let header = &env.iter().find(|(k, _)| k == "GIT_CONFIG_VALUE_0").unwrap().1;
+        // base64("ci+bot:p@ss:w")
+        assert_eq!(header, "Authorization: Basic Y2krYm90OnBAc3M6dw==");
+        for plain in [
+            "https://git.example/shop/api.git",
+            "ssh://git@git.example/shop/api.git",
+            "git@git.example:shop/api.git",
+            "/srv/git/shop",
+        ] {
+            assert_eq!(super::remote_and_credentials(plain), (plain.to_owned(), Vec::new()));
+        }
+    }
+
+    /// A real git fetch against a listener that records what it is sent: the
+    /// credentials arrive as a header, and the URL git asks for has none.
+    #[tokio::test]
+    async fn git_sends_url_credentials_as_a_header() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).await.unwrap();
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let dir = std::env::temp_dir().join(format!("baton-git-cred-{}", std::process::id()));
+        let cache = super::GitCache::new(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = cache
+            .read_folder(
+                &format!("http://ci:s3cret@127.0.0.1:{port}/shop.git"),
+                &"a".repeat(40),
+                "drizzle",
+            )
+            .await
+            .unwrap_err();
+        let request = server.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(request.starts_with("GET /shop.git/info/refs"), "{request}");
+        assert!(request.contains("Authorization: Basic Y2k6czNjcmV0"), "{request}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
     #[test]
     fn relative_repository_paths_are_told_from_urls_scp_and_absolute_paths() {
         for r in ["shop-api", "./shop-api", "../repos/shop", "repos/shop.git"] {

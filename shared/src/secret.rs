@@ -64,13 +64,34 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "[redacted]".to_owned();
     };
-    match rest.split_once('@') {
+    // The authority ends at the first '/', '?' or '#'; its userinfo at the
+    // authority's last '@' (a password may hold an unescaped '@').
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
+            format!("{user}:***@{host}")
         }
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    // libpq also takes the password as a query parameter.
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => {
+                        format!("{k}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 #[cfg(test)]
@@ -109,5 +130,19 @@ mod tests {
             "amqp://baton:***@mq:5672/%2f"
         );
         assert_eq!(redact_url("postgres://db/baton"), "postgres://db/baton");
+        // An unescaped '@' in the password: the userinfo ends at the last '@'.
+        assert_eq!(
+            redact_url("amqp://baton:p@ss@mq:5672/%2f"),
+            "amqp://baton:***@mq:5672/%2f"
+        );
+        // An '@' after the authority is not userinfo.
+        assert_eq!(
+            redact_url("https://git.example/shop/api@v2.git"),
+            "https://git.example/shop/api@v2.git"
+        );
+        assert_eq!(
+            redact_url("postgres://db/baton?sslmode=require&password=hunter2"),
+            "postgres://db/baton?sslmode=require&password=***"
+        );
     }
 }
