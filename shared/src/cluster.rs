@@ -536,6 +536,37 @@ pub struct LeftAs {
     pub generation: i64,
     /// For kinds without a generation (ConfigMaps, Secrets, Services).
     pub resource_version: String,
+    /// SHA-256 of the object's `spec`, for kinds with one, without `replicas`
+    /// when the pipeline's manifest leaves them to an autoscaler: a generation
+    /// bumped only by the autoscaler is not a change of what was deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_sha256: Option<String>,
+}
+
+/// SHA-256 of `obj`'s `spec`, if it has one; without `replicas` unless a
+/// Baton field manager owns them (its manifest set them).
+fn spec_digest(obj: &DynamicObject) -> Option<String> {
+    use sha2::Digest;
+    let mut spec = obj.data.get("spec")?.clone();
+    if !baton_owns_replicas(obj)
+        && let Some(m) = spec.as_object_mut()
+    {
+        m.remove("replicas");
+    }
+    Some(hex::encode(sha2::Sha256::digest(spec.to_string().as_bytes())))
+}
+
+/// Whether one of Baton's field managers (`baton…`) owns `spec.replicas`. A
+/// manifest that leaves the count to an autoscaler does not set it, and then a
+/// changed count is the autoscaler's doing, not a change of what was deployed.
+fn baton_owns_replicas(obj: &DynamicObject) -> bool {
+    obj.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref().is_some_and(|n| n.starts_with("baton"))
+            && m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.pointer("/f:spec/f:replicas"))
+                .is_some()
+    })
 }
 
 impl LeftAs {
@@ -549,6 +580,7 @@ impl LeftAs {
             name: obj.name_any(),
             generation: obj.metadata.generation.unwrap_or_default(),
             resource_version: obj.resource_version().unwrap_or_default(),
+            spec_sha256: spec_digest(obj),
         }
     }
 
@@ -575,7 +607,8 @@ pub async fn changed_since(client: &Client, left: &[LeftAs], run: &str) -> Resul
             None => out.push(format!("{} was deleted since run {run} left it", l.describe())),
             Some(o) => {
                 let generation = o.metadata.generation.unwrap_or_default();
-                if l.generation > 0 && generation != l.generation {
+                let rescaled_only = l.spec_sha256.is_some() && l.spec_sha256 == spec_digest(&o);
+                if l.generation > 0 && generation != l.generation && !rescaled_only {
                     out.push(format!(
                         "{} was changed since run {run} left it (generation {generation}, then {})",
                         l.describe(),

@@ -209,6 +209,39 @@ async fn a_verified_image_rolls_out_with_the_seed_strategy_and_the_compensation_
     // What the rollback left is what the pipeline left: no drift next time.
     let next = fx.apply(&fx.job(&commit, Uuid::new_v4(), &digest(3))).await.unwrap();
     assert!(next.drift.is_empty(), "{:?}", next.drift);
+
+    // A manifest that leaves the replica count to an autoscaler: the
+    // autoscaler scaling is not drift; any other change still is.
+    let text = std::fs::read_to_string(fx.repo.path().join("deploy/production/deployment.yaml")).unwrap();
+    fx.repo
+        .write("deploy/production/deployment.yaml", text.replace("  replicas: 3\n", ""));
+    let commit = fx.repo.commit("replicas from the autoscaler");
+    let first = fx.apply(&fx.job(&commit, Uuid::new_v4(), &digest(4))).await.unwrap();
+    assert!(first.drift.is_empty(), "{:?}", first.drift);
+    let deployments = kube::Api::<Deployment>::namespaced(fx.ns.client.clone(), &fx.ns.name);
+    deployments
+        .patch(
+            "web",
+            &kube::api::PatchParams::apply("horizontal-pod-autoscaler").force(),
+            &kube::api::Patch::Apply(serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                "spec": {"replicas": 4}
+            })),
+        )
+        .await
+        .unwrap();
+    let scaled = fx.apply(&fx.job(&commit, Uuid::new_v4(), &digest(5))).await.unwrap();
+    assert!(scaled.drift.is_empty(), "scaling by the autoscaler: {:?}", scaled.drift);
+    deployments
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"minReadySeconds": 7}})),
+        )
+        .await
+        .unwrap();
+    let changed = fx.apply(&fx.job(&commit, Uuid::new_v4(), &digest(6))).await.unwrap();
+    assert_eq!(changed.drift.len(), 1, "{:?}", changed.drift);
 }
 
 #[tokio::test]
