@@ -324,30 +324,35 @@ impl Infrastructure {
     /// The plan's changes in modules the merge did not touch: what it touched
     /// is the paths changed since the commit of the last apply to this state (a
     /// first apply touches everything).
-    async fn unintended(
+    /// The paths the merge changed since the last applied commit (None when
+    /// nothing was applied yet). A last applied commit that is gone (a
+    /// force-push) shows nothing as touched, so every change counts as unintended.
+    async fn changed_since_applied(
         &self,
-        conn: &mut PgConnection,
         job: &StepJob,
-        p: &Params,
-        checkout: &Checkout,
-        facts: &TerraformPlanned,
-    ) -> Result<Vec<baton_shared::facts::ResourceChange>, Error> {
-        let schema = self.schema(job);
-        let Some(previous) = history::previous_commit(conn, &schema, job.run_id, &job.step_id).await? else {
-            return Ok(Vec::new());
-        };
+        previous: Option<String>,
+    ) -> Result<Option<Vec<String>>, Error> {
+        let Some(previous) = previous else { return Ok(None) };
         // The whole repository: a module may live outside the root module's folder.
-        let changed = match self
+        match self
             .git
             .changed_paths(&job.deploy.repository, &previous, &job.deploy.commit_sha, ".")
             .await
         {
-            Ok(c) => c,
-            // The last applied commit is gone (a force-push): nothing can be
-            // shown to be touched, so every change counts as unintended.
-            Err(git::GitError::UnknownCommit { .. }) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+            Ok(c) => Ok(Some(c)),
+            Err(git::GitError::UnknownCommit { .. }) => Ok(Some(Vec::new())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The planned changes outside the modules `changed` touches.
+    fn unintended(
+        p: &Params,
+        checkout: &Checkout,
+        facts: &TerraformPlanned,
+        changed: Option<Vec<String>>,
+    ) -> Vec<baton_shared::facts::ResourceChange> {
+        let Some(changed) = changed else { return Vec::new() };
         // Module folders as paths in the repository.
         let modules = checkout
             .tf
@@ -356,17 +361,24 @@ impl Infrastructure {
             .map(|(key, dir)| (key, repo_path(&p.dir, &dir)))
             .chain(std::iter::once((String::new(), repo_path(&p.dir, "."))))
             .collect();
-        Ok(untouched(&facts.changes, &modules, &changed))
+        untouched(&facts.changes, &modules, &changed)
     }
 
     async fn plan(&self, job: &StepJob) -> Result<PlanOutputs, Error> {
         let p = Self::params(job)?;
-        let mut conn = self.connect().await?;
-        let checkout = self.checkout(job, &job.deploy.commit_sha, &p).await?;
+        // The database and the checkout at once; then Terraform plans while git
+        // diffs the merge against the last applied commit.
+        let (mut conn, checkout) = tokio::try_join!(self.connect(), self.checkout(job, &job.deploy.commit_sha, &p))?;
         let file = checkout.scratch.join("plan.tfplan");
-        let state = history::current_state(&mut conn, &self.schema(job)).await?;
-        let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
-        facts.unintended = self.unintended(&mut conn, job, &p, &checkout, &facts).await?;
+        let schema = self.schema(job);
+        let state = history::current_state(&mut conn, &schema).await?;
+        let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
+        let (facts, changed) = tokio::join!(
+            self.make_plan(&mut conn, job, &p, &checkout, &file, false),
+            self.changed_since_applied(job, previous),
+        );
+        let mut facts = facts?;
+        facts.unintended = Self::unintended(&p, &checkout, &facts, changed?);
         let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
         let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
         let sha = history::save_plan(
@@ -482,8 +494,13 @@ impl Infrastructure {
                 facts
             }
             None => {
-                let mut facts = self.make_plan(&mut conn, job, &p, &checkout, &file, false).await?;
-                facts.unintended = self.unintended(&mut conn, job, &p, &checkout, &facts).await?;
+                let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
+                let (facts, changed) = tokio::join!(
+                    self.make_plan(&mut conn, job, &p, &checkout, &file, false),
+                    self.changed_since_applied(job, previous),
+                );
+                let mut facts = facts?;
+                facts.unintended = Self::unintended(&p, &checkout, &facts, changed?);
                 if facts.resources_changed > p.blast_radius_limit {
                     return Err(Error::NeedsApproval {
                         why: format!(
