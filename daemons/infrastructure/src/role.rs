@@ -321,9 +321,6 @@ impl Infrastructure {
         Ok(summary)
     }
 
-    /// The plan's changes in modules the merge did not touch: what it touched
-    /// is the paths changed since the commit of the last apply to this state (a
-    /// first apply touches everything).
     /// The paths the merge changed since the last applied commit (None when
     /// nothing was applied yet). A last applied commit that is gone (a
     /// force-push) shows nothing as touched, so every change counts as unintended.
@@ -345,7 +342,9 @@ impl Infrastructure {
         }
     }
 
-    /// The planned changes outside the modules `changed` touches.
+    /// The planned changes in modules the merge did not touch: what it touched
+    /// is the paths changed since the commit of the last apply to this state (a
+    /// first apply touches everything).
     fn unintended(
         p: &Params,
         checkout: &Checkout,
