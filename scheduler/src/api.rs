@@ -149,6 +149,21 @@ impl AppState {
         self.environments().iter().any(|e| e == environment)
     }
 
+    /// An environment an incident may name, or the error that lists them.
+    fn check_environment(&self, environment: &str) -> ApiResult<()> {
+        if self.knows_environment(environment) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "environment {environment:?} is not one the pipeline deploys to ({})",
+                self.environments().join(", ")
+            ),
+        ))
+    }
+
     /// The caller's token entry, if it holds at least `needed`.
     fn authorize(&self, headers: &HeaderMap, needed: Role) -> ApiResult<&TokenEntry> {
         // The scheme is case-insensitive (RFC 9110 §11.1).
@@ -562,17 +577,7 @@ async fn open_incident(State(s): State<Arc<AppState>>, headers: HeaderMap, bytes
     let req: OpenIncident = body(&bytes)?;
     non_empty("environment", &req.environment)?;
     non_empty("title", &req.title)?;
-    if !s.knows_environment(&req.environment) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "environment {:?} is not one the pipeline deploys to ({})",
-                req.environment,
-                s.environments().join(", ")
-            ),
-        ));
-    }
+    s.check_environment(&req.environment)?;
     let (view, _) = s
         .store
         .open_incident(&req.environment, &req.title, "operator", None, &who)

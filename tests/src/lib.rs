@@ -148,6 +148,24 @@ pub const SEED_BINDINGS: &[&str] = &[
     "production.cdn",
 ];
 
+/// New API tokens for these names and roles: the `[[api.tokens]]` entries
+/// that admit them (for a scheduler's configuration) and the tokens, in order.
+pub fn api_tokens(who: &[(&str, baton_scheduler::api::Role)]) -> (String, Vec<String>) {
+    let mut toml = String::new();
+    let mut tokens = Vec::new();
+    for (name, role) in who {
+        let (token, e) = baton_scheduler::api::new_token(name, *role);
+        toml.push_str(&format!(
+            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
+            e.name,
+            serde_json::to_value(e.role).expect("a role serialises"),
+            e.sha256
+        ));
+        tokens.push(token);
+    }
+    (toml, tokens)
+}
+
 /// Debian's Chromium, when it and playwright-core (`tests/web/node_modules`)
 /// are installed; None outside CI when they are not (`.ci/run` installs both,
 /// and in CI their absence fails the test).

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use baton_scheduler::api::{Role, new_token};
+use baton_scheduler::api::Role;
 use baton_scheduler::store::RunView;
 use baton_tests::{SEED_BINDINGS, TestEnv, event};
 use reqwest::StatusCode;
@@ -66,27 +66,16 @@ impl Api {
 
 /// Tokens for every role, and the rest of the scheduler's config.
 fn configure(env: &TestEnv, extra: &str) -> Vec<(String, Role)> {
-    let mut toml = String::from("[api]\n");
-    let mut tokens = Vec::new();
-    for (name, role) in [
+    let who = [
         ("vera", Role::Viewer),
         ("otto", Role::Operator),
         ("alice", Role::Approver),
         ("bob", Role::Approver),
         ("ci", Role::Approver),
-    ] {
-        let (token, e) = new_token(name, role);
-        toml.push_str(&format!(
-            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
-            e.name,
-            serde_json::to_value(e.role).unwrap(),
-            e.sha256
-        ));
-        tokens.push((token, role));
-    }
-    toml.push_str(extra);
-    env.scheduler_config(&toml);
-    tokens
+    ];
+    let (entries, tokens) = baton_tests::api_tokens(&who);
+    env.scheduler_config(&format!("[api]\n{entries}{extra}"));
+    tokens.into_iter().zip(who.map(|(_, r)| r)).collect()
 }
 
 async fn start(env: &TestEnv, extra: &str) -> (Api, Vec<baton_tests::Proc>) {

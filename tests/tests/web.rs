@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use baton_scheduler::api::{Role, new_token};
-use baton_tests::{SEED_BINDINGS, TestEnv, browser, browser_tools, event, workspace_root};
+use baton_scheduler::api::Role;
+use baton_tests::{SEED_BINDINGS, TestEnv, api_tokens, browser, browser_tools, event, workspace_root};
 use serde_json::json;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -48,19 +48,10 @@ async fn the_web_view_in_a_real_browser() {
     let pipeline = env.dir.join("web.toml");
     std::fs::write(&pipeline, PIPELINE).unwrap();
     env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
-    let mut toml = String::from("[api]\ntrace_url = \"http://jaeger.test/trace/{trace_id}\"\n");
-    let mut tokens = Vec::new();
-    for (name, role) in [("vera", Role::Viewer), ("marta", Role::Approver)] {
-        let (token, e) = new_token(name, role);
-        toml.push_str(&format!(
-            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
-            e.name,
-            serde_json::to_value(e.role).unwrap(),
-            e.sha256
-        ));
-        tokens.push(token);
-    }
-    env.scheduler_config(&toml);
+    let (entries, tokens) = api_tokens(&[("vera", Role::Viewer), ("marta", Role::Approver)]);
+    env.scheduler_config(&format!(
+        "[api]\ntrace_url = \"http://jaeger.test/trace/{{trace_id}}\"\n{entries}"
+    ));
     env.script(json!({"default": {"delay_ms": 50}}));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;
@@ -200,19 +191,8 @@ async fn operator_actions_and_refusals_through_the_web_view() {
     let pipeline = env.dir.join("web.toml");
     std::fs::write(&pipeline, PIPELINE).unwrap();
     env.set_scheduler_env("BATON_SCHEDULER__PIPELINE", pipeline.to_str().unwrap());
-    let mut toml = String::from("[api]\n");
-    let mut tokens = Vec::new();
-    for (name, role) in [("vera", Role::Viewer), ("otto", Role::Operator)] {
-        let (token, e) = new_token(name, role);
-        toml.push_str(&format!(
-            "[[api.tokens]]\nname = {:?}\nrole = {}\nsha256 = {:?}\n",
-            e.name,
-            serde_json::to_value(e.role).unwrap(),
-            e.sha256
-        ));
-        tokens.push(token);
-    }
-    env.scheduler_config(&toml);
+    let (entries, tokens) = api_tokens(&[("vera", Role::Viewer), ("otto", Role::Operator)]);
+    env.scheduler_config(&format!("[api]\n{entries}"));
     env.script(json!({"default": {"delay_ms": 20}}));
     let scheduler = env.scheduler("scheduler").await;
     let _daemon = env.daemon("daemon", SEED_BINDINGS).await;

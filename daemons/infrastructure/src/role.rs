@@ -321,6 +321,26 @@ impl Infrastructure {
         Ok(summary)
     }
 
+    /// A plan of the checkout with its unintended changes named: git diffs the
+    /// merge against the last applied commit while Terraform plans.
+    async fn plan_with_unintended(
+        &self,
+        conn: &mut PgConnection,
+        job: &StepJob,
+        p: &Params,
+        checkout: &Checkout,
+        file: &Path,
+    ) -> Result<TerraformPlanned, Error> {
+        let previous = history::previous_commit(conn, &self.schema(job), job.run_id, &job.step_id).await?;
+        let (facts, changed) = tokio::join!(
+            self.make_plan(conn, job, p, checkout, file, false),
+            self.changed_since_applied(job, previous),
+        );
+        let mut facts = facts?;
+        facts.unintended = Self::unintended(p, checkout, &facts, changed?);
+        Ok(facts)
+    }
+
     /// The paths the merge changed since the last applied commit (None when
     /// nothing was applied yet). A last applied commit that is gone (a
     /// force-push) shows nothing as touched, so every change counts as unintended.
@@ -371,13 +391,7 @@ impl Infrastructure {
         let file = checkout.scratch.join("plan.tfplan");
         let schema = self.schema(job);
         let state = history::current_state(&mut conn, &schema).await?;
-        let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
-        let (facts, changed) = tokio::join!(
-            self.make_plan(&mut conn, job, &p, &checkout, &file, false),
-            self.changed_since_applied(job, previous),
-        );
-        let mut facts = facts?;
-        facts.unintended = Self::unintended(&p, &checkout, &facts, changed?);
+        let mut facts = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
         let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
         let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
         let sha = history::save_plan(
@@ -493,13 +507,7 @@ impl Infrastructure {
                 facts
             }
             None => {
-                let previous = history::previous_commit(&mut conn, &schema, job.run_id, &job.step_id).await?;
-                let (facts, changed) = tokio::join!(
-                    self.make_plan(&mut conn, job, &p, &checkout, &file, false),
-                    self.changed_since_applied(job, previous),
-                );
-                let mut facts = facts?;
-                facts.unintended = Self::unintended(&p, &checkout, &facts, changed?);
+                let facts = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
                 if facts.resources_changed > p.blast_radius_limit {
                     return Err(Error::NeedsApproval {
                         why: format!(

@@ -143,6 +143,29 @@ fn posting<'a>(s: &'a AppState, headers: &HeaderMap, csrf: &str) -> Result<Sessi
     Ok(session)
 }
 
+/// The session of a POST that needs `needed`; else the page that says why.
+fn acting<'a>(
+    s: &'a AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+    needed: Role,
+    what: &str,
+) -> Result<Session<'a>, Box<Response>> {
+    let sess = posting(s, headers, csrf)?;
+    if !sess.may(needed) {
+        return Err(Box::new(error_page(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "Your role ({}) may not {what}; it needs {}.",
+                role_label(sess.entry.role),
+                role_label(needed)
+            ),
+        )));
+    }
+    Ok(sess)
+}
+
 fn cookie(s: &AppState, value: &str, max_age: u64) -> String {
     format!(
         "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
@@ -736,19 +759,8 @@ struct Verdict {
 fn gate_verdicts(history: &[HistoryEntry]) -> Vec<Verdict> {
     let mut out = Vec::new();
     for e in history {
-        let vs: Vec<&serde_json::Value> = match e.kind.as_str() {
-            "gate" => vec![&e.detail],
-            "gates_passed" => e.detail["gates"]
-                .as_array()
-                .map(|a| a.iter().collect())
-                .unwrap_or_default(),
-            _ => continue,
-        };
-        for v in vs {
+        for v in e.verdicts() {
             let verdict = v["verdict"].as_str().unwrap_or("?");
-            if v["gate"] == "incident" && verdict == "pass" {
-                continue;
-            }
             out.push(Verdict {
                 at: e.at,
                 step: e.step_id.clone(),
@@ -828,27 +840,16 @@ async fn run_action(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    let sess = match posting(&s, &headers, &form.csrf) {
-        Ok(sess) => sess,
-        Err(res) => return *res,
-    };
-    let who = sess.entry.name.clone();
     let needed = match action.as_str() {
         "approve" | "reject" => Role::Approver,
         "cancel" | "rollback" | "redeploy" => Role::Operator,
         _ => return error_page(StatusCode::NOT_FOUND, "Not found", "No such action."),
     };
-    if !sess.may(needed) {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!(
-                "Your role ({}) may not {action}; it needs {}.",
-                role_label(sess.entry.role),
-                role_label(needed)
-            ),
-        );
-    }
+    let sess = match acting(&s, &headers, &form.csrf, needed, &action) {
+        Ok(sess) => sess,
+        Err(res) => return *res,
+    };
+    let who = sess.entry.name.clone();
     let result: ApiResult<Uuid> = async {
         let id = parse_run_id(&id)?;
         match action.as_str() {
@@ -912,26 +913,13 @@ struct IncidentForm {
 }
 
 async fn open_incident(State(s): State<Arc<AppState>>, headers: HeaderMap, Form(form): Form<IncidentForm>) -> Response {
-    let sess = match posting(&s, &headers, &form.csrf) {
+    let sess = match acting(&s, &headers, &form.csrf, Role::Operator, "open an incident") {
         Ok(sess) => sess,
         Err(res) => return *res,
     };
-    if !sess.may(Role::Operator) {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "Opening an incident needs the operator role.",
-        );
-    }
     let result: ApiResult<()> = async {
         non_empty("title", &form.title)?;
-        if !s.knows_environment(&form.environment) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("environment {:?} is not one the pipeline deploys to", form.environment),
-            ));
-        }
+        s.check_environment(&form.environment)?;
         s.store
             .open_incident(&form.environment, &form.title, "operator", None, &sess.entry.name)
             .await?;
@@ -950,17 +938,10 @@ async fn resolve_incident(
     Path(id): Path<String>,
     Form(form): Form<CsrfOnly>,
 ) -> Response {
-    let sess = match posting(&s, &headers, &form.csrf) {
+    let sess = match acting(&s, &headers, &form.csrf, Role::Operator, "resolve an incident") {
         Ok(sess) => sess,
         Err(res) => return *res,
     };
-    if !sess.may(Role::Operator) {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "Resolving an incident needs the operator role.",
-        );
-    }
     let Ok(id) = id.parse::<Uuid>() else {
         return error_page(StatusCode::BAD_REQUEST, "Bad request", "That is not an incident id.");
     };

@@ -402,18 +402,7 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
             .iter()
             .filter(|e| e.step_id.as_deref() == Some(st.id.as_str()))
         {
-            let verdicts: Vec<&serde_json::Value> = match e.kind.as_str() {
-                "gate" => vec![&e.detail],
-                "gates_passed" => e.detail["gates"]
-                    .as_array()
-                    .map(|a| a.iter().collect())
-                    .unwrap_or_default(),
-                _ => continue,
-            };
-            for v in verdicts
-                .into_iter()
-                .filter(|v| v["gate"] != "incident" || v["verdict"] != "pass")
-            {
+            for v in e.verdicts() {
                 let line = format!(
                     "      gate {} {}: {}",
                     v["gate"].as_str().unwrap_or("?"),

@@ -87,6 +87,25 @@ pub struct HistoryEntry {
     pub detail: Value,
 }
 
+impl HistoryEntry {
+    /// The gate verdicts this entry records (`{gate, verdict, reason}`): one
+    /// for `gate`, each of `gates_passed`, none otherwise. The incident gate's
+    /// passes, recorded before every step, are left out.
+    pub fn verdicts(&self) -> Vec<&Value> {
+        let all: Vec<&Value> = match self.kind.as_str() {
+            "gate" => vec![&self.detail],
+            "gates_passed" => self.detail["gates"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        all.into_iter()
+            .filter(|v| v["gate"] != "incident" || v["verdict"] != "pass")
+            .collect()
+    }
+}
+
 impl RunView {
     pub fn step(&self, id: &str) -> Option<&StepView> {
         self.steps.iter().find(|s| s.id == id)
