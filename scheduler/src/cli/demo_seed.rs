@@ -88,7 +88,9 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// What the run did, step by step, and the state of the real systems after.
 async fn report(sb: &Sandbox, dbs: &Databases, view: &RunView) -> anyhow::Result<()> {
-    print!("\n{}", super::render_run(view, false));
+    // Each step against the seed's typical duration.
+    let view = view.clone().with_timing(&crate::pipeline::Pipeline::seed());
+    print!("\n{}", super::render_run(&view, false));
     let image = |ns: &baton_shared::test_cluster::TestNamespace| {
         let (client, ns) = (ns.client.clone(), ns.name.clone());
         async move {

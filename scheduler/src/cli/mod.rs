@@ -458,8 +458,8 @@ pub fn render_timing(view: &RunView, now: chrono::DateTime<chrono::Utc>) -> Stri
         .max(4);
     let _ = writeln!(
         s,
-        "\n  {:<w$} {:<16} {:>11} {:>9}  parallel with",
-        "step", "role", "typical", "actual"
+        "\n  {:<w$} {:<16} {:>11} {:>9} {:<4}  parallel with",
+        "step", "role", "typical", "actual", ""
     );
     for st in &t.steps {
         let actual = match st.actual_secs {
@@ -467,20 +467,21 @@ pub fn render_timing(view: &RunView, now: chrono::DateTime<chrono::Utc>) -> Stri
             Some(a) => crate::timing::duration_text(a),
             None => "—".to_owned(),
         };
-        let mark = if st.over { "  OVER" } else { "" };
         let line = format!(
-            "  {:<w$} {:<16} {:>11} {:>9}  {}{mark}",
+            "  {:<w$} {:<16} {:>11} {:>9} {:<4}  {}",
             st.step,
             st.role,
             crate::timing::typical_text(st.typical_minutes),
             actual,
+            if st.over { "OVER" } else { "" },
             if st.parallel.is_empty() {
                 "—".to_owned()
             } else {
                 st.parallel.join(", ")
             },
         );
-        let _ = writeln!(s, "{}", line.trim_end());
+        // The list of parallel steps is cut to the terminal's 80 columns.
+        let _ = writeln!(s, "{}", truncate(line.trim_end(), 80.max(w + 50)));
     }
     if let Some(a) = t.actual_secs {
         let budget = t
