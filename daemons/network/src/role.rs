@@ -91,6 +91,33 @@ struct LastApplied {
     objects: Vec<cluster::LeftAs>,
 }
 
+impl LastApplied {
+    /// What `job` leaves: each changed set as `side` of its change says
+    /// (after an apply, before a revert), and the objects.
+    fn of(
+        job: &StepJob,
+        commit: &str,
+        dns: &[DnsChange],
+        side: impl Fn(&DnsChange) -> &Vec<DnsEntry>,
+        objects: Vec<cluster::LeftAs>,
+    ) -> Self {
+        Self {
+            run: job.run_id.to_string(),
+            commit: commit.to_owned(),
+            dns: dns
+                .iter()
+                .map(|c| DnsSet {
+                    domain: c.domain.clone(),
+                    name: c.name.clone(),
+                    kind: c.kind.clone(),
+                    entries: side(c).clone(),
+                })
+                .collect(),
+            objects,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct DnsSet {
     domain: String,
@@ -758,21 +785,7 @@ impl Network {
         }
 
         let health = self.health(&spec).await?;
-        let last = LastApplied {
-            run: job.run_id.to_string(),
-            commit: commit.clone(),
-            dns: record
-                .dns
-                .iter()
-                .map(|c| DnsSet {
-                    domain: c.domain.clone(),
-                    name: c.name.clone(),
-                    kind: c.kind.clone(),
-                    entries: c.after.clone(),
-                })
-                .collect(),
-            objects: left,
-        };
+        let last = LastApplied::of(job, &commit, &record.dns, |c| &c.after, left);
         self.save_last_applied(&client, job, &last).await?;
         tracing::info!(run_id = %job.run_id, records = changed.len(), certificates = certificates.len(), objects = applied.len(), "network applied");
         Ok(ApplyOutputs {
@@ -972,21 +985,7 @@ impl Network {
                 }
             }
         }
-        let last = LastApplied {
-            run: job.run_id.to_string(),
-            commit: record.commit.clone(),
-            dns: record
-                .dns
-                .iter()
-                .map(|c| DnsSet {
-                    domain: c.domain.clone(),
-                    name: c.name.clone(),
-                    kind: c.kind.clone(),
-                    entries: c.before.clone(),
-                })
-                .collect(),
-            objects,
-        };
+        let last = LastApplied::of(job, &record.commit, &record.dns, |c| &c.before, objects);
         self.save_last_applied(&client, job, &last).await?;
         tracing::info!(run_id = %job.run_id, records = out.records_restored.len(), objects = out.objects_restored.len() + out.objects_deleted.len(), "network reverted");
         Ok(out)
