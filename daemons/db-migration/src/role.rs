@@ -178,15 +178,15 @@ struct Opened {
 }
 
 /// What `migrate` decided before writing anything.
-/// The folder's expected schema, cached or replayed on a scratch database; a
-/// pending migration that fails there is a failed migration, found before the
-/// target was touched.
+/// The folder's expected schema replayed on a scratch database (the cache
+/// does not hold it); a pending migration that fails there is a failed
+/// migration, found before the target was touched.
 async fn replay_expected(
     admin_url: &baton_shared::secret::Secret<String>,
     set: &MigrationSet,
     pending: &[&Migration],
 ) -> Result<verify::Expected, Error> {
-    verify::expected_snapshot(admin_url, set).await.map_err(|e| match e {
+    verify::replayed(admin_url, set).await.map_err(|e| match e {
         Error::ScratchMigration { tag, statement, source } if pending.iter().any(|m| m.tag == tag) => {
             let total = set.get(&tag).map_or(statement, |m| m.statements().len());
             Error::MigrationFailed {
@@ -346,8 +346,7 @@ impl DbMigration {
         let known = verify::known(
             &self.config.admin_url,
             &set,
-            pending_are_the_rest.then_some(applied_count),
-            &mut conn,
+            pending_are_the_rest.then_some((applied_count, &mut conn)),
         )
         .await?;
         let (mut expected, prefix) = match known {

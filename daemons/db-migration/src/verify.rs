@@ -593,45 +593,55 @@ pub enum Known {
     Neither,
 }
 
+/// `Error::Scratch` for a failure while `doing`.
+fn scratch_err(doing: &'static str) -> impl Fn(sqlx::Error) -> Error {
+    move |source| Error::Scratch {
+        doing: doing.into(),
+        source,
+    }
+}
+
+/// `migration.admin_url`'s options and a connection to its database, which
+/// holds the cache.
+async fn admin(admin_url: &Secret<String>) -> Result<(PgConnectOptions, PgConnection), Error> {
+    let opts = db::options(admin_url).map_err(scratch_err("reading migration.admin_url"))?;
+    let conn = db::connect_with(&opts)
+        .await
+        .map_err(scratch_err("connecting with migration.admin_url"))?;
+    Ok((opts, conn))
+}
+
 /// Looks the folder up in the cache (one connection to the admin database);
-/// failing that, and with `applied` (the number of the folder's first
-/// migrations the target has, when the pending ones are exactly the rest),
-/// the schema of those. No prefix when the target's server is not the admin
-/// server's version: schemas read on two versions may print differently.
+/// failing that, and with `prefix` (the number of the folder's first
+/// migrations the target has, when the pending ones are exactly the rest, and
+/// the target), the schema of those. No prefix when the target's server is not
+/// the admin server's version: schemas read on two versions may print differently.
 pub async fn known(
     admin_url: &Secret<String>,
     set: &MigrationSet,
-    applied: Option<usize>,
-    target: &mut PgConnection,
+    prefix: Option<(usize, &mut PgConnection)>,
 ) -> Result<Known, Error> {
-    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
-        doing: "reading migration.admin_url".into(),
-        source,
-    })?;
-    let err = |source| Error::Scratch {
-        doing: "reading the expected-schema cache".into(),
-        source,
-    };
-    let mut conn = db::connect_with(&admin).await.map_err(err)?;
-    let key = cache_key(&mut conn, set).await.map_err(err)?;
-    let known = if let Some(schema) = cached(&mut conn, &key).await.map_err(err)? {
+    let err = scratch_err("reading the expected-schema cache");
+    let (_, mut conn) = admin(admin_url).await?;
+    let key = cache_key(&mut conn, set).await.map_err(&err)?;
+    let known = if let Some(schema) = cached(&mut conn, &key).await.map_err(&err)? {
         Known::Cached(Expected {
             schema,
             cached: true,
             derived: false,
         })
-    } else if let Some(applied) = applied {
-        if server_version(&mut conn).await.map_err(err)? != server_version(target).await.map_err(err)? {
+    } else if let Some((applied, target)) = prefix {
+        if server_version(&mut conn).await.map_err(&err)? != server_version(target).await.map_err(&err)? {
             Known::Neither
         } else if applied == 0 {
             Known::Prefix(Snapshot::default())
         } else {
             let key = cache_key_of(&mut conn, &set.migrations[..applied.min(set.migrations.len())])
                 .await
-                .map_err(err)?;
+                .map_err(&err)?;
             cached(&mut conn, &key)
                 .await
-                .map_err(err)?
+                .map_err(&err)?
                 .map_or(Known::Neither, Known::Prefix)
         }
     } else {
@@ -643,20 +653,13 @@ pub async fn known(
 
 /// Caches `schema` as what the whole folder produces (see [`Expected::derived`]).
 pub async fn remember_derived(admin_url: &Secret<String>, set: &MigrationSet, schema: &Snapshot) -> Result<(), Error> {
-    let err = |source| Error::Scratch {
-        doing: "writing the expected-schema cache".into(),
-        source,
-    };
-    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
-        doing: "reading migration.admin_url".into(),
-        source,
-    })?;
-    let mut conn = db::connect_with(&admin).await.map_err(err)?;
-    let key = cache_key(&mut conn, set).await.map_err(err)?;
+    let err = scratch_err("writing the expected-schema cache");
+    let (_, mut conn) = admin(admin_url).await?;
+    let key = cache_key(&mut conn, set).await.map_err(&err)?;
     // `cached` creates the cache table (under its lock) and says whether
     // another deploy of the same folder got there first.
-    if cached(&mut conn, &key).await.map_err(err)?.is_none() {
-        remember(&mut conn, &key, set, schema).await.map_err(err)?;
+    if cached(&mut conn, &key).await.map_err(&err)?.is_none() {
+        remember(&mut conn, &key, set, schema).await.map_err(&err)?;
     }
     let _ = conn.close().await;
     Ok(())
@@ -665,35 +668,25 @@ pub async fn remember_derived(admin_url: &Secret<String>, set: &MigrationSet, sc
 /// The schema the folder's migrations produce on an empty database: from the
 /// cache, or replayed on a scratch database (and then cached).
 pub async fn expected_snapshot(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Expected, Error> {
-    let admin = db::options(admin_url).map_err(|source| Error::Scratch {
-        doing: "reading migration.admin_url".into(),
-        source,
-    })?;
-    let cache_err = |source| Error::Scratch {
-        doing: "reading the expected-schema cache".into(),
-        source,
-    };
-    let mut conn = db::connect_with(&admin).await.map_err(cache_err)?;
-    let key = cache_key(&mut conn, set).await.map_err(cache_err)?;
-    if let Some(schema) = cached(&mut conn, &key).await.map_err(cache_err)? {
-        let _ = conn.close().await;
-        return Ok(Expected {
-            schema,
-            cached: true,
-            derived: false,
-        });
+    match known(admin_url, set, None).await? {
+        Known::Cached(e) => Ok(e),
+        _ => replayed(admin_url, set).await,
     }
+}
+
+/// The folder replayed on a scratch database, and cached; for a folder the
+/// cache was just found not to hold.
+pub async fn replayed(admin_url: &Secret<String>, set: &MigrationSet) -> Result<Expected, Error> {
+    let (admin, mut conn) = admin(admin_url).await?;
+    let err = scratch_err("writing the expected-schema cache");
+    let key = cache_key(&mut conn, set).await.map_err(&err)?;
     let scratch = Scratch::create(admin.clone()).await?;
     let result = replay(&admin.clone().database(&scratch.name), set).await;
     let dropped = scratch.drop_now().await;
     let schema = result?;
     dropped?;
-    remember(&mut conn, &key, set, &schema)
-        .await
-        .map_err(|source| Error::Scratch {
-            doing: "writing the expected-schema cache".into(),
-            source,
-        })?;
+    // The table exists: `known` created it looking for this folder.
+    remember(&mut conn, &key, set, &schema).await.map_err(&err)?;
     let _ = conn.close().await;
     Ok(Expected {
         schema,
