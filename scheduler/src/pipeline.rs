@@ -13,6 +13,8 @@
 //! typical_minutes = [30, 60]  # optional: how long a standard run usually takes; the web
 //!                             # view and `baton runs show` mark a run over the upper bound
 //! critical_minutes = 120      # optional: the budget of a run whose risk is critical
+//! orchestration_minutes = 1   # optional: the scheduler's usual time from a run's start to
+//!                             # its first dispatch, shown and marked like a step's
 //!
 //! [defaults]                  # optional; applies to every step that does not say otherwise
 //! timeout_secs = 1800         # built-in default 1800
@@ -247,6 +249,9 @@ pub struct Pipeline {
     /// The budget of a run whose risk is critical, in minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub critical_minutes: Option<u32>,
+    /// The scheduler's usual time from a run's start to its first dispatch, in minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orchestration_minutes: Option<u32>,
 }
 
 impl Pipeline {
@@ -323,11 +328,16 @@ impl Pipeline {
             }
         }
         check_typical("[pipeline]", self.typical_minutes)?;
-        if self.critical_minutes == Some(0) {
-            return Err(PipelineError::Invalid {
-                at: "[pipeline]".to_owned(),
-                message: "critical_minutes must be at least 1".to_owned(),
-            });
+        for (key, value) in [
+            ("critical_minutes", self.critical_minutes),
+            ("orchestration_minutes", self.orchestration_minutes),
+        ] {
+            if value == Some(0) {
+                return Err(PipelineError::Invalid {
+                    at: "[pipeline]".to_owned(),
+                    message: format!("{key} must be at least 1"),
+                });
+            }
         }
         if self.steps.is_empty() {
             return Err(PipelineError::Empty);
@@ -654,7 +664,13 @@ fn step_at_raw(step: &toml::Value, index: usize) -> String {
 // Key lists for `check_keys`. The raw structs below carry `deny_unknown_fields` as well, so
 // if a list and its struct ever disagree the key is refused loudly, never ignored.
 const TOP_KEYS: &[&str] = &["pipeline", "defaults", "step"];
-const PIPELINE_KEYS: &[&str] = &["name", "promotion", "typical_minutes", "critical_minutes"];
+const PIPELINE_KEYS: &[&str] = &[
+    "name",
+    "promotion",
+    "typical_minutes",
+    "critical_minutes",
+    "orchestration_minutes",
+];
 const DEFAULTS_KEYS: &[&str] = &["timeout_secs", "retry"];
 const RETRY_KEYS: &[&str] = &["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier"];
 const STEP_KEYS: &[&str] = &[
@@ -739,6 +755,7 @@ struct RawHeader {
     promotion: Vec<String>,
     typical_minutes: Option<[u32; 2]>,
     critical_minutes: Option<u32>,
+    orchestration_minutes: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -880,6 +897,7 @@ impl RawPipeline {
             steps,
             typical_minutes: self.pipeline.typical_minutes,
             critical_minutes: self.pipeline.critical_minutes,
+            orchestration_minutes: self.pipeline.orchestration_minutes,
         })
     }
 }
@@ -1019,6 +1037,7 @@ mod tests {
         // The seed's timing table, as shipped.
         let seed = Pipeline::seed();
         assert_eq!(seed.budget_minutes("critical"), Some(120));
+        assert_eq!(seed.orchestration_minutes, Some(1));
         assert_eq!(seed.step("verify.staging").unwrap().typical_minutes, Some([15, 30]));
         assert!(seed.steps.iter().all(|s| s.typical_minutes.is_some()));
     }

@@ -1,4 +1,5 @@
-//! A run's timing against the pipeline's typical durations: per step the
+//! A run's timing against the pipeline's typical durations: the scheduler's
+//! orchestration (from the run's start to its first dispatch) and per step the
 //! typical range, the actual duration, whether it is over, and which steps ran
 //! beside it; for the run its total against its budget. `baton runs show`, the
 //! web view and `/metrics` read the same figures.
@@ -26,6 +27,8 @@ pub struct StepTiming {
 /// A run's timing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunTiming {
+    /// The orchestration row first (when the pipeline gives its typical
+    /// time), then each step that takes part.
     pub steps: Vec<StepTiming>,
     pub budget_minutes: Option<u32>,
     /// From the run's start to its end, or to `now` while it goes on.
@@ -33,7 +36,8 @@ pub struct RunTiming {
     pub over: bool,
 }
 
-fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
+/// Seconds from `a` to `b`, never negative.
+pub fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
     (b - a).num_milliseconds().max(0) as f64 / 1000.0
 }
 
@@ -47,37 +51,64 @@ fn over(actual_secs: f64, minutes: Option<u32>) -> bool {
     minutes.is_some_and(|m| actual_secs > f64::from(m) * 60.0)
 }
 
+/// The row of the scheduler's own time: from the run's start to its first
+/// dispatch (or to now, or to the run's end when nothing was dispatched).
+fn orchestration(run: &RunView, now: DateTime<Utc>) -> Option<StepTiming> {
+    let minutes = run.orchestration_minutes?;
+    let start = run.started_at?;
+    let first = run
+        .steps
+        .iter()
+        .flat_map(|s| s.attempts.iter().map(|a| a.dispatched_at))
+        .min();
+    let end = first.or(run.finished_at);
+    let actual = secs(start, end.unwrap_or(now));
+    Some(StepTiming {
+        step: "orchestration".to_owned(),
+        role: "scheduler".to_owned(),
+        zone: String::new(),
+        typical_minutes: Some([minutes, minutes]),
+        actual_secs: Some(actual),
+        running: end.is_none(),
+        over: over(actual, Some(minutes)),
+        parallel: Vec::new(),
+    })
+}
+
 /// The timing of `run` (already filled in by [`RunView::with_timing`]) at `now`.
 pub fn of(run: &RunView, now: DateTime<Utc>) -> RunTiming {
     let spans: Vec<_> = run.steps.iter().map(|s| span(s, now)).collect();
-    let steps = run
-        .steps
-        .iter()
-        .zip(&spans)
-        .filter(|(st, _)| st.included)
-        .map(|(st, sp)| {
-            let actual_secs = sp.map(|(a, b)| secs(a, b));
-            let parallel = match sp {
-                Some((a, b)) => run
-                    .steps
-                    .iter()
-                    .zip(&spans)
-                    .filter(|(o, _)| o.id != st.id)
-                    .filter_map(|(o, osp)| osp.filter(|(oa, ob)| oa < b && a < ob).map(|_| o.id.clone()))
-                    .collect(),
-                None => Vec::new(),
-            };
-            StepTiming {
-                step: st.id.clone(),
-                role: st.role.clone(),
-                zone: st.zone.clone(),
-                typical_minutes: st.typical_minutes,
-                actual_secs,
-                running: st.started_at.is_some() && st.finished_at.is_none(),
-                over: actual_secs.is_some_and(|a| over(a, st.typical_minutes.map(|[_, high]| high))),
-                parallel,
-            }
-        })
+    let steps = orchestration(run, now)
+        .into_iter()
+        .chain(
+            run.steps
+                .iter()
+                .zip(&spans)
+                .filter(|(st, _)| st.included)
+                .map(|(st, sp)| {
+                    let actual_secs = sp.map(|(a, b)| secs(a, b));
+                    let parallel = match sp {
+                        Some((a, b)) => run
+                            .steps
+                            .iter()
+                            .zip(&spans)
+                            .filter(|(o, _)| o.id != st.id)
+                            .filter_map(|(o, osp)| osp.filter(|(oa, ob)| oa < b && a < ob).map(|_| o.id.clone()))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    StepTiming {
+                        step: st.id.clone(),
+                        role: st.role.clone(),
+                        zone: st.zone.clone(),
+                        typical_minutes: st.typical_minutes,
+                        actual_secs,
+                        running: st.started_at.is_some() && st.finished_at.is_none(),
+                        over: actual_secs.is_some_and(|a| over(a, st.typical_minutes.map(|[_, high]| high))),
+                        parallel,
+                    }
+                }),
+        )
         .collect();
     let actual_secs = run.started_at.map(|a| secs(a, run.finished_at.unwrap_or(now)));
     RunTiming {
@@ -161,6 +192,28 @@ mod tests {
         assert_eq!(by("d").actual_secs, None);
         assert!(!by("d").over);
         assert!(t.over, "4000 s is over a 60 min budget");
+        assert!(
+            t.steps.iter().all(|s| s.step != "orchestration"),
+            "no typical time, no row"
+        );
+
+        // Orchestration: from the run's start to its first dispatch.
+        let mut r = r;
+        r.orchestration_minutes = Some(1);
+        let attempt = |at: i64| {
+            serde_json::json!({"attempt": 1, "kind": "execute", "status": "succeeded", "daemon": null,
+                "message_id": uuid::Uuid::nil(), "dispatched_at": DateTime::from_timestamp(1_800_000_000 + at, 0).unwrap(),
+                "started_at": null, "finished_at": null, "error": null})
+        };
+        r.steps[0].attempts = vec![serde_json::from_value(attempt(90)).unwrap()];
+        r.steps[1].attempts = vec![serde_json::from_value(attempt(30)).unwrap()];
+        let o = of(&r, now).steps[0].clone();
+        assert_eq!(
+            (o.step.as_str(), o.actual_secs, o.over),
+            ("orchestration", Some(30.0), false)
+        );
+        r.steps[1].attempts.clear();
+        assert!(of(&r, now).steps[0].over, "90 s against 1 min");
         let done = run(vec![], Some(60), Some(1800));
         assert!(!of(&done, now).over);
     }

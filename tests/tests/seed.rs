@@ -309,5 +309,7 @@ async fn the_seed_pipeline_runs_on_the_eight_real_daemons_and_a_failed_productio
         });
         let out = baton_tests::browser(&chromium, input).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The pages' sizes and load times (figures for the README).
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     }
 }

@@ -21,6 +21,7 @@ const PIPELINE: &str = r#"
 name = "web"
 promotion = ["staging", "production"]
 typical_minutes = [30, 60]
+orchestration_minutes = 1
 
 [[step]]
 id = "migrate"
@@ -115,6 +116,16 @@ async fn the_web_view_in_a_real_browser() {
             .await
             .unwrap()
     };
+    let shown = String::from_utf8_lossy(&env.baton(&["runs", "show", &run_a.to_string()]).stdout).into_owned();
+    let orchestration = shown
+        .lines()
+        .find(|l| l.trim_start().starts_with("orchestration "))
+        .unwrap_or_else(|| panic!("no orchestration line:\n{shown}"))
+        .to_owned();
+    assert!(
+        orchestration.contains("scheduler") && orchestration.contains("1 min") && !orchestration.contains("OVER"),
+        "the first dispatch came within its minute: {shown}"
+    );
     let over = r#"baton_steps_over_typical_total{step="migrate",role="db-migration"}"#;
     assert_eq!(
         baton_tests::metric_sample(&metrics().await, over),
@@ -377,6 +388,25 @@ async fn operator_actions_and_refusals_through_the_web_view() {
     assert!(page.contains("status:"), "{page}");
     let (_, _, page) = get(&viewer, "/ui/runs?status=rolled_back&since=24h").await;
     assert!(page.contains(&run.to_string()[..8]) && !page.contains(&again.to_string()[..8]));
+
+    // Roll back the redeployed run: what it did is undone, and its history says who asked.
+    let (status, location, _) = post(
+        &operator,
+        &format!("/ui/runs/{again}/rollback"),
+        vec![("csrf", op_csrf.clone()), ("reason", "wrong build".into())],
+    )
+    .await;
+    assert_eq!((status.as_u16(), location), (303, Some(format!("/ui/runs/{again}"))));
+    let v = env.wait_terminal(again, RUN_TIMEOUT).await;
+    assert_eq!(v.status, "rolled_back");
+    assert_eq!(v.step("migrate").unwrap().status, "compensated");
+    assert!(
+        v.rollback_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("wrong build (by otto)")),
+        "{:?}",
+        v.rollback_reason
+    );
 
     // Log-out ends the session's cookie; without one, pages send you to log in.
     let (status, _, _) = post(&viewer, "/ui/logout", vec![("csrf", viewer_csrf)]).await;

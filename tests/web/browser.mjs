@@ -42,6 +42,13 @@ if (cfg.mode === "shots") {
     for (const [name, path] of cfg.pages) {
       await page.goto(`${cfg.base}${path}`);
       await page.waitForSelector("svg.gantt");
+      // How the page loaded, as the browser measured it (figures, not checks).
+      const nav = await page.evaluate(() => {
+        const n = performance.getEntriesByType("navigation")[0];
+        return { html_bytes: n.decodedBodySize, response_ms: n.responseEnd - n.requestStart,
+                 dom_content_loaded_ms: n.domContentLoadedEventEnd - n.startTime, load_ms: n.loadEventEnd - n.startTime };
+      });
+      console.log(`figures: ${name} ${JSON.stringify(nav)}`);
       // The top of the page: the run, its timeline and timing (the history below is long).
       await page.screenshot({ path: `${cfg.shots}/${name}.png` });
       console.log(`ok: screenshot ${name}`);

@@ -342,7 +342,7 @@ struct RunsQuery {
 }
 
 impl RunsQuery {
-    fn filter(&self) -> Result<(store::RunFilter, Option<DateTime<Utc>>), String> {
+    fn filter(&self) -> Result<store::RunFilter, String> {
         let opt = |v: &str| Some(v.trim().to_owned()).filter(|v| !v.is_empty());
         if let Some(st) = opt(&self.status) {
             st.parse::<crate::engine::RunStatus>()
@@ -361,15 +361,13 @@ impl RunsQuery {
             "30d" => Some(chrono::Duration::days(30)),
             other => return Err(format!("since: {other:?} is not one of 1h, 24h, 7d, 30d")),
         };
-        Ok((
-            store::RunFilter {
-                status: opt(&self.status),
-                environment: opt(&self.environment),
-                service: opt(&self.service),
-                limit: 200,
-            },
-            since.map(|d| Utc::now() - d),
-        ))
+        Ok(store::RunFilter {
+            status: opt(&self.status),
+            environment: opt(&self.environment),
+            service: opt(&self.service),
+            limit: 200,
+            since: since.map(|d| Utc::now() - d),
+        })
     }
 
     fn query_string(&self) -> String {
@@ -405,16 +403,12 @@ fn form_urlencoded(pairs: &[(&str, &String)]) -> String {
 }
 
 async fn runs_rows(s: &AppState, q: &RunsQuery) -> Result<Markup, Response> {
-    let (filter, since) = q
+    let filter = q
         .filter()
         .map_err(|m| error_page(StatusCode::BAD_REQUEST, "Bad filter", &m))?;
     let runs = store::list_runs(s.store.pool(), &filter)
         .await
         .map_err(|e| api_error_page(e.into()))?;
-    let runs: Vec<_> = runs
-        .into_iter()
-        .filter(|r| since.is_none_or(|t| r.created_at >= t))
-        .collect();
     let now = Utc::now();
     Ok(html! {
         table.runs #runs-table data-refresh={ "/ui/runs/table" (q.query_string()) } {
@@ -431,16 +425,12 @@ async fn runs_rows(s: &AppState, q: &RunsQuery) -> Result<Markup, Response> {
                         td { (status_badge(&r.status)) }
                         td { code { (short(&r.commit_sha, 12)) } }
                         td { (when(r.created_at)) }
-                        td { (timing::duration_text(timing_secs(r.created_at, r.finished_at.unwrap_or(now)))) }
+                        td { (timing::duration_text(timing::secs(r.created_at, r.finished_at.unwrap_or(now)))) }
                     }
                 }
             }
         }
     })
-}
-
-fn timing_secs(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
-    (b - a).num_milliseconds().max(0) as f64 / 1000.0
 }
 
 async fn runs_page(State(s): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<RunsQuery>) -> Response {
@@ -693,7 +683,7 @@ fn panel(s: &AppState, sess: &Session, run: &RunView, now: DateTime<Utc>) -> Mar
                         li {
                             code { (st.id) } " " (st.compensate.as_deref().unwrap_or("compensation")) " on " (st.role) "@" (st.zone) " — " (status_badge(&st.status))
                             @if let (Some(a), Some(b)) = (st.compensation_started_at, st.compensation_finished_at) {
-                                " in " (timing::duration_text(timing_secs(a, b)))
+                                " in " (timing::duration_text(timing::secs(a, b)))
                             }
                         }
                     }
@@ -1030,7 +1020,7 @@ fn bars(run: &RunView, st: &StepView, now: DateTime<Utc>) -> (Vec<Bar>, Option<B
                 } else {
                     "waited"
                 },
-                timing::duration_text(timing_secs(at, wait_end.max(at))),
+                timing::duration_text(timing::secs(at, wait_end.max(at))),
             ),
         }),
         (None, Some(r)) if first.is_some_and(|f| (f - r).num_milliseconds() > 500) => out.push(Bar {
@@ -1040,7 +1030,7 @@ fn bars(run: &RunView, st: &StepView, now: DateTime<Utc>) -> (Vec<Bar>, Option<B
             title: format!(
                 "{} waited {} to be dispatched",
                 st.id,
-                timing::duration_text(timing_secs(r, wait_end))
+                timing::duration_text(timing::secs(r, wait_end))
             ),
         }),
         _ => {}
@@ -1061,7 +1051,7 @@ fn bars(run: &RunView, st: &StepView, now: DateTime<Utc>) -> (Vec<Bar>, Option<B
                 st.id,
                 a.attempt,
                 a.status,
-                timing::duration_text(timing_secs(from, to)),
+                timing::duration_text(timing::secs(from, to)),
                 a.error
                     .as_ref()
                     .map(|e| format!(": {} {}", e.code, e.message))
@@ -1084,10 +1074,10 @@ fn bars(run: &RunView, st: &StepView, now: DateTime<Utc>) -> (Vec<Bar>, Option<B
 fn gantt(s: &AppState, run: &RunView, now: DateTime<Utc>) -> Markup {
     let t0 = run.created_at;
     let end = run.finished_at.unwrap_or(now);
-    let total = timing_secs(t0, end).max(1.0);
+    let total = timing::secs(t0, end).max(1.0);
     let span = WIDTH - LABEL - 12.0;
     // Bars past the axis's end (a typical range longer than the run) are cut.
-    let x = |t: DateTime<Utc>| LABEL + (timing_secs(t0, t) / total).min(1.0) * span;
+    let x = |t: DateTime<Utc>| LABEL + (timing::secs(t0, t) / total).min(1.0) * span;
     // Lanes grouped by zone (ci and other non-environments first, then the
     // promotion order), then role, then pipeline order.
     let rank = |zone: &str| s.pipeline.promotion.iter().position(|e| e == zone).map_or(0, |p| p + 1);

@@ -21,6 +21,10 @@ pub struct RunView {
     /// or `critical_minutes` for a critical change).
     #[serde(default)]
     pub budget_minutes: Option<u32>,
+    /// The scheduler's usual time from the run's start to its first dispatch,
+    /// from the pipeline (`orchestration_minutes`).
+    #[serde(default)]
+    pub orchestration_minutes: Option<u32>,
     pub rollback_reason: Option<String>,
     /// The run this one deploys again (`baton redeploy`), if it is a redeploy.
     #[serde(default)]
@@ -122,6 +126,7 @@ impl RunView {
             st.typical_minutes = pipeline.step(&st.id).and_then(|d| d.typical_minutes);
         }
         self.budget_minutes = pipeline.budget_minutes(&self.risk);
+        self.orchestration_minutes = pipeline.orchestration_minutes;
         self
     }
 }
@@ -264,6 +269,7 @@ pub async fn run_view(pool: &PgPool, run_id: Uuid) -> Result<Option<RunView>, St
         status: r.status,
         plan_hash: r.plan_hash,
         budget_minutes: None,
+        orchestration_minutes: None,
         rollback_reason: r.rollback_reason,
         redeploy_of: r.redeploy_of,
         hold: r.hold.map(|Json(h)| h),
@@ -287,6 +293,9 @@ pub struct RunFilter {
     pub service: Option<String>,
     #[serde(default = "default_limit")]
     pub limit: i64,
+    /// Only runs created since (the web view's time filter).
+    #[serde(skip)]
+    pub since: Option<DateTime<Utc>>,
 }
 
 pub(super) fn default_limit() -> i64 {
@@ -309,13 +318,14 @@ pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunLine>
     let rows = sqlx::query_as(
         "select id, service, environment, commit_sha, status, created_at, finished_at from runs
           where ($2::text is null or status = $2) and ($3::text is null or environment = $3)
-            and ($4::text is null or service = $4)
+            and ($4::text is null or service = $4) and ($5::timestamptz is null or created_at >= $5)
           order by seq desc limit $1",
     )
     .bind(filter.limit.clamp(1, 1000))
     .bind(&filter.status)
     .bind(&filter.environment)
     .bind(&filter.service)
+    .bind(filter.since)
     .fetch_all(pool)
     .await?;
     Ok(rows)
