@@ -268,6 +268,26 @@ pub struct BackupRef {
     pub tables: u64,
     /// Size in bytes of the encrypted dump file.
     pub bytes: u64,
+    /// The service's persistent volumes, backed up with its database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeBackup>,
+}
+
+/// One persistent volume of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeBackup {
+    /// The PersistentVolumeClaim's name.
+    pub claim: String,
+    /// SHA-256 of the volume's tree (paths, kinds, permissions, owners, contents).
+    pub tree_sha256: String,
+    pub entries: u64,
+    pub content_bytes: u64,
+    /// `quiesced` (the service's writes were held) or `live` (read while it may write).
+    pub consistency: String,
+    /// Files seen changing while they were read (a live copy only).
+    pub changed_while_copied: u64,
+    /// Sockets, FIFOs and device nodes, which are not backed up.
+    pub skipped: u64,
 }
 
 impl FactSet for BackupRef {
@@ -304,6 +324,7 @@ impl BackupRef {
             copy_region: "nl-ams2".to_owned(),
             tables: 0,
             bytes: 0,
+            volumes: Vec::new(),
         }
     }
 
@@ -358,6 +379,7 @@ mod tests {
             copy_region: "nl-ams2".into(),
             tables: 3,
             bytes: 10,
+            volumes: Vec::new(),
         }
     }
 

@@ -285,7 +285,9 @@ pub const ALL: &[RoleSpec] = &[
     RoleSpec {
         name: BACKUP,
         actions: &["pre-deploy", "post-deploy", "verify", "prune"],
-        compensations: &["restore"],
+        // `restore`: a migration's compensation restores the database;
+        // `restore-volumes`: a backup step's own, the service's volumes.
+        compensations: &["restore", "restore-volumes"],
         params: &[
             p("retention", Kind::Table, "{daily, monthly, yearly} counts to keep"),
             p(

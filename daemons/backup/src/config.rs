@@ -43,6 +43,9 @@ pub struct BackupSettings {
     pub copy: LocationConfig,
     /// Service name -> PostgreSQL URL of that service's database in this zone.
     pub databases: BTreeMap<String, Secret<String>>,
+    /// Service name -> its persistent volumes on this node, backed up with its
+    /// database (`[[backup.volumes.<service>]]`).
+    pub volumes: BTreeMap<String, Vec<VolumeConfig>>,
     /// Directory holding `pg_dump`, `pg_restore` and `psql`; empty means `PATH`.
     pub pg_bin_dir: PathBuf,
     /// `prune` never deletes a backup younger than this many hours, whatever the
@@ -61,6 +64,7 @@ impl Default for BackupSettings {
             primary: LocationConfig::default(),
             copy: LocationConfig::default(),
             databases: BTreeMap::new(),
+            volumes: BTreeMap::new(),
             pg_bin_dir: PathBuf::new(),
             keep_recent_hours: 48,
             schedule: ScheduleSettings::default(),
@@ -126,7 +130,70 @@ impl BackupSettings {
                 .map_err(|e| Error::config(key.clone(), e.to_string()))?;
             check_pg_url(&key, url.expose())?;
         }
+        for (service, volumes) in &self.volumes {
+            self.check_volumes(service, volumes)?;
+        }
         self.schedule.validate()
+    }
+
+    fn check_volumes(&self, service: &str, volumes: &[VolumeConfig]) -> Result<(), Error> {
+        let key = format!("backup.volumes.{service}");
+        if !self.databases.contains_key(service) {
+            return Err(Error::config(
+                key,
+                format!(
+                    "names service {service:?}, which has no database in backup.databases; a service's volumes are backed up with its database"
+                ),
+            ));
+        }
+        for (i, v) in volumes.iter().enumerate() {
+            let key = format!("{key}[{i}]");
+            if !crate::volume::valid_claim(&v.claim) {
+                return Err(Error::config(
+                    format!("{key}.claim"),
+                    format!(
+                        "is {:?}, not a PersistentVolumeClaim name (lowercase letters, digits, `-` and `.`)",
+                        v.claim
+                    ),
+                ));
+            }
+            if volumes[..i].iter().any(|o| o.claim == v.claim) {
+                return Err(Error::config(
+                    format!("{key}.claim"),
+                    format!("{:?} is listed twice", v.claim),
+                ));
+            }
+            if !v.path.is_absolute() || has_dot_segments(&v.path) || v.path.parent().is_none() {
+                return Err(Error::config(
+                    format!("{key}.path"),
+                    format!(
+                        "must be an absolute directory path without `.` or `..` segments, not the root (is {:?})",
+                        v.path.display().to_string()
+                    ),
+                ));
+            }
+            for (loc_key, loc) in [
+                ("backup.primary.path", &self.primary.path),
+                ("backup.copy.path", &self.copy.path),
+            ] {
+                if loc.starts_with(&v.path) || v.path.starts_with(loc) {
+                    return Err(Error::config(
+                        format!("{key}.path"),
+                        format!("{} overlaps {loc_key} {}", v.path.display(), loc.display()),
+                    ));
+                }
+            }
+            if v.quiesce.is_empty() != v.resume.is_empty() {
+                return Err(Error::config(
+                    format!("{key}.{}", if v.quiesce.is_empty() { "quiesce" } else { "resume" }),
+                    "is required with the other: a service whose writes are held must be let go again",
+                ));
+            }
+            if v.quiesce.first().is_some_and(String::is_empty) || v.resume.first().is_some_and(String::is_empty) {
+                return Err(Error::config(key, "quiesce and resume must start with a program"));
+            }
+        }
+        Ok(())
     }
 
     /// The path of `program` (`pg_dump`, ...) as configured.
@@ -180,6 +247,23 @@ fn check_pg_url(key: &str, url: &str) -> Result<(), Error> {
     }
     crate::pg::PgTarget::parse(url).map_err(|problem| Error::config(key, problem))?;
     Ok(())
+}
+
+/// One persistent volume of a service: `[[backup.volumes.<service>]]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// The PersistentVolumeClaim's name; the backup records the volume under it.
+    pub claim: String,
+    /// The volume's directory on this node (for k3s's local-path provisioner,
+    /// `/var/lib/rancher/k3s/storage/<volume>_<namespace>_<claim>`).
+    pub path: PathBuf,
+    /// A command (program and arguments) that holds the service's writes, run
+    /// before the copy; empty when the service offers none (the copy is then
+    /// made live, and the backup says so).
+    pub quiesce: Vec<String>,
+    /// The command that lets the writes go again, run after the copy whatever happened.
+    pub resume: Vec<String>,
 }
 
 /// `[backup.schedule]`.

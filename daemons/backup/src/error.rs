@@ -131,6 +131,29 @@ pub enum Error {
 
     #[error("encryption failed: {0}")]
     Encrypt(String),
+
+    #[error("volume {claim}: the quiesce command failed, nothing was copied: {problem}")]
+    Quiesce { claim: String, problem: String },
+
+    #[error("volume {claim}: the resume command failed; the service's writes may still be held: {problem}")]
+    Resume { claim: String, problem: String },
+
+    #[error(
+        "volume {claim} of backup {backup_id}: no such volume is configured for service {service} (`backup.volumes.{service}`)"
+    )]
+    NoVolume {
+        backup_id: String,
+        claim: String,
+        service: String,
+    },
+
+    #[error("volume {claim}: {context}: {source}")]
+    Volume {
+        claim: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -151,6 +174,11 @@ impl Error {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| Self::Io { context, source }
+    }
+
+    pub fn volume(claim: &str, context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let (claim, context) = (claim.to_owned(), context.into());
+        move |source| Self::Volume { claim, context, source }
     }
 
     pub fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
@@ -188,6 +216,10 @@ impl Error {
             Self::Tool { .. } => "tool_failed",
             Self::Io { .. } => "io",
             Self::Encrypt(_) => "encrypt_failed",
+            Self::Quiesce { .. } => "quiesce_failed",
+            Self::Resume { .. } => "resume_failed",
+            Self::NoVolume { .. } => "no_volume",
+            Self::Volume { .. } => "volume_io",
         }
     }
 
@@ -196,7 +228,7 @@ impl Error {
     pub fn retryable(&self) -> bool {
         match self {
             Self::Database { source, .. } => !matches!(source, sqlx::Error::Database(_)),
-            Self::Tool { .. } | Self::Io { .. } => true,
+            Self::Tool { .. } | Self::Io { .. } | Self::Quiesce { .. } | Self::Volume { .. } => true,
             _ => false,
         }
     }

@@ -1,5 +1,5 @@
 //! Baton's backup role (seed step 9): pre-deploy and post-deploy backups of
-//! a zone's PostgreSQL databases, encrypted at rest with age, stored in an EU
+//! a zone's PostgreSQL databases and the services' persistent volumes, encrypted at rest with age, stored in an EU
 //! location and copied to a second one, verified by restoring into a scratch
 //! database, pruned by the 30 daily / 12 monthly / 7 yearly retention rule, and
 //! restorable into the live database as the recovery path of an irreversible
@@ -18,8 +18,9 @@ pub mod retention;
 pub mod role;
 pub mod schedule;
 pub mod store;
+pub mod volume;
 
-pub use config::{BackupSettings, LocationConfig};
+pub use config::{BackupSettings, LocationConfig, VolumeConfig};
 pub use error::{Error, Site};
 pub use retention::Policy;
 pub use role::{BackupRole, PruneReport, RestoreReport, RestoreTest, SiteTest};

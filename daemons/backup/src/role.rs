@@ -25,13 +25,16 @@ use sqlx::Connection;
 use tokio::process::Command;
 use uuid::Uuid;
 
-use crate::config::BackupSettings;
+use crate::config::{BackupSettings, VolumeConfig};
 use crate::crypto::{self, CopyError, HashingWriter, Keys};
 use crate::error::{Error, Site};
 use crate::pg::{self, PgTarget, Running, Scratch, TableStats};
 use crate::retention::{self, Policy};
 use crate::store::{self, BackupKind, Location, Manifest, Verified};
-use baton_shared::facts::{BackupRef, FactSet};
+use baton_shared::facts::{BackupRef, FactSet, VolumeBackup};
+
+mod volumes;
+pub use volumes::{VolumeRestored, VolumesRestored};
 
 /// Prefix of every scratch database the spot check creates.
 pub const SCRATCH_PREFIX: &str = "baton_verify_";
@@ -69,6 +72,8 @@ pub struct BackupRole {
     copy: Location,
     admin: PgTarget,
     databases: BTreeMap<String, PgTarget>,
+    /// Service -> its persistent volumes on this node.
+    volumes: BTreeMap<String, Vec<VolumeConfig>>,
     pg_dump: PathBuf,
     pg_restore: PathBuf,
     psql: PathBuf,
@@ -121,7 +126,11 @@ pub struct SiteTest {
     pub site: String,
     pub region: String,
     pub tables: usize,
-    /// Restore into the scratch database and comparison, in milliseconds.
+    /// Persistent volumes unpacked and compared by their tree hash.
+    #[serde(default)]
+    pub volumes: usize,
+    /// Restore into the scratch database (and of the volumes into scratch
+    /// directories) and comparison, in milliseconds.
     pub elapsed_ms: u64,
 }
 
@@ -176,6 +185,7 @@ impl BackupRole {
             },
             admin,
             databases,
+            volumes: settings.volumes.clone(),
             pg_dump: settings.tool("pg_dump"),
             pg_restore: settings.tool("pg_restore"),
             psql: settings.tool("psql"),
@@ -337,6 +347,7 @@ impl BackupRole {
         }
         self.check_files(Site::Copy, zone, m).await?;
         let (tables, elapsed) = self.restore_into_scratch(&self.primary, zone, m).await?;
+        self.check_volumes(&self.primary, zone, m).await?;
         tracing::info!(
             backup_id = %m.backup_id, tables, elapsed_ms = elapsed.as_millis() as u64,
             "restore spot check passed"
@@ -571,12 +582,15 @@ impl BackupRole {
                 });
             }
             self.check_files(site, zone, &m).await?;
-            let (tables, elapsed) = self.restore_into_scratch(self.location(site), zone, &m).await?;
+            let started = std::time::Instant::now();
+            let (tables, _) = self.restore_into_scratch(self.location(site), zone, &m).await?;
+            self.check_volumes(self.location(site), zone, &m).await?;
             sites.push(SiteTest {
                 site: site.to_string(),
                 region: self.location(site).region.clone(),
                 tables,
-                elapsed_ms: elapsed.as_millis() as u64,
+                volumes: m.volumes.len(),
+                elapsed_ms: started.elapsed().as_millis() as u64,
             });
         }
         let report = RestoreTest {
@@ -748,6 +762,22 @@ impl BackupRole {
             copy_region: self.copy.region.clone(),
             tables: m.tables as u64,
             bytes: m.dump().bytes,
+            volumes: m
+                .volumes
+                .iter()
+                .map(|v| VolumeBackup {
+                    claim: v.claim.clone(),
+                    tree_sha256: v.tree_sha256.clone(),
+                    entries: v.entries,
+                    content_bytes: v.content_bytes,
+                    consistency: match v.consistency {
+                        crate::volume::Consistency::Quiesced => "quiesced".to_owned(),
+                        crate::volume::Consistency::Live => "live".to_owned(),
+                    },
+                    changed_while_copied: v.changed_while_copied,
+                    skipped: v.skipped,
+                })
+                .collect(),
         }
     }
 
@@ -913,6 +943,8 @@ impl BackupRole {
         let tables_path = staged.join(store::TABLES_FILE);
         let keys = self.keys.clone();
         let tables_digest = blocking(move || keys.encrypt_to_file(&tables_json, &tables_path)).await?;
+        // The volumes after the database's snapshot: each is its own moment.
+        let volumes = self.archive_volumes(staged, service).await?;
 
         let manifest = Manifest {
             format: store::MANIFEST_FORMAT,
@@ -931,11 +963,23 @@ impl BackupRole {
                 (store::DUMP_FILE.to_owned(), dump_digest.into()),
                 (store::TABLES_FILE.to_owned(), tables_digest.into()),
             ]
-            .into(),
+            .into_iter()
+            .chain(volumes.iter().map(|(v, f)| (v.file.clone(), f.clone())))
+            .collect(),
+            volumes: volumes.into_iter().map(|(v, _)| v).collect(),
         };
         let (dir, m) = (staged.to_owned(), manifest.clone());
         blocking(move || store::write_json_atomic(&dir, store::MANIFEST_FILE, &m)).await?;
         Ok(manifest)
+    }
+
+    /// `restore-volumes`: the volumes of the backup this step took.
+    async fn restore_own_volumes(&self, job: &StepJob) -> Result<Fields, Error> {
+        let service = job.deploy.service.as_str();
+        let id =
+            store::backup_id(service, &job.step_id, job.run_id).map_err(|p| Error::invalid("restore-volumes", p))?;
+        let report = self.restore_volumes(&job.zone, service, &id).await?;
+        to_fields(&report)
     }
 
     /// Runs one job; errors become step failures with a code and retryability.
@@ -1008,6 +1052,11 @@ impl Role for BackupRole {
             // pre-deploy backup: a compensation of the migration step, served here.
             if job.action == "restore" {
                 return self.run(job).await.map_err(StepError::from);
+            }
+            // A backup step's own compensation, when the pipeline asks for it:
+            // the service's volumes go back to this step's backup.
+            if job.action == "restore-volumes" {
+                return self.restore_own_volumes(job).await.map_err(StepError::from);
             }
             Err(StepError::fatal(
                 "no_compensation",

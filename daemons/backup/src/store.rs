@@ -5,6 +5,7 @@
 //! <location>/<zone>/<backup_id>/manifest.json      plaintext: ids, times, sizes, SHA-256s (no data)
 //!                              /backup.dump.age    age-encrypted `pg_dump -Fc`
 //!                              /tables.json.age    age-encrypted per-table row counts and checksums
+//!                              /volume-<claim>.tar.age  age-encrypted tar of a persistent volume
 //!                              /verified.json      written after the restore spot check passed
 //! <location>/<zone>/.rejected/<backup_id>.<time>   backups that failed their own spot check
 //! <location>/.incoming/                            staging; a backup appears by one rename
@@ -27,6 +28,7 @@ use uuid::Uuid;
 
 use crate::crypto::{self, Digest256};
 use crate::error::{Error, Site};
+use crate::volume::{self, VolumeEntry};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const DUMP_FILE: &str = "backup.dump.age";
@@ -111,6 +113,9 @@ pub struct Manifest {
     pub tables: usize,
     /// Every file of the backup except the manifest and the verified marker.
     pub files: BTreeMap<String, FileEntry>,
+    /// The service's persistent volumes, each an archive among `files`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeEntry>,
 }
 
 impl Manifest {
@@ -357,6 +362,14 @@ fn read_manifest(dir: &Path, backup_id: &str) -> Result<Option<Manifest>, Error>
     }
     if !m.files.contains_key(DUMP_FILE) || !m.files.contains_key(TABLES_FILE) {
         return Err(bad(format!("it must list {DUMP_FILE} and {TABLES_FILE}")));
+    }
+    for v in &m.volumes {
+        if !volume::valid_claim(&v.claim)
+            || v.file != volume::archive_file_name(&v.claim)
+            || !m.files.contains_key(&v.file)
+        {
+            return Err(bad(format!("volume {:?} is not listed as its archive file", v.claim)));
+        }
     }
     if m.files.keys().any(|f| !is_plain_file_name(f)) {
         return Err(bad("it lists a file outside the backup directory".to_owned()));

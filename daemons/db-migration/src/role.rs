@@ -1046,6 +1046,7 @@ mod tests {
             copy_region: "nl-ams2".into(),
             tables: 1,
             bytes: 1,
+            volumes: Vec::new(),
         };
         job.inputs
             .insert("backup.pre".into(), baton_shared::facts::FactSet::to_fields(&b));

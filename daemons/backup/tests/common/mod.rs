@@ -146,6 +146,20 @@ impl Env {
         self.role.execute(job, &ctx).await
     }
 
+    /// Runs one compensation job through the role as the runtime would.
+    pub async fn compensate(&self, job: &StepJob) -> Result<Fields, StepError> {
+        let ctx = ExecContext {
+            cancel: CancellationToken::new(),
+            daemon: "test".into(),
+        };
+        self.role.compensate(job, &ctx).await
+    }
+
+    /// Rebuilds the role from `settings` after a test changed them.
+    pub fn reconfigure(&mut self) {
+        self.role = BackupRole::from_settings(&self.settings).expect("valid settings");
+    }
+
     pub fn primary_dir(&self, backup_id: &str) -> PathBuf {
         self.settings.primary.path.join(ZONE).join(backup_id)
     }

@@ -305,6 +305,7 @@ pub fn backup_input(run_id: Uuid, verified: bool) -> Fields {
         copy_region: "nl-ams2".into(),
         tables: 2,
         bytes: 4096,
+        volumes: Vec::new(),
     };
     baton_shared::facts::FactSet::to_fields(&b)
 }
