@@ -108,6 +108,7 @@ impl From<StoreError> for ApiError {
                     D::NoSuchStep { .. } => (StatusCode::NOT_FOUND, "not_found"),
                     D::SelfApproval { .. } => (StatusCode::FORBIDDEN, "four_eyes"),
                     D::PlanHash { .. } => (StatusCode::CONFLICT, "plan_hash_mismatch"),
+                    D::Subject { .. } => (StatusCode::CONFLICT, "plan_changed"),
                     D::NotAwaiting { .. } | D::AlreadyApproved { .. } => (StatusCode::CONFLICT, "conflict"),
                 };
                 Self::new(status, code, e.to_string())
@@ -442,6 +443,10 @@ struct DecisionRequest {
     step: String,
     /// The plan the approver looked at: approvals bind to it.
     plan_hash: String,
+    /// For a step held by its blast radius, the saved Terraform plan the
+    /// approver looked at (optional; if given it must be the current one).
+    #[serde(default)]
+    subject: Option<String>,
     #[serde(default)]
     comment: String,
 }
@@ -464,7 +469,17 @@ async fn decide(
     storable("comment", &req.comment)?;
     let out = s
         .store
-        .decide(id, &req.step, &req.plan_hash, &who, decision, &req.comment)
+        .decide(
+            id,
+            crate::gates::Ask {
+                step: &req.step,
+                plan_hash: &req.plan_hash,
+                subject: req.subject.as_deref(),
+                who: &who,
+                decision,
+            },
+            &req.comment,
+        )
         .await?;
     s.relay.send(out);
     let status = store::run_status(s.store.pool(), id).await?;

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use baton_shared::protocol::{
-    CancelJob, Deploy, Fields, HANDED_BACK, JobKind, MergeEvent, PROTOCOL_VERSION, ResultStatus, StepError, StepJob,
-    StepResult,
+    APPROVAL_AGAIN, CancelJob, Deploy, Fields, HANDED_BACK, JobKind, MergeEvent, PROTOCOL_VERSION, ResultStatus,
+    StepError, StepJob, StepResult,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -234,6 +234,7 @@ impl RunState {
                     approval: false,
                     since: now,
                     until: None,
+                    subject: None,
                 });
                 self.set_status(RunStatus::Blocked, now, fx);
             }
@@ -305,6 +306,10 @@ impl RunState {
                     .error
                     .clone()
                     .unwrap_or_else(|| StepError::fatal("unknown", "failed without an error"));
+                if r.kind == JobKind::Execute && err.code == APPROVAL_AGAIN && self.may_ask_again(i, &r.outputs) {
+                    self.ask_again(i, err, r.outputs.clone(), now, cfg, fx);
+                    return Applied::Applied;
+                }
                 // What a failed attempt says it did is kept for its compensation.
                 if r.kind == JobKind::Execute && !r.outputs.is_empty() {
                     self.steps[i].outputs = r.outputs.clone();
@@ -313,6 +318,57 @@ impl RunState {
             }
         }
         Applied::Applied
+    }
+
+    /// Whether step `i` can go back to its gates with a failed attempt's new
+    /// subject to approve: the run goes on, nobody cancelled the step, it has
+    /// a gate that asks for approvals, and the attempt said what to approve.
+    fn may_ask_again(&self, i: usize, outputs: &Fields) -> bool {
+        let s = &self.steps[i];
+        self.status.is_active()
+            && !s.cancel_requested
+            && !outputs.is_empty()
+            && s.gates.iter().any(|g| g == "blast-radius" || g == "human-approval")
+    }
+
+    /// The attempt made something new to approve (an apply whose approved
+    /// Terraform plan went stale re-planned it and saved the new plan): the
+    /// step goes back to its gates with the new plan as its outputs, which
+    /// the blast-radius gate then decides on, and approvals of the old plan
+    /// no longer count (docs/decisions.md, "A stale plan asks again"). The
+    /// attempt does not count against the step's retries.
+    fn ask_again(
+        &mut self,
+        i: usize,
+        err: StepError,
+        outputs: Fields,
+        now: DateTime<Utc>,
+        cfg: &Settings,
+        fx: &mut Effects,
+    ) {
+        let s = &mut self.steps[i];
+        fx.push(Effect::ClearTimers { step: s.id.clone() });
+        fx.push(Effect::AttemptFinished {
+            step: s.id.clone(),
+            attempt: s.attempt,
+            status: "failed",
+            error: Some(err.clone()),
+            at: now,
+        });
+        s.attempt_status = None;
+        s.exec_attempts -= 1;
+        s.status = StepStatus::Pending;
+        s.outputs = outputs;
+        s.error = Some(err.clone());
+        s.dirty = true;
+        Self::history(
+            fx,
+            Some(&s.id),
+            Some(s.attempt),
+            "approval_asked_again",
+            json!({"error": err}),
+        );
+        self.advance(now, cfg, fx);
     }
 
     fn extend_lease(&mut self, i: usize, now: DateTime<Utc>, cfg: &Settings, fx: &mut Effects) {
@@ -842,6 +898,7 @@ impl RunState {
             approval: false,
             since: self.hold.as_ref().map_or(now, |h| h.since),
             until: None,
+            subject: None,
         });
         self.dirty = true;
     }
@@ -856,6 +913,11 @@ impl RunState {
         } = &v.verdict
         else {
             return;
+        };
+        let subject = if *approval {
+            Some(gates::approval_subject(self, &self.steps[i])).filter(|s| !s.is_empty())
+        } else {
+            None
         };
         let s = &mut self.steps[i];
         if s.hold.as_ref().is_some_and(|h| h.gate == v.gate && &h.reason == reason) {
@@ -872,6 +934,7 @@ impl RunState {
             approval: *approval,
             since,
             until: *until,
+            subject,
         });
         s.dirty = true;
         if let Some(due) = until {
@@ -1100,13 +1163,19 @@ impl RunState {
         } else {
             None
         };
-        let inputs: BTreeMap<String, Fields> = self.steps[i]
+        let mut inputs: BTreeMap<String, Fields> = self.steps[i]
             .needs
             .iter()
             .filter_map(|n| self.steps.iter().find(|s| &s.id == n))
             .filter(|s| s.status == StepStatus::Succeeded || s.status == StepStatus::Compensating)
             .map(|s| (s.id.clone(), s.outputs.clone()))
             .collect();
+        // A step that asked again gets what its last attempt reported (the
+        // re-made plan that was then approved) among its inputs, under its own id.
+        let own = &self.steps[i];
+        if kind == JobKind::Execute && own.error.as_ref().is_some_and(|e| e.code == APPROVAL_AGAIN) {
+            inputs.insert(own.id.clone(), own.outputs.clone());
+        }
         let deploy = Deploy {
             service: self.event.service.clone(),
             environment: self.event.environment.clone(),

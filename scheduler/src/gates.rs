@@ -388,14 +388,7 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
         .get("blast_radius_limit")
         .and_then(Value::as_u64)
         .unwrap_or(5);
-    let reported = succeeded(run, |s| step.needs.contains(&s.id))
-        .chain(std::iter::once(step))
-        .find_map(|s| {
-            TerraformPlanned::read(&s.id, &s.outputs)
-                .ok()
-                .map(|p| (s.id.as_str(), p))
-        });
-    match reported {
+    match plan_facts(run, step) {
         // Changes in modules the merge did not touch need an approval whatever
         // their number (the seed: "plan shows unintended changes").
         Some((from, p)) if !p.unintended.is_empty() => approval(
@@ -445,6 +438,32 @@ fn blast_radius(run: &RunState, step: &StepState, facts: &Facts, policy: &Policy
             ),
         },
     }
+}
+
+/// The Terraform plan a blast-radius gate decides on: the step's own, when an
+/// apply re-planned a stale plan and was sent back to its gates (its failed
+/// attempt reported the new plan), else the plan of the step it needs.
+fn plan_facts<'a>(run: &'a RunState, step: &'a StepState) -> Option<(&'a str, TerraformPlanned)> {
+    std::iter::once(step)
+        .chain(succeeded(run, |s| step.needs.contains(&s.id)))
+        .find_map(|s| {
+            TerraformPlanned::read(&s.id, &s.outputs)
+                .ok()
+                .map(|p| (s.id.as_str(), p))
+        })
+}
+
+/// What an approval of `step` approves beyond the run's plan: for a step
+/// with a blast-radius gate, the SHA-256 of the saved Terraform plan it will
+/// apply (empty before there is one, and for other steps). An approval counts
+/// only for the subject it was given for, so a re-planned stale plan asks again.
+pub fn approval_subject(run: &RunState, step: &StepState) -> String {
+    if !step.gates.iter().any(|g| g == "blast-radius") {
+        return String::new();
+    }
+    plan_facts(run, step)
+        .and_then(|(_, p)| p.plan_sha256)
+        .unwrap_or_default()
 }
 
 /// `: <changes> (plan <hash> from <step>)`, the changes shortened past 20.
@@ -631,10 +650,11 @@ fn approval(
     now: DateTime<Utc>,
     why: &str,
 ) -> Verdict {
+    let subject = approval_subject(run, step);
     let mine: Vec<&Approval> = facts
         .approvals
         .iter()
-        .filter(|a| a.step_id == step.id && a.plan_hash == run.plan_hash)
+        .filter(|a| a.step_id == step.id && a.plan_hash == run.plan_hash && a.subject == subject)
         .collect();
     if let Some(r) = mine.iter().find(|a| a.decision == Decision::Reject) {
         let comment = if r.comment.is_empty() {
@@ -752,6 +772,14 @@ pub enum DecisionError {
     NotAwaiting { step: String, status: String },
     #[error("the approval names plan {given} but the run's plan is {actual}")]
     PlanHash { given: String, actual: String },
+    #[error(
+        "the approval names saved plan {given}, but step {step:?} now waits for saved plan {actual} (the earlier one went stale and was re-planned)"
+    )]
+    Subject {
+        step: String,
+        given: String,
+        actual: String,
+    },
     #[error("four-eyes: {who} {relation} and cannot approve it")]
     SelfApproval { who: String, relation: &'static str },
     #[error("{who} already approved step {step:?}; a second approver is needed")]
@@ -764,6 +792,9 @@ pub enum DecisionError {
 pub struct Ask<'a> {
     pub step: &'a str,
     pub plan_hash: &'a str,
+    /// The saved plan the approver looked at, if the request names one; it
+    /// must be the one the step waits for.
+    pub subject: Option<&'a str>,
     pub who: &'a str,
     pub decision: Decision,
 }
@@ -778,6 +809,7 @@ pub fn check_decision(
     let Ask {
         step,
         plan_hash,
+        subject,
         who,
         decision,
     } = ask;
@@ -799,6 +831,16 @@ pub fn check_decision(
             actual: run.plan_hash.clone(),
         });
     }
+    let actual = approval_subject(run, s);
+    if let Some(given) = subject
+        && given != actual
+    {
+        return Err(DecisionError::Subject {
+            step: step.to_owned(),
+            given: given.to_owned(),
+            actual,
+        });
+    }
     if decision == Decision::Approve {
         if policy.approval.four_eyes
             && let Some(relation) = own_change(run, who)
@@ -808,11 +850,13 @@ pub fn check_decision(
                 relation,
             });
         }
-        if facts
-            .approvals
-            .iter()
-            .any(|a| a.step_id == step && a.approver == who && a.decision == Decision::Approve && a.expires_at > now)
-        {
+        if facts.approvals.iter().any(|a| {
+            a.step_id == step
+                && a.subject == actual
+                && a.approver == who
+                && a.decision == Decision::Approve
+                && a.expires_at > now
+        }) {
             return Err(DecisionError::AlreadyApproved {
                 who: who.to_owned(),
                 step: step.to_owned(),

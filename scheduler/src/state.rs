@@ -114,6 +114,10 @@ pub struct Hold {
     pub since: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// What an approval approves beyond the run's plan (the saved Terraform
+    /// plan's SHA-256 for a blast-radius hold; see `gates::approval_subject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// An open incident, as the gates see it.
@@ -137,6 +141,9 @@ pub enum Decision {
 pub struct Approval {
     pub step_id: String,
     pub plan_hash: String,
+    /// What was approved beyond the run's plan (see `gates::approval_subject`).
+    #[serde(default)]
+    pub subject: String,
     pub approver: String,
     pub decision: Decision,
     pub comment: String,

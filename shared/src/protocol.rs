@@ -652,7 +652,18 @@ pub struct StepError {
     pub message: String,
     /// Whether trying again may succeed; only retryable errors are retried.
     pub retryable: bool,
+    /// What a failed attempt reports all the same (the plan it made and that
+    /// now waits for approval): the daemon runtime sends it as the result's
+    /// `outputs`, never inside the error.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub outputs: Fields,
 }
+
+/// The code of a failed attempt that made something new to approve (a stale
+/// Terraform plan re-planned): the scheduler gives its step back to its gates
+/// with the attempt's outputs instead of failing it.
+pub const APPROVAL_AGAIN: &str = "approval_required_again";
 
 impl StepError {
     pub fn new(code: impl Into<String>, message: impl Into<String>, retryable: bool) -> Self {
@@ -660,7 +671,14 @@ impl StepError {
             code: code.into(),
             message: message.into(),
             retryable,
+            outputs: Fields::new(),
         }
+    }
+
+    /// This error, reporting `outputs` with it.
+    pub fn with_outputs(mut self, outputs: Fields) -> Self {
+        self.outputs = outputs;
+        self
     }
 
     pub fn fatal(code: impl Into<String>, message: impl Into<String>) -> Self {

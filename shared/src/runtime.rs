@@ -690,7 +690,10 @@ async fn run_job(
 
     let (status, error, outputs) = match outcome {
         Ok(outputs) => (ResultStatus::Succeeded, None, outputs),
-        Err(e) => (ResultStatus::Failed, Some(e), Fields::new()),
+        Err(mut e) => {
+            let outputs = std::mem::take(&mut e.outputs);
+            (ResultStatus::Failed, Some(e), outputs)
+        }
     };
     match &error {
         None => {

@@ -1193,12 +1193,90 @@ async fn a_terraform_change_over_the_blast_radius_waits_for_approval_of_its_plan
         .await
         .ok();
     assert_eq!(applied, Some(0));
+    assert_eq!(
+        hold.subject.as_deref(),
+        Some(plan_sha.as_str()),
+        "what an approval approves"
+    );
+
+    // While it waits, someone applies another change to the same state with
+    // Terraform itself: the saved plan goes stale.
+    let outside = env.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(
+        outside.join("main.tf"),
+        "terraform {\n  backend \"pg\" {}\n}\nresource \"terraform_data\" \"other\" {\n  input = \"made by hand\"\n}\n",
+    )
+    .unwrap();
+    for args in [
+        &["init", "-input=false", "-no-color"][..],
+        &["apply", "-input=false", "-no-color", "-auto-approve"],
+    ] {
+        let out = std::process::Command::new("terraform")
+            .args(args)
+            .current_dir(&outside)
+            .env("PG_CONN_STR", &state_url)
+            .env("PG_SCHEMA_NAME", "tf_staging_infra")
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_DATA_DIR", outside.join(".terraform"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "terraform {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The approval is of the shown plan; the apply finds it stale, plans
+    // again (now also deleting what was made by hand) and asks again.
+    let (status, e) = api
+        .post(
+            &api.alice,
+            &format!("/v1/runs/{run}/approve"),
+            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "subject": plan_sha, "comment": "seven new resources, expected"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    let mut v = env.run(run).await.unwrap();
+    env.wait_until("the apply to ask again", RUN_TIMEOUT, async || {
+        v = env.run(run).await.unwrap();
+        v.history.iter().any(|h| h.kind == "approval_asked_again") && v.status == "awaiting_approval"
+    })
+    .await;
+    let hold = v
+        .step("infra.staging")
+        .unwrap()
+        .hold
+        .clone()
+        .expect("the apply waits again");
+    let new_sha = hold.subject.clone().expect("the new plan's hash");
+    assert_ne!(new_sha, plan_sha);
+    for want in [
+        "8 resources change, above the blast radius limit of 5",
+        "terraform_data.other (delete)",
+        &format!("saved plan sha256:{} of infra.staging", &new_sha[..16]),
+    ] {
+        assert!(hold.reason.contains(want), "{want:?} not in {}", hold.reason);
+    }
+    // An approval naming the stale plan is refused; the approval of the
+    // stale plan does not count for the new one.
+    let (status, e) = api
+        .post(
+            &api.alice,
+            &format!("/v1/runs/{run}/approve"),
+            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "subject": plan_sha, "comment": "again"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{e}");
+    assert_eq!(e["code"], "plan_changed", "{e}");
+    assert!(env.run(run).await.unwrap().status == "awaiting_approval");
 
     let (status, e) = api
         .post(
             &api.alice,
             &format!("/v1/runs/{run}/approve"),
-            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "comment": "seven new resources, expected"}),
+            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "subject": new_sha, "comment": "and remove the hand-made one"}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{e}");
@@ -1207,11 +1285,19 @@ async fn a_terraform_change_over_the_blast_radius_waits_for_approval_of_its_plan
     let applied = &v.step("infra.staging").unwrap().outputs;
     assert_eq!(
         applied["plan_sha256"],
-        json!(plan_sha),
-        "the apply applied the approved plan"
+        json!(new_sha),
+        "the apply applied the plan approved last"
     );
-    assert_eq!(applied["resources_changed"], 7);
-    assert_eq!(applied["state_after"]["serial"], 1);
+    assert_eq!(applied["resources_changed"], 8);
+    assert_eq!(applied["state_after"]["serial"], 2);
+    // Both approvals are recorded with what they approved.
+    let subjects: Vec<String> =
+        sqlx::query_scalar("select subject from approvals where run_id = $1 and decision = 'approve' order by id")
+            .bind(run)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(subjects, [plan_sha.clone(), new_sha.clone()]);
     assert!(
         gate_entries(&v, "blast-radius", "pass")[0]["reason"]
             .as_str()

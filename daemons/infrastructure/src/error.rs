@@ -55,9 +55,14 @@ pub enum Error {
     PlanMissing { step: String, problem: String },
 
     #[error(
-        "the approved plan went stale (the state changed since) and a new plan differs from it: {difference}; nothing was applied. Redeploy to plan again and ask for approval again"
+        "the approved plan went stale (the state changed since) and was re-planned: {why}; nothing was applied, and the new plan (saved plan sha256:{sha}) goes back to the step's gates for approval"
     )]
-    PlanChanged { difference: String },
+    ApprovalAgain {
+        why: String,
+        sha: String,
+        /// The new plan's facts, reported with the failure for the gates.
+        facts: Box<baton_shared::facts::TerraformPlanned>,
+    },
 
     #[error(
         "the state of {schema} moved since this step applied it (serial {applied} then, {now} now): re-applying commit {previous} would undo someone else's change; reconcile by hand"
@@ -96,7 +101,7 @@ impl Error {
             Self::Unintended { .. } => "unintended_change",
             Self::NeedsApproval { .. } => "approval_required",
             Self::PlanMissing { .. } => "plan_missing",
-            Self::PlanChanged { .. } => "plan_changed",
+            Self::ApprovalAgain { .. } => baton_shared::protocol::APPROVAL_AGAIN,
             Self::StateMoved { .. } => "state_moved",
             Self::NoPreviousConfiguration { .. } => "no_previous_configuration",
             Self::Terraform(Failure::NotStarted(_)) => "terraform_unavailable",
@@ -119,7 +124,13 @@ impl Error {
     }
 
     pub fn to_step_error(&self) -> StepError {
-        StepError::new(self.code(), self.to_string(), self.retryable())
+        let e = StepError::new(self.code(), self.to_string(), self.retryable());
+        match self {
+            Self::ApprovalAgain { facts, .. } => {
+                e.with_outputs(baton_shared::facts::FactSet::to_fields(facts.as_ref()))
+            }
+            _ => e,
+        }
     }
 }
 

@@ -421,8 +421,16 @@ impl Infrastructure {
         })
     }
 
-    /// The approved plan from the plan step among the inputs: (step, facts).
+    /// The approved plan among the inputs: (step, facts). The step's own
+    /// entry, when the scheduler sends one, is the plan this step re-made
+    /// when the approved one went stale, approved since; else the plan step's.
     fn plan_input(job: &StepJob, p: &Params) -> Result<Option<(String, TerraformPlanned)>, Error> {
+        if let Some(out) = job.inputs.get(&job.step_id)
+            && let Ok(facts) = TerraformPlanned::read(&job.step_id, out)
+            && facts.plan_sha256.is_some()
+        {
+            return Ok(Some((job.step_id.clone(), facts)));
+        }
         let candidates: Vec<(&String, TerraformPlanned)> = job
             .inputs
             .iter()
@@ -551,15 +559,21 @@ impl Infrastructure {
             applied = tf.apply(&checkout.dir, &file, self.lock_timeout(&p)).await;
         }
         if let Err(Failure::Stale(_)) = applied {
-            // The state changed after the plan: plan again; the same changes
-            // are what was approved, different ones need a new approval.
-            let fresh = match self.make_plan(&mut conn, job, &p, &checkout, &file, false).await {
+            // The state changed after the plan. Planned again: the same changes,
+            // within the limits, are applied; a plan that needs an approval or
+            // changes something else is saved and goes back to the gates.
+            let fresh = match self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await {
                 Ok(f) => f,
                 Err(e) => return Err(self.nothing_applied(&mut conn, job, recorded, e).await),
             };
-            if fresh.changes != approved.changes {
-                let e = Error::PlanChanged {
-                    difference: describe_difference(&approved, &fresh),
+            let over = fresh.resources_changed > p.blast_radius_limit;
+            if over || !fresh.unintended.is_empty() || fresh.changes != approved.changes {
+                let e = match self
+                    .save_replan(&mut conn, job, &schema, &file, fresh, &approved, over)
+                    .await
+                {
+                    Ok(e) => e,
+                    Err(e) => e,
                 };
                 return Err(self.nothing_applied(&mut conn, job, recorded, e).await);
             }
@@ -607,6 +621,62 @@ impl Infrastructure {
             "terraform applied"
         );
         Ok(fields)
+    }
+
+    /// Saves the plan made after the approved one went stale under this
+    /// step's own id and returns the error that sends the step back to its
+    /// gates with it (or why it could not be saved).
+    #[allow(clippy::too_many_arguments)]
+    async fn save_replan(
+        &self,
+        conn: &mut PgConnection,
+        job: &StepJob,
+        schema: &str,
+        file: &Path,
+        mut fresh: TerraformPlanned,
+        approved: &TerraformPlanned,
+        over: bool,
+    ) -> Result<Error, Error> {
+        let bytes = std::fs::read(file).map_err(io("cannot read the new plan"))?;
+        let summary = serde_json::to_value(&fresh).unwrap_or(Value::Null);
+        let sha = history::save_plan(
+            conn,
+            job.run_id,
+            &job.step_id,
+            schema,
+            &job.deploy.commit_sha,
+            &bytes,
+            &summary,
+        )
+        .await?;
+        fresh.plan_sha256 = Some(sha.clone());
+        let mut why = Vec::new();
+        if fresh.changes != approved.changes {
+            why.push(describe_difference(approved, &fresh));
+        }
+        if over {
+            why.push(format!("{} resources change", fresh.resources_changed));
+        }
+        if !fresh.unintended.is_empty() {
+            why.push(format!(
+                "it changes resources in modules this merge did not touch ({})",
+                fresh
+                    .unintended
+                    .iter()
+                    .map(|c| format!("{} ({})", c.address, c.action))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        tracing::warn!(
+            run_id = %job.run_id, step_id = %job.step_id, plan_sha256 = %sha,
+            resources_changed = fresh.resources_changed, "approved plan went stale; the new plan needs approval"
+        );
+        Ok(Error::ApprovalAgain {
+            why: why.join("; "),
+            sha,
+            facts: Box::new(fresh),
+        })
     }
 
     /// `e`, after forgetting this attempt's `started` record (if it made it):

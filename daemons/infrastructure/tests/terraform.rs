@@ -4,6 +4,7 @@
 use std::str::FromStr;
 
 use baton_infrastructure::{ApplyOutputs, InfraConfig, Infrastructure, PlanOutputs, RevertOutputs};
+use baton_shared::facts::FactSet;
 use baton_shared::protocol::{Fields, JobKind, StepError, StepJob};
 use baton_shared::secret::Secret;
 use baton_shared::testing::{GitRepo, TempDir};
@@ -266,7 +267,7 @@ async fn a_large_change_is_reported_over_the_limit_and_applies_exactly_the_saved
 }
 
 #[tokio::test]
-async fn a_stale_plan_is_re_planned_and_applied_only_with_the_approved_changes() {
+async fn a_stale_plan_is_re_planned_and_a_different_or_large_one_asks_again() {
     let env = Env::new().await;
     let role = env.role();
     let repo = GitRepo::new();
@@ -274,7 +275,7 @@ async fn a_stale_plan_is_re_planned_and_applied_only_with_the_approved_changes()
     plan_and_apply(&role, &repo, &base, Uuid::new_v4()).await;
 
     // Planned, then the state changes in a way that leaves its changes the same
-    // (another deploy changes only an output).
+    // (another deploy changes only an output): applied, with a warning.
     let wanted = commit(&repo, &config(2, "a", "v1", "base"));
     let run = Uuid::new_v4();
     let (_, planned) = plan(&role, &repo, &wanted, run).await;
@@ -284,15 +285,30 @@ async fn a_stale_plan_is_re_planned_and_applied_only_with_the_approved_changes()
     assert!(a.warnings.iter().any(|w| w.contains("went stale")), "{:?}", a.warnings);
     assert_eq!(env.resources().await.len(), 3);
 
-    // Planned, then the state changes so that a new plan differs: refused.
+    // Planned, then the state changes so that a new plan differs: nothing is
+    // applied; the new plan is saved and reported for the gates to decide on.
     let wanted = commit(&repo, &config(3, "a", "v1", "base"));
     let run = Uuid::new_v4();
     let (_, planned) = plan(&role, &repo, &wanted, run).await;
     let other = commit(&repo, &config(2, "changed", "v1", "base"));
     plan_and_apply(&role, &repo, &other, Uuid::new_v4()).await;
     let e = apply(&role, &repo, &wanted, run, &planned).await.unwrap_err();
-    assert_eq!(e.code, "plan_changed");
+    assert_eq!(e.code, "approval_required_again", "{}", e.message);
+    assert!(!e.retryable);
     assert!(e.message.contains("terraform_data.r[0] (update)"), "{}", e.message);
+    let replanned = e.outputs.clone();
+    let fresh = baton_shared::facts::TerraformPlanned::read("infra.staging", &replanned).unwrap();
+    let fresh_sha = fresh.plan_sha256.clone().expect("the new plan's hash");
+    assert_ne!(
+        Some(&fresh_sha),
+        planned
+            .get("plan_sha256")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .as_ref()
+    );
+    assert!(e.message.contains(&fresh_sha), "{}", e.message);
+    assert_eq!((fresh.add, fresh.change), (1, 2), "{fresh:?}");
     assert_eq!(env.resources().await.len(), 3);
     // It applied nothing, so its compensation re-applies nothing either (and
     // does not undo the other deploy's change).
@@ -302,6 +318,29 @@ async fn a_stale_plan_is_re_planned_and_applied_only_with_the_approved_changes()
     assert!(!r.reverted, "{r:?}");
     let inputs: Vec<_> = env.resources().await.into_iter().map(|(_, i)| i).collect();
     assert!(inputs.contains(&Value::String("changed-0".into())), "{inputs:?}");
+
+    // A forged report of the step's own plan is refused.
+    let mut forged = replanned.clone();
+    forged.insert("plan_sha256".into(), Value::String("1".repeat(64)));
+    let e = role
+        .run(&job(&repo, &wanted, run, "infra.staging", "apply").with_input("infra.staging", forged))
+        .await
+        .unwrap_err()
+        .to_step_error();
+    assert_eq!(e.code, "plan_missing", "{}", e.message);
+    assert!(e.message.contains(&fresh_sha), "{}", e.message);
+    assert_eq!(env.resources().await.len(), 3);
+
+    // Approved (the scheduler sends the step's own report back among its
+    // inputs): exactly the saved new plan is applied.
+    let again = job(&repo, &wanted, run, "infra.staging", "apply")
+        .with_input("infra.staging.plan", planned.clone())
+        .with_input("infra.staging", replanned.clone());
+    let a: ApplyOutputs = role.run(&again).await.map(parse).unwrap();
+    assert_eq!(a.facts.plan_sha256.as_deref(), Some(fresh_sha.as_str()));
+    let inputs: Vec<_> = env.resources().await.into_iter().map(|(_, i)| i).collect();
+    assert_eq!(inputs.len(), 4);
+    assert!(inputs.contains(&Value::String("a-2".into())), "{inputs:?}");
 }
 
 #[tokio::test]

@@ -777,7 +777,15 @@ fn actions(sess: &Session, run: &RunView, held: &[&StepView]) -> Markup {
                             input type="hidden" name="csrf" value=(sess.csrf);
                             input type="hidden" name="step" value=(st.id);
                             input type="hidden" name="plan_hash" value=(run.plan_hash);
-                            p { "Step " code { (st.id) } " on plan " code { (short(&run.plan_hash, 16)) } }
+                            @if let Some(subject) = st.hold.as_ref().and_then(|h| h.subject.as_deref()) {
+                                input type="hidden" name="subject" value=(subject);
+                            }
+                            p {
+                                "Step " code { (st.id) } " on plan " code { (short(&run.plan_hash, 16)) }
+                                @if let Some(subject) = st.hold.as_ref().and_then(|h| h.subject.as_deref()) {
+                                    ", applying saved plan " code.subject { (short(subject, 16)) }
+                                }
+                            }
                             label { "comment " input type="text" name="comment"; }
                             button.approve type="submit" { "Approve " (st.id) }
                             button.reject type="submit" formaction={ "/ui/runs/" (run.id) "/reject" } { "Reject" }
@@ -818,6 +826,9 @@ struct ActionForm {
     step: String,
     #[serde(default)]
     plan_hash: String,
+    /// The saved plan shown with a blast-radius hold.
+    #[serde(default)]
+    subject: Option<String>,
     #[serde(default)]
     comment: String,
     #[serde(default)]
@@ -857,7 +868,17 @@ async fn run_action(
                 storable("comment", &form.comment)?;
                 let out = s
                     .store
-                    .decide(id, &form.step, &form.plan_hash, &who, decision, &form.comment)
+                    .decide(
+                        id,
+                        crate::gates::Ask {
+                            step: &form.step,
+                            plan_hash: &form.plan_hash,
+                            subject: form.subject.as_deref().filter(|s| !s.is_empty()),
+                            who: &who,
+                            decision,
+                        },
+                        &form.comment,
+                    )
                     .await?;
                 s.relay.send(out);
                 Ok(id)

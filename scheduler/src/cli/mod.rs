@@ -396,6 +396,9 @@ pub fn render_run(view: &RunView, colour: bool) -> String {
                 "{}",
                 truncate(&format!("      waits on {}: {}", h.gate, h.reason), 80)
             );
+            if let Some(subject) = &h.subject {
+                let _ = writeln!(s, "      approves saved plan {subject}");
+            }
         }
         for e in view
             .history

@@ -32,6 +32,10 @@ pub(super) enum RunCommand {
         step: String,
         #[arg(long)]
         plan_hash: String,
+        /// The saved Terraform plan you reviewed (`approves saved plan …` in
+        /// `baton runs show`); refused if the step now waits for another.
+        #[arg(long)]
+        subject: Option<String>,
         #[arg(long, default_value = "")]
         comment: String,
     },
@@ -134,10 +138,12 @@ pub(super) async fn run(cli: &Ctx, command: RunCommand) -> Outcome {
             run,
             step,
             plan_hash,
+            subject,
             comment,
         } => {
             let c = api_client(cli.config.as_deref())?;
-            let body = serde_json::json!({"step": step, "plan_hash": plan_hash, "comment": comment});
+            let body =
+                serde_json::json!({"step": step, "plan_hash": plan_hash, "subject": subject, "comment": comment});
             let v: serde_json::Value = c
                 .post(&format!("/v1/runs/{run}/approve"), &body)
                 .await

@@ -742,3 +742,99 @@ fn a_daemon_s_warnings_are_kept_in_the_run_s_history() {
         .unwrap();
     assert_eq!(detail["warnings"], json!(["0009_forgotten.sql is not in the journal"]));
 }
+
+/// A Terraform plan report of `n` created resources, saved as `sha`.
+fn terraform_plan(n: u64, sha: char) -> baton_shared::protocol::Fields {
+    let p = baton_shared::facts::TerraformPlanned {
+        resources_changed: n,
+        add: n,
+        change: 0,
+        destroy: 0,
+        changes: (0..n)
+            .map(|i| baton_shared::facts::ResourceChange {
+                address: format!("terraform_data.r[{i}]"),
+                action: "create".into(),
+            })
+            .collect(),
+        plan_sha256: Some(sha.to_string().repeat(64)),
+        unintended: Vec::new(),
+    };
+    baton_shared::facts::FactSet::to_fields(&p)
+}
+
+fn approve(run: &mut RunState, step: &str, subject: &str, who: &str) {
+    let now = Utc::now();
+    run.facts.approvals.push(crate::state::Approval {
+        step_id: step.into(),
+        plan_hash: run.plan_hash.clone(),
+        subject: subject.into(),
+        approver: who.into(),
+        decision: crate::state::Decision::Approve,
+        comment: String::new(),
+        at: now,
+        expires_at: now + Chrono::hours(1),
+    });
+}
+
+#[test]
+fn an_apply_whose_approved_plan_went_stale_asks_again_for_the_new_plan() {
+    let cfg = settings();
+    let now = Utc::now();
+    let mut run = run_for(&["infra/main.tf"]);
+    let (_, plan_job) = run_until(&mut run, "infra.staging.plan");
+    let mut fx = Vec::new();
+    let mut r = result(&plan_job, ResultStatus::Succeeded);
+    r.outputs = terraform_plan(3, 'a');
+    run.apply_result(&r, now, &cfg, &mut fx);
+    // Three changes: within the limit, dispatched at once.
+    let apply = job(&fx, "infra.staging");
+    assert_eq!(apply.inputs["infra.staging.plan"]["plan_sha256"], json!("a".repeat(64)));
+
+    // The state moved; the daemon re-planned seven changes, saved as "b".
+    let mut fx = Vec::new();
+    let mut r = result(&apply, ResultStatus::Failed);
+    r.error = Some(StepError::fatal(APPROVAL_AGAIN, "the approved plan went stale"));
+    r.outputs = terraform_plan(7, 'b');
+    assert_eq!(run.apply_result(&r, now, &cfg, &mut fx), Applied::Applied);
+    assert!(dispatched(&fx).is_empty(), "{fx:?}");
+    let step = run.steps.iter().find(|s| s.id == "infra.staging").unwrap();
+    assert_eq!(step.status, StepStatus::Pending);
+    assert_eq!(step.exec_attempts, 0, "asking again is not a failed try");
+    let hold = step.hold.clone().expect("held for approval");
+    assert!(hold.approval && hold.gate == "blast-radius", "{hold:?}");
+    assert_eq!(hold.subject.as_deref(), Some("b".repeat(64).as_str()));
+    assert!(hold.reason.contains("7 resources change"), "{}", hold.reason);
+    assert_eq!(run.status, RunStatus::AwaitingApproval);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::History { kind, .. } if *kind == "approval_asked_again"))
+    );
+
+    // An approval of the old plan does not count; one of the new plan does.
+    approve(&mut run, "infra.staging", &"a".repeat(64), "marta");
+    let mut fx = Vec::new();
+    run.advance(now, &cfg, &mut fx);
+    assert!(dispatched(&fx).is_empty(), "{fx:?}");
+    approve(&mut run, "infra.staging", &"b".repeat(64), "marta");
+    let mut fx = Vec::new();
+    run.advance(now, &cfg, &mut fx);
+    let again = job(&fx, "infra.staging");
+    assert_eq!(again.inputs["infra.staging"]["plan_sha256"], json!("b".repeat(64)));
+    let mut fx = Vec::new();
+    run.apply_result(&result(&again, ResultStatus::Succeeded), now, &cfg, &mut fx);
+    assert_eq!(status(&run, "infra.staging"), StepStatus::Succeeded);
+}
+
+#[test]
+fn a_step_without_an_approval_gate_cannot_ask_again_and_fails() {
+    let cfg = settings();
+    let now = Utc::now();
+    let mut run = run_for(&["infra/main.tf"]);
+    let (_, plan_job) = run_until(&mut run, "infra.staging.plan");
+    let mut fx = Vec::new();
+    let mut r = result(&plan_job, ResultStatus::Failed);
+    r.error = Some(StepError::fatal(APPROVAL_AGAIN, "asks again"));
+    r.outputs = terraform_plan(7, 'b');
+    run.apply_result(&r, now, &cfg, &mut fx);
+    assert_eq!(status(&run, "infra.staging.plan"), StepStatus::Failed);
+}

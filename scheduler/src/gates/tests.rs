@@ -75,6 +75,7 @@ fn approval(step: &str, plan: &str, who: &str, decision: Decision, expires: Date
     Approval {
         step_id: step.into(),
         plan_hash: plan.into(),
+        subject: String::new(),
         approver: who.into(),
         decision,
         comment: String::new(),
@@ -535,6 +536,7 @@ fn ask<'a>(step: &'a str, plan_hash: &'a str, who: &'a str) -> Ask<'a> {
     Ask {
         step,
         plan_hash,
+        subject: None,
         who,
         decision: Decision::Approve,
     }

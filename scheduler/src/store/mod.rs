@@ -63,7 +63,7 @@ macro_rules! facts_sql {
            'incidents', (select coalesce(json_agg(json_build_object('id', id, 'environment', environment,
                                                    'title', title, 'opened_at', opened_at) order by opened_at), '[]')
                            from incidents where resolved_at is null),
-           'approvals', (select coalesce(json_agg(json_build_object('step_id', step_id, 'plan_hash', plan_hash,
+           'approvals', (select coalesce(json_agg(json_build_object('step_id', step_id, 'plan_hash', plan_hash, 'subject', subject,
                                                    'approver', approver, 'decision', decision, 'comment', comment,
                                                    'at', at, 'expires_at', expires_at) order by id), '[]')
                            from approvals where run_id = $1))"

@@ -76,15 +76,14 @@ impl Store {
 
     /// Records an approval or rejection of a held step by `who`, after the
     /// four-eyes and plan-hash checks, and re-evaluates the run.
-    pub async fn decide(
-        &self,
-        run_id: Uuid,
-        step: &str,
-        plan_hash: &str,
-        who: &str,
-        decision: Decision,
-        comment: &str,
-    ) -> Result<Vec<OutboxMsg>, StoreError> {
+    pub async fn decide(&self, run_id: Uuid, ask: gates::Ask<'_>, comment: &str) -> Result<Vec<OutboxMsg>, StoreError> {
+        let gates::Ask {
+            step,
+            plan_hash,
+            who,
+            decision,
+            ..
+        } = ask;
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         let Some(mut state) = self.load(&mut tx, run_id).await? else {
@@ -104,21 +103,23 @@ impl Store {
         }
         let now = Utc::now();
         let policy = &self.settings.gates;
-        let ask = gates::Ask {
-            step,
-            plan_hash,
-            who,
-            decision,
-        };
         gates::check_decision(&state, ask, &state.facts, policy, now)?;
+        // What exactly is approved: checked above to be what the step waits for.
+        let subject = state
+            .steps
+            .iter()
+            .find(|s| s.id == step)
+            .map(|s| gates::approval_subject(&state, s))
+            .unwrap_or_default();
         let expires_at = now + chrono::Duration::seconds(policy.approval.ttl_secs as i64);
         sqlx::query(
-            "insert into approvals (run_id, step_id, plan_hash, approver, decision, comment, at, expires_at)
-             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "insert into approvals (run_id, step_id, plan_hash, subject, approver, decision, comment, at, expires_at)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(run_id)
         .bind(step)
         .bind(plan_hash)
+        .bind(&subject)
         .bind(who)
         .bind(if decision == Decision::Approve {
             "approve"
@@ -141,13 +142,14 @@ impl Store {
             Some(run_id),
             Some(step),
             kind,
-            json!({"plan_hash": plan_hash, "comment": comment, "expires_at": expires_at}),
+            json!({"plan_hash": plan_hash, "subject": subject, "comment": comment, "expires_at": expires_at}),
         )
         .await?;
         state.audit_head = None;
         state.facts.approvals.push(Approval {
             step_id: step.to_owned(),
             plan_hash: plan_hash.to_owned(),
+            subject,
             approver: who.to_owned(),
             decision,
             comment: comment.to_owned(),
