@@ -217,20 +217,21 @@ impl Infrastructure {
                 .join(format!("{}-{}-{}", job.run_id, job.step_id, &commit[..12]));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).map_err(io(format!("cannot create {}", scratch.display())))?;
+        // The schema's source tree is kept with its data directory (both this
+        // job's under the lock): the next job of the same commit (the apply
+        // after its plan, a retry) finds it exported already.
+        let source = self.export_for_schema(job, commit, &data_dir).await?;
         let checkout = Checkout {
             dir: if p.dir == "." {
-                scratch.join("source")
+                source
             } else {
-                scratch.join("source").join(&p.dir)
+                source.join(&p.dir)
             },
             scratch,
             tf,
             commit: commit.to_owned(),
             _data_dir: lock,
         };
-        self.git
-            .export(&job.deploy.repository, commit, ".", &checkout.scratch.join("source"))
-            .await?;
         if !checkout.dir.is_dir() {
             return Err(Error::Source(git::GitError::FolderNotFound {
                 dir: p.dir.clone(),
@@ -245,6 +246,29 @@ impl Infrastructure {
         };
         Self::require_pg(backend, job, p, commit)?;
         Ok(checkout)
+    }
+
+    /// The repository's tree at `commit` in the schema's source directory
+    /// (`<data dir>.source`), exported unless the last export there was of
+    /// `commit` (recorded in `<data dir>.source-commit` once it was complete).
+    /// The caller holds the schema's lock.
+    async fn export_for_schema(&self, job: &StepJob, commit: &str, data_dir: &Path) -> Result<PathBuf, Error> {
+        let source = data_dir.with_extension("source");
+        let marker = data_dir.with_extension("source-commit");
+        if source.is_dir() && std::fs::read_to_string(&marker).is_ok_and(|c| c == commit) {
+            return Ok(source);
+        }
+        let fresh = data_dir.with_extension("source-new");
+        let _ = std::fs::remove_file(&marker);
+        for dir in [&fresh, &source] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(io(format!("cannot remove {}", dir.display())))?;
+            }
+        }
+        self.git.export(&job.deploy.repository, commit, ".", &fresh).await?;
+        std::fs::rename(&fresh, &source).map_err(io(format!("cannot rename {}", fresh.display())))?;
+        std::fs::write(&marker, commit).map_err(io(format!("cannot write {}", marker.display())))?;
+        Ok(source)
     }
 
     fn require_pg(backend: Option<String>, job: &StepJob, p: &Params, commit: &str) -> Result<(), Error> {

@@ -72,10 +72,13 @@ impl Terraform {
                 mirror.display().to_string()
             ));
         }
-        // Jobs of other schemas may be reading it: replaced whole, never half written.
-        let tmp = rc.with_extension(format!("tmp.{}", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &rc)?;
+        // Jobs of other schemas may be reading it: replaced whole, never half
+        // written, and only when it changed.
+        if std::fs::read_to_string(&rc).ok().as_deref() != Some(text.as_str()) {
+            let tmp = rc.with_extension(format!("tmp.{}", uuid::Uuid::new_v4().simple()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &rc)?;
+        }
         let env = [
             ("CHECKPOINT_DISABLE", "1".to_owned()),
             ("TF_IN_AUTOMATION", "1".to_owned()),
