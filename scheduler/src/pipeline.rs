@@ -462,8 +462,33 @@ impl StepDef {
         // Zones and roles form the routing key `<zone>.<role>`, so they must not contain '.'.
         check_name(&at, "zone", &self.zone, NameKind::Plain)?;
         check_name(&at, "action", &self.action, NameKind::Plain)?;
+        if !role.actions.contains(&self.action.as_str()) {
+            return Err(PipelineError::Invalid {
+                at,
+                message: format!(
+                    "role {} has no action {:?} (its actions: {})",
+                    role.name,
+                    self.action,
+                    role.actions.join(", ")
+                ),
+            });
+        }
         if let Some(compensate) = &self.compensate {
             check_name(&at, "compensate action", compensate, NameKind::Plain)?;
+            if !role.compensations.contains(&compensate.as_str()) {
+                return Err(PipelineError::Invalid {
+                    at,
+                    message: format!(
+                        "role {} has no compensation {compensate:?} ({})",
+                        role.name,
+                        if role.compensations.is_empty() {
+                            "it has none".to_owned()
+                        } else {
+                            format!("its compensations: {}", role.compensations.join(", "))
+                        }
+                    ),
+                });
+            }
         }
         if self.restore_from_backup && self.compensate.is_none() {
             return Err(PipelineError::Invalid {
@@ -1008,7 +1033,7 @@ mod tests {
     fn step(id: &str, extra: &str) -> String {
         format!(
             "[[step]]\nid = \"{id}\"\nrole = \"backup\"\nzone = \"production\"\n\
-             action = \"backup\"\n{extra}\n"
+             action = \"pre-deploy\"\n{extra}\n"
         )
     }
 
@@ -1382,8 +1407,24 @@ mod tests {
     fn restore_from_backup_needs_a_compensation_and_a_backup_of_its_zone() {
         let e = error(&step("a", "restore_from_backup = true"));
         assert!(e.contains("needs a `compensate` action"), "{e}");
-        let e = error(&step("a", "compensate = \"rollback\"\nrestore_from_backup = true"));
+        let e = error(&step("a", "compensate = \"restore\"\nrestore_from_backup = true"));
         assert!(e.contains("needs a pre-deploy backup of zone"), "{e}");
+    }
+
+    #[test]
+    fn actions_and_compensations_must_be_the_role_s() {
+        let text = format!("{HEADER}{}", step("a", "").replace("pre-deploy", "backup"));
+        let e = Pipeline::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            e.contains(r#"role backup has no action "backup""#) && e.contains("pre-deploy, post-deploy"),
+            "{e}"
+        );
+        let e = error(&step("a", "compensate = \"restore-volume\""));
+        assert!(
+            e.contains(r#"no compensation "restore-volume""#) && e.contains("restore, restore-volumes"),
+            "{e}"
+        );
+        assert!(parse(&step("a", "compensate = \"restore-volumes\"")).is_ok());
     }
 
     #[test]

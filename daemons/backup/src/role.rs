@@ -439,14 +439,7 @@ impl BackupRole {
             });
         }
         let target = self.target(service)?;
-        let (source, m) = self.restore_source(zone, backup_id).await?;
-        if m.service != service {
-            return Err(Error::WrongService {
-                backup_id: backup_id.to_owned(),
-                backup_service: m.service.clone(),
-                service: service.to_owned(),
-            });
-        }
+        let (source, m) = self.restore_source_of(zone, service, backup_id).await?;
         let expected = self.read_tables(&source, zone, &m).await?;
         tracing::warn!(backup_id, service, database = %target.database(), source = %source.site, "restoring backup over the live database");
         self.restore_live(target, &source, zone, &m).await?;
@@ -473,6 +466,24 @@ impl BackupRole {
             tables: expected.len() as u64,
             matches_backup: problems.is_empty(),
         })
+    }
+
+    /// As [`restore_source`](Self::restore_source), for a backup that must be `service`'s.
+    async fn restore_source_of(
+        &self,
+        zone: &str,
+        service: &str,
+        backup_id: &str,
+    ) -> Result<(Location, Manifest), Error> {
+        let (source, m) = self.restore_source(zone, backup_id).await?;
+        if m.service != service {
+            return Err(Error::WrongService {
+                backup_id: backup_id.to_owned(),
+                backup_service: m.service.clone(),
+                service: service.to_owned(),
+            });
+        }
+        Ok((source, m))
     }
 
     /// The location to restore from: the primary if intact, else an intact copy.

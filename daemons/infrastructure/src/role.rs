@@ -222,11 +222,7 @@ impl Infrastructure {
         // after its plan, a retry) finds it exported already.
         let source = self.export_for_schema(job, commit, &data_dir).await?;
         let checkout = Checkout {
-            dir: if p.dir == "." {
-                source
-            } else {
-                source.join(&p.dir)
-            },
+            dir: if p.dir == "." { source } else { source.join(&p.dir) },
             scratch,
             tf,
             commit: commit.to_owned(),
@@ -319,6 +315,22 @@ impl Infrastructure {
         file: &Path,
         destroy: bool,
     ) -> Result<TerraformPlanned, Error> {
+        match self.terraform_plan(job, p, checkout, file, destroy).await? {
+            Ok(summary) => Ok(summary),
+            Err(f) => Err(self.explain(conn, job, p, f).await),
+        }
+    }
+
+    /// [`make_plan`](Self::make_plan) without the state database: a
+    /// Terraform failure is returned for the caller to explain.
+    async fn terraform_plan(
+        &self,
+        job: &StepJob,
+        p: &Params,
+        checkout: &Checkout,
+        file: &Path,
+        destroy: bool,
+    ) -> Result<Result<TerraformPlanned, Failure>, Error> {
         let tf = &checkout.tf;
         let mut planned = tf.plan(&checkout.dir, file, self.lock_timeout(p), destroy).await;
         if let Err(Failure::NeedsInit(_)) = planned {
@@ -330,7 +342,7 @@ impl Infrastructure {
         }
         let summary = match planned {
             Ok(s) => s,
-            Err(f) => return Err(self.explain(conn, job, p, f).await),
+            Err(f) => return Ok(Err(f)),
         };
         let protected = protected_set(&p.protected)?;
         let hits: Vec<String> = summary
@@ -342,11 +354,13 @@ impl Infrastructure {
         if !hits.is_empty() && !destroy {
             return Err(Error::Unintended { changes: hits });
         }
-        Ok(summary)
+        Ok(Ok(summary))
     }
 
-    /// A plan of the checkout with its unintended changes named: git diffs the
-    /// merge against the last applied commit while Terraform plans.
+    /// A plan of the checkout with its unintended changes named, and the
+    /// state it is planned against: while Terraform plans, the state database
+    /// is read (the state, the last applied commit) and git diffs the merge
+    /// against that commit.
     async fn plan_with_unintended(
         &self,
         conn: &mut PgConnection,
@@ -354,15 +368,22 @@ impl Infrastructure {
         p: &Params,
         checkout: &Checkout,
         file: &Path,
-    ) -> Result<TerraformPlanned, Error> {
-        let previous = history::previous_commit(conn, &self.schema(job), job.run_id, &job.step_id).await?;
-        let (facts, changed) = tokio::join!(
-            self.make_plan(conn, job, p, checkout, file, false),
-            self.changed_since_applied(job, previous),
-        );
-        let mut facts = facts?;
-        facts.unintended = Self::unintended(p, checkout, &facts, changed?);
-        Ok(facts)
+    ) -> Result<(TerraformPlanned, Option<history::StateVersion>), Error> {
+        let schema = self.schema(job);
+        let beside = async {
+            let state = history::current_state(conn, &schema).await?;
+            let previous = history::previous_commit(conn, &schema, job.run_id, &job.step_id).await?;
+            let changed = self.changed_since_applied(job, previous).await?;
+            Ok::<_, Error>((state, changed))
+        };
+        let (planned, beside) = tokio::join!(self.terraform_plan(job, p, checkout, file, false), beside);
+        let mut facts = match planned? {
+            Ok(f) => f,
+            Err(f) => return Err(self.explain(conn, job, p, f).await),
+        };
+        let (state, changed) = beside?;
+        facts.unintended = Self::unintended(p, checkout, &facts, changed);
+        Ok((facts, state))
     }
 
     /// The paths the merge changed since the last applied commit (None when
@@ -374,6 +395,9 @@ impl Infrastructure {
         previous: Option<String>,
     ) -> Result<Option<Vec<String>>, Error> {
         let Some(previous) = previous else { return Ok(None) };
+        if previous == job.deploy.commit_sha {
+            return Ok(Some(Vec::new()));
+        }
         // The whole repository: a module may live outside the root module's folder.
         match self
             .git
@@ -409,13 +433,11 @@ impl Infrastructure {
 
     async fn plan(&self, job: &StepJob) -> Result<PlanOutputs, Error> {
         let p = Self::params(job)?;
-        // The database and the checkout at once; then Terraform plans while git
-        // diffs the merge against the last applied commit.
+        // The database and the checkout at once; then Terraform plans while the
+        // state database is read and git diffs the merge against the last applied commit.
         let (mut conn, checkout) = tokio::try_join!(self.connect(), self.checkout(job, &job.deploy.commit_sha, &p))?;
         let file = checkout.scratch.join("plan.tfplan");
-        let schema = self.schema(job);
-        let state = history::current_state(&mut conn, &schema).await?;
-        let mut facts = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
+        let (mut facts, state) = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
         let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
         let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
         let sha = history::save_plan(
@@ -539,7 +561,7 @@ impl Infrastructure {
                 facts
             }
             None => {
-                let facts = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
+                let (facts, _) = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
                 if facts.resources_changed > p.blast_radius_limit {
                     return Err(Error::NeedsApproval {
                         why: format!(
@@ -587,7 +609,7 @@ impl Infrastructure {
             // within the limits, are applied; a plan that needs an approval or
             // changes something else is saved and goes back to the gates.
             let fresh = match self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await {
-                Ok(f) => f,
+                Ok((f, _)) => f,
                 Err(e) => return Err(self.nothing_applied(&mut conn, job, recorded, e).await),
             };
             let over = fresh.resources_changed > p.blast_radius_limit;

@@ -159,14 +159,7 @@ impl BackupRole {
     /// by its quiesce command if it has one).
     pub async fn restore_volumes(&self, zone: &str, service: &str, backup_id: &str) -> Result<VolumesRestored, Error> {
         store::check_backup_id(backup_id).map_err(|p| Error::invalid("restore-volumes", p))?;
-        let (source, m) = self.restore_source(zone, backup_id).await?;
-        if m.service != service {
-            return Err(Error::WrongService {
-                backup_id: backup_id.to_owned(),
-                backup_service: m.service.clone(),
-                service: service.to_owned(),
-            });
-        }
+        let (source, m) = self.restore_source_of(zone, service, backup_id).await?;
         let mut volumes = Vec::new();
         for entry in &m.volumes {
             let cfg = self
