@@ -107,25 +107,30 @@ fn invalid_pipelines_exit_2_naming_the_step_and_problem() {
         ),
         (
             "cycle.toml",
-            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"b\"]\n\
-             [[step]]\nid = \"b\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"a\"]\n",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\nneeds = [\"b\"]\n\
+             [[step]]\nid = \"b\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\nneeds = [\"a\"]\n",
             vec!["cycle"],
         ),
         (
             "unknown-need.toml",
-            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nneeds = [\"buid\"]\n",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\nneeds = [\"buid\"]\n",
             vec!["\"a\"", "buid"],
         ),
         (
             "duplicate.toml",
-            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\n\
-             [[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\n",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\n\
+             [[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\n",
             vec!["\"a\"", "duplicate"],
         ),
         (
             "bad-glob.toml",
-            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"x\"\nwhen = { paths = [\"assets/[\"] }\n",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"deploy\"\nwhen = { paths = [\"assets/[\"] }\n",
             vec!["\"a\"", "assets/["],
+        ),
+        (
+            "unknown-action.toml",
+            "[[step]]\nid = \"a\"\nrole = \"cdn\"\nzone = \"production\"\naction = \"upload\"\n",
+            vec!["\"a\"", "role cdn has no action \"upload\"", "deploy"],
         ),
     ];
     for (name, body, words) in cases {
