@@ -388,6 +388,14 @@ async fn operator_actions_and_refusals_through_the_web_view() {
     assert!(page.contains("status:"), "{page}");
     let (_, _, page) = get(&viewer, "/ui/runs?status=rolled_back&since=24h").await;
     assert!(page.contains(&run.to_string()[..8]) && !page.contains(&again.to_string()[..8]));
+    // Pages of the list: a page past the runs is empty and links back; a bad page is named.
+    let (status, _, page) = get(&viewer, "/ui/runs?status=rolled_back&page=2").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("No runs match.") && page.contains("page 2"), "{page}");
+    assert!(page.contains("href=\"/ui/runs?status=rolled_back\""), "{page}");
+    let (status, _, page) = get(&viewer, "/ui/runs?page=0").await;
+    assert_eq!(status, 400);
+    assert!(page.contains("page:"), "{page}");
 
     // Roll back the redeployed run: what it did is undone, and its history says who asked.
     let (status, location, _) = post(

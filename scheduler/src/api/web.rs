@@ -339,7 +339,13 @@ struct RunsQuery {
     /// `1h`, `24h`, `7d`, `30d`, or empty for any time.
     #[serde(default)]
     since: String,
+    /// Which page of [`RUNS_PER_PAGE`] runs, newest first, from 1.
+    #[serde(default)]
+    page: String,
 }
+
+/// Runs on a page of the runs list.
+const RUNS_PER_PAGE: i64 = 200;
 
 impl RunsQuery {
     fn filter(&self) -> Result<store::RunFilter, String> {
@@ -365,22 +371,41 @@ impl RunsQuery {
             status: opt(&self.status),
             environment: opt(&self.environment),
             service: opt(&self.service),
-            limit: 200,
+            // One more than a page: whether there is an older page.
+            limit: RUNS_PER_PAGE + 1,
             since: since.map(|d| Utc::now() - d),
+            offset: (self.page()? - 1) * RUNS_PER_PAGE,
         })
     }
 
-    fn query_string(&self) -> String {
+    fn page(&self) -> Result<i64, String> {
+        match self.page.trim() {
+            "" => Ok(1),
+            p => p
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=100_000).contains(n))
+                .ok_or_else(|| format!("page: {p:?} is not a page number (1 or more)")),
+        }
+    }
+
+    /// This query on page `page`.
+    fn on_page(&self, page: i64) -> String {
+        let page = if page <= 1 { String::new() } else { page.to_string() };
         let mut q = form_urlencoded(&[
             ("service", &self.service),
             ("environment", &self.environment),
             ("status", &self.status),
             ("since", &self.since),
+            ("page", &page),
         ]);
-        if !q.is_empty() {
-            q.insert(0, '?');
-        }
+        q.insert(0, '?');
         q
+    }
+
+    fn query_string(&self) -> String {
+        let q = self.on_page(self.page().unwrap_or(1));
+        if q == "?" { String::new() } else { q }
     }
 }
 
@@ -406,11 +431,21 @@ async fn runs_rows(s: &AppState, q: &RunsQuery) -> Result<Markup, Response> {
     let filter = q
         .filter()
         .map_err(|m| error_page(StatusCode::BAD_REQUEST, "Bad filter", &m))?;
-    let runs = store::list_runs(s.store.pool(), &filter)
+    let mut runs = store::list_runs(s.store.pool(), &filter)
         .await
         .map_err(|e| api_error_page(e.into()))?;
+    let older = runs.len() as i64 > RUNS_PER_PAGE;
+    runs.truncate(RUNS_PER_PAGE as usize);
+    let page = q.page().unwrap_or(1);
     let now = Utc::now();
     Ok(html! {
+        @if page > 1 || older {
+            nav.pages {
+                @if page > 1 { a href={ "/ui/runs" (q.on_page(page - 1)) } { "← newer" } " " }
+                "page " (page)
+                @if older { " " a href={ "/ui/runs" (q.on_page(page + 1)) } { "older →" } }
+            }
+        }
         table.runs #runs-table data-refresh={ "/ui/runs/table" (q.query_string()) } {
             thead { tr { th { "run" } th { "service" } th { "environment" } th { "status" } th { "commit" } th { "started" } th { "took" } } }
             tbody {

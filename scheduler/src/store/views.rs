@@ -296,6 +296,9 @@ pub struct RunFilter {
     /// Only runs created since (the web view's time filter).
     #[serde(skip)]
     pub since: Option<DateTime<Utc>>,
+    /// Runs to skip, newest first (the web view's pages).
+    #[serde(skip)]
+    pub offset: i64,
 }
 
 pub(super) fn default_limit() -> i64 {
@@ -319,13 +322,14 @@ pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunLine>
         "select id, service, environment, commit_sha, status, created_at, finished_at from runs
           where ($2::text is null or status = $2) and ($3::text is null or environment = $3)
             and ($4::text is null or service = $4) and ($5::timestamptz is null or created_at >= $5)
-          order by seq desc limit $1",
+          order by seq desc limit $1 offset $6",
     )
     .bind(filter.limit.clamp(1, 1000))
     .bind(&filter.status)
     .bind(&filter.environment)
     .bind(&filter.service)
     .bind(filter.since)
+    .bind(filter.offset.max(0))
     .fetch_all(pool)
     .await?;
     Ok(rows)
