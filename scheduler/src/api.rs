@@ -109,6 +109,7 @@ impl From<StoreError> for ApiError {
                     D::SelfApproval { .. } => (StatusCode::FORBIDDEN, "four_eyes"),
                     D::PlanHash { .. } => (StatusCode::CONFLICT, "plan_hash_mismatch"),
                     D::Subject { .. } => (StatusCode::CONFLICT, "plan_changed"),
+                    D::SubjectMissing { .. } => (StatusCode::BAD_REQUEST, "subject_required"),
                     D::NotAwaiting { .. } | D::AlreadyApproved { .. } => (StatusCode::CONFLICT, "conflict"),
                 };
                 Self::new(status, code, e.to_string())
@@ -444,7 +445,8 @@ struct DecisionRequest {
     /// The plan the approver looked at: approvals bind to it.
     plan_hash: String,
     /// For a step held by its blast radius, the saved Terraform plan the
-    /// approver looked at (optional; if given it must be the current one).
+    /// approver looked at: required to approve such a step, and it must be
+    /// the one the step waits for.
     #[serde(default)]
     subject: Option<String>,
     #[serde(default)]

@@ -322,13 +322,15 @@ impl RunState {
 
     /// Whether step `i` can go back to its gates with a failed attempt's new
     /// subject to approve: the run goes on, nobody cancelled the step, it has
-    /// a gate that asks for approvals, and the attempt said what to approve.
+    /// the blast-radius gate (whose approvals are bound to the saved plan, so
+    /// an approval of the old plan does not pass the new one), and the
+    /// attempt reported the new plan.
     fn may_ask_again(&self, i: usize, outputs: &Fields) -> bool {
         let s = &self.steps[i];
         self.status.is_active()
             && !s.cancel_requested
             && !outputs.is_empty()
-            && s.gates.iter().any(|g| g == "blast-radius" || g == "human-approval")
+            && s.gates.iter().any(|g| g == "blast-radius")
     }
 
     /// The attempt made something new to approve (an apply whose approved
@@ -358,6 +360,9 @@ impl RunState {
         s.attempt_status = None;
         s.exec_attempts -= 1;
         s.status = StepStatus::Pending;
+        // Nothing was applied: the step starts again when it is dispatched
+        // again (and is not partial work to compensate meanwhile).
+        s.started_at = None;
         s.outputs = outputs;
         s.error = Some(err.clone());
         s.dirty = true;

@@ -780,6 +780,10 @@ pub enum DecisionError {
         given: String,
         actual: String,
     },
+    #[error(
+        "step {step:?} applies saved plan {actual}: an approval must name it (`subject`) to show it is the plan reviewed"
+    )]
+    SubjectMissing { step: String, actual: String },
     #[error("four-eyes: {who} {relation} and cannot approve it")]
     SelfApproval { who: String, relation: &'static str },
     #[error("{who} already approved step {step:?}; a second approver is needed")]
@@ -832,14 +836,23 @@ pub fn check_decision(
         });
     }
     let actual = approval_subject(run, s);
-    if let Some(given) = subject
-        && given != actual
-    {
-        return Err(DecisionError::Subject {
-            step: step.to_owned(),
-            given: given.to_owned(),
-            actual,
-        });
+    match subject {
+        Some(given) if given != actual => {
+            return Err(DecisionError::Subject {
+                step: step.to_owned(),
+                given: given.to_owned(),
+                actual,
+            });
+        }
+        // An approval names what it approves, so it cannot pass a plan that
+        // replaced the one the approver looked at.
+        None if decision == Decision::Approve && !actual.is_empty() => {
+            return Err(DecisionError::SubjectMissing {
+                step: step.to_owned(),
+                actual,
+            });
+        }
+        _ => {}
     }
     if decision == Decision::Approve {
         if policy.approval.four_eyes

@@ -475,6 +475,16 @@ impl StepDef {
         }
         if let Some(compensate) = &self.compensate {
             check_name(&at, "compensate action", compensate, NameKind::Plain)?;
+            if compensate == "restore-volumes" && !matches!(self.action.as_str(), "pre-deploy" | "post-deploy") {
+                return Err(PipelineError::Invalid {
+                    at,
+                    message: format!(
+                        "compensation \"restore-volumes\" restores the backup the step takes: only a pre-deploy or \
+                         post-deploy backup step has one (this step's action is {:?})",
+                        self.action
+                    ),
+                });
+            }
             if !role.compensations.contains(&compensate.as_str()) {
                 return Err(PipelineError::Invalid {
                     at,
@@ -1425,6 +1435,12 @@ mod tests {
             "{e}"
         );
         assert!(parse(&step("a", "compensate = \"restore-volumes\"")).is_ok());
+        let text = format!(
+            "{HEADER}{}",
+            step("a", "compensate = \"restore-volumes\"").replace("pre-deploy", "verify")
+        );
+        let e = Pipeline::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains("only a pre-deploy or post-deploy backup step"), "{e}");
     }
 
     #[test]

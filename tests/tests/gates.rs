@@ -1270,6 +1270,17 @@ async fn a_terraform_change_over_the_blast_radius_waits_for_approval_of_its_plan
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{e}");
     assert_eq!(e["code"], "plan_changed", "{e}");
+    // One naming no plan at all is refused too, and says which plan to name.
+    let (status, e) = api
+        .post(
+            &api.alice,
+            &format!("/v1/runs/{run}/approve"),
+            json!({"step": "infra.staging", "plan_hash": v.plan_hash, "comment": "again"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["code"], "subject_required", "{e}");
+    assert!(e["message"].as_str().unwrap().contains(&new_sha), "{e}");
     assert!(env.run(run).await.unwrap().status == "awaiting_approval");
 
     let (status, e) = api

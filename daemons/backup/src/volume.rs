@@ -170,70 +170,144 @@ impl TreeHasher {
     }
 }
 
-/// Calls `visit(absolute, relative, metadata)` for every entry below `root`,
-/// each directory's entries in byte order of their names, a directory before
-/// what it holds; symbolic links are not followed.
-fn walk(root: &Path, visit: &mut dyn FnMut(&Path, &Path, &Metadata) -> io::Result<()>) -> io::Result<()> {
+/// An entry as the walk found it, opened where it has contents.
+enum Node {
+    Dir,
+    File(File),
+    Link(PathBuf),
+    Other,
+}
+
+/// `path`, opened without following a symbolic link in its last component
+/// (a directory if `dir`).
+fn open_nofollow(path: &Path, dir: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | if dir { libc::O_DIRECTORY } else { 0 };
+    File::options().read(true).custom_flags(flags).open(path)
+}
+
+/// Whether an open failed because the entry is no longer what was listed
+/// (gone, or replaced by a symbolic link or another kind).
+fn replaced(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR))
+}
+
+fn same_inode(a: &Metadata, b: &Metadata) -> bool {
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+/// Calls `visit(relative path, metadata, node)` for every entry below the
+/// directory `root`, each directory's entries in byte order of their names, a
+/// directory before what it holds, and `gone(relative path)` for an entry that
+/// disappeared or changed kind while the walk went by.
+///
+/// Every lookup is anchored on the descriptor of the directory already opened
+/// (through `/proc/self/fd/<fd>/<name>`, with `O_NOFOLLOW`) and an opened
+/// entry must be the inode that was listed, so a writer swapping a directory
+/// or file for a symbolic link cannot lead the walk outside the volume.
+fn walk(
+    root: &File,
+    visit: &mut dyn FnMut(&Path, &Metadata, Node) -> io::Result<()>,
+    gone: &mut dyn FnMut(&Path),
+) -> io::Result<()> {
     fn inner(
-        root: &Path,
+        dir: &File,
         rel: &Path,
-        visit: &mut dyn FnMut(&Path, &Path, &Metadata) -> io::Result<()>,
+        visit: &mut dyn FnMut(&Path, &Metadata, Node) -> io::Result<()>,
+        gone: &mut dyn FnMut(&Path),
     ) -> io::Result<()> {
-        let dir = root.join(rel);
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("listing {}: {e}", dir.display())))?
+        use std::os::fd::AsRawFd;
+        let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let context =
+            |what: &str, rel: &Path, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", rel.display()));
+        let mut names: Vec<_> = fs::read_dir(&base)
+            .map_err(|e| context("listing", rel, e))?
             .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
+            .collect::<io::Result<_>>()
+            .map_err(|e| context("listing", rel, e))?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
             let rel = rel.join(&name);
-            let abs = root.join(&rel);
-            let meta = fs::symlink_metadata(&abs)
-                .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", abs.display())))?;
-            visit(&abs, &rel, &meta)?;
-            if meta.is_dir() {
-                inner(root, &rel, visit)?;
+            let at = base.join(&name);
+            let listed = match fs::symlink_metadata(&at) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    gone(&rel);
+                    continue;
+                }
+                Err(e) => return Err(context("reading", &rel, e)),
+            };
+            match kind(&listed) {
+                k @ (Kind::Dir | Kind::File) => {
+                    let f = match open_nofollow(&at, k == Kind::Dir) {
+                        Ok(f) => f,
+                        Err(e) if replaced(&e) => {
+                            gone(&rel);
+                            continue;
+                        }
+                        Err(e) => return Err(context("opening", &rel, e)),
+                    };
+                    let meta = f.metadata()?;
+                    if !same_inode(&listed, &meta) {
+                        gone(&rel);
+                        continue;
+                    }
+                    if k == Kind::Dir {
+                        visit(&rel, &meta, Node::Dir)?;
+                        inner(&f, &rel, visit, gone)?;
+                    } else {
+                        visit(&rel, &meta, Node::File(f))?;
+                    }
+                }
+                Kind::Link => match fs::read_link(&at) {
+                    Ok(target) => visit(&rel, &listed, Node::Link(target))?,
+                    Err(e) if replaced(&e) || e.kind() == io::ErrorKind::InvalidInput => gone(&rel),
+                    Err(e) => return Err(context("reading the link", &rel, e)),
+                },
+                Kind::Other => visit(&rel, &listed, Node::Other)?,
             }
         }
         Ok(())
     }
-    inner(root, Path::new(""), visit)
+    inner(root, Path::new(""), visit, gone)
 }
 
-fn root_meta(root: &Path) -> io::Result<Metadata> {
-    let meta =
-        fs::symlink_metadata(root).map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", root.display())))?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a directory", root.display()),
-        ));
-    }
-    Ok(meta)
+/// The directory `root`, opened (not through a symbolic link), and its metadata.
+fn open_root(root: &Path) -> io::Result<(File, Metadata)> {
+    let f = open_nofollow(root, true).map_err(|e| {
+        let why = if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) {
+            "is not a directory (a symbolic link is not followed)".to_owned()
+        } else {
+            e.to_string()
+        };
+        io::Error::new(e.kind(), format!("{} {why}", root.display()))
+    })?;
+    let meta = f.metadata()?;
+    Ok((f, meta))
 }
 
 /// The tree hash of the directory `root` as it is now.
 pub fn tree(root: &Path) -> io::Result<Tree> {
     let mut hasher = TreeHasher::new();
-    let meta = root_meta(root)?;
+    let (dir, meta) = open_root(root)?;
     hasher.entry(Path::new(""), Kind::Dir, &meta, 0, b"");
-    walk(root, &mut |abs, rel, meta| {
-        match kind(meta) {
-            Kind::File => {
-                let mut h = Sha256::new();
-                let mut f =
-                    File::open(abs).map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", abs.display())))?;
-                let n = io::copy(&mut f, &mut h)?;
-                hasher.entry(rel, Kind::File, meta, n, hex::encode(h.finalize()).as_bytes());
+    walk(
+        &dir,
+        &mut |rel, meta, node| {
+            match node {
+                Node::File(mut f) => {
+                    let mut h = Sha256::new();
+                    let n = io::copy(&mut f, &mut h)?;
+                    hasher.entry(rel, Kind::File, meta, n, hex::encode(h.finalize()).as_bytes());
+                }
+                Node::Link(target) => hasher.entry(rel, Kind::Link, meta, 0, target.as_os_str().as_bytes()),
+                Node::Dir => hasher.entry(rel, Kind::Dir, meta, 0, b""),
+                Node::Other => {}
             }
-            Kind::Link => {
-                let target = fs::read_link(abs)?;
-                hasher.entry(rel, Kind::Link, meta, 0, target.as_os_str().as_bytes());
-            }
-            k => hasher.entry(rel, k, meta, 0, b""),
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+        &mut |_| {},
+    )?;
     Ok(hasher.finish())
 }
 
@@ -284,61 +358,92 @@ fn changed(before: &Metadata, after: &Metadata) -> bool {
     )
 }
 
+/// Appends a symbolic link at `rel` pointing to `target`, byte for byte (the
+/// tar crate's own `append_link` tidies targets such as `a//b` or `x/.`,
+/// which would then not be the link that was read).
+fn append_symlink<W: Write>(
+    builder: &mut tar::Builder<W>,
+    header: &mut tar::Header,
+    rel: &Path,
+    target: &[u8],
+) -> io::Result<()> {
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    if target.len() >= 100 {
+        // GNU's long link name: a `K` entry holding the target, then the link.
+        let mut long = tar::Header::new_gnu();
+        long.set_entry_type(tar::EntryType::GNULongLink);
+        long.as_gnu_mut().expect("a GNU header").name[..13].copy_from_slice(b"././@LongLink");
+        long.set_mode(0o644);
+        long.set_size(target.len() as u64 + 1);
+        long.set_cksum();
+        builder.append(&long, target.chain(&[0u8][..]))?;
+        header.set_link_name_literal(&target[..99])?;
+    } else {
+        header.set_link_name_literal(target)?;
+    }
+    builder.append_data(header, rel, io::empty())
+}
+
 /// Writes `root` as a tar stream to `out`, hashing the tree as archived.
 pub fn archive<W: Write>(root: &Path, out: W) -> io::Result<(Archived, W)> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
-    let meta = root_meta(root)?;
+    let (dir, meta) = open_root(root)?;
     let mut hasher = TreeHasher::new();
     hasher.entry(Path::new(""), Kind::Dir, &meta, 0, b"");
     let (mut changed_paths, mut skipped_paths) = (Vec::new(), Vec::new());
     let (mut changed_count, mut skipped_count) = (0u64, 0u64);
-    walk(root, &mut |abs, rel, meta| {
-        let mut header = tar::Header::new_gnu();
-        header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
-        match kind(meta) {
-            Kind::Dir => {
-                header.set_size(0);
-                builder.append_data(&mut header, rel, io::empty())?;
-                hasher.entry(rel, Kind::Dir, meta, 0, b"");
-            }
-            Kind::Link => {
-                let target = fs::read_link(abs)?;
-                header.set_size(0);
-                builder.append_link(&mut header, rel, &target)?;
-                hasher.entry(rel, Kind::Link, meta, 0, target.as_os_str().as_bytes());
-            }
-            Kind::File => {
-                let file =
-                    File::open(abs).map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", abs.display())))?;
-                let size = meta.len();
-                header.set_size(size);
-                let mut reader = Exactly {
-                    inner: file,
-                    left: size,
-                    hash: Sha256::new(),
-                    short: false,
-                };
-                builder.append_data(&mut header, rel, &mut reader)?;
-                let after = fs::symlink_metadata(abs)?;
-                if reader.short || changed(meta, &after) {
-                    changed_count += 1;
-                    if changed_paths.len() < NAMED {
-                        changed_paths.push(rel.display().to_string());
-                    }
-                }
-                let sha = hex::encode(std::mem::take(&mut reader.hash).finalize());
-                hasher.entry(rel, Kind::File, meta, size, sha.as_bytes());
-            }
-            Kind::Other => {
-                skipped_count += 1;
-                if skipped_paths.len() < NAMED {
-                    skipped_paths.push(rel.display().to_string());
-                }
-            }
+    let note = |paths: &mut Vec<String>, count: &mut u64, rel: &Path| {
+        *count += 1;
+        if paths.len() < NAMED {
+            paths.push(rel.display().to_string());
         }
-        Ok(())
-    })?;
+    };
+    let mut gone = Vec::new();
+    walk(
+        &dir,
+        &mut |rel, meta, node| {
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+            match node {
+                Node::Dir => {
+                    header.set_size(0);
+                    builder.append_data(&mut header, rel, io::empty())?;
+                    hasher.entry(rel, Kind::Dir, meta, 0, b"");
+                }
+                Node::Link(target) => {
+                    let bytes = target.as_os_str().as_bytes();
+                    append_symlink(&mut builder, &mut header, rel, bytes)?;
+                    hasher.entry(rel, Kind::Link, meta, 0, bytes);
+                }
+                Node::File(file) => {
+                    let size = meta.len();
+                    header.set_size(size);
+                    let mut reader = Exactly {
+                        inner: &file,
+                        left: size,
+                        hash: Sha256::new(),
+                        short: false,
+                    };
+                    builder.append_data(&mut header, rel, &mut reader)?;
+                    let after = file.metadata()?;
+                    if reader.short || changed(meta, &after) {
+                        note(&mut changed_paths, &mut changed_count, rel);
+                    }
+                    let sha = hex::encode(std::mem::take(&mut reader.hash).finalize());
+                    hasher.entry(rel, Kind::File, meta, size, sha.as_bytes());
+                }
+                Node::Other => note(&mut skipped_paths, &mut skipped_count, rel),
+            }
+            Ok(())
+        },
+        &mut |rel| gone.push(rel.to_owned()),
+    )?;
+    // What went while the walk went by was changed while copied, too.
+    for rel in &gone {
+        note(&mut changed_paths, &mut changed_count, rel);
+    }
     let out = builder.into_inner()?;
     Ok((
         Archived {
@@ -409,21 +514,27 @@ pub fn replace_contents(live: &Path, restored: &Path, aside: &Path) -> io::Resul
             ),
         )
     };
-    for entry in fs::read_dir(live).map_err(|e| step("listing the live volume", e))? {
-        let entry = entry?;
-        fs::rename(entry.path(), aside.join(entry.file_name())).map_err(|e| step("moving a live entry aside", e))?;
+    let names = |dir: &Path| -> io::Result<Vec<std::ffi::OsString>> {
+        fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect()
+    };
+    // Listed first, then moved: never renamed while a listing is under way.
+    for name in names(live).map_err(|e| step("listing the live volume", e))? {
+        fs::rename(live.join(&name), aside.join(&name)).map_err(|e| step("moving a live entry aside", e))?;
     }
-    for entry in fs::read_dir(restored)? {
-        let entry = entry?;
-        fs::rename(entry.path(), live.join(entry.file_name()))
+    for name in names(restored)? {
+        fs::rename(restored.join(&name), live.join(&name))
             .map_err(|e| step("moving a restored entry into place", e))?;
     }
     let meta = fs::symlink_metadata(restored)?;
     std::os::unix::fs::chown(live, Some(meta.uid()), Some(meta.gid())).map_err(|e| step("setting the owner", e))?;
     fs::set_permissions(live, fs::Permissions::from_mode(meta.mode() & 0o7777))
         .map_err(|e| step("setting the permissions", e))?;
-    fs::remove_dir(restored)?;
-    fs::remove_dir_all(aside)?;
+    // The restore is done; what is left is tidying up, which only warns.
+    for (dir, what) in [(restored, "restore staging"), (aside, "replaced files")] {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "{what} directory not removed");
+        }
+    }
     Ok(())
 }
 
@@ -469,20 +580,7 @@ mod tests {
         assert_eq!(archived.tree, tree(&src).unwrap());
         assert_eq!(archived.tree.entries, 7);
         assert_eq!(archived.changed_count, 0);
-        let entry = VolumeEntry {
-            claim: "c".into(),
-            file: archive_file_name("c"),
-            tree_sha256: archived.tree.sha256.clone(),
-            entries: archived.tree.entries,
-            content_bytes: archived.tree.content_bytes,
-            consistency: Consistency::Live,
-            changed_while_copied: 0,
-            skipped: 0,
-            root_mode: archived.root_mode,
-            root_uid: archived.root_uid,
-            root_gid: archived.root_gid,
-        };
-        unpack(&bytes[..], &dst, &entry).unwrap();
+        unpack(&bytes[..], &dst, &entry_for(&archived)).unwrap();
         assert_eq!(tree(&dst).unwrap(), archived.tree);
         assert_eq!(
             fs::read_link(dst.join("dangling")).unwrap(),
@@ -492,6 +590,53 @@ mod tests {
         // Any change of content, mode or link target changes the hash.
         fs::set_permissions(dst.join("secret"), fs::Permissions::from_mode(0o644)).unwrap();
         assert_ne!(tree(&dst).unwrap(), archived.tree);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn entry_for(a: &Archived) -> VolumeEntry {
+        VolumeEntry {
+            claim: "c".into(),
+            file: archive_file_name("c"),
+            tree_sha256: a.tree.sha256.clone(),
+            entries: a.tree.entries,
+            content_bytes: a.tree.content_bytes,
+            consistency: Consistency::Live,
+            changed_while_copied: a.changed_count,
+            skipped: a.skipped_count,
+            root_mode: a.root_mode,
+            root_uid: a.root_uid,
+            root_gid: a.root_gid,
+        }
+    }
+
+    #[test]
+    fn link_targets_come_back_byte_for_byte() {
+        let dir = tempdir();
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        fs::create_dir(&src).unwrap();
+        fs::create_dir(&dst).unwrap();
+        let long = format!("{}/end", "segment".repeat(20));
+        let targets = ["a//b", "x/.", "//abs/./path", "./rel", "trailing/", long.as_str()];
+        for (i, t) in targets.iter().enumerate() {
+            symlink(t, src.join(format!("l{i}"))).unwrap();
+        }
+        let (archived, bytes) = archive(&src, Vec::new()).unwrap();
+        assert_eq!(archived.tree, tree(&src).unwrap());
+        unpack(&bytes[..], &dst, &entry_for(&archived)).unwrap();
+        for (i, t) in targets.iter().enumerate() {
+            assert_eq!(fs::read_link(dst.join(format!("l{i}"))).unwrap(), Path::new(t));
+        }
+        assert_eq!(tree(&dst).unwrap(), archived.tree);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_volume_that_is_a_symbolic_link_is_not_followed() {
+        let dir = tempdir();
+        fs::create_dir(dir.join("real")).unwrap();
+        symlink(dir.join("real"), dir.join("link")).unwrap();
+        let e = archive(&dir.join("link"), Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("is not a directory"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -241,7 +241,7 @@ async fn a_quiesced_copy_holds_the_service_and_a_failed_quiesce_copies_nothing()
         claim: CLAIM.into(),
         path: dir,
         quiesce: shell("echo 'writes cannot be held now' >&2; exit 3".into()),
-        resume: shell("true".into()),
+        resume: shell(format!("echo resume-after-failure >> {}", log.display())),
     };
     env.reconfigure();
     let run = Uuid::new_v4();
@@ -253,6 +253,11 @@ async fn a_quiesced_copy_holds_the_service_and_a_failed_quiesce_copies_nothing()
     assert!(err.retryable);
     assert!(err.message.contains("writes cannot be held now"), "{}", err.message);
     assert!(env.backups_in(&env.settings.primary.path).is_empty());
+    // A quiesce that failed may have half taken effect: resume runs after it.
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "quiesce\nresume\nresume-after-failure\n"
+    );
     let _ = fs::remove_file(&log);
 }
 

@@ -359,7 +359,12 @@ pub async fn run(cfg: &Config, opts: &Options) -> anyhow::Result<bool> {
         let resp = client
             .post(format!("http://127.0.0.1:{api_port}/v1/runs/{run3}/approve"))
             .bearer_auth(&token)
-            .json(&serde_json::json!({"step": held.id, "plan_hash": v.plan_hash, "comment": "six workers, as planned"}))
+            .json(&serde_json::json!({
+                "step": held.id,
+                "plan_hash": v.plan_hash,
+                "subject": held.hold.as_ref().and_then(|h| h.subject.clone()),
+                "comment": "six workers, as planned",
+            }))
             .send()
             .await
             .context("approving through the API")?;

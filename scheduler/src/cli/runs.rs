@@ -33,7 +33,8 @@ pub(super) enum RunCommand {
         #[arg(long)]
         plan_hash: String,
         /// The saved Terraform plan you reviewed (`approves saved plan …` in
-        /// `baton runs show`); refused if the step now waits for another.
+        /// `baton runs show`): required for a step held by its blast radius,
+        /// and refused if the step now waits for another.
         #[arg(long)]
         subject: Option<String>,
         #[arg(long, default_value = "")]

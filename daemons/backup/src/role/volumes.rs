@@ -65,12 +65,11 @@ impl BackupRole {
 
     async fn archive_volume(&self, staged: &Path, v: &VolumeConfig) -> Result<(VolumeEntry, FileEntry), Error> {
         let quiesced = !v.quiesce.is_empty();
-        if quiesced {
-            run_hook(&v.quiesce).await.map_err(|problem| Error::Quiesce {
-                claim: v.claim.clone(),
-                problem,
-            })?;
-        }
+        let held = if quiesced {
+            Some(Held::hold(&v.claim, &v.quiesce, &v.resume).await?)
+        } else {
+            None
+        };
         let file = volume::archive_file_name(&v.claim);
         let (src, dst, keys, claim) = (v.path.clone(), staged.join(&file), self.keys.clone(), v.claim.clone());
         let started = std::time::Instant::now();
@@ -83,7 +82,9 @@ impl BackupRole {
             Ok((archived, hw.finish_file(&dst)?))
         })
         .await;
-        if quiesced && let Err(problem) = run_hook(&v.resume).await {
+        if let Some(held) = held
+            && let Err(problem) = held.release().await
+        {
             let problem = match &archived {
                 Ok(_) => problem,
                 Err(e) => format!("{problem} (and the copy failed: {e})"),
@@ -160,17 +161,24 @@ impl BackupRole {
     pub async fn restore_volumes(&self, zone: &str, service: &str, backup_id: &str) -> Result<VolumesRestored, Error> {
         store::check_backup_id(backup_id).map_err(|p| Error::invalid("restore-volumes", p))?;
         let (source, m) = self.restore_source_of(zone, service, backup_id).await?;
+        // Every volume of the backup must be configured before any is touched.
+        let targets = m
+            .volumes
+            .iter()
+            .map(|entry| {
+                self.volumes_of(service)
+                    .iter()
+                    .find(|c| c.claim == entry.claim)
+                    .map(|cfg| (entry, cfg))
+                    .ok_or_else(|| Error::NoVolume {
+                        backup_id: backup_id.to_owned(),
+                        claim: entry.claim.clone(),
+                        service: service.to_owned(),
+                    })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let mut volumes = Vec::new();
-        for entry in &m.volumes {
-            let cfg = self
-                .volumes_of(service)
-                .iter()
-                .find(|c| c.claim == entry.claim)
-                .ok_or_else(|| Error::NoVolume {
-                    backup_id: backup_id.to_owned(),
-                    claim: entry.claim.clone(),
-                    service: service.to_owned(),
-                })?;
+        for (entry, cfg) in targets {
             volumes.push(self.restore_volume(&source, zone, &m, entry, cfg).await?);
         }
         tracing::info!(backup_id, service, volumes = volumes.len(), source = %source.site, "volumes restored");
@@ -217,13 +225,17 @@ impl BackupRole {
             .await?
         };
         let quiesced = !cfg.quiesce.is_empty();
-        if quiesced && let Err(problem) = run_hook(&cfg.quiesce).await {
-            let _ = std::fs::remove_dir_all(&staged);
-            return Err(Error::Quiesce {
-                claim: cfg.claim.clone(),
-                problem,
-            });
-        }
+        let held = if quiesced {
+            match Held::hold(&cfg.claim, &cfg.quiesce, &cfg.resume).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staged);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         tracing::warn!(claim = %entry.claim, path = %live.display(), backup_id = %m.backup_id, "replacing the live volume's files with the backup's");
         let swapped = {
             let (live, staged, claim) = (live.clone(), staged.clone(), entry.claim.clone());
@@ -238,7 +250,9 @@ impl BackupRole {
             })
             .await
         };
-        if quiesced && let Err(problem) = run_hook(&cfg.resume).await {
+        if let Some(held) = held
+            && let Err(problem) = held.release().await
+        {
             return Err(Error::Resume {
                 claim: cfg.claim.clone(),
                 problem,
@@ -257,6 +271,65 @@ impl BackupRole {
                 Consistency::Live
             },
         })
+    }
+}
+
+/// A service whose writes are held by its quiesce command, until
+/// [`release`](Held::release) runs its resume command. Dropped unreleased (the
+/// job cancelled or timed out mid-copy, a panic), it runs the resume command in
+/// the background: a service is never left held because a copy was cut short.
+struct Held {
+    claim: String,
+    resume: Option<Vec<String>>,
+}
+
+impl Held {
+    /// Runs the quiesce command. Armed before it runs, since one that failed or
+    /// was cut off may have taken effect: after a failed quiesce the resume
+    /// command runs too (it must be harmless on a service that is not held).
+    async fn hold(claim: &str, quiesce: &[String], resume: &[String]) -> Result<Self, Error> {
+        let held = Self {
+            claim: claim.to_owned(),
+            resume: Some(resume.to_vec()),
+        };
+        if let Err(problem) = run_hook(quiesce).await {
+            let problem = match held.release().await {
+                Ok(()) => problem,
+                Err(again) => format!("{problem} (and the resume command after it failed: {again})"),
+            };
+            return Err(Error::Quiesce {
+                claim: claim.to_owned(),
+                problem,
+            });
+        }
+        Ok(held)
+    }
+
+    async fn release(mut self) -> Result<(), String> {
+        match self.resume.take() {
+            Some(argv) => run_hook(&argv).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(argv) = self.resume.take() else { return };
+        let claim = std::mem::take(&mut self.claim);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    match run_hook(&argv).await {
+                        Ok(()) => tracing::warn!(claim = %claim, "copy interrupted; the service's writes were let go"),
+                        Err(e) => tracing::error!(claim = %claim, error = %e, "copy interrupted and the resume command failed: the service's writes may still be held"),
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::error!(claim = %claim, "copy interrupted outside a runtime: the resume command did not run")
+            }
+        }
     }
 }
 
