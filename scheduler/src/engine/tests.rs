@@ -800,7 +800,10 @@ fn an_apply_whose_approved_plan_went_stale_asks_again_for_the_new_plan() {
     let step = run.steps.iter().find(|s| s.id == "infra.staging").unwrap();
     assert_eq!(step.status, StepStatus::Pending);
     assert_eq!(step.exec_attempts, 0, "asking again is not a failed try");
-    assert_eq!(step.started_at, None, "nothing was applied: not partial work to compensate");
+    assert_eq!(
+        step.started_at, None,
+        "nothing was applied: not partial work to compensate"
+    );
     let hold = step.hold.clone().expect("held for approval");
     assert!(hold.approval && hold.gate == "blast-radius", "{hold:?}");
     assert_eq!(hold.subject.as_deref(), Some("b".repeat(64).as_str()));
