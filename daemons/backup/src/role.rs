@@ -781,10 +781,7 @@ impl BackupRole {
                     tree_sha256: v.tree_sha256.clone(),
                     entries: v.entries,
                     content_bytes: v.content_bytes,
-                    consistency: match v.consistency {
-                        crate::volume::Consistency::Quiesced => "quiesced".to_owned(),
-                        crate::volume::Consistency::Live => "live".to_owned(),
-                    },
+                    consistency: v.consistency.as_str().to_owned(),
                     changed_while_copied: v.changed_while_copied,
                     skipped: v.skipped,
                 })

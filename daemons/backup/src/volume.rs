@@ -55,6 +55,24 @@ pub enum Consistency {
     Live,
 }
 
+impl Consistency {
+    /// How a volume with this configuration is copied.
+    pub fn of(v: &crate::config::VolumeConfig) -> Self {
+        if v.quiesce.is_empty() {
+            Self::Live
+        } else {
+            Self::Quiesced
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quiesced => "quiesced",
+            Self::Live => "live",
+        }
+    }
+}
+
 /// A volume as its backup's manifest records it (no file names, no data).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

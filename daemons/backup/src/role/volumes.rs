@@ -64,12 +64,7 @@ impl BackupRole {
     }
 
     async fn archive_volume(&self, staged: &Path, v: &VolumeConfig) -> Result<(VolumeEntry, FileEntry), Error> {
-        let quiesced = !v.quiesce.is_empty();
-        let held = if quiesced {
-            Some(Held::hold(&v.claim, &v.quiesce, &v.resume).await?)
-        } else {
-            None
-        };
+        let held = Held::hold(v).await?;
         let file = volume::archive_file_name(&v.claim);
         let (src, dst, keys, claim) = (v.path.clone(), staged.join(&file), self.keys.clone(), v.claim.clone());
         let started = std::time::Instant::now();
@@ -95,11 +90,7 @@ impl BackupRole {
             });
         }
         let (a, digest) = archived?;
-        let consistency = if quiesced {
-            Consistency::Quiesced
-        } else {
-            Consistency::Live
-        };
+        let consistency = Consistency::of(v);
         if a.changed_count > 0 {
             tracing::warn!(
                 claim = %v.claim, changed = a.changed_count, paths = ?a.changed,
@@ -140,12 +131,7 @@ impl BackupRole {
             };
             let archive = loc.backup_dir(zone, &m.backup_id).join(&v.file);
             let (keys, entry, id, dir) = (self.keys.clone(), v.clone(), m.backup_id.clone(), scratch.clone());
-            let checked = blocking(move || {
-                unpack_volume(&keys, &archive, &dir, &entry, &id)?;
-                let tree = volume::tree(&dir).map_err(Error::volume(&entry.claim, "hashing the restored copy"))?;
-                mismatch(&id, &entry, &tree)
-            })
-            .await;
+            let checked = blocking(move || unpack_and_check(&keys, &archive, &dir, &entry, &id)).await;
             if let Err(e) = std::fs::remove_dir_all(&scratch) {
                 tracing::warn!(dir = %scratch.display(), error = %e, "volume check directory not removed");
             }
@@ -210,11 +196,7 @@ impl BackupRole {
                 }
                 let dir = volume::sibling_dir(&live, "restore")
                     .map_err(Error::volume(&entry.claim, "staging the restore"))?;
-                let checked = unpack_volume(&keys, &archive, &dir, &entry, &id).and_then(|()| {
-                    let tree = volume::tree(&dir).map_err(Error::volume(&entry.claim, "hashing the restored copy"))?;
-                    mismatch(&id, &entry, &tree)
-                });
-                match checked {
+                match unpack_and_check(&keys, &archive, &dir, &entry, &id) {
                     Ok(()) => Ok(dir),
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(&dir);
@@ -224,17 +206,12 @@ impl BackupRole {
             })
             .await?
         };
-        let quiesced = !cfg.quiesce.is_empty();
-        let held = if quiesced {
-            match Held::hold(&cfg.claim, &cfg.quiesce, &cfg.resume).await {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&staged);
-                    return Err(e);
-                }
+        let held = match Held::hold(cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(e);
             }
-        } else {
-            None
         };
         tracing::warn!(claim = %entry.claim, path = %live.display(), backup_id = %m.backup_id, "replacing the live volume's files with the backup's");
         let swapped = {
@@ -265,11 +242,7 @@ impl BackupRole {
             entries: tree.entries,
             matches_backup: tree.sha256 == entry.tree_sha256,
             tree_sha256: tree.sha256,
-            consistency: if quiesced {
-                Consistency::Quiesced
-            } else {
-                Consistency::Live
-            },
+            consistency: Consistency::of(cfg),
         })
     }
 }
@@ -284,25 +257,29 @@ struct Held {
 }
 
 impl Held {
-    /// Runs the quiesce command. Armed before it runs, since one that failed or
-    /// was cut off may have taken effect: after a failed quiesce the resume
-    /// command runs too (it must be harmless on a service that is not held).
-    async fn hold(claim: &str, quiesce: &[String], resume: &[String]) -> Result<Self, Error> {
+    /// Runs the volume's quiesce command, if it has one. Armed before it
+    /// runs, since one that failed or was cut off may have taken effect: after
+    /// a failed quiesce the resume command runs too (it must be harmless on a
+    /// service that is not held).
+    async fn hold(v: &VolumeConfig) -> Result<Option<Self>, Error> {
+        if v.quiesce.is_empty() {
+            return Ok(None);
+        }
         let held = Self {
-            claim: claim.to_owned(),
-            resume: Some(resume.to_vec()),
+            claim: v.claim.clone(),
+            resume: Some(v.resume.clone()),
         };
-        if let Err(problem) = run_hook(quiesce).await {
+        if let Err(problem) = run_hook(&v.quiesce).await {
             let problem = match held.release().await {
                 Ok(()) => problem,
                 Err(again) => format!("{problem} (and the resume command after it failed: {again})"),
             };
             return Err(Error::Quiesce {
-                claim: claim.to_owned(),
+                claim: v.claim.clone(),
                 problem,
             });
         }
-        Ok(held)
+        Ok(Some(held))
     }
 
     async fn release(mut self) -> Result<(), String> {
@@ -354,7 +331,17 @@ fn unpack_volume(
     })
 }
 
-fn mismatch(backup_id: &str, entry: &VolumeEntry, tree: &volume::Tree) -> Result<(), Error> {
+/// Unpacks one volume archive into the empty directory `dir` and compares
+/// its tree with the hash the backup recorded.
+fn unpack_and_check(
+    keys: &crypto::Keys,
+    archive: &Path,
+    dir: &Path,
+    entry: &VolumeEntry,
+    backup_id: &str,
+) -> Result<(), Error> {
+    unpack_volume(keys, archive, dir, entry, backup_id)?;
+    let tree = volume::tree(dir).map_err(Error::volume(&entry.claim, "hashing the restored copy"))?;
     if tree.sha256 == entry.tree_sha256 {
         return Ok(());
     }
