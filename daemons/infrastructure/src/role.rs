@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_shared::facts::{FactSet, TerraformPlanned};
+use baton_shared::facts::{FactSet, ResourceChange, TerraformPlanned};
 use baton_shared::git::{self, FileLock, GitCache};
 use baton_shared::kit;
 use baton_shared::protocol::{self, Fields, JobKind, StepJob};
@@ -438,19 +438,7 @@ impl Infrastructure {
         let (mut conn, checkout) = tokio::try_join!(self.connect(), self.checkout(job, &job.deploy.commit_sha, &p))?;
         let file = checkout.scratch.join("plan.tfplan");
         let (mut facts, state) = self.plan_with_unintended(&mut conn, job, &p, &checkout, &file).await?;
-        let bytes = std::fs::read(&file).map_err(io("cannot read the saved plan"))?;
-        let summary = serde_json::to_value(&facts).unwrap_or(Value::Null);
-        let sha = history::save_plan(
-            &mut conn,
-            job.run_id,
-            &job.step_id,
-            &self.schema(job),
-            &job.deploy.commit_sha,
-            &bytes,
-            &summary,
-        )
-        .await?;
-        facts.plan_sha256 = Some(sha);
+        facts.plan_sha256 = Some(self.save_plan_file(&mut conn, job, &file, &facts).await?);
         tracing::info!(
             run_id = %job.run_id,
             step_id = %job.step_id,
@@ -574,12 +562,7 @@ impl Infrastructure {
                     return Err(Error::NeedsApproval {
                         why: format!(
                             "the plan changes resources in modules this merge did not touch ({})",
-                            facts
-                                .unintended
-                                .iter()
-                                .map(|c| format!("{} ({})", c.address, c.action))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            list_changes(&facts.unintended)
                         ),
                     });
                 }
@@ -614,13 +597,7 @@ impl Infrastructure {
             };
             let over = fresh.resources_changed > p.blast_radius_limit;
             if over || !fresh.unintended.is_empty() || fresh.changes != approved.changes {
-                let e = match self
-                    .save_replan(&mut conn, job, &schema, &file, fresh, &approved, over)
-                    .await
-                {
-                    Ok(e) => e,
-                    Err(e) => e,
-                };
+                let e = self.ask_again(&mut conn, job, &file, fresh, &approved, over).await;
                 return Err(self.nothing_applied(&mut conn, job, recorded, e).await);
             }
             warnings.push(format!(
@@ -669,32 +646,45 @@ impl Infrastructure {
         Ok(fields)
     }
 
-    /// Saves the plan made after the approved one went stale under this
-    /// step's own id and returns the error that sends the step back to its
-    /// gates with it (or why it could not be saved).
-    #[allow(clippy::too_many_arguments)]
-    async fn save_replan(
+    /// Saves the plan in `file` under this job's run and step (in the state
+    /// database, with `facts` as its summary); its SHA-256.
+    async fn save_plan_file(
         &self,
         conn: &mut PgConnection,
         job: &StepJob,
-        schema: &str,
         file: &Path,
-        mut fresh: TerraformPlanned,
-        approved: &TerraformPlanned,
-        over: bool,
-    ) -> Result<Error, Error> {
-        let bytes = std::fs::read(file).map_err(io("cannot read the new plan"))?;
-        let summary = serde_json::to_value(&fresh).unwrap_or(Value::Null);
-        let sha = history::save_plan(
+        facts: &TerraformPlanned,
+    ) -> Result<String, Error> {
+        let bytes = std::fs::read(file).map_err(io("cannot read the saved plan"))?;
+        let summary = serde_json::to_value(facts).unwrap_or(Value::Null);
+        Ok(history::save_plan(
             conn,
             job.run_id,
             &job.step_id,
-            schema,
+            &self.schema(job),
             &job.deploy.commit_sha,
             &bytes,
             &summary,
         )
-        .await?;
+        .await?)
+    }
+
+    /// The error that sends the step back to its gates with `fresh`, the
+    /// plan made after the approved one went stale, saved under this step's
+    /// own id (or why it could not be saved).
+    async fn ask_again(
+        &self,
+        conn: &mut PgConnection,
+        job: &StepJob,
+        file: &Path,
+        mut fresh: TerraformPlanned,
+        approved: &TerraformPlanned,
+        over: bool,
+    ) -> Error {
+        let sha = match self.save_plan_file(conn, job, file, &fresh).await {
+            Ok(sha) => sha,
+            Err(e) => return e,
+        };
         fresh.plan_sha256 = Some(sha.clone());
         let mut why = Vec::new();
         if fresh.changes != approved.changes {
@@ -706,23 +696,18 @@ impl Infrastructure {
         if !fresh.unintended.is_empty() {
             why.push(format!(
                 "it changes resources in modules this merge did not touch ({})",
-                fresh
-                    .unintended
-                    .iter()
-                    .map(|c| format!("{} ({})", c.address, c.action))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list_changes(&fresh.unintended)
             ));
         }
         tracing::warn!(
             run_id = %job.run_id, step_id = %job.step_id, plan_sha256 = %sha,
             resources_changed = fresh.resources_changed, "approved plan went stale; the new plan needs approval"
         );
-        Ok(Error::ApprovalAgain {
+        Error::ApprovalAgain {
             why: why.join("; "),
             sha,
             facts: Box::new(fresh),
-        })
+        }
     }
 
     /// `e`, after forgetting this attempt's `started` record (if it made it):
@@ -898,31 +883,39 @@ fn module_key(address: &str) -> String {
 
 /// What a fresh plan changes that the approved one did not, and the other way round.
 fn describe_difference(approved: &TerraformPlanned, fresh: &TerraformPlanned) -> String {
-    let fmt = |c: &baton_shared::facts::ResourceChange| format!("{} ({})", c.address, c.action);
-    let added: Vec<String> = fresh
+    let added: Vec<ResourceChange> = fresh
         .changes
         .iter()
         .filter(|c| !approved.changes.contains(c))
-        .map(fmt)
+        .cloned()
         .collect();
-    let gone: Vec<String> = approved
+    let gone: Vec<ResourceChange> = approved
         .changes
         .iter()
         .filter(|c| !fresh.changes.contains(c))
-        .map(fmt)
+        .cloned()
         .collect();
     let mut parts = Vec::new();
     if !added.is_empty() {
-        parts.push(format!("now also {}", added.join(", ")));
+        parts.push(format!("now also {}", list_changes(&added)));
     }
     if !gone.is_empty() {
-        parts.push(format!("no longer {}", gone.join(", ")));
+        parts.push(format!("no longer {}", list_changes(&gone)));
     }
     if parts.is_empty() {
         "the same changes in another order".into()
     } else {
         parts.join("; ")
     }
+}
+
+/// `address (action), …`
+fn list_changes(changes: &[ResourceChange]) -> String {
+    changes
+        .iter()
+        .map(|c| format!("{} ({})", c.address, c.action))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Role for Infrastructure {
