@@ -1270,6 +1270,42 @@ async fn a_terraform_change_over_the_blast_radius_waits_for_approval_of_its_plan
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{e}");
     assert_eq!(e["code"], "plan_changed", "{e}");
+    // The web view's approval form carries the plan it shows.
+    let web = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = web
+        .post(format!("{}/ui/login", api.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", api.alice))
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = web
+        .get(format!("{}/ui/runs/{run}", api.base))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&format!(r#"name="subject" value="{new_sha}""#)), "{page}");
+    assert!(
+        page.contains(&format!(
+            "applying saved plan <code class=\"subject\">{}",
+            &new_sha[..16]
+        )),
+        "{page}"
+    );
     // One naming no plan at all is refused too, and says which plan to name.
     let (status, e) = api
         .post(

@@ -812,12 +812,13 @@ fn actions(sess: &Session, run: &RunView, held: &[&StepView]) -> Markup {
                             input type="hidden" name="csrf" value=(sess.csrf);
                             input type="hidden" name="step" value=(st.id);
                             input type="hidden" name="plan_hash" value=(run.plan_hash);
-                            @if let Some(subject) = st.hold.as_ref().and_then(|h| h.subject.as_deref()) {
+                            @let subject = st.hold.as_ref().and_then(|h| h.subject.as_deref());
+                            @if let Some(subject) = subject {
                                 input type="hidden" name="subject" value=(subject);
                             }
                             p {
                                 "Step " code { (st.id) } " on plan " code { (short(&run.plan_hash, 16)) }
-                                @if let Some(subject) = st.hold.as_ref().and_then(|h| h.subject.as_deref()) {
+                                @if let Some(subject) = subject {
                                     ", applying saved plan " code.subject { (short(subject, 16)) }
                                 }
                             }
