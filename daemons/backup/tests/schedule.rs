@@ -13,7 +13,7 @@ use baton_backup::schedule::{self, ScheduleSettings, month_of};
 use baton_backup::store::{self, BackupKind, Manifest};
 use baton_backup::{Policy, RestoreTest};
 use chrono::{NaiveDate, Utc};
-use common::{Env, SERVICE, ZONE, flip_byte, job, scratch_databases, seed_params};
+use common::{Env, SERVICE, ZONE, flip_byte, job, scratch_databases, seed_params, write_config};
 use uuid::Uuid;
 
 fn manifest(dir: &Path) -> Manifest {
@@ -340,39 +340,6 @@ fn daily_backups(root: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-/// A `baton-backup` configuration for `env`, its schedule due at midnight UTC
-/// so that whenever a test runs, today's work is due.
-fn write_config(env: &Env) -> PathBuf {
-    let scheduler_key = baton_shared::signing::Keypair::generate();
-    let daemon_key = baton_shared::signing::Keypair::generate();
-    let key_file = env.root.join("daemon.key");
-    std::fs::write(&key_file, daemon_key.secret_file_contents()).unwrap();
-    let config: PathBuf = env.root.join("backup.toml");
-    let s = &env.settings;
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nzone = {ZONE:?}\ninstance = \"backup-1\"\n\n\
-             [signing]\nkey_file = {key:?}\ntrusted = [{trusted:?}]\n\n\
-             [backup]\nadmin_url = {admin:?}\nrecipients = [{recipient:?}]\nidentity_file = {identity:?}\n\n\
-             [backup.primary]\npath = {primary:?}\nregion = \"nl-ams1\"\n\n\
-             [backup.copy]\npath = {copy:?}\nregion = \"de-fra1\"\n\n\
-             [backup.databases]\n{SERVICE} = {db:?}\n\n\
-             [backup.schedule]\ndaily_at = \"00:00\"\nrestore_test_day = 1\n",
-            key = key_file.display().to_string(),
-            trusted = scheduler_key.public(),
-            admin = s.admin_url.expose(),
-            recipient = s.recipients[0],
-            identity = s.identity_file.display().to_string(),
-            primary = s.primary.path.display().to_string(),
-            copy = s.copy.path.display().to_string(),
-            db = env.db_url,
-        ),
-    )
-    .unwrap();
-    config
 }
 
 #[tokio::test]

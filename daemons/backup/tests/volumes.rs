@@ -181,6 +181,44 @@ async fn a_volume_round_trips_through_backup_and_restore_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn baton_backup_scheduled_pass_backs_up_and_restore_tests_the_volume() {
+    let (env, dir) = env_with_volume(Vec::new(), Vec::new()).await;
+    let config = common::write_config(&env);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton-backup"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--scheduled-pass")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run baton-backup --scheduled-pass");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let id = report["tasks"][0]["backup_id"].as_str().unwrap().to_owned();
+    assert_eq!(report["tasks"][2]["task"], json!("restore_test"), "{report:#}");
+    // The day's backup holds the volume, with the tree hash of the volume as it is.
+    let m = manifest(&env.primary_dir(&id));
+    assert_eq!(m.volumes.len(), 1);
+    assert_eq!(m.volumes[0].claim, CLAIM);
+    assert_eq!(
+        m.volumes[0].tree_sha256,
+        baton_backup::volume::tree(&dir).unwrap().sha256
+    );
+    // The month's restore test unpacked it from both locations.
+    let test = env
+        .role
+        .restore_test_of(
+            common::ZONE,
+            common::SERVICE,
+            &chrono::Utc::now().format("%Y-%m").to_string(),
+        )
+        .await
+        .unwrap()
+        .expect("the restore test is recorded");
+    assert!(test.sites.iter().all(|s| s.volumes == 1), "{test:?}");
+}
+
+#[tokio::test]
 async fn a_tampered_volume_archive_is_refused_and_the_live_volume_left_alone() {
     let (env, dir) = env_with_volume(Vec::new(), Vec::new()).await;
     let run = Uuid::new_v4();
